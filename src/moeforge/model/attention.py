@@ -1,0 +1,100 @@
+"""Multi-head Latent Attention (MLA), DeepSeek-V3 report §2.1.1.
+
+Two forms of the same function:
+- training form: up-project the latent to per-head keys and values, then causal SDPA;
+- absorbed form (decoding with a cache): only the normalised latent c_kv and the rotated shared
+  rope key are cached (kv_lora_rank + qk_rope_head_dim values per token and layer); wkv_b's key
+  part is absorbed into the query and its value part applied after attention.
+
+Shape legend: B batch, S new positions, T cached positions, D hidden, H heads,
+N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank, Q q_lora_rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm, apply_rope, softmax_scale
+
+
+@dataclass
+class LatentCache:
+    """Per-layer decoding cache: normalised KV latent and rotated rope key."""
+
+    kv: torch.Tensor  # [B, T_max, C]
+    pe: torch.Tensor  # [B, T_max, R]
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> "LatentCache":
+        return cls(torch.zeros(batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype),
+                   torch.zeros(batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype))
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        qk_dim = self.nope + self.rope
+        if cfg.q_lora_rank > 0:  # query compression (V3)
+            self.wq_a = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        else:  # plain query projection (V2-Lite)
+            self.wq = nn.Linear(cfg.hidden_size, self.n_heads * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.hidden_size, self.kv_rank + self.rope, bias=False)
+        self.kv_norm = RMSNorm(self.kv_rank, cfg.rms_norm_eps)
+        self.wkv_b = nn.Linear(self.kv_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.wo = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
+        self.scale = softmax_scale(cfg)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
+        return q.unflatten(-1, (self.n_heads, self.nope + self.rope))  # [B, S, H, N+R]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """x: [B, S, D]; cos/sin: [S, R/2] for positions start_pos..start_pos+S-1."""
+        q_nope, q_pe = self.query(x).split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        kv, k_pe = self.wkv_a(x).split([self.kv_rank, self.rope], dim=-1)  # [B, S, C], [B, S, R]
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)  # [B, S, 1, R]: one rope key shared by all heads
+        kv = self.kv_norm(kv)
+        if cache is None:
+            return self._train_form(q_nope, q_pe, kv, k_pe)
+        return self._absorbed_form(q_nope, q_pe, kv, k_pe.squeeze(2), cache, start_pos)
+
+    def _train_form(self, q_nope, q_pe, kv, k_pe) -> torch.Tensor:
+        B, S, H, _ = q_nope.shape
+        k_nope, v = self.wkv_b(kv).unflatten(-1, (H, self.nope + self.v_dim)).split([self.nope, self.v_dim], -1)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [B, S, H, N+R]
+        k = torch.cat([k_nope, k_pe.expand(B, S, H, self.rope)], dim=-1)  # [B, S, H, N+R]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, scale=self.scale)  # [B, H, S, V]
+        return self.wo(o.transpose(1, 2).flatten(2))
+
+    def _absorbed_form(self, q_nope, q_pe, kv, k_pe, cache: LatentCache, start_pos: int) -> torch.Tensor:
+        B, S, H, _ = q_nope.shape
+        end = start_pos + S
+        cache.kv[:B, start_pos:end] = kv.to(cache.kv.dtype)
+        cache.pe[:B, start_pos:end] = k_pe.to(cache.pe.dtype)
+        kv_all, pe_all = cache.kv[:B, :end], cache.pe[:B, :end]  # [B, T, C], [B, T, R]
+        w = self.wkv_b.weight.unflatten(0, (H, self.nope + self.v_dim))  # [H, N+V, C]
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
+        q_lat = torch.einsum("bshn,hnc->bshc", q_nope, w_uk.to(q_nope.dtype))  # query in latent space
+        scores = (torch.einsum("bshc,btc->bsht", q_lat, kv_all.to(q_lat.dtype))
+                  + torch.einsum("bshr,btr->bsht", q_pe, pe_all.to(q_pe.dtype))) * self.scale
+        if S > 1:  # causal within the new positions
+            t = torch.arange(end, device=scores.device)
+            s = torch.arange(start_pos, end, device=scores.device)
+            scores = scores.masked_fill((t[None, :] > s[:, None])[None, :, None, :], float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(q_lat.dtype)
+        o_lat = torch.einsum("bsht,btc->bshc", probs, kv_all.to(probs.dtype))
+        o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv.to(o_lat.dtype))  # [B, S, H, V]
+        return self.wo(o.flatten(2))

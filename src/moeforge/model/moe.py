@@ -1,0 +1,181 @@
+"""DeepSeekMoE: router with auxiliary-loss-free bias, routed experts by grouped GEMM, shared experts.
+
+Report §2.1.2, eqs. 12-20. The data path of the routed experts is
+    route -> dispatch (permute tokens to a contiguous per-expert layout) -> grouped GEMM
+    -> combine (weight, un-permute, sum over the K choices of each token).
+Dispatch and combine live in a Dispatcher object so that expert parallelism can swap in one
+that moves tokens between ranks (all-to-all) without touching this file's model code.
+
+Shape legend: B batch, S sequence, T = B*S tokens, D hidden, E routed experts, K experts per token,
+G groups, I expert intermediate size, N = T*K routed token copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import FeedForward
+
+
+class Router(nn.Module):
+    """Scores, group-limited top-K selection with the routing bias, gate weights (eqs. 13-16)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.score_func, self.norm_topk_prob = cfg.scoring_func, cfg.norm_topk_prob
+        self.route_scale = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # b_i of eq. 16: used for selection only, updated outside autograd after each step; kept in FP32.
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [T, D] -> gate weights [T, K] (FP32), expert indices [T, K], affinity scores [T, E] (FP32)."""
+        logits = F.linear(x.float(), self.weight.float())  # gating stays in FP32
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach() + self.e_score_correction_bias  # bias affects selection only
+        if self.n_group > 1:
+            T = x.shape[0]
+            grouped = choice.view(T, self.n_group, -1)  # [T, G, E/G]
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # a group scores by its top-2
+            keep = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
+            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).view(T, -1)
+        indices = choice.topk(self.top_k, dim=-1).indices  # [T, K]
+        weights = scores.gather(1, indices)  # gates from the unbiased scores
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices, scores
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows x[offsets[e-1]:offsets[e]] times w[e] for every expert e.
+
+    x: [N, in], w: [E, in, out], offsets: int32 [E] cumulative row counts ending at N -> [N, out].
+    Uses torch's grouped GEMM where it has a kernel for these inputs (CPU; CUDA in BF16),
+    otherwise the per-expert reference loop.
+    """
+    fast = hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+    if fast and x.dtype == w.dtype:
+        return F.grouped_mm(x, w, offs=offsets)
+    return grouped_mm_reference(x, w, offsets)
+
+
+def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Plain per-expert loop; the reference the grouped GEMM is tested against (syncs the host)."""
+    out, start = [], 0
+    for e, end in enumerate(offsets.tolist()):
+        out.append(x[start:end] @ w[e])
+        start = end
+    return torch.cat(out) if out else x.new_zeros(0, w.shape[-1])
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts stored as stacked weights (paper names w1 gate, w3 up, w2 down)."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: [N, D] sorted by expert, counts: [E] tokens per local expert -> [N, D]."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x = x.to(dtype)
+        offsets = counts.cumsum(0).to(torch.int32)
+        w1, w3, w2 = (w.to(dtype).transpose(1, 2) for w in (self.w1, self.w3, self.w2))
+        h = F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets)  # [N, I]
+        return grouped_mm(h, w2, offsets)  # [N, D]
+
+
+def expert_counts(flat_indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens per expert [E] (int64), computed on the device without a host sync (unlike bincount)."""
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat_indices.device)
+    return counts.scatter_add_(0, flat_indices, torch.ones_like(flat_indices))
+
+
+class LocalDispatcher:
+    """Single-device dispatch: sort token copies by expert (no padding, no dropping), and back."""
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int):
+        """x: [T, D], indices: [T, K] -> x sorted by expert [N, D], counts [E], context for combine."""
+        flat = indices.flatten()  # [N]
+        order = flat.argsort(stable=True)  # copy n of the sorted layout is flat copy order[n]
+        counts = expert_counts(flat, n_experts)
+        token = order // indices.shape[1]  # the token each sorted copy came from
+        return x[token], counts, (order, token)
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
+        """y: [N, D] expert outputs (sorted), weights: [T, K] -> [T, D] weighted sum per token."""
+        order, token = ctx
+        y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
+        return y.new_zeros(n_tokens, y.shape[-1]).index_add_(0, token, y)
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, n_experts: int) -> torch.Tensor:
+    """Complementary sequence-wise balance loss without alpha: mean over sequences of sum_i f_i P_i.
+
+    Eqs. 17-20: f_i = E / (K * S) * #{t in the sequence that selected i},
+    P_i = mean_t s'_{i,t} with s' the scores normalised to sum to 1 per token.
+    """
+    T, K = indices.shape
+    S = T // batch
+    probs = scores / scores.sum(dim=-1, keepdim=True)  # s'
+    P = probs.view(batch, S, n_experts).mean(dim=1)  # [B, E]
+    counts = torch.zeros(batch, n_experts, device=scores.device, dtype=scores.dtype)
+    counts.scatter_add_(1, indices.view(batch, S * K), torch.ones_like(indices.view(batch, S * K), dtype=scores.dtype))
+    f = counts * n_experts / (K * S)
+    return (f * P).sum(dim=-1).mean()
+
+
+class MoE(nn.Module):
+    """h' = shared(u) + sum_k g_k * expert_k(u): the DeepSeekMoE FFN of one layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (FeedForward(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts > 0 else None)
+        self.dispatcher = LocalDispatcher()
+        # Tokens routed to each expert since the last bias update (all micro-batches of a step).
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, S, D] -> (output [B, S, D], sequence balance loss without alpha)."""
+        B, S, D = x.shape
+        u = x.reshape(B * S, D)
+        weights, indices, scores = self.gate(u)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += expert_counts(indices.flatten(), self.n_experts).float()
+            balance = sequence_balance_loss(scores, indices, B, self.n_experts)
+        else:
+            balance = scores.new_zeros(())
+        x_sorted, counts, ctx = self.dispatcher.dispatch(u, indices, self.n_experts)
+        y = self.dispatcher.combine(self.experts(x_sorted, counts), weights, ctx, B * S)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(u)
+        return y.view(B, S, D).to(x.dtype), balance
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function as a loop over tokens' choices and experts (slow; for tests)."""
+        B, S, D = x.shape
+        u = x.reshape(B * S, D)
+        weights, indices, _ = self.gate(u)
+        y = torch.zeros_like(u)
+        for e in range(self.n_experts):
+            tok, k = (indices == e).nonzero(as_tuple=True)
+            if tok.numel():
+                h = F.silu(u[tok] @ self.experts.w1[e].T) * (u[tok] @ self.experts.w3[e].T)
+                y.index_add_(0, tok, (h @ self.experts.w2[e].T) * weights[tok, k].unsqueeze(-1))
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(u)
+        return y.view(B, S, D)

@@ -1,0 +1,147 @@
+"""The DeepSeek-V3 transformer: Block and Transformer, single-device, read top to bottom.
+
+Construction order (see build_model): build on the meta device (no memory, so a 671B config
+can be counted), then move to real storage with to_empty, then initialise (or load weights).
+Parallelism and precision are applied by functions to a built model, never inside this file.
+
+Shape legend: B batch, S sequence, D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import MLA, LatentCache
+from .layers import FeedForward, RMSNorm, rope_cos_sin
+from .moe import MoE, Router, Experts
+from .mtp import IGNORE_INDEX, MTPModule, shift_tokens
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + MLA(norm(x)), then x + FFN(norm(x)) (dense SwiGLU or DeepSeekMoE)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos: int = 0):
+        """x: [B, S, D] -> (x [B, S, D], balance loss of this block (0 for dense))."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
+        if isinstance(self.ffn, MoE):
+            y, balance = self.ffn(self.ffn_norm(x))
+        else:
+            y, balance = self.ffn(self.ffn_norm(x)), x.new_zeros((), dtype=torch.float32)
+        return x + y, balance
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # MTP module k holds the block of layer num_hidden_layers + k - 1 (as in the release).
+        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.num_hidden_layers + k))
+                                 for k in range(cfg.num_nextn_predict_layers))
+
+    # ---- the main model ----
+    def hidden(self, tokens: torch.Tensor, caches: list[LatentCache] | None = None, start_pos: int = 0):
+        """tokens: [B, S] -> (final normalised hidden [B, S, D], summed balance loss, cos, sin)."""
+        S = tokens.shape[1]
+        cos, sin = rope_cos_sin(self.cfg, start_pos + S, tokens.device)
+        cos, sin = cos[start_pos:], sin[start_pos:]
+        h = self.embed(tokens)
+        balance = h.new_zeros((), dtype=torch.float32)
+        for i, layer in enumerate(self.layers):
+            h, b = layer(h, cos, sin, caches[i] if caches is not None else None, start_pos)
+            balance = balance + b
+        return self.norm(h), balance, cos, sin
+
+    def forward(self, tokens: torch.Tensor, caches: list[LatentCache] | None = None, start_pos: int = 0):
+        """tokens: [B, S] -> logits [B, S, V] (FP32). With caches: decode positions start_pos.."""
+        h, _, _, _ = self.hidden(tokens, caches, start_pos)
+        return self.head(h).float()
+
+    # ---- training objective ----
+    def losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Main next-token loss, per-depth MTP losses and the summed balance loss (weights applied by the trainer).
+
+        inputs, targets: [B, S] with targets[i] = inputs[i + 1] (IGNORE_INDEX where there is none).
+        """
+        h, balance, cos, sin = self.hidden(inputs)
+        out = {"main": cross_entropy(self.head, h, targets)}
+        mtp = []
+        for k, module in enumerate(self.mtp, start=1):
+            h, b = module(h, self.embed(shift_tokens(inputs, k, 0)), cos, sin)
+            mtp.append(cross_entropy(self.head, h, shift_tokens(targets, k, IGNORE_INDEX)))
+            balance = balance + b
+        out["mtp"] = torch.stack(mtp) if mtp else h.new_zeros(0)
+        out["balance"] = balance
+        return out
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def new_caches(self, batch: int, max_len: int, dtype=None) -> list[LatentCache]:
+        p = self.embed.weight
+        return [LatentCache.empty(self.cfg, batch, max_len, p.device, dtype or p.dtype) for _ in self.layers]
+
+
+def cross_entropy(head: nn.Linear, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over targets != IGNORE_INDEX, logits in FP32."""
+    logits = head(h).float()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, std: float | None = None) -> None:
+    """Normal(0, std) for every matrix (DeepSeek-V3: 0.006), ones for norms, zero routing bias."""
+    std = model.cfg.initializer_range if std is None else std
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, std)
+        elif isinstance(m, RMSNorm):
+            m.reset_parameters()
+        elif isinstance(m, Router):
+            nn.init.normal_(m.weight, 0.0, std)
+            m.e_score_correction_bias.zero_()
+        elif isinstance(m, Experts):
+            for w in (m.w1, m.w2, m.w3):
+                nn.init.normal_(w, 0.0, std)
+        elif isinstance(m, MoE):
+            m.tokens_per_expert.zero_()
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> Transformer:
+    """meta -> (later: convert / parallelise) -> to_empty -> init. Parameters are FP32 masters."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if str(device) == "meta":
+        return model
+    model = model.to_empty(device=device)
+    if init:
+        init_weights(model)
+    else:  # non-persistent state still needs a defined value before loading persistent state
+        for m in model.moe_layers():
+            m.tokens_per_expert.zero_()
+    return model
+
+
+def count_parameters(model: Transformer) -> dict[str, int]:
+    """Total, main-model (without MTP) and activated-per-token parameter counts."""
+    cfg = model.cfg
+    total = sum(p.numel() for p in model.parameters())
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    routed_main = sum(p.numel() for m in model.layers.modules() if isinstance(m, Experts) for p in m.parameters())
+    main = total - mtp
+    inactive = routed_main * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts)
+    return {"total": total, "main": main, "mtp": mtp, "active": int(main - inactive)}
