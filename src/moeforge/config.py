@@ -255,7 +255,12 @@ def load_config(preset: str | None = None, path: str | None = None, overrides: l
             if section not in ("model", "train") or not isinstance(values, dict):
                 raise MoeforgeError(f"unknown config section '{section}' (expected [model] and [train])")
             _apply(getattr(cfg, section), section, values)
-    for item in overrides or []:
+    return apply_overrides(cfg, overrides or [])
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Set `section.name=value` items (value parsed by the field's type), then validate."""
+    for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in ("model", "train"):

@@ -1,0 +1,196 @@
+"""The `moeforge` command line: thin wrappers that parse, call the library and report errors.
+
+A MoeforgeError (bad input) ends as one line on stderr and exit status 2; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import MoeforgeError
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="where to run (default: cuda when available, else cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeforge", description="Train, evaluate and convert DeepSeek-V3-class MoE models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (default: the tiny preset on the embedded corpus)",
+                       description="Train a model. Settings come from a preset and/or a TOML file, then key=value overrides.")
+    p.add_argument("--preset", help="a built-in preset: tiny (default), small, v2-lite, v3-671b")
+    p.add_argument("--config", help="a TOML file with [model] and [train] sections (applied after --preset)")
+    p.add_argument("--out", help="run folder for metrics and checkpoints (default: the preset's, e.g. runs/tiny)")
+    p.add_argument("--steps", type=int, help="number of optimizer steps (train.steps)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    _add_device(p)
+    p.add_argument("--seed", type=int, help="random seed for initialisation and data order (train.seed)")
+    p.add_argument("--data", help="a .txt/.jsonl/.parquet file or folder (default: the Python standard library sources)")
+    p.add_argument("--tokenizer", help="a Hugging Face tokenizer.json (default: the byte-level BPE shipped with moeforge)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="numerics (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings such as model.num_hidden_layers=6 train.lr=3e-4")
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint", description="Sample text from a trained checkpoint (KV cache of the MLA latents).")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (step_N) or a run folder (its newest checkpoint)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    _add_device(p)
+
+    p = sub.add_parser("eval", help="loss and bits per byte of a checkpoint", description="Report loss and bits per byte on the validation split or a text file.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (step_N) or a run folder (its newest checkpoint)")
+    p.add_argument("--text", help="a UTF-8 text file to evaluate (default: the run's validation split)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
+    _add_device(p)
+
+    p = sub.add_parser("convert", help="export to / dequantise Hugging Face DeepSeek-V3 checkpoints",
+                       description="Export a moeforge checkpoint as a Hugging Face DeepSeek-V3 folder (--checkpoint), "
+                                   "or rewrite a Hugging Face folder, dequantising FP8 weights (--hf).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a moeforge checkpoint folder or run folder to export")
+    src.add_argument("--hf", help="a Hugging Face DeepSeek-V3 folder (config.json + safetensors) to dequantise")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="dtype of the written weights (default bf16)")
+
+    p = sub.add_parser("info", help="parameter counts and FLOPs of a preset or config", description="Print parameter counts and training FLOPs per token of a config (built on the meta device, no memory).")
+    p.add_argument("--preset", help="a built-in preset (default tiny)")
+    p.add_argument("--config", help="a TOML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from .config import apply_overrides, load_config
+    from .train import Trainer
+    from .train import checkpoint as ckpt
+
+    overrides = list(args.overrides)
+    for flag, key in (("out", "out"), ("steps", "steps"), ("device", "device"), ("seed", "seed"),
+                      ("data", "data"), ("tokenizer", "tokenizer"), ("precision", "precision")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"train.{key}={value}")
+    preset = args.preset or (None if args.config else "tiny")
+    if args.resume and not args.preset and not args.config and args.out:
+        # Resuming a run: its own saved config is the base, so the run continues as it was set up.
+        base = ckpt.resolve_checkpoint(Path(args.out) / "checkpoints")
+        cfg = apply_overrides(ckpt.load_checkpoint_config(base), overrides)
+    else:
+        cfg = load_config(preset, args.config, overrides)
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    result = trainer.train()
+    print(f"validation: loss {result.val_loss:.4f} | {result.val_bpb:.4f} bits per byte")
+    print(f"checkpoint: {result.out}")
+    if result.sample:
+        print("sample:\n" + result.sample)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .data import load_tokenizer
+    from .generate import generate
+    from .train.checkpoint import load_trained_model
+
+    model, cfg = load_trained_model(args.checkpoint, args.device)
+    tok = load_tokenizer(cfg.train.tokenizer or None)
+    if not 0 < args.top_p <= 1:
+        raise MoeforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 0:
+        raise MoeforgeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    ids = generate(model, tok.encode(args.prompt), args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                   stop_id=tok.eos_id)
+    print(args.prompt + tok.decode(ids))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import numpy as np
+
+    from .data import default_cache_dir, load_tokenizer, prepare_data
+    from .train.checkpoint import load_trained_model
+    from .train.trainer import evaluate, resolve_precision
+
+    model, cfg = load_trained_model(args.checkpoint, args.device)
+    tok = load_tokenizer(cfg.train.tokenizer or None)
+    if args.text:
+        path = Path(args.text)
+        if not path.is_file():
+            raise MoeforgeError(f"text file '{path}' does not exist")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise MoeforgeError(f"text file '{path}' is empty")
+        tokens = np.asarray(tok.encode(text) + [tok.eos_id], dtype=np.int64)
+        what = str(path)
+    else:
+        data = prepare_data(cfg.train.data or None, tok, default_cache_dir())
+        tokens, what = data.val, "validation split"
+    device = model.embed.weight.device
+    res = evaluate(model, tokens, tok.token_bytes, cfg.train.seq_len, args.batch_size, device,
+                   resolve_precision(cfg.train.precision, device), args.max_batches)
+    print(f"{what}: loss {res['loss']:.4f} | {res['bpb']:.4f} bits per byte | {res['tokens']} tokens, {res['bytes']} bytes")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from . import hf
+    from .train.checkpoint import load_trained_model
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.checkpoint:
+        model, _ = load_trained_model(args.checkpoint, "cpu")
+        hf.save(model, args.out, dtype=dtype)
+    else:
+        hf.convert(args.hf, args.out, dtype=dtype)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .config import load_config
+    from .model import build_model, count_parameters
+    from .train.metrics import flops_per_token
+
+    cfg = load_config(args.preset or (None if args.config else "tiny"), args.config, args.overrides)
+    counts = count_parameters(build_model(cfg.model, "meta"))
+    for k, v in counts.items():
+        print(f"{k:>8} parameters: {v / 1e9:10.4f} B")
+    print(f"training FLOPs per token at seq_len {cfg.train.seq_len}: {flops_per_token(cfg.model, cfg.train.seq_len) / 1e9:.3f} GFLOP")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["train"]  # `moeforge` alone trains the default
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except MoeforgeError as e:
+        print(f"moeforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

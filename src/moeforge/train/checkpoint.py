@@ -1,0 +1,161 @@
+"""Training checkpoints: OUT/checkpoints/step_N/, written atomically, the last N kept.
+
+A checkpoint is a folder with model.pt, optimizer.pt, state.pt (step, tokens, data-loader
+position, RNG states), config.toml (the resolved config) and manifest.json (sizes and SHA-256 of
+the other files). It is written under a temporary name, every file fsynced, then renamed: a crash
+mid-write leaves only a `.tmp-*` folder, never a folder that looks complete. The manifest lets a
+load detect truncation or corruption before torch.load sees the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import Config, config_from_dict, tomllib
+from ..errors import MoeforgeError
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+FILES = ("model.pt", "optimizer.pt", "state.pt")
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints (with a manifest), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_RE.match(p.name)) and (p / "manifest.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(root: Path, step: int, cfg: Config, model_state: dict, optim_state: dict,
+                    state: dict, keep: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    manifest = {"step": step, "files": {}}
+    blobs = {"model.pt": _torch_bytes(model_state), "optimizer.pt": _torch_bytes(optim_state),
+             "state.pt": _torch_bytes(state), "config.toml": cfg.to_toml().encode()}
+    for name, data in blobs.items():
+        _fsync_write(tmp / name, data)
+        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    _fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (e.g. end of a run that just saved): replace it
+        old = root / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+    for stale in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(stale)
+    return final
+
+
+def read_manifest_checked(path: Path) -> dict:
+    """Verify every file against the manifest; raise MoeforgeError naming the first problem."""
+    if not path.is_dir():
+        raise MoeforgeError(f"checkpoint '{path}' does not exist")
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise MoeforgeError(f"checkpoint '{path}' has no valid manifest.json (incomplete or not a moeforge checkpoint)") from None
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            raise MoeforgeError(f"checkpoint '{path}' is incomplete: {name} is missing")
+        if f.stat().st_size != info["bytes"]:
+            raise MoeforgeError(f"checkpoint '{path}' is corrupt: {name} has {f.stat().st_size} bytes, expected {info['bytes']}")
+        if hashlib.sha256(f.read_bytes()).hexdigest() != info["sha256"]:
+            raise MoeforgeError(f"checkpoint '{path}' is corrupt: {name} fails its checksum")
+    return manifest
+
+
+def load_checkpoint_config(path: Path) -> Config:
+    read_manifest_checked(path)
+    try:
+        return config_from_dict(tomllib.loads((path / "config.toml").read_text()))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise MoeforgeError(f"checkpoint '{path}' has an unreadable config.toml: {e}") from None
+
+
+def load_checkpoint(path: Path, parts: tuple[str, ...] = FILES, map_location="cpu") -> dict:
+    """Verified load of the named parts: {'model.pt': state_dict, ...}."""
+    read_manifest_checked(path)
+    out = {}
+    for name in parts:
+        try:
+            out[name] = torch.load(path / name, map_location=map_location, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise MoeforgeError(f"checkpoint '{path}': cannot read {name}: {e}") from None
+    return out
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder / its checkpoints folder (then its newest checkpoint)."""
+    p = Path(path)
+    if (p / "manifest.json").is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1]
+    if not p.exists():
+        raise MoeforgeError(f"checkpoint '{p}' does not exist")
+    raise MoeforgeError(f"'{p}' holds no complete checkpoint (no step_N folder with a manifest.json)")
+
+
+def config_differences(a: Config, b: Config) -> list[str]:
+    da, db = a.to_dict()["model"], b.to_dict()["model"]
+    return [f"model.{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db.get(k)]
+
+
+def load_trained_model(path: str | Path, device: str | None = None):
+    """(model in eval mode, config) from a checkpoint folder or a run folder."""
+    from ..model import build_model
+    from .trainer import resolve_device
+
+    p = resolve_checkpoint(path)
+    cfg = load_checkpoint_config(p)
+    dev = resolve_device(device or "auto")
+    model = build_model(cfg.model, dev, init=False)
+    state = load_checkpoint(p, ("model.pt",), map_location=dev)["model.pt"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise MoeforgeError(f"checkpoint '{p}': weights do not match its config: {str(e).splitlines()[0]}") from None
+    return model.eval(), cfg

@@ -1,0 +1,226 @@
+"""Model semantics: routing, balancing, MTP targets, the fast paths against their references."""
+
+import math
+
+import pytest
+import torch
+
+from moeforge.config import ModelConfig, load_config
+from moeforge.model import build_model, count_parameters
+from moeforge.model.layers import rope_frequencies, softmax_scale
+from moeforge.model.moe import MoE, Router, grouped_mm, grouped_mm_reference, sequence_balance_loss
+from moeforge.model.mtp import IGNORE_INDEX, shift_tokens
+from moeforge.train.balance import update_routing_bias
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
+                num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                routed_scaling_factor=2.5, max_position_embeddings=64)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make_router(cfg: ModelConfig) -> Router:
+    torch.manual_seed(0)
+    r = Router(cfg)
+    torch.nn.init.normal_(r.weight, std=0.5)
+    return r
+
+
+def test_bias_changes_selection_not_gate_values():
+    """The routing bias only re-ranks experts; a selected expert's gate is its unbiased score."""
+    cfg = small_cfg(n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0)
+    r = make_router(cfg)
+    x = torch.randn(64, cfg.hidden_size)
+    w0, i0, s0 = r(x)
+    r.e_score_correction_bias[3] = 10.0  # huge bias: expert 3 always selected
+    w1, i1, s1 = r(x)
+    assert torch.equal(s0, s1)  # scores untouched
+    assert (i1 == 3).any(dim=1).all()
+    assert not torch.equal(i0, i1)
+    # gates are the unbiased sigmoid scores of the selected experts, exactly
+    assert torch.equal(w1, s1.gather(1, i1))
+
+
+def test_gates_normalised_and_scaled():
+    cfg = small_cfg(n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5)
+    w, _, _ = make_router(cfg)(torch.randn(16, cfg.hidden_size))
+    torch.testing.assert_close(w.sum(-1), torch.full((16,), 2.5))
+
+
+def test_group_limit_holds():
+    """Every token's experts come from at most topk_group groups, the ones with the best top-2 sums."""
+    cfg = small_cfg(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
+    r = make_router(cfg)
+    r.e_score_correction_bias.normal_(0, 0.1)
+    x = torch.randn(256, cfg.hidden_size)
+    _, idx, scores = r(x)
+    groups = idx // 4
+    assert max(len(set(g.tolist())) for g in groups) <= 2
+    biased = (scores + r.e_score_correction_bias).view(256, 4, 4)
+    best = biased.topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices
+    for t in range(256):
+        assert set(groups[t].tolist()) <= set(best[t].tolist())
+
+
+def test_softmax_scoring():
+    cfg = small_cfg(scoring_func="softmax", n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0)
+    _, _, s = make_router(cfg)(torch.randn(8, cfg.hidden_size))
+    torch.testing.assert_close(s.sum(-1), torch.ones(8))
+
+
+def test_bias_update_drives_skewed_router_to_balance():
+    """With a router skewed toward a few experts, repeated gamma updates reduce max/mean load."""
+    cfg = small_cfg(n_group=1, topk_group=1, n_routed_experts=8, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    with torch.no_grad():
+        moe.gate.weight[:2] += 0.2  # experts 0 and 1 attract most tokens (inputs share a mean direction)
+    x = torch.randn(4, 64, cfg.hidden_size) + 0.5
+
+    def imbalance():
+        moe.train()
+        moe(x)
+        return update_routing_bias([moe], gamma=0.05)["imbalance"]
+
+    start = imbalance()
+    for _ in range(200):
+        last = imbalance()
+    assert start > 3.0
+    assert last < 1.6
+    assert moe.gate.e_score_correction_bias[:2].max() < moe.gate.e_score_correction_bias[2:].min()
+
+
+def test_balance_loss_matches_formula():
+    """Direct loop implementation of eqs. 17-20 (per sequence, then averaged)."""
+    torch.manual_seed(0)
+    B, S, E, K = 3, 10, 8, 2
+    scores = torch.rand(B * S, E)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(B * S)])
+    expect = 0.0
+    for b in range(B):
+        sc, ix = scores[b * S:(b + 1) * S], idx[b * S:(b + 1) * S]
+        total = 0.0
+        for i in range(E):
+            f = E / (K * S) * sum(int(i in ix[t].tolist()) for t in range(S))
+            P = sum(float(sc[t, i] / sc[t].sum()) for t in range(S)) / S
+            total += f * P
+        expect += total / B
+    got = sequence_balance_loss(scores, idx, B, E)
+    assert math.isclose(float(got), expect, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("d_in, d_out", [(8, 16), (6, 7)])  # torch's kernel (aligned) and the fallback
+def test_grouped_mm_matches_per_expert_reference(d_in, d_out):
+    """Grouped GEMM equals a loop of per-expert matmuls, including an expert with no tokens (FP32, 1e-5)."""
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 2])
+    offsets = counts.cumsum(0).to(torch.int32)
+    x, w = torch.randn(10, d_in), torch.randn(4, d_out, d_in).transpose(1, 2)  # weights stored [E, out, in]
+    torch.testing.assert_close(grouped_mm(x, w, offsets), grouped_mm_reference(x, w, offsets), rtol=1e-5, atol=1e-5)
+
+
+def test_moe_dispatch_matches_token_loop():
+    """Sorted dispatch + grouped GEMM + combine equals the per-expert reference, values and gradients (FP32, 1e-5)."""
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 16, cfg.hidden_size, requires_grad=True)
+    y, _ = moe(x)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    y_ref = moe.forward_reference(x)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_shift_tokens_mtp_targets():
+    """Depth k at position i sees token t_{i+k} and predicts t_{i+k+1}; positions past the window are ignored."""
+    tokens = torch.arange(10).view(1, 10)  # t_i = i
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    for k in (1, 2):
+        ahead = shift_tokens(inputs, k, 0)
+        tgt = shift_tokens(targets, k, IGNORE_INDEX)
+        S = inputs.shape[1]
+        for i in range(S):
+            if i + k < S:
+                assert ahead[0, i] == i + k and tgt[0, i] == i + k + 1
+            else:
+                assert tgt[0, i] == IGNORE_INDEX
+
+
+def test_mtp_shares_embedding_and_head():
+    model = build_model(small_cfg(num_nextn_predict_layers=2))
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.startswith("mtp.") and ("embed" in n or "head" in n) for n in names)
+    out = model.losses(torch.randint(0, 128, (2, 12)), torch.randint(0, 128, (2, 12)))
+    assert out["mtp"].shape == (2,)
+    out["mtp"].sum().backward()
+    assert model.embed.weight.grad is not None and model.head.weight.grad is not None
+
+
+def test_cached_decoding_matches_full_forward():
+    """Absorbed MLA with the latent cache gives the same logits as the training form (FP32, 1e-4)."""
+    cfg = small_cfg(q_lora_rank=0)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    tokens = torch.randint(0, 128, (2, 12))
+    full = model(tokens)
+    caches = model.new_caches(2, 12)
+    step = [model(tokens[:, :5], caches, 0)]
+    for pos in range(5, 12):
+        step.append(model(tokens[:, pos:pos + 1], caches, pos))
+    torch.testing.assert_close(torch.cat(step, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_meta_device_671b_counts():
+    cfg = load_config("v3-671b").model
+    counts = count_parameters(build_model(cfg, "meta"))
+    assert 670e9 < counts["main"] < 672e9  # report: 671B
+    assert 36e9 < counts["active"] < 38e9  # report: 37B activated
+    assert 11e9 < counts["mtp"] < 12e9  # report: 11.5B unique MTP parameters
+
+
+def test_yarn_scale_and_frequencies():
+    cfg = load_config("v3-671b").model
+    # 1/sqrt(192) * (0.1 * ln 40 + 1)^2
+    assert math.isclose(softmax_scale(cfg), 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2, rel_tol=1e-12)
+    inv, mag = rope_frequencies(cfg)
+    plain = 1.0 / (10000 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    assert mag == 1.0
+    assert math.isclose(float(inv[0]), float(plain[0]), rel_tol=1e-6)  # fastest frequency kept
+    assert math.isclose(float(inv[-1]), float(plain[-1] / 40), rel_tol=1e-6)  # slowest interpolated by the factor
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ("model.topk_group=5", "topk_group"),
+    ("model.num_experts_per_tok=99", "num_experts_per_tok"),
+    ("model.n_group=3", "n_group"),
+    ("model.qk_rope_head_dim=5", "qk_rope_head_dim"),
+    ("train.micro_batch_size=5", "micro_batch_size"),
+    ("train.seq_len=99999", "seq_len"),
+    ("model.scoring_func=relu", "scoring_func"),
+])
+def test_config_validation_names_field(bad, msg):
+    from moeforge.errors import MoeforgeError
+
+    with pytest.raises(MoeforgeError, match=msg):
+        load_config("tiny", overrides=[bad])
+
+
+def test_hf_config_both_rope_forms():
+    base = {"hidden_size": 64, "num_attention_heads": 2, "q_lora_rank": None, "n_routed_experts": 8,
+            "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "vocab_size": 100}
+    yarn = {"factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+            "mscale": 1.0, "mscale_all_dim": 1.0}
+    a = ModelConfig.from_hf_dict({**base, "rope_theta": 10000, "rope_scaling": {"type": "yarn", **yarn}})
+    b = ModelConfig.from_hf_dict({**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000, **yarn}})
+    assert a == b and a.q_lora_rank == 0 and a.rope_scaling["factor"] == 40
