@@ -7,6 +7,7 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -69,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_out_folder(out: Path) -> None:
+    """--out must be a folder or creatable as one. Checked before any work, creating nothing."""
+    p = out
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if not p.is_dir():
+        raise MoeforgeError(f"--out '{out}': '{p}' exists and is not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise MoeforgeError(f"--out '{out}': '{p}' is not writable")
+
+
 def cmd_train(args) -> int:
     from .config import apply_overrides, load_config
     from .train import Trainer
@@ -83,13 +95,25 @@ def cmd_train(args) -> int:
     preset = args.preset or (None if args.config else "tiny")
     if args.resume and not args.preset and not args.config and args.out:
         # Resuming a run: its own saved config is the base, so the run continues as it was set up.
-        base = ckpt.resolve_checkpoint(Path(args.out) / "checkpoints")
-        cfg = apply_overrides(ckpt.load_checkpoint_config(base), overrides)
+        root = Path(args.out) / "checkpoints"
+        found = ckpt.list_checkpoints(root)
+        if not found:  # the trainer's wording, whichever path resume takes
+            raise MoeforgeError(f"--resume: no checkpoint under '{root}'")
+        cfg = apply_overrides(ckpt.load_checkpoint_config(found[-1]), overrides)
     else:
         cfg = load_config(preset, args.config, overrides)
+    # The checkpoints keep these paths: absolute, so that eval / generate / --resume find the data
+    # and the tokenizer from any working directory.
+    for key in ("data", "tokenizer"):
+        if getattr(cfg.train, key):
+            setattr(cfg.train, key, str(Path(getattr(cfg.train, key)).expanduser().absolute()))
+    _check_out_folder(Path(cfg.train.out))
     trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
     result = trainer.train()
-    print(f"validation: loss {result.val_loss:.4f} | {result.val_bpb:.4f} bits per byte")
+    from .train.trainer import validation_text, xz_bits_per_byte
+
+    print(f"validation: loss {result.val_loss:.4f} | {result.val_bpb:.4f} bits per byte "
+          f"(xz -9 on the same text: {xz_bits_per_byte(validation_text(cfg.train.data or None)):.4f})")
     print(f"checkpoint: {result.out}")
     if result.sample:
         print("sample:\n" + result.sample)
@@ -101,12 +125,12 @@ def cmd_generate(args) -> int:
     from .generate import generate
     from .train.checkpoint import load_trained_model
 
-    model, cfg = load_trained_model(args.checkpoint, args.device)
-    tok = load_tokenizer(cfg.train.tokenizer or None)
     if not 0 < args.top_p <= 1:
         raise MoeforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.max_new_tokens < 0:
         raise MoeforgeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    model, cfg = load_trained_model(args.checkpoint, args.device)
+    tok = load_tokenizer(cfg.train.tokenizer or None)
     ids = generate(model, tok.encode(args.prompt), args.max_new_tokens, args.temperature, args.top_p, args.seed,
                    stop_id=tok.eos_id)
     print(args.prompt + tok.decode(ids))
@@ -118,14 +142,21 @@ def cmd_eval(args) -> int:
 
     from .data import default_cache_dir, load_tokenizer, prepare_data
     from .train.checkpoint import load_trained_model
-    from .train.trainer import evaluate, resolve_precision
+    from .train.trainer import evaluate, resolve_precision, validation_text, xz_bits_per_byte
 
+    if args.batch_size < 1:
+        raise MoeforgeError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise MoeforgeError(f"--max-batches must be >= 1, got {args.max_batches}")
+    if args.text:
+        path = Path(args.text)
+        if not path.exists():
+            raise MoeforgeError(f"text file '{path}' does not exist")
+        if not path.is_file():
+            raise MoeforgeError(f"text file '{path}' is not a file")
     model, cfg = load_trained_model(args.checkpoint, args.device)
     tok = load_tokenizer(cfg.train.tokenizer or None)
     if args.text:
-        path = Path(args.text)
-        if not path.is_file():
-            raise MoeforgeError(f"text file '{path}' does not exist")
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise MoeforgeError(f"text file '{path}' is empty")
@@ -134,10 +165,12 @@ def cmd_eval(args) -> int:
     else:
         data = prepare_data(cfg.train.data or None, tok, default_cache_dir())
         tokens, what = data.val, "validation split"
+        text = validation_text(cfg.train.data or None)
     device = model.embed.weight.device
     res = evaluate(model, tokens, tok.token_bytes, cfg.train.seq_len, args.batch_size, device,
                    resolve_precision(cfg.train.precision, device), args.max_batches)
-    print(f"{what}: loss {res['loss']:.4f} | {res['bpb']:.4f} bits per byte | {res['tokens']} tokens, {res['bytes']} bytes")
+    print(f"{what}: loss {res['loss']:.4f} | {res['bpb']:.4f} bits per byte (xz -9: {xz_bits_per_byte(text):.4f}) | "
+          f"{res['tokens']} tokens, {res['bytes']} bytes")
     return 0
 
 
@@ -185,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except MoeforgeError as e:
-        print(f"moeforge {args.command}: error: {e}", file=sys.stderr)
+        # One line, whatever the message holds (some wrap a library's multi-line text).
+        message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"moeforge {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

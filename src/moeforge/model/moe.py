@@ -60,9 +60,14 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     otherwise the per-expert reference loop.
     """
     fast = hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
-    if fast and x.dtype == w.dtype:
+    if fast and x.dtype == w.dtype and _aligned(x) and _aligned(w):
         return F.grouped_mm(x, w, offs=offsets)
     return grouped_mm_reference(x, w, offsets)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """torch's grouped GEMM needs every non-unit stride to be a multiple of 16 bytes."""
+    return all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1)
 
 
 def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,11 @@ from ..errors import MoeforgeError
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 FILES = ("model.pt", "optimizer.pt", "state.pt")
+# model.pt and optimizer.pt hold only tensors and plain containers: they are read with torch's
+# restricted unpickler, so a checkpoint from elsewhere cannot run code in `generate`/`eval`/
+# `convert`. state.pt holds the numpy/python RNG states, which need the full unpickler; it is
+# only read to resume one's own run.
+FULL_PICKLE = ("state.pt",)
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -119,10 +124,20 @@ def load_checkpoint(path: Path, parts: tuple[str, ...] = FILES, map_location="cp
     out = {}
     for name in parts:
         try:
-            out[name] = torch.load(path / name, map_location=map_location, weights_only=False)
+            out[name] = torch.load(path / name, map_location=map_location, weights_only=name not in FULL_PICKLE)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise MoeforgeError(f"checkpoint '{path}': cannot read {name}: {e}") from None
+            raise MoeforgeError(f"checkpoint '{path}': cannot read {name}: {_load_error(e)}") from None
     return out
+
+
+def _load_error(e: Exception) -> str:
+    """One line for a torch.load failure (the restricted unpickler's message runs over many lines)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    if not lines[0].startswith("Weights only load failed"):
+        return lines[0]
+    detail = next((line for line in lines[1:] if "GLOBAL" in line), "")
+    detail = detail.removeprefix("WeightsUnpickler error:").strip().split(" was not an allowed global")[0]
+    return "it holds objects other than tensors; refused to unpickle them" + (f" ({detail})" if detail else "")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -154,6 +169,8 @@ def load_trained_model(path: str | Path, device: str | None = None):
     dev = resolve_device(device or "auto")
     model = build_model(cfg.model, dev, init=False)
     state = load_checkpoint(p, ("model.pt",), map_location=dev)["model.pt"]
+    if not isinstance(state, dict):
+        raise MoeforgeError(f"checkpoint '{p}': model.pt holds a {type(state).__name__}, not a state dict")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -9,7 +9,9 @@ OUT/checkpoints/step_N (atomic, last N kept); `resume` continues bit-identically
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import random
 import sys
 import time
@@ -94,6 +96,21 @@ def evaluate(model, tokens, token_bytes: torch.Tensor, seq_len: int, batch_size:
             "tokens": n_tokens, "bytes": n_bytes}
 
 
+def xz_bits_per_byte(text: str) -> float:
+    """The baseline a language model should beat: `xz -9` (LZMA preset 9) on the same text."""
+    import lzma
+
+    data = text.encode("utf-8")
+    return 8 * len(lzma.compress(data, preset=9)) / max(1, len(data))
+
+
+def validation_text(data_path: str | None) -> str:
+    """The held-out documents, concatenated, as the evaluation reads them (without separators)."""
+    from ..data.corpus import plan_split
+
+    return "".join(plan_split(data_path).val_documents())
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -109,6 +126,15 @@ class Trainer:
         t = cfg.train
         self.out = Path(t.out)
         self.ckpt_root = self.out / "checkpoints"
+        if self.out.exists() and not self.out.is_dir():
+            raise MoeforgeError(f"--out '{self.out}' exists and is not a folder")
+        # The tokenizer decides the separator id, which is part of the model config: set it before
+        # comparing with a checkpoint's config.
+        self.tokenizer = load_tokenizer(t.tokenizer or None)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise MoeforgeError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                                f"vocabulary ({self.tokenizer.vocab_size})")
+        cfg.model.eos_token_id = self.tokenizer.eos_id
         existing = ckpt.list_checkpoints(self.ckpt_root)
         resume_from = None
         if resume:
@@ -127,11 +153,6 @@ class Trainer:
         self.progress = progress
         seed_everything(t.seed)
 
-        self.tokenizer = load_tokenizer(t.tokenizer or None)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise MoeforgeError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
-                                f"vocabulary ({self.tokenizer.vocab_size})")
-        cfg.model.eos_token_id = self.tokenizer.eos_id
         self.data = prepare_data(t.data or None, self.tokenizer, default_cache_dir())
         self.loader = PackedLoader(self.data.train, t.seq_len, t.seed, self.tokenizer.eos_id, t.fim_rate,
                                    self.tokenizer.fim_ids)
@@ -145,6 +166,9 @@ class Trainer:
             self._load(resume_from)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.toml").write_text(cfg.to_toml())
+        # metrics.jsonl continues the checkpointed run: drop records past its step (from a run that was
+        # stopped after its last checkpoint), or all of them when starting afresh.
+        trim_metrics(self.out / "metrics.jsonl", self.step)
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.peak = peak_flops(self.device)
 
@@ -217,7 +241,7 @@ class Trainer:
 
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", file=sys.stderr,
                        dynamic_ncols=True, disable=None)
-        log = bar.write if bar is not None else print
+        log = bar.write if bar is not None and not bar.disable else (lambda msg: print(msg, flush=True))
         n_params = count_parameters(self.model)
         log(f"model: {n_params['total'] / 1e6:.2f}M parameters ({n_params['active'] / 1e6:.2f}M active, "
             f"MTP {n_params['mtp'] / 1e6:.2f}M) | device {self.device} | precision {self.precision} | "
@@ -272,6 +296,21 @@ class Trainer:
         ids = generate(self.model, self.tokenizer.encode(prompt), n, temperature=0.8, top_p=0.95,
                        seed=self.cfg.train.seed, stop_id=self.tokenizer.eos_id)
         return prompt + self.tokenizer.decode(ids)
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                keep.append(line)
+        except ValueError:
+            continue
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(k + "\n" for k in keep))
+    os.replace(tmp, path)
 
 
 def seed_everything(seed: int) -> None:
