@@ -174,12 +174,33 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Layout over torch.distributed ranks: world size = pp x dp x ep (DeepSeek-V3: no tensor parallelism).
+
+    Expert parallelism folds into data parallelism: attention and dense parts are data parallel over
+    all dp x ep ranks of a pipeline stage; routed experts are sharded over ep and replicated over dp.
+    """
+
+    pp: int = 1  # pipeline stages (ranks); DualPipeV puts two stages on each
+    ep: int = 1  # expert-parallel ranks
+    dp: int = 0  # data-parallel replicas of the experts; 0: world size / (pp x ep)
+    schedule: str = "1f1b"  # pipeline schedule: 1f1b | interleaved1f1b | zbv | dualpipev
+    layout: str = ""  # decoder layers per pipeline stage, e.g. "3,3,2,2"; "": as even as possible
+    sharding: str = "none"  # data parallel: none (replicated, all-reduce) | zero2 | full (FSDP2)
+    dispatch_fp8: bool = False  # send dispatched activations in FP8 with 1x128 scales
+
+
+SECTIONS = ("model", "train", "parallel")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:
-        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
     def to_toml(self) -> str:
         return dict_to_toml(self.to_dict())
@@ -252,8 +273,8 @@ def load_config(preset: str | None = None, path: str | None = None, overrides: l
         layers.append(read_toml(path))
     for data in layers:
         for section, values in data.items():
-            if section not in ("model", "train") or not isinstance(values, dict):
-                raise MoeforgeError(f"unknown config section '{section}' (expected [model] and [train])")
+            if section not in SECTIONS or not isinstance(values, dict):
+                raise MoeforgeError(f"unknown config section '{section}' (expected [model], [train], [parallel])")
             _apply(getattr(cfg, section), section, values)
     return apply_overrides(cfg, overrides or [])
 
@@ -263,8 +284,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
-        if not sep or not dot or section not in ("model", "train"):
-            raise MoeforgeError(f"override '{item}' must look like model.NAME=VALUE or train.NAME=VALUE")
+        if not sep or not dot or section not in SECTIONS:
+            raise MoeforgeError(f"override '{item}' must look like SECTION.NAME=VALUE with SECTION model, train or parallel")
         _apply(getattr(cfg, section), section, {name: value}, from_text=True)
     validate(cfg)
     return cfg
@@ -272,7 +293,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 def config_from_dict(d: dict) -> Config:
     cfg = Config()
-    for section in ("model", "train"):
+    for section in SECTIONS:
         _apply(getattr(cfg, section), section, d.get(section, {}))
     validate(cfg)
     return cfg
@@ -371,9 +392,23 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
            f"train.device: expected auto, cpu or cuda, got {t.device!r}")
 
 
+def validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
+    """Checks that need no world size; the mesh checks the rest when the processes exist."""
+    _check_types(p, "parallel")
+    for name in ("pp", "ep"):
+        _check(getattr(p, name) >= 1, f"parallel.{name}: must be >= 1, got {getattr(p, name)}")
+    _check(p.dp >= 0, f"parallel.dp: must be >= 0 (0 = the rest of the world), got {p.dp}")
+    _check(p.schedule in ("1f1b", "interleaved1f1b", "zbv", "dualpipev"),
+           f"parallel.schedule: expected 1f1b, interleaved1f1b, zbv or dualpipev, got {p.schedule!r}")
+    _check(p.sharding in ("none", "zero2", "full"), f"parallel.sharding: expected none, zero2 or full, got {p.sharding!r}")
+    _check(m.n_routed_experts % p.ep == 0,
+           f"parallel.ep: {p.ep} does not divide model.n_routed_experts={m.n_routed_experts}")
+
+
 def validate(cfg: Config) -> None:
     validate_model(cfg.model)
     validate_train(cfg.train, cfg.model)
+    validate_parallel(cfg.parallel, cfg.model)
 
 
 # --------------------------------------------------------------------------------------
