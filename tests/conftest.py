@@ -32,7 +32,7 @@ TINY_OVERRIDES = [
     "model.moe_intermediate_size=32", "model.n_routed_experts=8", "model.n_group=2", "model.topk_group=1",
     "model.num_experts_per_tok=2", "model.q_lora_rank=32", "model.kv_lora_rank=32",
     "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
-    "model.num_attention_heads=2", "model.max_position_embeddings=64",
+    "model.num_attention_heads=2", "model.max_position_embeddings=64", "model.num_nextn_predict_layers=1",
     "train.seq_len=64", "train.batch_size=4", "train.eval_batches=2", "train.sample_tokens=8",
 ]
 
