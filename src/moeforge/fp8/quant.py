@@ -1,0 +1,88 @@
+"""Fine-grained FP8 (E4M3) quantisation, DeepSeek-V3 §3.3: the reference implementation.
+
+A tensor is cut into blocks along its last two dimensions: (1, 128) tiles for activations and
+activation gradients (one row, 128 channels of the reduction dimension), (128, 128) blocks for
+weights. Each block gets one FP32 scale s = max(amax, 1e-4) / 448 computed from the current tensor
+(no history), and is stored as q = x / s in float8_e4m3fn; x is recovered as q * s. Blocks at
+ragged edges cover what is left. `pow2_scales` rounds s up to a power of two (UE8M0, DeepSeek-V3.1).
+
+The scales returned here are the multipliers that take q back to x; DeepSeek's checkpoints store the
+same numbers under the name `weight_scale_inv`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import MoeforgeError
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite E4M3 value
+AMAX_FLOOR = 1e-4  # DeepSeek's kernels floor amax so an all-zero block gets a finite scale
+BLOCKS = ((1, 128), (128, 128))
+
+
+def _check_block(block: tuple[int, int]) -> tuple[int, int]:
+    block = tuple(block)
+    if block not in BLOCKS:
+        raise MoeforgeError(f"FP8 block must be (1, 128) or (128, 128), got {block}")
+    return block
+
+
+def _padded_blocks(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    """x [..., M, N] -> zero-padded view [..., M/br, br, N/bc, bc] and the padded sizes."""
+    br, bc = block
+    M, N = x.shape[-2], x.shape[-1]
+    Mp, Np = math.ceil(M / br) * br, math.ceil(N / bc) * bc
+    if (Mp, Np) != (M, N):
+        x = torch.nn.functional.pad(x, (0, Np - N, 0, Mp - M))
+    return x.unflatten(-1, (Np // bc, bc)).unflatten(-3, (Mp // br, br)), M, N
+
+
+def block_scales(x: torch.Tensor, block: tuple[int, int], pow2_scales: bool = False) -> torch.Tensor:
+    """FP32 scales [..., ceil(M/br), ceil(N/bc)] = max(amax, 1e-4) / 448 per block."""
+    blocks, _, _ = _padded_blocks(x.float(), _check_block(block))
+    amax = blocks.abs().amax(dim=(-3, -1))  # [..., M/br, N/bc]
+    scales = amax.clamp_min(AMAX_FLOOR) / FP8_MAX
+    if pow2_scales:
+        scales = torch.exp2(torch.ceil(torch.log2(scales)))
+    return scales
+
+
+def _expand(scales: torch.Tensor, block: tuple[int, int], M: int, N: int) -> torch.Tensor:
+    """Per-block scales -> one scale per element [..., M, N]."""
+    br, bc = block
+    full = scales.repeat_interleave(br, dim=-2).repeat_interleave(bc, dim=-1)
+    return full[..., :M, :N]
+
+
+def quantize(x: torch.Tensor, block: tuple[int, int] = (1, 128), pow2_scales: bool = False,
+             check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., M, N] (a 1-D x is one row) -> (float8_e4m3fn tensor like x, FP32 per-block scales)."""
+    block = _check_block(block)
+    squeeze = x.dim() == 1
+    if squeeze:
+        x = x.unsqueeze(0)
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise MoeforgeError("cannot quantise to FP8: the tensor holds inf or NaN")
+    scales = block_scales(x, block, pow2_scales)
+    q = (x.float() / _expand(scales, block, x.shape[-2], x.shape[-1])).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return (q.squeeze(0), scales.squeeze(0)) if squeeze else (q, scales)
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, block: tuple[int, int] = (1, 128),
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The inverse: q * scale of its block, in `dtype`."""
+    block = _check_block(block)
+    squeeze = q.dim() == 1
+    if squeeze:
+        q, scales = q.unsqueeze(0), scales.unsqueeze(0)
+    out = (q.float() * _expand(scales.float(), block, q.shape[-2], q.shape[-1])).to(dtype)
+    return out.squeeze(0) if squeeze else out
+
+
+def fake_quantize(x: torch.Tensor, block: tuple[int, int], pow2_scales: bool = False) -> torch.Tensor:
+    """dequantize(quantize(x)) in FP32: x as the FP8 GEMM sees it."""
+    return dequantize(*quantize(x, block, pow2_scales, check_finite=False), block)

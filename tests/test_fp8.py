@@ -1,0 +1,162 @@
+"""FP8 reference: quantisation rules and the three FP8 GEMMs of a Linear and of the routed experts."""
+
+import math
+
+import pytest
+import torch
+
+from moeforge.errors import MoeforgeError
+from moeforge.fp8 import FP8_MAX, convert_to_fp8, dequantize, fake_quantize, quantize
+from moeforge.fp8.linear import FP8Experts, FP8Linear, FP8Recipe, _FP8GroupedFn
+from moeforge.model.moe import Experts, grouped_mm_reference
+
+E4M3_REL = 2.0 ** -4  # round-to-nearest with 3 mantissa bits: relative error <= half an ulp = 2^-4
+
+
+def quantize_loop(x: torch.Tensor, block):
+    """Tile by tile with Python loops: the independent reference for the vectorised quantize."""
+    br, bc = block
+    M, N = x.shape
+    scales = torch.zeros(math.ceil(M / br), math.ceil(N / bc))
+    q = torch.zeros(M, N)
+    for i in range(0, M, br):
+        for j in range(0, N, bc):
+            tile = x[i:i + br, j:j + bc]
+            s = max(float(tile.abs().max()), 1e-4) / FP8_MAX
+            scales[i // br, j // bc] = s
+            q[i:i + br, j:j + bc] = (tile / s).to(torch.float8_e4m3fn).float()
+    return q, scales
+
+
+@pytest.mark.parametrize("block, shape", [((1, 128), (3, 300)), ((128, 128), (200, 72)), ((128, 128), (72, 260)),
+                                          ((1, 128), (4, 128))])
+def test_quantize_matches_tile_loop_with_ragged_edges(block, shape):
+    """Vectorised quantisation equals a per-tile loop: scales = amax/448 per block, same FP8 bytes."""
+    torch.manual_seed(0)
+    x = torch.randn(shape) * torch.logspace(-3, 3, shape[1])  # very different magnitudes per column
+    q, s = quantize(x, block)
+    q_ref, s_ref = quantize_loop(x, block)
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.float(), q_ref)
+
+
+def test_exact_round_trip_of_representable_values():
+    """Values that are E4M3 numbers times a power-of-two scale, with the block max at 448, come back exactly."""
+    torch.manual_seed(0)
+    codes = torch.randint(0, 256, (4, 256), dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    codes = torch.nan_to_num(codes, nan=0.0).clamp(-448, 448)
+    codes[:, 0], codes[:, 128] = 448.0, -448.0  # each 1x128 tile has amax exactly 448
+    x = codes * 2.0 ** -7
+    q, s = quantize(x, (1, 128))
+    assert torch.equal(s, torch.full((4, 2), 2.0 ** -7))
+    assert torch.equal(dequantize(q, s, (1, 128)), x)
+
+
+def test_zero_tile_and_errors():
+    x = torch.zeros(2, 256)
+    x[1, :128] = 5.0
+    q, s = quantize(x, (1, 128))
+    assert torch.all(s[0] == 1e-4 / 448) and torch.isfinite(s).all()  # floored amax: no division by zero
+    assert torch.equal(dequantize(q, s), x)
+    for bad in (float("inf"), float("nan")):
+        y = torch.ones(2, 128)
+        y[0, 3] = bad
+        with pytest.raises(MoeforgeError, match="inf or NaN"):
+            quantize(y)
+    with pytest.raises(MoeforgeError, match="block"):
+        quantize(torch.ones(2, 128), (64, 64))
+
+
+def test_pow2_scales():
+    torch.manual_seed(0)
+    x = torch.randn(8, 384) * 7
+    _, s = quantize(x, (1, 128), pow2_scales=True)
+    _, s_exact = quantize(x, (1, 128))
+    assert torch.equal(torch.exp2(torch.log2(s).round()), s)  # powers of two
+    assert torch.all(s >= s_exact) and torch.all(s < 2 * s_exact)  # rounded up, never overflowing
+
+
+def fp8_error_bound(a_abs, b_abs):
+    """|fp8(a) fp8(b) - a b| <= ((1+e)^2 - 1) |a||b| per product, summed: the E4M3 rounding budget."""
+    return ((1 + E4M3_REL) ** 2 - 1) * (a_abs @ b_abs) + 1e-6
+
+
+@pytest.mark.parametrize("save_fp8_inputs", [True, False])
+def test_fp8_linear_three_gemms(save_fp8_inputs):
+    """Fprop, Dgrad and Wgrad each equal the GEMM of the quantised operands with the recipe's tiling
+    (1x128 along K for x, along N for dy, along T for both Wgrad operands; 128x128 for W) exactly
+    (FP32 accumulation, 1e-5), and stay within the E4M3 rounding bound of the FP32 GEMMs."""
+    torch.manual_seed(0)
+    T, K, N = 150, 260, 140
+    lin = FP8Linear(K, N, bias=False)
+    lin.recipe = FP8Recipe(save_fp8_inputs=save_fp8_inputs)
+    x = torch.randn(T, K, requires_grad=True)
+    y = lin(x)
+    g = torch.randn(T, N)
+    y.backward(g)
+    W = lin.weight.detach()
+    xd = x.detach()
+    # exact emulation of the FP8 GEMMs, built from the tile-loop reference
+    fq = lambda t, blk: (lambda q, s: q * s.repeat_interleave(blk[0], 0)[: t.shape[0]].repeat_interleave(blk[1], 1)[:, : t.shape[1]])(*quantize_loop(t, blk))  # noqa: E731
+    torch.testing.assert_close(y.detach(), fq(xd, (1, 128)) @ fq(W, (128, 128)).T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, fq(g, (1, 128)) @ fq(W, (128, 128)), rtol=1e-5, atol=1e-5)
+    x_saved = fq(xd, (1, 128)) if save_fp8_inputs else xd
+    torch.testing.assert_close(lin.weight.grad, fq(g.T.contiguous(), (1, 128)) @ fq(x_saved.T.contiguous(), (1, 128)).T,
+                               rtol=1e-5, atol=1e-5)
+    # and close to full precision, within what E4M3 rounding explains
+    assert torch.all((y.detach() - xd @ W.T).abs() <= fp8_error_bound(xd.abs(), W.abs().T))
+    assert torch.all((x.grad - g @ W).abs() <= fp8_error_bound(g.abs(), W.abs()))
+    x_bound = xd.abs() * (1 + E4M3_REL) if save_fp8_inputs else xd.abs()  # FP8-saved input adds one rounding
+    assert torch.all((lin.weight.grad - g.T @ xd).abs() <= ((1 + E4M3_REL) ** 3 - 1) * (g.abs().T @ x_bound) + 1e-5)
+
+
+def test_fp8_grouped_gemm_matches_per_expert_fp8_linear():
+    """The FP8 grouped GEMM of the experts equals, expert by expert, FP8 GEMMs of that expert's tokens:
+    output, input gradient and weight gradient (Wgrad tiles run along each expert's own tokens)."""
+    torch.manual_seed(0)
+    counts = torch.tensor([130, 0, 7, 40])
+    offsets = counts.cumsum(0).to(torch.int32)
+    x = torch.randn(int(counts.sum()), 96, requires_grad=True)
+    w_store = torch.randn(4, 80, 96, requires_grad=True)  # [E, out, in], as Experts stores it
+    y = _FP8GroupedFn.apply(x, w_store.transpose(1, 2), offsets, FP8Recipe())
+    g = torch.randn_like(y)
+    y.backward(g)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        lin = FP8Linear(96, 80, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w_store[e])
+        xe = x.detach()[start:end].clone().requires_grad_()
+        if end > start:
+            ye = lin(xe)
+            ye.backward(g[start:end])
+            torch.testing.assert_close(y[start:end].detach(), ye.detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(x.grad[start:end], xe.grad, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(w_store.grad[e], lin.weight.grad, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.all(w_store.grad[e] == 0)
+        start = end
+    # and the output is the FP32 grouped GEMM up to E4M3 rounding
+    ref = grouped_mm_reference(x.detach(), w_store.detach().transpose(1, 2), offsets)
+    assert (y.detach() - ref).abs().max() < 0.15 * ref.abs().max()
+
+
+def test_convert_to_fp8_keeps_parameters_and_precision_sensitive_parts():
+    from moeforge.config import load_config
+    from moeforge.model import build_model
+
+    cfg = load_config("tiny", overrides=["model.num_nextn_predict_layers=1"]).model
+    model = build_model(cfg, "meta")
+    names_before = [n for n, _ in model.named_parameters()]
+    convert_to_fp8(model)
+    assert [n for n, _ in model.named_parameters()] == names_before  # checkpoints are precision-independent
+    assert type(model.head) is torch.nn.Linear and type(model.embed) is torch.nn.Embedding
+    assert isinstance(model.layers[0].attn.wkv_a, FP8Linear)
+    assert isinstance(model.layers[1].ffn.experts, FP8Experts) and isinstance(model.mtp[0].eh_proj, FP8Linear)
+    assert not any(isinstance(m, Experts) and not isinstance(m, FP8Experts) for m in model.modules())
+
+
+def test_fake_quantize_is_dequantize_of_quantize():
+    x = torch.randn(3, 200)
+    torch.testing.assert_close(fake_quantize(x, (1, 128)), dequantize(*quantize(x, (1, 128)), (1, 128)), rtol=0, atol=0)
