@@ -160,3 +160,37 @@ def test_convert_to_fp8_keeps_parameters_and_precision_sensitive_parts():
 def test_fake_quantize_is_dequantize_of_quantize():
     x = torch.randn(3, 200)
     torch.testing.assert_close(fake_quantize(x, (1, 128)), dequantize(*quantize(x, (1, 128)), (1, 128)), rtol=0, atol=0)
+
+
+def test_fp8_hf_export_import_gives_the_emulated_fp8_logits(tmp_path):
+    """save(fp8=True) writes the release's layout (E4M3 weights + 128x128 weight_scale_inv +
+    quantization_config); loading it and converting to FP8 gives exactly the logits of the emulated
+    FP8 model it came from (re-quantising a dequantised block reproduces its bytes and scale)."""
+    import json
+
+    from safetensors import safe_open
+
+    from moeforge import hf
+    from moeforge.config import ModelConfig
+    from moeforge.model import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=128, hidden_size=160, intermediate_size=192, moe_intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=2, q_lora_rank=136, kv_lora_rank=32,
+                      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+                      num_experts_per_tok=2, n_group=2, topk_group=1, max_position_embeddings=64)  # ragged blocks
+    model = convert_to_fp8(build_model(cfg)).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        expect = model(tokens)
+    hf.save(model, tmp_path / "fp8", fp8=True)
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    with safe_open(next((tmp_path / "fp8").glob("*.safetensors")), "pt") as f:
+        w = f.get_tensor("model.layers.0.self_attn.q_a_proj.weight")
+        s = f.get_tensor("model.layers.0.self_attn.q_a_proj.weight_scale_inv")
+        assert w.dtype == torch.float8_e4m3fn and w.shape == (136, 160) and s.shape == (2, 2)
+        assert f.get_tensor("lm_head.weight").dtype == torch.float32  # the head stays in full precision
+    loaded = convert_to_fp8(hf.load(tmp_path / "fp8")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), expect)

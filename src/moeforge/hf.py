@@ -667,14 +667,28 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     return d
 
 
+FP8_PROJECTIONS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                   "gate_proj", "up_proj", "down_proj", "eh_proj")
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "weight_block_size": [128, 128]}
+
+
+def _fp8_eligible(name: str, t: torch.Tensor) -> bool:
+    """The Linear weights DeepSeek-V3 keeps in FP8: projections of attention, FFNs, experts and MTP;
+    not the embedding, output head, router or norms."""
+    return t.dim() == 2 and name.endswith(".weight") and name.rsplit(".", 2)[-2] in FP8_PROJECTIONS
+
+
 def save(model: Transformer, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
-         dtype: torch.dtype | str | None = None) -> None:
+         dtype: torch.dtype | str | None = None, fp8: bool = False) -> None:
     """Write `model` as a Hugging Face DeepSeek-V3 folder (config.json, safetensors shards, index).
 
     Tensors are written in `dtype` (None: as they are), except the routing bias, which stays FP32
     as in the release. MTP modules go to model.layers.{L+k} with the release's copies of the
     embedding and head. The folder is written next to `path` under a temporary name, fsynced and
     renamed into place; an existing non-empty `path` is only replaced if it is a previous export.
+    With `fp8`, the Linear weights are written as the official release has them: float8_e4m3fn
+    plus an FP32 `<name>_scale_inv` per 128x128 block, and a `quantization_config` in config.json.
     """
     dtype = _dtype(dtype)
     if max_shard_bytes <= 0:
@@ -687,11 +701,21 @@ def save(model: Transformer, path: str | os.PathLike, max_shard_bytes: int = 5 *
     main_dtype = dtype or model.embed.weight.dtype
 
     def write(tmp: Path) -> None:
+        from .fp8 import quantize
+
         writer = _ShardWriter(tmp, max_shard_bytes)
         for name, t in tensors.items():
-            writer.add(name, t, None if name.endswith("e_score_correction_bias") else dtype)
+            if fp8 and _fp8_eligible(name, t):
+                q, scale_inv = quantize(t.detach().float(), (128, 128))
+                writer.add(name, q, None)
+                writer.add(f"{name}_scale_inv", scale_inv, None)
+            else:
+                writer.add(name, t, None if name.endswith("e_score_correction_bias") else dtype)
         writer.finish()
-        _write_json(tmp / CONFIG_NAME, hf_config(cfg, main_dtype))
+        config = hf_config(cfg, main_dtype)
+        if fp8:
+            config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+        _write_json(tmp / CONFIG_NAME, config)
 
     _write_atomically(path, write)
 
