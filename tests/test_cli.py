@@ -239,8 +239,8 @@ def test_unknown_preset(cli, expect_error, snapshot, tmp_path):
     ("model.hidden_size=-8", ["model.hidden_size", "positive"]),
     ("train.seq_len=128", ["train.seq_len", "max_position_embeddings"]),  # the context is 64
     ("model.hidden_size=big", ["model.hidden_size", "cannot parse 'big'"]),
-    ("hidden_size=64", ["hidden_size=64", "model.NAME=VALUE"]),
-    ("model.hidden_size", ["model.hidden_size", "model.NAME=VALUE"]),
+    ("hidden_size=64", ["hidden_size=64", "SECTION.NAME=VALUE"]),
+    ("model.hidden_size", ["model.hidden_size", "SECTION.NAME=VALUE"]),
     ("model.hidden_sizes=64", ["unknown setting 'model.hidden_sizes'"]),
 ])
 def test_invalid_config_value_or_malformed_override(cli, expect_error, snapshot, tiny_overrides, data_dir, tmp_path,

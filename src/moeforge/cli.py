@@ -109,7 +109,12 @@ def cmd_train(args) -> int:
             setattr(cfg.train, key, str(Path(getattr(cfg.train, key)).expanduser().absolute()))
     _check_out_folder(Path(cfg.train.out))
     trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()  # leaves the process group of a torchrun launch
+    if not trainer.is_main:  # under torchrun, rank 0 reports
+        return 0
     from .train.trainer import validation_text, xz_bits_per_byte
 
     print(f"validation: loss {result.val_loss:.4f} | {result.val_bpb:.4f} bits per byte "

@@ -27,6 +27,7 @@ from ..errors import MoeforgeError
 from ..generate import generate
 from ..model import build_model, count_parameters
 from ..model.mtp import IGNORE_INDEX
+from .. import parallel
 from . import checkpoint as ckpt
 from .balance import update_routing_bias
 from .metrics import MetricsSink, flops_per_token, peak_flops
@@ -148,27 +149,31 @@ class Trainer:
         elif existing:
             raise MoeforgeError(f"'{self.out}' already holds checkpoints; pass --resume to continue or choose another --out")
 
-        self.device = resolve_device(t.device)
+        # None for one process; under torchrun the mesh (pp x dp x ep) and this rank's place in it.
+        self.pctx = parallel.init_distributed(cfg.parallel, t.device)
+        parallel.check_batch_sizes(t.micro_batch, self.pctx)
+        self.is_main = self.pctx is None or self.pctx.is_main  # rank 0 alone writes files and logs
+        self.device = self.pctx.device if self.pctx is not None else resolve_device(t.device)
         self.precision = resolve_precision(t.precision, self.device)
-        self.progress = progress
+        self.progress = progress and self.is_main
         seed_everything(t.seed)
 
         self.data = prepare_data(t.data or None, self.tokenizer, default_cache_dir())
         self.loader = PackedLoader(self.data.train, t.seq_len, t.seed, self.tokenizer.eos_id, t.fim_rate,
                                    self.tokenizer.fim_ids)
 
-        # Construction order: meta -> (FP8 / parallelism later) -> to_empty -> init -> load.
-        self.model = build_model(cfg.model, self.device)
+        self.model = build_train_model(cfg, self.device, self.precision, self.pctx)
         self.optimizer = build_optimizer(self.model, cfg)
         self.moe_layers = self.model.moe_layers()
         self.step, self.tokens_seen = 0, 0
         if resume_from is not None:
             self._load(resume_from)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.toml").write_text(cfg.to_toml())
-        # metrics.jsonl continues the checkpointed run: drop records past its step (from a run that was
-        # stopped after its last checkpoint), or all of them when starting afresh.
-        trim_metrics(self.out / "metrics.jsonl", self.step)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.toml").write_text(cfg.to_toml())
+            # metrics.jsonl continues the checkpointed run: drop records past its step (from a run that was
+            # stopped after its last checkpoint), or all of them when starting afresh.
+            trim_metrics(self.out / "metrics.jsonl", self.step)
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.peak = peak_flops(self.device)
 
@@ -183,13 +188,29 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.cfg, self.model.state_dict(),
-                                    self.optimizer.state_dict(), self._state(), self.cfg.train.keep_checkpoints)
+        """Under parallelism every rank joins the gather and rank 0 writes the single-process state
+        dicts (model and AdamW moments), so a checkpoint resumes under any layout."""
+        final = self.ckpt_root / f"step_{self.step:07d}"
+        if self.pctx is None:
+            model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+        else:
+            model_state = parallel.full_state_dict(self.model, self.pctx)
+            optim_state = parallel.full_optimizer_state_dict(self.model, self.optimizer, self.pctx)
+        if self.is_main:
+            final = ckpt.save_checkpoint(self.ckpt_root, self.step, self.cfg, model_state, optim_state, self._state(),
+                                         self.cfg.train.keep_checkpoints)
+        if self.pctx is not None:
+            self.pctx.barrier()  # the checkpoint exists for every rank once save() returns
+        return final
 
     def _load(self, path: Path) -> None:
         parts = ckpt.load_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(parts["model.pt"])
-        self.optimizer.load_state_dict(parts["optimizer.pt"])
+        if self.pctx is None:
+            self.model.load_state_dict(parts["model.pt"])
+            self.optimizer.load_state_dict(parts["optimizer.pt"])
+        else:  # a single-process checkpoint, sliced / sharded for this rank
+            parallel.load_full_state_dict(self.model, parts["model.pt"], self.pctx)
+            parallel.load_full_optimizer_state_dict(self.model, self.optimizer, parts["optimizer.pt"], self.pctx)
         state = parts["state.pt"]
         self.step, self.tokens_seen = state["step"], state["tokens"]
         self.loader.load_state_dict(state["loader"])
@@ -208,33 +229,42 @@ class Trainer:
         n_micro = batch // t.micro_batch
         lam = mtp_lambda_at(self.step, t)
         sums = torch.zeros(3, device=self.device)  # main, mtp (weighted sum), balance
-        for _ in range(n_micro):
-            window = self.loader.next_batch(t.micro_batch).to(self.device, non_blocking=True)
+        for i in range(n_micro):
+            window = self.loader.next_batch(t.micro_batch)  # the global micro-batch ...
+            window = parallel.data_shard(window, self.pctx).to(self.device, non_blocking=True)  # ... this rank's rows
+            parallel.set_gradient_sync(self.model, i == n_micro - 1)  # FSDP: reduce on the last micro-batch only
             with autocast(self.device, self.precision):
                 out = self.model.losses(window[:, :-1], window[:, 1:])
             mtp = out["mtp"].sum() * (lam / m.num_nextn_predict_layers) if out["mtp"].numel() else out["main"] * 0
             loss = out["main"] + mtp + t.balance_alpha * out["balance"]
             (loss / n_micro).backward()
             sums += torch.stack([out["main"], mtp, out["balance"]]).detach().float() / n_micro
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        if self.pctx is not None:
+            parallel.sync_gradients(self.model, self.pctx)  # all-reduce (sharding=none; FSDP reduced in backward)
+            sums = self.pctx.all_reduce_mean_dp_ep(sums)  # mean of per-rank means = global mean: all ranks log it
+        # The global norm (the single-process gradient's), also for one process (see clip_grad_norm).
+        grad_norm = parallel.clip_grad_norm(self.model, t.grad_clip if t.grad_clip > 0 else float("inf"), self.pctx)
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        balance_stats = update_routing_bias(self.moe_layers, bias_update_speed_at(self.step, t))
+        balance_stats = update_routing_bias(self.moe_layers, bias_update_speed_at(self.step, t),
+                                            reduce=parallel.moe_count_reduce(self.pctx))  # global counts
         self.step += 1
         self.tokens_seen += batch * t.seq_len
         main, mtp, bal = sums.tolist()
-        return {"step": self.step, "loss": main, "mtp_loss": mtp / max(lam, 1e-12) if lam else 0.0,
-                "balance_loss": bal, "lr": lr, "grad_norm": float(grad_norm), "tokens": self.tokens_seen,
+        rec = {"step": self.step, "loss": main}
+        if m.num_nextn_predict_layers:
+            rec["mtp_loss"] = mtp / lam if lam else float("nan")  # mean over depths, before the weight
+        return {**rec, "balance_loss": bal, "lr": lr, "grad_norm": float(grad_norm), "tokens": self.tokens_seen,
                 "batch_size": batch, **balance_stats}
 
     # ---- the run ----
     def train(self, steps: int | None = None) -> TrainResult:
         t = self.cfg.train
         total = steps if steps is not None else t.steps
-        sink = MetricsSink(self.out)
+        sink = MetricsSink(self.out) if self.is_main else _NullSink()
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -242,10 +272,14 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", file=sys.stderr,
                        dynamic_ncols=True, disable=None)
         log = bar.write if bar is not None and not bar.disable else (lambda msg: print(msg, flush=True))
-        n_params = count_parameters(self.model)
+        if not self.is_main:
+            log = lambda msg: None  # noqa: E731
+        n_params = count_parameters(build_model(self.cfg.model, "meta"))  # the whole model, not this rank's part
         log(f"model: {n_params['total'] / 1e6:.2f}M parameters ({n_params['active'] / 1e6:.2f}M active, "
             f"MTP {n_params['mtp'] / 1e6:.2f}M) | device {self.device} | precision {self.precision} | "
             f"data: {self.data.description}")
+        if summary := parallel_summary(self.cfg, self.pctx):
+            log(summary)
         val = None
         try:
             while self.step < total:
@@ -293,9 +327,72 @@ class Trainer:
         n = self.cfg.train.sample_tokens
         if n == 0:
             return ""
-        ids = generate(self.model, self.tokenizer.encode(prompt), n, temperature=0.8, top_p=0.95,
+        model = self.model
+        if self.pctx is not None:
+            # Decoding branches on sampled tokens, which every rank of an all-to-all would have to agree
+            # on: rank 0 samples from a single-device copy instead; the other ranks return "".
+            state = parallel.full_state_dict(self.model, self.pctx)
+            if not self.is_main:
+                return ""
+            model = build_model(self.cfg.model, self.device, init=False)
+            model.load_state_dict(state)
+            model.eval()
+        ids = generate(model, self.tokenizer.encode(prompt), n, temperature=0.8, top_p=0.95,
                        seed=self.cfg.train.seed, stop_id=self.tokenizer.eos_id)
         return prompt + self.tokenizer.decode(ids)
+
+    def close(self) -> None:
+        """Leave the process group (torchrun runs); nothing to do for one process."""
+        if self.pctx is not None:
+            self.pctx.destroy()
+            self.pctx = None
+
+
+def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -> torch.nn.Module:
+    """The model of this rank, initialised as the single-process model would be.
+
+    Construction order: meta (no memory) -> expert parallel (keep this rank's E/ep experts) ->
+    FSDP (shard) -> to_empty (memory for this rank's pieces only) -> weights. Slicing and sharding
+    must come before to_empty, or every rank would first allocate the whole model.
+    """
+    if pctx is None:
+        return build_model(cfg.model, device)  # meta -> to_empty -> init
+    if pctx.pp > 1:
+        raise MoeforgeError(f"parallel.pp={pctx.pp}: the trainer does not run pipeline stages yet (use pp=1)")
+    model = build_model(cfg.model, "meta")
+    parallel.apply_expert_parallel(model, pctx)
+    parallel.apply_fsdp(model, pctx, bf16=precision == "bf16")
+    model = model.to_empty(device=device)
+    # Weights: the single-process initialisation (same seed on every rank), sliced for this rank. It
+    # builds the whole model once on the CPU: fine for the sizes one trains from scratch here; large
+    # runs load a checkpoint instead (resume), which is sliced the same way.
+    parallel.load_full_state_dict(model, build_model(cfg.model, "cpu").state_dict(), pctx)
+    for moe in model.moe_layers():
+        moe.tokens_per_expert.zero_()
+    return model
+
+
+def parallel_summary(cfg: Config, pctx) -> str:
+    """The layout line of the log ("" for a plain single-process run)."""
+    p = cfg.parallel
+    if pctx is None:
+        asked = [f"parallel.{k}={getattr(p, k)}" for k in ("pp", "ep", "dp") if getattr(p, k) > 1]
+        return f"parallel: single process ({', '.join(asked)} ignored: not launched by torchrun)" if asked else ""
+    m = cfg.model
+    reach = parallel.max_ranks_per_token(m.n_routed_experts, m.n_group, m.topk_group, m.num_experts_per_tok, pctx.ep)
+    return (f"parallel: {pctx.world_size} ranks = pp {pctx.pp} x dp {pctx.dp} x ep {pctx.ep} | sharding {p.sharding} | "
+            f"{cfg.train.micro_batch // pctx.data_ranks} sequences per rank per micro-batch | "
+            f"a token reaches <= {reach} of {pctx.ep} ep ranks")
+
+
+class _NullSink:
+    """Ranks other than 0 write no metrics."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def trim_metrics(path: Path, last_step: int) -> None:
@@ -320,8 +417,10 @@ def seed_everything(seed: int) -> None:
 
 
 def format_record(rec: dict) -> str:
-    parts = [f"step {rec['step']}", f"loss {rec['loss']:.4f}", f"mtp {rec['mtp_loss']:.4f}",
-             f"bal {rec['balance_loss']:.3f}", f"lr {rec['lr']:.2e}", f"gnorm {rec['grad_norm']:.2f}",
+    parts = [f"step {rec['step']}", f"loss {rec['loss']:.4f}"]
+    if "mtp_loss" in rec:
+        parts.append(f"mtp {rec['mtp_loss']:.4f}")
+    parts += [f"bal {rec['balance_loss']:.3f}", f"lr {rec['lr']:.2e}", f"gnorm {rec['grad_norm']:.2f}",
              f"imb {rec.get('imbalance', 1.0):.2f}", f"{rec['tokens_per_s']:.0f} tok/s", f"{rec['tflops']:.3f} TFLOP/s"]
     if "mfu" in rec:
         parts.append(f"MFU {100 * rec['mfu']:.1f}%")

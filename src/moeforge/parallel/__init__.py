@@ -1,0 +1,25 @@
+"""Parallelism applied to a built single-device model (the model code never sees a process group).
+
+    ctx = init_distributed(cfg.parallel)        # None for one process
+    model = build_model(cfg.model, "meta")
+    apply_expert_parallel(model, ctx)           # E/ep experts per rank, all-to-all dispatch
+    apply_fsdp(model, ctx, bf16)                # parallel.sharding=zero2|full
+    model = model.to_empty(device=ctx.device)
+    load_full_state_dict(model, state, ctx)     # single-process weights, sliced/sharded
+
+See docs/parallelism.md. Pipeline parallelism lives in pipeline.py.
+"""
+
+from .data import apply_fsdp, check_batch_sizes, clip_grad_norm, data_shard, set_gradient_sync, sync_gradients
+from .expert import (AllToAllDispatcher, Dispatcher, apply_expert_parallel, expert_names, full_optimizer_state_dict,
+                     full_state_dict, full_tensor, is_expert_key, load_full_optimizer_state_dict, load_full_state_dict,
+                     max_ranks_per_token, moe_count_reduce, slice_state_dict)
+from .mesh import ParallelContext, init_distributed, resolve_layout
+
+__all__ = [
+    "AllToAllDispatcher", "Dispatcher", "ParallelContext", "apply_expert_parallel", "apply_fsdp", "check_batch_sizes",
+    "clip_grad_norm", "data_shard", "expert_names", "full_optimizer_state_dict", "full_state_dict", "full_tensor",
+    "init_distributed", "is_expert_key", "load_full_optimizer_state_dict", "load_full_state_dict",
+    "max_ranks_per_token", "moe_count_reduce",
+    "resolve_layout", "set_gradient_sync", "slice_state_dict", "sync_gradients",
+]

@@ -1,0 +1,175 @@
+"""Data parallelism: batch shares, gradient synchronisation, the global gradient norm, FSDP2.
+
+Batches stay global: every data rank (one of the dp x ep ranks of a stage) reads the same global
+micro-batch from the loader and keeps rows data_rank::dp*ep, so a step computes the mathematics of
+the single-process step (the loader state is the same on every rank, which keeps resume simple).
+
+Gradients. With R = dp x ep data ranks, each rank's loss L_r is a mean over its own rows and the
+global loss is L = (1/R) sum_r L_r (equal numbers of targets per rank: packed data has no padding).
+  - non-expert parameters (replicated on all R ranks): grad = (1/R) sum_r dL_r/dw: all-reduce over dp x ep;
+  - routed experts (sliced over ep, replicated over dp): autograd on ep rank j already sums, through the
+    all-to-all's backward, the contributions of all ep ranks' tokens; the dp replicas then sum theirs.
+    grad = (1/R) * all-reduce-sum over dp (note 1/R, not 1/dp).
+Both in a few flat buckets per dtype (no per-parameter all-reduce), and only after the last micro-batch.
+
+sharding=zero2|full uses FSDP2 (`fully_shard`): experts sharded over the dp mesh dim, everything
+else over dp x ep; reshard_after_forward False (zero2) or True (full).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import MoeforgeError
+from .expert import expert_names
+
+BUCKET_BYTES = 32 * 2**20  # gradients per all-reduce; a few large messages beat many small ones
+
+
+def check_batch_sizes(micro_batch: int, ctx) -> None:
+    """Every data rank must get the same number of sequences from each micro-batch."""
+    if ctx is not None and micro_batch % ctx.data_ranks:
+        raise MoeforgeError(f"train.micro_batch_size: the micro batch ({micro_batch} sequences) is not divisible by "
+                            f"the {ctx.data_ranks} data-parallel ranks (dp x ep = {ctx.dp} x {ctx.ep})")
+
+
+def data_shard(batch: torch.Tensor, ctx) -> torch.Tensor:
+    """This rank's rows of a global micro-batch [B, ...] -> [B / (dp*ep), ...] (rows data_rank::dp*ep)."""
+    if ctx is None or ctx.data_ranks == 1:
+        return batch
+    return batch[ctx.data_rank::ctx.data_ranks]
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh")  # an FSDP2 DTensor
+
+
+@torch.no_grad()
+def _all_reduce_buckets(grads: list[torch.Tensor], group, divide: float) -> None:
+    """Sum `grads` over `group` (None: no communication) and divide, in flat buckets per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        buckets, current, size = [], [], 0
+        for g in same:
+            nbytes = g.numel() * g.element_size()
+            if current and size + nbytes > BUCKET_BYTES:
+                buckets.append(current)
+                current, size = [], 0
+            current.append(g)
+            size += nbytes
+        if current:
+            buckets.append(current)
+        for bucket in buckets:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            if group is not None:
+                dist.all_reduce(flat, group=group)
+            flat.div_(divide)
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
+
+
+@torch.no_grad()
+def sync_gradients(model: nn.Module, ctx) -> None:
+    """After the last micro-batch's backward (sharding=none): average the gradients as the
+    single-process step would have them (see the module docstring). No-op for one data rank."""
+    if ctx is None or ctx.data_ranks == 1 or ctx.sharding != "none":
+        return
+    routed_names = expert_names(model)
+    dense, routed = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:  # every rank must contribute the same bucket layout
+            p.grad = torch.zeros_like(p)
+        (routed if name in routed_names else dense).append(p.grad)
+    _all_reduce_buckets(dense, ctx.dp_ep_group, ctx.data_ranks)
+    _all_reduce_buckets(routed, ctx.dp_group if ctx.dp > 1 else None, ctx.data_ranks)
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float, ctx) -> torch.Tensor:
+    """Scale the gradients so that their *global* 2-norm is at most max_norm; return that norm.
+
+    The global norm is that of the single-process gradient:
+      replicated gradients (non-expert, after all-reduce): the same on every rank, counted once;
+      expert gradients sliced over ep (replicated over dp): summed over the ep ranks;
+      FSDP shards (DTensor): every dp x ep rank holds a disjoint piece: summed over dp x ep;
+      pipeline stages hold disjoint parameters: summed over pp.
+    ctx None: one process (no communication).
+    """
+    params = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    # One process uses the same sums (ctx None): torch.nn.utils.clip_grad_norm_ on CPU (torch 2.13)
+    # accumulates FP32 norms with relative errors up to ~1e-4 on an embedding gradient of 0.5M entries,
+    # while sum(g * g) (pairwise summation) is within ~1e-7 of the FP64 value.
+    routed_names = expert_names(model) if ctx is not None else set()
+    device = params[0][1].grad.device if params else torch.device("cpu")
+    replicated = torch.zeros((), dtype=torch.float32, device=device)
+    partitioned = torch.zeros((), dtype=torch.float32, device=device)  # summed over dp x ep below
+    for name, p in params:
+        if _is_sharded(p.grad):
+            partitioned += p.grad.to_local().float().pow(2).sum()
+        elif name in routed_names and ctx.ep > 1:
+            partitioned += p.grad.float().pow(2).sum() / ctx.dp  # the dp replicas each add 1/dp of it
+        else:
+            replicated += p.grad.float().pow(2).sum()
+    if ctx is not None and ctx.data_ranks > 1:
+        dist.all_reduce(partitioned, group=ctx.dp_ep_group)
+    total_sq = replicated + partitioned
+    if ctx is not None and ctx.pp > 1:
+        dist.all_reduce(total_sq, group=ctx.pp_group)
+    total = total_sq.sqrt()
+    if math.isfinite(max_norm):
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        for _, p in params:
+            g = p.grad.to_local() if _is_sharded(p.grad) else p.grad
+            g.mul_(coef.to(g.dtype))
+    return total
+
+
+# --------------------------------------------------------------------------------------
+# FSDP2
+# --------------------------------------------------------------------------------------
+def apply_fsdp(model: nn.Module, ctx, bf16: bool) -> nn.Module:
+    """Shard parameters, gradients and optimizer state with FSDP2 (parallel.sharding=zero2|full).
+
+    Call after apply_expert_parallel and before to_empty. Routed experts are sharded over the dp
+    mesh dim (their replicas); blocks, MTP modules and the rest over dp x ep. The experts' gradient
+    reduce-scatter divides by dp x ep (see the module docstring), not by the dp of their mesh.
+    """
+    if ctx is None or ctx.sharding == "none":
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    from ..model.moe import MoE
+
+    reshard = ctx.sharding == "full"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    dp_ep = ctx.dp_ep_mesh
+    sharded = []
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        fully_shard(moe.experts, mesh=ctx.mesh["dp"], reshard_after_forward=reshard, mp_policy=mp)
+        moe.experts.set_gradient_divide_factor(float(ctx.data_ranks))
+        if ctx.dp > 1:  # (with one rank FSDP divides once without communicating; forcing SUM divides twice)
+            sharded.append(moe.experts)
+    for block in [*model.layers, *model.mtp]:
+        sharded.append(fully_shard(block, mesh=dp_ep, reshard_after_forward=reshard, mp_policy=mp))
+    sharded.append(fully_shard(model, mesh=dp_ep, reshard_after_forward=reshard, mp_policy=mp))
+    if ctx.device.type == "cpu":
+        # gloo has neither ReduceOp.AVG nor PREMUL_SUM: reduce-scatter with SUM, then divide.
+        for module in sharded:
+            module.set_force_sum_reduction_for_comms(True)
+    # The trainer calls model.losses(...), not model(...): give it FSDP's pre/post-forward hooks.
+    register_fsdp_forward_method(model, "losses")
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """FSDP: reduce-scatter gradients only on the last micro-batch (no-op without FSDP)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)

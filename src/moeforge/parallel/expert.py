@@ -1,0 +1,334 @@
+"""Expert parallelism: each of the ep ranks holds E/ep routed experts, tokens travel by all-to-all.
+
+    model = build_model(cfg.model, "meta")
+    apply_expert_parallel(model, ctx)     # keep this rank's experts, swap in the all-to-all dispatcher
+    model = model.to_empty(device=...)    # memory only for the local experts
+    load_full_state_dict(model, full_state, ctx)   # a single-process state dict, sliced on the way in
+
+The model's MoE code does not change: it calls `dispatcher.dispatch(x, indices, E)` and hands the
+result to its (now local) Experts, then `dispatcher.combine(...)`. AllToAllDispatcher makes the
+local expert computation see exactly the token copies a single device would give those experts,
+so the step computes the same function as the single-process model (no capacity, no dropping).
+
+Data path of one MoE layer on ep rank j (R = ep ranks, E_l = E/R local experts, K choices per token):
+  1. sort the N = T*K local token copies by global expert (as LocalDispatcher); experts are
+     contiguous blocks per rank, so this also groups them by destination rank;
+  2. exchange per-expert counts (one small all-to-all; the host reads the split sizes: one sync);
+  3. all-to-all the token copies (uneven splits);
+  4. received rows are grouped (source rank, local expert): stably re-order them to expert-major
+     order for the grouped GEMM, with per-local-expert counts;
+  combine: undo 4, all-to-all back (splits swapped), then weight and sum per token (LocalDispatcher).
+The backward of an all-to-all is the all-to-all with the splits swapped (class _AllToAll).
+
+Shape legend: T tokens on this rank, D hidden, E routed experts, E_l = E/ep local experts,
+K experts per token, N = T*K local token copies, M token copies received by this rank.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import MoeforgeError
+from ..model.moe import Experts, LocalDispatcher, MoE, expert_counts
+
+EXPERT_WEIGHTS = ("w1", "w2", "w3")  # stacked over experts in dim 0
+
+
+class Dispatcher(Protocol):
+    """What MoE needs from a dispatcher: route token copies to expert rows and back.
+
+    dispatch(x [T, D], indices [T, K], n_experts) -> (rows sorted by local expert [M, D],
+    rows per local expert [E_l], context); combine(y [M, D], weights [T, K], context, T) -> [T, D].
+    LocalDispatcher (model/moe.py) is the single-device one; AllToAllDispatcher moves rows between
+    ep ranks. Another backend (e.g. DeepEP kernels) plugs in by implementing these two methods.
+    """
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx: Any, n_tokens: int) -> torch.Tensor: ...
+
+
+# --------------------------------------------------------------------------------------
+# differentiable all-to-all with uneven splits
+# --------------------------------------------------------------------------------------
+class _AllToAll(torch.autograd.Function):
+    """Rows x[sum(send[:r]):sum(send[:r+1])] go to rank r; backward sends the gradients back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty(sum(recv), *x.shape[1:])  # [M, D]
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out = grad.new_empty(sum(ctx.send), *grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    return _AllToAll.apply(x, send, recv, group)
+
+
+# --------------------------------------------------------------------------------------
+# FP8 dispatch: 1x128 tiles, one FP32 scale each (report §3.3.2: dispatched activations in FP8)
+# --------------------------------------------------------------------------------------
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+TILE = 128
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D] -> (float8_e4m3fn [N, D], scales [N, ceil(D/128)]); each 1x128 tile scaled to its amax."""
+    N, D = x.shape
+    n_tiles = -(-D // TILE)
+    padded = torch.nn.functional.pad(x.float(), (0, n_tiles * TILE - D)).view(N, n_tiles, TILE)
+    scale = padded.abs().amax(dim=-1).clamp_min(1e-12) / FP8_MAX  # [N, tiles]
+    q = (padded / scale.unsqueeze(-1)).to(torch.float8_e4m3fn).view(N, n_tiles * TILE)[:, :D]
+    return q, scale
+
+
+def dequantize_rows_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    N, D = q.shape
+    n_tiles = scale.shape[1]
+    padded = torch.nn.functional.pad(q.float(), (0, n_tiles * TILE - D)).view(N, n_tiles, TILE)
+    return (padded * scale.unsqueeze(-1)).view(N, n_tiles * TILE)[:, :D].to(dtype)
+
+
+class _AllToAllFP8(torch.autograd.Function):
+    """Forward: quantise to FP8 (1x128 tiles), send bytes + scales in one all-to-all, dequantise.
+    Backward: the gradients go back unquantised (straight-through; the report keeps them in BF16)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        N, D = x.shape
+        q, scale = quantize_rows_fp8(x)
+        # One uint8 row per token: D bytes of FP8 values, then the FP32 scales' bytes.
+        packed = torch.cat([q.contiguous().view(torch.uint8), scale.contiguous().view(torch.uint8)], dim=1)
+        out = packed.new_empty(sum(recv), packed.shape[1])
+        dist.all_to_all_single(out, packed, recv, send, group=group)
+        q_in = out[:, :D].contiguous().view(torch.float8_e4m3fn)
+        scale_in = out[:, D:].contiguous().view(torch.float32)
+        return dequantize_rows_fp8(q_in, scale_in, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllToAll.backward(ctx, grad)
+
+
+# --------------------------------------------------------------------------------------
+# the dispatcher
+# --------------------------------------------------------------------------------------
+class AllToAllDispatcher:
+    """Dispatch/combine across the ep ranks of `group`; this rank holds experts
+    [rank * E_l, (rank + 1) * E_l). No padding to a capacity and no dropped tokens."""
+
+    def __init__(self, group, ep: int, ep_rank: int, fp8: bool = False):
+        self.group, self.ep, self.ep_rank, self.fp8 = group, ep, ep_rank, fp8
+        self.local = LocalDispatcher()
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int):
+        R, E_l = self.ep, n_experts // self.ep
+        # 1. local sort by global expert (= by destination rank, then expert)
+        x_sorted, counts, local_ctx = self.local.dispatch(x, indices, n_experts)  # [N, D], [E]
+        # 2. counts: recv_counts[s, e] = copies rank s sends to my local expert e
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        recv_counts = recv_counts.view(R, E_l)
+        splits = torch.cat([counts.view(R, E_l).sum(1), recv_counts.sum(1)]).tolist()  # the one host sync
+        send, recv = splits[:R], splits[R:]
+        # 3. token copies
+        move = _AllToAllFP8.apply if self.fp8 else _AllToAll.apply
+        x_recv = move(x_sorted, send, recv, self.group)  # [M, D], grouped by (source rank, local expert)
+        # 4. expert-major order for the grouped GEMM
+        expert_of_row = torch.arange(E_l, device=x.device).repeat(R).repeat_interleave(
+            recv_counts.flatten(), output_size=sum(recv))  # [M]
+        perm = expert_of_row.argsort(stable=True)  # row i of the expert-major layout is received row perm[i]
+        return x_recv[perm], recv_counts.sum(0), (local_ctx, perm, send, recv)
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
+        local_ctx, perm, send, recv = ctx
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        y_recv = y[inverse]  # [M, D] back in received order
+        y_sorted = _AllToAll.apply(y_recv, recv, send, self.group)  # [N, D] back home, sorted by expert
+        return self.local.combine(y_sorted, weights, local_ctx, n_tokens)
+
+
+# --------------------------------------------------------------------------------------
+# applying it to a model, and moving state between the full and the sharded layouts
+# --------------------------------------------------------------------------------------
+def expert_slice(n_experts: int, ep: int, ep_rank: int) -> slice:
+    if n_experts % ep:
+        raise MoeforgeError(f"parallel.ep: {ep} does not divide model.n_routed_experts={n_experts}")
+    per = n_experts // ep
+    return slice(ep_rank * per, (ep_rank + 1) * per)
+
+
+def max_ranks_per_token(n_experts: int, n_group: int, topk_group: int, top_k: int, ep: int) -> int:
+    """How many ep ranks one token's K copies can reach: at most K and ep, and with group-limited
+    routing at most topk_group x (ranks one group of experts spans). With n_group a multiple of ep
+    every group lies on one rank: a token reaches at most topk_group ranks (docs/parallelism.md)."""
+    bound = min(ep, top_k)
+    if n_group > 1:
+        per_rank, per_group = n_experts // ep, n_experts // n_group
+        spans = max(len({e // per_rank for e in range(g * per_group, (g + 1) * per_group)}) for g in range(n_group))
+        bound = min(bound, topk_group * spans)  # ranks the widest group touches, times groups per token
+    return bound
+
+
+def apply_expert_parallel(model: nn.Module, ctx) -> nn.Module:
+    """Keep this ep rank's contiguous E/ep experts in every MoE layer; all-to-all dispatch.
+
+    Call it on the meta model (before to_empty): the other ranks' experts never get memory. On a
+    materialised model the local slice is copied, so the full tensors can be freed.
+    """
+    if ctx.ep == 1:
+        return model
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        sl = expert_slice(moe.n_experts, ctx.ep, ctx.ep_rank)
+        experts = moe.experts
+        for name in EXPERT_WEIGHTS:
+            full = getattr(experts, name)
+            local = full.detach()[sl]
+            if not local.is_meta:
+                local = local.clone()
+            setattr(experts, name, nn.Parameter(local, requires_grad=full.requires_grad))
+        moe.dispatcher = AllToAllDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, fp8=ctx.dispatch_fp8)
+    return model
+
+
+def is_expert_key(name: str) -> bool:
+    """State-dict / parameter names of routed expert weights (stacked over experts in dim 0)."""
+    return re.search(r"(^|\.)experts\.w[123]$", name) is not None
+
+
+def expert_names(model: nn.Module) -> set[str]:
+    """Names of the routed-expert parameters of `model` (found by module type, not by name)."""
+    out = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, Experts):
+            out.update(f"{mod_name}.{n}" for n in EXPERT_WEIGHTS)
+    return out
+
+
+def slice_state_dict(state: dict[str, torch.Tensor], ep: int, ep_rank: int) -> dict[str, torch.Tensor]:
+    """A full (single-process) model state dict -> the one of ep rank `ep_rank` (expert rows sliced)."""
+    out = {}
+    for k, v in state.items():
+        out[k] = v[expert_slice(v.shape[0], ep, ep_rank)] if is_expert_key(k) else v
+    return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local part of a (possibly FSDP-sharded DTensor) tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_tensor(t: torch.Tensor, is_expert: bool, ctx) -> torch.Tensor:
+    """The single-process tensor behind this rank's piece: un-shard FSDP (DTensor.full_tensor),
+    then concatenate the ep ranks' expert slices. Collective: every rank of the stage calls it."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    if is_expert and ctx is not None and ctx.ep > 1:
+        parts = [torch.empty_like(t) for _ in range(ctx.ep)]
+        dist.all_gather(parts, t.contiguous(), group=ctx.ep_group)
+        t = torch.cat(parts)
+    return t
+
+
+def full_state_dict(model: nn.Module, ctx, to_cpu: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict the single-process model would have (collective; every rank gets it)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        t = full_tensor(v, is_expert_key(k), ctx)
+        out[k] = t.detach().cpu() if to_cpu else t.detach()
+    return out
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full-per-ep-rank value into a parameter/buffer that may be an FSDP DTensor."""
+    if hasattr(param, "device_mesh"):  # DTensor: keep this rank's shard
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                  src_data_rank=None).to_local()
+        param.to_local().copy_(value)
+    else:
+        param.copy_(value)
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ctx) -> None:
+    """Load a single-process state dict into an expert-parallel (and/or FSDP) model."""
+    if ctx is not None and ctx.ep > 1:
+        state = slice_state_dict(state, ctx.ep, ctx.ep_rank)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise MoeforgeError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, target in own.items():
+        if tuple(state[k].shape) != tuple(target.shape):
+            raise MoeforgeError(f"weights do not match the model: {k} has shape {tuple(state[k].shape)}, "
+                                f"expected {tuple(target.shape)}")
+        _copy_into(target, state[k])
+
+
+# --------------------------------------------------------------------------------------
+# optimizer state (AdamW moments have the shape of their parameter)
+# --------------------------------------------------------------------------------------
+def _param_names_in_optimizer_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, ctx) -> dict:
+    """optimizer.state_dict() as the single-process run would have it (collective)."""
+    sd = optimizer.state_dict()
+    names = _param_names_in_optimizer_order(model, optimizer)
+    state = {}
+    for idx in sorted(sd["state"]):
+        param_state = sd["state"][idx]
+        expert = is_expert_key(names[idx])
+        state[idx] = {k: (full_tensor(v, expert, ctx).cpu() if torch.is_tensor(v) and v.ndim > 0 else v)
+                      for k, v in param_state.items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict, ctx) -> None:
+    """Load a single-process optimizer state dict: expert moments sliced, FSDP shards cut out."""
+    names = _param_names_in_optimizer_order(model, optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for idx, param_state in full["state"].items():
+        idx = int(idx)
+        if idx >= len(params):
+            raise MoeforgeError("optimizer state does not match the model (more parameters than the model has)")
+        p, expert = params[idx], is_expert_key(names[idx])
+        local_state = {}
+        for k, v in param_state.items():
+            if torch.is_tensor(v) and v.ndim > 0:
+                if expert and ctx is not None and ctx.ep > 1:
+                    v = v[expert_slice(v.shape[0], ctx.ep, ctx.ep_rank)]
+                if hasattr(p, "device_mesh"):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    v = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            local_state[k] = v
+        state[idx] = local_state
+    optimizer.load_state_dict({"state": state, "param_groups": full["param_groups"]})
+
+
+def moe_count_reduce(ctx):
+    """The `reduce` for update_routing_bias: sum the [layers, E] counts over the dp x ep ranks."""
+    if ctx is None or ctx.data_ranks == 1:
+        return None
+    return ctx.all_reduce_sum_dp_ep

@@ -1,0 +1,361 @@
+"""Data and expert parallelism against the single-process run (gloo on CPU, via tests/dist.py).
+
+What is compared, and with what tolerance:
+- One step under each layout (DP=2, EP=2, EP=2xDP=2, EP=4, FSDP) against the single-process step on
+  the same model and data: the loss, the gradient norm and every gradient (gathered to the full
+  single-process tensors, after clipping) within rtol 1e-5 (+ atol 1e-5 of the tensor's largest
+  entry). They are not bit-identical: each rank runs its GEMMs on a share of the rows and the
+  all-reduce sums the ranks' partial gradients in another order than one process sums them, which
+  moves FP32 results by a few ulps (measured: max relative error ~5e-7).
+- Four steps: the losses track the single-process losses within rtol 1e-4 (AdamW's normalisation
+  amplifies ulp-level gradient differences a little on each step).
+- The routing bias after four steps: identical on all ranks and equal to the single-process bias
+  (it moves by +-gamma from integer counts: exact unless a routing decision flips on a near tie).
+- A checkpoint written under EP=2 loads in one process with the same logits; resuming it in one
+  process (and a single-process checkpoint under EP=2xDP=2 with ZeRO-2) continues the losses.
+
+The model: hidden 64, 3 layers (1 dense + 2 MoE, plus 1 MTP block with MoE), 8 routed experts in 2
+groups, top-2, seq 32, global batch 8 in 2 micro-batches of 4 (gradient accumulation included), so
+every layout runs in seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dist import run_dist, run_torchrun, teardown_aborted
+from moeforge.config import ParallelConfig, config_from_dict, load_config
+from moeforge.errors import MoeforgeError
+from moeforge.parallel import (AllToAllDispatcher, check_batch_sizes, expert_names, full_tensor, init_distributed,
+                               max_ranks_per_token, resolve_layout)
+from moeforge.parallel.expert import dequantize_rows_fp8, expert_slice, quantize_rows_fp8, slice_state_dict
+
+STEPS = 4
+MODEL = [
+    "model.hidden_size=64", "model.num_hidden_layers=3", "model.first_k_dense_replace=1",
+    "model.intermediate_size=128", "model.moe_intermediate_size=32", "model.n_routed_experts=8",
+    "model.n_group=2", "model.topk_group=1", "model.num_experts_per_tok=2", "model.n_shared_experts=1",
+    "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
+    "model.v_head_dim=16", "model.num_attention_heads=2", "model.max_position_embeddings=64",
+    "model.num_nextn_predict_layers=1",
+]
+TRAIN = [
+    f"train.steps={STEPS}", "train.seq_len=32", "train.batch_size=8", "train.micro_batch_size=4",
+    # a real lr from step 1 (no warmup) so four steps move the loss; clip below the initial norm so
+    # that the global gradient norm is exercised; a bias speed large enough to see.
+    "train.warmup_steps=0", "train.lr=2e-3", "train.grad_clip=0.5", "train.bias_update_speed=0.01",
+    "train.sample_tokens=0", "train.eval_every=0", "train.keep_checkpoints=3",
+]
+LAYOUTS = {  # name: (processes, parallel overrides)
+    "dp2": (2, []),
+    "ep2": (2, ["parallel.ep=2"]),
+    "ep2xdp2": (4, ["parallel.ep=2"]),
+    "ep4": (4, ["parallel.ep=4"]),
+    "fsdp_full_ep2": (2, ["parallel.ep=2", "parallel.sharding=full"]),
+    "fsdp_zero2_ep2xdp2": (4, ["parallel.ep=2", "parallel.sharding=zero2"]),
+}
+GRAD_RTOL = 1e-5
+LOSS_RTOL = 1e-4
+
+
+def make_config(data, out, extra=()) -> dict:
+    cfg = load_config(None, None, [*MODEL, *TRAIN, f"train.data={data}", f"train.out={out}", *extra])
+    return cfg.to_dict()
+
+
+def fixed_tokens(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(7))
+
+
+def train_run(cfg_dict: dict, cache: str | None, steps: int, resume: bool = False, save_at=(2, 4)) -> dict:
+    """Train `steps` steps with the Trainer (single process or one rank of a torchrun-like group)
+    and report: per-step records, the full gradients of the first step (rank 0), the routing biases
+    and the eval-mode logits of a fixed input after the last step. `cache`: MOEFORGE_CACHE to set
+    (in a spawned rank; the parent process sets it with a monkeypatch)."""
+    if cache is not None:
+        os.environ["MOEFORGE_CACHE"] = cache
+    from moeforge.train.trainer import Trainer
+
+    cfg = config_from_dict(cfg_dict)
+    trainer = Trainer(cfg, resume=resume, progress=False)
+    ctx, model = trainer.pctx, trainer.model
+    names = expert_names(model)
+    grads = {}
+
+    def capture(optimizer, args, kwargs):  # the gradients the optimizer sees (synchronised, clipped)
+        if not grads:
+            for n, p in model.named_parameters():
+                grads[n] = full_tensor(p.grad, n in names, ctx).detach().cpu().clone()
+
+    trainer.optimizer.register_step_pre_hook(capture)
+    records = []
+    for _ in range(steps):
+        records.append(trainer.train_step())
+        if trainer.step in save_at:
+            trainer.save()
+    model.eval()
+    with torch.no_grad():
+        logits = model(fixed_tokens(cfg.model.vocab_size).to(trainer.device)).cpu()
+    biases = [m.gate.e_score_correction_bias.detach().cpu().clone() for m in trainer.moe_layers]
+    is_main = trainer.is_main
+    trainer.close()
+    return {"records": records, "grads": grads if is_main else None, "logits": logits, "biases": biases}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir, mf_cache_dir):
+    """The single-process run every layout is compared with (and its step-2 checkpoint)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MOEFORGE_CACHE", str(mf_cache_dir))
+            res = train_run(make_config(data_dir, out), None, STEPS)
+    finally:
+        torch.set_num_threads(threads)
+    res["out"] = out
+    return res
+
+
+def assert_matches_reference(res: dict, ref: dict, what: str) -> None:
+    # step 1: loss, norm and every gradient within FP32 summation-order tolerance
+    r0, q0 = res["records"][0], ref["records"][0]
+    assert r0["loss"] == pytest.approx(q0["loss"], rel=GRAD_RTOL), what
+    assert r0["grad_norm"] == pytest.approx(q0["grad_norm"], rel=GRAD_RTOL), what
+    assert set(res["grads"]) == set(ref["grads"]), what
+    for name, g in ref["grads"].items():
+        torch.testing.assert_close(res["grads"][name], g, rtol=GRAD_RTOL, atol=GRAD_RTOL * float(g.abs().max()),
+                                   msg=lambda m: f"{what}: gradient of {name}: {m}")
+    # the following steps track the single-process losses
+    for a, b in zip(res["records"], ref["records"]):
+        for key in ("loss", "mtp_loss", "balance_loss"):
+            assert a[key] == pytest.approx(b[key], rel=LOSS_RTOL), f"{what}: step {a['step']} {key}"
+
+
+# ----------------------------------------------------------------------------------------------
+# every layout against the single process
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout, reference, data_dir, mf_env, tmp_path):
+    nproc, extra = LAYOUTS[layout]
+    out = tmp_path / "run"
+    results = run_dist(train_run, nproc, make_config(data_dir, out, extra), str(mf_env), STEPS, init=False)
+    assert_matches_reference(results[0], reference, layout)
+    # every rank logged the same (all-reduced) losses, and holds the same routing bias as one process
+    for rank, res in enumerate(results):
+        assert [r["loss"] for r in res["records"]] == [r["loss"] for r in results[0]["records"]], f"rank {rank}"
+        for b, b_rank0, b_ref in zip(res["biases"], results[0]["biases"], reference["biases"]):
+            torch.testing.assert_close(b, b_rank0, rtol=0, atol=0)
+            torch.testing.assert_close(b, b_ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(res["logits"], reference["logits"], rtol=1e-4, atol=1e-4)
+    # rank 0 alone wrote the checkpoint; it is the single-process layout
+    if layout == "ep2":
+        _check_ep2_checkpoint(out, results[0], reference)
+
+
+def _check_ep2_checkpoint(out, res, ref) -> None:
+    """The EP=2 checkpoint loads in one process with the EP model's logits, and resumes there."""
+    from moeforge.train.checkpoint import load_trained_model
+
+    model, cfg = load_trained_model(out, "cpu")  # the newest: step 4
+    with torch.no_grad():
+        logits = model(fixed_tokens(cfg.model.vocab_size))
+    torch.testing.assert_close(logits, res["logits"], rtol=1e-5, atol=1e-5)
+    # resume the step-2 checkpoint in one process (parallel.ep=1): steps 3-4 as the reference's
+    step4 = out / "checkpoints" / "step_0000004"
+    import shutil
+
+    shutil.rmtree(step4)
+    cfg_dict = cfg.to_dict()
+    cfg_dict["parallel"]["ep"] = 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        resumed = train_run(cfg_dict, None, 2, resume=True, save_at=())  # MOEFORGE_CACHE: the mf_env fixture
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(resumed["records"], ref["records"][2:]):
+        assert a["step"] == b["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), f"resumed step {a['step']}"
+
+
+@pytest.mark.dist
+def test_single_process_checkpoint_resumes_under_ep_and_zero2(reference, data_dir, mf_cache_dir, tmp_path):
+    """The reference's step-2 checkpoint (model + AdamW moments) resumed on EP=2 x DP=2 with ZeRO-2."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    for p in (out / "checkpoints").iterdir():
+        if p.name != "step_0000002":
+            shutil.rmtree(p)
+    cfg = make_config(data_dir, out, ["parallel.ep=2", "parallel.sharding=zero2"])
+    results = run_dist(train_run, 4, cfg, str(mf_cache_dir), 2, resume=True, save_at=(), init=False)
+    for a, b in zip(results[0]["records"], reference["records"][2:]):
+        assert a["step"] == b["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), f"resumed step {a['step']}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the dispatcher
+# ----------------------------------------------------------------------------------------------
+def dispatcher_checks() -> dict:
+    """Round trips of AllToAllDispatcher with identity experts on 2 ranks (E=8, K=2, D=16)."""
+    import torch.distributed as dist
+
+    rank, E, K, D = dist.get_rank(), 8, 2, 16
+    group = dist.group.WORLD
+    g = torch.Generator().manual_seed(100 + rank)
+    out = {}
+
+    def round_trip(indices, fp8=False):
+        T = indices.shape[0]
+        x = torch.randn(T, D, generator=g, requires_grad=True)
+        w = torch.rand(T, K, generator=g)
+        disp = AllToAllDispatcher(group, 2, rank, fp8=fp8)
+        x_local, counts, ctx = disp.dispatch(x, indices, E)
+        y = disp.combine(x_local, w, ctx, T)  # identity experts
+        y.backward(torch.ones_like(y))
+        expected = x.detach() * w.sum(-1, keepdim=True)  # sum_k w_k * x_t
+        return y.detach(), expected, x.grad, w.sum(-1, keepdim=True).expand(T, D), counts, x_local
+
+    # random distinct experts per token
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(12 + 5 * rank)])
+    y, exp, grad, exp_grad, counts, x_local = round_trip(idx)
+    out["random"] = (y, exp, grad, exp_grad, counts)
+    # rows per local expert = copies all ranks routed to it
+    total = torch.bincount(idx.flatten(), minlength=E)
+    dist.all_reduce(total)
+    out["expected_counts"] = total[expert_slice(E, 2, rank)]
+    # uneven: every token of both ranks goes to experts 0 and 1 (rank 0): rank 1 receives nothing
+    idx = torch.tensor([[0, 1], [1, 0], [0, 1]] * (2 + rank))
+    r = round_trip(idx)
+    out["uneven"] = r[:5] + (r[5].shape[0],)
+    # a rank with no tokens at all
+    idx = torch.empty(0, K, dtype=torch.long) if rank == 1 else torch.tensor([[4, 6], [7, 5]])
+    out["empty"] = round_trip(idx)[:5]
+    # FP8 dispatch: the same round trip up to FP8 rounding of the dispatched activations
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(10)])
+    out["fp8"] = round_trip(idx, fp8=True)[:4]
+    return out
+
+
+@pytest.mark.dist
+def test_all_to_all_dispatcher_round_trip():
+    """dispatch -> identity experts -> combine returns sum_k w_k x_t (exactly: rows are only moved
+    and weighted), its gradient w.r.t. x is sum_k w_k, with uneven splits, a rank that receives zero
+    rows, a rank with no tokens, and FP8 dispatch (within FP8 e4m3 rounding, 2^-4 relative)."""
+    for rank, res in enumerate(run_dist(dispatcher_checks, 2)):
+        for case in ("random", "uneven", "empty"):
+            y, expected, grad, expected_grad, counts = res[case][:5]
+            torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6, msg=lambda m: f"{case} rank {rank}: {m}")
+            torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(res["random"][4], res["expected_counts"])
+        assert res["uneven"][4].tolist() == ([2 * 3 + 3 * 3, 2 * 3 + 3 * 3, 0, 0] if rank == 0 else [0, 0, 0, 0])
+        assert res["uneven"][5] == (30 if rank == 0 else 0)
+        y, expected, grad, expected_grad = res["fp8"]
+        assert ((y - expected).abs() <= 2 ** -4 * expected.abs() + 1e-6).all()
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-6)  # backward is not quantised
+
+
+def test_fp8_quantisation_tiles():
+    """1x128 tiles with one scale each (a row of 200 values has 2 tiles); error within e4m3's 2^-4."""
+    x = torch.randn(5, 200) * torch.tensor([1e-3, 1.0, 1e3, 7.0, 0.1]).unsqueeze(1)
+    q, scale = quantize_rows_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (5, 200) and scale.shape == (5, 2)
+    back = dequantize_rows_fp8(q, scale, torch.float32)
+    assert ((back - x).abs() <= 2 ** -4 * x.abs() + 1e-9 * x.abs().max()).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line under torchrun
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.dist
+def test_torchrun_cli_ep2(reference, data_dir, mf_cache_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 -m moeforge train ... parallel.ep=2`: rank 0 alone writes the
+    metrics (one record per step), whose losses are the single-process run's."""
+    out = tmp_path / "run"
+    args = ["-m", "moeforge", "train", "--out", out, "--steps", 2, "--data", data_dir, "--no-progress",
+            *MODEL, *TRAIN, "train.checkpoint_every=0", "parallel.ep=2"]
+    res = run_torchrun(args, 2, env={"MOEFORGE_CACHE": str(mf_cache_dir)}, cwd=tmp_path)
+    metrics = out / "metrics.jsonl"
+    assert res.returncode == 0 or (teardown_aborted(res) and metrics.is_file()), res.stderr[-3000:]
+    import json
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for a, b in zip(train, reference["records"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL)
+    assert "parallel: 2 ranks = pp 1 x dp 1 x ep 2" in res.stdout
+    assert res.stdout.count("validation: loss") == 1  # rank 0 reports
+
+
+@pytest.mark.dist
+def test_torchrun_cli_bad_micro_batch(data_dir, mf_cache_dir, tmp_path):
+    """A micro batch the data ranks cannot split is one clear error line naming the setting."""
+    args = ["-m", "moeforge", "train", "--out", tmp_path / "run", "--steps", 1, "--data", data_dir, "--no-progress",
+            *MODEL, *TRAIN, "train.batch_size=6", "train.micro_batch_size=3", "parallel.ep=2"]
+    res = run_torchrun(args, 2, env={"MOEFORGE_CACHE": str(mf_cache_dir)}, cwd=tmp_path)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if line.startswith("moeforge train: error:")]
+    assert lines and "train.micro_batch_size" in lines[0] and "not divisible" in lines[0], res.stderr[-2000:]
+    assert "MoeforgeError" not in res.stderr  # reported as a user error, not a crash of moeforge
+
+
+# ----------------------------------------------------------------------------------------------
+# impossible layouts (checked before any process group exists, so no processes are needed)
+# ----------------------------------------------------------------------------------------------
+def test_world_size_must_be_pp_dp_ep(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(MoeforgeError, match=r"parallel.pp x parallel.dp x parallel.ep = 1 x 3 x 2 = 6 .*world size 4"):
+        init_distributed(ParallelConfig(ep=2, dp=3))
+    with pytest.raises(MoeforgeError, match=r"parallel.pp x parallel.ep = 1 x 3 = 3 does not divide the world size 4"):
+        init_distributed(ParallelConfig(ep=3))
+    assert resolve_layout(ParallelConfig(ep=2), 8) == (1, 4, 2)
+    assert resolve_layout(ParallelConfig(pp=2, ep=2), 8) == (2, 2, 2)
+
+
+def test_single_process_ignores_layout(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed(ParallelConfig(ep=2)) is None
+
+
+def test_experts_must_divide_by_ep():
+    with pytest.raises(MoeforgeError, match="parallel.ep: 3 does not divide model.n_routed_experts=8"):
+        load_config(None, None, [*MODEL, "train.seq_len=32", "parallel.ep=3"])
+    with pytest.raises(MoeforgeError, match="parallel.ep"):
+        expert_slice(8, 3, 0)
+
+
+def test_micro_batch_must_divide_by_data_ranks():
+    ctx = SimpleNamespace(data_ranks=4, dp=2, ep=2)
+    with pytest.raises(MoeforgeError, match=r"train.micro_batch_size: .*6 sequences.* 4 data-parallel ranks"):
+        check_batch_sizes(6, ctx)
+    check_batch_sizes(8, ctx)
+    check_batch_sizes(3, None)
+
+
+def test_slice_state_dict():
+    """A full state dict sliced for ep rank r keeps experts [r*E/ep, (r+1)*E/ep) and nothing else changes."""
+    state = {"layers.1.ffn.experts.w1": torch.arange(8.0).view(8, 1, 1), "layers.1.ffn.gate.weight": torch.ones(8, 2),
+             "mtp.0.block.ffn.experts.w2": torch.arange(8.0).view(8, 1, 1)}
+    part = slice_state_dict(state, 4, 2)
+    assert part["layers.1.ffn.experts.w1"].flatten().tolist() == [4.0, 5.0]
+    assert part["mtp.0.block.ffn.experts.w2"].flatten().tolist() == [4.0, 5.0]
+    assert part["layers.1.ffn.gate.weight"] is state["layers.1.ffn.gate.weight"]
+
+
+def test_group_limited_routing_bounds_the_ranks_a_token_reaches():
+    """Groups are contiguous blocks of experts, like the ep ranks' slices."""
+    assert max_ranks_per_token(256, 8, 4, 8, 64) == 8  # DeepSeek-V3 on EP64: 4 groups x 8 ranks (= 4 nodes)
+    assert max_ranks_per_token(256, 8, 4, 8, 8) == 4  # n_group = ep: at most topk_group ranks
+    assert max_ranks_per_token(16, 4, 2, 4, 2) == 2  # two whole groups per rank
+    assert max_ranks_per_token(16, 1, 1, 4, 8) == 4  # no groups: at most K
+    assert max_ranks_per_token(12, 3, 1, 4, 4) == 2  # a group of 4 over ranks of 3 experts straddles 2
