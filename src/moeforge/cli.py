@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed for initialisation and data order (train.seed)")
     p.add_argument("--data", help="a .txt/.jsonl/.parquet file or folder (default: the Python standard library sources)")
     p.add_argument("--tokenizer", help="a Hugging Face tokenizer.json (default: the byte-level BPE shipped with moeforge)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="numerics (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp8"],
+                   help="numerics (default: fp32 on CPU, bf16 on GPU; fp8: DeepSeek-V3's FP8 GEMMs, emulated on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings such as model.num_hidden_layers=6 train.lr=3e-4")
 

@@ -152,7 +152,7 @@ class TrainConfig:
     mtp_lambda_late: float = 0.1  # ... and after `mtp_lambda_switch` of the steps (paper: 10T of 14.8T tokens)
     mtp_lambda_switch: float = 0.68
     # numerics and placement
-    precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16
+    precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp8 (DeepSeek-V3's FP8 GEMMs)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1234
     # data
@@ -387,7 +387,8 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2: must be in [0, 1)")
     for name in ("weight_decay", "grad_clip", "bias_update_speed", "balance_alpha", "mtp_lambda", "mtp_lambda_late"):
         _check(getattr(t, name) >= 0, f"train.{name}: must be >= 0, got {getattr(t, name)}")
-    _check(t.precision in ("auto", "fp32", "bf16"), f"train.precision: expected auto, fp32 or bf16, got {t.precision!r}")
+    _check(t.precision in ("auto", "fp32", "bf16", "fp8"),
+           f"train.precision: expected auto, fp32, bf16 or fp8, got {t.precision!r}")
     _check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
            f"train.device: expected auto, cpu or cuda, got {t.device!r}")
 

@@ -24,8 +24,9 @@ import torch
 from ..config import Config
 from ..data import PackedLoader, default_cache_dir, iter_eval_batches, load_tokenizer, prepare_data
 from ..errors import MoeforgeError
+from ..fp8 import convert_to_fp8
 from ..generate import generate
-from ..model import build_model, count_parameters
+from ..model import build_model, count_parameters, init_weights
 from ..model.mtp import IGNORE_INDEX
 from .. import parallel
 from . import checkpoint as ckpt
@@ -49,8 +50,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    """BF16 autocast over FP32 master weights; FP32 runs without autocast."""
-    if precision == "bf16":
+    """BF16 autocast over FP32 master weights (also around the FP8 GEMMs on GPU); FP32 runs without."""
+    if precision == "bf16" or (precision == "fp8" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -351,15 +352,19 @@ class Trainer:
 def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -> torch.nn.Module:
     """The model of this rank, initialised as the single-process model would be.
 
-    Construction order: meta (no memory) -> expert parallel (keep this rank's E/ep experts) ->
+    Construction order: meta (no memory) -> FP8 (swap Linear/Experts classes) -> expert parallel (keep this rank's E/ep experts) ->
     FSDP (shard) -> to_empty (memory for this rank's pieces only) -> weights. Slicing and sharding
     must come before to_empty, or every rank would first allocate the whole model.
     """
+    model = build_model(cfg.model, "meta")
+    if precision == "fp8":  # swaps module classes only: parameters and their names stay the same
+        convert_to_fp8(model)
     if pctx is None:
-        return build_model(cfg.model, device)  # meta -> to_empty -> init
+        model = model.to_empty(device=device)
+        init_weights(model)
+        return model
     if pctx.pp > 1:
         raise MoeforgeError(f"parallel.pp={pctx.pp}: the trainer does not run pipeline stages yet (use pp=1)")
-    model = build_model(cfg.model, "meta")
     parallel.apply_expert_parallel(model, pctx)
     parallel.apply_fsdp(model, pctx, bf16=precision == "bf16")
     model = model.to_empty(device=device)
