@@ -199,14 +199,14 @@ def test_fp8_hf_export_import_gives_the_emulated_fp8_logits(tmp_path):
 @pytest.mark.slow
 def test_tiny_model_trains_in_fp8_within_2_percent_of_fp32(tmp_path, data_dir, mf_env, tiny_overrides, one_thread):
     """`train.precision=fp8` (emulated FP8 GEMMs on CPU) against FP32, same model, data and seed:
-    the mean training loss of the last 20 of 150 steps differs by less than 2% (the issue's bound)."""
+    the mean training loss of the last 20 of 250 steps differs by less than 2% (the issue's bound)."""
     from moeforge.config import load_config
     from moeforge.train import Trainer
 
     def run(precision: str) -> list[float]:
         cfg = load_config("tiny", overrides=tiny_overrides + [
             f"train.data={data_dir}", f"train.out={tmp_path / precision}", f"train.precision={precision}",
-            "train.steps=150", "train.warmup_steps=15", "train.checkpoint_every=0", "train.eval_every=0"])
+            "train.steps=250", "train.warmup_steps=20", "train.checkpoint_every=0", "train.eval_every=0"])
         trainer = Trainer(cfg, progress=False)
         assert (precision == "fp8") == any(isinstance(m, FP8Linear) for m in trainer.model.modules())
         losses = [trainer.train_step()["loss"] for _ in range(cfg.train.steps)]
