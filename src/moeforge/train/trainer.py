@@ -29,6 +29,7 @@ from ..generate import generate
 from ..model import build_model, count_parameters, init_weights
 from ..model.mtp import IGNORE_INDEX
 from .. import parallel
+from ..parallel import pipeline
 from . import checkpoint as ckpt
 from .balance import update_routing_bias
 from .metrics import MetricsSink, flops_per_token, peak_flops
@@ -164,8 +165,17 @@ class Trainer:
                                    self.tokenizer.fim_ids)
 
         self.model = build_train_model(cfg, self.device, self.precision, self.pctx)
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.moe_layers = self.model.moe_layers()
+        # Pipeline parallelism: this rank's stages reference the model's own modules; the optimizer,
+        # clipping and the routing-bias update see only them (the rest of self.model is unused here).
+        self.stages = self.pipe = None
+        if self.pctx is not None and self.pctx.pp > 1:
+            self.stages, self.pipe = split_train_pipeline(self.model, cfg, self.pctx, self.precision, self.device)
+            self.optimizer = build_optimizer(pipeline.stage_modules(self.stages), cfg)
+            self.moe_layer_names = list(pipeline.moe_layers(self.stages))
+            self.moe_layers = list(pipeline.moe_layers(self.stages).values())
+        else:
+            self.optimizer = build_optimizer(self.model, cfg)
+            self.moe_layers = self.model.moe_layers()
         self.step, self.tokens_seen = 0, 0
         if resume_from is not None:
             self._load(resume_from)
@@ -194,6 +204,9 @@ class Trainer:
         final = self.ckpt_root / f"step_{self.step:07d}"
         if self.pctx is None:
             model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+        elif self.stages is not None:  # pipeline: rank 0 gathers every stage's slice (None elsewhere)
+            model_state = self._pipeline_full_state_dict()
+            optim_state = self._pipeline_full_optimizer_state_dict()
         else:
             model_state = parallel.full_state_dict(self.model, self.pctx)
             optim_state = parallel.full_optimizer_state_dict(self.model, self.optimizer, self.pctx)
@@ -209,6 +222,9 @@ class Trainer:
         if self.pctx is None:
             self.model.load_state_dict(parts["model.pt"])
             self.optimizer.load_state_dict(parts["optimizer.pt"])
+        elif self.stages is not None:  # a single-process checkpoint: this rank's stages take their slice
+            self.model.load_state_dict(parts["model.pt"])  # every tensor is there; the stages reference them
+            self._pipeline_load_optimizer_state_dict(parts["optimizer.pt"])
         else:  # a single-process checkpoint, sliced / sharded for this rank
             parallel.load_full_state_dict(self.model, parts["model.pt"], self.pctx)
             parallel.load_full_optimizer_state_dict(self.model, self.optimizer, parts["optimizer.pt"], self.pctx)
@@ -222,6 +238,123 @@ class Trainer:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([r.cpu() for r in rng["cuda"]])
 
+    # ---- pipeline parallelism: gathers over the pipeline group (dp = ep = 1) ----
+    def _gather_to_main(self, obj):
+        """gather_object over the pipeline group: the list of every pp rank's obj on rank 0, None elsewhere."""
+        import torch.distributed as dist
+
+        out = [None] * self.pctx.pp if self.is_main else None
+        dist.gather_object(obj, out, dst=0, group=self.pctx.pp_group)
+        return out
+
+    def _pipeline_full_state_dict(self) -> dict | None:
+        """The single-process model state dict on rank 0 (collective over the pipeline ranks)."""
+        local = {k: v.detach().cpu() for k, v in pipeline.stage_state_dict(self.stages).items()}
+        parts = self._gather_to_main(local)
+        if not self.is_main:
+            return None
+        merged = {}
+        for part in parts:
+            merged.update(part)
+        keys = list(self.model.state_dict())
+        missing = [k for k in keys if k not in merged]
+        if missing:
+            raise MoeforgeError(f"pipeline checkpoint: no stage holds {len(missing)} tensors (first: {missing[0]})")
+        return {k: merged[k] for k in keys}  # the single model's key order
+
+    def _full_param_order(self) -> tuple[list[str], list[int]]:
+        """Parameter names in the single-process optimizer's order (build_optimizer's groups) and group sizes."""
+        named = list(self.model.named_parameters())
+        decay = [n for n, p in named if p.ndim >= 2]
+        no_decay = [n for n, p in named if p.ndim < 2]
+        return decay + no_decay, [len(decay), len(no_decay)]
+
+    def _local_param_names(self) -> list[str]:
+        """This rank's optimizer parameters by single-model name, in its optimizer's order."""
+        names = {id(p): n for n, p in pipeline.named_parameters(self.stages).items()}
+        return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _pipeline_full_optimizer_state_dict(self) -> dict | None:
+        """optimizer.state_dict() as the single-process run would have it, on rank 0 (collective)."""
+        sd = self.optimizer.state_dict()
+        local_names = self._local_param_names()
+        by_name = {local_names[i]: {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
+                   for i, st in sd["state"].items()}
+        parts = self._gather_to_main(by_name)
+        if not self.is_main:
+            return None
+        merged = {}
+        for part in parts:
+            merged.update(part)
+        order, sizes = self._full_param_order()
+        state = {i: merged[n] for i, n in enumerate(order) if n in merged}
+        groups, start = [], 0
+        for g, size in zip(sd["param_groups"], sizes):
+            groups.append({**g, "params": list(range(start, start + size))})
+            start += size
+        return {"state": state, "param_groups": groups}
+
+    def _pipeline_load_optimizer_state_dict(self, full: dict) -> None:
+        """Load a single-process optimizer state dict: this rank keeps its parameters' moments."""
+        order, _ = self._full_param_order()
+        if len(full["state"]) and max(int(i) for i in full["state"]) >= len(order):
+            raise MoeforgeError("optimizer state does not match the model (more parameters than the model has)")
+        by_name = {order[int(i)]: st for i, st in full["state"].items()}
+        local_names = self._local_param_names()
+        state = {i: by_name[n] for i, n in enumerate(local_names) if n in by_name}
+        groups, start = [], 0
+        for g, full_g in zip(self.optimizer.param_groups, full["param_groups"]):
+            groups.append({**{k: v for k, v in full_g.items() if k != "params"},
+                           "params": list(range(start, start + len(g["params"])))})
+            start += len(g["params"])
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def _single_device_model(self) -> torch.nn.Module | None:
+        """Rank 0: a single-device copy of the whole model (eval mode); other ranks: None. Collective."""
+        if self.stages is not None:
+            state = self._pipeline_full_state_dict()
+        else:
+            state = parallel.full_state_dict(self.model, self.pctx)
+        if not self.is_main:
+            return None
+        model = build_model(self.cfg.model, self.device, init=False)
+        model.load_state_dict(state)
+        model.eval()
+        return model
+
+    def _pipeline_balance_stats(self, local: dict) -> dict:
+        """Load statistics over all MoE layers of the model (each pp rank measured its own layers)."""
+        import torch.distributed as dist
+
+        ratios = [local[f"imbalance/layer{i}"] for i in range(len(self.moe_layer_names))]
+        parts = [None] * self.pctx.pp
+        dist.all_gather_object(parts, list(zip(self.moe_layer_names, ratios)), group=self.pctx.pp_group)
+        found = dict(pair for part in parts for pair in part)
+
+        def order(name: str) -> tuple:
+            p = name.split(".")
+            return (p[0] == "mtp", int(p[1]) if len(p) > 1 and p[1].isdigit() else 0, name)
+
+        ratio = [found[n] for n in sorted(found, key=order)]
+        if not ratio:
+            return {}
+        stats = {f"imbalance/layer{i}": r for i, r in enumerate(ratio)}
+        stats["imbalance"] = sum(ratio) / len(ratio)
+        stats["imbalance_max"] = max(ratio)
+        return stats
+
+    def _pipeline_step(self, n_micro: int, lam: float) -> torch.Tensor:
+        """Forward and backward of the step's micro-batches through the pipeline schedule; returns
+        [main, weighted MTP, balance] (means over micro-batches, the same on every pp rank)."""
+        t, m = self.cfg.train, self.cfg.model
+        # Every rank reads the same global micro-batches, in the single-process order.
+        window = torch.cat([self.loader.next_batch(t.micro_batch) for _ in range(n_micro)]).to(self.device)
+        out = pipeline.pipeline_train_step(self.stages, self.pipe, window[:, :-1], window[:, 1:], n_micro=n_micro,
+                                           mtp_lambda=lam, balance_alpha=t.balance_alpha)
+        K = m.num_nextn_predict_layers
+        mtp = out["mtp"].sum() * (lam / K) if K else out["main"] * 0
+        return torch.stack([out["main"], mtp, out["balance"]]).float().to(self.device)
+
     # ---- one optimizer step ----
     def train_step(self) -> dict:
         t, m = self.cfg.train, self.cfg.model
@@ -230,7 +363,9 @@ class Trainer:
         n_micro = batch // t.micro_batch
         lam = mtp_lambda_at(self.step, t)
         sums = torch.zeros(3, device=self.device)  # main, mtp (weighted sum), balance
-        for i in range(n_micro):
+        if self.stages is not None:
+            sums = self._pipeline_step(n_micro, lam)
+        for i in range(n_micro if self.stages is None else 0):
             window = self.loader.next_batch(t.micro_batch)  # the global micro-batch ...
             window = parallel.data_shard(window, self.pctx).to(self.device, non_blocking=True)  # ... this rank's rows
             parallel.set_gradient_sync(self.model, i == n_micro - 1)  # FSDP: reduce on the last micro-batch only
@@ -244,7 +379,8 @@ class Trainer:
             parallel.sync_gradients(self.model, self.pctx)  # all-reduce (sharding=none; FSDP reduced in backward)
             sums = self.pctx.all_reduce_mean_dp_ep(sums)  # mean of per-rank means = global mean: all ranks log it
         # The global norm (the single-process gradient's), also for one process (see clip_grad_norm).
-        grad_norm = parallel.clip_grad_norm(self.model, t.grad_clip if t.grad_clip > 0 else float("inf"), self.pctx)
+        clipped = self.model if self.stages is None else pipeline.stage_modules(self.stages)  # pp: summed over stages
+        grad_norm = parallel.clip_grad_norm(clipped, t.grad_clip if t.grad_clip > 0 else float("inf"), self.pctx)
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -252,6 +388,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         balance_stats = update_routing_bias(self.moe_layers, bias_update_speed_at(self.step, t),
                                             reduce=parallel.moe_count_reduce(self.pctx))  # global counts
+        if self.stages is not None:  # each pp rank updated its own layers; log the whole model's loads
+            balance_stats = self._pipeline_balance_stats(balance_stats)
         self.step += 1
         self.tokens_seen += batch * t.seq_len
         main, mtp, bal = sums.tolist()
@@ -321,6 +459,15 @@ class Trainer:
 
     def validate(self, max_batches: int | None) -> dict[str, float]:
         t = self.cfg.train
+        if self.stages is not None:
+            # Pipeline: rank 0 evaluates a single-device copy of the gathered model; every rank gets the result.
+            import torch.distributed as dist
+
+            model = self._single_device_model()
+            res = [evaluate(model, self.data.val, self.tokenizer.token_bytes, t.seq_len, t.micro_batch, self.device,
+                            self.precision, max_batches) if self.is_main else None]
+            dist.broadcast_object_list(res, src=0)
+            return res[0]
         return evaluate(self.model, self.data.val, self.tokenizer.token_bytes, t.seq_len, t.micro_batch,
                         self.device, self.precision, max_batches)
 
@@ -331,13 +478,11 @@ class Trainer:
         model = self.model
         if self.pctx is not None:
             # Decoding branches on sampled tokens, which every rank of an all-to-all would have to agree
-            # on: rank 0 samples from a single-device copy instead; the other ranks return "".
-            state = parallel.full_state_dict(self.model, self.pctx)
+            # on (and a pipeline rank holds only its stages): rank 0 samples from a single-device copy
+            # instead; the other ranks return "".
+            model = self._single_device_model()
             if not self.is_main:
                 return ""
-            model = build_model(self.cfg.model, self.device, init=False)
-            model.load_state_dict(state)
-            model.eval()
         ids = generate(model, self.tokenizer.encode(prompt), n, temperature=0.8, top_p=0.95,
                        seed=self.cfg.train.seed, stop_id=self.tokenizer.eos_id)
         return prompt + self.tokenizer.decode(ids)
@@ -364,7 +509,12 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
         init_weights(model)
         return model
     if pctx.pp > 1:
-        raise MoeforgeError(f"parallel.pp={pctx.pp}: the trainer does not run pipeline stages yet (use pp=1)")
+        # Pipeline ranks (dp = ep = 1, checked in split_train_pipeline): the whole single-process model,
+        # initialised from the same seed on every rank; split_pipeline then keeps this rank's stages.
+        check_pipeline_layout(cfg, pctx)
+        model = model.to_empty(device=device)
+        init_weights(model)
+        return model
     parallel.apply_expert_parallel(model, pctx)
     parallel.apply_fsdp(model, pctx, bf16=precision == "bf16")
     model = model.to_empty(device=device)
@@ -377,6 +527,25 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     return model
 
 
+def check_pipeline_layout(cfg: Config, pctx) -> None:
+    """What the trainer supports with parallel.pp > 1, checked before any model memory exists."""
+    if pctx.dp > 1 or pctx.ep > 1:
+        raise MoeforgeError(f"parallel.pp={pctx.pp} with dp={pctx.dp} x ep={pctx.ep}: the trainer runs pipeline "
+                            f"parallelism only alone for now (dp = ep = 1, world size = pp)")
+    if cfg.parallel.sharding != "none":
+        raise MoeforgeError(f"parallel.sharding={cfg.parallel.sharding}: not supported with parallel.pp > 1")
+    t = cfg.train
+    for n_micro in sorted({batch_size_at(step, t) // t.micro_batch for step in range(max(1, t.steps))}):
+        pipeline.validate_micro_batches(cfg.parallel, n_micro)
+
+
+def split_train_pipeline(model, cfg: Config, pctx, precision: str, device: torch.device):
+    """This rank's pipeline stages of `model` and the schedule factory (parallel/pipeline.py)."""
+    amp = torch.bfloat16 if precision == "bf16" or (precision == "fp8" and device.type == "cuda") else None
+    return pipeline.split_pipeline(model, cfg.parallel, pctx, micro_batch=cfg.train.micro_batch,
+                                   seq_len=cfg.train.seq_len, amp_dtype=amp)
+
+
 def parallel_summary(cfg: Config, pctx) -> str:
     """The layout line of the log ("" for a plain single-process run)."""
     p = cfg.parallel
@@ -385,6 +554,10 @@ def parallel_summary(cfg: Config, pctx) -> str:
         return f"parallel: single process ({', '.join(asked)} ignored: not launched by torchrun)" if asked else ""
     m = cfg.model
     reach = parallel.max_ranks_per_token(m.n_routed_experts, m.n_group, m.topk_group, m.num_experts_per_tok, pctx.ep)
+    if pctx.pp > 1:
+        layout = pipeline.stage_layout(m, p)
+        return (f"parallel: {pctx.world_size} ranks = pp {pctx.pp} x dp {pctx.dp} x ep {pctx.ep} | schedule {p.schedule} | "
+                f"{len(layout)} stages of {','.join(str(len(s)) for s in layout)} layers")
     return (f"parallel: {pctx.world_size} ranks = pp {pctx.pp} x dp {pctx.dp} x ep {pctx.ep} | sharding {p.sharding} | "
             f"{cfg.train.micro_batch // pctx.data_ranks} sequences per rank per micro-batch | "
             f"a token reaches <= {reach} of {pctx.ep} ep ranks")
