@@ -72,6 +72,12 @@ class FP8Linear(nn.Linear):
     recipe: FP8Recipe = FP8Recipe()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # GPU path (Triton quantisers + blockwise FP8 GEMMs) where it can run
+            from . import gpu
+
+            if gpu.available(x, self.weight):
+                y = gpu.fp8_linear(x, self.weight, self.recipe)
+                return y if self.bias is None else y + self.bias
         y = _FP8LinearFn.apply(x, self.weight, self.recipe)
         return y if self.bias is None else y + self.bias
 
@@ -121,8 +127,14 @@ class FP8Experts(Experts):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)
         w1, w3, w2 = (w.transpose(1, 2) for w in (self.w1, self.w3, self.w2))
-        h = F.silu(_FP8GroupedFn.apply(x, w1, offsets, self.recipe)) * _FP8GroupedFn.apply(x, w3, offsets, self.recipe)
-        return _FP8GroupedFn.apply(h, w2, offsets, self.recipe)
+        fn = _FP8GroupedFn.apply
+        if x.is_cuda:  # GPU path: Triton grouped FP8 GEMMs over the contiguous per-expert layout
+            from . import gpu
+
+            if gpu.available(x, self.w1, self.w2, self.w3):
+                fn = gpu.fp8_grouped
+        h = F.silu(fn(x, w1, offsets, self.recipe)) * fn(x, w3, offsets, self.recipe)
+        return fn(h, w2, offsets, self.recipe)
 
 
 def convert_to_fp8(model: nn.Module, recipe: FP8Recipe = FP8Recipe()) -> nn.Module:

@@ -1,0 +1,440 @@
+"""FP8 GPU path benchmark (SM90): FP8Linear forward+backward vs BF16, raw GEMM TFLOP/s, quantiser
+bandwidth, the grouped expert GEMM, plus probes of torch._scaled_mm's blockwise rules and of the FP8
+GEMMs' accumulation error. Times are medians of CUDA-event timings after warm-up
+(triton.testing.do_bench, L2 flushed between runs).
+
+    PYTHONPATH=src python benchmarks/fp8_bench.py                       # everything
+    PYTHONPATH=src python benchmarks/fp8_bench.py --sections linear,gemm --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+
+import torch
+
+SECTIONS = ("env", "probe", "accuracy", "quant", "gemm", "linear", "diag", "grouped")
+LINEAR_SHAPES = [(4096, 7168, 2048), (4096, 2048, 7168), (4096, 7168, 18432)]  # tokens, in, out
+RESULTS: dict = {}
+
+
+def bench(fn, warmup=25, rep=100) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def section(name):
+    def deco(f):
+        def run(args):
+            t0 = time.time()
+            print(f"\n== {name}", flush=True)
+            try:
+                RESULTS[name] = f(args)
+            except Exception as e:  # keep going: one failing section must not lose the others
+                traceback.print_exc()
+                RESULTS[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            print(f"   ({time.time() - t0:.1f}s)", flush=True)
+        return run
+    return deco
+
+
+@section("env")
+def s_env(args):
+    import triton
+
+    p = torch.cuda.get_device_properties(0)
+    out = {"device": p.name, "sm": f"{p.major}.{p.minor}", "sms": p.multi_processor_count, "torch": torch.__version__,
+           "cuda": torch.version.cuda, "triton": triton.__version__,
+           "cublaslt": getattr(torch._C, "_cuda_getCompiledVersion", lambda: None)()}
+    print(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+def _scale_layouts(xq, xs, wq, ws, kb_pad=None):
+    """scale_a column-major [M, Kb]; scale_b whose .t() is row-major [Nb, Kb] (leading dim kb_pad)."""
+    sa = xs.t().contiguous().t()
+    Nb, Kb = ws.shape
+    ld = kb_pad or Kb
+    store = torch.zeros(Nb, ld, device=ws.device)
+    store[:, :Kb] = ws
+    sb = store[:, :Kb].t()
+    return sa, sb
+
+
+@section("probe")
+def s_probe(args):
+    """Which layouts/shapes torch._scaled_mm's blockwise modes accept here, and whether results are right."""
+    from moeforge.fp8 import dequantize, quantize
+
+    dev = torch.device("cuda")
+    out = {}
+
+    def case(name, M, K, N, b_kind="block", out_dtype=torch.bfloat16, kb_pad=None, fast=False):
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device=dev)
+        w = torch.randn(N, K, device=dev)
+        xq, xs = quantize(x, (1, 128))
+        if b_kind == "block":
+            wq, ws = quantize(w, (128, 128))
+            sa, sb = _scale_layouts(xq, xs, wq, ws, kb_pad)
+            wh = dequantize(wq, ws, (128, 128))
+        else:
+            wq, ws = quantize(w, (1, 128))
+            sa = xs.t().contiguous().t()
+            sb = ws.t().contiguous()  # .t() is [N, Kb] with strides (1, N)
+            wh = dequantize(wq, ws, (1, 128))
+        ref = dequantize(xq, xs) @ wh.T
+        mag = dequantize(xq, xs).abs() @ wh.abs().T
+        try:
+            y = torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=fast)
+            torch.cuda.synchronize()
+            err = float(((y.float() - ref).abs() / mag).max())
+            res = f"ok  max |err|/sum|a||b| = {err:.3g}" + ("  WRONG" if err > 1e-2 else "")
+        except Exception as e:
+            res = f"error: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        out[name] = res
+        print(f"   {name:58s} {res}", flush=True)
+
+    case("1x128 x 128x128, M=256 K=1024 N=256, bf16 out", 256, 1024, 256)
+    case("1x128 x 128x128, fp32 out", 256, 1024, 256, out_dtype=torch.float32)
+    case("1x128 x 1x128, fp32 out", 256, 1024, 256, b_kind="row", out_dtype=torch.float32)
+    case("1x128 x 128x128, K=384 (3 blocks), scale_b ld 3", 256, 384, 256)
+    case("1x128 x 128x128, K=384 (3 blocks), scale_b ld 4", 256, 384, 256, kb_pad=4)
+    case("1x128 x 1x128, K=384 (3 blocks)", 256, 384, 256, b_kind="row")
+    case("1x128 x 1x128, K=640 (5 blocks)", 256, 640, 256, b_kind="row")
+    case("1x128 x 128x128, M=150 (scale_a ld 150)", 150, 512, 256)
+    case("1x128 x 1x128, M=150, N=136", 150, 512, 136, b_kind="row")
+    case("1x128 x 128x128, N=136", 256, 512, 136)
+    case("1x128 x 128x128, use_fast_accum=True", 256, 512, 256, fast=True)
+    case("1x128 x 128x128, K=7168 M=N=2048 fp32 out", 2048, 7168, 2048, out_dtype=torch.float32)
+    return out
+
+
+@section("accuracy")
+def s_accuracy(args):
+    """Accumulation error of the FP8 GEMMs vs the FP32 product of the dequantised operands."""
+    from moeforge.fp8 import kernels
+    from moeforge.fp8.quant import dequantize
+
+    out = {}
+    for (M, K, N, bk) in [(2048, 7168, 2048, "block"), (2048, 18432, 1024, "block"), (2048, 16384, 2048, "row")]:
+        torch.manual_seed(1)
+        a, _ = kernels.quant_operands(torch.randn(M, K, device="cuda", dtype=torch.bfloat16))
+        if bk == "block":
+            b, _ = kernels.quant_block_operand(torch.randn(N, K, device="cuda") * 0.02)
+            bh = dequantize(b.qv, b.sv, (128, 128))
+        else:
+            b, _ = kernels.quant_operands(torch.randn(N, K, device="cuda", dtype=torch.bfloat16))
+            bh = dequantize(b.qv, b.sv, (1, 128))
+        ah = dequantize(a.qv, a.sv, (1, 128))
+        ref = (ah.double() @ bh.double().T)
+        ref32 = ah @ bh.T
+        mag = (ah.abs() @ bh.abs().T).double()
+        r = {"fp32_sgemm": float(((ref32.double() - ref).abs() / mag).max())}
+        for backend in ("cublas", "triton"):
+            try:
+                y = kernels.fp8_gemm(a, b, out_dtype=torch.float32, backend=backend).double()
+                e = (y - ref).abs()
+                r[backend] = {"max_err_over_sum_ab": float((e / mag).max()),
+                              "rel_fro": float(e.norm() / ref.norm()),
+                              "max_rel_to_max": float(e.max() / ref.abs().max())}
+            except Exception as ex:
+                r[backend] = f"error: {ex}"[:300]
+        key = f"M={M} K={K} N={N} b={bk}"
+        out[key] = r
+        print(f"   {key}: {r}", flush=True)
+    return out
+
+
+@section("quant")
+def s_quant(args):
+    from moeforge.fp8 import kernels
+
+    T, K = 4096, 7168
+    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(18432, 7168, device="cuda")
+    xa, _ = kernels.quant_operands(x)
+    out = {}
+
+    def rec(name, fn, nbytes):
+        ms = bench(fn)
+        out[name] = {"ms": ms, "GB/s": nbytes / ms / 1e6}
+        print(f"   {name:48s} {ms:8.4f} ms  {nbytes / ms / 1e6:7.0f} GB/s", flush=True)
+
+    n = T * K
+    rec("rows 1x128, bf16 4096x7168", lambda: kernels.quant_operands(x), n * 2 + n + n // 32)
+    rec("cols^T 1x128, bf16 4096x7168", lambda: kernels.quant_operands(x, rows=False, cols=True), n * 2 + n + n // 32)
+    rec("rows + cols^T, bf16 4096x7168", lambda: kernels.quant_operands(x, rows=True, cols=True), n * 2 + 2 * n + n // 16)
+    rec("cols^T from fp8+scales 4096x7168", lambda: kernels.quant_operands(xa.qv, rows=False, cols=True, x_scales=xa.sv),
+        n + n + n // 32 * 2)
+    nw = w.numel()
+    rec("128x128 (+transposed), fp32 18432x7168", lambda: kernels.quant_block_operand(w, transpose=True), nw * 4 + 2 * nw)
+    rec("128x128, fp32 18432x7168", lambda: kernels.quant_block_operand(w), nw * 4 + nw)
+    rec("torch copy bf16 4096x7168 (reference)", lambda: x.clone(), n * 4)
+    return out
+
+
+@section("gemm")
+def s_gemm(args):
+    from moeforge.fp8 import kernels
+
+    S = 8192
+    flops = 2 * S ** 3
+    a_bf = torch.randn(S, S, device="cuda", dtype=torch.bfloat16)
+    b_bf = torch.randn(S, S, device="cuda", dtype=torch.bfloat16)
+    a, _ = kernels.quant_operands(a_bf)
+    bw, _ = kernels.quant_block_operand(b_bf)
+    br, _ = kernels.quant_operands(b_bf)
+    out = {}
+
+    def rec(name, fn):
+        try:
+            ms = bench(fn)
+            out[name] = {"ms": ms, "TFLOP/s": flops / ms / 1e9}
+            print(f"   {name:52s} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+        except Exception as e:
+            out[name] = f"error: {e}"[:300]
+            print(f"   {name:52s} error {str(e)[:200]}", flush=True)
+
+    rec("bf16 torch.mm", lambda: a_bf @ b_bf.T)
+    rec("fp8 _scaled_mm 1x128 x 128x128 (cuBLAS)", lambda: kernels.fp8_gemm(a, bw, backend="cublas"))
+    rec("fp8 _scaled_mm 1x128 x 1x128 (cuBLAS)", lambda: kernels.fp8_gemm(a, br, backend="cublas"))
+    sa_row = torch.ones(S, 1, device="cuda")
+    sb_row = torch.ones(1, S, device="cuda")
+    rec("fp8 _scaled_mm row-wise, fast accum (no blocks)",
+        lambda: torch._scaled_mm(a.q, br.q.t(), scale_a=sa_row, scale_b=sb_row, out_dtype=torch.bfloat16,
+                                 use_fast_accum=True))
+    for cfg in ({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+                {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+                {"BLOCK_M": 128, "BLOCK_N": 256, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+                {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}):
+        tag = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
+        rec(f"fp8 Triton blockwise 1x128 x 128x128 {tag}", lambda cfg=cfg: kernels.fp8_gemm(a, bw, backend="triton", config=cfg))
+    return out
+
+
+@section("linear")
+def s_linear(args):
+    from torch import nn
+
+    from moeforge.fp8 import FP8Linear, kernels
+
+    out = {}
+    for T, K, N in LINEAR_SHAPES:
+        flops = 6 * T * K * N
+        row = {}
+        for wdtype, label in ((torch.bfloat16, "bf16 weights"), (torch.float32, "fp32 master + autocast")):
+            torch.manual_seed(0)
+            x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            g = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
+            mods = {"bf16": nn.Linear(K, N, bias=False, device="cuda", dtype=wdtype),
+                    "fp8": FP8Linear(K, N, bias=False, device="cuda", dtype=wdtype)}
+            for name, mod in mods.items():
+                for backend in (("cublas",) if name == "fp8" else ("-",)):
+                    if name == "fp8":
+                        kernels.set_gemm_backend(backend)
+
+                    def step(mod=mod):
+                        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=wdtype == torch.float32):
+                            y = mod(x)
+                        y.backward(g)
+                        mod.weight.grad = None
+                        x.grad = None
+
+                    def fwd(mod=mod):
+                        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=wdtype == torch.float32):
+                            mod(x)
+
+                    key = f"{label} | {name}" + (f" ({backend})" if name == "fp8" else "")
+                    try:
+                        ms = bench(step)
+                        ms_f = bench(fwd)
+                        row[key] = {"fwd+bwd ms": ms, "fwd ms": ms_f, "TFLOP/s": flops / ms / 1e9}
+                    except Exception as e:
+                        row[key] = f"error: {e}"[:300]
+                        traceback.print_exc()
+            kernels.set_gemm_backend("cublas")
+        base = {lab: row.get(f"{lab} | bf16", {}).get("fwd+bwd ms") for lab in ("bf16 weights", "fp32 master + autocast")}
+        for k, v in row.items():
+            if isinstance(v, dict):
+                b = base[k.split(" | ")[0]]
+                v["speedup"] = b / v["fwd+bwd ms"] if b else None
+                print(f"   {T}x{K}->{N}  {k:45s} fwd+bwd {v['fwd+bwd ms']:7.3f} ms  fwd {v['fwd ms']:7.3f} ms  "
+                      f"{v['TFLOP/s']:6.1f} TFLOP/s  x{v['speedup']:.2f}", flush=True)
+            else:
+                print(f"   {T}x{K}->{N}  {k}: {v}", flush=True)
+        out[f"{T}x{K}->{N}"] = row
+    out["check vs reference"] = _check_linear()
+    return out
+
+
+def _check_linear(T=4096, K=7168, N=2048):
+    """After the timed loops (cached kernel launches): the GPU path against the reference emulation."""
+    from moeforge.fp8 import FP8Recipe, gpu
+    from moeforge.fp8.linear import _FP8LinearFn
+
+    torch.manual_seed(3)
+    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda") * 0.02
+    g = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
+    res = []
+    for fn in (gpu.fp8_linear, _FP8LinearFn.apply):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xi, wi, FP8Recipe())
+        y.backward(g)
+        res.append((y.float(), xi.grad.float(), wi.grad.float()))
+    rel = {n: float((a - b).detach().norm() / b.detach().norm()) for n, a, b in zip(("y", "dx", "dW"), *res)}
+    print(f"   GPU path vs reference emulation (4096x7168->2048, rel. Frobenius error): {rel}", flush=True)
+    return rel
+
+
+def _host_and_graph(step, n=30):
+    """(host ms per call while the GPU runs behind, wall ms per call with a final sync, CUDA-graph replay ms)."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    host, wall = (t1 - t0) / n * 1e3, (t2 - t0) / n * 1e3
+    graph_ms = None
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        graph_ms = bench(g.replay)
+    except Exception as e:
+        graph_ms = f"error: {type(e).__name__}: {str(e)[:200]}"
+    return host, wall, graph_ms
+
+
+@section("diag")
+def s_diag(args):
+    """Where the time of FP8 Linear fwd+bwd goes: each kernel alone (GPU time), the host's time per
+    step (Python, autograd, launches), and the GPU-only time of the whole step (CUDA-graph replay)."""
+    from torch import nn
+
+    from moeforge.fp8 import FP8Linear, kernels
+
+    out = {}
+    for T, K, N in LINEAR_SHAPES:
+        torch.manual_seed(0)
+        x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        xa, _ = kernels.quant_operands(x.detach())
+        wa, wt = kernels.quant_block_operand(w, transpose=True)
+        ga, gt = kernels.quant_operands(g, rows=True, cols=True)
+        _, xt = kernels.quant_operands(xa.qv, rows=False, cols=True, x_scales=xa.sv)
+        parts = {
+            "quant x (rows)": lambda: kernels.quant_operands(x.detach()),
+            "quant W (128x128 + W^T)": lambda: kernels.quant_block_operand(w, transpose=True),
+            "Fprop GEMM": lambda: kernels.fp8_gemm(xa, wa),
+            "quant dy (rows + cols^T)": lambda: kernels.quant_operands(g, rows=True, cols=True),
+            "quant x^T (from fp8)": lambda: kernels.quant_operands(xa.qv, rows=False, cols=True, x_scales=xa.sv),
+            "Dgrad GEMM": lambda: kernels.fp8_gemm(ga, wt),
+            "Wgrad GEMM": lambda: kernels.fp8_gemm(gt, xt),
+        }
+        row = {k: bench(f, warmup=10, rep=40) for k, f in parts.items()}
+        row["sum of parts"] = sum(row.values())
+        for k, f in parts.items():  # host time per call (issue only; the GPU runs behind)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                f()
+            row[f"host ms/call: {k}"] = (time.perf_counter() - t0) / 20 * 1e3
+            torch.cuda.synchronize()
+        for name, mod in (("bf16", nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)),
+                          ("fp8", FP8Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16))):
+            def step(mod=mod):
+                y = mod(x)
+                y.backward(g)
+                mod.weight.grad = None
+                x.grad = None
+            host, wall, graph_ms = _host_and_graph(step)
+            row[f"{name} step: host ms/step"] = host
+            row[f"{name} step: wall ms/step"] = wall
+            row[f"{name} step: CUDA-graph replay ms"] = graph_ms
+        key = f"{T}x{K}->{N}"
+        out[key] = row
+        for k, v in row.items():
+            print(f"   {key:18s} {k:36s} " + (f"{v:8.4f} ms" if isinstance(v, float) else str(v)), flush=True)
+    return out
+
+
+@section("grouped")
+def s_grouped(args):
+    from moeforge.fp8 import FP8Recipe, gpu
+    from moeforge.model.moe import grouped_mm
+
+    E, D, I = 8, 7168, 2048
+    torch.manual_seed(0)
+    counts = torch.multinomial(torch.ones(E), 32768, replacement=True).bincount(minlength=E)
+    offsets = counts.cumsum(0).to(torch.int32).cuda()
+    R = int(counts.sum())
+    x = torch.randn(R, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(R, I, device="cuda", dtype=torch.bfloat16)
+    w32 = (torch.randn(E, I, D, device="cuda") * 0.02).requires_grad_()
+    wbf = w32.detach().to(torch.bfloat16).requires_grad_()
+    flops = 6 * R * D * I
+    out = {"experts": E, "rows": R, "in": D, "out": I}
+
+    def fp8_step():
+        y = gpu.fp8_grouped(x, w32.transpose(1, 2), offsets, FP8Recipe())
+        y.backward(g)
+        x.grad = None
+        w32.grad = None
+
+    def bf16_step():
+        y = grouped_mm(x, wbf.transpose(1, 2), offsets)
+        y.backward(g)
+        x.grad = None
+        wbf.grad = None
+
+    for name, fn in (("bf16 grouped_mm", bf16_step), ("fp8 grouped (Triton)", fp8_step)):
+        try:
+            ms = bench(fn)
+            out[name] = {"fwd+bwd ms": ms, "TFLOP/s": flops / ms / 1e9}
+            print(f"   {name:28s} fwd+bwd {ms:7.3f} ms  {flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
+        except Exception as e:
+            out[name] = f"error: {e}"[:300]
+            traceback.print_exc()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU (SM90)", file=sys.stderr)
+        return 2
+    runners = {"env": s_env, "probe": s_probe, "accuracy": s_accuracy, "quant": s_quant, "gemm": s_gemm,
+               "linear": s_linear, "diag": s_diag, "grouped": s_grouped}
+    for name in args.sections.split(","):
+        runners[name](args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(RESULTS, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The GPU path of FP8 training: FP8Linear and the FP8 routed experts on CUDA (Hopper, SM90).
+
+Same arithmetic as the reference in linear.py (which stays the CPU path and the test oracle), with
+the Triton quantisers and blockwise FP8 GEMMs of kernels.py:
+- Fprop  y  = x W^T : x quantised in 1x128 tiles along K, W in 128x128 blocks;
+- Dgrad  dx = dy W  : dy in 1x128 tiles along N, W^T in 128x128 blocks (the transposed FP8 copy of
+                      the forward's quantised W, saved for backward: 1 byte per weight);
+- Wgrad  dW = dy^T x: dy^T and x^T in 1x128 tiles along the tokens, quantised straight from dy
+                      and from the saved FP8 x (dequantised on the fly), never building a transpose.
+Linear GEMMs run through torch._scaled_mm (cuBLASLt blockwise scaling); the routed experts' grouped
+GEMMs through the Triton kernel (kernels._gemm_kernel) over the contiguous per-expert layout.
+
+Switch it off with MOEFORGE_FP8_GPU=0 (or `moeforge.fp8.gpu.ENABLED = False`): FP8Linear/FP8Experts
+then run the reference emulation on CUDA as well.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+ENABLED = os.environ.get("MOEFORGE_FP8_GPU", "1") != "0"
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_ok(index: int) -> bool:
+    if torch.cuda.get_device_capability(index)[0] != 9:  # blockwise _scaled_mm is SM90-only
+        return False
+    try:
+        from . import kernels  # noqa: F401  (needs Triton)
+    except ImportError:
+        return False
+    return True
+
+
+def available(*tensors: torch.Tensor) -> bool:
+    """True when the GPU kernels can run these tensors (CUDA SM90, Triton present, float dtypes)."""
+    if not ENABLED or not tensors:
+        return False
+    dev = tensors[0].device
+    if dev.type != "cuda" or any(t.device != dev or t.dtype not in _DTYPES for t in tensors):
+        return False
+    return _device_ok(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear
+# ---------------------------------------------------------------------------------------------
+def fp8_linear_forward(x2: torch.Tensor, weight: torch.Tensor, recipe, need_dx: bool = True, need_dw: bool = True):
+    """x2 [T, K], weight [N, K] -> (y [T, N] in x2.dtype, saved state for fp8_linear_backward)."""
+    from .kernels import fp8_gemm, quant_block_operand, quant_operands
+
+    p2 = recipe.pow2_scales
+    xa, _ = quant_operands(x2, p2, rows=True)
+    wa, wt = quant_block_operand(weight, p2, transpose=need_dx)
+    y = fp8_gemm(xa, wa, out_dtype=x2.dtype)
+    saved = {
+        "x_fp8": xa if (need_dw and recipe.save_fp8_inputs) else None,
+        "x": x2 if (need_dw and not recipe.save_fp8_inputs) else None,
+        "wt": wt,
+        "x_dtype": x2.dtype,
+        "w_dtype": weight.dtype,
+        "recipe": recipe,
+    }
+    return y, saved
+
+
+def fp8_linear_backward(grad2: torch.Tensor, saved: dict, need_dx: bool = True, need_dw: bool = True):
+    """grad2 [T, N] -> (dx [T, K] in the input's dtype or None, dW [N, K] in the weight's dtype or None)."""
+    from .kernels import fp8_gemm, quant_operands
+
+    p2 = saved["recipe"].pow2_scales
+    g = grad2 if grad2.stride(-1) == 1 else grad2.contiguous()
+    ga, gt = quant_operands(g, p2, rows=need_dx, cols=need_dw)
+    dx = fp8_gemm(ga, saved["wt"], out_dtype=saved["x_dtype"]) if need_dx else None
+    dw = None
+    if need_dw:
+        xa = saved["x_fp8"]
+        if xa is not None:
+            _, xt = quant_operands(xa.qv, p2, rows=False, cols=True, x_scales=xa.sv)
+        else:
+            _, xt = quant_operands(saved["x"], p2, rows=False, cols=True)
+        dw = fp8_gemm(gt, xt, out_dtype=saved["w_dtype"])
+    return dx, dw
+
+
+class FP8LinearGPUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, recipe):
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K)
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        y, saved = fp8_linear_forward(x2, weight, recipe, need_dx=need_dx, need_dw=need_dw)
+        if saved["x"] is not None:  # an input: saved the autograd way (version-checked)
+            ctx.save_for_backward(saved.pop("x"))
+        ctx.saved, ctx.x_shape = saved, x.shape
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        if "x" not in ctx.saved:
+            ctx.saved["x"] = ctx.saved_tensors[0] if ctx.saved_tensors else None
+        dx, dw = fp8_linear_backward(g, ctx.saved, need_dx=need_dx, need_dw=need_dw)
+        ctx.saved = None
+        if dx is not None:
+            dx = dx.reshape(ctx.x_shape)
+        return dx, dw, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe) -> torch.Tensor:
+    """y = x W^T with DeepSeek-V3's FP8 recipe on the GPU (no bias)."""
+    return FP8LinearGPUFn.apply(x, weight, recipe)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routed experts (grouped GEMMs over the contiguous per-expert layout)
+# ---------------------------------------------------------------------------------------------
+class FP8GroupedGPUFn(torch.autograd.Function):
+    """Rows x[offsets[e-1]:offsets[e]] times w[e] in FP8 (w: [E, in, out], a transposed [E, out, in])."""
+
+    @staticmethod
+    def forward(ctx, x, w, offsets, recipe):
+        from .kernels import grouped_gemm, quant_block_operand, quant_operands
+
+        p2 = recipe.pow2_scales
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        xa, _ = quant_operands(x, p2, rows=True)
+        wa, wt = quant_block_operand(w.transpose(1, 2), p2, transpose=True)  # blocks of [out, in]
+        y = grouped_gemm(xa, wa, offsets, out_dtype=x.dtype)
+        ctx.xa = xa if recipe.save_fp8_inputs else None
+        if not recipe.save_fp8_inputs:
+            ctx.save_for_backward(x)
+        ctx.wt, ctx.offsets, ctx.recipe, ctx.x_dtype, ctx.w_dtype = wt, offsets, recipe, x.dtype, w.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .kernels import BLOCK, group_layout, grouped_gemm, grouped_wgrad, quant_operands
+
+        p2 = ctx.recipe.pow2_scales
+        g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        ga, _ = quant_operands(g, p2, rows=True)
+        dx = grouped_gemm(ga, ctx.wt, ctx.offsets, out_dtype=ctx.x_dtype)
+        # Wgrad per expert: 1x128 tiles along each expert's own tokens (restarting at its first token)
+        tiles, offs = group_layout(ctx.offsets, BLOCK)
+        seg = (tiles, offs, -(-g.shape[0] // BLOCK) + tiles.numel())
+        _, gt = quant_operands(g, p2, rows=False, cols=True, segments=seg)  # [out, tokens]
+        if ctx.xa is not None:
+            _, xt = quant_operands(ctx.xa.qv, p2, rows=False, cols=True, x_scales=ctx.xa.sv, segments=seg)
+        else:
+            _, xt = quant_operands(ctx.saved_tensors[0], p2, rows=False, cols=True, segments=seg)  # [in, tokens]
+        dw = grouped_wgrad(gt, xt, tiles, out_dtype=ctx.w_dtype)  # [E, out, in]
+        ctx.xa = ctx.wt = None
+        return dx, dw.transpose(1, 2), None, None
+
+
+def fp8_grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, recipe) -> torch.Tensor:
+    return FP8GroupedGPUFn.apply(x, w, offsets, recipe)

@@ -1,0 +1,620 @@
+"""GPU kernels of FP8 training (Hopper, SM90): Triton quantisers and blockwise-scaled FP8 GEMMs.
+
+Quantisation (bit-identical to moeforge.fp8.quant run on the same CUDA tensors: same FP8 bytes, same
+FP32 scales, ragged edges and all-zero tiles included):
+- `quant_rows(x)`          x [M, N] in 1x128 tiles along N               -> (q [M, N], s [M, ceil(N/128)])
+- `quant_cols_t(x)`        x^T in 1x128 tiles (tiles along M), written transposed, x^T never built in
+                           BF16 -> (q [N, M], s [N, ceil(M/128)]); with `x_scales` the source is the
+                           dequantised FP8 tensor (q * s), the Wgrad operand of an FP8-saved input
+- `quant_rows_and_cols_t(x)` both (the output gradient of a Linear: Dgrad and Wgrad operands)
+- `quant_blocks(w)`        w [..., N, K] in 128x128 blocks (`quant_block_operand(w, transpose=True)`
+                           also returns W^T's operand: the same blocks, byte-transposed)
+Scale rule: s = max(amax, 1e-4) / 448, q = clamp(x / s, -448, 448) in float8_e4m3fn, optional
+power-of-two rounding s = 2^ceil(log2 s). `x / s` is an IEEE division (div.rn). The division of the
+scale by 448 follows what the reference does on the device: PyTorch's CUDA kernels compute
+`tensor / python_scalar` as `tensor * fl32(1/448)`, which differs from a true division in the last
+bit for about half of all amax values, so on CUDA the kernels do the same (`_ref_scale_mode`
+probes the reference once); `scale_mode="div"` gives the true division (the CPU reference's).
+
+Internally every quantised operand is laid out ready for the GEMM ("Operand"): the reduction
+dimension padded with zeros to a multiple of 512 (4 scale blocks; measured with torch 2.11 + CUDA 13
+on an H200: 1x128 x 128x128 with 3 K blocks gives silently WRONG results, and torch rejects the
+leading dimension 4 that cuBLAS documents), the other dimensions to a multiple of 16 (torch rejects
+N % 16 != 0; M = 150 gave CUBLAS_STATUS_NOT_SUPPORTED); 1x128 scales stored column-major
+(`s_store` [K/128, rows]: the "outer-dim-major" layout torch._scaled_mm wants), 128x128 scales
+row-major [rows/128, K/128]. Padding is written by the quantiser itself (zeros), so it costs no
+extra pass; results are sliced back.
+
+Transposed outputs are written as 32-bit words of 4 FP8 bytes (`_pack4`): Triton 3.6 transposed
+8-bit tensors wrongly on SM90 for some layouts (a layout conversion of an f8 tensor, seen with FP32
+inputs), so no 8-bit tensor is ever transposed in registers. W^T for Dgrad is a byte transpose of
+the quantised W (torch copy; a Triton kernel would be faster, see docs/fp8.md).
+
+GEMMs: `fp8_gemm(a, b)` = dequant(a) @ dequant(b)^T with FP32 accumulation between 128-wide K
+blocks, through torch._scaled_mm's blockwise modes (cuBLASLt VEC128_32F x BLK128x128_32F or
+VEC128_32F x VEC128_32F; SM90 only, fast accumulation off), or through the Triton kernel
+`_gemm_kernel` (`backend="triton"`), which also serves the grouped (per-expert) GEMMs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from .quant import AMAX_FLOOR, FP8, FP8_MAX
+
+RED_PAD = 512  # reduction dimension: a multiple of 4 blocks of 128
+ROW_PAD = 16  # the other GEMM dimensions: 16 elements (16 bytes of FP8)
+BLOCK = 128
+
+_FLOOR32 = float(torch.tensor(AMAX_FLOOR, dtype=torch.float32))  # clamp_min casts the scalar to fp32
+_RCP32 = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(FP8_MAX, dtype=torch.float32))
+
+
+def _ru(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def _cdiv(n: int, m: int) -> int:
+    return (n + m - 1) // m
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: quantisation
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _scale_of(amax, floor, rcp, fmax, POW2: tl.constexpr, RCP: tl.constexpr):
+    a = tl.maximum(amax, floor)
+    if RCP:
+        s = a * rcp  # what torch does on CUDA for `amax / 448.0`
+    else:
+        s = tl.math.div_rn(a, a * 0.0 + fmax)
+    if POW2:  # torch.exp2(torch.ceil(torch.log2(s))); 2^e built exactly from its bits
+        e = tl.ceil(libdevice.log2(s))
+        s = ((e.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    return s
+
+
+@triton.jit
+def _to_fp8(x, s, fmax):
+    q = tl.math.div_rn(x, s)
+    q = tl.minimum(tl.maximum(q, -fmax), fmax)
+    return q.to(tl.float8e4nv)
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _pack4(q):
+    """FP8 [R4, 4, C] -> uint32 [R4, C]: the 4 bytes of axis 1 in one little-endian word.
+
+    Transposed outputs are written as 32-bit words holding 4 consecutive rows, so that the only
+    layout conversion (the transpose) acts on 32-bit values: Triton 3.6 transposed 8-bit tensors
+    wrongly on SM90 for some source layouts (seen with FP32 inputs)."""
+    code = q.to(tl.uint8, bitcast=True).to(tl.uint32)
+    sh = (tl.arange(0, 4) * 8).to(tl.uint32)
+    return tl.reduce(code << sh[None, :, None], 1, _or)
+
+
+@triton.jit
+def _quant_1x128_kernel(
+    x_ptr, xs_ptr,  # source values (or FP8 codes and their 1x128 row-tile scales when DEQ)
+    q_ptr, s_ptr,  # ROW output: tiles of 128 along the columns
+    qtw_ptr, st_ptr,  # COL output, transposed, as int32 words of 4 rows: tiles of 128 along the rows
+    seg_tiles_ptr, seg_offs_ptr, n_seg,  # SEG: rows grouped by expert, tiles restart at every group
+    R, C, stride_xr, xs_sr, xs_sc,
+    q_rows, q_cols, stride_qr, s_sr, s_sc,
+    qt_rows, qt_words, stride_qtw, st_sb, st_sc,
+    floor, rcp, fmax,
+    BR: tl.constexpr, BC: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr, DEQ: tl.constexpr,
+    SEG: tl.constexpr, SEG_P2: tl.constexpr, POW2: tl.constexpr, RCP: tl.constexpr,
+):
+    # the tile is handled as [BR // 4, 4, BC]: row = 4 * i + j
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    R4: tl.constexpr = BR // 4
+    i = tl.arange(0, R4)
+    j = tl.arange(0, 4)
+    c = pid_c * BC + tl.arange(0, BC)
+    loc = (i[:, None] * 4 + j[None, :])[:, :, None]  # [R4, 4, 1]
+    c3 = c[None, None, :]
+    if SEG:
+        # tile pid_r of the per-group padded layout -> group g, source rows [start, end)
+        idx = tl.arange(0, SEG_P2)
+        cum = tl.load(seg_tiles_ptr + idx, mask=idx < n_seg, other=2147483647)
+        g = tl.sum((cum <= pid_r).to(tl.int32), axis=0)
+        gm = g > 0
+        gv = g < n_seg
+        tiles_before = tl.load(seg_tiles_ptr + g - 1, mask=gm, other=0)
+        rows_before = tl.load(seg_offs_ptr + g - 1, mask=gm, other=0)
+        rows_end = tl.load(seg_offs_ptr + g, mask=gv, other=0)
+        r3 = rows_before + (pid_r - tiles_before) * BR + loc
+        r_ok = (r3 < rows_end) & gv
+    else:
+        r3 = pid_r * BR + loc
+        r_ok = r3 < R
+    m = r_ok & (c3 < C)
+    x = tl.load(x_ptr + r3.to(tl.int64) * stride_xr + c3, mask=m, other=0.0).to(tl.float32)
+    if DEQ:
+        sx = tl.load(xs_ptr + r3.to(tl.int64) * xs_sr + (c3 // 128) * xs_sc, mask=m, other=0.0)
+        x = x * sx
+    ax = tl.abs(x)
+    if ROW:  # BC == 128: one tile per row
+        s = _scale_of(tl.max(ax, axis=2), floor, rcp, fmax, POW2, RCP)  # [R4, 4]
+        q = _to_fp8(x, tl.broadcast_to(s[:, :, None], (R4, 4, BC)), fmax)
+        mq = (r3 < q_rows) & (c3 < q_cols)
+        tl.store(q_ptr + r3.to(tl.int64) * stride_qr + c3, q, mask=mq)
+        r2 = pid_r * BR + i[:, None] * 4 + j[None, :]
+        tl.store(s_ptr + r2.to(tl.int64) * s_sr + pid_c * s_sc, s, mask=r2 < q_rows)
+    if COL:  # BR == 128: one tile per column
+        s = _scale_of(tl.max(tl.max(ax, axis=1), axis=0), floor, rcp, fmax, POW2, RCP)  # [BC]
+        q = _to_fp8(x, tl.broadcast_to(s[None, None, :], (R4, 4, BC)), fmax)
+        words = tl.trans(_pack4(q)).to(tl.int32, bitcast=True)  # [BC, R4]: row c, words of 4 destination rows
+        w = pid_r * R4 + i
+        c_ok = c < qt_rows
+        w_ok = w < qt_words
+        if SEG:
+            c_ok = c_ok & gv
+            w_ok = w_ok & gv
+        tl.store(qtw_ptr + c[:, None].to(tl.int64) * stride_qtw + w[None, :], words, mask=c_ok[:, None] & w_ok[None, :])
+        tl.store(st_ptr + pid_r.to(tl.int64) * st_sb + c * st_sc, s, mask=c_ok)
+
+
+@triton.jit
+def _quant_128x128_kernel(
+    w_ptr, q_ptr, s_ptr,
+    R, C, stride_wb, stride_wr,
+    stride_qb, stride_qr, stride_sb, stride_sr,
+    floor, rcp, fmax,
+    POW2: tl.constexpr, RCP: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    i = tl.arange(0, 32)
+    j = tl.arange(0, 4)
+    c = pid_c * 128 + tl.arange(0, 128)
+    r3 = pid_r * 128 + (i[:, None] * 4 + j[None, :])[:, :, None]  # [32, 4, 1]
+    c3 = c[None, None, :]
+    m = (r3 < R) & (c3 < C)
+    w = tl.load(w_ptr + pid_b * stride_wb + r3.to(tl.int64) * stride_wr + c3, mask=m, other=0.0)
+    w = w.to(tl.float32)
+    amax = tl.max(tl.max(tl.max(tl.abs(w), axis=2), axis=1), axis=0)
+    s = _scale_of(amax, floor, rcp, fmax, POW2, RCP)
+    q = _to_fp8(w, tl.zeros_like(w) + s, fmax)
+    tl.store(q_ptr + pid_b * stride_qb + r3.to(tl.int64) * stride_qr + c3, q)
+    tl.store(s_ptr + pid_b * stride_sb + pid_r * stride_sr + pid_c, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching: Triton's JIT entry point re-binds and re-specialises ~30 arguments on every call
+# (tens of microseconds of host time per launch, which made the FP8 Linear host-bound); after the
+# first launch of a specialisation, the compiled kernel is called directly.
+# ---------------------------------------------------------------------------------------------
+_FAST_LAUNCH = os.environ.get("MOEFORGE_TRITON_FASTLAUNCH", "1") != "0"
+_COMPILED: dict = {}
+
+
+def _spec(a):
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool):
+        return ("b", a)
+    if isinstance(a, int):
+        return ("i", a)
+    return ("f",) if isinstance(a, float) else ("o", a)
+
+
+def _launch(kernel, grid, args: tuple, consts: dict, num_warps: int, num_stages: int = 3):
+    """kernel[grid](*args, **consts): `consts` are the trailing constexpr parameters, in order."""
+    if not _FAST_LAUNCH:
+        kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    key = (kernel, num_warps, num_stages, tuple(consts.items()), tuple(_spec(a) for a in args))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        _COMPILED[key] = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+    else:
+        compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *consts.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Operands and the quantisation wrappers
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Operand:
+    """A quantised GEMM operand: rows x k valid, stored padded, k is the reduction dimension.
+
+    kind "row":   1x128 tiles along k;  q [ru(rows,16), ru(k,512)], s_store [ru(k,512)/128, ru(rows,16)]
+    kind "block": 128x128 blocks;       q [ru(rows,512), ru(k,512)], s_store [ru(rows,512)/128, ru(k,512)/128]
+    kind "segrow": 1x128 tiles along k, k grouped (Wgrad of experts): q [ru(rows,16), tiles*128],
+                   s_store [tiles, ru(rows,16)], each group's tiles start on a tile boundary.
+    """
+
+    q: torch.Tensor
+    s_store: torch.Tensor
+    rows: int
+    k: int
+    kind: str
+
+    @property
+    def qv(self) -> torch.Tensor:  # the valid part, as the reference returns it
+        return self.q[..., : self.rows, : self.k]
+
+    @property
+    def sv(self) -> torch.Tensor:  # scales [rows, ceil(k/128)] (1x128) or [ceil(rows/128), ceil(k/128)]
+        kb = _cdiv(self.k, BLOCK)
+        if self.kind == "row":
+            return self.s_store.t()[: self.rows, :kb]
+        return self.s_store[..., : _cdiv(self.rows, BLOCK), :kb]
+
+
+@functools.lru_cache(maxsize=None)
+def _ref_scale_mode(device_index: int) -> str:
+    """'rcp' if moeforge.fp8.quant on this CUDA device computes amax/448 as amax*fl32(1/448), else 'div'."""
+    from .quant import block_scales
+
+    probe = torch.zeros(1, BLOCK, device=torch.device("cuda", device_index))
+    probe[0, 0] = 3.0  # 3/448 and 3*fl32(1/448) differ in fp32
+    s = float(block_scales(probe, (1, 128))[0, 0])
+    three = torch.tensor(3.0, dtype=torch.float32)
+    rcp = float(three * torch.tensor(_RCP32, dtype=torch.float32))  # fp32 products, as the kernels do
+    div = float(torch.div(three, torch.tensor(FP8_MAX, dtype=torch.float32)))
+    assert rcp != div
+    if s not in (rcp, div):
+        raise RuntimeError(f"moeforge.fp8.quant's scale on CUDA ({s!r}) is neither amax/448 nor amax*fl32(1/448)")
+    return "rcp" if s == rcp else "div"
+
+
+def _rcp_flag(x: torch.Tensor, scale_mode: str | None) -> bool:
+    if scale_mode is None:
+        if x.device.type != "cuda":  # the CPU reference divides (Triton's interpreter runs on the CPU)
+            scale_mode = "div"
+        else:
+            scale_mode = _ref_scale_mode(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if scale_mode not in ("rcp", "div"):
+        raise ValueError(f"scale_mode must be 'rcp' or 'div', got {scale_mode!r}")
+    return scale_mode == "rcp"
+
+
+def _check_2d(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D tensor, got shape {tuple(x.shape)}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = True, cols: bool = False,
+                   x_scales: torch.Tensor | None = None, segments: tuple | None = None,
+                   scale_mode: str | None = None) -> tuple[Operand | None, Operand | None]:
+    """x [R, C] -> (1x128 tiles along C: Operand rows=R, k=C; 1x128 tiles along R of x^T: Operand rows=C, k=R).
+
+    x_scales: x holds FP8 codes and x_scales [R, ceil(C/128)] (any strides) their 1x128 scales; the
+    source is then q * s in FP32. segments (cols only): (tiles_cum int32 [G], offs_cum int32 [G],
+    max_tiles) with groups of rows whose 1x128 tiles along R restart at every group (experts).
+    """
+    x = _check_2d(x)
+    R, C = x.shape
+    dev = x.device
+    rcp = _rcp_flag(x, scale_mode)
+    if segments is not None and (rows or not cols):
+        raise ValueError("segments apply to the transposed (cols) output only")
+    q = s = qt = st = None
+    q_rows = q_cols = qt_rows = qt_cols = 0
+    if rows:
+        q_rows, q_cols = _ru(R, ROW_PAD), _ru(C, RED_PAD)
+        q = torch.empty(q_rows, q_cols, dtype=FP8, device=dev)
+        s = torch.empty(q_cols // BLOCK, q_rows, dtype=torch.float32, device=dev)
+    if cols:
+        qt_rows = _ru(C, ROW_PAD)
+        if segments is None:
+            qt_cols = _ru(R, RED_PAD)
+            n_tiles = qt_cols // BLOCK
+        else:
+            n_tiles = int(segments[2])
+            qt_cols = n_tiles * BLOCK
+        qt = torch.empty(qt_rows, qt_cols, dtype=FP8, device=dev)
+        st = torch.empty(n_tiles, qt_rows, dtype=torch.float32, device=dev)
+    if x_scales is not None:
+        xs, xs_sr, xs_sc = x_scales, x_scales.stride(0), x_scales.stride(1)
+    else:
+        xs, xs_sr, xs_sc = x, 0, 0
+    if segments is not None:
+        seg_t, seg_o = segments[0], segments[1]
+        n_seg = seg_t.numel()
+    else:
+        seg_t = seg_o = x
+        n_seg = 1
+    common = (R, C, x.stride(0), xs_sr, xs_sc)
+    deq = x_scales is not None
+    p2 = bool(pow2_scales)
+    if rows:  # 1x128 tiles along C: [32 rows, 128 columns] per program
+        qw_dummy = q.view(torch.int32)
+        _launch(_quant_1x128_kernel, (_cdiv(q_rows, 32), q_cols // BLOCK),
+                (x, xs, q, s, qw_dummy, s, seg_t, seg_o, n_seg, *common,
+                 q_rows, q_cols, q_cols, 1, q_rows, 0, 0, 0, 0, 0, _FLOOR32, _RCP32, FP8_MAX),
+                dict(BR=32, BC=128, ROW=True, COL=False, DEQ=deq, SEG=False, SEG_P2=2, POW2=p2, RCP=rcp), 4)
+    if cols:  # 1x128 tiles along R, written transposed: [128 rows, 32 columns] per program
+        qw = qt.view(torch.int32)
+        _launch(_quant_1x128_kernel, (qt_cols // BLOCK, _cdiv(qt_rows, 32)),
+                (x, xs, qt, st, qw, st, seg_t, seg_o, n_seg, *common,
+                 0, 0, 0, 0, 0, qt_rows, qt_cols // 4, qt_cols // 4, qt_rows, 1, _FLOOR32, _RCP32, FP8_MAX),
+                dict(BR=128, BC=32, ROW=False, COL=True, DEQ=deq, SEG=segments is not None,
+                     SEG_P2=triton.next_power_of_2(max(n_seg, 2)), POW2=p2, RCP=rcp), 4)
+    a = Operand(q, s, R, C, "row") if rows else None
+    b = None
+    if cols:
+        b = Operand(qt, st, C, R, "row" if segments is None else "segrow")
+    return a, b
+
+
+def quant_block_operand(w: torch.Tensor, pow2_scales: bool = False, *, transpose: bool = False,
+                        scale_mode: str | None = None) -> tuple[Operand, Operand | None]:
+    """w [..., N, K] (one leading batch dim at most) in 128x128 blocks -> Operand (and that of w^T)."""
+    if w.dim() not in (2, 3):
+        raise ValueError(f"expected a 2-D or 3-D weight, got shape {tuple(w.shape)}")
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)
+    if w3.stride(-1) != 1:
+        w3 = w3.contiguous()
+    E, N, K = w3.shape
+    Np, Kp = _ru(N, RED_PAD), _ru(K, RED_PAD)
+    dev = w.device
+    rcp = _rcp_flag(w, scale_mode)
+    q = torch.empty(E, Np, Kp, dtype=FP8, device=dev)
+    s = torch.empty(E, Np // BLOCK, Kp // BLOCK, dtype=torch.float32, device=dev)
+    _launch(_quant_128x128_kernel, (Np // BLOCK, Kp // BLOCK, E),
+            (w3, q, s, N, K, w3.stride(0), w3.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
+             _FLOOR32, _RCP32, FP8_MAX), dict(POW2=bool(pow2_scales), RCP=rcp), 16)
+    if transpose:  # W^T's 128x128 blocks are W's, transposed: a byte transpose (Dgrad's operand)
+        qt = q.view(torch.uint8).transpose(1, 2).contiguous().view(FP8)
+        st = s.transpose(1, 2).contiguous()
+    if w.dim() == 2:
+        q, s = q[0], s[0]
+        if transpose:
+            qt, st = qt[0], st[0]
+    a = Operand(q, s, N, K, "block")
+    return a, (Operand(qt, st, K, N, "block") if transpose else None)
+
+
+# Public, reference-shaped API ------------------------------------------------------------------
+def quant_rows(x: torch.Tensor, pow2_scales: bool = False, scale_mode: str | None = None):
+    """== quant.quantize(x, (1, 128)) for a 2-D CUDA x: (q [M, N], s [M, ceil(N/128)]) (views of padded buffers)."""
+    a, _ = quant_operands(x, pow2_scales, rows=True, scale_mode=scale_mode)
+    return a.qv, a.sv
+
+
+def quant_cols_t(x: torch.Tensor, pow2_scales: bool = False, x_scales: torch.Tensor | None = None,
+                 scale_mode: str | None = None):
+    """== quant.quantize(x.T.contiguous(), (1, 128)) (x dequantised first when x_scales is given)."""
+    _, b = quant_operands(x, pow2_scales, rows=False, cols=True, x_scales=x_scales, scale_mode=scale_mode)
+    return b.qv, b.sv
+
+
+def quant_rows_and_cols_t(x: torch.Tensor, pow2_scales: bool = False, scale_mode: str | None = None):
+    """(quant_rows(x), quant_cols_t(x))."""
+    a, b = quant_operands(x, pow2_scales, rows=True, cols=True, scale_mode=scale_mode)
+    return (a.qv, a.sv), (b.qv, b.sv)
+
+
+def quant_blocks(w: torch.Tensor, pow2_scales: bool = False, scale_mode: str | None = None):
+    """== quant.quantize(w, (128, 128)) for a 2-D or 3-D CUDA w."""
+    a, _ = quant_block_operand(w, pow2_scales, scale_mode=scale_mode)
+    return a.qv, a.sv
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMMs
+# ---------------------------------------------------------------------------------------------
+def _scaled_mm_gemm(a: Operand, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
+    """cuBLASLt blockwise FP8 GEMM through torch._scaled_mm: [a.rows, b.rows] = a_hat @ b_hat^T."""
+    Nr = _ru(b.rows, ROW_PAD)
+    mat1 = a.q
+    mat2 = b.q[:Nr].t()  # [Kp, Nr], column-major: the only layout SM90 takes
+    scale_a = a.s_store.t()  # [Mp, Kb], strides (1, Mp): outer-dim-major
+    if b.kind == "block":
+        scale_b = b.s_store[: _cdiv(Nr, BLOCK)].t()  # .t() is [Nb, Kb] row-major, Kb % 4 == 0
+    else:
+        scale_b = b.s_store  # [Kb, Nr]: .t() is [Nr, Kb] with strides (1, Nr)
+    out = torch._scaled_mm(mat1, mat2, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=False)
+    return out[: a.rows, : b.rows]
+
+
+@triton.jit
+def _gemm_kernel(
+    a_desc, b_desc, c_ptr, sa_ptr, sb_ptr,
+    tiles_ptr, offs_ptr, n_groups,
+    M, N, KB, b_group_rows, stride_cg, stride_cm,
+    sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
+    B_BLOCK: tl.constexpr, GROUP_M_ROWS: tl.constexpr, GROUP_K: tl.constexpr, G_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[m, n] = sum_kb (A[m, kb] . B[n, kb]) * sa[m, kb] * sb[n or n//128, kb]: one tensor-core dot per
+    128-wide K block, promoted into the FP32 accumulator with its two scales (DeepSeek-V3's recipe).
+    A and B are read through TMA descriptors ([BLOCK_M, 128] and [BLOCK_N, 128] boxes, K-major).
+
+    GROUP_M_ROWS: rows of A grouped (experts, forward/dgrad): axis 0 walks the per-group tiles of
+    BLOCK_M rows (a group's tiles start at its first row); B's rows and sb are per group.
+    GROUP_K: the K blocks grouped (experts, wgrad): axis 1 is the group g, which reduces over its
+    own blocks [tiles[g-1], tiles[g]) and writes C[g] (stride_cg).
+    """
+    BLOCK_K: tl.constexpr = 128
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    if GROUP_M_ROWS:
+        pid_m = pid // num_pid_n
+        pid_n = pid % num_pid_n
+        idx = tl.arange(0, G_P2)
+        cum = tl.load(tiles_ptr + idx, mask=idx < n_groups, other=2147483647)
+        g = tl.sum((cum <= pid_m).to(tl.int32), axis=0)
+        gm = g > 0
+        gv = g < n_groups
+        tiles_before = tl.load(tiles_ptr + g - 1, mask=gm, other=0)
+        row0 = tl.load(offs_ptr + g - 1, mask=gm, other=0)
+        row_end = tl.load(offs_ptr + g, mask=gv, other=0)
+        row_t = row0 + (pid_m - tiles_before) * BLOCK_M
+        offs_m = row_t + tl.arange(0, BLOCK_M)
+        mask_m = (offs_m < row_end) & gv
+        kb0 = 0
+        kb1 = tl.where(gv, KB, 0)
+        b_row = g * b_group_rows + pid_n * BLOCK_N
+    else:
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        width = GROUP_M * num_pid_n
+        group_id = pid // width
+        first_m = group_id * GROUP_M
+        size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        row_t = pid_m * BLOCK_M
+        offs_m = row_t + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        b_row = pid_n * BLOCK_N
+        if GROUP_K:
+            gm = g > 0
+            kb0 = tl.load(tiles_ptr + g - 1, mask=gm, other=0)
+            kb1 = tl.load(tiles_ptr + g)
+        else:
+            kb0 = 0
+            kb1 = KB
+    g64 = g.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    sa_ptrs = sa_ptr + offs_m.to(tl.int64) * sa_sm
+    sb_base = sb_ptr
+    if GROUP_M_ROWS:
+        sb_base += g64 * sb_sg
+    if B_BLOCK:
+        sb_ptrs = sb_base + (offs_n // 128) * sb_sn
+    else:
+        sb_ptrs = sb_base + offs_n.to(tl.int64) * sb_sn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        a = a_desc.load([row_t, kb * BLOCK_K])
+        b = b_desc.load([b_row, kb * BLOCK_K])
+        sa = tl.load(sa_ptrs + kb * sa_sk, mask=mask_m, other=0.0)
+        sb = tl.load(sb_ptrs + kb * sb_sk, mask=mask_n, other=0.0)
+        acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
+    c_base = c_ptr + row_t.to(tl.int64) * stride_cm
+    if GROUP_K:
+        c_base += g64 * stride_cg
+    c_ptrs = c_base + tl.arange(0, BLOCK_M)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+GEMM_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
+
+
+def _desc(t: torch.Tensor, rows: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    t2 = t.reshape(-1, t.shape[-1])
+    return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, BLOCK])
+
+
+def _triton_gemm(a: Operand, b: Operand, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    cfg = dict(GEMM_CONFIG if config is None else config)
+    M, N = a.rows, b.rows
+    KB = a.q.shape[1] // BLOCK
+    out = torch.empty(M, N, dtype=out_dtype, device=a.q.device)
+    if b.kind == "block":
+        sb_sn, sb_sk = b.s_store.stride(0), b.s_store.stride(1)
+    else:
+        sb_sn, sb_sk = b.s_store.stride(1), b.s_store.stride(0)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), 1)
+    _gemm_kernel[grid](
+        _desc(a.q, cfg["BLOCK_M"]), _desc(b.q, cfg["BLOCK_N"]), out, a.s_store, b.s_store, a.s_store, a.s_store, 1,
+        M, N, KB, 0, 0, out.stride(0),
+        a.s_store.stride(1), a.s_store.stride(0), 0, sb_sn, sb_sk,
+        B_BLOCK=b.kind == "block", GROUP_M_ROWS=False, GROUP_K=False, G_P2=2, **cfg,
+    )
+    return out
+
+
+_BACKEND = {"name": "cublas"}
+
+
+def fp8_gemm(a: Operand, b: Operand, out_dtype: torch.dtype = torch.bfloat16, backend: str | None = None,
+             config: dict | None = None) -> torch.Tensor:
+    """dequant(a) [M, K] @ dequant(b)^T [K, N] -> [M, N] in out_dtype, FP32 accumulation per 128 block of K.
+
+    a: 1x128 tiles along K; b: 128x128 blocks or 1x128 tiles along K. backend: "cublas"
+    (torch._scaled_mm) or "triton"; default: fp8.kernels.set_gemm_backend's choice ("cublas").
+    """
+    if a.kind != "row" or b.kind not in ("row", "block"):
+        raise ValueError("fp8_gemm: a must be 1x128-tiled, b 1x128-tiled or 128x128-blocked")
+    if a.q.shape[1] != b.q.shape[1] or a.k != b.k:
+        raise ValueError(f"fp8_gemm: reduction sizes differ ({a.k} vs {b.k})")
+    backend = backend or _BACKEND["name"]
+    if backend == "cublas":
+        return _scaled_mm_gemm(a, b, out_dtype)
+    if backend == "triton":
+        return _triton_gemm(a, b, out_dtype, config)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def set_gemm_backend(name: str) -> None:
+    if name not in ("cublas", "triton"):
+        raise ValueError(f"unknown backend {name!r}")
+    _BACKEND["name"] = name
+
+
+# Grouped (per-expert) GEMMs --------------------------------------------------------------------
+def group_layout(offsets: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """offsets [G] (cumulative row counts) -> (tiles_cum int32 [G], offsets int32 [G]): the tiles of
+    block_m rows of every group, restarting at each group, counted on the device (no host sync; the
+    static bound on the number of tiles is ceil(rows / block_m) + G)."""
+    offs = offsets.to(torch.int32).contiguous()
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    tiles = torch.cumsum((counts + block_m - 1) // block_m, 0, dtype=torch.int32)
+    return tiles, offs
+
+
+def grouped_gemm(a: Operand, b: Operand, offsets: torch.Tensor, out_dtype: torch.dtype,
+                 config: dict | None = None) -> torch.Tensor:
+    """Rows a[offsets[g-1]:offsets[g]] times dequant(b[g])^T for every group g (b: [G, N, K] blocks).
+
+    a: 1x128 tiles along K over all rows; b: "block" Operand with a leading group dimension.
+    Returns [rows, N] in out_dtype.
+    """
+    cfg = dict(GEMM_CONFIG if config is None else config)
+    R = a.rows
+    G = b.q.shape[0]
+    N = b.rows
+    KB = a.q.shape[1] // BLOCK
+    tiles, offs = group_layout(offsets, cfg["BLOCK_M"])
+    out = torch.empty(R, N, dtype=out_dtype, device=a.q.device)
+    max_tiles = triton.cdiv(R, cfg["BLOCK_M"]) + G
+    grid = (max_tiles * triton.cdiv(N, cfg["BLOCK_N"]), 1)
+    _gemm_kernel[grid](
+        _desc(a.q, cfg["BLOCK_M"]), _desc(b.q, cfg["BLOCK_N"]), out, a.s_store, b.s_store, tiles, offs, G,
+        R, N, KB, b.q.shape[1], 0, out.stride(0),
+        a.s_store.stride(1), a.s_store.stride(0), b.s_store.stride(0), b.s_store.stride(1), b.s_store.stride(2),
+        B_BLOCK=True, GROUP_M_ROWS=True, GROUP_K=False, G_P2=triton.next_power_of_2(max(G, 2)), **cfg,
+    )
+    return out
+
+
+def grouped_wgrad(gt: Operand, xt: Operand, tiles: torch.Tensor, out_dtype: torch.dtype,
+                  config: dict | None = None) -> torch.Tensor:
+    """dW[g] = gt_hat[:, group g's tiles] @ xt_hat[:, group g's tiles]^T -> [G, gt.rows, xt.rows]."""
+    cfg = dict(GEMM_CONFIG if config is None else config)
+    G = tiles.numel()
+    M, N = gt.rows, xt.rows
+    out = torch.empty(G, M, N, dtype=out_dtype, device=gt.q.device)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), G)
+    _gemm_kernel[grid](
+        _desc(gt.q, cfg["BLOCK_M"]), _desc(xt.q, cfg["BLOCK_N"]), out, gt.s_store, xt.s_store, tiles, tiles, G,
+        M, N, 0, 0, out.stride(0), out.stride(1),
+        gt.s_store.stride(1), gt.s_store.stride(0), 0, xt.s_store.stride(1), xt.s_store.stride(0),
+        B_BLOCK=False, GROUP_M_ROWS=False, GROUP_K=True, G_P2=2, **cfg,
+    )
+    return out

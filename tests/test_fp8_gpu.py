@@ -1,0 +1,273 @@
+"""GPU path of FP8 training (moeforge.fp8.kernels / moeforge.fp8.gpu): run with `pytest -m gpu` on an
+SM90 GPU (H100/H200); skipped where Triton or CUDA is missing.
+
+- The Triton quantisers are bit-identical to the reference moeforge.fp8.quant run on the same CUDA
+  tensors (same FP8 bytes, same FP32 scales), ragged edges, all-zero tiles and power-of-two scales
+  included, and write zeros into the GEMM padding.
+- The blockwise FP8 GEMMs equal the FP32 product of the dequantised operands within Hopper's FP8
+  accumulation error (GEMM_TOL x sum |a||b| per output element).
+- FP8Linear / the FP8 routed experts on CUDA match the reference emulation (linear.py) run on the GPU.
+"""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from moeforge.fp8 import FP8Linear, FP8Recipe, dequantize, quantize  # noqa: E402
+from moeforge.fp8 import gpu, kernels  # noqa: E402
+from moeforge.fp8.linear import _FP8GroupedFn, _FP8LinearFn  # noqa: E402
+
+DEV = torch.device("cuda")
+SM90 = torch.cuda.get_device_capability()[0] == 9
+needs_sm90 = pytest.mark.skipif(not SM90, reason="blockwise FP8 GEMMs (cuBLAS/Triton wgmma) need SM90")
+# Hopper's FP8 tensor cores add the products of one 128-wide K block with limited precision (about 14
+# bits kept); per output element the error stays below GEMM_TOL * sum_k |a_k||b_k| (measured on an
+# H200: see docs/fp8.md).
+GEMM_TOL = 2.0 ** -10
+
+
+def _data(shape, dtype=torch.float32, seed=0):
+    """Random values spanning six decades across columns, one all-zero 1x128 tile, some -0.0."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[-1])
+    x[..., 0, : min(128, shape[-1])] = 0.0  # an all-zero 1x128 tile
+    if shape[-2] > 1:
+        x[..., 1, :3] = -0.0
+    return x.to(dtype).to(DEV)
+
+
+def _bytes_equal(q, q_ref):
+    assert q.dtype == torch.float8_e4m3fn and q.shape == q_ref.shape
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+SHAPES = [(3, 300), (150, 260), (256, 1024), (1, 128), (200, 72), (129, 385)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quant_rows_bit_exact(shape, dtype, pow2):
+    x = _data(shape, dtype)
+    q_ref, s_ref = quantize(x, (1, 128), pow2, check_finite=False)
+    for _ in range(2):  # the first launch compiles, the second calls the cached kernel directly
+        q, s = kernels.quant_rows(x, pow2)
+        _bytes_equal(q, q_ref)
+        assert torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quant_cols_transposed_bit_exact(shape, pow2):
+    """quantize(x^T) in 1x128 tiles without building x^T; from BF16 values and from FP8 codes + scales."""
+    x = _data(shape, torch.bfloat16, seed=1)
+    q_ref, s_ref = quantize(x.T.contiguous(), (1, 128), pow2, check_finite=False)
+    for _ in range(2):
+        qt, st = kernels.quant_cols_t(x, pow2)
+        _bytes_equal(qt, q_ref)
+        assert torch.equal(st, s_ref)
+    x32 = x.float() * 3.0  # FP32 sources too
+    qt, st = kernels.quant_cols_t(x32, pow2)
+    q_ref, s_ref = quantize(x32.T.contiguous(), (1, 128), pow2, check_finite=False)
+    _bytes_equal(qt, q_ref)
+    assert torch.equal(st, s_ref)
+    # the Wgrad operand of an FP8-saved input: dequantise (q * s) then quantise along the rows
+    xq, xs = quantize(x, (1, 128), pow2, check_finite=False)
+    qt, st = kernels.quant_cols_t(xq, pow2, x_scales=xs)
+    q_ref, s_ref = quantize(dequantize(xq, xs).T.contiguous(), (1, 128), pow2, check_finite=False)
+    _bytes_equal(qt, q_ref)
+    assert torch.equal(st, s_ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quant_rows_and_cols(shape):
+    x = _data(shape, torch.float32, seed=2)
+    (q, s), (qt, st) = kernels.quant_rows_and_cols_t(x)
+    q_ref, s_ref = quantize(x, (1, 128), check_finite=False)
+    qt_ref, st_ref = quantize(x.T.contiguous(), (1, 128), check_finite=False)
+    _bytes_equal(q, q_ref)
+    _bytes_equal(qt, qt_ref)
+    assert torch.equal(s, s_ref) and torch.equal(st, st_ref)
+
+
+@pytest.mark.parametrize("shape", [(200, 72), (72, 260), (384, 640), (128, 128), (3, 4, 300, 200)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quant_blocks_bit_exact(shape, dtype, pow2):
+    if len(shape) == 4:  # a stack of expert weights [E, N, K]
+        shape = (shape[0] * shape[1], *shape[2:])
+    w = _data(shape, dtype, seed=3)
+    q_ref, s_ref = quantize(w, (128, 128), pow2, check_finite=False)
+    for _ in range(2):
+        q, s = kernels.quant_blocks(w, pow2)
+        _bytes_equal(q, q_ref)
+        assert torch.equal(s, s_ref)
+    a, at = kernels.quant_block_operand(w, pow2, transpose=True)  # and the transposed copy (Dgrad)
+    qt_ref, st_ref = quantize(w.transpose(-1, -2).contiguous(), (128, 128), pow2, check_finite=False)
+    _bytes_equal(at.qv, qt_ref)
+    assert torch.equal(at.sv, st_ref)
+
+
+def test_padding_is_zero_and_scales_finite():
+    """The GEMM reads the padded operands: the padding must hold zeros and finite scales."""
+    x = _data((150, 260), torch.bfloat16)
+    a, b = kernels.quant_operands(x, rows=True, cols=True)
+    for op in (a, b):
+        full = op.q.float()
+        assert full.shape[1] % 512 == 0 and full.shape[0] % 16 == 0
+        assert torch.all(full[op.rows:] == 0) and torch.all(full[:, op.k:] == 0)
+        assert torch.isfinite(op.s_store).all() and (op.s_store > 0).all()
+    w, wt = kernels.quant_block_operand(_data((200, 72)), transpose=True)
+    assert torch.all(w.q.float()[200:] == 0) and torch.all(wt.q.float()[:, 200:] == 0)
+
+
+def test_scale_division_modes():
+    """On CUDA the reference computes amax / 448 as amax * fl32(1/448) (PyTorch's scalar-division
+    kernel); the kernels follow it by default and give the true division (the CPU reference's) with
+    scale_mode='div'."""
+    x = _data((64, 512), torch.float32, seed=4)
+    q_div, s_div = kernels.quant_rows(x, scale_mode="div")
+    q_cpu, s_cpu = quantize(x.cpu(), (1, 128), check_finite=False)
+    _bytes_equal(q_div.cpu(), q_cpu)
+    assert torch.equal(s_div.cpu(), s_cpu)
+    mode = kernels._ref_scale_mode(DEV.index or 0)
+    q_dev, s_dev = quantize(x, (1, 128), check_finite=False)
+    q_k, s_k = kernels.quant_rows(x)
+    assert torch.equal(s_k, s_dev) and mode in ("rcp", "div")
+    if mode == "rcp":
+        assert not torch.equal(s_dev.cpu(), s_cpu)  # the two references differ in the last bit
+        torch.testing.assert_close(s_dev.cpu(), s_cpu, rtol=2.0 ** -23, atol=0)
+
+
+def test_segmented_transposed_quantisation():
+    """Tiles along the tokens restart at every expert (the grouped Wgrad operands)."""
+    counts = torch.tensor([130, 0, 7, 300, 1])
+    offsets = counts.cumsum(0).to(torch.int32).to(DEV)
+    x = _data((int(counts.sum()), 200), torch.bfloat16, seed=5)
+    tiles, offs = kernels.group_layout(offsets, 128)
+    seg = (tiles, offs, -(-x.shape[0] // 128) + len(counts))
+    _, op = kernels.quant_operands(x, rows=False, cols=True, segments=seg)
+    start, t0 = 0, 0
+    for e, end in enumerate(offsets.tolist()):
+        t1 = int(tiles[e])
+        n = end - start
+        if n:
+            q_ref, s_ref = quantize(x[start:end].T.contiguous(), (1, 128), check_finite=False)
+            _bytes_equal(op.q[:200, t0 * 128: t0 * 128 + n], q_ref)
+            assert torch.equal(op.s_store[t0:t1, :200].T, s_ref)
+            assert torch.all(op.q[:200, t0 * 128 + n: t1 * 128].float() == 0)
+        start, t0 = end, t1
+
+
+def _emulated(a: "kernels.Operand", b: "kernels.Operand"):
+    ah = dequantize(a.qv, a.sv, (1, 128))
+    bh = dequantize(b.qv, b.sv, (1, 128) if b.kind == "row" else (128, 128))
+    return ah @ bh.T, ah.abs() @ bh.abs().T
+
+
+@needs_sm90
+@pytest.mark.parametrize("backend", ["cublas", "triton"])
+@pytest.mark.parametrize("b_kind", ["block", "row"])
+@pytest.mark.parametrize("mkn", [(150, 260, 140), (256, 384, 256), (512, 2048, 768)])
+def test_fp8_gemm_matches_fp32_emulation(backend, b_kind, mkn):
+    M, K, N = mkn
+    a, _ = kernels.quant_operands(_data((M, K), torch.bfloat16, seed=6))
+    if b_kind == "block":
+        b, _ = kernels.quant_block_operand(_data((N, K), torch.float32, seed=7))
+    else:
+        b, _ = kernels.quant_operands(_data((N, K), torch.bfloat16, seed=7))
+    out = kernels.fp8_gemm(a, b, out_dtype=torch.float32, backend=backend)
+    ref, mag = _emulated(a, b)
+    assert out.shape == (M, N) and torch.isfinite(out).all()
+    assert torch.all((out - ref).abs() <= GEMM_TOL * mag + 1e-30)
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("recipe", [FP8Recipe(), FP8Recipe(save_fp8_inputs=False), FP8Recipe(pow2_scales=True)])
+@pytest.mark.parametrize("tkn", [(150, 260, 140), (512, 1024, 768)])
+def test_fp8_linear_gpu_matches_reference(dtype, recipe, tkn):
+    """Fprop, Dgrad and Wgrad of the GPU path against the reference emulation on the same GPU tensors:
+    FP8 bytes and scales are identical, so the results differ only by the GEMMs' accumulation
+    (GEMM_TOL x sum |a||b|) and, in BF16, by one ulp of the output."""
+    T, K, N = tkn
+    torch.manual_seed(0)
+    w = (torch.randn(N, K, device=DEV) * 0.05).to(dtype)
+    x = torch.randn((2, T // 2, K) if T % 2 == 0 else (T, K), device=DEV).to(dtype)
+    g = torch.randn(*x.shape[:-1], N, device=DEV).to(dtype)
+    outs = []
+    for use_gpu in (True, False):
+        xi = x.detach().clone().requires_grad_()
+        wi = w.detach().clone().requires_grad_()
+        if use_gpu:
+            assert gpu.available(xi, wi)
+            y = gpu.fp8_linear(xi, wi, recipe)
+        else:
+            y = _FP8LinearFn.apply(xi, wi, recipe)
+        y.backward(g)
+        outs.append((y.detach().float(), xi.grad.float(), wi.grad.float()))
+    (y, dx, dw), (y_r, dx_r, dw_r) = outs
+    assert y.dtype == torch.float32
+    p2 = recipe.pow2_scales
+    fq = lambda t, blk: dequantize(*quantize(t.float(), blk, p2, check_finite=False), blk)  # noqa: E731
+    x2, g2 = x.reshape(-1, K).float(), g.reshape(-1, N).float()
+    xh = fq(x2, (1, 128))
+    rnd = 2.0 ** -7 if dtype == torch.bfloat16 else 0.0  # one BF16 ulp of the output
+    mag_y = xh.abs() @ fq(w, (128, 128)).abs().T
+    mag_dx = fq(g2, (1, 128)).abs() @ fq(w, (128, 128)).abs()
+    x_src = xh if recipe.save_fp8_inputs else x2
+    mag_dw = fq(g2.T.contiguous(), (1, 128)).abs() @ fq(x_src.T.contiguous(), (1, 128)).abs().T
+    for out, ref, mag in ((y.reshape(-1, N), y_r.reshape(-1, N), mag_y), (dx.reshape(-1, K), dx_r.reshape(-1, K), mag_dx),
+                          (dw, dw_r, mag_dw)):
+        assert torch.all((out - ref).abs() <= GEMM_TOL * mag + rnd * ref.abs() + 1e-30)
+
+
+@needs_sm90
+def test_fp8_linear_module_dispatches_to_gpu(monkeypatch):
+    lin = FP8Linear(256, 128, bias=True, device=DEV)
+    x = torch.randn(4, 8, 256, device=DEV, requires_grad=True)
+    calls = []
+    real = gpu.fp8_linear
+    monkeypatch.setattr(gpu, "fp8_linear", lambda *a: calls.append(1) or real(*a))
+    y = lin(x)
+    y.sum().backward()
+    assert calls and y.shape == (4, 8, 128) and x.grad.shape == x.shape and lin.bias.grad is not None
+    monkeypatch.setattr(gpu, "ENABLED", False)
+    assert not gpu.available(x, lin.weight)
+    y_ref = lin(x)  # the reference emulation on CUDA
+    assert len(calls) == 1
+    torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)
+
+
+@needs_sm90
+@pytest.mark.parametrize("counts, d_in, d_out", [([130, 0, 7, 40], 96, 80), ([300, 1000, 0, 512, 257], 512, 384)])
+@pytest.mark.parametrize("recipe", [FP8Recipe(), FP8Recipe(save_fp8_inputs=False)])
+def test_fp8_grouped_gpu_matches_reference(counts, d_in, d_out, recipe):
+    torch.manual_seed(0)
+    counts = torch.tensor(counts)
+    offsets = counts.cumsum(0).to(torch.int32).to(DEV)
+    x = torch.randn(int(counts.sum()), d_in, device=DEV)
+    w_store = torch.randn(len(counts), d_out, d_in, device=DEV) * 0.05  # [E, out, in], as Experts stores it
+    g = torch.randn(x.shape[0], d_out, device=DEV)
+    outs = []
+    for fn in (gpu.fp8_grouped, _FP8GroupedFn.apply):
+        xi = x.clone().requires_grad_()
+        wi = w_store.clone().requires_grad_()
+        y = fn(xi, wi.transpose(1, 2), offsets, recipe)
+        y.backward(g)
+        outs.append((y.detach(), xi.grad, wi.grad))
+    (y, dx, dw), (y_r, dx_r, dw_r) = outs
+    # magnitudes for the tolerance: |x||w| sums (an upper bound of sum |a||b| of each GEMM's FP8 operands)
+    big = 1.01 * GEMM_TOL
+    assert torch.all((y - y_r).abs() <= big * (x.abs().max() * w_store.abs().max() * 1.2 * d_in) + 1e-30)
+    assert torch.all((dx - dx_r).abs() <= big * (g.abs().max() * w_store.abs().max() * 1.2 * d_out) + 1e-30)
+    assert torch.all((dw - dw_r).abs() <= big * (g.abs().max() * x.abs().max() * 1.3 * counts.max()) + 1e-30)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end == start:
+            assert torch.all(dw[e] == 0)
+        start = end
