@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import MoeforgeError
-from ..model.moe import Experts, LocalDispatcher, MoE, expert_counts
+from ..model.moe import Experts, LocalDispatcher, MoE
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")  # stacked over experts in dim 0
 
