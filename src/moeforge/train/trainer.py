@@ -356,16 +356,11 @@ class Trainer:
         return torch.stack([out["main"], mtp, out["balance"]]).float().to(self.device)
 
     # ---- one optimizer step ----
-    def train_step(self) -> dict:
+    def _accumulate(self, n_micro: int, lam: float) -> torch.Tensor:
+        """Forward/backward over the step's micro-batches; returns the mean (main, weighted MTP, balance)."""
         t, m = self.cfg.train, self.cfg.model
-        self.model.train()
-        batch = batch_size_at(self.step, t)
-        n_micro = batch // t.micro_batch
-        lam = mtp_lambda_at(self.step, t)
-        sums = torch.zeros(3, device=self.device)  # main, mtp (weighted sum), balance
-        if self.stages is not None:
-            sums = self._pipeline_step(n_micro, lam)
-        for i in range(n_micro if self.stages is None else 0):
+        sums = torch.zeros(3, device=self.device)
+        for i in range(n_micro):
             window = self.loader.next_batch(t.micro_batch)  # the global micro-batch ...
             window = parallel.data_shard(window, self.pctx).to(self.device, non_blocking=True)  # ... this rank's rows
             parallel.set_gradient_sync(self.model, i == n_micro - 1)  # FSDP: reduce on the last micro-batch only
@@ -375,6 +370,18 @@ class Trainer:
             loss = out["main"] + mtp + t.balance_alpha * out["balance"]
             (loss / n_micro).backward()
             sums += torch.stack([out["main"], mtp, out["balance"]]).detach().float() / n_micro
+        return sums
+
+    def train_step(self) -> dict:
+        t, m = self.cfg.train, self.cfg.model
+        self.model.train()
+        batch = batch_size_at(self.step, t)
+        n_micro = batch // t.micro_batch
+        lam = mtp_lambda_at(self.step, t)
+        if self.stages is not None:
+            sums = self._pipeline_step(n_micro, lam)
+        else:
+            sums = self._accumulate(n_micro, lam)
         if self.pctx is not None:
             parallel.sync_gradients(self.model, self.pctx)  # all-reduce (sharding=none; FSDP reduced in backward)
             sums = self.pctx.all_reduce_mean_dp_ep(sums)  # mean of per-rank means = global mean: all ranks log it
