@@ -473,6 +473,16 @@ def _allow_missing_bias(d: dict) -> bool:
     return d.get("topk_method", "noaux_tc") != "noaux_tc" or d.get("model_type") == "deepseek_v2"
 
 
+def _open_source(folder: Path, stack: ExitStack, mtp: int | None):
+    """What load and convert share: (config.json dict, ModelConfig, tensor plan, tensor getter)."""
+    d = _read_config(folder)
+    files = _Folder(folder, stack)
+    keys = files.keys()
+    cfg = _resolve(folder, d, keys, mtp)
+    plan = _plan(cfg, keys, files.shapes(), where=str(folder), allow_missing_bias=_allow_missing_bias(d))
+    return d, cfg, plan, _make_getter(files.get, keys, _fp8_block(d), str(folder))
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
          mtp: int | None = None) -> Transformer:
     """Build a moeforge Transformer from a Hugging Face DeepSeek-V3 (or V2) folder.
@@ -488,15 +498,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     """
     folder = Path(path)
     dtype = _dtype(dtype)
-    d = _read_config(folder)
     with ExitStack() as stack:
-        files = _Folder(folder, stack)
-        keys = files.keys()
-        cfg = _resolve(folder, d, keys, mtp)
-        plan = _plan(cfg, keys, files.shapes(), where=str(folder), allow_missing_bias=_allow_missing_bias(d))
+        _, cfg, plan, get = _open_source(folder, stack, mtp)
         model = _empty_model(cfg, device, dtype)
         state = model.state_dict()
-        get = _make_getter(files.get, keys, _fp8_block(d), str(folder))
         with torch.no_grad():
             for name, pieces in plan.items():
                 _fill(state[name], pieces, get, name, str(folder))
@@ -733,13 +738,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype |
     the new dtype and the number of MTP layers actually written.
     """
     src, dtype = Path(src), _dtype(dtype)
-    d = _read_config(src)
     with ExitStack() as stack:
-        files = _Folder(src, stack)
-        keys = files.keys()
-        cfg = _resolve(src, d, keys, None)
-        plan = _plan(cfg, keys, files.shapes(), where=str(src), allow_missing_bias=_allow_missing_bias(d))
-        get = _make_getter(files.get, keys, _fp8_block(d), str(src))
+        d, cfg, plan, get = _open_source(src, stack, None)
         expected = _expected_state(cfg)
 
         def write(tmp: Path) -> None:
