@@ -110,6 +110,14 @@ class _OneThread:
         torch.set_num_threads(self.saved)
 
 
+def single_process(fn, cache_dir: Path):
+    """fn() on one intra-op thread with MOEFORGE_CACHE -> cache_dir: the reference run that the
+    multi-process tests compare with (module-scoped fixtures cannot use monkeypatch)."""
+    with _OneThread(), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOEFORGE_CACHE", str(cache_dir))
+        return fn()
+
+
 @pytest.fixture
 def one_thread():
     with _OneThread():

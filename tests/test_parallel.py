@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import single_process
 from dist import run_dist, run_torchrun, teardown_aborted
 from moeforge.config import ParallelConfig, config_from_dict, load_config
 from moeforge.errors import MoeforgeError
@@ -110,14 +111,7 @@ def train_run(cfg_dict: dict, cache: str | None, steps: int, resume: bool = Fals
 def reference(tmp_path_factory, data_dir, mf_cache_dir):
     """The single-process run every layout is compared with (and its step-2 checkpoint)."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("MOEFORGE_CACHE", str(mf_cache_dir))
-            res = train_run(make_config(data_dir, out), None, STEPS)
-    finally:
-        torch.set_num_threads(threads)
+    res = single_process(lambda: train_run(make_config(data_dir, out), None, STEPS), mf_cache_dir)
     res["out"] = out
     return res
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import single_process
 from dist import run_dist, run_torchrun, teardown_aborted
 from moeforge.config import config_from_dict, load_config
 
@@ -70,14 +71,7 @@ def train_run(cfg_dict: dict, cache: str | None) -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir, mf_cache_dir):
     out = tmp_path_factory.mktemp("pipe_ref") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("MOEFORGE_CACHE", str(mf_cache_dir))
-            res = train_run(make_config(data_dir, out), None)
-    finally:
-        torch.set_num_threads(threads)
+    res = single_process(lambda: train_run(make_config(data_dir, out), None), mf_cache_dir)
     res["out"] = out
     return res
 
