@@ -8,6 +8,7 @@ import torch
 from moeforge.errors import MoeforgeError
 from moeforge.fp8 import FP8_MAX, convert_to_fp8, dequantize, fake_quantize, quantize
 from moeforge.fp8.linear import FP8Experts, FP8Linear, FP8Recipe, _FP8GroupedFn
+from moeforge.model.head import OutputHead
 from moeforge.model.moe import Experts, grouped_mm_reference
 
 E4M3_REL = 2.0 ** -4  # round-to-nearest with 3 mantissa bits: relative error <= half an ulp = 2^-4
@@ -151,7 +152,7 @@ def test_convert_to_fp8_keeps_parameters_and_precision_sensitive_parts():
     names_before = [n for n, _ in model.named_parameters()]
     convert_to_fp8(model)
     assert [n for n, _ in model.named_parameters()] == names_before  # checkpoints are precision-independent
-    assert type(model.head) is torch.nn.Linear and type(model.embed) is torch.nn.Embedding
+    assert type(model.head) is OutputHead and type(model.embed) is torch.nn.Embedding
     assert isinstance(model.layers[0].attn.wkv_a, FP8Linear)
     assert isinstance(model.layers[1].ffn.experts, FP8Experts) and isinstance(model.mtp[0].eh_proj, FP8Linear)
     assert not any(isinstance(m, Experts) and not isinstance(m, FP8Experts) for m in model.modules())

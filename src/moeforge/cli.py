@@ -64,6 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="dtype of the written weights (default bf16)")
 
+    p = sub.add_parser("bench", help="measure training-step speed, MFU and memory (optionally against transformers)",
+                       description="Time training steps on random tokens after a warm-up and print tokens/s, TFLOP/s, "
+                                   "MFU, peak memory, host syncs and the time split by part (docs/performance.md).")
+    p.add_argument("--preset", help="a built-in preset (default bench)")
+    p.add_argument("--config", help="a TOML file (applied after --preset)")
+    p.add_argument("--seq-len", type=int, help="sequence length (train.seq_len)")
+    p.add_argument("--batch-size", type=int, help="sequences per optimizer step (train.batch_size)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp8"], help="numerics (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first, for compilation and autotuning (default 3)")
+    p.add_argument("--vs", choices=["hf"], help="also measure transformers' DeepseekV3ForCausalLM on the same settings")
+    p.add_argument("--no-split", action="store_true", help="skip the extra step that times each part")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    _add_device(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="settings such as train.compile=true train.recompute=norm,swiglu train.loss_chunk=4096")
+
     p = sub.add_parser("info", help="parameter counts and FLOPs of a preset or config", description="Print parameter counts and training FLOPs per token of a config (built on the meta device, no memory).")
     p.add_argument("--preset", help="a built-in preset (default tiny)")
     p.add_argument("--config", help="a TOML file")
@@ -196,6 +213,47 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    from . import bench
+    from .config import load_config
+    from .train.trainer import resolve_device, resolve_precision
+
+    if args.steps < 1 or args.warmup < 0:
+        raise MoeforgeError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    overrides = list(args.overrides)
+    for flag, key in (("seq_len", "seq_len"), ("batch_size", "batch_size"), ("precision", "precision"),
+                      ("device", "device")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"train.{key}={value}")
+    cfg = load_config(args.preset or (None if args.config else "bench"), args.config, overrides)
+    device = resolve_device(cfg.train.device)
+    t = cfg.train
+    if args.vs == "hf" and resolve_precision(t.precision, device) == "fp8":
+        raise MoeforgeError("--vs hf: transformers has no FP8 training path to compare with; use --precision bf16")
+    print(f"bench: {t.batch_size} x {t.seq_len} tokens per step, precision {resolve_precision(t.precision, device)}, compile {t.compile}, "
+          f"recompute {t.recompute or 'none'}, loss_chunk {t.loss_chunk}, device {device} | {bench.describe_peak(device)}",
+          flush=True)
+    results = [bench.bench_moeforge(cfg, args.steps, args.warmup, split=not args.no_split)]
+    print(bench.format_result(results[0]), flush=True)
+    if args.vs == "hf":
+        bench.free_memory(device)
+        if cfg.model.num_nextn_predict_layers:
+            print("note: transformers does not run the MTP modules; moeforge's FLOPs include them", flush=True)
+        results.append(bench.bench_hf(cfg, args.steps, args.warmup))
+        print(bench.format_result(results[1]))
+        ours, theirs = results
+        mem = (f", peak memory {ours.peak_mem_gib / theirs.peak_mem_gib:.2f}x"
+               if ours.peak_mem_gib and theirs.peak_mem_gib else "")
+        print(f"moeforge / transformers: {ours.tokens_per_s / theirs.tokens_per_s:.2f}x tokens/s{mem}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": cfg.to_dict(), "results": [r.to_dict() for r in results]},
+                                              indent=1))
+    return 0
+
+
 def cmd_info(args) -> int:
     from .config import load_config
     from .model import build_model, count_parameters
@@ -209,7 +267,8 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert, "bench": cmd_bench,
+            "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

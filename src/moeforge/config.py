@@ -155,6 +155,11 @@ class TrainConfig:
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp8 (DeepSeek-V3's FP8 GEMMs)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1234
+    # speed and memory (train/speed.py, model/head.py); none of them changes the function computed
+    compile: bool = False  # torch.compile each decoder block (regional compilation)
+    recompute: str = ""  # parts recomputed in backward: comma list of norm, mla_up, swiglu; or full
+    loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (logits never in full)
+    ema_decay: float = 0.0  # >0: keep an EMA of the parameters in CPU memory, updated off the step
     # data
     data: str = ""  # "" = the embedded default corpus
     tokenizer: str = ""  # "" = the default tokenizer shipped with moeforge
@@ -171,6 +176,14 @@ class TrainConfig:
     @property
     def micro_batch(self) -> int:
         return self.micro_batch_size or self.batch_size
+
+    @property
+    def recompute_parts(self) -> list[str]:
+        """'norm,swiglu' -> ['norm', 'swiglu']; '' or 'none' -> []."""
+        return [p.strip() for p in self.recompute.split(",") if p.strip() and p.strip() != "none"]
+
+
+RECOMPUTE_PARTS = ("norm", "mla_up", "swiglu", "full")
 
 
 @dataclass
@@ -391,6 +404,14 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
            f"train.precision: expected auto, fp32, bf16 or fp8, got {t.precision!r}")
     _check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
            f"train.device: expected auto, cpu or cuda, got {t.device!r}")
+    parts = t.recompute_parts
+    bad = [p for p in parts if p not in RECOMPUTE_PARTS]
+    _check(not bad, f"train.recompute: unknown part {bad[0]!r} (choose from {', '.join(RECOMPUTE_PARTS)})" if bad else "")
+    _check("full" not in parts or len(parts) == 1, "train.recompute: 'full' already recomputes every part; give it alone")
+    _check(not t.compile or parts in ([], ["full"]),
+           "train.compile: can be combined with train.recompute=full only (selective parts run eagerly)")
+    _check(t.loss_chunk >= 0, f"train.loss_chunk: must be >= 0, got {t.loss_chunk}")
+    _check(0 <= t.ema_decay < 1, f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
 
 
 def validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:

@@ -59,7 +59,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     Uses torch's grouped GEMM where it has a kernel for these inputs (CPU; CUDA in BF16),
     otherwise the per-expert reference loop.
     """
-    fast = hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+    # (torch's shape function for compilation accepts BF16 only, though the CPU kernel takes FP32 too)
+    cpu_ok = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    fast = hasattr(F, "grouped_mm") and (cpu_ok or x.dtype == torch.bfloat16)
     if fast and x.dtype == w.dtype and _aligned(x) and _aligned(w):
         return F.grouped_mm(x, w, offs=offsets)
     return grouped_mm_reference(x, w, offsets)
@@ -138,6 +140,12 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: in
     return (f * P).sum(dim=-1).mean()
 
 
+def _recomputing() -> bool:
+    """True while activation recomputation re-runs this forward inside backward (count tokens once).
+    A compiled region is traced once and recomputed from its graph, so it never re-runs Python."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 class MoE(nn.Module):
     """h' = shared(u) + sum_k g_k * expert_k(u): the DeepSeekMoE FFN of one layer."""
 
@@ -160,7 +168,9 @@ class MoE(nn.Module):
         weights, indices, scores = self.gate(u)
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += expert_counts(indices.flatten(), self.n_experts).float()
+                counts = expert_counts(indices.flatten(), self.n_experts).float()
+                if not _recomputing():  # (the same ops run either way: recomputation replays them in order)
+                    self.tokens_per_expert += counts
             balance = sequence_balance_loss(scores, indices, B, self.n_experts)
         else:
             balance = scores.new_zeros(())

@@ -10,11 +10,11 @@ Shape legend: B batch, S sequence, D hidden, V vocabulary.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from .attention import MLA, LatentCache
+from .head import OutputHead
 from .layers import FeedForward, RMSNorm, rope_cos_sin
 from .moe import MoE, Router, Experts
 from .mtp import IGNORE_INDEX, MTPModule, shift_tokens
@@ -48,16 +48,26 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head = OutputHead(cfg.hidden_size, cfg.vocab_size)
         # MTP module k holds the block of layer num_hidden_layers + k - 1 (as in the release).
         self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.num_hidden_layers + k))
                                  for k in range(cfg.num_nextn_predict_layers))
+        self._rope_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, R/2] on `device`, sliced from a table built once per device: building it
+        copies the frequencies from the host, which would otherwise synchronise every training step."""
+        key = str(device)
+        if key not in self._rope_cache or self._rope_cache[key][0].shape[0] < length:
+            self._rope_cache[key] = rope_cos_sin(self.cfg, max(length, self.cfg.max_position_embeddings), device)
+        cos, sin = self._rope_cache[key]
+        return cos[:length], sin[:length]
 
     # ---- the main model ----
     def hidden(self, tokens: torch.Tensor, caches: list[LatentCache] | None = None, start_pos: int = 0):
         """tokens: [B, S] -> (final normalised hidden [B, S, D], summed balance loss, cos, sin)."""
         S = tokens.shape[1]
-        cos, sin = rope_cos_sin(self.cfg, start_pos + S, tokens.device)
+        cos, sin = self.rope(start_pos + S, tokens.device)
         cos, sin = cos[start_pos:], sin[start_pos:]
         h = self.embed(tokens)
         balance = h.new_zeros((), dtype=torch.float32)
@@ -69,7 +79,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, caches: list[LatentCache] | None = None, start_pos: int = 0):
         """tokens: [B, S] -> logits [B, S, V] (FP32). With caches: decode positions start_pos.."""
         h, _, _, _ = self.hidden(tokens, caches, start_pos)
-        return self.head(h).float()
+        return self.head(h)
 
     # ---- training objective ----
     def losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,11 +88,11 @@ class Transformer(nn.Module):
         inputs, targets: [B, S] with targets[i] = inputs[i + 1] (IGNORE_INDEX where there is none).
         """
         h, balance, cos, sin = self.hidden(inputs)
-        out = {"main": cross_entropy(self.head, h, targets)}
+        out = {"main": self.head(h, targets)}
         mtp = []
         for k, module in enumerate(self.mtp, start=1):
             h, b = module(h, self.embed(shift_tokens(inputs, k, 0)), cos, sin)
-            mtp.append(cross_entropy(self.head, h, shift_tokens(targets, k, IGNORE_INDEX)))
+            mtp.append(self.head(h, shift_tokens(targets, k, IGNORE_INDEX)))
             balance = balance + b
         out["mtp"] = torch.stack(mtp) if mtp else h.new_zeros(0)
         out["balance"] = balance
@@ -94,12 +104,6 @@ class Transformer(nn.Module):
     def new_caches(self, batch: int, max_len: int, dtype=None) -> list[LatentCache]:
         p = self.embed.weight
         return [LatentCache.empty(self.cfg, batch, max_len, p.device, dtype or p.dtype) for _ in self.layers]
-
-
-def cross_entropy(head: nn.Linear, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over targets != IGNORE_INDEX, logits in FP32."""
-    logits = head(h).float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()

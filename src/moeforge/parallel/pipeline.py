@@ -42,7 +42,7 @@ from ..errors import MoeforgeError
 from ..model.layers import rope_cos_sin
 from ..model.moe import MoE
 from ..model.mtp import IGNORE_INDEX, shift_tokens
-from ..model.transformer import Transformer, cross_entropy
+from ..model.transformer import Transformer
 
 __all__ = [
     "SCHEDULES", "PipeRank", "as_pipe_rank", "StageModule", "PipelineLoss", "ScheduleFactory",
@@ -276,8 +276,8 @@ class PipelineLoss:
                else contextlib.nullcontext())
         with ctx:
             h, *h_mtp, balance = output
-            main = cross_entropy(self.head, h, target)
-            mtp = [cross_entropy(self.head, hk, shift_tokens(target, k, IGNORE_INDEX))
+            main = self.head(h, target)
+            mtp = [self.head(hk, shift_tokens(target, k, IGNORE_INDEX))
                    for k, hk in enumerate(h_mtp, start=1)]
             mtp = torch.stack(mtp) if mtp else h.new_zeros(0)
             weighted = mtp.sum() * (self.mtp_lambda / self.depth) if mtp.numel() else main * 0

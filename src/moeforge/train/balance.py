@@ -17,10 +17,11 @@ from ..model.moe import MoE
 
 @torch.no_grad()
 def update_routing_bias(moe_layers: list[MoE], gamma: float,
-                        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-    """Apply the bias update, reset the counters, and return load-imbalance statistics (max/mean)."""
+                        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Apply the bias update, reset the counters, and return each layer's load imbalance (max/mean
+    tokens per expert, a [layers] tensor on the device: no host sync; imbalance_stats formats it)."""
     if not moe_layers:
-        return {}
+        return torch.zeros(0)
     counts = torch.stack([m.tokens_per_expert for m in moe_layers])  # [layers, E]
     if reduce is not None:
         counts = reduce(counts)
@@ -31,7 +32,13 @@ def update_routing_bias(moe_layers: list[MoE], gamma: float,
             m.gate.e_score_correction_bias.add_(s)
     for m in moe_layers:
         m.tokens_per_expert.zero_()
-    ratio = (counts.max(dim=1).values / mean.squeeze(1).clamp_min(1e-9)).tolist()
+    return counts.max(dim=1).values / mean.squeeze(1).clamp_min(1e-9)
+
+
+def imbalance_stats(ratio: list[float]) -> dict[str, float]:
+    """Per-layer ratios -> the logged statistics: every layer, the mean over layers and the worst."""
+    if not ratio:
+        return {}
     stats = {f"imbalance/layer{i}": r for i, r in enumerate(ratio)}
     stats["imbalance"] = sum(ratio) / len(ratio)  # mean over layers of max/mean tokens per expert
     stats["imbalance_max"] = max(ratio)  # the worst layer

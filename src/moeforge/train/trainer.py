@@ -31,9 +31,12 @@ from ..model.mtp import IGNORE_INDEX
 from .. import parallel
 from ..parallel import pipeline
 from . import checkpoint as ckpt
-from .balance import update_routing_bias
+from .balance import imbalance_stats, update_routing_bias
+from .ema import CPUEMA
 from .metrics import MetricsSink, flops_per_token, peak_flops
 from .schedule import batch_size_at, bias_update_speed_at, lr_at, mtp_lambda_at
+from .speed import apply_compile, apply_recompute
+from ..model.head import set_loss_chunk
 
 LN2 = math.log(2)
 
@@ -176,6 +179,11 @@ class Trainer:
         else:
             self.optimizer = build_optimizer(self.model, cfg)
             self.moe_layers = self.model.moe_layers()
+        self.ema = None
+        if t.ema_decay > 0:
+            if self.pctx is not None:
+                raise MoeforgeError("train.ema_decay: the CPU parameter EMA runs in single-process training only for now")
+            self.ema = CPUEMA(self.model, t.ema_decay)
         self.step, self.tokens_seen = 0, 0
         if resume_from is not None:
             self._load(resume_from)
@@ -196,6 +204,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def save(self) -> Path:
@@ -230,6 +239,12 @@ class Trainer:
             parallel.load_full_optimizer_state_dict(self.model, self.optimizer, parts["optimizer.pt"], self.pctx)
         state = parts["state.pt"]
         self.step, self.tokens_seen = state["step"], state["tokens"]
+        if self.ema is not None:
+            # A run that starts its EMA at a resume begins the average at the resumed weights.
+            if state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                self.ema = CPUEMA(self.model, self.cfg.train.ema_decay)
         self.loader.load_state_dict(state["loader"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
@@ -335,13 +350,7 @@ class Trainer:
             p = name.split(".")
             return (p[0] == "mtp", int(p[1]) if len(p) > 1 and p[1].isdigit() else 0, name)
 
-        ratio = [found[n] for n in sorted(found, key=order)]
-        if not ratio:
-            return {}
-        stats = {f"imbalance/layer{i}": r for i, r in enumerate(ratio)}
-        stats["imbalance"] = sum(ratio) / len(ratio)
-        stats["imbalance_max"] = max(ratio)
-        return stats
+        return imbalance_stats([found[n] for n in sorted(found, key=order)])
 
     def _pipeline_step(self, n_micro: int, lam: float) -> torch.Tensor:
         """Forward and backward of the step's micro-batches through the pipeline schedule; returns
@@ -356,23 +365,9 @@ class Trainer:
         return torch.stack([out["main"], mtp, out["balance"]]).float().to(self.device)
 
     # ---- one optimizer step ----
-    def _accumulate(self, n_micro: int, lam: float) -> torch.Tensor:
-        """Forward/backward over the step's micro-batches; returns the mean (main, weighted MTP, balance)."""
-        t, m = self.cfg.train, self.cfg.model
-        sums = torch.zeros(3, device=self.device)
-        for i in range(n_micro):
-            window = self.loader.next_batch(t.micro_batch)  # the global micro-batch ...
-            window = parallel.data_shard(window, self.pctx).to(self.device, non_blocking=True)  # ... this rank's rows
-            parallel.set_gradient_sync(self.model, i == n_micro - 1)  # FSDP: reduce on the last micro-batch only
-            with autocast(self.device, self.precision):
-                out = self.model.losses(window[:, :-1], window[:, 1:])
-            mtp = out["mtp"].sum() * (lam / m.num_nextn_predict_layers) if out["mtp"].numel() else out["main"] * 0
-            loss = out["main"] + mtp + t.balance_alpha * out["balance"]
-            (loss / n_micro).backward()
-            sums += torch.stack([out["main"], mtp, out["balance"]]).detach().float() / n_micro
-        return sums
-
     def train_step(self) -> dict:
+        """One optimizer step; returns its record (the host waits for the GPU only here, when the
+        step's numbers are read: the step itself queues its work without a host sync)."""
         t, m = self.cfg.train, self.cfg.model
         self.model.train()
         batch = batch_size_at(self.step, t)
@@ -381,20 +376,15 @@ class Trainer:
         if self.stages is not None:
             sums = self._pipeline_step(n_micro, lam)
         else:
-            sums = self._accumulate(n_micro, lam)
+            windows = (parallel.data_shard(self.loader.next_batch(t.micro_batch), self.pctx) for _ in range(n_micro))
+            sums = forward_backward(self.model, windows, n_micro, lam, self.cfg, self.device, self.precision)
         if self.pctx is not None:
             parallel.sync_gradients(self.model, self.pctx)  # all-reduce (sharding=none; FSDP reduced in backward)
             sums = self.pctx.all_reduce_mean_dp_ep(sums)  # mean of per-rank means = global mean: all ranks log it
-        # The global norm (the single-process gradient's), also for one process (see clip_grad_norm).
         clipped = self.model if self.stages is None else pipeline.stage_modules(self.stages)  # pp: summed over stages
-        grad_norm = parallel.clip_grad_norm(clipped, t.grad_clip if t.grad_clip > 0 else float("inf"), self.pctx)
-        lr = lr_at(self.step, t)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        balance_stats = update_routing_bias(self.moe_layers, bias_update_speed_at(self.step, t),
-                                            reduce=parallel.moe_count_reduce(self.pctx))  # global counts
+        grad_norm, lr, ratio = optimizer_update(clipped, self.optimizer, self.moe_layers, self.cfg, self.step,
+                                                self.pctx, self.ema)
+        balance_stats = imbalance_stats(ratio.tolist())
         if self.stages is not None:  # each pp rank updated its own layers; log the whole model's loads
             balance_stats = self._pipeline_balance_stats(balance_stats)
         self.step += 1
@@ -496,9 +486,50 @@ class Trainer:
 
     def close(self) -> None:
         """Leave the process group (torchrun runs); nothing to do for one process."""
+        if self.ema is not None:
+            self.ema.close()
         if self.pctx is not None:
             self.pctx.destroy()
             self.pctx = None
+
+
+def forward_backward(model, windows, n_micro: int, lam: float, cfg: Config, device: torch.device,
+                     precision: str) -> torch.Tensor:
+    """Forward and backward over a step's micro-batches (windows: n_micro token tensors [b, S + 1],
+    this rank's rows). Gradients accumulate in .grad; returns the means of (main loss, weighted MTP
+    loss, balance loss) as a device tensor [3] (no host sync)."""
+    t, m = cfg.train, cfg.model
+    sums = torch.zeros(3, device=device)
+    for i, window in enumerate(windows):
+        window = window.to(device, non_blocking=True)
+        parallel.set_gradient_sync(model, i == n_micro - 1)  # FSDP: reduce on the last micro-batch only
+        with autocast(device, precision):
+            out = model.losses(window[:, :-1], window[:, 1:])
+        mtp = out["mtp"].sum() * (lam / m.num_nextn_predict_layers) if out["mtp"].numel() else out["main"] * 0
+        loss = out["main"] + mtp + t.balance_alpha * out["balance"]
+        (loss / n_micro).backward()
+        sums += torch.stack([out["main"], mtp, out["balance"]]).detach().float() / n_micro
+    return sums
+
+
+def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx, ema=None):
+    """Clip to the global gradient norm, AdamW with the scheduled lr, routing-bias update from the
+    step's global counts, EMA. Returns (grad norm tensor, lr, per-layer imbalance tensor); no host sync."""
+    t = cfg.train
+    # The global norm (the single-process gradient's), also for one process (see clip_grad_norm).
+    grad_norm = parallel.clip_grad_norm(model, t.grad_clip if t.grad_clip > 0 else float("inf"), pctx)
+    lr = lr_at(step, t)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if ema is not None:
+        ema.before_optimizer_step()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update()
+    ratio = update_routing_bias(moe_layers, bias_update_speed_at(step, t),
+                                reduce=parallel.moe_count_reduce(pctx))  # global counts
+    return grad_norm, lr, ratio
 
 
 def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -> torch.nn.Module:
@@ -511,17 +542,20 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     model = build_model(cfg.model, "meta")
     if precision == "fp8":  # swaps module classes only: parameters and their names stay the same
         convert_to_fp8(model)
+    t = cfg.train
+    apply_recompute(model, t.recompute_parts)  # wraps block forwards / marks parts: no parameters touched
+    set_loss_chunk(model, t.loss_chunk)
     if pctx is None:
         model = model.to_empty(device=device)
         init_weights(model)
-        return model
+        return apply_compile(model) if t.compile else model
     if pctx.pp > 1:
         # Pipeline ranks (dp = ep = 1, checked in split_train_pipeline): the whole single-process model,
         # initialised from the same seed on every rank; split_pipeline then keeps this rank's stages.
         check_pipeline_layout(cfg, pctx)
         model = model.to_empty(device=device)
         init_weights(model)
-        return model
+        return apply_compile(model) if t.compile else model
     parallel.apply_expert_parallel(model, pctx)
     parallel.apply_fsdp(model, pctx, bf16=precision == "bf16")
     model = model.to_empty(device=device)
@@ -531,7 +565,7 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     parallel.load_full_state_dict(model, build_model(cfg.model, "cpu").state_dict(), pctx)
     for moe in model.moe_layers():
         moe.tokens_per_expert.zero_()
-    return model
+    return apply_compile(model) if t.compile else model
 
 
 def check_pipeline_layout(cfg: Config, pctx) -> None:

@@ -1,0 +1,285 @@
+"""`moeforge bench`: training-step throughput, MFU, peak memory and where the time goes.
+
+What one measurement does: build the model exactly as the trainer does (precision, recomputation,
+compilation, chunked loss), feed it random tokens (no data on disk needed), run `warmup` full
+optimizer steps (compilation and autotuning happen here), then time `steps` steps back to back with
+one host synchronisation at the end. Reported:
+- tokens/s and model TFLOP/s (FLOPs per token from train.metrics.flops_per_token: 6 x activated
+  matmul parameters + causal attention, MTP included; docs/performance.md), MFU against the
+  datasheet dense BF16 peak of the GPU (stated in the output);
+- peak memory (torch.cuda.max_memory_allocated over the timed steps);
+- whether a step synchronises the host (one extra step under torch.cuda.set_sync_debug_mode);
+- the time split by part, from one extra step timed by hooks (CUDA events): attention (MLA),
+  MoE (router, dispatch, experts, shared experts), dense FFNs, head + loss, optimizer (clip, AdamW,
+  bias update), the rest (embedding, norms between blocks, residual adds, MTP projections). With
+  compiled blocks, attention and FFN are one compiled graph and are reported together as "blocks".
+`--vs hf` then measures transformers' DeepseekV3ForCausalLM with the same config, batch, sequence
+length and precision (FP32 master weights, BF16 autocast, fused AdamW) in the same process.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .config import Config
+from .errors import MoeforgeError
+from .model.attention import MLA
+from .model.head import OutputHead
+from .model.layers import FeedForward
+from .model.moe import MoE
+from .model.transformer import Block
+from .train.metrics import PEAK_BF16, flops_per_token, peak_flops
+from .train.trainer import (autocast, build_optimizer, build_train_model, forward_backward, optimizer_update,
+                            resolve_device, resolve_precision)
+
+
+@dataclass
+class BenchResult:
+    name: str
+    tokens_per_s: float
+    step_ms: float
+    tflops: float
+    mfu: float | None
+    peak_mem_gib: float | None
+    host_syncs: str = "not checked"
+    split_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Clock:
+    """Markers on the device timeline: CUDA events on a GPU, wall time on a CPU (synchronous there)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else 1e3 * (b - a)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _parts(model: torch.nn.Module, compiled: bool) -> list[tuple[str, torch.nn.Module]]:
+    """(part name, module) pairs whose forward and backward are timed; no module nests in another."""
+    if compiled:
+        parts = [("blocks", m) for m in model.modules() if isinstance(m, Block)]
+    else:
+        parts = []
+        for m in model.modules():
+            if isinstance(m, MLA):
+                parts.append(("attention", m))
+            elif isinstance(m, Block):
+                parts.append(("moe" if isinstance(m.ffn, MoE) else "dense", m.ffn))
+    parts += [("head+loss", m) for m in model.modules() if isinstance(m, OutputHead)]
+    return parts
+
+
+class _PartTimer:
+    """Forward and backward hooks that record a (start, end) marker pair per call of each part."""
+
+    def __init__(self, parts, clock: _Clock):
+        self.clock, self.spans, self.handles, self.open = clock, [], [], {}
+        for name, module in parts:
+            key = id(module)
+
+            def start(m, *args, _k=key, _n=name):
+                self.open[_k] = (_n, self.clock.mark())
+
+            def end(m, *args, _k=key):
+                name_, t0 = self.open.pop(_k)
+                self.spans.append((name_, t0, self.clock.mark()))
+
+            self.handles += [module.register_forward_pre_hook(start), module.register_forward_hook(end),
+                             module.register_full_backward_pre_hook(start), module.register_full_backward_hook(end)]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, a, b in self.spans:
+            out[name] = out.get(name, 0.0) + self.clock.ms(a, b)
+        return out
+
+
+def _check_host_syncs(run_step, device: torch.device) -> str:
+    """Run one step with CUDA's sync debug mode set to error: 'none' or the first synchronising call."""
+    if device.type != "cuda":
+        return "not checked (CPU)"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_step()
+        return "none"
+    except RuntimeError as e:
+        return "yes: " + str(e).splitlines()[0][:160]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _random_windows(cfg: Config, n: int, device: torch.device) -> list[torch.Tensor]:
+    t = cfg.train
+    g = torch.Generator().manual_seed(t.seed)
+    return [torch.randint(0, cfg.model.vocab_size, (t.micro_batch, t.seq_len + 1), generator=g).to(device)
+            for _ in range(n)]
+
+
+def _time_steps(run_step, steps: int, warmup: int, device: torch.device) -> tuple[float, float | None]:
+    """(seconds for `steps` steps after `warmup` steps, peak GiB during them)."""
+    for _ in range(warmup):
+        run_step()
+    _synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        run_step()
+    _synchronize(device)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return dt, peak
+
+
+def _result(name: str, cfg: Config, dt: float, steps: int, peak_gib, device: torch.device) -> BenchResult:
+    t = cfg.train
+    tokens = steps * t.batch_size * t.seq_len
+    tps = tokens / dt
+    flops = tps * flops_per_token(cfg.model, t.seq_len)
+    peak = peak_flops(device)
+    return BenchResult(name, tps, 1e3 * dt / steps, flops / 1e12, flops / peak if peak else None, peak_gib)
+
+
+def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True) -> BenchResult:
+    t = cfg.train
+    device = resolve_device(t.device)
+    precision = resolve_precision(t.precision, device)
+    torch.manual_seed(t.seed)
+    model = build_train_model(cfg, device, precision, None)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    moe_layers = model.moe_layers()
+    n_micro = t.batch_size // t.micro_batch
+    windows = _random_windows(cfg, n_micro, device)
+    step = [0]
+
+    def run_step(timer_clock=None):
+        marks = {}
+        sums = forward_backward(model, iter(windows), n_micro, t.mtp_lambda, cfg, device, precision)
+        if timer_clock is not None:
+            marks["opt0"] = timer_clock.mark()
+        optimizer_update(model, optimizer, moe_layers, cfg, step[0], None)
+        if timer_clock is not None:
+            marks["opt1"] = timer_clock.mark()
+        step[0] += 1
+        return sums, marks
+
+    dt, peak = _time_steps(run_step, steps, warmup, device)
+    res = _result("moeforge", cfg, dt, steps, peak, device)
+    res.host_syncs = _check_host_syncs(run_step, device)
+    if split:
+        res.split_ms = _split(model, run_step, device, compiled=t.compile)
+    del model, optimizer
+    return res
+
+
+def _split(model, run_step, device: torch.device, compiled: bool) -> dict[str, float]:
+    clock = _Clock(device)
+    timer = _PartTimer(_parts(model, compiled), clock)
+    try:
+        _synchronize(device)
+        t0 = clock.mark()
+        _, marks = run_step(clock)
+        t1 = clock.mark()
+        _synchronize(device)
+    finally:
+        timer.remove()
+    out = timer.totals()
+    out["optimizer"] = clock.ms(marks["opt0"], marks["opt1"])
+    total = clock.ms(t0, t1)
+    out["other"] = max(0.0, total - sum(out.values()))
+    out["total"] = total
+    return out
+
+
+def bench_hf(cfg: Config, steps: int, warmup: int) -> BenchResult:
+    """transformers' DeepseekV3ForCausalLM, same shapes, batch, precision and optimizer settings."""
+    try:
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    except ImportError as e:
+        raise MoeforgeError(f"--vs hf needs transformers with DeepseekV3 ({e})") from None
+    from .hf import hf_config
+
+    t = cfg.train
+    device = resolve_device(t.device)
+    precision = resolve_precision(t.precision, device)
+    if precision == "fp8":
+        raise MoeforgeError("--vs hf: transformers has no FP8 training path to compare with; use --precision bf16")
+    d = hf_config(cfg.model)
+    torch.manual_seed(t.seed)
+    with torch.device(device):
+        model = DeepseekV3ForCausalLM(DeepseekV3Config(**{"num_key_value_heads": d["num_attention_heads"], **d}))
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    n_micro = t.batch_size // t.micro_batch
+    windows = _random_windows(cfg, n_micro, device)
+
+    def run_step():
+        for w in windows:
+            with autocast(device, precision):
+                loss = model(input_ids=w[:, :-1], labels=w[:, :-1]).loss  # (labels are shifted inside)
+            (loss / n_micro).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    dt, peak = _time_steps(run_step, steps, warmup, device)
+    res = _result("transformers", cfg, dt, steps, peak, device)
+    del model, optimizer
+    return res
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def describe_peak(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "MFU: not computed on a CPU"
+    name = torch.cuda.get_device_name(device)
+    peak = peak_flops(device)
+    if peak is None:
+        return f"MFU: no datasheet peak known for {name} (known: {', '.join(PEAK_BF16)})"
+    return f"MFU against the datasheet dense BF16 peak of {name}: {peak / 1e12:.0f} TFLOP/s"
+
+
+def format_result(r: BenchResult) -> str:
+    parts = [f"{r.name}: {r.tokens_per_s:,.0f} tokens/s", f"{r.step_ms:.1f} ms/step", f"{r.tflops:.1f} TFLOP/s"]
+    if r.mfu is not None:
+        parts.append(f"MFU {100 * r.mfu:.1f}%")
+    if r.peak_mem_gib is not None:
+        parts.append(f"peak memory {r.peak_mem_gib:.2f} GiB")
+    lines = [" | ".join(parts)]
+    if r.name == "moeforge":
+        lines.append(f"  host syncs inside a step: {r.host_syncs}")
+    if r.split_ms:
+        total = r.split_ms["total"]
+        items = [f"{k} {v:.1f} ms ({100 * v / total:.0f}%)" for k, v in r.split_ms.items() if k != "total"]
+        lines.append(f"  time split of one step ({total:.1f} ms, hooks): " + ", ".join(items))
+    return "\n".join(lines)

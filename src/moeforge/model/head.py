@@ -1,0 +1,107 @@
+"""The output head and its cross-entropy, plain or chunked so the logits never exist in full.
+
+With a large vocabulary the logits dominate activation memory: B*S*V values in FP32 (for
+DeepSeek-V3's V = 129280 and 4096 tokens, 2.1 GB per sequence, plus their gradient). The chunked
+loss computes logits, loss and both gradients chunk by chunk inside the forward pass and keeps only
+dL/dh [T, D] and dL/dW [V, D] for backward (the approach of fused "linear + cross-entropy"
+kernels). It computes the same function as the plain path; tests compare the two.
+
+Shape legend: B batch, S sequence, T = B*S tokens, D hidden, V vocabulary, C chunk of tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mtp import IGNORE_INDEX
+
+
+class OutputHead(nn.Linear):
+    """The output projection (D -> V, no bias). head(h) -> FP32 logits; head(h, targets) -> mean loss.
+
+    `loss_chunk` (tokens per chunk, 0 = plain) is a training setting applied with set_loss_chunk;
+    the function computed does not depend on it.
+    """
+
+    def __init__(self, dim: int, vocab: int):
+        super().__init__(dim, vocab, bias=False)
+        self.loss_chunk = 0
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(h).float()
+        if self.loss_chunk > 0:
+            return chunked_cross_entropy(h.flatten(0, -2), self.weight, targets.flatten(), self.loss_chunk)
+        return plain_cross_entropy(super().forward(h), targets)
+
+
+def plain_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over targets != IGNORE_INDEX, computed in FP32 (the reference)."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the head's GEMMs run in: autocast's when it is on (as nn.Linear would), else t's."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        """h: [T, D], weight: [V, D], targets: [T] -> mean loss over the valid targets (FP32 scalar)."""
+        T = h.shape[0]
+        with torch.autocast(h.device.type, enabled=False):  # dtypes are explicit below
+            return _ChunkedCrossEntropy._forward(ctx, h, weight, targets, chunk, dtype, T)
+
+    @staticmethod
+    def _forward(ctx, h, weight, targets, chunk, dtype, T):
+        w = weight.to(dtype)
+        valid = targets != IGNORE_INDEX
+        n_valid = valid.sum().clamp_min(1).float()  # stays on the device: no host sync
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, T, chunk):
+            end = min(start + chunk, T)
+            hc = h[start:end].to(dtype)  # [C, D]
+            tc = targets[start:end].clamp_min(0)
+            vc = valid[start:end]
+            logits = (hc @ w.T).float()  # [C, V]
+            lse = logits.logsumexp(dim=-1)  # [C]
+            picked = logits.gather(1, tc.unsqueeze(1)).squeeze(1)
+            total += ((lse - picked) * vc).sum()
+            # d(sum of losses)/d logits = softmax - onehot(target), zero on ignored positions
+            g = logits.sub_(lse.unsqueeze(1)).exp_()
+            g.scatter_add_(1, tc.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
+            g.mul_(vc.unsqueeze(1))
+            g = g.to(dtype)
+            grad_h[start:end] = (g @ w).to(h.dtype)  # [C, D]
+            grad_w += (g.T @ hc).float()  # [V, D], FP32 accumulation over chunks
+        ctx.save_for_backward(grad_h, grad_w, n_valid)
+        ctx.weight_dtype = weight.dtype
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w, n_valid = ctx.saved_tensors
+        scale = grad_out / n_valid
+        return (grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None)
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean cross-entropy of (h @ weight^T) against targets, `chunk` tokens at a time (see the module doc).
+
+    h: [T, D], weight: [V, D], targets: [T] (IGNORE_INDEX entries do not count).
+    """
+    return _ChunkedCrossEntropy.apply(h, weight, targets, chunk, _compute_dtype(h))
+
+
+def set_loss_chunk(model: nn.Module, chunk: int) -> None:
+    """Compute the training loss of every OutputHead in `model` in chunks of `chunk` tokens (0: plain)."""
+    for m in model.modules():
+        if isinstance(m, OutputHead):
+            m.loss_chunk = chunk

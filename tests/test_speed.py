@@ -1,0 +1,188 @@
+"""The single-GPU fast paths compute the same function as the plain ones (issue: single-GPU speed).
+
+Each test names what it compares and why its tolerance. Speed itself is measured by `moeforge bench`
+on a GPU (docs/performance.md), never asserted here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeforge.model.head import chunked_cross_entropy, plain_cross_entropy
+from moeforge.model.mtp import IGNORE_INDEX
+
+
+def _head_inputs(T=37, D=24, V=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, D, generator=g, dtype=torch.float64).float().requires_grad_()
+    w = (0.3 * torch.randn(V, D, generator=g)).requires_grad_()
+    targets = torch.randint(0, V, (T,), generator=g)
+    targets[::5] = IGNORE_INDEX  # ignored positions must not count in the loss or the mean
+    return h, w, targets
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 37, 100])
+def test_chunked_cross_entropy_matches_plain(chunk):
+    """Loss and both gradients equal the plain FP32 path within FP32 rounding (rtol 1e-5): the same
+    sums in another order. Chunks that do not divide T and a chunk larger than T are included."""
+    h, w, targets = _head_inputs()
+    ref = plain_cross_entropy(h @ w.T, targets)
+    gh_ref, gw_ref = torch.autograd.grad(ref * 1.7, (h, w))  # a non-unit upstream gradient
+    out = chunked_cross_entropy(h, w, targets, chunk)
+    gh, gw = torch.autograd.grad(out * 1.7, (h, w))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, gh_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_cross_entropy_bf16_autocast_close_to_plain():
+    """Under BF16 autocast both paths run the head GEMM in BF16; they agree to BF16 rounding (1e-2)."""
+    h, w, targets = _head_inputs(T=64, D=32, V=80, seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = plain_cross_entropy(torch.nn.functional.linear(h, w), targets)
+        out = chunked_cross_entropy(h, w, targets, 16)
+    gh_ref, gw_ref = torch.autograd.grad(ref, (h, w))
+    gh, gw = torch.autograd.grad(out, (h, w))
+    assert gh.dtype == h.dtype and gw.dtype == w.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gh, gh_ref, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(gw, gw_ref, rtol=2e-2, atol=2e-3)
+
+
+def test_chunked_cross_entropy_all_ignored_is_zero():
+    """No valid target: loss 0 and zero gradients (the plain path gives NaN for a mean over nothing)."""
+    h, w, targets = _head_inputs(T=6)
+    out = chunked_cross_entropy(h, w, torch.full_like(targets, IGNORE_INDEX), 4)
+    gh, gw = torch.autograd.grad(out, (h, w))
+    assert out.item() == 0 and gh.abs().sum() == 0 and gw.abs().sum() == 0
+
+
+# ---- recomputation and compilation: same losses, same gradients ----
+from moeforge.config import ModelConfig  # noqa: E402
+from moeforge.model import build_model  # noqa: E402
+from moeforge.train.speed import apply_compile, apply_recompute  # noqa: E402
+
+
+def _model_cfg(**kw) -> ModelConfig:
+    """Every part the switches touch: query compression (wq_b), dense + MoE layers, shared experts, MTP."""
+    base = dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                num_hidden_layers=3, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
+                num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                max_position_embeddings=64, num_nextn_predict_layers=1)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _loss_and_grads(model, tokens):
+    out = model.losses(tokens[:, :-1], tokens[:, 1:])
+    loss = out["main"] + 0.3 * out["mtp"].sum() + 1e-4 * out["balance"]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    counts = [m.tokens_per_expert.clone() for m in model.moe_layers()]
+    return loss.detach(), grads, counts
+
+
+def _reference_and(transform, cfg=None):
+    """(plain model's loss/grads/counts, transformed copy's), same weights and tokens."""
+    cfg = cfg or _model_cfg()
+    torch.manual_seed(0)
+    plain = build_model(cfg)
+    other = build_model(cfg, init=False)
+    other.load_state_dict(plain.state_dict())
+    transform(other)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    return _loss_and_grads(plain, tokens), _loss_and_grads(other, tokens)
+
+
+@pytest.mark.parametrize("parts", [["norm"], ["mla_up"], ["swiglu"], ["norm", "mla_up", "swiglu"], ["full"]])
+def test_recompute_gives_identical_gradients(parts, one_thread):
+    """Recomputation re-runs the same FP32 ops on the same inputs: loss, gradients and the routed-token
+    counts (counted once, not again during recomputation) are bit-identical to the plain model."""
+    (loss0, g0, c0), (loss1, g1, c1) = _reference_and(lambda m: apply_recompute(m, parts))
+    assert torch.equal(loss0, loss1)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+    for a, b in zip(c0, c1):
+        assert torch.equal(a, b)
+
+
+def test_compiled_blocks_match_eager(one_thread):
+    """torch.compile of every block (dynamo + AOT autograd graphs, run by the aot_eager backend so the
+    test needs no C++ toolchain time) computes the eager function: FP32 within 1e-5 relative (the
+    graphs may reorder reductions)."""
+    (loss0, g0, c0), (loss1, g1, c1) = _reference_and(lambda m: apply_compile(apply_recompute(m, ["full"]),
+                                                                              backend="aot_eager"))
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
+    for a, b in zip(c0, c1):
+        assert torch.equal(a, b)
+
+
+# ---- the parameter EMA in CPU memory ----
+from moeforge.train.ema import CPUEMA  # noqa: E402
+
+
+def test_cpu_ema_follows_the_formula():
+    """After each update, ema = decay * ema + (1 - decay) * theta, starting from the initial weights,
+    in FP32 on the CPU (the same FP32 operations in the same order: equal within 1 ulp-level 1e-7)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    ema = CPUEMA(model, decay=0.9)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        for _ in range(3):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+            ema.update()
+            for n, p in model.named_parameters():
+                expected[n] = 0.9 * expected[n] + 0.1 * p.detach()
+        state = ema.state_dict()
+        assert state.keys() == expected.keys()
+        for n in expected:
+            assert state[n].device.type == "cpu" and state[n].dtype == torch.float32
+            torch.testing.assert_close(state[n], expected[n], rtol=1e-6, atol=1e-7)
+        other = CPUEMA(model, decay=0.9)  # resume: the saved average replaces the fresh one
+        other.load_state_dict(state)
+        torch.testing.assert_close(other.state_dict(), state, rtol=0, atol=0)
+        other.close()
+    finally:
+        ema.close()
+
+
+# ---- `moeforge bench` on a CPU: the command's contract (speed is measured on a GPU) ----
+BENCH_TINY = ["--preset", "tiny", "--steps", "2", "--warmup", "1", "--seq-len", "32", "--batch-size", "2"]
+
+
+def test_bench_cli_reports_and_compares_with_transformers(cli, tmp_path):
+    """The report has throughput, the time split (whose parts add up to the step) and the comparison
+    with transformers' model; the JSON file holds the same numbers."""
+    import json
+
+    out = tmp_path / "bench.json"
+    r = cli("bench", *BENCH_TINY, "--vs", "hf", "--json", out, "train.loss_chunk=16")
+    assert r.rc == 0, r.err
+    assert "moeforge:" in r.out and "transformers:" in r.out and "moeforge / transformers:" in r.out
+    assert "time split of one step" in r.out
+    results = json.loads(out.read_text())["results"]
+    ours, hf = results
+    assert ours["name"] == "moeforge" and hf["name"] == "transformers"
+    assert ours["tokens_per_s"] > 0 and hf["tokens_per_s"] > 0
+    split = ours["split_ms"]
+    assert {"attention", "moe", "dense", "head+loss", "optimizer", "other"} <= split.keys()
+    assert all(v >= 0 for v in split.values())
+    assert sum(v for k, v in split.items() if k != "total") == pytest.approx(split["total"], rel=0.05)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--steps", "0"], ["--steps"]),
+    (["--vs", "hf", "--precision", "fp8"], ["transformers", "fp8"]),
+    (["train.recompute=attention"], ["train.recompute", "attention"]),
+    (["train.compile=true", "train.recompute=norm"], ["train.compile"]),
+])
+def test_bench_bad_input(cli, expect_error, args, fragments):
+    expect_error(cli("bench", *BENCH_TINY, "--no-split", *args), "bench", *fragments)
