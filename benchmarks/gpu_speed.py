@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -21,18 +22,20 @@ BENCH = [sys.executable, "-m", "moeforge", "bench"]
 SPEED = {
     "bf16-eager": ["--vs", "hf"],
     "bf16-compile": ["train.compile=true"],
-    "bf16-compile-chunk": ["train.compile=true", "train.loss_chunk=4096", "--no-split"],
-    "bf16-compile-b2": ["--batch-size", "2", "train.compile=true", "train.loss_chunk=4096", "--no-split"],
+    "bf16-compile-m4-full": ["train.compile=true", "train.micro_batch_size=4", "train.recompute=full", "--no-split"],
+    "bf16-compile-m1": ["train.compile=true", "train.micro_batch_size=1", "--no-split"],
     "fp8-eager": ["--precision", "fp8"],
-    "fp8-compile": ["--precision", "fp8", "train.compile=true", "--no-split"],
 }
 
+# Memory savers, at 2 micro-batches of 1 sequence per step: the peak comes at the end of the second
+# micro-batch's forward, with the activations and the first micro-batch's gradients alive.
 SAVERS = {
     "none": [],
     "chunked-loss": ["train.loss_chunk=4096"],
-    "norm+mla_up+swiglu": ["train.recompute=norm,mla_up,swiglu"],
-    "full": ["train.recompute=full"],
-    "fp8": ["--precision", "fp8"],
+    "chunked-loss + recompute full": ["train.loss_chunk=4096", "train.recompute=full"],
+    "recompute norm,mla_up,swiglu": ["train.recompute=norm,mla_up,swiglu"],
+    "recompute full": ["train.recompute=full"],
+    "fp8 (FP8-saved inputs)": ["--precision", "fp8"],
 }
 
 
@@ -54,9 +57,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["speed", "memory"])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=240)
-    ap.add_argument("--layers", default="3,6", help="memory: the two depths measured")
+    ap.add_argument("--layers", default="4,7", help="memory: the two depths measured")
     ap.add_argument("--only", default="", help="comma list of variant names to run")
     a = ap.parse_args()
     out = Path(a.out)
@@ -67,7 +71,7 @@ def main() -> None:
         for name, args in SPEED.items():
             if only and name not in only:
                 continue
-            res = run(name, ["--steps", str(a.steps)] + args, out, a.timeout)
+            res = run(name, ["--steps", str(a.steps), "--warmup", str(a.warmup)] + args, out, a.timeout)
             for r in (res or {}).get("results", []):
                 rows.append(f"| {name} | {r['name']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
                             f"{100 * (r['mfu'] or 0):.1f}% | {r['peak_mem_gib']:.1f} |")
@@ -78,8 +82,10 @@ def main() -> None:
                 continue
             peaks = []
             for layers in a.layers.split(","):
-                res = run(f"mem-{name}-L{layers}", ["--steps", "2", "--warmup", "1", "--no-split",
-                                                    f"model.num_hidden_layers={layers}"] + args, out, a.timeout)
+                tag = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+                res = run(f"mem-{tag}-L{layers}", ["--steps", "2", "--warmup", "1", "--no-split", "--batch-size", "2",
+                                                 "train.micro_batch_size=1", "train.loss_chunk=0",
+                                                 f"model.num_hidden_layers={layers}"] + args, out, a.timeout)
                 peaks.append(res["results"][0]["peak_mem_gib"] if res else None)
             rows.append(f"| {name} | " + " | ".join(f"{p:.1f}" if p else "failed" for p in peaks) + " |")
         print(f"| saver | peak GiB at layers {a.layers} |\n|---|---|")

@@ -87,10 +87,14 @@ def train_run(cfg_dict: dict, cache: str | None, steps: int, resume: bool = Fals
     names = expert_names(model)
     grads = {}
 
-    def capture(optimizer, args, kwargs):  # the gradients the optimizer sees (synchronised, clipped)
+    def capture(optimizer, args, kwargs):  # the gradients the optimizer applies (synchronised, clipped)
         if not grads:
+            # Clipping is either applied to .grad (FSDP) or left to the fused AdamW kernel, which
+            # divides by optimizer.grad_scale as it reads the gradients.
+            scale = getattr(optimizer, "grad_scale", None)
             for n, p in model.named_parameters():
-                grads[n] = full_tensor(p.grad, n in names, ctx).detach().cpu().clone()
+                g = full_tensor(p.grad, n in names, ctx).detach().cpu().clone()
+                grads[n] = g / scale.cpu() if scale is not None else g
 
     trainer.optimizer.register_step_pre_hook(capture)
     records = []
@@ -148,24 +152,52 @@ def test_layout_matches_single_process(layout, reference, data_dir, mf_env, tmp_
             torch.testing.assert_close(b, b_rank0, rtol=0, atol=0)
             torch.testing.assert_close(b, b_ref, rtol=0, atol=1e-6)
         torch.testing.assert_close(res["logits"], reference["logits"], rtol=1e-4, atol=1e-4)
-    # rank 0 alone wrote the checkpoint; it is the single-process layout
+    # every rank wrote its pieces with torch.distributed.checkpoint; one process reads them all
+    _check_checkpoint_loads_in_one_process(out, results[0])
     if layout == "ep2":
-        _check_ep2_checkpoint(out, results[0], reference)
+        _check_resume_in_one_process(out, reference)
+    if layout == "fsdp_zero2_ep2xdp2":
+        _check_resume_under(out, reference, data_dir, mf_env, ["parallel.ep=4"])
 
 
-def _check_ep2_checkpoint(out, res, ref) -> None:
-    """The EP=2 checkpoint loads in one process with the EP model's logits, and resumes there."""
+def _check_checkpoint_loads_in_one_process(out, res) -> None:
+    """The step-4 DCP checkpoint loads in one process (no process group) with the run's logits."""
     from moeforge.train.checkpoint import load_trained_model
 
+    step4 = out / "checkpoints" / "step_0000004"
+    from moeforge.parallel.dcp import has_optimizer_state
+
+    assert (step4 / "dcp" / ".metadata").is_file() and not (step4 / "model.pt").exists()
+    assert has_optimizer_state(step4 / "dcp")  # the AdamW moments of every parameter came along
     model, cfg = load_trained_model(out, "cpu")  # the newest: step 4
     with torch.no_grad():
         logits = model(fixed_tokens(cfg.model.vocab_size))
     torch.testing.assert_close(logits, res["logits"], rtol=1e-5, atol=1e-5)
-    # resume the step-2 checkpoint in one process (parallel.ep=1): steps 3-4 as the reference's
-    step4 = out / "checkpoints" / "step_0000004"
+
+
+def _drop_newest(out) -> None:
     import shutil
 
-    shutil.rmtree(step4)
+    shutil.rmtree(out / "checkpoints" / "step_0000004")
+
+
+def _check_resume_under(out, ref, data_dir, mf_env, extra) -> None:
+    """The step-2 checkpoint of this layout resumed under another layout (4 processes) continues
+    with the single-process losses of steps 3-4 (the AdamW moments and biases came along)."""
+    _drop_newest(out)
+    cfg = make_config(data_dir, out, extra)
+    results = run_dist(train_run, 4, cfg, str(mf_env), 2, resume=True, save_at=(), init=False)
+    for a, b in zip(results[0]["records"], ref["records"][2:]):
+        assert a["step"] == b["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), f"resumed step {a['step']}"
+
+
+def _check_resume_in_one_process(out, ref) -> None:
+    """The step-2 checkpoint of the EP=2 run resumed in one process (parallel.ep=1): steps 3-4 as the reference's."""
+    from moeforge.train.checkpoint import load_checkpoint_config
+
+    _drop_newest(out)
+    cfg = load_checkpoint_config(out / "checkpoints" / "step_0000002")
     cfg_dict = cfg.to_dict()
     cfg_dict["parallel"]["ep"] = 1
     threads = torch.get_num_threads()

@@ -160,6 +160,7 @@ class TrainConfig:
     recompute: str = ""  # parts recomputed in backward: comma list of norm, mla_up, swiglu; or full
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (logits never in full)
     ema_decay: float = 0.0  # >0: keep an EMA of the parameters in CPU memory, updated off the step
+    document_mask: bool = False  # attention stays within the documents packed into a sequence (EOS-separated)
     # data
     data: str = ""  # "" = the embedded default corpus
     tokenizer: str = ""  # "" = the default tokenizer shipped with moeforge

@@ -35,6 +35,50 @@ class LatentCache:
                    torch.zeros(batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype))
 
 
+def document_mask(doc_ids: torch.Tensor, flex: bool | None = None):
+    """Causal attention within documents: position i attends to j <= i when doc_ids[b, j] == doc_ids[b, i].
+
+    doc_ids: [B, S] (see document_ids). flex (default: on CUDA) gives a FlexAttention BlockMask
+    (blocks that are entirely masked are skipped); otherwise the same relation as a boolean
+    [B, 1, S, S] mask for SDPA, the reference the FlexAttention path is tested against.
+    """
+    B, S = doc_ids.shape
+    if doc_ids.is_cuda if flex is None else flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document_causal(b, h, q, kv):
+            return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+
+        return create_block_mask(same_document_causal, B, None, S, S, device=doc_ids.device)
+    causal = torch.ones(S, S, dtype=torch.bool, device=doc_ids.device).tril()
+    return (causal & (doc_ids[:, :, None] == doc_ids[:, None, :])).unsqueeze(1)
+
+
+def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B, S] -> the index of each token's document in its row: a new document starts after every
+    EOS (the EOS itself ends the document before it)."""
+    eos = (tokens == eos_id).int()
+    return eos.cumsum(dim=1) - eos
+
+
+_flex_attention = None
+
+
+def attention(q, k, v, scale: float, mask=None) -> torch.Tensor:
+    """q, k: [B, H, S, N+R], v: [B, H, S, V] -> [B, H, S, V]. mask None: causal SDPA (PyTorch picks
+    its fastest exact kernel; cuDNN for MLA's unequal head dims on Hopper, docs/performance.md)."""
+    global _flex_attention
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _flex_attention is None:  # FlexAttention is fast only compiled; compiled once per process
+        _flex_attention = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+    return _flex_attention(q, k, v, block_mask=mask, scale=scale)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -59,24 +103,24 @@ class MLA(nn.Module):
         return q.unflatten(-1, (self.n_heads, self.nope + self.rope))  # [B, S, H, N+R]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        """x: [B, S, D]; cos/sin: [S, R/2] for positions start_pos..start_pos+S-1."""
+                cache: LatentCache | None = None, start_pos: int = 0, mask=None) -> torch.Tensor:
+        """x: [B, S, D]; cos/sin: [S, R/2] for positions start_pos..start_pos+S-1; mask: None (causal)
+        or a document_mask(...) of the same B and S (training form only)."""
         q_nope, q_pe = self.query(x).split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
         kv, k_pe = self.wkv_a(x).split([self.kv_rank, self.rope], dim=-1)  # [B, S, C], [B, S, R]
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)  # [B, S, 1, R]: one rope key shared by all heads
         kv = self.kv_norm(kv)
         if cache is None:
-            return self._train_form(q_nope, q_pe, kv, k_pe)
+            return self._train_form(q_nope, q_pe, kv, k_pe, mask)
         return self._absorbed_form(q_nope, q_pe, kv, k_pe.squeeze(2), cache, start_pos)
 
-    def _train_form(self, q_nope, q_pe, kv, k_pe) -> torch.Tensor:
+    def _train_form(self, q_nope, q_pe, kv, k_pe, mask=None) -> torch.Tensor:
         B, S, H, _ = q_nope.shape
         k_nope, v = self.wkv_b(kv).unflatten(-1, (H, self.nope + self.v_dim)).split([self.nope, self.v_dim], -1)
         q = torch.cat([q_nope, q_pe], dim=-1)  # [B, S, H, N+R]
         k = torch.cat([k_nope, k_pe.expand(B, S, H, self.rope)], dim=-1)  # [B, S, H, N+R]
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, scale=self.scale)  # [B, H, S, V]
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, mask)  # [B, H, S, V]
         return self.wo(o.transpose(1, 2).flatten(2))
 
     def _absorbed_form(self, q_nope, q_pe, kv, k_pe, cache: LatentCache, start_pos: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import compute_dtype
 from .mtp import IGNORE_INDEX
 
 
@@ -40,12 +41,6 @@ class OutputHead(nn.Linear):
 def plain_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over targets != IGNORE_INDEX, computed in FP32 (the reference)."""
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype the head's GEMMs run in: autocast's when it is on (as nn.Linear would), else t's."""
-    dev = t.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -97,7 +92,7 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
 
     h: [T, D], weight: [V, D], targets: [T] (IGNORE_INDEX entries do not count).
     """
-    return _ChunkedCrossEntropy.apply(h, weight, targets, chunk, _compute_dtype(h))
+    return _ChunkedCrossEntropy.apply(h, weight, targets, chunk, compute_dtype(h))
 
 
 def set_loss_chunk(model: nn.Module, chunk: int) -> None:

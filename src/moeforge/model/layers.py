@@ -14,6 +14,12 @@ from torch import nn
 from ..config import ModelConfig
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear would compute x in: autocast's when it is on, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in FP32 and returned in the input dtype."""
 

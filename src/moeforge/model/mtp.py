@@ -43,8 +43,8 @@ class MTPModule(nn.Module):
         self.block = block
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # shared_head.norm in the release
 
-    def forward(self, h_prev: torch.Tensor, emb_ahead: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h_prev: torch.Tensor, emb_ahead: torch.Tensor, cos, sin, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """h_prev, emb_ahead: [B, S, D] -> (normalised h^k [B, S, D] for the head and the next depth, balance loss)."""
         h = self.eh_proj(torch.cat([self.enorm(emb_ahead), self.hnorm(h_prev)], dim=-1))  # [B, S, 2D] -> [B, S, D]
-        h, balance = self.block(h, cos, sin)
+        h, balance = self.block(h, cos, sin, mask=mask)
         return self.norm(h), balance

@@ -31,9 +31,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos: int = 0):
+    def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos: int = 0, mask=None):
         """x: [B, S, D] -> (x [B, S, D], balance loss of this block (0 for dense))."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos, mask)
         if isinstance(self.ffn, MoE):
             y, balance = self.ffn(self.ffn_norm(x))
         else:
@@ -64,15 +64,16 @@ class Transformer(nn.Module):
         return cos[:length], sin[:length]
 
     # ---- the main model ----
-    def hidden(self, tokens: torch.Tensor, caches: list[LatentCache] | None = None, start_pos: int = 0):
-        """tokens: [B, S] -> (final normalised hidden [B, S, D], summed balance loss, cos, sin)."""
+    def hidden(self, tokens: torch.Tensor, caches: list[LatentCache] | None = None, start_pos: int = 0, mask=None):
+        """tokens: [B, S] -> (final normalised hidden [B, S, D], summed balance loss, cos, sin).
+        mask: None (causal) or attention.document_mask(...) for packed documents."""
         S = tokens.shape[1]
         cos, sin = self.rope(start_pos + S, tokens.device)
         cos, sin = cos[start_pos:], sin[start_pos:]
         h = self.embed(tokens)
         balance = h.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
-            h, b = layer(h, cos, sin, caches[i] if caches is not None else None, start_pos)
+            h, b = layer(h, cos, sin, caches[i] if caches is not None else None, start_pos, mask)
             balance = balance + b
         return self.norm(h), balance, cos, sin
 
@@ -82,16 +83,17 @@ class Transformer(nn.Module):
         return self.head(h)
 
     # ---- training objective ----
-    def losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def losses(self, inputs: torch.Tensor, targets: torch.Tensor, mask=None) -> dict[str, torch.Tensor]:
         """Main next-token loss, per-depth MTP losses and the summed balance loss (weights applied by the trainer).
 
         inputs, targets: [B, S] with targets[i] = inputs[i + 1] (IGNORE_INDEX where there is none).
+        mask: None (causal) or attention.document_mask(...) (attention stays within documents).
         """
-        h, balance, cos, sin = self.hidden(inputs)
+        h, balance, cos, sin = self.hidden(inputs, mask=mask)
         out = {"main": self.head(h, targets)}
         mtp = []
         for k, module in enumerate(self.mtp, start=1):
-            h, b = module(h, self.embed(shift_tokens(inputs, k, 0)), cos, sin)
+            h, b = module(h, self.embed(shift_tokens(inputs, k, 0)), cos, sin, mask)
             mtp.append(self.head(h, shift_tokens(targets, k, IGNORE_INDEX)))
             balance = balance + b
         out["mtp"] = torch.stack(mtp) if mtp else h.new_zeros(0)

@@ -92,11 +92,18 @@ def sync_gradients(model: nn.Module, ctx) -> None:
     _all_reduce_buckets(routed, ctx.dp_group if ctx.dp > 1 else None, ctx.data_ranks)
 
 
-@torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float, ctx) -> torch.Tensor:
-    """Scale the gradients so that their *global* 2-norm is at most max_norm; return that norm.
+def _square_norm(g: torch.Tensor) -> torch.Tensor:
+    """sum(g * g) in FP32. CPU: pow + sum (pairwise summation; torch.nn.utils.clip_grad_norm_'s norm on
+    CPU, torch 2.13, has relative errors up to ~1e-4 on an embedding gradient of 0.5M entries, this is
+    within ~1e-7 of FP64). CUDA: one reduction kernel without the squared temporary."""
+    if g.is_cuda:
+        return torch.linalg.vector_norm(g, dtype=torch.float32).square()
+    return g.float().pow(2).sum()
 
-    The global norm is that of the single-process gradient:
+
+@torch.no_grad()
+def global_grad_norm(model: nn.Module, ctx) -> torch.Tensor:
+    """The 2-norm of the single-process gradient, whatever the layout (a device tensor, no host sync):
       replicated gradients (non-expert, after all-reduce): the same on every rank, counted once;
       expert gradients sliced over ep (replicated over dp): summed over the ep ranks;
       FSDP shards (DTensor): every dp x ep rank holds a disjoint piece: summed over dp x ep;
@@ -104,32 +111,36 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ctx) -> torch.Tensor:
     ctx None: one process (no communication).
     """
     params = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-    # One process uses the same sums (ctx None): torch.nn.utils.clip_grad_norm_ on CPU (torch 2.13)
-    # accumulates FP32 norms with relative errors up to ~1e-4 on an embedding gradient of 0.5M entries,
-    # while sum(g * g) (pairwise summation) is within ~1e-7 of the FP64 value.
     routed_names = expert_names(model) if ctx is not None else set()
     device = params[0][1].grad.device if params else torch.device("cpu")
     replicated = torch.zeros((), dtype=torch.float32, device=device)
     partitioned = torch.zeros((), dtype=torch.float32, device=device)  # summed over dp x ep below
     for name, p in params:
         if _is_sharded(p.grad):
-            partitioned += p.grad.to_local().float().pow(2).sum()
+            partitioned += _square_norm(p.grad.to_local())
         elif name in routed_names and ctx.ep > 1:
-            partitioned += p.grad.float().pow(2).sum() / ctx.dp  # the dp replicas each add 1/dp of it
+            partitioned += _square_norm(p.grad) / ctx.dp  # the dp replicas each add 1/dp of it
         else:
-            replicated += p.grad.float().pow(2).sum()
+            replicated += _square_norm(p.grad)
     if ctx is not None and ctx.data_ranks > 1:
         dist.all_reduce(partitioned, group=ctx.dp_ep_group)
     total_sq = replicated + partitioned
     if ctx is not None and ctx.pp > 1:
         dist.all_reduce(total_sq, group=ctx.pp_group)
-    total = total_sq.sqrt()
-    if math.isfinite(max_norm):
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
-        for _, p in params:
+    return total_sq.sqrt()
+
+
+def clip_coefficient(total: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor that brings a gradient of norm `total` to norm <= max_norm (as torch.nn.utils.clip_grad_norm_)."""
+    return (max_norm / (total + 1e-6)).clamp(max=1.0)
+
+
+@torch.no_grad()
+def scale_gradients(model: nn.Module, coef: torch.Tensor) -> None:
+    for p in model.parameters():
+        if p.grad is not None:
             g = p.grad.to_local() if _is_sharded(p.grad) else p.grad
             g.mul_(coef.to(g.dtype))
-    return total
 
 
 # --------------------------------------------------------------------------------------

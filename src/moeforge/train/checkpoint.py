@@ -2,7 +2,8 @@
 
 A checkpoint is a folder with model.pt, optimizer.pt, state.pt (step, tokens, data-loader
 position, RNG states), config.toml (the resolved config) and manifest.json (sizes and SHA-256 of
-the other files). It is written under a temporary name, every file fsynced, then renamed: a crash
+the other files). A distributed run writes dcp/ instead of model.pt and optimizer.pt: the
+torch.distributed.checkpoint files of all ranks (parallel/dcp.py), loadable under any layout. It is written under a temporary name, every file fsynced, then renamed: a crash
 mid-write leaves only a `.tmp-*` folder, never a folder that looks complete. The manifest lets a
 load detect truncation or corruption before torch.load sees the bytes.
 """
@@ -61,20 +62,47 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(root: Path, step: int, cfg: Config, model_state: dict, optim_state: dict,
-                    state: dict, keep: int) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
+def staging_dir(root: Path, step: int) -> Path:
+    """Where every rank of a distributed save writes its DCP files before rank 0 completes the
+    checkpoint (the same path on every rank)."""
+    return root / f".tmp-step_{step:07d}-dcp"
+
+
+def prepare_staging(root: Path, step: int) -> Path:
+    """Rank 0, before a distributed save: an empty staging folder."""
+    tmp = staging_dir(root, step)
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_checkpoint(root: Path, step: int, cfg: Config, model_state: dict | None, optim_state: dict | None,
+                    state: dict, keep: int, staged: Path | None = None) -> Path:
+    """Write the checkpoint of `step` and keep the newest `keep`. staged: a staging folder that
+    already holds the model and optimizer as DCP files (then model_state and optim_state are None)."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    if staged is None:
+        tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        blobs = {"model.pt": _torch_bytes(model_state), "optimizer.pt": _torch_bytes(optim_state)}
+    else:
+        tmp, blobs = staged, {}
     manifest = {"step": step, "files": {}}
-    blobs = {"model.pt": _torch_bytes(model_state), "optimizer.pt": _torch_bytes(optim_state),
-             "state.pt": _torch_bytes(state), "config.toml": cfg.to_toml().encode()}
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):  # the DCP files, fsynced here
+        data = f.read_bytes()
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+        manifest["files"][f.relative_to(tmp).as_posix()] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    blobs.update({"state.pt": _torch_bytes(state), "config.toml": cfg.to_toml().encode()})
     for name, data in blobs.items():
         _fsync_write(tmp / name, data)
         manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    for d in [p for p in tmp.rglob("*") if p.is_dir()]:
+        _fsync_dir(d)
     _fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. end of a run that just saved): replace it
@@ -118,9 +146,17 @@ def load_checkpoint_config(path: Path) -> Config:
         raise MoeforgeError(f"checkpoint '{path}' has an unreadable config.toml: {e}") from None
 
 
+def is_distributed(path: Path) -> bool:
+    """A checkpoint written by a distributed run (DCP files in dcp/, no model.pt / optimizer.pt)."""
+    return (path / "dcp").is_dir()
+
+
 def load_checkpoint(path: Path, parts: tuple[str, ...] = FILES, map_location="cpu") -> dict:
-    """Verified load of the named parts: {'model.pt': state_dict, ...}."""
+    """Verified load of the named parts: {'model.pt': state_dict, ...}. A distributed checkpoint has
+    state.pt only; its model and optimizer load with parallel.dcp.load."""
     read_manifest_checked(path)
+    if is_distributed(path):
+        parts = tuple(p for p in parts if p not in ("model.pt", "optimizer.pt"))
     out = {}
     for name in parts:
         try:
@@ -168,6 +204,16 @@ def load_trained_model(path: str | Path, device: str | None = None):
     cfg = load_checkpoint_config(p)
     dev = resolve_device(device or "auto")
     model = build_model(cfg.model, dev, init=False)
+    if is_distributed(p):  # one process reads the pieces of every rank (no process group needed)
+        from ..parallel import dcp
+
+        read_manifest_checked(p)
+        try:
+            dcp.load(p / "dcp", model, None, None)
+        except Exception as e:  # noqa: BLE001 - any DCP failure means files that do not fit
+            raise MoeforgeError(f"checkpoint '{p}': cannot read its distributed weights: "
+                                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        return model.eval(), cfg
     state = load_checkpoint(p, ("model.pt",), map_location=dev)["model.pt"]
     if not isinstance(state, dict):
         raise MoeforgeError(f"checkpoint '{p}': model.pt holds a {type(state).__name__}, not a state dict")

@@ -92,10 +92,10 @@ def _wrap_forward(block: Block, context_fn) -> None:
     kwargs = {"context_fn": context_fn} if context_fn is not None else {}
 
     @functools.wraps(forward)
-    def checkpointed(x, cos, sin, cache=None, start_pos: int = 0):
+    def checkpointed(x, cos, sin, cache=None, start_pos: int = 0, mask=None):
         if cache is not None or not torch.is_grad_enabled():  # decoding / evaluation: nothing to save
-            return forward(x, cos, sin, cache, start_pos)
-        return checkpoint(forward, x, cos, sin, use_reentrant=False, **kwargs)
+            return forward(x, cos, sin, cache, start_pos, mask)
+        return checkpoint(forward, x, cos, sin, None, 0, mask, use_reentrant=False, **kwargs)
 
     block.forward = checkpointed
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from ..config import Config
 from ..data import PackedLoader, default_cache_dir, iter_eval_batches, load_tokenizer, prepare_data
@@ -29,13 +30,14 @@ from ..generate import generate
 from ..model import build_model, count_parameters, init_weights
 from ..model.mtp import IGNORE_INDEX
 from .. import parallel
-from ..parallel import pipeline
+from ..parallel import dcp, pipeline
 from . import checkpoint as ckpt
 from .balance import imbalance_stats, update_routing_bias
 from .ema import CPUEMA
 from .metrics import MetricsSink, flops_per_token, peak_flops
 from .schedule import batch_size_at, bias_update_speed_at, lr_at, mtp_lambda_at
 from .speed import apply_compile, apply_recompute
+from ..model.attention import document_ids, document_mask
 from ..model.head import set_loss_chunk
 
 LN2 = math.log(2)
@@ -208,27 +210,44 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Under parallelism every rank joins the gather and rank 0 writes the single-process state
-        dicts (model and AdamW moments), so a checkpoint resumes under any layout."""
+        """One process: model.pt and optimizer.pt. Expert / data parallel: every rank writes its own
+        pieces with torch.distributed.checkpoint (dcp/), which loads under any other layout or in one
+        process. Pipeline: rank 0 gathers the stages' state dicts. Rank 0 completes the checkpoint."""
         final = self.ckpt_root / f"step_{self.step:07d}"
+        model_state = optim_state = staged = None
         if self.pctx is None:
             model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
         elif self.stages is not None:  # pipeline: rank 0 gathers every stage's slice (None elsewhere)
             model_state = self._pipeline_full_state_dict()
             optim_state = self._pipeline_full_optimizer_state_dict()
         else:
-            model_state = parallel.full_state_dict(self.model, self.pctx)
-            optim_state = parallel.full_optimizer_state_dict(self.model, self.optimizer, self.pctx)
+            if self.is_main:
+                ckpt.prepare_staging(self.ckpt_root, self.step)
+            self.pctx.barrier()
+            staged = ckpt.staging_dir(self.ckpt_root, self.step)
+            dcp.save(staged / "dcp", self.model, self.optimizer, self.pctx)
+            self.pctx.barrier()
         if self.is_main:
             final = ckpt.save_checkpoint(self.ckpt_root, self.step, self.cfg, model_state, optim_state, self._state(),
-                                         self.cfg.train.keep_checkpoints)
+                                         self.cfg.train.keep_checkpoints, staged=staged)
         if self.pctx is not None:
             self.pctx.barrier()  # the checkpoint exists for every rank once save() returns
         return final
 
     def _load(self, path: Path) -> None:
         parts = ckpt.load_checkpoint(path, map_location=self.device)
-        if self.pctx is None:
+        if ckpt.is_distributed(path):  # pieces of any layout, resharded into this one
+            if self.stages is not None:
+                raise MoeforgeError(f"checkpoint '{path}' was written by an expert/data-parallel run; the pipeline "
+                                    f"trainer resumes single-process or pipeline checkpoints only for now")
+            try:
+                dcp.load(path / "dcp", self.model, self.optimizer, self.pctx)
+            except MoeforgeError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a DCP failure means files that do not fit this model
+                raise MoeforgeError(f"checkpoint '{path}': cannot read its distributed state: "
+                                    f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+        elif self.pctx is None:
             self.model.load_state_dict(parts["model.pt"])
             self.optimizer.load_state_dict(parts["optimizer.pt"])
         elif self.stages is not None:  # a single-process checkpoint: this rank's stages take their slice
@@ -503,8 +522,10 @@ def forward_backward(model, windows, n_micro: int, lam: float, cfg: Config, devi
     for i, window in enumerate(windows):
         window = window.to(device, non_blocking=True)
         parallel.set_gradient_sync(model, i == n_micro - 1)  # FSDP: reduce on the last micro-batch only
+        inputs = window[:, :-1]
+        mask = document_mask(document_ids(inputs, m.eos_token_id)) if t.document_mask else None
         with autocast(device, precision):
-            out = model.losses(window[:, :-1], window[:, 1:])
+            out = model.losses(inputs, window[:, 1:], mask=mask)
         mtp = out["mtp"].sum() * (lam / m.num_nextn_predict_layers) if out["mtp"].numel() else out["main"] * 0
         loss = out["main"] + mtp + t.balance_alpha * out["balance"]
         (loss / n_micro).backward()
@@ -516,8 +537,15 @@ def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx,
     """Clip to the global gradient norm, AdamW with the scheduled lr, routing-bias update from the
     step's global counts, EMA. Returns (grad norm tensor, lr, per-layer imbalance tensor); no host sync."""
     t = cfg.train
-    # The global norm (the single-process gradient's), also for one process (see clip_grad_norm).
-    grad_norm = parallel.clip_grad_norm(model, t.grad_clip if t.grad_clip > 0 else float("inf"), pctx)
+    grad_norm = parallel.global_grad_norm(model, pctx)  # the single-process gradient's, under any layout
+    if t.grad_clip > 0:
+        coef = parallel.clip_coefficient(grad_norm, t.grad_clip)
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            parallel.scale_gradients(model, coef)
+        else:
+            # The fused AdamW kernel divides the gradients by `grad_scale` as it reads them (the hook
+            # torch's GradScaler uses): clipping costs no extra pass over the gradients.
+            optimizer.grad_scale = 1.0 / coef
     lr = lr_at(step, t)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -575,6 +603,8 @@ def check_pipeline_layout(cfg: Config, pctx) -> None:
                             f"parallelism only alone for now (dp = ep = 1, world size = pp)")
     if cfg.parallel.sharding != "none":
         raise MoeforgeError(f"parallel.sharding={cfg.parallel.sharding}: not supported with parallel.pp > 1")
+    if cfg.train.document_mask:
+        raise MoeforgeError("train.document_mask: not supported with parallel.pp > 1 yet")
     t = cfg.train
     for n_micro in sorted({batch_size_at(step, t) // t.micro_batch for step in range(max(1, t.steps))}):
         pipeline.validate_micro_batches(cfg.parallel, n_micro)

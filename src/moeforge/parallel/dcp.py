@@ -1,0 +1,100 @@
+"""Distributed checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own pieces.
+
+What DCP sees is the single-process state described piece by piece. It gets one key per parameter
+or buffer ("model/<name>") and per AdamW moment ("optim/<name>/exp_avg", ...), each either:
+- a DTensor whose global shape is the single-process tensor's. FSDP's shards (Shard(0) over dp x ep)
+  are used as they are. Routed experts sliced over ep are wrapped as DTensors over the (dp, ep) mesh
+  with placements (Replicate, Shard(0)). Experts that FSDP also shards over dp are first gathered over
+  dp, since a shard of a slice has no plain DTensor placement;
+- or a plain tensor, which every rank holds in full (replicated parameters, one process).
+
+DCP deduplicates the replicas when saving and reshards when loading. So a checkpoint saved under one
+layout loads under any other, or in one process without a process group (eval, generate, convert),
+and no rank ever holds the whole model. Loading fills the same views in place; views that are
+copies are written back into the parameters.
+
+Only the data is saved: the AdamW hyperparameters come from the config, and the trainer sets the
+learning rate every step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from .expert import _copy_into, expert_names, is_expert_key
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _views(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx,
+           create_moments: bool) -> tuple[dict, list[Callable[[], None]]]:
+    """(the DCP state dict of this rank, write-backs to run after a load)."""
+    routed = expert_names(model) if ctx is not None else set()
+    writeback: list[Callable[[], None]] = []
+
+    def view(name: str, t: torch.Tensor, expert: bool) -> torch.Tensor:
+        if ctx is None or not expert or ctx.ep == 1:
+            return t  # full, replicated, or an FSDP DTensor whose global shape is the full one
+        mesh = ctx.mesh["dp", "ep"]
+        if isinstance(t, DTensor):  # FSDP shard (over dp) of this rank's ep slice
+            local = t.full_tensor()
+            writeback.append(lambda: _copy_into(t, local))
+        else:
+            local = t
+        dt = DTensor.from_local(local, mesh, [Replicate(), Shard(0)], run_check=False)
+        if not isinstance(t, DTensor):  # (from_local shares the storage; copy back should it not)
+            writeback.append(lambda: None if dt.to_local().data_ptr() == t.data_ptr() else t.copy_(dt.to_local()))
+        return dt
+
+    state = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.is_floating_point():
+            state[f"model/{name}"] = view(name, t.data if isinstance(t, nn.Parameter) else t,
+                                          is_expert_key(name))
+    if optimizer is not None:
+        by_id = {id(p): (n, p) for n, p in model.named_parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                name, _ = by_id[id(p)]
+                st = optimizer.state.get(p)
+                if not st:
+                    if not create_moments:
+                        continue  # no step taken yet: nothing to save for this parameter
+                    local = p.data.to_local() if isinstance(p.data, DTensor) else p.data
+                    st = {"step": torch.zeros((), dtype=torch.float32, device=local.device),
+                          **{k: torch.zeros_like(p.data) for k in MOMENTS}}
+                    optimizer.state[p] = st
+                for k in MOMENTS:
+                    state[f"optim/{name}/{k}"] = view(name, st[k], name in routed or is_expert_key(name))
+                state[f"optim/{name}/step"] = st["step"]
+    return state, writeback
+
+
+def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx) -> None:
+    """Every rank calls it (collective); the folder holds the DCP files of all ranks."""
+    state, _ = _views(model, optimizer, ctx, create_moments=False)
+    dcp.save(state, checkpoint_id=str(path))
+
+
+@torch.no_grad()
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx) -> None:
+    """Fill this rank's model (and optimizer) from a DCP checkpoint saved under any layout."""
+    state, writeback = _views(model, optimizer, ctx, create_moments=True)
+    with warnings.catch_warnings():  # one process without a process group is a supported use, not a mistake
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=str(path))
+    for fn in writeback:
+        fn()
+
+
+def has_optimizer_state(path: Path) -> bool:
+    """Whether a DCP checkpoint holds AdamW moments (one saved before any step has none)."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    return any(k.startswith("optim/") for k in meta.state_dict_metadata)

@@ -1,0 +1,105 @@
+"""The single-GPU fast paths on CUDA (`pytest -m gpu`; skipped without a GPU).
+
+Each test compares a fast path with its reference on the GPU and says why its tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from moeforge.config import ModelConfig, load_config  # noqa: E402
+from moeforge.model import build_model  # noqa: E402
+from moeforge.model.attention import attention, document_ids, document_mask  # noqa: E402
+from moeforge.model.head import chunked_cross_entropy, plain_cross_entropy  # noqa: E402
+from moeforge.train.trainer import (build_optimizer, build_train_model, forward_backward,  # noqa: E402
+                                    optimizer_update)
+
+
+def test_flex_document_attention_matches_dense_mask_with_gradients():
+    """FlexAttention (compiled) with the document BlockMask against SDPA with the dense boolean mask,
+    forward and backward, BF16 inputs: within BF16 rounding of the outputs (2e-2)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, S = 2, 4, 512
+    q, k = (torch.randn(B, H, S, 192, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+            for _ in range(2))
+    v = torch.randn(B, H, S, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    tokens = torch.randint(1, 50, (B, S), device="cuda", generator=g)
+    tokens[0, [100, 300]] = 0
+    tokens[1, [7]] = 0
+    doc = document_ids(tokens, 0)
+    outs, grads = [], []
+    for mask in (document_mask(doc), document_mask(doc, flex=False)):
+        o = attention(q, k, v, 0.1, mask)
+        outs.append(o)
+        grads.append(torch.autograd.grad(o.float().square().sum(), (q, k, v)))
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+
+
+def test_chunked_cross_entropy_on_cuda_bf16():
+    """Chunked loss under BF16 autocast against the plain path (both BF16 head GEMMs): BF16 rounding."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    h = torch.randn(1000, 256, device="cuda", generator=g).requires_grad_()
+    w = (0.05 * torch.randn(5000, 256, device="cuda", generator=g)).requires_grad_()
+    t = torch.randint(0, 5000, (1000,), device="cuda", generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = plain_cross_entropy(torch.nn.functional.linear(h, w), t)
+        out = chunked_cross_entropy(h, w, t, 300)
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    for a, b in zip(torch.autograd.grad(out, (h, w)), torch.autograd.grad(ref, (h, w))):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("extra", [[], ["train.compile=true"]])
+def test_training_step_has_no_host_sync(extra):
+    """A whole optimizer step (two micro-batches, BF16, routing, grouped GEMM, chunked loss, clipping,
+    AdamW, bias update) runs under set_sync_debug_mode('error') after a warm-up step: no host sync."""
+    cfg = load_config("tiny", None, ["train.batch_size=4", "train.micro_batch_size=2", "train.seq_len=128",
+                                     "train.loss_chunk=100", *extra])
+    device = torch.device("cuda")
+    model = build_train_model(cfg, device, "bf16", None)
+    optimizer = build_optimizer(model, cfg)
+    windows = [torch.randint(0, cfg.model.vocab_size, (2, 129), device=device) for _ in range(2)]
+
+    def step(i):
+        return forward_backward(model, iter(windows), 2, 0.3, cfg, device, "bf16")
+
+    step(0)
+    optimizer_update(model, optimizer, model.moe_layers(), cfg, 0, None)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sums = step(1)
+        optimizer_update(model, optimizer, model.moe_layers(), cfg, 1, None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(sums).all()
+
+
+def test_model_with_compiled_blocks_matches_eager_on_cuda():
+    """Regional torch.compile (inductor) against eager under BF16 autocast: the losses agree to BF16
+    rounding (1e-2; inductor fuses elementwise ops and keeps some intermediates in FP32)."""
+    from moeforge.train.speed import apply_compile
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                      num_hidden_layers=3, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=64,
+                      qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+                      num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                      max_position_embeddings=256, num_nextn_predict_layers=1)
+    torch.manual_seed(0)
+    eager = build_model(cfg, "cuda")
+    compiled = build_model(cfg, "cuda", init=False)
+    compiled.load_state_dict(eager.state_dict())
+    apply_compile(compiled)
+    tokens = torch.randint(0, 512, (2, 129), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a = eager.losses(tokens[:, :-1], tokens[:, 1:])
+        b = compiled.losses(tokens[:, :-1], tokens[:, 1:])
+    torch.testing.assert_close(b["main"], a["main"], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(b["mtp"], a["mtp"], rtol=1e-2, atol=1e-2)
