@@ -216,6 +216,7 @@ def test_packed_documents_see_only_themselves(one_thread):
     assert (causal[:, 10:] - alone).abs().max() > 1e-3  # without the mask the first document leaks in
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose: CPU
 def test_flex_attention_block_mask_matches_dense_mask():
     """The GPU path's FlexAttention with the document BlockMask computes the reference dense-mask SDPA
     (forward on the CPU: FlexAttention has no CPU backward). FP32, different summation order: 1e-5."""

@@ -106,8 +106,27 @@ def expert_counts(flat_indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat_indices, torch.ones_like(flat_indices))
 
 
+class Ready:
+    """A dispatch that is already complete: finish() returns its result."""
+
+    def __init__(self, result):
+        self.result = result
+
+    def finish(self):
+        return self.result
+
+
 class LocalDispatcher:
-    """Single-device dispatch: sort token copies by expert (no padding, no dropping), and back."""
+    """Single-device dispatch: sort token copies by expert (no padding, no dropping), and back.
+
+    start(...) begins a dispatch and returns an object whose finish() gives dispatch's result;
+    a dispatcher that moves tokens between devices returns before the transfer is done, so the MoE
+    layer computes its shared experts in the meantime (report §3.2.2: overlap of communication and
+    computation). Here there is nothing to wait for.
+    """
+
+    def start(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> Ready:
+        return Ready(self.dispatch(x, indices, n_experts))
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int):
         """x: [T, D], indices: [T, K] -> x sorted by expert [N, D], counts [E], context for combine."""
@@ -176,10 +195,12 @@ class MoE(nn.Module):
             balance = scores.new_zeros(())
         # Permute (and, under expert parallelism, send) the tokens in the dtype the experts compute in:
         # under BF16 autocast that halves the bytes moved compared with the FP32 residual stream.
-        x_sorted, counts, ctx = self.dispatcher.dispatch(u.to(compute_dtype(u)), indices, self.n_experts)
+        pending = self.dispatcher.start(u.to(compute_dtype(u)), indices, self.n_experts)
+        shared = self.shared_experts(u) if self.shared_experts is not None else None  # while tokens travel
+        x_sorted, counts, ctx = pending.finish()
         y = self.dispatcher.combine(self.experts(x_sorted, counts), weights, ctx, B * S)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(u)
+        if shared is not None:
+            y = y + shared
         return y.view(B, S, D).to(x.dtype), balance
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

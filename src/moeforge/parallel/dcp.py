@@ -33,9 +33,10 @@ from .expert import _copy_into, expert_names, is_expert_key
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _views(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx,
-           create_moments: bool) -> tuple[dict, list[Callable[[], None]]]:
-    """(the DCP state dict of this rank, write-backs to run after a load)."""
+def _views(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx, create_moments: bool,
+           owned: set[str] | None = None) -> tuple[dict, list[Callable[[], None]]]:
+    """(the DCP state dict of this rank, write-backs to run after a load). owned: the state-dict names
+    this rank holds (a pipeline rank: its stages'); None: all."""
     routed = expert_names(model) if ctx is not None else set()
     writeback: list[Callable[[], None]] = []
 
@@ -55,7 +56,7 @@ def _views(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx,
 
     state = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        if t.is_floating_point():
+        if t.is_floating_point() and (owned is None or name in owned):
             state[f"model/{name}"] = view(name, t.data if isinstance(t, nn.Parameter) else t,
                                           is_expert_key(name))
     if optimizer is not None:
@@ -77,16 +78,18 @@ def _views(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx,
     return state, writeback
 
 
-def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx) -> None:
+def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx,
+         owned: set[str] | None = None) -> None:
     """Every rank calls it (collective); the folder holds the DCP files of all ranks."""
-    state, _ = _views(model, optimizer, ctx, create_moments=False)
+    state, _ = _views(model, optimizer, ctx, create_moments=False, owned=owned)
     dcp.save(state, checkpoint_id=str(path))
 
 
 @torch.no_grad()
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx) -> None:
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx,
+         owned: set[str] | None = None) -> None:
     """Fill this rank's model (and optimizer) from a DCP checkpoint saved under any layout."""
-    state, writeback = _views(model, optimizer, ctx, create_moments=True)
+    state, writeback = _views(model, optimizer, ctx, create_moments=True, owned=owned)
     with warnings.catch_warnings():  # one process without a process group is a supported use, not a mistake
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(state, checkpoint_id=str(path))

@@ -44,11 +44,15 @@ class Dispatcher(Protocol):
 
     dispatch(x [T, D], indices [T, K], n_experts) -> (rows sorted by local expert [M, D],
     rows per local expert [E_l], context); combine(y [M, D], weights [T, K], context, T) -> [T, D].
+    start(x, indices, n_experts) -> an object whose finish() returns dispatch's result; the MoE layer
+    computes its shared experts between the two, so a dispatcher can overlap its transfer with them.
     LocalDispatcher (model/moe.py) is the single-device one; AllToAllDispatcher moves rows between
     ep ranks. Another backend (e.g. DeepEP kernels) plugs in by implementing these two methods.
     """
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
+
+    def start(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> Any: ...
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx: Any, n_tokens: int) -> torch.Tensor: ...
 
@@ -60,17 +64,21 @@ class _AllToAll(torch.autograd.Function):
     """Rows x[sum(send[:r]):sum(send[:r+1])] go to rank r; backward sends the gradients back."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group, pending: list | None = None):
+        """pending: a list to receive the async work handle; then the output may be read only after
+        pending[0].wait() (the transfer runs while the caller computes something else)."""
         ctx.send, ctx.recv, ctx.group = send, recv, group
         out = x.new_empty(sum(recv), *x.shape[1:])  # [M, D]
-        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        work = dist.all_to_all_single(out, x.contiguous(), recv, send, group=group, async_op=pending is not None)
+        if pending is not None:
+            pending.append(work)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out = grad.new_empty(sum(ctx.send), *grad.shape[1:])
         dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
-        return out, None, None, None
+        return out, None, None, None, None
 
 
 def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
@@ -120,12 +128,25 @@ class _AllToAllFP8(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _AllToAll.backward(ctx, grad)
+        return _AllToAll.backward(ctx, grad)[:4]
 
 
 # --------------------------------------------------------------------------------------
 # the dispatcher
 # --------------------------------------------------------------------------------------
+class _PendingDispatch:
+    """A dispatch whose token all-to-all may still be in flight; finish() waits for it."""
+
+    def __init__(self, pending: list, x_recv: torch.Tensor, perm: torch.Tensor, counts: torch.Tensor, ctx):
+        self.pending, self.x_recv, self.perm, self.counts, self.ctx = pending, x_recv, perm, counts, ctx
+
+    def finish(self):
+        for work in self.pending:
+            work.wait()  # NCCL: the compute stream waits on the GPU; gloo: the host waits
+        self.pending = []
+        return self.x_recv[self.perm], self.counts, self.ctx
+
+
 class AllToAllDispatcher:
     """Dispatch/combine across the ep ranks of `group`; this rank holds experts
     [rank * E_l, (rank + 1) * E_l). No padding to a capacity and no dropped tokens."""
@@ -135,6 +156,11 @@ class AllToAllDispatcher:
         self.local = LocalDispatcher()
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int):
+        return self.start(x, indices, n_experts).finish()
+
+    def start(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> "_PendingDispatch":
+        """Steps 1-2, and step 3 started: the token copies are in flight when this returns (BF16/FP32
+        dispatch; FP8 dispatch dequantises on arrival, so it completes here)."""
         R, E_l = self.ep, n_experts // self.ep
         # 1. local sort by global expert (= by destination rank, then expert)
         x_sorted, counts, local_ctx = self.local.dispatch(x, indices, n_experts)  # [N, D], [E]
@@ -144,14 +170,17 @@ class AllToAllDispatcher:
         recv_counts = recv_counts.view(R, E_l)
         splits = torch.cat([counts.view(R, E_l).sum(1), recv_counts.sum(1)]).tolist()  # the one host sync
         send, recv = splits[:R], splits[R:]
-        # 3. token copies
-        move = _AllToAllFP8.apply if self.fp8 else _AllToAll.apply
-        x_recv = move(x_sorted, send, recv, self.group)  # [M, D], grouped by (source rank, local expert)
-        # 4. expert-major order for the grouped GEMM
+        # 3. token copies, [M, D] grouped by (source rank, local expert)
+        pending: list = []
+        if self.fp8:
+            x_recv = _AllToAllFP8.apply(x_sorted, send, recv, self.group)
+        else:
+            x_recv = _AllToAll.apply(x_sorted, send, recv, self.group, pending)
+        # 4. (computed while the copies travel) expert-major order for the grouped GEMM
         expert_of_row = torch.arange(E_l, device=x.device).repeat(R).repeat_interleave(
             recv_counts.flatten(), output_size=sum(recv))  # [M]
         perm = expert_of_row.argsort(stable=True)  # row i of the expert-major layout is received row perm[i]
-        return x_recv[perm], recv_counts.sum(0), (local_ctx, perm, send, recv)
+        return _PendingDispatch(pending, x_recv, perm, recv_counts.sum(0), (local_ctx, perm, send, recv))
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
         local_ctx, perm, send, recv = ctx

@@ -210,22 +210,19 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """One process: model.pt and optimizer.pt. Expert / data parallel: every rank writes its own
-        pieces with torch.distributed.checkpoint (dcp/), which loads under any other layout or in one
-        process. Pipeline: rank 0 gathers the stages' state dicts. Rank 0 completes the checkpoint."""
+        """One process: model.pt and optimizer.pt. Under torchrun every rank writes its own pieces
+        with torch.distributed.checkpoint (dcp/), which loads under any other layout or in one
+        process; a pipeline rank writes its stages' pieces. Rank 0 completes the checkpoint."""
         final = self.ckpt_root / f"step_{self.step:07d}"
         model_state = optim_state = staged = None
         if self.pctx is None:
             model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
-        elif self.stages is not None:  # pipeline: rank 0 gathers every stage's slice (None elsewhere)
-            model_state = self._pipeline_full_state_dict()
-            optim_state = self._pipeline_full_optimizer_state_dict()
         else:
             if self.is_main:
                 ckpt.prepare_staging(self.ckpt_root, self.step)
             self.pctx.barrier()
             staged = ckpt.staging_dir(self.ckpt_root, self.step)
-            dcp.save(staged / "dcp", self.model, self.optimizer, self.pctx)
+            dcp.save(staged / "dcp", self.model, self.optimizer, self.pctx, self._owned_names())
             self.pctx.barrier()
         if self.is_main:
             final = ckpt.save_checkpoint(self.ckpt_root, self.step, self.cfg, model_state, optim_state, self._state(),
@@ -234,16 +231,15 @@ class Trainer:
             self.pctx.barrier()  # the checkpoint exists for every rank once save() returns
         return final
 
+    def _owned_names(self) -> set[str] | None:
+        """Pipeline: the state-dict names of this rank's stages (None: the whole model is this rank's)."""
+        return set(pipeline.stage_state_dict(self.stages)) if self.stages is not None else None
+
     def _load(self, path: Path) -> None:
         parts = ckpt.load_checkpoint(path, map_location=self.device)
         if ckpt.is_distributed(path):  # pieces of any layout, resharded into this one
-            if self.stages is not None:
-                raise MoeforgeError(f"checkpoint '{path}' was written by an expert/data-parallel run; the pipeline "
-                                    f"trainer resumes single-process or pipeline checkpoints only for now")
             try:
-                dcp.load(path / "dcp", self.model, self.optimizer, self.pctx)
-            except MoeforgeError:
-                raise
+                dcp.load(path / "dcp", self.model, self.optimizer, self.pctx, self._owned_names())
             except Exception as e:  # noqa: BLE001 - a DCP failure means files that do not fit this model
                 raise MoeforgeError(f"checkpoint '{path}': cannot read its distributed state: "
                                     f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
@@ -251,7 +247,7 @@ class Trainer:
             self.model.load_state_dict(parts["model.pt"])
             self.optimizer.load_state_dict(parts["optimizer.pt"])
         elif self.stages is not None:  # a single-process checkpoint: this rank's stages take their slice
-            self.model.load_state_dict(parts["model.pt"])  # every tensor is there; the stages reference them
+            parallel.load_full_state_dict(self.model, parts["model.pt"], self.pctx)  # the stages reference them
             self._pipeline_load_optimizer_state_dict(parts["optimizer.pt"])
         else:  # a single-process checkpoint, sliced / sharded for this rank
             parallel.load_full_state_dict(self.model, parts["model.pt"], self.pctx)
@@ -272,29 +268,29 @@ class Trainer:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([r.cpu() for r in rng["cuda"]])
 
-    # ---- pipeline parallelism: gathers over the pipeline group (dp = ep = 1) ----
-    def _gather_to_main(self, obj):
-        """gather_object over the pipeline group: the list of every pp rank's obj on rank 0, None elsewhere."""
+    # ---- pipeline parallelism: gathers over the pipeline group ----
+    def _pipeline_full_state_dict(self) -> dict | None:
+        """The single-process model state dict on rank 0 (collective over all ranks): each stage's
+        expert slices are first gathered over ep; then the ranks of rank 0's pipeline group (data
+        rank 0 of every stage) send their stages to rank 0."""
         import torch.distributed as dist
 
-        out = [None] * self.pctx.pp if self.is_main else None
-        dist.gather_object(obj, out, dst=0, group=self.pctx.pp_group)
-        return out
-
-    def _pipeline_full_state_dict(self) -> dict | None:
-        """The single-process model state dict on rank 0 (collective over the pipeline ranks)."""
-        local = {k: v.detach().cpu() for k, v in pipeline.stage_state_dict(self.stages).items()}
-        parts = self._gather_to_main(local)
+        local = {k: parallel.full_tensor(v, parallel.is_expert_key(k), self.pctx).detach().cpu()
+                 for k, v in pipeline.stage_state_dict(self.stages).items()}
+        if self.pctx.data_rank != 0:
+            return None
+        parts = [None] * self.pctx.pp if self.is_main else None
+        dist.gather_object(local, parts, dst=0, group=self.pctx.pp_group)
         if not self.is_main:
             return None
         merged = {}
         for part in parts:
             merged.update(part)
-        keys = list(self.model.state_dict())
+        keys = list(build_model(self.cfg.model, "meta").state_dict())  # the single model's names and order
         missing = [k for k in keys if k not in merged]
         if missing:
             raise MoeforgeError(f"pipeline checkpoint: no stage holds {len(missing)} tensors (first: {missing[0]})")
-        return {k: merged[k] for k in keys}  # the single model's key order
+        return {k: merged[k] for k in keys}
 
     def _full_param_order(self) -> tuple[list[str], list[int]]:
         """Parameter names in the single-process optimizer's order (build_optimizer's groups) and group sizes."""
@@ -308,32 +304,16 @@ class Trainer:
         names = {id(p): n for n, p in pipeline.named_parameters(self.stages).items()}
         return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
 
-    def _pipeline_full_optimizer_state_dict(self) -> dict | None:
-        """optimizer.state_dict() as the single-process run would have it, on rank 0 (collective)."""
-        sd = self.optimizer.state_dict()
-        local_names = self._local_param_names()
-        by_name = {local_names[i]: {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
-                   for i, st in sd["state"].items()}
-        parts = self._gather_to_main(by_name)
-        if not self.is_main:
-            return None
-        merged = {}
-        for part in parts:
-            merged.update(part)
-        order, sizes = self._full_param_order()
-        state = {i: merged[n] for i, n in enumerate(order) if n in merged}
-        groups, start = [], 0
-        for g, size in zip(sd["param_groups"], sizes):
-            groups.append({**g, "params": list(range(start, start + size))})
-            start += size
-        return {"state": state, "param_groups": groups}
-
     def _pipeline_load_optimizer_state_dict(self, full: dict) -> None:
         """Load a single-process optimizer state dict: this rank keeps its parameters' moments."""
         order, _ = self._full_param_order()
         if len(full["state"]) and max(int(i) for i in full["state"]) >= len(order):
             raise MoeforgeError("optimizer state does not match the model (more parameters than the model has)")
         by_name = {order[int(i)]: st for i, st in full["state"].items()}
+        if self.pctx.ep > 1:  # this ep rank's rows of the expert moments
+            by_name = {n: {k: (parallel.slice_state_dict({n: v}, self.pctx.ep, self.pctx.ep_rank)[n]
+                               if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in st.items()}
+                       for n, st in by_name.items()}
         local_names = self._local_param_names()
         state = {i: by_name[n] for i, n in enumerate(local_names) if n in by_name}
         groups, start = [], 0
@@ -375,8 +355,10 @@ class Trainer:
         """Forward and backward of the step's micro-batches through the pipeline schedule; returns
         [main, weighted MTP, balance] (means over micro-batches, the same on every pp rank)."""
         t, m = self.cfg.train, self.cfg.model
-        # Every rank reads the same global micro-batches, in the single-process order.
-        window = torch.cat([self.loader.next_batch(t.micro_batch) for _ in range(n_micro)]).to(self.device)
+        # Every rank reads the same global micro-batches, in the single-process order, and keeps its
+        # data rank's rows of each (the pipeline splits the concatenation back into micro-batches).
+        window = torch.cat([parallel.data_shard(self.loader.next_batch(t.micro_batch), self.pctx)
+                            for _ in range(n_micro)]).to(self.device)
         out = pipeline.pipeline_train_step(self.stages, self.pipe, window[:, :-1], window[:, 1:], n_micro=n_micro,
                                            mtp_lambda=lam, balance_alpha=t.balance_alpha)
         K = m.num_nextn_predict_layers
@@ -397,10 +379,10 @@ class Trainer:
         else:
             windows = (parallel.data_shard(self.loader.next_batch(t.micro_batch), self.pctx) for _ in range(n_micro))
             sums = forward_backward(self.model, windows, n_micro, lam, self.cfg, self.device, self.precision)
+        clipped = self.model if self.stages is None else pipeline.stage_modules(self.stages)  # pp: this rank's stages
         if self.pctx is not None:
-            parallel.sync_gradients(self.model, self.pctx)  # all-reduce (sharding=none; FSDP reduced in backward)
+            parallel.sync_gradients(clipped, self.pctx)  # all-reduce (sharding=none; FSDP reduced in backward)
             sums = self.pctx.all_reduce_mean_dp_ep(sums)  # mean of per-rank means = global mean: all ranks log it
-        clipped = self.model if self.stages is None else pipeline.stage_modules(self.stages)  # pp: summed over stages
         grad_norm, lr, ratio = optimizer_update(clipped, self.optimizer, self.moe_layers, self.cfg, self.step,
                                                 self.pctx, self.ema)
         balance_stats = imbalance_stats(ratio.tolist())
@@ -578,12 +560,9 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
         init_weights(model)
         return apply_compile(model) if t.compile else model
     if pctx.pp > 1:
-        # Pipeline ranks (dp = ep = 1, checked in split_train_pipeline): the whole single-process model,
-        # initialised from the same seed on every rank; split_pipeline then keeps this rank's stages.
+        # Pipeline ranks hold the whole model (their ep slice of its experts); split_pipeline then
+        # keeps this rank's stages.
         check_pipeline_layout(cfg, pctx)
-        model = model.to_empty(device=device)
-        init_weights(model)
-        return apply_compile(model) if t.compile else model
     parallel.apply_expert_parallel(model, pctx)
     parallel.apply_fsdp(model, pctx, bf16=precision == "bf16")
     model = model.to_empty(device=device)
@@ -598,9 +577,6 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
 
 def check_pipeline_layout(cfg: Config, pctx) -> None:
     """What the trainer supports with parallel.pp > 1, checked before any model memory exists."""
-    if pctx.dp > 1 or pctx.ep > 1:
-        raise MoeforgeError(f"parallel.pp={pctx.pp} with dp={pctx.dp} x ep={pctx.ep}: the trainer runs pipeline "
-                            f"parallelism only alone for now (dp = ep = 1, world size = pp)")
     if cfg.parallel.sharding != "none":
         raise MoeforgeError(f"parallel.sharding={cfg.parallel.sharding}: not supported with parallel.pp > 1")
     if cfg.train.document_mask:
@@ -613,7 +589,7 @@ def check_pipeline_layout(cfg: Config, pctx) -> None:
 def split_train_pipeline(model, cfg: Config, pctx, precision: str, device: torch.device):
     """This rank's pipeline stages of `model` and the schedule factory (parallel/pipeline.py)."""
     amp = torch.bfloat16 if precision == "bf16" or (precision == "fp8" and device.type == "cuda") else None
-    return pipeline.split_pipeline(model, cfg.parallel, pctx, micro_batch=cfg.train.micro_batch,
+    return pipeline.split_pipeline(model, cfg.parallel, pctx, micro_batch=cfg.train.micro_batch // pctx.data_ranks,
                                    seq_len=cfg.train.seq_len, amp_dtype=amp)
 
 
