@@ -58,6 +58,7 @@ LAYOUTS = {  # name: (processes, parallel overrides)
     "ep4": (4, ["parallel.ep=4"]),
     "fsdp_full_ep2": (2, ["parallel.ep=2", "parallel.sharding=full"]),
     "fsdp_zero2_ep2xdp2": (4, ["parallel.ep=2", "parallel.sharding=zero2"]),
+    "zero1_ep2xdp2": (4, ["parallel.ep=2", "parallel.sharding=zero1"]),
 }
 GRAD_RTOL = 1e-5
 LOSS_RTOL = 1e-4
@@ -158,6 +159,8 @@ def test_layout_matches_single_process(layout, reference, data_dir, mf_env, tmp_
         _check_resume_in_one_process(out, reference)
     if layout == "fsdp_zero2_ep2xdp2":
         _check_resume_under(out, reference, data_dir, mf_env, ["parallel.ep=4"])
+    if layout == "zero1_ep2xdp2":  # each rank saved only the moments it owns; DP=4 owns them differently
+        _check_resume_under(out, reference, data_dir, mf_env, ["parallel.sharding=zero1"])
 
 
 def _check_checkpoint_loads_in_one_process(out, res) -> None:
@@ -187,6 +190,7 @@ def _check_resume_under(out, ref, data_dir, mf_env, extra) -> None:
     _drop_newest(out)
     cfg = make_config(data_dir, out, extra)
     results = run_dist(train_run, 4, cfg, str(mf_env), 2, resume=True, save_at=(), init=False)
+    assert [r["step"] for r in results[0]["records"]] == [3, 4]
     for a, b in zip(results[0]["records"], ref["records"][2:]):
         assert a["step"] == b["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), f"resumed step {a['step']}"
@@ -206,6 +210,7 @@ def _check_resume_in_one_process(out, ref) -> None:
         resumed = train_run(cfg_dict, None, 2, resume=True, save_at=())  # MOEFORGE_CACHE: the mf_env fixture
     finally:
         torch.set_num_threads(threads)
+    assert [r["step"] for r in resumed["records"]] == [3, 4]
     for a, b in zip(resumed["records"], ref["records"][2:]):
         assert a["step"] == b["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), f"resumed step {a['step']}"
@@ -366,6 +371,19 @@ def test_micro_batch_must_divide_by_data_ranks():
         check_batch_sizes(6, ctx)
     check_batch_sizes(8, ctx)
     check_batch_sizes(3, None)
+
+
+def test_zero1_owners_balance_and_cover_every_parameter():
+    """ZeRO-1's assignment: every parameter has exactly one owner and the loads differ by at most
+    the largest parameter (greedy, largest first)."""
+    from moeforge.parallel.zero1 import _assign
+
+    params = [(f"p{i}", torch.nn.Parameter(torch.empty(n))) for i, n in enumerate([50, 7, 30, 30, 9, 1, 64, 3])]
+    owner = _assign(params, 3)
+    assert sorted(set(owner)) == [0, 1, 2]
+    loads = [sum(p.numel() for (_, p), o in zip(params, owner) if o == r) for r in range(3)]
+    assert sum(loads) == 194 and max(loads) - min(loads) <= 64
+    assert _assign(params, 3) == owner  # the same on every rank
 
 
 def test_slice_state_dict():

@@ -200,7 +200,7 @@ class ParallelConfig:
     dp: int = 0  # data-parallel replicas of the experts; 0: world size / (pp x ep)
     schedule: str = "1f1b"  # pipeline schedule: 1f1b | interleaved1f1b | zbv | dualpipev
     layout: str = ""  # decoder layers per pipeline stage, e.g. "3,3,2,2"; "": as even as possible
-    sharding: str = "none"  # data parallel: none (replicated, all-reduce) | zero2 | full (FSDP2)
+    sharding: str = "none"  # data parallel: none (replicated, all-reduce) | zero1 (AdamW state partitioned) | zero2 | full (FSDP2)
     dispatch_fp8: bool = False  # send dispatched activations in FP8 with 1x128 scales
 
 
@@ -423,7 +423,8 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
     _check(p.dp >= 0, f"parallel.dp: must be >= 0 (0 = the rest of the world), got {p.dp}")
     _check(p.schedule in ("1f1b", "interleaved1f1b", "zbv", "dualpipev"),
            f"parallel.schedule: expected 1f1b, interleaved1f1b, zbv or dualpipev, got {p.schedule!r}")
-    _check(p.sharding in ("none", "zero2", "full"), f"parallel.sharding: expected none, zero2 or full, got {p.sharding!r}")
+    _check(p.sharding in ("none", "zero1", "zero2", "full"),
+           f"parallel.sharding: expected none, zero1, zero2 or full, got {p.sharding!r}")
     _check(m.n_routed_experts % p.ep == 0,
            f"parallel.ep: {p.ep} does not divide model.n_routed_experts={m.n_routed_experts}")
 

@@ -12,16 +12,16 @@ See docs/parallelism.md. Pipeline parallelism lives in pipeline.py.
 
 from .data import (apply_fsdp, check_batch_sizes, clip_coefficient, data_shard, global_grad_norm, scale_gradients,
                    set_gradient_sync, sync_gradients)
-from .expert import (AllToAllDispatcher, Dispatcher, apply_expert_parallel, expert_names, full_optimizer_state_dict,
-                     full_state_dict, full_tensor, is_expert_key, load_full_optimizer_state_dict, load_full_state_dict,
+from .expert import (AllToAllDispatcher, Dispatcher, apply_expert_parallel, expert_names, full_state_dict, full_tensor, is_expert_key, load_full_optimizer_state_dict, load_full_state_dict,
                      max_ranks_per_token, moe_count_reduce, slice_state_dict)
 from .mesh import ParallelContext, init_distributed, resolve_layout
+from .zero1 import Zero1
 
 __all__ = [
     "AllToAllDispatcher", "Dispatcher", "ParallelContext", "apply_expert_parallel", "apply_fsdp", "check_batch_sizes",
-    "clip_coefficient", "data_shard", "expert_names", "full_optimizer_state_dict", "full_state_dict", "full_tensor",
+    "clip_coefficient", "data_shard", "expert_names", "full_state_dict", "full_tensor",
     "global_grad_norm", "scale_gradients",
     "init_distributed", "is_expert_key", "load_full_optimizer_state_dict", "load_full_state_dict",
     "max_ranks_per_token", "moe_count_reduce",
-    "resolve_layout", "set_gradient_sync", "slice_state_dict", "sync_gradients",
+    "resolve_layout", "set_gradient_sync", "Zero1", "slice_state_dict", "sync_gradients",
 ]

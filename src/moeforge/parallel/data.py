@@ -76,9 +76,9 @@ def _all_reduce_buckets(grads: list[torch.Tensor], group, divide: float) -> None
 
 @torch.no_grad()
 def sync_gradients(model: nn.Module, ctx) -> None:
-    """After the last micro-batch's backward (sharding=none): average the gradients as the
+    """After the last micro-batch's backward (sharding=none or zero1): average the gradients as the
     single-process step would have them (see the module docstring). No-op for one data rank."""
-    if ctx is None or ctx.data_ranks == 1 or ctx.sharding != "none":
+    if ctx is None or ctx.data_ranks == 1 or ctx.sharding not in ("none", "zero1"):
         return
     routed_names = expert_names(model)
     dense, routed = [], []
@@ -153,7 +153,7 @@ def apply_fsdp(model: nn.Module, ctx, bf16: bool) -> nn.Module:
     mesh dim (their replicas); blocks, MTP modules and the rest over dp x ep. The experts' gradient
     reduce-scatter divides by dp x ep (see the module docstring), not by the dp of their mesh.
     """
-    if ctx is None or ctx.sharding == "none":
+    if ctx is None or ctx.sharding in ("none", "zero1"):
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 

@@ -314,46 +314,39 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ctx) 
 # --------------------------------------------------------------------------------------
 # optimizer state (AdamW moments have the shape of their parameter)
 # --------------------------------------------------------------------------------------
-def _param_names_in_optimizer_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict, ctx,
+                                   order: list[str]) -> None:
+    """Load a single-process optimizer state dict into this rank's optimizer, matched by parameter
+    name: expert moments sliced for this ep rank, FSDP shards cut out, parameters this rank's
+    optimizer does not hold (other pipeline stages, other ZeRO-1 owners) skipped.
+
+    order: the single-process optimizer's parameter names in its index order."""
+    if len(full["state"]) and max(int(i) for i in full["state"]) >= len(order):
+        raise MoeforgeError("optimizer state does not match the model (more parameters than the model has)")
+    by_name = {order[int(i)]: st for i, st in full["state"].items()}
     names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    state, groups, start = {}, [], 0
+    for g, full_g in zip(optimizer.param_groups, full["param_groups"]):
+        for i, p in enumerate(g["params"], start=start):
+            st = by_name.get(names[id(p)])
+            if st is None:
+                continue
+            expert = is_expert_key(names[id(p)])
+            local_state = {}
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.ndim > 0:
+                    if expert and ctx is not None and ctx.ep > 1:
+                        v = v[expert_slice(v.shape[0], ctx.ep, ctx.ep_rank)]
+                    if hasattr(p, "device_mesh"):
+                        from torch.distributed.tensor import distribute_tensor
 
-
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, ctx) -> dict:
-    """optimizer.state_dict() as the single-process run would have it (collective)."""
-    sd = optimizer.state_dict()
-    names = _param_names_in_optimizer_order(model, optimizer)
-    state = {}
-    for idx in sorted(sd["state"]):
-        param_state = sd["state"][idx]
-        expert = is_expert_key(names[idx])
-        state[idx] = {k: (full_tensor(v, expert, ctx).cpu() if torch.is_tensor(v) and v.ndim > 0 else v)
-                      for k, v in param_state.items()}
-    return {"state": state, "param_groups": sd["param_groups"]}
-
-
-def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict, ctx) -> None:
-    """Load a single-process optimizer state dict: expert moments sliced, FSDP shards cut out."""
-    names = _param_names_in_optimizer_order(model, optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state = {}
-    for idx, param_state in full["state"].items():
-        idx = int(idx)
-        if idx >= len(params):
-            raise MoeforgeError("optimizer state does not match the model (more parameters than the model has)")
-        p, expert = params[idx], is_expert_key(names[idx])
-        local_state = {}
-        for k, v in param_state.items():
-            if torch.is_tensor(v) and v.ndim > 0:
-                if expert and ctx is not None and ctx.ep > 1:
-                    v = v[expert_slice(v.shape[0], ctx.ep, ctx.ep_rank)]
-                if hasattr(p, "device_mesh"):
-                    from torch.distributed.tensor import distribute_tensor
-
-                    v = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-            local_state[k] = v
-        state[idx] = local_state
-    optimizer.load_state_dict({"state": state, "param_groups": full["param_groups"]})
+                        v = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                local_state[k] = v
+            state[i] = local_state
+        groups.append({**{k: v for k, v in full_g.items() if k != "params"},
+                       "params": list(range(start, start + len(g["params"])))})
+        start += len(g["params"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def moe_count_reduce(ctx):

@@ -62,11 +62,13 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (norms) do not."""
+def build_optimizer(model: torch.nn.Module, cfg: Config, keep=None) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (norms) do not. keep(name) -> bool: the parameters this rank
+    updates (ZeRO-1 owners); default all."""
     t = cfg.train
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    params = [p for n, p in model.named_parameters() if keep is None or keep(n)]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (one pass over each parameter on CPU and GPU) is several times faster than the
     # op-by-op update at small sizes; it computes the same update.
@@ -172,14 +174,15 @@ class Trainer:
         self.model = build_train_model(cfg, self.device, self.precision, self.pctx)
         # Pipeline parallelism: this rank's stages reference the model's own modules; the optimizer,
         # clipping and the routing-bias update see only them (the rest of self.model is unused here).
-        self.stages = self.pipe = None
+        self.stages = self.pipe = self.zero1 = None
         if self.pctx is not None and self.pctx.pp > 1:
             self.stages, self.pipe = split_train_pipeline(self.model, cfg, self.pctx, self.precision, self.device)
             self.optimizer = build_optimizer(pipeline.stage_modules(self.stages), cfg)
             self.moe_layer_names = list(pipeline.moe_layers(self.stages))
             self.moe_layers = list(pipeline.moe_layers(self.stages).values())
         else:
-            self.optimizer = build_optimizer(self.model, cfg)
+            self.zero1 = parallel.Zero1(self.model, self.pctx) if cfg.parallel.sharding == "zero1" else None
+            self.optimizer = build_optimizer(self.model, cfg, keep=self.zero1.owns if self.zero1 else None)
             self.moe_layers = self.model.moe_layers()
         self.ema = None
         if t.ema_decay > 0:
@@ -246,12 +249,10 @@ class Trainer:
         elif self.pctx is None:
             self.model.load_state_dict(parts["model.pt"])
             self.optimizer.load_state_dict(parts["optimizer.pt"])
-        elif self.stages is not None:  # a single-process checkpoint: this rank's stages take their slice
-            parallel.load_full_state_dict(self.model, parts["model.pt"], self.pctx)  # the stages reference them
-            self._pipeline_load_optimizer_state_dict(parts["optimizer.pt"])
-        else:  # a single-process checkpoint, sliced / sharded for this rank
+        else:  # a single-process checkpoint, sliced / sharded for this rank (pipeline: the stages reference them)
             parallel.load_full_state_dict(self.model, parts["model.pt"], self.pctx)
-            parallel.load_full_optimizer_state_dict(self.model, self.optimizer, parts["optimizer.pt"], self.pctx)
+            parallel.load_full_optimizer_state_dict(self.model, self.optimizer, parts["optimizer.pt"], self.pctx,
+                                                    self._full_param_order())
         state = parts["state.pt"]
         self.step, self.tokens_seen = state["step"], state["tokens"]
         if self.ema is not None:
@@ -292,36 +293,10 @@ class Trainer:
             raise MoeforgeError(f"pipeline checkpoint: no stage holds {len(missing)} tensors (first: {missing[0]})")
         return {k: merged[k] for k in keys}
 
-    def _full_param_order(self) -> tuple[list[str], list[int]]:
-        """Parameter names in the single-process optimizer's order (build_optimizer's groups) and group sizes."""
+    def _full_param_order(self) -> list[str]:
+        """Parameter names in the single-process optimizer's index order (build_optimizer's groups)."""
         named = list(self.model.named_parameters())
-        decay = [n for n, p in named if p.ndim >= 2]
-        no_decay = [n for n, p in named if p.ndim < 2]
-        return decay + no_decay, [len(decay), len(no_decay)]
-
-    def _local_param_names(self) -> list[str]:
-        """This rank's optimizer parameters by single-model name, in its optimizer's order."""
-        names = {id(p): n for n, p in pipeline.named_parameters(self.stages).items()}
-        return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
-
-    def _pipeline_load_optimizer_state_dict(self, full: dict) -> None:
-        """Load a single-process optimizer state dict: this rank keeps its parameters' moments."""
-        order, _ = self._full_param_order()
-        if len(full["state"]) and max(int(i) for i in full["state"]) >= len(order):
-            raise MoeforgeError("optimizer state does not match the model (more parameters than the model has)")
-        by_name = {order[int(i)]: st for i, st in full["state"].items()}
-        if self.pctx.ep > 1:  # this ep rank's rows of the expert moments
-            by_name = {n: {k: (parallel.slice_state_dict({n: v}, self.pctx.ep, self.pctx.ep_rank)[n]
-                               if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in st.items()}
-                       for n, st in by_name.items()}
-        local_names = self._local_param_names()
-        state = {i: by_name[n] for i, n in enumerate(local_names) if n in by_name}
-        groups, start = [], 0
-        for g, full_g in zip(self.optimizer.param_groups, full["param_groups"]):
-            groups.append({**{k: v for k, v in full_g.items() if k != "params"},
-                           "params": list(range(start, start + len(g["params"])))})
-            start += len(g["params"])
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        return [n for n, p in named if p.ndim >= 2] + [n for n, p in named if p.ndim < 2]
 
     def _single_device_model(self) -> torch.nn.Module | None:
         """Rank 0: a single-device copy of the whole model (eval mode); other ranks: None. Collective."""
@@ -384,7 +359,7 @@ class Trainer:
             parallel.sync_gradients(clipped, self.pctx)  # all-reduce (sharding=none; FSDP reduced in backward)
             sums = self.pctx.all_reduce_mean_dp_ep(sums)  # mean of per-rank means = global mean: all ranks log it
         grad_norm, lr, ratio = optimizer_update(clipped, self.optimizer, self.moe_layers, self.cfg, self.step,
-                                                self.pctx, self.ema)
+                                                self.pctx, self.ema, self.zero1)
         balance_stats = imbalance_stats(ratio.tolist())
         if self.stages is not None:  # each pp rank updated its own layers; log the whole model's loads
             balance_stats = self._pipeline_balance_stats(balance_stats)
@@ -515,9 +490,10 @@ def forward_backward(model, windows, n_micro: int, lam: float, cfg: Config, devi
     return sums
 
 
-def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx, ema=None):
-    """Clip to the global gradient norm, AdamW with the scheduled lr, routing-bias update from the
-    step's global counts, EMA. Returns (grad norm tensor, lr, per-layer imbalance tensor); no host sync."""
+def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx, ema=None, zero1=None):
+    """Clip to the global gradient norm, AdamW with the scheduled lr (ZeRO-1: on this rank's
+    parameters, then every parameter from its owner), routing-bias update from the step's global
+    counts, EMA. Returns (grad norm tensor, lr, per-layer imbalance tensor); no host sync."""
     t = cfg.train
     grad_norm = parallel.global_grad_norm(model, pctx)  # the single-process gradient's, under any layout
     if t.grad_clip > 0:
@@ -534,7 +510,9 @@ def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx,
     if ema is not None:
         ema.before_optimizer_step()
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)  # (all of them: under ZeRO-1 the optimizer holds only its own)
+    if zero1 is not None:
+        zero1.broadcast_updates()
     if ema is not None:
         ema.update()
     ratio = update_routing_bias(moe_layers, bias_update_speed_at(step, t),
