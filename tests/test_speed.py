@@ -231,3 +231,23 @@ def test_flex_attention_block_mask_matches_dense_mask():
     dense, block = document_mask(doc, flex=False), document_mask(doc, flex=True)
     assert isinstance(dense, torch.Tensor) and not isinstance(block, torch.Tensor)
     torch.testing.assert_close(attention(q, k, v, 0.2, block), attention(q, k, v, 0.2, dense), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_ema_every_k_steps_uses_decay_to_the_k():
+    """ema_every=2: steps 1 and 3 leave the average alone; step 2 and 4 fold in with decay**2."""
+    torch.manual_seed(1)
+    model = torch.nn.Linear(4, 3)
+    ema = CPUEMA(model, decay=0.9, every=2)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        for step in range(1, 5):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+            ema.update(step)
+            if step % 2 == 0:
+                for n, p in model.named_parameters():
+                    expected[n] = 0.81 * expected[n] + 0.19 * p.detach()
+            torch.testing.assert_close(ema.state_dict(), expected, rtol=1e-6, atol=1e-6)
+    finally:
+        ema.close()

@@ -32,6 +32,7 @@ from .model.head import OutputHead
 from .model.layers import FeedForward
 from .model.moe import MoE
 from .model.transformer import Block
+from .train.ema import CPUEMA
 from .train.metrics import PEAK_BF16, flops_per_token, peak_flops
 from .train.trainer import (autocast, build_optimizer, build_train_model, forward_backward, optimizer_update,
                             resolve_device, resolve_precision)
@@ -173,6 +174,7 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True) -> 
     model.train()
     optimizer = build_optimizer(model, cfg)
     moe_layers = model.moe_layers()
+    ema = CPUEMA(model, t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
     n_micro = t.batch_size // t.micro_batch
     windows = _random_windows(cfg, n_micro, device)
     step = [0]
@@ -182,7 +184,7 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True) -> 
         sums = forward_backward(model, iter(windows), n_micro, t.mtp_lambda, cfg, device, precision)
         if timer_clock is not None:
             marks["opt0"] = timer_clock.mark()
-        optimizer_update(model, optimizer, moe_layers, cfg, step[0], None)
+        optimizer_update(model, optimizer, moe_layers, cfg, step[0], None, ema)
         if timer_clock is not None:
             marks["opt1"] = timer_clock.mark()
         step[0] += 1
@@ -193,6 +195,8 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True) -> 
     res.host_syncs = _check_host_syncs(run_step, device)
     if split:
         res.split_ms = _split(model, run_step, device, compiled=t.compile)
+    if ema is not None:
+        ema.close()
     del model, optimizer
     return res
 

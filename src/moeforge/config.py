@@ -160,6 +160,7 @@ class TrainConfig:
     recompute: str = ""  # parts recomputed in backward: comma list of norm, mla_up, swiglu; or full
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (logits never in full)
     ema_decay: float = 0.0  # >0: keep an EMA of the parameters in CPU memory, updated off the step
+    ema_every: int = 1  # update the EMA every this many steps (with decay ** ema_every)
     document_mask: bool = False  # attention stays within the documents packed into a sequence (EOS-separated)
     # data
     data: str = ""  # "" = the embedded default corpus
@@ -413,6 +414,7 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
            "train.compile: can be combined with train.recompute=full only (selective parts run eagerly)")
     _check(t.loss_chunk >= 0, f"train.loss_chunk: must be >= 0, got {t.loss_chunk}")
     _check(0 <= t.ema_decay < 1, f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+    _check(t.ema_every >= 1, f"train.ema_every: must be >= 1, got {t.ema_every}")
 
 
 def validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:

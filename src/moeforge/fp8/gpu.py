@@ -112,6 +112,7 @@ class FP8LinearGPUFn(torch.autograd.Function):
         return dx, dw, None
 
 
+@torch.compiler.disable
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe) -> torch.Tensor:
     """y = x W^T with DeepSeek-V3's FP8 recipe on the GPU (no bias)."""
     return FP8LinearGPUFn.apply(x, weight, recipe)
@@ -159,5 +160,8 @@ class FP8GroupedGPUFn(torch.autograd.Function):
         return dx, dw.transpose(1, 2), None, None
 
 
+# Under torch.compile (train.compile) the FP8 GEMMs run as they are, between compiled graphs: AOT
+# autograd cannot trace the Triton kernels' writes into views of another dtype.
+@torch.compiler.disable
 def fp8_grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, recipe) -> torch.Tensor:
     return FP8GroupedGPUFn.apply(x, w, offsets, recipe)

@@ -2,6 +2,9 @@
 
     ema <- decay * ema + (1 - decay) * theta        after every optimizer step
 
+or, with `every` = k > 1, ema <- decay^k * ema + (1 - decay^k) * theta after every k-th step (the
+same horizon, for models whose CPU-side update takes longer than a step; docs/performance.md).
+
 DeepSeek-V3 keeps this EMA in CPU memory and updates it asynchronously, so it costs neither GPU
 memory nor step time. Here, after optimizer.step(): on CUDA a side stream copies the parameters
 into pinned CPU buffers (waiting on the step's kernels on the GPU, not on the host), and a worker
@@ -19,8 +22,8 @@ from torch import nn
 
 
 class CPUEMA:
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: nn.Module, decay: float, every: int = 1):
+        self.decay, self.every = decay ** every, every
         self.params = {n: p for n, p in model.named_parameters()}
         self.ema = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in self.params.items()}
         cuda = any(p.is_cuda for p in self.params.values())
@@ -37,8 +40,11 @@ class CPUEMA:
         if self.copied is not None:
             torch.cuda.current_stream().wait_event(self.copied)
 
-    def update(self) -> None:
-        """Fold the current parameters into the average (asynchronously). Call after optimizer.step()."""
+    def update(self, step: int | None = None) -> None:
+        """Fold the current parameters into the average (asynchronously). Call after optimizer.step();
+        step: the number of optimizer steps taken, so that only every `every`-th step updates."""
+        if step is not None and step % self.every:
+            return
         if self.pending is not None:
             self.pending.result()  # the worker is done with the staging buffers (one step ago)
         if self.stream is not None:

@@ -188,7 +188,7 @@ class Trainer:
         if t.ema_decay > 0:
             if self.pctx is not None:
                 raise MoeforgeError("train.ema_decay: the CPU parameter EMA runs in single-process training only for now")
-            self.ema = CPUEMA(self.model, t.ema_decay)
+            self.ema = CPUEMA(self.model, t.ema_decay, t.ema_every)
         self.step, self.tokens_seen = 0, 0
         if resume_from is not None:
             self._load(resume_from)
@@ -260,7 +260,7 @@ class Trainer:
             if state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])
             else:
-                self.ema = CPUEMA(self.model, self.cfg.train.ema_decay)
+                self.ema = CPUEMA(self.model, self.cfg.train.ema_decay, self.cfg.train.ema_every)
         self.loader.load_state_dict(state["loader"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
@@ -514,7 +514,7 @@ def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx,
     if zero1 is not None:
         zero1.broadcast_updates()
     if ema is not None:
-        ema.update()
+        ema.update(step + 1)
     ratio = update_routing_bias(moe_layers, bias_update_speed_at(step, t),
                                 reduce=parallel.moe_count_reduce(pctx))  # global counts
     return grad_norm, lr, ratio
