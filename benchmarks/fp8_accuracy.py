@@ -1,0 +1,105 @@
+"""BF16 against FP8 training: the same model, data and seed, the loss curves side by side.
+
+    python benchmarks/fp8_accuracy.py --out DIR [--preset small] [--steps 1000] [key=value ...]
+
+Runs `moeforge train` twice at the same time on one GPU (the second starts once the first has built
+the token cache) (--precision bf16 and fp8, identical
+otherwise), then reads both metrics.jsonl files and reports:
+- the relative gap of the FP8 loss to the BF16 loss, averaged over the last 10% of the common steps;
+- the final validation of each run.
+It writes DIR/curves.csv and, if matplotlib is installed, DIR/curves.png. A run that is stopped early
+still leaves its metrics, and the comparison uses the steps both reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def read(path: Path) -> tuple[dict[int, float], dict]:
+    losses, final = {}, {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in rec and rec.get("loss") is not None:
+                losses[rec["step"]] = rec["loss"]
+            if "val_loss" in rec:
+                final = rec
+    return losses, final
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for prec in ("bf16", "fp8"):
+        cmd = [sys.executable, "-m", "moeforge", "train", "--preset", a.preset, "--steps", str(a.steps),
+               "--precision", prec, "--out", str(out / prec), "--no-progress", "train.eval_every=0",
+               "train.checkpoint_every=0", "train.sample_tokens=0", *a.overrides]
+        procs[prec] = subprocess.Popen(cmd, stdout=open(out / f"{prec}.log", "w"), stderr=subprocess.STDOUT)
+        if prec == "bf16":  # let the first run build the token cache before the second starts
+            while not (out / prec / "metrics.jsonl").is_file() and procs[prec].poll() is None:
+                time.sleep(1)
+    t0 = time.time()
+    for prec, p in procs.items():
+        try:
+            p.wait(timeout=max(1, a.timeout - (time.time() - t0)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            print(f"{prec}: stopped after {a.timeout} s")
+    print(f"wall time {time.time() - t0:.0f} s")
+    curves = {prec: read(out / prec / "metrics.jsonl") for prec in procs}
+    bf16, fp8 = curves["bf16"][0], curves["fp8"][0]
+    common = sorted(set(bf16) & set(fp8))
+    with open(out / "curves.csv", "w") as f:
+        f.write("step,bf16,fp8\n")
+        for s in common:
+            f.write(f"{s},{bf16[s]},{fp8[s]}\n")
+    if not common:
+        print("no common steps")
+        return
+    tail = common[-max(1, len(common) // 10):]
+    b = sum(bf16[s] for s in tail) / len(tail)
+    q = sum(fp8[s] for s in tail) / len(tail)
+    print(f"steps compared: {len(common)} (last {common[-1]}); mean loss over steps {tail[0]}-{tail[-1]}: "
+          f"bf16 {b:.4f}, fp8 {q:.4f}, relative gap {100 * (q - b) / b:+.3f}%")
+    for prec in procs:
+        fin = curves[prec][1]
+        if fin:
+            print(f"{prec} final validation: loss {fin['val_loss']:.4f}, {fin['val_bpb']:.4f} bits/byte")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(common, [bf16[s] for s in common], label="BF16", lw=1)
+        ax.plot(common, [fp8[s] for s in common], label="FP8 (1x128 / 128x128)", lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 2 * max(b, q) + 1))
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=120)
+    except ImportError:
+        print("matplotlib not installed: no plot")
+
+
+if __name__ == "__main__":
+    main()
