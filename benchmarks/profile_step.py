@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from moeforge.config import load_config
-from moeforge.train.trainer import (build_optimizer, build_train_model, forward_backward, optimizer_update,
+from moeforge.train.step import (build_optimizer, build_train_model, forward_backward, optimizer_update,
                                     resolve_device, resolve_precision)
 
 

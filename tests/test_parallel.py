@@ -53,6 +53,8 @@ TRAIN = [
 ]
 LAYOUTS = {  # name: (processes, parallel overrides)
     "dp2": (2, []),
+    "dp4": (4, []),
+    "fsdp4": (4, ["parallel.sharding=full"]),
     "ep2": (2, ["parallel.ep=2"]),
     "ep2xdp2": (4, ["parallel.ep=2"]),
     "ep4": (4, ["parallel.ep=4"]),
@@ -156,6 +158,7 @@ def test_layout_matches_single_process(layout, reference, data_dir, mf_env, tmp_
     # every rank wrote its pieces with torch.distributed.checkpoint; one process reads them all
     _check_checkpoint_loads_in_one_process(out, results[0])
     if layout == "ep2":
+        _check_hf_export(out, tmp_path)
         _check_resume_in_one_process(out, reference)
     if layout == "fsdp_zero2_ep2xdp2":
         _check_resume_under(out, reference, data_dir, mf_env, ["parallel.ep=4"])
@@ -176,6 +179,20 @@ def _check_checkpoint_loads_in_one_process(out, res) -> None:
     with torch.no_grad():
         logits = model(fixed_tokens(cfg.model.vocab_size))
     torch.testing.assert_close(logits, res["logits"], rtol=1e-5, atol=1e-5)
+
+
+def _check_hf_export(out, tmp_path) -> None:
+    """`moeforge convert` of a distributed checkpoint: the Hugging Face folder has the same logits."""
+    from moeforge import hf
+    from moeforge.cli import main
+    from moeforge.train.checkpoint import load_trained_model
+
+    assert main(["convert", "--checkpoint", str(out), "--out", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    model, cfg = load_trained_model(out, "cpu")
+    exported = hf.load(tmp_path / "hf")
+    tokens = fixed_tokens(cfg.model.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens), model(tokens), rtol=1e-6, atol=1e-6)
 
 
 def _drop_newest(out) -> None:

@@ -146,7 +146,7 @@ def build(cfg: Config):
 def reference_run(n_micro: int = N_MICRO, steps: int = STEPS) -> dict:
     """The trainer's step arithmetic in one process: per micro-batch losses, (loss / n).backward()."""
     from moeforge.train.balance import update_routing_bias
-    from moeforge.train.trainer import build_optimizer
+    from moeforge.train.step import build_optimizer
 
     cfg = make_config()
     model = build(cfg)
@@ -181,7 +181,7 @@ def pipeline_body(schedule: str, layout: str = "", n_micro: int = N_MICRO, steps
     from moeforge.parallel.pipeline import (PipeRank, clip_grad_norm_, moe_layers, named_parameters,
                                             pipeline_train_step, split_pipeline, stage_modules)
     from moeforge.train.balance import update_routing_bias
-    from moeforge.train.trainer import build_optimizer
+    from moeforge.train.step import build_optimizer
 
     cfg = make_config()
     cfg.parallel = ParallelConfig(pp=2, schedule=schedule, layout=layout)

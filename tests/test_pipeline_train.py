@@ -123,7 +123,7 @@ def _check_distributed_checkpoint(path: Path, ref_path: Path) -> None:
     from moeforge.model import build_model
     from moeforge.parallel import dcp
     from moeforge.train import checkpoint as ckpt
-    from moeforge.train.trainer import build_optimizer
+    from moeforge.train.step import build_optimizer
 
     assert ckpt.is_distributed(path) and not (path / "model.pt").exists()
     cfg = ckpt.load_checkpoint_config(path)
@@ -168,7 +168,7 @@ def test_pipeline_layouts_the_trainer_refuses():
     from types import SimpleNamespace
 
     from moeforge.errors import MoeforgeError
-    from moeforge.train.trainer import check_pipeline_layout
+    from moeforge.train.step import check_pipeline_layout
 
     cfg = config_from_dict(make_config("unused", "unused", ["parallel.pp=2", "parallel.schedule=dualpipev"]))
     check_pipeline_layout(cfg, SimpleNamespace(pp=2, dp=1, ep=1))  # 4 micro-batches: fine

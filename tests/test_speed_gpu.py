@@ -16,7 +16,7 @@ from moeforge.config import ModelConfig, load_config  # noqa: E402
 from moeforge.model import build_model  # noqa: E402
 from moeforge.model.attention import attention, document_ids, document_mask  # noqa: E402
 from moeforge.model.head import chunked_cross_entropy, plain_cross_entropy  # noqa: E402
-from moeforge.train.trainer import (build_optimizer, build_train_model, forward_backward,  # noqa: E402
+from moeforge.train.step import (build_optimizer, build_train_model, forward_backward,  # noqa: E402
                                     optimizer_update)
 
 

@@ -29,12 +29,11 @@ from .config import Config
 from .errors import MoeforgeError
 from .model.attention import MLA
 from .model.head import OutputHead
-from .model.layers import FeedForward
 from .model.moe import MoE
 from .model.transformer import Block
 from .train.ema import CPUEMA
 from .train.metrics import PEAK_BF16, flops_per_token, peak_flops
-from .train.trainer import (autocast, build_optimizer, build_train_model, forward_backward, optimizer_update,
+from .train.step import (autocast, build_optimizer, build_train_model, forward_backward, optimizer_update,
                             resolve_device, resolve_precision)
 
 
@@ -197,7 +196,6 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True) -> 
         res.split_ms = _split(model, run_step, device, compiled=t.compile)
     if ema is not None:
         ema.close()
-    del model, optimizer
     return res
 
 
@@ -253,7 +251,6 @@ def bench_hf(cfg: Config, steps: int, warmup: int) -> BenchResult:
 
     dt, peak = _time_steps(run_step, steps, warmup, device)
     res = _result("transformers", cfg, dt, steps, peak, device)
-    del model, optimizer
     return res
 
 

@@ -165,7 +165,8 @@ def cmd_eval(args) -> int:
 
     from .data import default_cache_dir, load_tokenizer, prepare_data
     from .train.checkpoint import load_trained_model
-    from .train.trainer import evaluate, resolve_precision, validation_text, xz_bits_per_byte
+    from .train.step import resolve_precision
+    from .train.trainer import evaluate, validation_text, xz_bits_per_byte
 
     if args.batch_size < 1:
         raise MoeforgeError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -218,7 +219,7 @@ def cmd_bench(args) -> int:
 
     from . import bench
     from .config import load_config
-    from .train.trainer import resolve_device, resolve_precision
+    from .train.step import resolve_device, resolve_precision
 
     if args.steps < 1 or args.warmup < 0:
         raise MoeforgeError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")

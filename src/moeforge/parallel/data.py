@@ -18,7 +18,6 @@ else over dp x ep; reshard_after_forward False (zero2) or True (full).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist

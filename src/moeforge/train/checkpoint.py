@@ -198,7 +198,7 @@ def config_differences(a: Config, b: Config) -> list[str]:
 def load_trained_model(path: str | Path, device: str | None = None):
     """(model in eval mode, config) from a checkpoint folder or a run folder."""
     from ..model import build_model
-    from .trainer import resolve_device
+    from .step import resolve_device
 
     p = resolve_checkpoint(path)
     cfg = load_checkpoint_config(p)

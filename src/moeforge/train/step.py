@@ -1,0 +1,159 @@
+"""One optimizer step's building blocks, shared by the trainer and `moeforge bench`.
+
+The model of this rank in the one construction order (build_train_model); the optimizer; the
+forward and backward over a step's micro-batches (forward_backward); clipping, AdamW, the
+routing-bias update and the EMA (optimizer_update). None of them synchronises the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from .. import parallel
+from ..config import Config
+from ..errors import MoeforgeError
+from ..fp8 import convert_to_fp8
+from ..model import build_model, init_weights
+from ..model.attention import document_ids, document_mask
+from ..model.head import set_loss_chunk
+from ..parallel import pipeline
+from .balance import update_routing_bias
+from .schedule import batch_size_at, bias_update_speed_at, lr_at
+from .speed import apply_compile, apply_recompute
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MoeforgeError("train.device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    return ("bf16" if device.type == "cuda" else "fp32") if name == "auto" else name
+
+
+def autocast(device: torch.device, precision: str):
+    """BF16 autocast over FP32 master weights (also around the FP8 GEMMs on GPU); FP32 runs without."""
+    if precision == "bf16" or (precision == "fp8" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, keep=None) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (norms) do not. keep(name) -> bool: the parameters this rank
+    updates (ZeRO-1 owners); default all."""
+    t = cfg.train
+    params = [p for n, p in model.named_parameters() if keep is None or keep(n)]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel (one pass over each parameter on CPU and GPU) is several times faster than the
+    # op-by-op update at small sizes; it computes the same update.
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
+
+
+def forward_backward(model, windows, n_micro: int, lam: float, cfg: Config, device: torch.device,
+                     precision: str) -> torch.Tensor:
+    """Forward and backward over a step's micro-batches (windows: n_micro token tensors [b, S + 1],
+    this rank's rows). Gradients accumulate in .grad; returns the means of (main loss, weighted MTP
+    loss, balance loss) as a device tensor [3] (no host sync)."""
+    t, m = cfg.train, cfg.model
+    sums = torch.zeros(3, device=device)
+    for i, window in enumerate(windows):
+        window = window.to(device, non_blocking=True)
+        parallel.set_gradient_sync(model, i == n_micro - 1)  # FSDP: reduce on the last micro-batch only
+        inputs = window[:, :-1]
+        mask = document_mask(document_ids(inputs, m.eos_token_id)) if t.document_mask else None
+        with autocast(device, precision):
+            out = model.losses(inputs, window[:, 1:], mask=mask)
+        mtp = out["mtp"].sum() * (lam / m.num_nextn_predict_layers) if out["mtp"].numel() else out["main"] * 0
+        loss = out["main"] + mtp + t.balance_alpha * out["balance"]
+        (loss / n_micro).backward()
+        sums += torch.stack([out["main"], mtp, out["balance"]]).detach().float() / n_micro
+    return sums
+
+
+def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx, ema=None, zero1=None):
+    """Clip to the global gradient norm, AdamW with the scheduled lr (ZeRO-1: on this rank's
+    parameters, then every parameter from its owner), routing-bias update from the step's global
+    counts, EMA. Returns (grad norm tensor, lr, per-layer imbalance tensor); no host sync."""
+    t = cfg.train
+    grad_norm = parallel.global_grad_norm(model, pctx)  # the single-process gradient's, under any layout
+    if t.grad_clip > 0:
+        coef = parallel.clip_coefficient(grad_norm, t.grad_clip)
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            parallel.scale_gradients(model, coef)
+        else:
+            # The fused AdamW kernel divides the gradients by `grad_scale` as it reads them (the hook
+            # torch's GradScaler uses): clipping costs no extra pass over the gradients.
+            optimizer.grad_scale = 1.0 / coef
+    lr = lr_at(step, t)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if ema is not None:
+        ema.before_optimizer_step()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)  # (all of them: under ZeRO-1 the optimizer holds only its own)
+    if zero1 is not None:
+        zero1.broadcast_updates()
+    if ema is not None:
+        ema.update(step + 1)
+    ratio = update_routing_bias(moe_layers, bias_update_speed_at(step, t),
+                                reduce=parallel.moe_count_reduce(pctx))  # global counts
+    return grad_norm, lr, ratio
+
+
+def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -> torch.nn.Module:
+    """The model of this rank, initialised as the single-process model would be.
+
+    Construction order: meta (no memory) -> FP8 (swap Linear/Experts classes) -> expert parallel (keep this rank's E/ep experts) ->
+    FSDP (shard) -> to_empty (memory for this rank's pieces only) -> weights. Slicing and sharding
+    must come before to_empty, or every rank would first allocate the whole model.
+    """
+    model = build_model(cfg.model, "meta")
+    if precision == "fp8":  # swaps module classes only: parameters and their names stay the same
+        convert_to_fp8(model)
+    t = cfg.train
+    apply_recompute(model, t.recompute_parts)  # wraps block forwards / marks parts: no parameters touched
+    set_loss_chunk(model, t.loss_chunk)
+    if pctx is None:
+        model = model.to_empty(device=device)
+        init_weights(model)
+        return apply_compile(model) if t.compile else model
+    if pctx.pp > 1:
+        # Pipeline ranks hold the whole model (their ep slice of its experts); split_pipeline then
+        # keeps this rank's stages.
+        check_pipeline_layout(cfg, pctx)
+    parallel.apply_expert_parallel(model, pctx)
+    parallel.apply_fsdp(model, pctx, bf16=precision == "bf16")
+    model = model.to_empty(device=device)
+    # Weights: the single-process initialisation (same seed on every rank), sliced for this rank. It
+    # builds the whole model once on the CPU: fine for the sizes one trains from scratch here; large
+    # runs load a checkpoint instead (resume), which is sliced the same way.
+    parallel.load_full_state_dict(model, build_model(cfg.model, "cpu").state_dict(), pctx)
+    for moe in model.moe_layers():
+        moe.tokens_per_expert.zero_()
+    return apply_compile(model) if t.compile else model
+
+
+def check_pipeline_layout(cfg: Config, pctx) -> None:
+    """What the trainer supports with parallel.pp > 1, checked before any model memory exists."""
+    if cfg.parallel.sharding != "none":
+        raise MoeforgeError(f"parallel.sharding={cfg.parallel.sharding}: not supported with parallel.pp > 1")
+    if cfg.train.document_mask:
+        raise MoeforgeError("train.document_mask: not supported with parallel.pp > 1 yet")
+    t = cfg.train
+    for n_micro in sorted({batch_size_at(step, t) // t.micro_batch for step in range(max(1, t.steps))}):
+        pipeline.validate_micro_batches(cfg.parallel, n_micro)
+
+
+def split_train_pipeline(model, cfg: Config, pctx, precision: str, device: torch.device):
+    """This rank's pipeline stages of `model` and the schedule factory (parallel/pipeline.py)."""
+    amp = torch.bfloat16 if precision == "bf16" or (precision == "fp8" and device.type == "cuda") else None
+    return pipeline.split_pipeline(model, cfg.parallel, pctx, micro_batch=cfg.train.micro_batch // pctx.data_ranks,
+                                   seq_len=cfg.train.seq_len, amp_dtype=amp)
