@@ -308,6 +308,53 @@ def test_truncated_checkpoint_is_reported_as_corrupt(cli, expect_error, snapshot
     assert snapshot(run_copy) == before
 
 
+def _rewrite_as_distributed(run: Path, step: int) -> Path:
+    """Rewrite a run's single-process checkpoint in the torch.distributed.checkpoint format a torchrun
+    run writes (DCP saves without a process group too), through the same save path."""
+    import shutil
+
+    from moeforge.model import build_model
+    from moeforge.parallel import dcp
+    from moeforge.train.step import build_optimizer
+
+    root = run / "checkpoints"
+    path = root / f"step_{step:07d}"
+    cfg, parts = ckpt.load_checkpoint_config(path), ckpt.load_checkpoint(path)
+    model = build_model(cfg.model, "cpu", init=False)
+    model.load_state_dict(parts["model.pt"])
+    optimizer = build_optimizer(model, cfg)
+    optimizer.load_state_dict(parts["optimizer.pt"])
+    shutil.rmtree(path)
+    staged = ckpt.prepare_staging(root, step)
+    dcp.save(staged / "dcp", model, optimizer, None)
+    return ckpt.save_checkpoint(root, step, cfg, None, None, parts["state.pt"], keep=3, staged=staged)
+
+
+def test_distributed_checkpoint_through_the_cli(cli, expect_error, snapshot, trained_run, run_copy):
+    """A DCP checkpoint: `eval` prints exactly what the single-process checkpoint gives, `train --resume`
+    continues from it, and a damaged DCP file is reported as corrupt (one line, exit 2, nothing changed)."""
+    path = _rewrite_as_distributed(run_copy, 8)
+    assert (path / "dcp" / ".metadata").is_file() and not (path / "model.pt").exists()
+    reference = cli("eval", "--checkpoint", trained_run.out, "--max-batches", 2)
+    r = cli("eval", "--checkpoint", run_copy, "--max-batches", 2)
+    assert r.rc == 0 and reference.rc == 0, r.err
+    assert r.out.split("|")[:2] == reference.out.split("|")[:2]  # loss and bits per byte, to the printed digit
+    damaged = next(p for p in (path / "dcp").iterdir() if p.suffix == ".distcp")
+    original = damaged.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    damaged.write_bytes(bytes(data))
+    before = snapshot(run_copy)
+    for argv in (("eval", "--checkpoint", run_copy),
+                 ("train", "--out", run_copy, "--resume", "--steps", 10, "--no-progress")):
+        expect_error(cli(*argv), argv[0], "corrupt", damaged.name, "step_0000008")
+        assert snapshot(run_copy) == before, argv
+    damaged.write_bytes(original)  # repaired: the run continues from it
+    r = cli("train", "--out", run_copy, "--resume", "--steps", 9, "--no-progress")
+    assert r.rc == 0, r.err
+    assert ckpt.list_checkpoints(run_copy / "checkpoints")[-1].name == "step_0000009"
+
+
 def test_prompt_longer_than_the_context(cli, expect_error, snapshot, trained_run):
     """The run's context is 64 tokens (model.max_position_embeddings=64): a prompt of n tokens
     may ask for exactly 64 - n new tokens; 65 - n, or a prompt of more than 64 tokens, is an

@@ -82,7 +82,9 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, 
          owned: set[str] | None = None) -> None:
     """Every rank calls it (collective); the folder holds the DCP files of all ranks."""
     state, _ = _views(model, optimizer, ctx, create_moments=False, owned=owned)
-    dcp.save(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():  # one process without a process group is a supported use
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+        dcp.save(state, checkpoint_id=str(path))
 
 
 @torch.no_grad()
