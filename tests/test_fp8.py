@@ -197,6 +197,38 @@ def test_fp8_hf_export_import_gives_the_emulated_fp8_logits(tmp_path):
         assert torch.equal(loaded(tokens), expect)
 
 
+def test_fp8_checkpoint_kept_in_fp8(tmp_path):
+    """hf.load(keep_fp8=True) of an FP8 folder keeps every FP8 weight as E4M3 codes + block scales (the
+    bytes of the file) and computes exactly what the dequantising load computes: the same logits and
+    the same greedy decoding through the latent cache (which reads wkv_b's weight directly)."""
+    from moeforge import hf
+    from moeforge.config import ModelConfig
+    from moeforge.fp8.stored import FP8StoredExperts, FP8StoredLinear
+    from moeforge.generate import generate
+    from moeforge.model import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=128, hidden_size=160, intermediate_size=192, moe_intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=2, q_lora_rank=136, kv_lora_rank=32,
+                      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+                      num_experts_per_tok=2, n_group=2, topk_group=1, max_position_embeddings=64,
+                      num_nextn_predict_layers=1)  # ragged blocks, MTP
+    hf.save(convert_to_fp8(build_model(cfg)), tmp_path / "fp8", fp8=True)
+    dense = hf.load(tmp_path / "fp8")
+    kept = hf.load(tmp_path / "fp8", keep_fp8=True)
+    stored = [m for m in kept.modules() if isinstance(m, (FP8StoredLinear, FP8StoredExperts))]
+    assert len(stored) == sum(1 for m in dense.modules() if type(m) in (torch.nn.Linear, Experts))
+    assert type(kept.head) is OutputHead and kept.head.weight.dtype == torch.float32  # saved in full precision
+    assert kept.layers[1].ffn.experts.w1.dtype == torch.float8_e4m3fn
+    nbytes = lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values())  # noqa: E731
+    assert nbytes(kept) < 0.6 * nbytes(dense)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(kept(tokens), dense(tokens))
+    prompt = tokens[0, :5].tolist()
+    assert generate(kept, prompt, 8, temperature=0) == generate(dense, prompt, 8, temperature=0)
+
+
 @pytest.mark.slow
 def test_tiny_model_trains_in_fp8_within_2_percent_of_fp32(tmp_path, data_dir, mf_env, tiny_overrides, one_thread):
     """`train.precision=fp8` (emulated FP8 GEMMs on CPU) against FP32, same model, data and seed:

@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .config import ModelConfig
 from .errors import MoeforgeError
+from .fp8.stored import dequantize_blocks
 from .model import Transformer, build_model
 
 CONFIG_NAME = "config.json"
@@ -241,9 +242,7 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     if tuple(scale_inv.shape) != (*weight.shape[:-2], nr, nc):
         raise MoeforgeError(f"{name}: FP8 weight of shape {list(weight.shape)} needs a scale_inv of shape "
                             f"{[*weight.shape[:-2], nr, nc]} ({block[0]}x{block[1]} blocks), got {list(scale_inv.shape)}")
-    scale = scale_inv.float().repeat_interleave(block[0], dim=-2)[..., :rows, :]
-    scale = scale.repeat_interleave(block[1], dim=-1)[..., :cols]
-    return weight.float() * scale
+    return dequantize_blocks(weight, scale_inv, block)
 
 
 def _make_getter(raw: Callable[[str], torch.Tensor], keys: set[str], block: tuple[int, int],
@@ -422,6 +421,10 @@ class _Folder:
                 raise MoeforgeError(f"{self.folder / f}: cannot read '{k}' ({_oneline(e)})") from None
         return out
 
+    def dtype_name(self, name: str) -> str:
+        """The safetensors dtype of a tensor ("F8_E4M3", "BF16", ...) without reading it."""
+        return self._open(self.where[name]).get_slice(name).get_dtype()
+
     def get(self, name: str) -> torch.Tensor:
         fname = self.where[name]
         try:
@@ -474,17 +477,37 @@ def _allow_missing_bias(d: dict) -> bool:
 
 
 def _open_source(folder: Path, stack: ExitStack, mtp: int | None):
-    """What load and convert share: (config.json dict, ModelConfig, tensor plan, tensor getter)."""
+    """What load and convert share: (config.json dict, ModelConfig, tensor plan, tensor getter, files)."""
     d = _read_config(folder)
     files = _Folder(folder, stack)
     keys = files.keys()
     cfg = _resolve(folder, d, keys, mtp)
     plan = _plan(cfg, keys, files.shapes(), where=str(folder), allow_missing_bias=_allow_missing_bias(d))
-    return d, cfg, plan, _make_getter(files.get, keys, _fp8_block(d), str(folder))
+    return d, cfg, plan, _make_getter(files.get, keys, _fp8_block(d), str(folder)), files
+
+
+def _fp8_pieces(plan: dict[str, list[Piece]], files: _Folder) -> set[str]:
+    """Our names whose every piece is a whole FP8 E4M3 tensor with its scale (release layout: kept in FP8)."""
+    keys = files.keys()
+    return {name for name, pieces in plan.items()
+            if pieces and all(src_idx is None and f"{hf_name}_scale_inv" in keys
+                              and files.dtype_name(hf_name) == "F8_E4M3" for hf_name, _, src_idx in pieces)}
+
+
+def _fill_fp8(module_state: dict[str, torch.Tensor], name: str, pieces: list[Piece], files: _Folder, where: str) -> None:
+    """Copy FP8 codes and their block scales as they are (no dequantisation) into a kept tensor."""
+    codes, scales = module_state[name], module_state[f"{name}_scale_inv"]
+    for hf_name, dst_idx, _ in pieces:
+        for src, dst, what in ((files.get(hf_name), codes[dst_idx], hf_name),
+                               (files.get(f"{hf_name}_scale_inv"), scales[dst_idx], f"{hf_name}_scale_inv")):
+            if src.shape != dst.shape:
+                raise MoeforgeError(f"{where}: '{what}' has shape {list(src.shape)}, but the config needs "
+                                    f"{list(dst.shape)} for {name}")
+            dst.copy_(src)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
-         mtp: int | None = None) -> Transformer:
+         mtp: int | None = None, keep_fp8: bool = False) -> Transformer:
     """Build a moeforge Transformer from a Hugging Face DeepSeek-V3 (or V2) folder.
 
     path: a folder with config.json and *.safetensors (one file, or shards listed in
@@ -494,27 +517,44 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     mtp: number of MTP modules to build; None = as many as config.json says, or fewer when the
     checkpoint holds none for the last ones (transformers' save_pretrained drops MTP layers; a
     warning says so); MTP layers beyond that number are ignored.
+    keep_fp8: weights stored in FP8 (E4M3 with block scales, release layout) stay in FP8 in memory
+    (moeforge.fp8.stored: dequantised when their module runs; for inference, not trainable).
     Returns the model in eval mode. Raises MoeforgeError for any problem with the folder.
     """
     folder = Path(path)
     dtype = _dtype(dtype)
     with ExitStack() as stack:
-        _, cfg, plan, get = _open_source(folder, stack, mtp)
-        model = _empty_model(cfg, device, dtype)
+        d, cfg, plan, get, files = _open_source(folder, stack, mtp)
+        kept: set[str] = set()
+
+        def keep(model: Transformer) -> None:
+            nonlocal kept
+            if keep_fp8:
+                from .fp8.stored import keep_in_fp8
+
+                kept = keep_in_fp8(model, _fp8_pieces(plan, files), _fp8_block(d))
+
+        model = _empty_model(cfg, device, dtype, before_materialising=keep)
         state = model.state_dict()
         with torch.no_grad():
             for name, pieces in plan.items():
-                _fill(state[name], pieces, get, name, str(folder))
+                if name in kept:
+                    _fill_fp8(state, name, pieces, files, str(folder))
+                else:
+                    _fill(state[name], pieces, get, name, str(folder))
     return model.eval()
 
 
-def _empty_model(cfg: ModelConfig, device, dtype: torch.dtype) -> Transformer:
+def _empty_model(cfg: ModelConfig, device, dtype: torch.dtype, before_materialising=None) -> Transformer:
+    """meta -> dtype -> (before_materialising(model): module swaps) -> to_empty on device."""
     model = build_model(cfg, "meta")
     if dtype != torch.float32:
         model.to(dtype)
         for moe in model.moe_layers():  # the routing bias and expert counts stay FP32
             moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.float()
             moe.tokens_per_expert = moe.tokens_per_expert.float()
+    if before_materialising is not None:  # after the dtype cast, which would also cast FP8 buffers
+        before_materialising(model)
     model = model.to_empty(device=device)
     for moe in model.moe_layers():
         moe.tokens_per_expert.zero_()
@@ -739,7 +779,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype |
     """
     src, dtype = Path(src), _dtype(dtype)
     with ExitStack() as stack:
-        d, cfg, plan, get = _open_source(src, stack, None)
+        d, cfg, plan, get, _ = _open_source(src, stack, None)
         expected = _expected_state(cfg)
 
         def write(tmp: Path) -> None:

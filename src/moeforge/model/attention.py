@@ -129,7 +129,9 @@ class MLA(nn.Module):
         cache.kv[:B, start_pos:end] = kv.to(cache.kv.dtype)
         cache.pe[:B, start_pos:end] = k_pe.to(cache.pe.dtype)
         kv_all, pe_all = cache.kv[:B, :end], cache.pe[:B, :end]  # [B, T, C], [B, T, R]
-        w = self.wkv_b.weight.unflatten(0, (H, self.nope + self.v_dim))  # [H, N+V, C]
+        # (a weight kept in FP8, fp8/stored.py, is dequantised first)
+        w = self.wkv_b.dense_weight() if hasattr(self.wkv_b, "dense_weight") else self.wkv_b.weight
+        w = w.unflatten(0, (H, self.nope + self.v_dim))  # [H, N+V, C]
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
         q_lat = torch.einsum("bshn,hnc->bshc", q_nope, w_uk.to(q_nope.dtype))  # query in latent space
         scores = (torch.einsum("bshc,btc->bsht", q_lat, kv_all.to(q_lat.dtype))
