@@ -251,3 +251,16 @@ def test_cpu_ema_every_k_steps_uses_decay_to_the_k():
             torch.testing.assert_close(ema.state_dict(), expected, rtol=1e-6, atol=1e-6)
     finally:
         ema.close()
+
+
+def test_models_too_large_for_the_machine_are_refused(cli, expect_error, monkeypatch, tmp_path):
+    """bench and train refuse, before allocating, a model whose weights + gradients + AdamW state exceed
+    the free memory (here a machine reporting 1 GiB free), naming both sizes."""
+    from moeforge.train import step
+
+    monkeypatch.setattr(step, "available_memory", lambda device: 2**30)
+    expect_error(cli("bench", "--preset", "small", "--device", "cpu", "--steps", "1"), "bench",
+                 "0.16B parameters", "2.4 GiB", "1.0 GiB free")
+    expect_error(cli("train", "--preset", "v2-lite", "--device", "cpu", "--out", tmp_path / "run"), "train",
+                 "15.71B parameters", "1.0 GiB free")
+    assert not (tmp_path / "run").exists()

@@ -108,6 +108,35 @@ def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx,
     return grad_norm, lr, ratio
 
 
+# FP32 weight, FP32 gradient and two FP32 AdamW moments per parameter
+TRAIN_BYTES_PER_PARAMETER = 16
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for tensors on `device` (CPU: MemAvailable of /proc/meminfo); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(model: torch.nn.Module, device: torch.device) -> None:
+    """Refuse, before allocating anything, a single-process model whose weights, gradients and AdamW
+    state alone exceed the device's free memory (activations come on top)."""
+    free = available_memory(device)
+    n = sum(p.numel() for p in model.parameters())
+    need = n * TRAIN_BYTES_PER_PARAMETER
+    if free is not None and need > free:
+        raise MoeforgeError(f"the model has {n / 1e9:.2f}B parameters: training needs {need / 2**30:.1f} GiB for "
+                            f"weights, gradients and AdamW state, but {device.type} has {free / 2**30:.1f} GiB free "
+                            f"(choose a smaller preset, e.g. --preset tiny, or shard it over GPUs with torchrun)")
+
+
 def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -> torch.nn.Module:
     """The model of this rank, initialised as the single-process model would be.
 
@@ -116,6 +145,8 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     must come before to_empty, or every rank would first allocate the whole model.
     """
     model = build_model(cfg.model, "meta")
+    if pctx is None:
+        check_memory(model, device)
     if precision == "fp8":  # swaps module classes only: parameters and their names stay the same
         convert_to_fp8(model)
     t = cfg.train

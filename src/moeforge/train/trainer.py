@@ -34,7 +34,7 @@ from .ema import CPUEMA
 from .metrics import MetricsSink, flops_per_token, peak_flops
 from .schedule import batch_size_at, mtp_lambda_at
 from .step import (autocast, build_optimizer, build_train_model, forward_backward, optimizer_update,
-                   resolve_device, resolve_precision, split_train_pipeline)
+                   check_memory, resolve_device, resolve_precision, split_train_pipeline)
 
 LN2 = math.log(2)
 
@@ -128,6 +128,8 @@ class Trainer:
         self.is_main = self.pctx is None or self.pctx.is_main  # rank 0 alone writes files and logs
         self.device = self.pctx.device if self.pctx is not None else resolve_device(t.device)
         self.precision = resolve_precision(t.precision, self.device)
+        if self.pctx is None:  # before the data is prepared: a model that cannot fit fails at once
+            check_memory(build_model(cfg.model, "meta"), self.device)
         self.progress = progress and self.is_main
         seed_everything(t.seed)
 
