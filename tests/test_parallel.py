@@ -346,6 +346,23 @@ def test_torchrun_cli_ep2(reference, data_dir, mf_cache_dir, tmp_path):
 
 
 @pytest.mark.dist
+def test_torchrun_bench_ep2_zero1(mf_cache_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 -m moeforge bench ... parallel.ep=2 parallel.sharding=zero1`: the step
+    runs expert parallel with ZeRO-1, rank 0 alone reports, tokens/s count both ranks."""
+    import json
+
+    out = tmp_path / "bench.json"
+    args = ["-m", "moeforge", "bench", "--preset", "tiny", "--steps", 2, "--warmup", 1, "--seq-len", 32,
+            "--batch-size", 4, "--json", out, "parallel.ep=2", "parallel.sharding=zero1"]
+    res = run_torchrun(args, 2, env={"MOEFORGE_CACHE": str(mf_cache_dir)}, cwd=tmp_path)
+    assert res.returncode == 0 or (teardown_aborted(res) and out.is_file()), res.stderr[-3000:]
+    assert res.stdout.count("moeforge: ") == 1 and "2 ranks = dp 1 x ep 2, sharding zero1" in res.stdout
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["ranks"] == 2 and result["tokens_per_s"] > 0
+    assert {"attention", "moe", "optimizer"} <= set(result["split_ms"])
+
+
+@pytest.mark.dist
 def test_torchrun_cli_bad_micro_batch(data_dir, mf_cache_dir, tmp_path):
     """A micro batch the data ranks cannot split is one clear error line naming the setting."""
     args = ["-m", "moeforge", "train", "--out", tmp_path / "run", "--steps", 1, "--data", data_dir, "--no-progress",

@@ -15,6 +15,11 @@ one host synchronisation at the end. Reported:
   compiled blocks, attention and FFN are one compiled graph and are reported together as "blocks".
 `--vs hf` then measures transformers' DeepseekV3ForCausalLM with the same config, batch, sequence
 length and precision (FP32 master weights, BF16 autocast, fused AdamW) in the same process.
+
+Under torchrun (`torchrun --nproc-per-node N -m moeforge bench parallel.ep=E ...`) the same step
+runs expert / data parallel: the batch is global, tokens/s counts all ranks, MFU is per GPU, and
+memory and the time split are rank 0's. The expert all-to-all reads its split sizes on the host (one
+sync per MoE layer), which the sync check then reports.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import parallel
 from .config import Config
 from .errors import MoeforgeError
 from .model.attention import MLA
@@ -47,6 +53,7 @@ class BenchResult:
     peak_mem_gib: float | None
     host_syncs: str = "not checked"
     split_ms: dict[str, float] = field(default_factory=dict)
+    ranks: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,11 +139,12 @@ def _check_host_syncs(run_step, device: torch.device) -> str:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def _random_windows(cfg: Config, n: int, device: torch.device) -> list[torch.Tensor]:
+def _random_windows(cfg: Config, n: int, device: torch.device, pctx=None) -> list[torch.Tensor]:
+    """n global micro-batches of random tokens (the same on every rank), this rank's rows of each."""
     t = cfg.train
     g = torch.Generator().manual_seed(t.seed)
-    return [torch.randint(0, cfg.model.vocab_size, (t.micro_batch, t.seq_len + 1), generator=g).to(device)
-            for _ in range(n)]
+    return [parallel.data_shard(torch.randint(0, cfg.model.vocab_size, (t.micro_batch, t.seq_len + 1), generator=g),
+                                pctx).to(device) for _ in range(n)]
 
 
 def _time_steps(run_step, steps: int, warmup: int, device: torch.device) -> tuple[float, float | None]:
@@ -155,42 +163,53 @@ def _time_steps(run_step, steps: int, warmup: int, device: torch.device) -> tupl
     return dt, peak
 
 
-def _result(name: str, cfg: Config, dt: float, steps: int, peak_gib, device: torch.device) -> BenchResult:
+def _result(name: str, cfg: Config, dt: float, steps: int, peak_gib, device: torch.device, ranks: int = 1) -> BenchResult:
+    """Global tokens/s; model TFLOP/s and MFU per GPU."""
     t = cfg.train
     tokens = steps * t.batch_size * t.seq_len
     tps = tokens / dt
-    flops = tps * flops_per_token(cfg.model, t.seq_len)
+    flops = tps * flops_per_token(cfg.model, t.seq_len) / ranks
     peak = peak_flops(device)
-    return BenchResult(name, tps, 1e3 * dt / steps, flops / 1e12, flops / peak if peak else None, peak_gib)
+    return BenchResult(name, tps, 1e3 * dt / steps, flops / 1e12, flops / peak if peak else None, peak_gib,
+                       ranks=ranks)
 
 
-def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True) -> BenchResult:
+def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pctx=None) -> BenchResult:
+    """pctx: the ParallelContext of a torchrun launch (None: one process)."""
     t = cfg.train
-    device = resolve_device(t.device)
+    if pctx is not None and (pctx.pp > 1 or t.ema_decay > 0):
+        raise MoeforgeError("bench under torchrun: expert / data parallelism only (parallel.pp=1, no train.ema_decay)")
+    device = pctx.device if pctx is not None else resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
     torch.manual_seed(t.seed)
-    model = build_train_model(cfg, device, precision, None)
+    model = build_train_model(cfg, device, precision, pctx)
     model.train()
-    optimizer = build_optimizer(model, cfg)
+    zero1 = parallel.Zero1(model, pctx) if pctx is not None and pctx.sharding == "zero1" else None
+    optimizer = build_optimizer(model, cfg, keep=zero1.owns if zero1 else None)
     moe_layers = model.moe_layers()
     ema = CPUEMA(model, t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
     n_micro = t.batch_size // t.micro_batch
-    windows = _random_windows(cfg, n_micro, device)
+    windows = _random_windows(cfg, n_micro, device, pctx)
     step = [0]
 
     def run_step(timer_clock=None):
         marks = {}
         sums = forward_backward(model, iter(windows), n_micro, t.mtp_lambda, cfg, device, precision)
+        parallel.sync_gradients(model, pctx)  # (no-op for one process and for FSDP)
         if timer_clock is not None:
             marks["opt0"] = timer_clock.mark()
-        optimizer_update(model, optimizer, moe_layers, cfg, step[0], None, ema)
+        optimizer_update(model, optimizer, moe_layers, cfg, step[0], pctx, ema, zero1)
         if timer_clock is not None:
             marks["opt1"] = timer_clock.mark()
         step[0] += 1
         return sums, marks
 
     dt, peak = _time_steps(run_step, steps, warmup, device)
-    res = _result("moeforge", cfg, dt, steps, peak, device)
+    if pctx is not None:  # the slowest rank's time is the step's
+        dt_t = torch.tensor([dt], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(dt_t, op=torch.distributed.ReduceOp.MAX)
+        dt = float(dt_t)
+    res = _result("moeforge", cfg, dt, steps, peak, device, pctx.world_size if pctx is not None else 1)
     res.host_syncs = _check_host_syncs(run_step, device)
     if split:
         res.split_ms = _split(model, run_step, device, compiled=t.compile)
@@ -271,7 +290,9 @@ def describe_peak(device: torch.device) -> str:
 
 
 def format_result(r: BenchResult) -> str:
-    parts = [f"{r.name}: {r.tokens_per_s:,.0f} tokens/s", f"{r.step_ms:.1f} ms/step", f"{r.tflops:.1f} TFLOP/s"]
+    ranks = f" on {r.ranks} ranks" if r.ranks > 1 else ""
+    per = " per GPU" if r.ranks > 1 else ""
+    parts = [f"{r.name}: {r.tokens_per_s:,.0f} tokens/s{ranks}", f"{r.step_ms:.1f} ms/step", f"{r.tflops:.1f} TFLOP/s{per}"]
     if r.mfu is not None:
         parts.append(f"MFU {100 * r.mfu:.1f}%")
     if r.peak_mem_gib is not None:

@@ -215,11 +215,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import json
-
-    from . import bench
+    from . import parallel
     from .config import load_config
-    from .train.step import resolve_device, resolve_precision
 
     if args.steps < 1 or args.warmup < 0:
         raise MoeforgeError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
@@ -230,26 +227,49 @@ def cmd_bench(args) -> int:
         if value is not None:
             overrides.append(f"train.{key}={value}")
     cfg = load_config(args.preset or (None if args.config else "bench"), args.config, overrides)
-    device = resolve_device(cfg.train.device)
     t = cfg.train
+    pctx = parallel.init_distributed(cfg.parallel, t.device)  # None unless launched by torchrun
+    try:
+        return _bench(args, cfg, pctx)
+    finally:
+        if pctx is not None:
+            pctx.destroy()
+
+
+def _bench(args, cfg, pctx) -> int:
+    import json
+
+    from . import bench, parallel
+    from .train.step import resolve_device, resolve_precision
+
+    t = cfg.train
+    device = pctx.device if pctx is not None else resolve_device(t.device)
+    main_rank = pctx is None or pctx.is_main
     if args.vs == "hf" and resolve_precision(t.precision, device) == "fp8":
         raise MoeforgeError("--vs hf: transformers has no FP8 training path to compare with; use --precision bf16")
-    print(f"bench: {t.batch_size} x {t.seq_len} tokens per step, precision {resolve_precision(t.precision, device)}, compile {t.compile}, "
-          f"recompute {t.recompute or 'none'}, loss_chunk {t.loss_chunk}, device {device} | {bench.describe_peak(device)}",
-          flush=True)
-    results = [bench.bench_moeforge(cfg, args.steps, args.warmup, split=not args.no_split)]
-    print(bench.format_result(results[0]), flush=True)
+    if args.vs == "hf" and pctx is not None:
+        raise MoeforgeError("--vs hf: runs in one process (not under torchrun)")
+    if pctx is not None:
+        parallel.check_batch_sizes(t.micro_batch, pctx)
+    layout = (f" | {pctx.world_size} ranks = dp {pctx.dp} x ep {pctx.ep}, sharding {pctx.sharding}"
+              if pctx is not None else "")
+    print_ = print if main_rank else (lambda *a, **k: None)  # rank 0 reports
+    print_(f"bench: {t.batch_size} x {t.seq_len} tokens per step, precision {resolve_precision(t.precision, device)}, "
+           f"compile {t.compile}, recompute {t.recompute or 'none'}, loss_chunk {t.loss_chunk}, device {device}{layout} | "
+           f"{bench.describe_peak(device)}", flush=True)
+    results = [bench.bench_moeforge(cfg, args.steps, args.warmup, split=not args.no_split, pctx=pctx)]
+    print_(bench.format_result(results[0]), flush=True)
     if args.vs == "hf":
         bench.free_memory(device)
         if cfg.model.num_nextn_predict_layers:
-            print("note: transformers does not run the MTP modules; moeforge's FLOPs include them", flush=True)
+            print_("note: transformers does not run the MTP modules; moeforge's FLOPs include them", flush=True)
         results.append(bench.bench_hf(cfg, args.steps, args.warmup))
-        print(bench.format_result(results[1]))
+        print_(bench.format_result(results[1]))
         ours, theirs = results
         mem = (f", peak memory {ours.peak_mem_gib / theirs.peak_mem_gib:.2f}x"
                if ours.peak_mem_gib and theirs.peak_mem_gib else "")
-        print(f"moeforge / transformers: {ours.tokens_per_s / theirs.tokens_per_s:.2f}x tokens/s{mem}")
-    if args.json:
+        print_(f"moeforge / transformers: {ours.tokens_per_s / theirs.tokens_per_s:.2f}x tokens/s{mem}")
+    if args.json and main_rank:
         Path(args.json).write_text(json.dumps({"config": cfg.to_dict(), "results": [r.to_dict() for r in results]},
                                               indent=1))
     return 0
