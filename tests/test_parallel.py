@@ -22,6 +22,7 @@ every layout runs in seconds on 2 cores.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -360,6 +361,21 @@ def test_torchrun_bench_ep2_zero1(mf_cache_dir, tmp_path):
     (result,) = json.loads(out.read_text())["results"]
     assert result["ranks"] == 2 and result["tokens_per_s"] > 0
     assert {"attention", "moe", "optimizer"} <= set(result["split_ms"])
+
+
+@pytest.mark.dist
+def test_all_to_all_benchmark_script_runs(tmp_path):
+    """benchmarks/all_to_all_bench.py on 2 gloo processes with small sizes: every number is reported."""
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "all_to_all_bench.py"
+    out = tmp_path / "a2a.json"
+    res = run_torchrun([script, "--tokens", 64, "--hidden", 256, "--experts", 8, "--topk", 2, "--reps", 2,
+                        "--json", out], 2, cwd=tmp_path)
+    assert res.returncode == 0 or (teardown_aborted(res) and out.is_file()), res.stderr[-3000:]
+    numbers = json.loads(out.read_text())
+    for key in ("dispatch_fp32_GBps", "dispatch_fp8_GBps", "combine_GBps", "all_to_all_GBps"):
+        assert numbers[key] > 0, key
 
 
 @pytest.mark.dist
