@@ -379,6 +379,23 @@ def test_all_to_all_benchmark_script_runs(tmp_path):
 
 
 @pytest.mark.dist
+def test_pipeline_bubble_script_runs(tmp_path):
+    """benchmarks/pipeline_bubble.py (PP=2, 1F1B, tiny shapes, gloo): chunk costs, step time, the
+    measured bubble fraction and Table 2's formula are all reported."""
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline_bubble.py"
+    out = tmp_path / "bubble.json"
+    res = run_torchrun([script, "--schedule", "1f1b", "--preset", "tiny", "--micro-batches", 4, "--steps", 1,
+                        "--json", out, "train.seq_len=32"], 2, cwd=tmp_path)
+    assert res.returncode == 0 or (teardown_aborted(res) and out.is_file()), res.stderr[-3000:]
+    numbers = json.loads(out.read_text())
+    assert numbers["pp"] == 2 and numbers["step_s"] > 0 and numbers["F_s"] > 0 and numbers["B_s"] > 0
+    assert 0 <= numbers["bubble_fraction"] < 1 and numbers["table2_bubble_fraction"] == pytest.approx(
+        numbers["table2_bubble_s"] / (4 * (numbers["F_s"] + numbers["B_s"] + numbers["W_s"]) + numbers["table2_bubble_s"]))
+
+
+@pytest.mark.dist
 def test_torchrun_cli_bad_micro_batch(data_dir, mf_cache_dir, tmp_path):
     """A micro batch the data ranks cannot split is one clear error line naming the setting."""
     args = ["-m", "moeforge", "train", "--out", tmp_path / "run", "--steps", 1, "--data", data_dir, "--no-progress",
