@@ -57,6 +57,20 @@ _CORPUS_MODULES = [
 ]
 
 
+def small_cfg(**kw):
+    """A very small DeepSeek-V3 ModelConfig for in-process model tests (query compression, dense + MoE
+    layers, grouped routing); keyword arguments override fields."""
+    from moeforge.config import ModelConfig
+
+    base = dict(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
+                num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                routed_scaling_factor=2.5, max_position_embeddings=64)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
 @dataclass
 class Result:
     """What one in-process `moeforge` command did."""

@@ -5,22 +5,13 @@ import math
 import pytest
 import torch
 
+from conftest import small_cfg
 from moeforge.config import ModelConfig, load_config
 from moeforge.model import build_model, count_parameters
 from moeforge.model.layers import rope_frequencies, softmax_scale
 from moeforge.model.moe import MoE, Router, grouped_mm, grouped_mm_reference, sequence_balance_loss
 from moeforge.model.mtp import IGNORE_INDEX, shift_tokens
 from moeforge.train.balance import update_routing_bias
-
-
-def small_cfg(**kw) -> ModelConfig:
-    base = dict(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
-                qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
-                num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
-                routed_scaling_factor=2.5, max_position_embeddings=64)
-    base.update(kw)
-    return ModelConfig(**base)
 
 
 def make_router(cfg: ModelConfig) -> Router:

@@ -59,6 +59,7 @@ def test_chunked_cross_entropy_all_ignored_is_zero():
 
 
 # ---- recomputation and compilation: same losses, same gradients ----
+from conftest import small_cfg  # noqa: E402
 from moeforge.config import ModelConfig  # noqa: E402
 from moeforge.model import build_model  # noqa: E402
 from moeforge.train.speed import apply_compile, apply_recompute  # noqa: E402
@@ -66,13 +67,8 @@ from moeforge.train.speed import apply_compile, apply_recompute  # noqa: E402
 
 def _model_cfg(**kw) -> ModelConfig:
     """Every part the switches touch: query compression (wq_b), dense + MoE layers, shared experts, MTP."""
-    base = dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                num_hidden_layers=3, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
-                qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
-                num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
-                max_position_embeddings=64, num_nextn_predict_layers=1)
-    base.update(kw)
-    return ModelConfig(**base)
+    return small_cfg(**{"vocab_size": 96, "num_hidden_layers": 3, "routed_scaling_factor": 1.0,
+                        "num_nextn_predict_layers": 1, **kw})
 
 
 def _loss_and_grads(model, tokens):

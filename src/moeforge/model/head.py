@@ -43,39 +43,41 @@ def plain_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def _chunked_loss_and_grads(h, weight, targets, chunk: int, dtype: torch.dtype):
+    """(dL/dh, dL/dW in FP32, summed loss, number of valid targets) of the summed cross-entropy."""
+    T = h.shape[0]
+    w = weight.to(dtype)
+    valid = targets != IGNORE_INDEX
+    n_valid = valid.sum().clamp_min(1).float()  # stays on the device: no host sync
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    for start in range(0, T, chunk):
+        end = min(start + chunk, T)
+        hc = h[start:end].to(dtype)  # [C, D]
+        tc = targets[start:end].clamp_min(0)
+        vc = valid[start:end]
+        logits = (hc @ w.T).float()  # [C, V]
+        lse = logits.logsumexp(dim=-1)  # [C]
+        picked = logits.gather(1, tc.unsqueeze(1)).squeeze(1)
+        total += ((lse - picked) * vc).sum()
+        # d(sum of losses)/d logits = softmax - onehot(target), zero on ignored positions
+        g = logits.sub_(lse.unsqueeze(1)).exp_()
+        g.scatter_add_(1, tc.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
+        g.mul_(vc.unsqueeze(1))
+        g = g.to(dtype)
+        grad_h[start:end] = (g @ w).to(h.dtype)  # [C, D]
+        grad_w += (g.T @ hc).float()  # [V, D], FP32 accumulation over chunks
+    return grad_h, grad_w, total, n_valid
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                 dtype: torch.dtype) -> torch.Tensor:
         """h: [T, D], weight: [V, D], targets: [T] -> mean loss over the valid targets (FP32 scalar)."""
-        T = h.shape[0]
         with torch.autocast(h.device.type, enabled=False):  # dtypes are explicit below
-            return _ChunkedCrossEntropy._forward(ctx, h, weight, targets, chunk, dtype, T)
-
-    @staticmethod
-    def _forward(ctx, h, weight, targets, chunk, dtype, T):
-        w = weight.to(dtype)
-        valid = targets != IGNORE_INDEX
-        n_valid = valid.sum().clamp_min(1).float()  # stays on the device: no host sync
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for start in range(0, T, chunk):
-            end = min(start + chunk, T)
-            hc = h[start:end].to(dtype)  # [C, D]
-            tc = targets[start:end].clamp_min(0)
-            vc = valid[start:end]
-            logits = (hc @ w.T).float()  # [C, V]
-            lse = logits.logsumexp(dim=-1)  # [C]
-            picked = logits.gather(1, tc.unsqueeze(1)).squeeze(1)
-            total += ((lse - picked) * vc).sum()
-            # d(sum of losses)/d logits = softmax - onehot(target), zero on ignored positions
-            g = logits.sub_(lse.unsqueeze(1)).exp_()
-            g.scatter_add_(1, tc.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
-            g.mul_(vc.unsqueeze(1))
-            g = g.to(dtype)
-            grad_h[start:end] = (g @ w).to(h.dtype)  # [C, D]
-            grad_w += (g.T @ hc).float()  # [V, D], FP32 accumulation over chunks
+            grad_h, grad_w, total, n_valid = _chunked_loss_and_grads(h, weight, targets, chunk, dtype)
         ctx.save_for_backward(grad_h, grad_w, n_valid)
         ctx.weight_dtype = weight.dtype
         return total / n_valid

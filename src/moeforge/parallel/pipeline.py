@@ -39,7 +39,6 @@ from torch import nn
 
 from ..config import ModelConfig, ParallelConfig
 from ..errors import MoeforgeError
-from ..model.layers import rope_cos_sin
 from ..model.moe import MoE
 from ..model.mtp import IGNORE_INDEX, shift_tokens
 from ..model.transformer import Transformer
@@ -207,6 +206,7 @@ class StageModule(nn.Module):
         self.mode = mode  # none | shared | forwarded
         self.depth = model.cfg.num_nextn_predict_layers if mode != "none" else 0
         self.amp_dtype = amp_dtype
+        self._rope = model.rope  # the model's cos/sin table, built once per device
         if self.is_first or (self.is_last and mode == "shared"):
             self.embed = model.embed  # the same nn.Embedding object: one parameter for both uses
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
@@ -234,7 +234,7 @@ class StageModule(nn.Module):
         else:
             h, balance, *emb_ahead = carry
         S = h.shape[1]
-        cos, sin = rope_cos_sin(self.cfg, S, h.device)
+        cos, sin = self._rope(S, h.device)
         for layer in self.layers.values():
             h, b = layer(h, cos, sin)
             balance = balance + b  # same summation order as Transformer.hidden

@@ -47,6 +47,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _sha256(path: Path) -> str:
+    """The file's SHA-256, read in 16 MiB pieces (checkpoint files can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(16 << 20):
+            h.update(piece)
+    return h.hexdigest()
+
+
 def _torch_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -93,10 +102,9 @@ def save_checkpoint(root: Path, step: int, cfg: Config, model_state: dict | None
         tmp, blobs = staged, {}
     manifest = {"step": step, "files": {}}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):  # the DCP files, fsynced here
-        data = f.read_bytes()
         with open(f, "rb+") as fh:
             os.fsync(fh.fileno())
-        manifest["files"][f.relative_to(tmp).as_posix()] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest["files"][f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
     blobs.update({"state.pt": _torch_bytes(state), "config.toml": cfg.to_toml().encode()})
     for name, data in blobs.items():
         _fsync_write(tmp / name, data)
@@ -133,7 +141,7 @@ def read_manifest_checked(path: Path) -> dict:
             raise MoeforgeError(f"checkpoint '{path}' is incomplete: {name} is missing")
         if f.stat().st_size != info["bytes"]:
             raise MoeforgeError(f"checkpoint '{path}' is corrupt: {name} has {f.stat().st_size} bytes, expected {info['bytes']}")
-        if hashlib.sha256(f.read_bytes()).hexdigest() != info["sha256"]:
+        if _sha256(f) != info["sha256"]:
             raise MoeforgeError(f"checkpoint '{path}' is corrupt: {name} fails its checksum")
     return manifest
 

@@ -44,13 +44,19 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def optimizer_groups(model: torch.nn.Module, keep=None) -> tuple[list[str], list[str]]:
+    """Parameter names of AdamW's two groups, in its order: matrices (weight decay), then vectors
+    (norms, no decay). Concatenated, they index a single-process optimizer state dict."""
+    named = [(n, p) for n, p in model.named_parameters() if keep is None or keep(n)]
+    return [n for n, p in named if p.ndim >= 2], [n for n, p in named if p.ndim < 2]
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config, keep=None) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (norms) do not. keep(name) -> bool: the parameters this rank
-    updates (ZeRO-1 owners); default all."""
+    """AdamW over optimizer_groups. keep(name) -> bool: the parameters this rank updates (ZeRO-1
+    owners); default all."""
     t = cfg.train
-    params = [p for n, p in model.named_parameters() if keep is None or keep(n)]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    params = dict(model.named_parameters())
+    decay, no_decay = ([params[n] for n in names] for names in optimizer_groups(model, keep))
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (one pass over each parameter on CPU and GPU) is several times faster than the
     # op-by-op update at small sizes; it computes the same update.

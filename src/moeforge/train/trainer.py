@@ -34,7 +34,7 @@ from .ema import CPUEMA
 from .metrics import MetricsSink, flops_per_token, peak_flops
 from .schedule import batch_size_at, mtp_lambda_at
 from .step import (autocast, build_optimizer, build_train_model, forward_backward, optimizer_update,
-                   check_memory, resolve_device, resolve_precision, split_train_pipeline)
+                   check_memory, optimizer_groups, resolve_device, resolve_precision, split_train_pipeline)
 
 LN2 = math.log(2)
 
@@ -218,7 +218,7 @@ class Trainer:
         else:  # a single-process checkpoint, sliced / sharded for this rank (pipeline: the stages reference them)
             parallel.load_full_state_dict(self.model, parts["model.pt"], self.pctx)
             parallel.load_full_optimizer_state_dict(self.model, self.optimizer, parts["optimizer.pt"], self.pctx,
-                                                    self._full_param_order())
+                                                    sum(optimizer_groups(self.model), []))
         state = parts["state.pt"]
         self.step, self.tokens_seen = state["step"], state["tokens"]
         if self.ema is not None:
@@ -259,11 +259,6 @@ class Trainer:
         if missing:
             raise MoeforgeError(f"pipeline checkpoint: no stage holds {len(missing)} tensors (first: {missing[0]})")
         return {k: merged[k] for k in keys}
-
-    def _full_param_order(self) -> list[str]:
-        """Parameter names in the single-process optimizer's index order (build_optimizer's groups)."""
-        named = list(self.model.named_parameters())
-        return [n for n, p in named if p.ndim >= 2] + [n for n, p in named if p.ndim < 2]
 
     def _single_device_model(self) -> torch.nn.Module | None:
         """Rank 0: a single-device copy of the whole model (eval mode); other ranks: None. Collective."""
