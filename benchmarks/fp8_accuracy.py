@@ -7,7 +7,7 @@ the token cache) (--precision bf16 and fp8, identical
 otherwise), then reads both metrics.jsonl files and reports:
 - the relative gap of the FP8 loss to the BF16 loss, averaged over the last 10% of the common steps;
 - the final validation of each run.
-It writes DIR/curves.csv and, if matplotlib is installed, DIR/curves.png. A run that is stopped early
+It writes DIR/curves.csv and, if matplotlib is installed, DIR/curves.png (`--replot` redraws it). A run that is stopped early
 still leaves its metrics, and the comparison uses the steps both reached.
 """
 
@@ -36,6 +36,34 @@ def read(path: Path) -> tuple[dict[int, float], dict]:
     return losses, final
 
 
+def plot(path: Path, baseline: str, steps: list[int], base: list[float], fp8: list[float], window: int = 25) -> None:
+    """Both loss curves as moving averages over `window` steps, and the relative gap below them."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+
+    def smooth(v):
+        return [sum(v[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(v))]
+
+    sb, sq = smooth(base), smooth(fp8)
+    fig, (ax, gap) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    ax.plot(steps, sb, label=f"{baseline.upper()}", lw=1.2)
+    ax.plot(steps, sq, label="FP8 (1x128 / 128x128)", lw=1.2)
+    ax.set_ylabel(f"training loss ({window}-step mean)")
+    ax.legend()
+    gap.plot(steps, [100 * (q - b) / b for b, q in zip(sb, sq)], lw=1, color="k")
+    gap.axhline(0, lw=0.5, color="grey")
+    gap.set_ylabel("FP8 gap (%)")
+    gap.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -43,9 +71,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--baseline", default="bf16", choices=["bf16", "fp32"], help="fp32 on a CPU (BF16 autocast is slow there)")
+    ap.add_argument("--replot", action="store_true", help="only redraw DIR/curves.png from DIR/curves.csv")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     out = Path(a.out)
+    if a.replot:
+        rows = [line.split(",") for line in (out / "curves.csv").read_text().splitlines()[1:]]
+        plot(out / "curves.png", a.baseline, [int(r[0]) for r in rows], [float(r[1]) for r in rows],
+             [float(r[2]) for r in rows])
+        return
     out.mkdir(parents=True, exist_ok=True)
     procs = {}
     for prec in (a.baseline, "fp8"):
@@ -83,24 +117,7 @@ def main() -> None:
         fin = curves[prec][1]
         if fin:
             print(f"{prec} final validation: loss {fin['val_loss']:.4f}, {fin['val_bpb']:.4f} bits/byte")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(common, [bf16[s] for s in common], label=a.baseline.upper(), lw=1)
-        ax.plot(common, [fp8[s] for s in common], label="FP8 (1x128 / 128x128)", lw=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.set_ylim(top=min(ax.get_ylim()[1], 2 * max(b, q) + 1))
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "curves.png", dpi=120)
-    except ImportError:
-        print("matplotlib not installed: no plot")
-
+    plot(out / "curves.png", a.baseline, common, [bf16[s] for s in common], [fp8[s] for s in common])
 
 if __name__ == "__main__":
     main()
