@@ -143,6 +143,22 @@ def test_fp8_grouped_gemm_matches_per_expert_fp8_linear():
     assert (y.detach() - ref).abs().max() < 0.15 * ref.abs().max()
 
 
+def test_fp8_reference_ignores_autocast():
+    """Under BF16 autocast the emulated FP8 GEMMs still multiply in FP32 (an FP8 GEMM's accumulator),
+    so the Linear and the grouped experts give the same outputs as without autocast."""
+    torch.manual_seed(0)
+    lin = FP8Linear(256, 130, bias=False)
+    x = torch.randn(20, 256)
+    w = torch.randn(3, 256, 64)
+    offsets = torch.tensor([5, 5, 20], dtype=torch.int32)
+    plain = lin(x), _FP8GroupedFn.apply(x, w, offsets, FP8Recipe())
+    with torch.autocast("cpu", torch.bfloat16):
+        cast = lin(x), _FP8GroupedFn.apply(x, w, offsets, FP8Recipe())
+    for a, b in zip(plain, cast):
+        assert b.dtype == torch.float32
+        assert torch.equal(a, b)
+
+
 def test_convert_to_fp8_keeps_parameters_and_precision_sensitive_parts():
     from moeforge.config import load_config
     from moeforge.model import build_model

@@ -30,8 +30,19 @@ class FP8Recipe:
     save_fp8_inputs: bool = True  # keep the Linear input for backward in FP8 instead of full precision
 
 
+def _exact(fn):
+    """Run an emulated GEMM's forward outside autocast: its products must stay FP32, as an FP8 GEMM's
+    accumulator does, whatever autocast would do to a plain matmul (backward runs without autocast)."""
+
+    def forward(ctx, x, *args):
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(ctx, x, *args)
+
+    return staticmethod(forward)
+
+
 class _FP8LinearFn(torch.autograd.Function):
-    @staticmethod
+    @_exact
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: FP8Recipe):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)  # [T, K]
@@ -85,7 +96,7 @@ class FP8Linear(nn.Linear):
 class _FP8GroupedFn(torch.autograd.Function):
     """Rows x[offsets[e-1]:offsets[e]] times w[e] in FP8 (w: [E, in, out], a transposed [E, out, in])."""
 
-    @staticmethod
+    @_exact
     def forward(ctx, x, w, offsets, recipe: FP8Recipe):
         xq, xs = quantize(x, ACT, recipe.pow2_scales, check_finite=False)
         w_hat = fake_quantize(w.transpose(1, 2), WEIGHT, recipe.pow2_scales).transpose(1, 2)  # blocks of [out, in]
