@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fp8_accuracy import run_side_by_side  # noqa: E402
 
 VARIANTS = ("bf16", "fp8", "emul", "lin", "exp", "F", "D", "W", "fp32", "X", "fp8c")
 
@@ -189,24 +190,11 @@ def read_losses(path: Path, key: str = "loss") -> dict[int, float]:
 def run_all(a, overrides) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    procs = {}
     variants = a.variants.split(",")
-    for v in variants:
-        cmd = [sys.executable, __file__, "run", "--variant", v, "--out", str(out / v), "--preset", a.preset,
-               f"train.steps={a.steps}", *overrides]
-        procs[v] = subprocess.Popen(cmd, stdout=open(out / f"{v}.log", "w"), stderr=subprocess.STDOUT)
-        if v == variants[0]:  # the first run builds the token cache
-            while not (out / v / "metrics.jsonl").is_file() and procs[v].poll() is None:
-                time.sleep(1)
-    t0 = time.time()
-    for v, p in procs.items():
-        try:
-            p.wait(timeout=max(1, a.timeout - (time.time() - t0)))
-        except subprocess.TimeoutExpired:
-            p.kill()
+    run_side_by_side({v: [sys.executable, __file__, "run", "--variant", v, "--out", str(out / v), "--preset", a.preset,
+                          f"train.steps={a.steps}", *overrides] for v in variants}, out, a.timeout)
     curves = {v: read_losses(out / v / "metrics.jsonl") for v in variants}
     base = curves[variants[0]]
-    print(f"wall {time.time() - t0:.0f} s")
     for v in variants:
         final = read_losses(out / v / "metrics.jsonl", "val_bpb")
         if final:

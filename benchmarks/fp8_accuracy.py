@@ -36,6 +36,25 @@ def read(path: Path) -> tuple[dict[int, float], dict]:
     return losses, final
 
 
+def run_side_by_side(runs: dict[str, list[str]], out: Path, timeout: float) -> None:
+    """Start every command (stdout to out/NAME.log) at the same time, once the first has built the
+    token cache (its metrics.jsonl exists), and wait for all, killing what runs past `timeout` s."""
+    procs = {}
+    for name, cmd in runs.items():
+        procs[name] = subprocess.Popen(cmd, stdout=open(out / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+        if len(procs) == 1:
+            while not (out / name / "metrics.jsonl").is_file() and procs[name].poll() is None:
+                time.sleep(1)
+    t0 = time.time()
+    for name, p in procs.items():
+        try:
+            p.wait(timeout=max(1, timeout - (time.time() - t0)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            print(f"{name}: stopped after {timeout} s")
+    print(f"wall time {time.time() - t0:.0f} s")
+
+
 def plot(path: Path, baseline: str, steps: list[int], base: list[float], fp8: list[float], window: int = 25) -> None:
     """Both loss curves as moving averages over `window` steps, and the relative gap below them."""
     try:
@@ -81,24 +100,12 @@ def main() -> None:
              [float(r[2]) for r in rows])
         return
     out.mkdir(parents=True, exist_ok=True)
-    procs = {}
-    for prec in (a.baseline, "fp8"):
-        cmd = [sys.executable, "-m", "moeforge", "train", "--preset", a.preset, "--steps", str(a.steps),
-               "--precision", prec, "--out", str(out / prec), "--no-progress", "train.eval_every=0",
-               "train.checkpoint_every=0", "train.sample_tokens=0", *a.overrides]
-        procs[prec] = subprocess.Popen(cmd, stdout=open(out / f"{prec}.log", "w"), stderr=subprocess.STDOUT)
-        if prec == a.baseline:  # let the first run build the token cache before the second starts
-            while not (out / prec / "metrics.jsonl").is_file() and procs[prec].poll() is None:
-                time.sleep(1)
-    t0 = time.time()
-    for prec, p in procs.items():
-        try:
-            p.wait(timeout=max(1, a.timeout - (time.time() - t0)))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            print(f"{prec}: stopped after {a.timeout} s")
-    print(f"wall time {time.time() - t0:.0f} s")
-    curves = {prec: read(out / prec / "metrics.jsonl") for prec in procs}
+    runs = {prec: [sys.executable, "-m", "moeforge", "train", "--preset", a.preset, "--steps", str(a.steps),
+                   "--precision", prec, "--out", str(out / prec), "--no-progress", "train.eval_every=0",
+                   "train.checkpoint_every=0", "train.sample_tokens=0", *a.overrides]
+            for prec in (a.baseline, "fp8")}
+    run_side_by_side(runs, out, a.timeout)
+    curves = {prec: read(out / prec / "metrics.jsonl") for prec in runs}
     bf16, fp8 = curves[a.baseline][0], curves["fp8"][0]
     common = sorted(set(bf16) & set(fp8))
     with open(out / "curves.csv", "w") as f:
@@ -113,7 +120,7 @@ def main() -> None:
     q = sum(fp8[s] for s in tail) / len(tail)
     print(f"steps compared: {len(common)} (last {common[-1]}); mean loss over steps {tail[0]}-{tail[-1]}: "
           f"{a.baseline} {b:.4f}, fp8 {q:.4f}, relative gap {100 * (q - b) / b:+.3f}%")
-    for prec in procs:
+    for prec in runs:
         fin = curves[prec][1]
         if fin:
             print(f"{prec} final validation: loss {fin['val_loss']:.4f}, {fin['val_bpb']:.4f} bits/byte")
