@@ -209,3 +209,16 @@ def run_torchrun(args: list[str], nproc: int, timeout: float = TIMEOUT, env: dic
 def teardown_aborted(result: subprocess.CompletedProcess) -> bool:
     """True when a non-zero torchrun exit is gloo's known teardown abort (results already written)."""
     return result.returncode != 0 and "terminate called without an active exception" in (result.stderr or "")
+
+
+# The model of the multi-process tests (test_parallel, test_pipeline_train): every part of the
+# architecture (dense first layer, grouped routing, shared expert, query compression, MTP) at a size
+# four gloo ranks train in seconds.
+DIST_MODEL = [
+    "model.hidden_size=64", "model.num_hidden_layers=3", "model.first_k_dense_replace=1",
+    "model.intermediate_size=128", "model.moe_intermediate_size=32", "model.n_routed_experts=8",
+    "model.n_group=2", "model.topk_group=1", "model.num_experts_per_tok=2", "model.n_shared_experts=1",
+    "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
+    "model.v_head_dim=16", "model.num_attention_heads=2", "model.max_position_embeddings=64",
+    "model.num_nextn_predict_layers=1",
+]

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from conftest import single_process
-from dist import run_dist, run_torchrun, teardown_aborted
+from dist import DIST_MODEL, run_dist, run_torchrun, teardown_aborted
 from moeforge.config import ParallelConfig, config_from_dict, load_config
 from moeforge.errors import MoeforgeError
 from moeforge.parallel import (AllToAllDispatcher, check_batch_sizes, expert_names, full_tensor, init_distributed,
@@ -37,14 +37,7 @@ from moeforge.parallel import (AllToAllDispatcher, check_batch_sizes, expert_nam
 from moeforge.parallel.expert import dequantize_rows_fp8, expert_slice, quantize_rows_fp8, slice_state_dict
 
 STEPS = 4
-MODEL = [
-    "model.hidden_size=64", "model.num_hidden_layers=3", "model.first_k_dense_replace=1",
-    "model.intermediate_size=128", "model.moe_intermediate_size=32", "model.n_routed_experts=8",
-    "model.n_group=2", "model.topk_group=1", "model.num_experts_per_tok=2", "model.n_shared_experts=1",
-    "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
-    "model.v_head_dim=16", "model.num_attention_heads=2", "model.max_position_embeddings=64",
-    "model.num_nextn_predict_layers=1",
-]
+MODEL = DIST_MODEL
 TRAIN = [
     f"train.steps={STEPS}", "train.seq_len=32", "train.batch_size=8", "train.micro_batch_size=4",
     # a real lr from step 1 (no warmup) so four steps move the loss; clip below the initial norm so

@@ -21,17 +21,12 @@ import pytest
 import torch
 
 from conftest import single_process
-from dist import run_dist, run_torchrun, teardown_aborted
+from dist import DIST_MODEL, run_dist, run_torchrun, teardown_aborted
 from moeforge.config import config_from_dict, load_config
 
 STEPS = 3
 MODEL = [
-    "model.hidden_size=64", "model.num_hidden_layers=4", "model.first_k_dense_replace=1",
-    "model.intermediate_size=128", "model.moe_intermediate_size=32", "model.n_routed_experts=8",
-    "model.n_group=2", "model.topk_group=1", "model.num_experts_per_tok=2", "model.n_shared_experts=1",
-    "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
-    "model.v_head_dim=16", "model.num_attention_heads=2", "model.max_position_embeddings=64",
-    "model.num_nextn_predict_layers=1",
+    *DIST_MODEL, "model.num_hidden_layers=4",
     # the CLI's default preset scales the routed experts by 2.5; the in-process reference's config by 1.0
     "model.routed_scaling_factor=1.0",
 ]
