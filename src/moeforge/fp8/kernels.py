@@ -106,6 +106,21 @@ def _pack4(q):
 
 
 @triton.jit
+def _segment_of(tile, tiles_ptr, offs_ptr, n_seg, P2: tl.constexpr):
+    """Tile `tile` of a per-group padded layout (tiles_ptr: cumulative tiles per group, offs_ptr:
+    cumulative rows) -> (group g, first tile of g, first row of g, end row of g, tile is valid)."""
+    idx = tl.arange(0, P2)
+    cum = tl.load(tiles_ptr + idx, mask=idx < n_seg, other=2147483647)
+    g = tl.sum((cum <= tile).to(tl.int32), axis=0)
+    gm = g > 0
+    valid = g < n_seg
+    tiles_before = tl.load(tiles_ptr + g - 1, mask=gm, other=0)
+    rows_before = tl.load(offs_ptr + g - 1, mask=gm, other=0)
+    rows_end = tl.load(offs_ptr + g, mask=valid, other=0)
+    return g, tiles_before, rows_before, rows_end, valid
+
+
+@triton.jit
 def _quant_1x128_kernel(
     x_ptr, xs_ptr,  # source values (or FP8 codes and their 1x128 row-tile scales when DEQ)
     q_ptr, s_ptr,  # ROW output: tiles of 128 along the columns
@@ -129,14 +144,7 @@ def _quant_1x128_kernel(
     c3 = c[None, None, :]
     if SEG:
         # tile pid_r of the per-group padded layout -> group g, source rows [start, end)
-        idx = tl.arange(0, SEG_P2)
-        cum = tl.load(seg_tiles_ptr + idx, mask=idx < n_seg, other=2147483647)
-        g = tl.sum((cum <= pid_r).to(tl.int32), axis=0)
-        gm = g > 0
-        gv = g < n_seg
-        tiles_before = tl.load(seg_tiles_ptr + g - 1, mask=gm, other=0)
-        rows_before = tl.load(seg_offs_ptr + g - 1, mask=gm, other=0)
-        rows_end = tl.load(seg_offs_ptr + g, mask=gv, other=0)
+        g, tiles_before, rows_before, rows_end, gv = _segment_of(pid_r, seg_tiles_ptr, seg_offs_ptr, n_seg, SEG_P2)
         r3 = rows_before + (pid_r - tiles_before) * BR + loc
         r_ok = (r3 < rows_end) & gv
     else:
@@ -452,14 +460,7 @@ def _gemm_kernel(
     if GROUP_M_ROWS:
         pid_m = pid // num_pid_n
         pid_n = pid % num_pid_n
-        idx = tl.arange(0, G_P2)
-        cum = tl.load(tiles_ptr + idx, mask=idx < n_groups, other=2147483647)
-        g = tl.sum((cum <= pid_m).to(tl.int32), axis=0)
-        gm = g > 0
-        gv = g < n_groups
-        tiles_before = tl.load(tiles_ptr + g - 1, mask=gm, other=0)
-        row0 = tl.load(offs_ptr + g - 1, mask=gm, other=0)
-        row_end = tl.load(offs_ptr + g, mask=gv, other=0)
+        g, tiles_before, row0, row_end, gv = _segment_of(pid_m, tiles_ptr, offs_ptr, n_groups, G_P2)
         row_t = row0 + (pid_m - tiles_before) * BLOCK_M
         offs_m = row_t + tl.arange(0, BLOCK_M)
         mask_m = (offs_m < row_end) & gv
