@@ -51,6 +51,7 @@ LAYOUTS = {  # name: (processes, parallel overrides)
     "fsdp4": (4, ["parallel.sharding=full"]),
     "ep2": (2, ["parallel.ep=2"]),
     "ep2xdp2": (4, ["parallel.ep=2"]),
+    "ep2_no_overlap": (2, ["parallel.ep=2", "parallel.overlap_dispatch=false"]),
     "ep4": (4, ["parallel.ep=4"]),
     "fsdp_full_ep2": (2, ["parallel.ep=2", "parallel.sharding=full"]),
     "fsdp_zero2_ep2xdp2": (4, ["parallel.ep=2", "parallel.sharding=zero2"]),
@@ -256,21 +257,28 @@ def dispatcher_checks() -> dict:
     g = torch.Generator().manual_seed(100 + rank)
     out = {}
 
-    def round_trip(indices, fp8=False):
+    def round_trip(indices, fp8=False, overlap=True):
         T = indices.shape[0]
         x = torch.randn(T, D, generator=g, requires_grad=True)
         w = torch.rand(T, K, generator=g)
-        disp = AllToAllDispatcher(group, 2, rank, fp8=fp8)
-        x_local, counts, ctx = disp.dispatch(x, indices, E)
+        disp = AllToAllDispatcher(group, 2, rank, fp8=fp8, overlap=overlap)
+        pending = disp.start(x, indices, E)
+        in_flight = len(pending.pending)
+        x_local, counts, ctx = pending.finish()
         y = disp.combine(x_local, w, ctx, T)  # identity experts
         y.backward(torch.ones_like(y))
         expected = x.detach() * w.sum(-1, keepdim=True)  # sum_k w_k * x_t
-        return y.detach(), expected, x.grad, w.sum(-1, keepdim=True).expand(T, D), counts, x_local
+        return y.detach(), expected, x.grad, w.sum(-1, keepdim=True).expand(T, D), counts, x_local, in_flight
 
     # random distinct experts per token
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(12 + 5 * rank)])
-    y, exp, grad, exp_grad, counts, x_local = round_trip(idx)
+    y, exp, grad, exp_grad, counts, x_local, in_flight = round_trip(idx)
     out["random"] = (y, exp, grad, exp_grad, counts)
+    out["in_flight"] = in_flight
+    # without overlap start() has waited for the copies: nothing left in flight, the same result
+    r = round_trip(idx, overlap=False)
+    out["no_overlap"] = r[:5]
+    out["in_flight_no_overlap"] = r[6]
     # rows per local expert = copies all ranks routed to it
     total = torch.bincount(idx.flatten(), minlength=E)
     dist.all_reduce(total)
@@ -292,9 +300,11 @@ def dispatcher_checks() -> dict:
 def test_all_to_all_dispatcher_round_trip():
     """dispatch -> identity experts -> combine returns sum_k w_k x_t (exactly: rows are only moved
     and weighted), its gradient w.r.t. x is sum_k w_k, with uneven splits, a rank that receives zero
-    rows, a rank with no tokens, and FP8 dispatch (within FP8 e4m3 rounding, 2^-4 relative)."""
+    rows, a rank with no tokens, and FP8 dispatch (within FP8 e4m3 rounding, 2^-4 relative). The
+    token copies are still in flight when start() returns, unless overlap is off."""
     for rank, res in enumerate(run_dist(dispatcher_checks, 2)):
-        for case in ("random", "uneven", "empty"):
+        assert res["in_flight"] == 1 and res["in_flight_no_overlap"] == 0
+        for case in ("random", "uneven", "empty", "no_overlap"):
             y, expected, grad, expected_grad, counts = res[case][:5]
             torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6, msg=lambda m: f"{case} rank {rank}: {m}")
             torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-6)

@@ -203,6 +203,7 @@ class ParallelConfig:
     layout: str = ""  # decoder layers per pipeline stage, e.g. "3,3,2,2"; "": as even as possible
     sharding: str = "none"  # data parallel: none (replicated, all-reduce) | zero1 (AdamW state partitioned) | zero2 | full (FSDP2)
     dispatch_fp8: bool = False  # send dispatched activations in FP8 with 1x128 scales
+    overlap_dispatch: bool = True  # compute the shared experts while the dispatched tokens travel
 
 
 SECTIONS = ("model", "train", "parallel")

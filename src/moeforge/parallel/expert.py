@@ -140,19 +140,24 @@ class _PendingDispatch:
     def __init__(self, pending: list, x_recv: torch.Tensor, perm: torch.Tensor, counts: torch.Tensor, ctx):
         self.pending, self.x_recv, self.perm, self.counts, self.ctx = pending, x_recv, perm, counts, ctx
 
-    def finish(self):
+    def wait(self) -> None:
         for work in self.pending:
             work.wait()  # NCCL: the compute stream waits on the GPU; gloo: the host waits
         self.pending = []
+
+    def finish(self):
+        self.wait()
         return self.x_recv[self.perm], self.counts, self.ctx
 
 
 class AllToAllDispatcher:
     """Dispatch/combine across the ep ranks of `group`; this rank holds experts
-    [rank * E_l, (rank + 1) * E_l). No padding to a capacity and no dropped tokens."""
+    [rank * E_l, (rank + 1) * E_l). No padding to a capacity and no dropped tokens.
+    overlap=False waits for the token all-to-all inside start(), so nothing computes while it
+    travels (the baseline for measuring what the overlap hides)."""
 
-    def __init__(self, group, ep: int, ep_rank: int, fp8: bool = False):
-        self.group, self.ep, self.ep_rank, self.fp8 = group, ep, ep_rank, fp8
+    def __init__(self, group, ep: int, ep_rank: int, fp8: bool = False, overlap: bool = True):
+        self.group, self.ep, self.ep_rank, self.fp8, self.overlap = group, ep, ep_rank, fp8, overlap
         self.local = LocalDispatcher()
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int):
@@ -180,7 +185,10 @@ class AllToAllDispatcher:
         expert_of_row = torch.arange(E_l, device=x.device).repeat(R).repeat_interleave(
             recv_counts.flatten(), output_size=sum(recv))  # [M]
         perm = expert_of_row.argsort(stable=True)  # row i of the expert-major layout is received row perm[i]
-        return _PendingDispatch(pending, x_recv, perm, recv_counts.sum(0), (local_ctx, perm, send, recv))
+        out = _PendingDispatch(pending, x_recv, perm, recv_counts.sum(0), (local_ctx, perm, send, recv))
+        if not self.overlap:
+            out.wait()
+        return out
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
         local_ctx, perm, send, recv = ctx
@@ -230,7 +238,8 @@ def apply_expert_parallel(model: nn.Module, ctx) -> nn.Module:
             if not local.is_meta:
                 local = local.clone()
             setattr(experts, name, nn.Parameter(local, requires_grad=full.requires_grad))
-        moe.dispatcher = AllToAllDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, fp8=ctx.dispatch_fp8)
+        moe.dispatcher = AllToAllDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, fp8=ctx.dispatch_fp8,
+                                             overlap=ctx.overlap_dispatch)
     return model
 
 

@@ -39,6 +39,7 @@ class ParallelContext:
     device: torch.device
     sharding: str = "none"  # parallel.sharding: none | zero2 | full
     dispatch_fp8: bool = False
+    overlap_dispatch: bool = True
 
     # ---- coordinates ----
     @property
@@ -152,6 +153,7 @@ def init_distributed(pcfg: ParallelConfig, device: str = "auto") -> ParallelCont
     if dist.get_world_size() != world:
         raise MoeforgeError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()} ranks")
     mesh = init_device_mesh(dev.type, (pp, dp, ep), mesh_dim_names=("pp", "dp", "ep"))
-    ctx = ParallelContext(mesh, pp, dp, ep, dist.get_rank(), world, dev, pcfg.sharding, pcfg.dispatch_fp8)
+    ctx = ParallelContext(mesh, pp, dp, ep, dist.get_rank(), world, dev, pcfg.sharding, pcfg.dispatch_fp8,
+                          pcfg.overlap_dispatch)
     ctx.dp_ep_mesh  # create the flattened group now, on every rank in the same order
     return ctx
