@@ -473,3 +473,27 @@ def test_group_limited_routing_bounds_the_ranks_a_token_reaches():
     assert max_ranks_per_token(16, 4, 2, 4, 2) == 2  # two whole groups per rank
     assert max_ranks_per_token(16, 1, 1, 4, 8) == 4  # no groups: at most K
     assert max_ranks_per_token(12, 3, 1, 4, 4) == 2  # a group of 4 over ranks of 3 experts straddles 2
+
+
+@pytest.mark.dist
+def test_parallel_equivalence_script(reference, data_dir, mf_cache_dir, tmp_path):
+    """benchmarks/parallel_equivalence.py: one process, then EP=2 under torchrun, same data: the
+    per-step losses agree (as in the layout tests) and every number is reported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "eq.json"
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "MOEFORGE_CACHE": str(mf_cache_dir), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(root / "benchmarks" / "parallel_equivalence.py"), "--out", str(tmp_path / "eq"),
+           "--steps", "2", "--layout", "2:parallel.ep=2", "--json", str(out), "--timeout", "200",
+           f"train.data={data_dir}", *MODEL, *TRAIN]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref, ep2 = json.loads(out.read_text())["results"]
+    assert ref["steps"] == ep2["steps"] == 2 and ref["max_rel"] == 0
+    assert ep2["max_rel"] < LOSS_RTOL, ep2
+    assert ep2["val_loss"] == pytest.approx(ref["val_loss"], rel=LOSS_RTOL)
+    assert (tmp_path / "eq" / "equivalence.csv").read_text().count("\n") == 3
