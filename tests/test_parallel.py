@@ -100,13 +100,14 @@ def train_run(cfg_dict: dict, cache: str | None, steps: int, resume: bool = Fals
         records.append(trainer.train_step())
         if trainer.step in save_at:
             trainer.save()
+    val = trainer.validate(3)  # under dp x ep each rank evaluates its rows of every batch
     model.eval()
     with torch.no_grad():
         logits = model(fixed_tokens(cfg.model.vocab_size).to(trainer.device)).cpu()
     biases = [m.gate.e_score_correction_bias.detach().cpu().clone() for m in trainer.moe_layers]
     is_main = trainer.is_main
     trainer.close()
-    return {"records": records, "grads": grads if is_main else None, "logits": logits, "biases": biases}
+    return {"records": records, "grads": grads if is_main else None, "logits": logits, "biases": biases, "val": val}
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +151,8 @@ def test_layout_matches_single_process(layout, reference, data_dir, mf_env, tmp_
             torch.testing.assert_close(b, b_rank0, rtol=0, atol=0)
             torch.testing.assert_close(b, b_ref, rtol=0, atol=1e-6)
         torch.testing.assert_close(res["logits"], reference["logits"], rtol=1e-4, atol=1e-4)
+        assert res["val"]["tokens"] == reference["val"]["tokens"] and res["val"]["bytes"] == reference["val"]["bytes"]
+        assert res["val"]["loss"] == pytest.approx(reference["val"]["loss"], rel=1e-4), f"rank {rank}"
     # every rank wrote its pieces with torch.distributed.checkpoint; one process reads them all
     _check_checkpoint_loads_in_one_process(out, results[0])
     if layout == "ep2":

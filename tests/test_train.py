@@ -368,3 +368,27 @@ def test_foreign_tokenizer_resumes_with_preset(cli, word_tokenizer_run):
     out, args = word_tokenizer_run
     r = cli("train", "--out", out, "--resume", "--steps", 2, "--preset", "tiny", *args)
     assert r.rc == 0, r.err
+
+
+def test_evaluate_shards_rows_and_sums_to_the_whole():
+    """evaluate(shard=(r, R)): the R shares (each batch's rows split, the short last batch padded
+    with ignored rows) together count every target once and give the whole evaluation's loss."""
+    import numpy as np
+
+    from conftest import small_cfg
+    from moeforge.model import build_model
+    from moeforge.train.trainer import evaluate
+
+    torch.manual_seed(0)
+    model = build_model(small_cfg(), "cpu")
+    tokens = np.random.default_rng(0).integers(0, 128, 6 * 8 + 4)  # 7 windows of 8: batches of 4 and 3 rows
+    token_bytes = torch.randint(0, 3, (128,))
+    cpu = torch.device("cpu")
+    whole = evaluate(model, tokens, token_bytes, 8, 4, cpu, "fp32")
+    parts = [evaluate(model, tokens, token_bytes, 8, 4, cpu, "fp32", shard=(r, 3)) for r in range(3)]
+    assert sum(p["tokens"] for p in parts) == whole["tokens"] == 6 * 8 + 3
+    assert sum(p["bytes"] for p in parts) == whole["bytes"]
+    assert sum(p["loss"] * p["tokens"] for p in parts) / whole["tokens"] == pytest.approx(whole["loss"], rel=1e-6)
+    # the reduce hook receives the four totals and its result is what is reported
+    doubled = evaluate(model, tokens, token_bytes, 8, 4, cpu, "fp32", shard=(0, 1), reduce=lambda t: 2 * t)
+    assert doubled["tokens"] == 2 * whole["tokens"] and doubled["loss"] == pytest.approx(whole["loss"], rel=1e-6)

@@ -41,17 +41,25 @@ LN2 = math.log(2)
 
 @torch.no_grad()
 def evaluate(model, tokens, token_bytes: torch.Tensor, seq_len: int, batch_size: int, device, precision,
-             max_batches: int | None = None) -> dict[str, float]:
+             max_batches: int | None = None, shard: tuple[int, int] | None = None, reduce=None) -> dict[str, float]:
     """Mean next-token loss and bits per byte. Bits per byte counts only targets that stand for
     bytes of text (special tokens such as the EOS separator have 0 bytes and are left out), so it
-    does not depend on the tokenizer."""
+    does not depend on the tokenizer.
+
+    shard=(rank, ranks): this rank evaluates its share of the rows of every batch (padded with
+    ignored rows so that every rank runs the same forwards, as expert parallelism needs), and
+    `reduce` sums the four totals over the ranks (an all-reduce)."""
     was_training = model.training
     model.eval()
     token_bytes = token_bytes.to(device)
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    nats_all = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = n_bytes = 0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats (byte targets), nats (all), tokens, bytes
     for inputs, targets in iter_eval_batches(tokens, seq_len, batch_size, max_batches):
+        if shard is not None:
+            rank, ranks = shard
+            rows = -(-inputs.shape[0] // ranks)
+            pad = rows * ranks - inputs.shape[0]
+            inputs = torch.nn.functional.pad(inputs, (0, 0, 0, pad))[rank * rows:(rank + 1) * rows]
+            targets = torch.nn.functional.pad(targets, (0, 0, 0, pad), value=IGNORE_INDEX)[rank * rows:(rank + 1) * rows]
         inputs, targets = inputs.to(device), targets.to(device)
         with autocast(device, precision):
             logits = model(inputs)
@@ -59,15 +67,16 @@ def evaluate(model, tokens, token_bytes: torch.Tensor, seq_len: int, batch_size:
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.clamp_min(0).flatten(),
                                                  reduction="none").view_as(targets)
         nbytes = token_bytes[targets.clamp_min(0)] * valid
-        nats += (loss * (nbytes > 0)).sum(dtype=torch.float64)
-        nats_all += (loss * valid).sum(dtype=torch.float64)
-        n_tokens += int(valid.sum())
-        n_bytes += int(nbytes.sum())
+        sums += torch.stack([(loss * (nbytes > 0)).sum(dtype=torch.float64), (loss * valid).sum(dtype=torch.float64),
+                             valid.sum(dtype=torch.float64), nbytes.sum(dtype=torch.float64)])
     model.train(was_training)
+    if reduce is not None:
+        sums = reduce(sums)
+    nats, nats_all, n_tokens, n_bytes = sums.tolist()
     if n_tokens == 0:
         raise MoeforgeError("the evaluation data is empty")
-    return {"loss": float(nats_all) / n_tokens, "bpb": float(nats) / LN2 / max(1, n_bytes),
-            "tokens": n_tokens, "bytes": n_bytes}
+    return {"loss": nats_all / n_tokens, "bpb": nats / LN2 / max(1, n_bytes), "tokens": int(n_tokens),
+            "bytes": int(n_bytes)}
 
 
 def xz_bits_per_byte(text: str) -> float:
@@ -403,6 +412,10 @@ class Trainer:
                             self.precision, max_batches) if self.is_main else None]
             dist.broadcast_object_list(res, src=0)
             return res[0]
+        if self.pctx is not None and self.pctx.data_ranks > 1:  # each data rank evaluates its share of the rows
+            return evaluate(self.model, self.data.val, self.tokenizer.token_bytes, t.seq_len, t.micro_batch,
+                            self.device, self.precision, max_batches, shard=(self.pctx.data_rank, self.pctx.data_ranks),
+                            reduce=self.pctx.all_reduce_sum_dp_ep)
         return evaluate(self.model, self.data.val, self.tokenizer.token_bytes, t.seq_len, t.micro_batch,
                         self.device, self.precision, max_batches)
 
