@@ -215,3 +215,26 @@ def test_hf_config_both_rope_forms():
     a = ModelConfig.from_hf_dict({**base, "rope_theta": 10000, "rope_scaling": {"type": "yarn", **yarn}})
     b = ModelConfig.from_hf_dict({**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000, **yarn}})
     assert a == b and a.q_lora_rank == 0 and a.rope_scaling["factor"] == 40
+
+
+def test_initial_values_are_the_single_device_initialisation():
+    """initial_values(cfg) yields each persistent tensor once, with the values build_model gives it
+    (the same seed, the same draws, on the CPU generator), and a stream missing one is refused."""
+    from moeforge.errors import MoeforgeError
+    from moeforge.model import initial_values
+    from moeforge.parallel import load_full_state_dict
+
+    cfg = small_cfg(num_nextn_predict_layers=1)
+    torch.manual_seed(5)
+    model = build_model(cfg, "cpu")
+    torch.manual_seed(5)
+    values = list(initial_values(cfg))
+    state = model.state_dict()
+    assert sorted(n for n, _ in values) == sorted(state)
+    for name, v in values:
+        assert torch.equal(v, state[name]), name
+    other = build_model(cfg, "cpu", init=False)
+    load_full_state_dict(other, iter(values), None)  # taken one (name, value) at a time
+    assert all(torch.equal(t, state[n]) for n, t in other.state_dict().items())
+    with pytest.raises(MoeforgeError, match="missing"):
+        load_full_state_dict(other, iter(values[:-1]), None)

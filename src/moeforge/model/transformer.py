@@ -9,6 +9,8 @@ Shape legend: B batch, S sequence, D hidden, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -108,23 +110,45 @@ class Transformer(nn.Module):
         return [LatentCache.empty(self.cfg, batch, max_len, p.device, dtype or p.dtype) for _ in self.layers]
 
 
-@torch.no_grad()
-def init_weights(model: Transformer, std: float | None = None) -> None:
-    """Normal(0, std) for every matrix (DeepSeek-V3: 0.006), ones for norms, zero routing bias."""
-    std = model.cfg.initializer_range if std is None else std
-    for m in model.modules():
+def initial_values(cfg: ModelConfig, std: float | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full-size initial value) of every parameter and persistent buffer, one at a time.
+
+    Normal(0, std) for every matrix (DeepSeek-V3: 0.006), ones for norms, zero routing bias. The
+    values are drawn on the CPU from torch's default generator, in module order, whatever device the
+    model lives on: one GPU, many GPUs in any parallel layout and the CPU all start from the same
+    weights (a CUDA generator would draw other numbers), and a parallel rank holds at most one full
+    tensor at a time while it keeps its own slice of each.
+    """
+    std = cfg.initializer_range if std is None else std
+    with torch.device("meta"):
+        ref = Transformer(cfg)
+    names = {id(t): n for n, t in (*ref.named_parameters(), *ref.named_buffers())}
+
+    def normal(t):
+        return names[id(t)], torch.empty(t.shape).normal_(0.0, std)
+
+    for m in ref.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, std)
+            yield normal(m.weight)
         elif isinstance(m, RMSNorm):
-            m.reset_parameters()
+            yield names[id(m.weight)], torch.ones(m.weight.shape)
         elif isinstance(m, Router):
-            nn.init.normal_(m.weight, 0.0, std)
-            m.e_score_correction_bias.zero_()
+            yield normal(m.weight)
+            yield names[id(m.e_score_correction_bias)], torch.zeros(m.e_score_correction_bias.shape)
         elif isinstance(m, Experts):
             for w in (m.w1, m.w2, m.w3):
-                nn.init.normal_(w, 0.0, std)
-        elif isinstance(m, MoE):
-            m.tokens_per_expert.zero_()
+                yield normal(w)
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, std: float | None = None) -> None:
+    """Give a single-device model its initial weights (initial_values) and clear its routing counts."""
+    own = dict(model.named_parameters())
+    own.update(model.named_buffers())
+    for name, value in initial_values(model.cfg, std):
+        own[name].copy_(value)
+    for m in model.moe_layers():
+        m.tokens_per_expert.zero_()
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> Transformer:

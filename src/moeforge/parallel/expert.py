@@ -27,6 +27,7 @@ K experts per token, N = T*K local token copies, M token copies received by this
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -304,20 +305,32 @@ def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ctx) -> None:
-    """Load a single-process state dict into an expert-parallel (and/or FSDP) model."""
-    if ctx is not None and ctx.ep > 1:
-        state = slice_state_dict(state, ctx.ep, ctx.ep_rank)
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                         ctx) -> None:
+    """Load a single-process state dict into an expert-parallel (and/or FSDP) model: each rank keeps
+    its ep slice of the experts and its FSDP shard. `state` is a dict (checked against the model
+    before anything is copied) or an iterable of (name, value) pairs taken one at a time, such as
+    model.initial_values, so that at most one full tensor exists at once."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise MoeforgeError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for k, target in own.items():
-        if tuple(state[k].shape) != tuple(target.shape):
-            raise MoeforgeError(f"weights do not match the model: {k} has shape {tuple(state[k].shape)}, "
-                                f"expected {tuple(target.shape)}")
-        _copy_into(target, state[k])
+    if isinstance(state, dict):
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise MoeforgeError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        state = state.items()
+    seen = set()
+    for k, v in state:
+        if k not in own:
+            raise MoeforgeError(f"weights do not match the model: unexpected {k}")
+        if ctx is not None and ctx.ep > 1 and is_expert_key(k):
+            v = v[expert_slice(v.shape[0], ctx.ep, ctx.ep_rank)]
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise MoeforgeError(f"weights do not match the model: {k} has shape {tuple(v.shape)}, "
+                                f"expected {tuple(own[k].shape)}")
+        _copy_into(own[k], v)
+        seen.add(k)
+    if len(seen) != len(own):
+        raise MoeforgeError(f"weights do not match the model: missing {sorted(set(own) - seen)[:3]}")
 
 
 # --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from .. import parallel
 from ..config import Config
 from ..errors import MoeforgeError
 from ..fp8 import convert_to_fp8
-from ..model import build_model, init_weights
+from ..model import build_model, init_weights, initial_values
 from ..model.attention import document_ids, document_mask
 from ..model.head import set_loss_chunk
 from ..parallel import pipeline
@@ -169,10 +169,10 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     parallel.apply_expert_parallel(model, pctx)
     parallel.apply_fsdp(model, pctx, bf16=precision == "bf16")
     model = model.to_empty(device=device)
-    # Weights: the single-process initialisation (same seed on every rank), sliced for this rank. It
-    # builds the whole model once on the CPU: fine for the sizes one trains from scratch here; large
-    # runs load a checkpoint instead (resume), which is sliced the same way.
-    parallel.load_full_state_dict(model, build_model(cfg.model, "cpu").state_dict(), pctx)
+    # Weights: the single-process initialisation (same seed on every rank), drawn one full tensor at a
+    # time on the CPU and sliced for this rank. Every rank still draws every value (time grows with the
+    # whole model); large runs load a checkpoint instead (resume), which is sliced the same way.
+    parallel.load_full_state_dict(model, initial_values(cfg.model), pctx)
     for moe in model.moe_layers():
         moe.tokens_per_expert.zero_()
     return apply_compile(model) if t.compile else model
