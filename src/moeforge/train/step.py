@@ -180,8 +180,9 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
 
 def check_pipeline_layout(cfg: Config, pctx) -> None:
     """What the trainer supports with parallel.pp > 1, checked before any model memory exists."""
-    if cfg.parallel.sharding != "none":
-        raise MoeforgeError(f"parallel.sharding={cfg.parallel.sharding}: not supported with parallel.pp > 1")
+    if cfg.parallel.sharding not in ("none", "zero1"):
+        raise MoeforgeError(f"parallel.sharding={cfg.parallel.sharding}: not supported with parallel.pp > 1 "
+                            f"(none and zero1 are)")
     if cfg.train.document_mask:
         raise MoeforgeError("train.document_mask: not supported with parallel.pp > 1 yet")
     t = cfg.train

@@ -149,16 +149,18 @@ class Trainer:
         self.model = build_train_model(cfg, self.device, self.precision, self.pctx)
         # Pipeline parallelism: this rank's stages reference the model's own modules; the optimizer,
         # clipping and the routing-bias update see only them (the rest of self.model is unused here).
-        self.stages = self.pipe = self.zero1 = None
+        self.stages = self.pipe = None
+        updated = self.model  # what this rank's optimizer updates: the model, or its pipeline stages
         if self.pctx is not None and self.pctx.pp > 1:
             self.stages, self.pipe = split_train_pipeline(self.model, cfg, self.pctx, self.precision, self.device)
-            self.optimizer = build_optimizer(pipeline.stage_modules(self.stages), cfg)
+            updated = pipeline.stage_modules(self.stages)
             self.moe_layer_names = list(pipeline.moe_layers(self.stages))
             self.moe_layers = list(pipeline.moe_layers(self.stages).values())
         else:
-            self.zero1 = parallel.Zero1(self.model, self.pctx) if cfg.parallel.sharding == "zero1" else None
-            self.optimizer = build_optimizer(self.model, cfg, keep=self.zero1.owns if self.zero1 else None)
             self.moe_layers = self.model.moe_layers()
+        # ZeRO-1: the AdamW state of `updated` partitioned over the ranks that replicate it (a stage's)
+        self.zero1 = parallel.Zero1(updated, self.pctx) if cfg.parallel.sharding == "zero1" else None
+        self.optimizer = build_optimizer(updated, cfg, keep=self.zero1.owns if self.zero1 else None)
         self.ema = None
         if t.ema_decay > 0:
             if self.pctx is not None:
