@@ -54,6 +54,12 @@ def train_run(cfg_dict: dict, cache: str | None, resume: bool = False, steps: in
     from moeforge.train.trainer import Trainer
 
     trainer = Trainer(config_from_dict(cfg_dict), resume=resume, progress=False)
+    if trainer.stages is not None:  # memory for this rank's stages only: the rest of the model stays on meta
+        from moeforge.parallel.pipeline import stage_state_dict
+
+        mine = set(stage_state_dict(trainer.stages))
+        for name, t in trainer.model.state_dict().items():
+            assert t.is_meta == (name not in mine), name
     records = [trainer.train_step() for _ in range(steps)]
     path = trainer.save()
     biases = {}

@@ -306,21 +306,26 @@ def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
 
 @torch.no_grad()
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-                         ctx) -> None:
+                         ctx, owned: set[str] | None = None) -> None:
     """Load a single-process state dict into an expert-parallel (and/or FSDP) model: each rank keeps
     its ep slice of the experts and its FSDP shard. `state` is a dict (checked against the model
     before anything is copied) or an iterable of (name, value) pairs taken one at a time, such as
-    model.initial_values, so that at most one full tensor exists at once."""
+    model.initial_values, so that at most one full tensor exists at once. owned: the names this rank
+    holds (a pipeline rank: its stages'; the others are skipped); None: all."""
     own = model.state_dict()
+    if owned is not None:
+        own = {k: v for k, v in own.items() if k in owned}
     if isinstance(state, dict):
         missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
+        unexpected = sorted(set(state) - set(own) - (set(model.state_dict()) if owned is not None else set()))
         if missing or unexpected:
             raise MoeforgeError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         state = state.items()
     seen = set()
     for k, v in state:
         if k not in own:
+            if owned is not None and k not in owned:
+                continue  # another pipeline rank's
             raise MoeforgeError(f"weights do not match the model: unexpected {k}")
         if ctx is not None and ctx.ep > 1 and is_expert_key(k):
             v = v[expert_slice(v.shape[0], ctx.ep, ctx.ep_rank)]

@@ -163,9 +163,11 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
         init_weights(model)
         return apply_compile(model) if t.compile else model
     if pctx.pp > 1:
-        # Pipeline ranks hold the whole model (their ep slice of its experts); split_pipeline then
-        # keeps this rank's stages.
+        # Pipeline: the model stays on the meta device (with this rank's ep slice of the experts);
+        # split_train_pipeline gives memory and weights to this rank's stages only.
         check_pipeline_layout(cfg, pctx)
+        parallel.apply_expert_parallel(model, pctx)
+        return apply_compile(model) if t.compile else model
     parallel.apply_expert_parallel(model, pctx)
     parallel.apply_fsdp(model, pctx, bf16=precision == "bf16")
     model = model.to_empty(device=device)
@@ -191,7 +193,14 @@ def check_pipeline_layout(cfg: Config, pctx) -> None:
 
 
 def split_train_pipeline(model, cfg: Config, pctx, precision: str, device: torch.device):
-    """This rank's pipeline stages of `model` and the schedule factory (parallel/pipeline.py)."""
+    """This rank's pipeline stages of the meta-device `model` (build_train_model), with memory and the
+    single-process initial weights for them alone, and the schedule factory (parallel/pipeline.py).
+    The rest of `model` stays on the meta device."""
     amp = torch.bfloat16 if precision == "bf16" or (precision == "fp8" and device.type == "cuda") else None
-    return pipeline.split_pipeline(model, cfg.parallel, pctx, micro_batch=cfg.train.micro_batch // pctx.data_ranks,
-                                   seq_len=cfg.train.seq_len, amp_dtype=amp)
+    stages, factory = pipeline.split_pipeline(model, cfg.parallel, pctx, micro_batch=cfg.train.micro_batch // pctx.data_ranks,
+                                              seq_len=cfg.train.seq_len, amp_dtype=amp)
+    pipeline.stage_modules(stages).to_empty(device=device)  # the stages share the model's modules
+    parallel.load_full_state_dict(model, initial_values(cfg.model), pctx, owned=set(pipeline.stage_state_dict(stages)))
+    for moe in pipeline.moe_layers(stages).values():
+        moe.tokens_per_expert.zero_()
+    return stages, factory

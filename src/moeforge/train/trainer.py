@@ -227,7 +227,7 @@ class Trainer:
             self.model.load_state_dict(parts["model.pt"])
             self.optimizer.load_state_dict(parts["optimizer.pt"])
         else:  # a single-process checkpoint, sliced / sharded for this rank (pipeline: the stages reference them)
-            parallel.load_full_state_dict(self.model, parts["model.pt"], self.pctx)
+            parallel.load_full_state_dict(self.model, parts["model.pt"], self.pctx, owned=self._owned_names())
             parallel.load_full_optimizer_state_dict(self.model, self.optimizer, parts["optimizer.pt"], self.pctx,
                                                     sum(optimizer_groups(self.model), []))
         state = parts["state.pt"]
