@@ -528,3 +528,34 @@ def test_relative_data_path_works_from_another_directory(cli, trained_run, tiny_
     there = cli("eval", "--checkpoint", out, "--max-batches", 1)
     assert there.rc == 0, there.err
     assert there.out == here.out
+
+
+def test_ema_checkpoint_through_the_cli(cli, expect_error, snapshot, trained_run, tiny_overrides, data_dir, tmp_path):
+    """A run with train.ema_decay saves the EMA; --ema makes eval, generate and convert use it (the
+    model's parameters are the saved average, not the last weights); a checkpoint without an EMA
+    is refused in one line, and --ema with --hf too."""
+    out = tmp_path / "ema-run"
+    r = cli("train", "--out", out, "--steps", 3, "--data", data_dir, "--no-progress", *tiny_overrides,
+            "train.ema_decay=0.5", "train.sample_tokens=0", "train.eval_batches=1")
+    assert r.rc == 0, r.err
+    state = ckpt.load_checkpoint(ckpt.resolve_checkpoint(out), ("state.pt",))["state.pt"]
+    model, _ = ckpt.load_trained_model(out, "cpu", ema=True)
+    last, _ = ckpt.load_trained_model(out, "cpu")
+    for name, p in model.named_parameters():
+        assert torch.equal(p, state["ema"][name]), name
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), last.parameters()))
+    r = cli("eval", "--checkpoint", out, "--ema", "--max-batches", 1)
+    assert r.rc == 0 and EVAL_LINE.match(r.out.strip()), r.err
+    r = cli("generate", "--checkpoint", out, "--ema", "--prompt", "def ", "--max-new-tokens", 2)
+    assert r.rc == 0 and r.out.startswith("def "), r.err
+    r = cli("convert", "--checkpoint", out, "--ema", "--out", tmp_path / "hf", "--dtype", "fp32")
+    assert r.rc == 0, r.err
+    from moeforge import hf
+
+    exported = hf.load(tmp_path / "hf")
+    for (name, p), q in zip(model.named_parameters(), exported.parameters()):
+        assert torch.equal(p, q), name
+    before = snapshot(trained_run.out)
+    expect_error(cli("eval", "--checkpoint", trained_run.out, "--ema"), "eval", "no parameter EMA", "ema_decay")
+    expect_error(cli("convert", "--hf", trained_run.out, "--ema", "--out", tmp_path / "x"), "convert", "--ema")
+    assert snapshot(trained_run.out) == before

@@ -14,6 +14,9 @@ from pathlib import Path
 from .errors import MoeforgeError
 
 
+EMA_HELP = "use the exponential moving average of the parameters saved with the checkpoint (train.ema_decay)"
+
+
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where to run (default: cuda when available, else cpu)")
@@ -46,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--ema", action="store_true", help=EMA_HELP)
     _add_device(p)
 
     p = sub.add_parser("eval", help="loss and bits per byte of a checkpoint", description="Report loss and bits per byte on the validation split or a text file.")
@@ -53,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="a UTF-8 text file to evaluate (default: the run's validation split)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
+    p.add_argument("--ema", action="store_true", help=EMA_HELP)
     _add_device(p)
 
     p = sub.add_parser("convert", help="export to / dequantise Hugging Face DeepSeek-V3 checkpoints",
@@ -63,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--hf", help="a Hugging Face DeepSeek-V3 folder (config.json + safetensors) to dequantise")
     p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="dtype of the written weights (default bf16)")
+    p.add_argument("--ema", action="store_true", help=EMA_HELP + "; with --checkpoint")
 
     p = sub.add_parser("bench", help="measure training-step speed, MFU and memory (optionally against transformers)",
                        description="Time training steps on random tokens after a warm-up and print tokens/s, TFLOP/s, "
@@ -152,7 +158,7 @@ def cmd_generate(args) -> int:
         raise MoeforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.max_new_tokens < 0:
         raise MoeforgeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    model, cfg = load_trained_model(args.checkpoint, args.device)
+    model, cfg = load_trained_model(args.checkpoint, args.device, ema=args.ema)
     tok = load_tokenizer(cfg.train.tokenizer or None)
     ids = generate(model, tok.encode(args.prompt), args.max_new_tokens, args.temperature, args.top_p, args.seed,
                    stop_id=tok.eos_id)
@@ -178,7 +184,7 @@ def cmd_eval(args) -> int:
             raise MoeforgeError(f"text file '{path}' does not exist")
         if not path.is_file():
             raise MoeforgeError(f"text file '{path}' is not a file")
-    model, cfg = load_trained_model(args.checkpoint, args.device)
+    model, cfg = load_trained_model(args.checkpoint, args.device, ema=args.ema)
     tok = load_tokenizer(cfg.train.tokenizer or None)
     if args.text:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -205,8 +211,10 @@ def cmd_convert(args) -> int:
     from .train.checkpoint import load_trained_model
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.ema and not args.checkpoint:
+        raise MoeforgeError("--ema applies to --checkpoint (a moeforge checkpoint), not to --hf")
     if args.checkpoint:
-        model, _ = load_trained_model(args.checkpoint, "cpu")
+        model, _ = load_trained_model(args.checkpoint, "cpu", ema=args.ema)
         hf.save(model, args.out, dtype=dtype)
     else:
         hf.convert(args.hf, args.out, dtype=dtype)

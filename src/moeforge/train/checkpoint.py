@@ -203,8 +203,9 @@ def config_differences(a: Config, b: Config) -> list[str]:
     return [f"model.{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db.get(k)]
 
 
-def load_trained_model(path: str | Path, device: str | None = None):
-    """(model in eval mode, config) from a checkpoint folder or a run folder."""
+def load_trained_model(path: str | Path, device: str | None = None, ema: bool = False):
+    """(model in eval mode, config) from a checkpoint folder or a run folder. ema: the parameters
+    are the run's exponential moving average (train.ema_decay) instead of its last weights."""
     from ..model import build_model
     from .step import resolve_device
 
@@ -221,6 +222,8 @@ def load_trained_model(path: str | Path, device: str | None = None):
         except Exception as e:  # noqa: BLE001 - any DCP failure means files that do not fit
             raise MoeforgeError(f"checkpoint '{p}': cannot read its distributed weights: "
                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        if ema:
+            _load_ema(p, model)
         return model.eval(), cfg
     state = load_checkpoint(p, ("model.pt",), map_location=dev)["model.pt"]
     if not isinstance(state, dict):
@@ -229,4 +232,20 @@ def load_trained_model(path: str | Path, device: str | None = None):
         model.load_state_dict(state)
     except RuntimeError as e:
         raise MoeforgeError(f"checkpoint '{p}': weights do not match its config: {str(e).splitlines()[0]}") from None
+    if ema:
+        _load_ema(p, model)
     return model.eval(), cfg
+
+
+@torch.no_grad()
+def _load_ema(path: Path, model) -> None:
+    """Replace the model's parameters by the EMA saved in the checkpoint's state (buffers, such as
+    the routing biases, stay the trained ones)."""
+    saved = load_checkpoint(path, ("state.pt",))["state.pt"].get("ema")
+    if not saved:
+        raise MoeforgeError(f"checkpoint '{path}' holds no parameter EMA (train with train.ema_decay > 0)")
+    params = dict(model.named_parameters())
+    if set(saved) != set(params):
+        raise MoeforgeError(f"checkpoint '{path}': its EMA does not match the model's parameters")
+    for name, p in params.items():
+        p.copy_(saved[name])
