@@ -500,3 +500,28 @@ def test_parallel_equivalence_script(reference, data_dir, mf_cache_dir, tmp_path
     assert ep2["max_rel"] < LOSS_RTOL, ep2
     assert ep2["val_loss"] == pytest.approx(ref["val_loss"], rel=LOSS_RTOL)
     assert (tmp_path / "eq" / "equivalence.csv").read_text().count("\n") == 3
+
+
+@pytest.mark.dist
+def test_parameter_ema_under_data_parallelism(data_dir, mf_env, tmp_path):
+    """train.ema_decay with DP=2 (ZeRO-1): rank 0 keeps the EMA of the replicated parameters and the
+    checkpoint holds the one-process run's average; expert parallelism is refused in one line."""
+    extra = ["train.ema_decay=0.5"]
+    ref = single_process(lambda: train_run(make_config(data_dir, tmp_path / "ref", extra), None, STEPS), mf_env)
+    run_dist(train_run, 2, make_config(data_dir, tmp_path / "dp2", [*extra, "parallel.sharding=zero1"]),
+             str(mf_env), STEPS, init=False)
+    from moeforge.train import checkpoint as ckpt
+
+    def ema(out):
+        return ckpt.load_checkpoint(ckpt.resolve_checkpoint(out), ("state.pt",))["state.pt"]["ema"]
+
+    ref_ema, dp_ema = ema(tmp_path / "ref"), ema(tmp_path / "dp2")
+    assert ref_ema and set(dp_ema) == set(ref_ema)
+    for name, avg in ref_ema.items():  # (Adam amplifies summation-order noise in a few tiny-gradient elements)
+        assert (dp_ema[name] - avg).norm() <= 1e-3 * avg.norm(), name
+    assert len(ref["records"]) == STEPS
+    from dist import DistError
+
+    with pytest.raises(DistError, match="MoeforgeError: train.ema_decay: .*whole parameters"):
+        run_dist(train_run, 2, make_config(data_dir, tmp_path / "ep2", [*extra, "parallel.ep=2"]), str(mf_env), 1,
+                 init=False)

@@ -163,9 +163,13 @@ class Trainer:
         self.optimizer = build_optimizer(updated, cfg, keep=self.zero1.owns if self.zero1 else None)
         self.ema = None
         if t.ema_decay > 0:
-            if self.pctx is not None:
-                raise MoeforgeError("train.ema_decay: the CPU parameter EMA runs in single-process training only for now")
-            self.ema = CPUEMA(self.model, t.ema_decay, t.ema_every)
+            p = self.pctx
+            if p is not None and (p.ep > 1 or p.pp > 1 or cfg.parallel.sharding not in ("none", "zero1")):
+                raise MoeforgeError("train.ema_decay: the CPU parameter EMA needs whole parameters on rank 0: "
+                                    "one process, or data parallelism with parallel.sharding=none|zero1 "
+                                    "(not expert or pipeline parallelism, zero2 or full)")
+            if self.is_main:  # replicated parameters: rank 0 alone keeps (and saves) the average
+                self.ema = CPUEMA(self.model, t.ema_decay, t.ema_every)
         self.step, self.tokens_seen = 0, 0
         if resume_from is not None:
             self._load(resume_from)
