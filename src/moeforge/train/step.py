@@ -144,7 +144,8 @@ def check_memory(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -> torch.nn.Module:
-    """The model of this rank, initialised as the single-process model would be.
+    """The model of this rank, initialised as the single-process model would be (with pp > 1: still
+    on the meta device; split_train_pipeline materialises this rank's stages).
 
     Construction order: meta (no memory) -> FP8 (swap Linear/Experts classes) -> expert parallel (keep this rank's E/ep experts) ->
     FSDP (shard) -> to_empty (memory for this rank's pieces only) -> weights. Slicing and sharding
