@@ -18,13 +18,13 @@ Bandwidth per GPU = bytes this rank sends to other ranks / time (the slowest ran
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import torch
 import torch.distributed as dist
 
+from moeforge.bench import report_numbers
 from moeforge.parallel.expert import AllToAllDispatcher
 
 
@@ -101,11 +101,7 @@ def main() -> None:
         torch.cuda.synchronize()
         out["copy_gpu0_to_gpu1_GBps"] = 5 * 2**30 / (time.perf_counter() - t0) / 1e9
     if rank == 0:
-        for k, v in out.items():
-            print(f"{k:>26}: {v:.2f}" if isinstance(v, float) else f"{k:>26}: {v}")
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(out, f, indent=1)
+        report_numbers(out, a.json)
     dist.barrier()
     dist.destroy_process_group()
 

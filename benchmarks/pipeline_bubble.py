@@ -23,7 +23,6 @@ A V schedule puts two stages on each rank; its F, B and W are the two stages' su
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from moeforge import parallel
+from moeforge.bench import report_numbers
 from moeforge.config import load_config
 from moeforge.parallel import pipeline
 from moeforge.train.step import build_train_model, resolve_precision, split_train_pipeline
@@ -139,11 +139,7 @@ def main() -> None:
         if a.schedule in formulas:
             out["table2_bubble_s"] = formulas[a.schedule]
             out["table2_bubble_fraction"] = formulas[a.schedule] / (busy + formulas[a.schedule])
-        for k, v in out.items():
-            print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(out, f, indent=1)
+        report_numbers(out, a.json, digits=4)
     pctx.destroy()
 
 

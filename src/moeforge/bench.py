@@ -289,6 +289,19 @@ def describe_peak(device: torch.device) -> str:
     return f"MFU against the datasheet dense BF16 peak of {name}: {peak / 1e12:.0f} TFLOP/s"
 
 
+def report_numbers(out: dict, json_path: str | None = None, digits: int = 2) -> None:
+    """Print a benchmark script's named numbers, one aligned `name: value` per line, and write them
+    to json_path as JSON when given."""
+    width = max(map(len, out), default=0)
+    for k, v in out.items():
+        print(f"{k:>{width}}: {v:.{digits}f}" if isinstance(v, float) else f"{k:>{width}}: {v}")
+    if json_path:
+        import json
+
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
 def format_result(r: BenchResult) -> str:
     ranks = f" on {r.ranks} ranks" if r.ranks > 1 else ""
     per = " per GPU" if r.ranks > 1 else ""

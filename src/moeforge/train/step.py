@@ -37,11 +37,15 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if name == "auto" else name
 
 
+def amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype of a precision: BF16 over FP32 master weights (also around the FP8 GEMMs
+    on GPU); None for FP32 runs."""
+    return torch.bfloat16 if precision == "bf16" or (precision == "fp8" and device.type == "cuda") else None
+
+
 def autocast(device: torch.device, precision: str):
-    """BF16 autocast over FP32 master weights (also around the FP8 GEMMs on GPU); FP32 runs without."""
-    if precision == "bf16" or (precision == "fp8" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = amp_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def optimizer_groups(model: torch.nn.Module, keep=None) -> tuple[list[str], list[str]]:
@@ -164,12 +168,12 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
         init_weights(model)
         return apply_compile(model) if t.compile else model
     if pctx.pp > 1:
+        check_pipeline_layout(cfg, pctx)
+    parallel.apply_expert_parallel(model, pctx)
+    if pctx.pp > 1:
         # Pipeline: the model stays on the meta device (with this rank's ep slice of the experts);
         # split_train_pipeline gives memory and weights to this rank's stages only.
-        check_pipeline_layout(cfg, pctx)
-        parallel.apply_expert_parallel(model, pctx)
         return apply_compile(model) if t.compile else model
-    parallel.apply_expert_parallel(model, pctx)
     parallel.apply_fsdp(model, pctx, bf16=precision == "bf16")
     model = model.to_empty(device=device)
     # Weights: the single-process initialisation (same seed on every rank), drawn one full tensor at a
@@ -197,9 +201,8 @@ def split_train_pipeline(model, cfg: Config, pctx, precision: str, device: torch
     """This rank's pipeline stages of the meta-device `model` (build_train_model), with memory and the
     single-process initial weights for them alone, and the schedule factory (parallel/pipeline.py).
     The rest of `model` stays on the meta device."""
-    amp = torch.bfloat16 if precision == "bf16" or (precision == "fp8" and device.type == "cuda") else None
     stages, factory = pipeline.split_pipeline(model, cfg.parallel, pctx, micro_batch=cfg.train.micro_batch // pctx.data_ranks,
-                                              seq_len=cfg.train.seq_len, amp_dtype=amp)
+                                              seq_len=cfg.train.seq_len, amp_dtype=amp_dtype(device, precision))
     pipeline.stage_modules(stages).to_empty(device=device)  # the stages share the model's modules
     parallel.load_full_state_dict(model, initial_values(cfg.model), pctx, owned=set(pipeline.stage_state_dict(stages)))
     for moe in pipeline.moe_layers(stages).values():

@@ -150,17 +150,17 @@ class Trainer:
         # Pipeline parallelism: this rank's stages reference the model's own modules; the optimizer,
         # clipping and the routing-bias update see only them (the rest of self.model is unused here).
         self.stages = self.pipe = None
-        updated = self.model  # what this rank's optimizer updates: the model, or its pipeline stages
+        self.updated = self.model  # what this rank's optimizer updates: the model, or its pipeline stages
         if self.pctx is not None and self.pctx.pp > 1:
             self.stages, self.pipe = split_train_pipeline(self.model, cfg, self.pctx, self.precision, self.device)
-            updated = pipeline.stage_modules(self.stages)
+            self.updated = pipeline.stage_modules(self.stages)
             self.moe_layer_names = list(pipeline.moe_layers(self.stages))
             self.moe_layers = list(pipeline.moe_layers(self.stages).values())
         else:
             self.moe_layers = self.model.moe_layers()
         # ZeRO-1: the AdamW state of `updated` partitioned over the ranks that replicate it (a stage's)
-        self.zero1 = parallel.Zero1(updated, self.pctx) if cfg.parallel.sharding == "zero1" else None
-        self.optimizer = build_optimizer(updated, cfg, keep=self.zero1.owns if self.zero1 else None)
+        self.zero1 = parallel.Zero1(self.updated, self.pctx) if cfg.parallel.sharding == "zero1" else None
+        self.optimizer = build_optimizer(self.updated, cfg, keep=self.zero1.owns if self.zero1 else None)
         self.ema = None
         if t.ema_decay > 0:
             p = self.pctx
@@ -331,11 +331,10 @@ class Trainer:
         else:
             windows = (parallel.data_shard(self.loader.next_batch(t.micro_batch), self.pctx) for _ in range(n_micro))
             sums = forward_backward(self.model, windows, n_micro, lam, self.cfg, self.device, self.precision)
-        clipped = self.model if self.stages is None else pipeline.stage_modules(self.stages)  # pp: this rank's stages
         if self.pctx is not None:
-            parallel.sync_gradients(clipped, self.pctx)  # all-reduce (sharding=none; FSDP reduced in backward)
+            parallel.sync_gradients(self.updated, self.pctx)  # all-reduce (sharding=none; FSDP reduced in backward)
             sums = self.pctx.all_reduce_mean_dp_ep(sums)  # mean of per-rank means = global mean: all ranks log it
-        grad_norm, lr, ratio = optimizer_update(clipped, self.optimizer, self.moe_layers, self.cfg, self.step,
+        grad_norm, lr, ratio = optimizer_update(self.updated, self.optimizer, self.moe_layers, self.cfg, self.step,
                                                 self.pctx, self.ema, self.zero1)
         balance_stats = imbalance_stats(ratio.tolist())
         if self.stages is not None:  # each pp rank updated its own layers; log the whole model's loads
@@ -418,12 +417,11 @@ class Trainer:
                             self.precision, max_batches) if self.is_main else None]
             dist.broadcast_object_list(res, src=0)
             return res[0]
+        shard = reduce = None
         if self.pctx is not None and self.pctx.data_ranks > 1:  # each data rank evaluates its share of the rows
-            return evaluate(self.model, self.data.val, self.tokenizer.token_bytes, t.seq_len, t.micro_batch,
-                            self.device, self.precision, max_batches, shard=(self.pctx.data_rank, self.pctx.data_ranks),
-                            reduce=self.pctx.all_reduce_sum_dp_ep)
+            shard, reduce = (self.pctx.data_rank, self.pctx.data_ranks), self.pctx.all_reduce_sum_dp_ep
         return evaluate(self.model, self.data.val, self.tokenizer.token_bytes, t.seq_len, t.micro_batch,
-                        self.device, self.precision, max_batches)
+                        self.device, self.precision, max_batches, shard=shard, reduce=reduce)
 
     def sample(self, prompt: str = "def ") -> str:
         n = self.cfg.train.sample_tokens
