@@ -161,6 +161,12 @@ def test_info_in_process_with_overrides(cli):
         return float(re.search(r"main parameters:\s+([\d.]+) B", r.out).group(1))
 
     assert main_params("model.num_hidden_layers=8") > main_params("model.num_hidden_layers=4")
+    # settings on both sides of a flag all apply, as they would in one run
+    split = main_params("model.num_hidden_layers=8", "--preset", "tiny", "model.hidden_size=256")
+    assert split == main_params("--preset", "tiny", "model.num_hidden_layers=8", "model.hidden_size=256")
+    assert split > main_params("--preset", "tiny", "model.num_hidden_layers=8")
+    r = cli("info", "model.num_hidden_layers=8", "--preset", "tiny", "--bogus")
+    assert r.rc == 2 and "unrecognized arguments: --bogus" in r.err
 
 
 HELP_FLAGS = {

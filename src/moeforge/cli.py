@@ -305,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["train"]  # `moeforge` alone trains the default
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value settings may come before and after flags (argparse alone takes one run of them)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.parse_args(argv)  # argparse's own one-line "unrecognized arguments" error, exit 2
     if args.command is None:
         parser.print_help()
         return 2
