@@ -39,7 +39,7 @@ def timed(fn, device, reps: int) -> float:
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    dt = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64)
+    dt = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64, device=device)  # NCCL: on the GPU
     dist.all_reduce(dt, op=dist.ReduceOp.MAX)
     return float(dt)
 

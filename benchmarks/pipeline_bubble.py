@@ -120,7 +120,7 @@ def main() -> None:
         for st in stages:
             st.submod.zero_grad(set_to_none=True)
     T = sum(times) / len(times)
-    mine = torch.tensor([T, F, B, W], dtype=torch.float64)
+    mine = torch.tensor([T, F, B, W], dtype=torch.float64, device=device)  # NCCL: on the GPU
     every = [torch.zeros_like(mine) for _ in range(pctx.world_size)]
     dist.all_gather(every, mine)
     if pctx.is_main:
