@@ -11,6 +11,8 @@ Shape legend: B batch, S sequence, T = B*S tokens, D hidden, V vocabulary, C chu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,18 +25,21 @@ class OutputHead(nn.Linear):
     """The output projection (D -> V, no bias). head(h) -> FP32 logits; head(h, targets) -> mean loss.
 
     `loss_chunk` (tokens per chunk, 0 = plain) is a training setting applied with set_loss_chunk;
-    the function computed does not depend on it.
+    the function computed does not depend on it. `fused_loss` (a torch.compile backend, set by
+    train.speed.apply_compile; "" = eager) compiles each chunk's softmax-gradient arithmetic.
     """
 
     def __init__(self, dim: int, vocab: int):
         super().__init__(dim, vocab, bias=False)
         self.loss_chunk = 0
+        self.fused_loss = ""
 
     def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
             return super().forward(h).float()
         if self.loss_chunk > 0:
-            return chunked_cross_entropy(h.flatten(0, -2), self.weight, targets.flatten(), self.loss_chunk)
+            return chunked_cross_entropy(h.flatten(0, -2), self.weight, targets.flatten(), self.loss_chunk,
+                                         self.fused_loss)
         return plain_cross_entropy(super().forward(h), targets)
 
 
@@ -43,7 +48,38 @@ def plain_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def _chunked_loss_and_grads(h, weight, targets, chunk: int, dtype: torch.dtype):
+def _softmax_grad(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype):
+    """One chunk: (d(sum of losses)/d logits in `dtype`, sum of the losses), in FP32, in place on
+    the FP32 logits (the eager path; targets clamped to >= 0, valid: 0/1 per row)."""
+    logits = logits.float()
+    lse = logits.logsumexp(dim=-1)  # [C]
+    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    total = ((lse - picked) * valid).sum()
+    # d(sum of losses)/d logits = softmax - onehot(target), zero on ignored positions
+    g = logits.sub_(lse.unsqueeze(1)).exp_()
+    g.scatter_add_(1, targets.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
+    g.mul_(valid.unsqueeze(1))
+    return g.to(dtype), total
+
+
+def _softmax_grad_functional(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype):
+    """_softmax_grad written without in-place ops, for torch.compile: one pass for the row maxima and
+    sums, one for the gradient, the logits read in their GEMM dtype (no FP32 copy in memory)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)  # [C, 1]
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    picked = torch.where(onehot, x, 0.0).sum(-1)
+    total = ((lse.squeeze(1) - picked) * valid).sum()
+    g = (torch.exp(x - lse) - onehot.to(x.dtype)) * valid[:, None]
+    return g.to(dtype), total
+
+
+@functools.cache
+def _compiled_softmax_grad(backend: str):
+    return torch.compile(_softmax_grad_functional, dynamic=False, backend=backend)
+
+
+def _chunked_loss_and_grads(h, weight, targets, chunk: int, dtype: torch.dtype, fused: str = ""):
     """(dL/dh, dL/dW in FP32, summed loss, number of valid targets) of the summed cross-entropy."""
     T = h.shape[0]
     w = weight.to(dtype)
@@ -57,15 +93,10 @@ def _chunked_loss_and_grads(h, weight, targets, chunk: int, dtype: torch.dtype):
         hc = h[start:end].to(dtype)  # [C, D]
         tc = targets[start:end].clamp_min(0)
         vc = valid[start:end]
-        logits = (hc @ w.T).float()  # [C, V]
-        lse = logits.logsumexp(dim=-1)  # [C]
-        picked = logits.gather(1, tc.unsqueeze(1)).squeeze(1)
-        total += ((lse - picked) * vc).sum()
-        # d(sum of losses)/d logits = softmax - onehot(target), zero on ignored positions
-        g = logits.sub_(lse.unsqueeze(1)).exp_()
-        g.scatter_add_(1, tc.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
-        g.mul_(vc.unsqueeze(1))
-        g = g.to(dtype)
+        logits = hc @ w.T  # [C, V] in the GEMM dtype
+        softmax_grad = _compiled_softmax_grad(fused) if fused else _softmax_grad
+        g, loss = softmax_grad(logits, tc, vc.to(torch.float32), dtype)
+        total += loss
         grad_h[start:end] = (g @ w).to(h.dtype)  # [C, D]
         grad_w += (g.T @ hc).float()  # [V, D], FP32 accumulation over chunks
     return grad_h, grad_w, total, n_valid
@@ -74,10 +105,10 @@ def _chunked_loss_and_grads(h, weight, targets, chunk: int, dtype: torch.dtype):
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, fused: str) -> torch.Tensor:
         """h: [T, D], weight: [V, D], targets: [T] -> mean loss over the valid targets (FP32 scalar)."""
         with torch.autocast(h.device.type, enabled=False):  # dtypes are explicit below
-            grad_h, grad_w, total, n_valid = _chunked_loss_and_grads(h, weight, targets, chunk, dtype)
+            grad_h, grad_w, total, n_valid = _chunked_loss_and_grads(h, weight, targets, chunk, dtype, fused)
         ctx.save_for_backward(grad_h, grad_w, n_valid)
         ctx.weight_dtype = weight.dtype
         return total / n_valid
@@ -86,15 +117,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w, n_valid = ctx.saved_tensors
         scale = grad_out / n_valid
-        return (grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None)
+        return (grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None, None)
 
 
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                          fused: str = "") -> torch.Tensor:
     """Mean cross-entropy of (h @ weight^T) against targets, `chunk` tokens at a time (see the module doc).
 
-    h: [T, D], weight: [V, D], targets: [T] (IGNORE_INDEX entries do not count).
+    h: [T, D], weight: [V, D], targets: [T] (IGNORE_INDEX entries do not count). fused: a torch.compile
+    backend for each chunk's softmax gradient (same function, fewer passes over the logits); "": eager.
     """
-    return _ChunkedCrossEntropy.apply(h, weight, targets, chunk, compute_dtype(h))
+    return _ChunkedCrossEntropy.apply(h, weight, targets, chunk, compute_dtype(h), fused)
 
 
 def set_loss_chunk(model: nn.Module, chunk: int) -> None:

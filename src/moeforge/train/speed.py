@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..model.attention import MLA
+from ..model.head import OutputHead
 from ..model.layers import FeedForward, RMSNorm
 from ..model.moe import Experts
 from ..model.transformer import Block
@@ -104,7 +105,11 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """Regional compilation: torch.compile each decoder block's forward (the blocks share one compiled
     graph: same code and shapes). The embedding, the head and the loss stay eager. Selective
     recomputation marks its parts with module hooks, which compilation does not see: the config
-    allows compile only with recompute=full (validate_train)."""
+    allows compile only with recompute=full (validate_train). The chunked loss (train.loss_chunk)
+    compiles its per-chunk softmax gradient too."""
     for block in blocks(model):
         block.forward = torch.compile(block.forward, dynamic=False, backend=backend)
+    for head in model.modules():
+        if isinstance(head, OutputHead):
+            head.fused_loss = backend
     return model
