@@ -266,3 +266,45 @@ def test_tiny_model_trains_in_fp8_within_2_percent_of_fp32(tmp_path, data_dir, m
     tail32, tail8 = sum(fp32[-20:]) / 20, sum(fp8[-20:]) / 20
     assert tail32 < fp32[0] - 1.0  # both really trained
     assert abs(tail8 - tail32) / tail32 < 0.02, (tail32, tail8)
+
+
+def test_weight_cache_quantises_each_weight_once_per_step(monkeypatch):
+    """Two micro-batches of an FP8 MoE model inside fp8.weight_cache: the same gradients as without it
+    (to the bit), and each weight (Linear and expert stack) is quantised once instead of once per
+    forward and once more per backward. Outside the scope nothing is kept."""
+    from moeforge.config import load_config
+    from moeforge.fp8 import linear as fp8_linear
+    from moeforge.fp8 import weight_cache
+    from moeforge.model import build_model
+
+    cfg = load_config("tiny", overrides=["model.num_hidden_layers=2", "model.vocab_size=256"]).model
+    torch.manual_seed(0)
+    model = convert_to_fp8(build_model(cfg))
+    batches = [torch.randint(0, cfg.vocab_size, (2, 17)) for _ in range(2)]
+    weight_calls = []
+    real = fp8_linear.fake_quantize
+
+    def counting(x, block, *args, **kwargs):
+        if tuple(block) == (128, 128):
+            weight_calls.append(x.shape)
+        return real(x, block, *args, **kwargs)
+
+    monkeypatch.setattr(fp8_linear, "fake_quantize", counting)
+
+    def grads(cache: bool):
+        model.zero_grad(set_to_none=True)
+        weight_calls.clear()
+        with weight_cache(cache):
+            for b in batches:
+                model.losses(b[:, :-1], b[:, 1:])["main"].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(weight_calls)
+
+    plain, n_plain = grads(False)
+    reused, n_reused = grads(True)
+    n_weights = sum(1 for m in model.modules() if isinstance(m, FP8Linear)) + 3 * sum(
+        1 for m in model.modules() if isinstance(m, FP8Experts))
+    assert n_reused == n_weights and n_plain == 2 * 2 * n_weights  # (forward + backward) x micro-batches
+    assert plain.keys() == reused.keys() and all(torch.equal(plain[k], reused[k]) for k in plain)
+    from moeforge.fp8 import cache
+
+    assert cache._entries is None

@@ -112,6 +112,16 @@ def test_quant_blocks_bit_exact(shape, dtype, pow2):
     assert torch.equal(at.sv, st_ref)
 
 
+@pytest.mark.parametrize("shape", [(1, 128, 128), (1, 512, 1536), (3, 1024, 512)])
+def test_transpose_codes_is_a_byte_transpose(shape):
+    """Every one of the 256 byte values (NaN codes included) lands at its transposed place."""
+    g = torch.Generator(device="cpu").manual_seed(5)
+    q = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).to(DEV).view(torch.float8_e4m3fn)
+    for _ in range(2):
+        qt = kernels.transpose_codes(q)
+        assert qt.is_contiguous() and torch.equal(qt.view(torch.uint8), q.view(torch.uint8).transpose(1, 2))
+
+
 def test_padding_is_zero_and_scales_finite():
     """The GEMM reads the padded operands: the padding must hold zeros and finite scales."""
     x = _data((150, 260), torch.bfloat16)

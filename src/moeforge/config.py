@@ -162,6 +162,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # >0: keep an EMA of the parameters in CPU memory, updated off the step
     ema_every: int = 1  # update the EMA every this many steps (with decay ** ema_every)
     document_mask: bool = False  # attention stays within the documents packed into a sequence (EOS-separated)
+    fp8_weight_cache: bool = True  # fp8: quantise each weight once per step, not once per micro-batch
     # data
     data: str = ""  # "" = the embedded default corpus
     tokenizer: str = ""  # "" = the default tokenizer shipped with moeforge

@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from .cache import cached
+
 ENABLED = os.environ.get("MOEFORGE_FP8_GPU", "1") != "0"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -49,13 +51,15 @@ def available(*tensors: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Linear
 # ---------------------------------------------------------------------------------------------
-def fp8_linear_forward(x2: torch.Tensor, weight: torch.Tensor, recipe, need_dx: bool = True, need_dw: bool = True):
-    """x2 [T, K], weight [N, K] -> (y [T, N] in x2.dtype, saved state for fp8_linear_backward)."""
+def fp8_linear_forward(x2: torch.Tensor, weight: torch.Tensor, recipe, need_dx: bool = True, need_dw: bool = True,
+                       owner=None):
+    """x2 [T, K], weight [N, K] -> (y [T, N] in x2.dtype, saved state for fp8_linear_backward).
+    owner: the module of `weight`, the key of fp8.weight_cache (None: no caching)."""
     from .kernels import fp8_gemm, quant_block_operand, quant_operands
 
     p2 = recipe.pow2_scales
     xa, _ = quant_operands(x2, p2, rows=True)
-    wa, wt = quant_block_operand(weight, p2, transpose=need_dx)
+    wa, wt = cached(owner, ("weight", need_dx, p2), lambda: quant_block_operand(weight, p2, transpose=need_dx))
     y = fp8_gemm(xa, wa, out_dtype=x2.dtype)
     saved = {
         "x_fp8": xa if (need_dw and recipe.save_fp8_inputs) else None,
@@ -89,11 +93,11 @@ def fp8_linear_backward(grad2: torch.Tensor, saved: dict, need_dx: bool = True, 
 
 class FP8LinearGPUFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, recipe):
+    def forward(ctx, x, weight, recipe, owner=None):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        y, saved = fp8_linear_forward(x2, weight, recipe, need_dx=need_dx, need_dw=need_dw)
+        y, saved = fp8_linear_forward(x2, weight, recipe, need_dx=need_dx, need_dw=need_dw, owner=owner)
         if saved["x"] is not None:  # an input: saved the autograd way (version-checked)
             ctx.save_for_backward(saved.pop("x"))
         ctx.saved, ctx.x_shape = saved, x.shape
@@ -109,13 +113,13 @@ class FP8LinearGPUFn(torch.autograd.Function):
         ctx.saved = None
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
 @torch.compiler.disable
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe) -> torch.Tensor:
-    """y = x W^T with DeepSeek-V3's FP8 recipe on the GPU (no bias)."""
-    return FP8LinearGPUFn.apply(x, weight, recipe)
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe, owner=None) -> torch.Tensor:
+    """y = x W^T with DeepSeek-V3's FP8 recipe on the GPU (no bias); owner: see fp8_linear_forward."""
+    return FP8LinearGPUFn.apply(x, weight, recipe, owner)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,13 +129,13 @@ class FP8GroupedGPUFn(torch.autograd.Function):
     """Rows x[offsets[e-1]:offsets[e]] times w[e] in FP8 (w: [E, in, out], a transposed [E, out, in])."""
 
     @staticmethod
-    def forward(ctx, x, w, offsets, recipe):
+    def forward(ctx, x, w, offsets, recipe, owner=None, name=None):
         from .kernels import grouped_gemm, quant_block_operand, quant_operands
 
         p2 = recipe.pow2_scales
         x = x if x.stride(-1) == 1 else x.contiguous()
         xa, _ = quant_operands(x, p2, rows=True)
-        wa, wt = quant_block_operand(w.transpose(1, 2), p2, transpose=True)  # blocks of [out, in]
+        wa, wt = cached(owner, (name, p2), lambda: quant_block_operand(w.transpose(1, 2), p2, transpose=True))  # [out, in]
         y = grouped_gemm(xa, wa, offsets, out_dtype=x.dtype)
         ctx.xa = xa if recipe.save_fp8_inputs else None
         if not recipe.save_fp8_inputs:
@@ -157,11 +161,11 @@ class FP8GroupedGPUFn(torch.autograd.Function):
             _, xt = quant_operands(ctx.saved_tensors[0], p2, rows=False, cols=True, segments=seg)  # [in, tokens]
         dw = grouped_wgrad(gt, xt, tiles, out_dtype=ctx.w_dtype)  # [E, out, in]
         ctx.xa = ctx.wt = None
-        return dx, dw.transpose(1, 2), None, None
+        return dx, dw.transpose(1, 2), None, None, None, None
 
 
 # Under torch.compile (train.compile) the FP8 GEMMs run as they are, between compiled graphs: AOT
 # autograd cannot trace the Triton kernels' writes into views of another dtype.
 @torch.compiler.disable
-def fp8_grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, recipe) -> torch.Tensor:
-    return FP8GroupedGPUFn.apply(x, w, offsets, recipe)
+def fp8_grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, recipe, owner=None, name=None) -> torch.Tensor:
+    return FP8GroupedGPUFn.apply(x, w, offsets, recipe, owner, name)

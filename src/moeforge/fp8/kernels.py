@@ -27,8 +27,9 @@ extra pass; results are sliced back.
 
 Transposed outputs are written as 32-bit words of 4 FP8 bytes (`_pack4`): Triton 3.6 transposed
 8-bit tensors wrongly on SM90 for some layouts (a layout conversion of an f8 tensor, seen with FP32
-inputs), so no 8-bit tensor is ever transposed in registers. W^T for Dgrad is a byte transpose of
-the quantised W (torch copy; a Triton kernel would be faster, see docs/fp8.md).
+inputs), so no 8-bit tensor is ever transposed in registers. W^T for Dgrad is W's codes and scales
+transposed (a 128x128 block's amax does not depend on orientation): `transpose_codes`, one Triton pass
+of 32-bit words.
 
 GEMMs: `fp8_gemm(a, b)` = dequant(a) @ dequant(b)^T with FP32 accumulation between 128-wide K
 blocks, through torch._scaled_mm's blockwise modes (cuBLASLt VEC128_32F x BLK128x128_32F or
@@ -203,6 +204,25 @@ def _quant_128x128_kernel(
     tl.store(s_ptr + pid_b * stride_sb + pid_r * stride_sr + pid_c, s)
 
 
+@triton.jit
+def _transpose_codes_kernel(src_ptr, dst_ptr, stride_sb, stride_sr, stride_db, stride_dw, BC: tl.constexpr):
+    """FP8 codes [B, R, C] -> [B, C, R] (R, C multiples of 128 and BC), one [128, BC] tile per program.
+
+    The destination is written as int32 words of 4 consecutive source rows (_pack4), so the register
+    transpose moves 32-bit values, never 8-bit ones (see _pack4)."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    i = tl.arange(0, 32)
+    j = tl.arange(0, 4)
+    c = pid_c * BC + tl.arange(0, BC)
+    r3 = pid_r * 128 + (i[:, None] * 4 + j[None, :])[:, :, None]  # [32, 4, 1]
+    codes = tl.load(src_ptr + pid_b * stride_sb + r3.to(tl.int64) * stride_sr + c[None, None, :])
+    words = tl.trans(_pack4(codes)).to(tl.int32, bitcast=True)  # [BC, 32]: column c, rows 4w..4w+3
+    w = pid_r * 32 + i
+    tl.store(dst_ptr + pid_b * stride_db + c[:, None].to(tl.int64) * stride_dw + w[None, :], words)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launching: Triton's JIT entry point re-binds and re-specialises ~30 arguments on every call
 # (tens of microseconds of host time per launch, which made the FP8 Linear host-bound); after the
@@ -212,22 +232,15 @@ _FAST_LAUNCH = os.environ.get("MOEFORGE_TRITON_FASTLAUNCH", "1") != "0"
 _COMPILED: dict = {}
 
 
-def _spec(a):
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
-    if isinstance(a, bool):
-        return ("b", a)
-    if isinstance(a, int):
-        return ("i", a)
-    return ("f",) if isinstance(a, float) else ("o", a)
-
-
 def _launch(kernel, grid, args: tuple, consts: dict, num_warps: int, num_stages: int = 3):
     """kernel[grid](*args, **consts): `consts` are the trailing constexpr parameters, in order."""
     if not _FAST_LAUNCH:
         kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
         return
-    key = (kernel, num_warps, num_stages, tuple(consts.items()), tuple(_spec(a) for a in args))
+    # What Triton specialises on: a tensor's dtype and 16-byte alignment, a scalar's type and value
+    # (a superset: ints are specialised on ==1 and %16 only). Built inline: this runs on every launch.
+    sig = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a) for a in args)
+    key = (kernel, num_warps, num_stages, tuple(consts.items()), sig)
     compiled = _COMPILED.get(key)
     if compiled is None:
         _COMPILED[key] = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
@@ -381,8 +394,8 @@ def quant_block_operand(w: torch.Tensor, pow2_scales: bool = False, *, transpose
     _launch(_quant_128x128_kernel, (Np // BLOCK, Kp // BLOCK, E),
             (w3, q, s, N, K, w3.stride(0), w3.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
              _FLOOR32, _RCP32, FP8_MAX), dict(POW2=bool(pow2_scales), RCP=rcp), 16)
-    if transpose:  # W^T's 128x128 blocks are W's, transposed: a byte transpose (Dgrad's operand)
-        qt = q.view(torch.uint8).transpose(1, 2).contiguous().view(FP8)
+    if transpose:  # W^T's 128x128 blocks are W's, transposed: the same codes and scales (Dgrad's operand)
+        qt = transpose_codes(q)
         st = s.transpose(1, 2).contiguous()
     if w.dim() == 2:
         q, s = q[0], s[0]
@@ -390,6 +403,18 @@ def quant_block_operand(w: torch.Tensor, pow2_scales: bool = False, *, transpose
             qt, st = qt[0], st[0]
     a = Operand(q, s, N, K, "block")
     return a, (Operand(qt, st, K, N, "block") if transpose else None)
+
+
+def transpose_codes(q: torch.Tensor) -> torch.Tensor:
+    """FP8 codes [E, R, C] -> a contiguous [E, C, R] (R and C multiples of 128), in one Triton pass."""
+    E, R, C = q.shape
+    if R % BLOCK or C % BLOCK:
+        raise ValueError(f"transpose_codes needs dimensions in multiples of {BLOCK}, got {tuple(q.shape)}")
+    qt = torch.empty(E, C, R, dtype=FP8, device=q.device)
+    src, dst = q.view(torch.uint8), qt.view(torch.int32)
+    _launch(_transpose_codes_kernel, (R // BLOCK, C // 64, E),
+            (src, dst, src.stride(0), src.stride(1), dst.stride(0), dst.stride(1)), dict(BC=64), 4)
+    return qt
 
 
 # Public, reference-shaped API ------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import Experts, grouped_mm
+from .cache import cached
 from .quant import dequantize, fake_quantize, quantize
 
 ACT, WEIGHT = (1, 128), (128, 128)
@@ -41,19 +42,24 @@ def _exact(fn):
     return staticmethod(forward)
 
 
+def _weight_hat(owner, name, weight: torch.Tensor, recipe: FP8Recipe) -> torch.Tensor:
+    """The dequantised 128x128-block FP8 weight, once per step within fp8.weight_cache (see cache.py)."""
+    return cached(owner, (name, "ref", recipe.pow2_scales), lambda: fake_quantize(weight, WEIGHT, recipe.pow2_scales))
+
+
 class _FP8LinearFn(torch.autograd.Function):
     @_exact
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: FP8Recipe):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: FP8Recipe, owner=None):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)  # [T, K]
         xq, xs = quantize(x2, ACT, recipe.pow2_scales, check_finite=False)
-        w_hat = fake_quantize(weight, WEIGHT, recipe.pow2_scales)  # [N, K]
+        w_hat = _weight_hat(owner, "weight", weight, recipe)  # [N, K]
         y = dequantize(xq, xs, ACT) @ w_hat.T  # FP32 accumulation
         if recipe.save_fp8_inputs:
             ctx.save_for_backward(xq, xs, weight)
         else:
             ctx.save_for_backward(x2, weight)
-        ctx.recipe, ctx.x_shape, ctx.x_dtype = recipe, x.shape, x.dtype
+        ctx.recipe, ctx.x_shape, ctx.x_dtype, ctx.owner = recipe, x.shape, x.dtype, owner
         return y.to(x.dtype).unflatten(0, x.shape[:-1])
 
     @staticmethod
@@ -68,13 +74,13 @@ class _FP8LinearFn(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1]).float()  # [T, N]
         dx = dw = None
         if ctx.needs_input_grad[0]:  # Dgrad: reduction over N
-            dx = fake_quantize(g, ACT, recipe.pow2_scales) @ fake_quantize(weight, WEIGHT, recipe.pow2_scales)
+            dx = fake_quantize(g, ACT, recipe.pow2_scales) @ _weight_hat(ctx.owner, "weight", weight, recipe)
             dx = dx.to(ctx.x_dtype).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:  # Wgrad: reduction over tokens, both operands tiled along T
             g_t = fake_quantize(g.T.contiguous(), ACT, recipe.pow2_scales)  # [N, T]
             x_t = fake_quantize(x_hat.T.contiguous(), ACT, recipe.pow2_scales)  # [K, T]
             dw = (g_t @ x_t.T).to(weight.dtype)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
 class FP8Linear(nn.Linear):
@@ -87,9 +93,9 @@ class FP8Linear(nn.Linear):
             from . import gpu
 
             if gpu.available(x, self.weight):
-                y = gpu.fp8_linear(x, self.weight, self.recipe)
+                y = gpu.fp8_linear(x, self.weight, self.recipe, self)
                 return y if self.bias is None else y + self.bias
-        y = _FP8LinearFn.apply(x, self.weight, self.recipe)
+        y = _FP8LinearFn.apply(x, self.weight, self.recipe, self)
         return y if self.bias is None else y + self.bias
 
 
@@ -97,14 +103,14 @@ class _FP8GroupedFn(torch.autograd.Function):
     """Rows x[offsets[e-1]:offsets[e]] times w[e] in FP8 (w: [E, in, out], a transposed [E, out, in])."""
 
     @_exact
-    def forward(ctx, x, w, offsets, recipe: FP8Recipe):
+    def forward(ctx, x, w, offsets, recipe: FP8Recipe, owner=None, name=None):
         xq, xs = quantize(x, ACT, recipe.pow2_scales, check_finite=False)
-        w_hat = fake_quantize(w.transpose(1, 2), WEIGHT, recipe.pow2_scales).transpose(1, 2)  # blocks of [out, in]
+        w_hat = _weight_hat(owner, name, w.transpose(1, 2), recipe).transpose(1, 2)  # blocks of [out, in]
         if recipe.save_fp8_inputs:
             ctx.save_for_backward(xq, xs, w, offsets)
         else:
             ctx.save_for_backward(x, w, offsets)
-        ctx.recipe, ctx.x_dtype = recipe, x.dtype
+        ctx.recipe, ctx.x_dtype, ctx.owner, ctx.name = recipe, x.dtype, owner, name
         return grouped_mm(dequantize(xq, xs, ACT), w_hat, offsets).to(x.dtype)
 
     @staticmethod
@@ -116,7 +122,7 @@ class _FP8GroupedFn(torch.autograd.Function):
         else:
             x, w, offsets = ctx.saved_tensors
         g = grad_out.float()
-        w_hat = fake_quantize(w.transpose(1, 2), WEIGHT, r.pow2_scales)  # [E, out, in]
+        w_hat = _weight_hat(ctx.owner, ctx.name, w.transpose(1, 2), r)  # [E, out, in]
         dx = grouped_mm(fake_quantize(g, ACT, r.pow2_scales), w_hat, offsets).to(ctx.x_dtype)
         # Wgrad per expert: tokens of one expert form the reduction dimension, tiled 1x128 within it.
         dw = torch.zeros_like(w, dtype=torch.float32)
@@ -127,7 +133,7 @@ class _FP8GroupedFn(torch.autograd.Function):
                 ge = fake_quantize(g[start:end].T.contiguous(), ACT, r.pow2_scales)  # [out, Te]
                 dw[e] = xe @ ge.T
             start = end
-        return dx, dw.to(w.dtype), None, None
+        return dx, dw.to(w.dtype), None, None, None, None
 
 
 class FP8Experts(Experts):
@@ -144,8 +150,9 @@ class FP8Experts(Experts):
 
             if gpu.available(x, self.w1, self.w2, self.w3):
                 fn = gpu.fp8_grouped
-        h = F.silu(fn(x, w1, offsets, self.recipe)) * fn(x, w3, offsets, self.recipe)
-        return fn(h, w2, offsets, self.recipe)
+        r = self.recipe
+        h = F.silu(fn(x, w1, offsets, r, self, "w1")) * fn(x, w3, offsets, r, self, "w3")
+        return fn(h, w2, offsets, r, self, "w2")
 
 
 def convert_to_fp8(model: nn.Module, recipe: FP8Recipe = FP8Recipe()) -> nn.Module:

@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from .. import parallel
 from ..config import Config
 from ..errors import MoeforgeError
-from ..fp8 import convert_to_fp8
+from ..fp8 import convert_to_fp8, weight_cache
 from ..model import build_model, init_weights, initial_values
 from ..model.attention import document_ids, document_mask
 from ..model.head import set_loss_chunk
@@ -74,18 +74,25 @@ def forward_backward(model, windows, n_micro: int, lam: float, cfg: Config, devi
     loss, balance loss) as a device tensor [3] (no host sync)."""
     t, m = cfg.train, cfg.model
     sums = torch.zeros(3, device=device)
-    for i, window in enumerate(windows):
-        window = window.to(device, non_blocking=True)
-        parallel.set_gradient_sync(model, i == n_micro - 1)  # FSDP: reduce on the last micro-batch only
-        inputs = window[:, :-1]
-        mask = document_mask(document_ids(inputs, m.eos_token_id)) if t.document_mask else None
-        with autocast(device, precision):
-            out = model.losses(inputs, window[:, 1:], mask=mask)
-        mtp = out["mtp"].sum() * (lam / m.num_nextn_predict_layers) if out["mtp"].numel() else out["main"] * 0
-        loss = out["main"] + mtp + t.balance_alpha * out["balance"]
-        (loss / n_micro).backward()
-        sums += torch.stack([out["main"], mtp, out["balance"]]).detach().float() / n_micro
+    with step_weight_cache(cfg, precision, n_micro):
+        for i, window in enumerate(windows):
+            window = window.to(device, non_blocking=True)
+            parallel.set_gradient_sync(model, i == n_micro - 1)  # FSDP: reduce on the last micro-batch only
+            inputs = window[:, :-1]
+            mask = document_mask(document_ids(inputs, m.eos_token_id)) if t.document_mask else None
+            with autocast(device, precision):
+                out = model.losses(inputs, window[:, 1:], mask=mask)
+            mtp = out["mtp"].sum() * (lam / m.num_nextn_predict_layers) if out["mtp"].numel() else out["main"] * 0
+            loss = out["main"] + mtp + t.balance_alpha * out["balance"]
+            (loss / n_micro).backward()
+            sums += torch.stack([out["main"], mtp, out["balance"]]).detach().float() / n_micro
     return sums
+
+
+def step_weight_cache(cfg: Config, precision: str, n_micro: int):
+    """The scope of one step's forward and backward passes, in which FP8 weights are quantised once
+    (train.fp8_weight_cache; only worth it with more than one micro-batch)."""
+    return weight_cache(precision == "fp8" and cfg.train.fp8_weight_cache and n_micro > 1)
 
 
 def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx, ema=None, zero1=None):

@@ -33,8 +33,8 @@ from .balance import imbalance_stats
 from .ema import CPUEMA
 from .metrics import MetricsSink, flops_per_token, peak_flops
 from .schedule import batch_size_at, mtp_lambda_at
-from .step import (autocast, build_optimizer, build_train_model, forward_backward, optimizer_update,
-                   check_memory, optimizer_groups, resolve_device, resolve_precision, split_train_pipeline)
+from .step import (autocast, build_optimizer, build_train_model, check_memory, forward_backward, optimizer_groups,
+                   optimizer_update, resolve_device, resolve_precision, split_train_pipeline, step_weight_cache)
 
 LN2 = math.log(2)
 
@@ -311,8 +311,9 @@ class Trainer:
         # data rank's rows of each (the pipeline splits the concatenation back into micro-batches).
         window = torch.cat([parallel.data_shard(self.loader.next_batch(t.micro_batch), self.pctx)
                             for _ in range(n_micro)]).to(self.device)
-        out = pipeline.pipeline_train_step(self.stages, self.pipe, window[:, :-1], window[:, 1:], n_micro=n_micro,
-                                           mtp_lambda=lam, balance_alpha=t.balance_alpha)
+        with step_weight_cache(self.cfg, self.precision, n_micro):
+            out = pipeline.pipeline_train_step(self.stages, self.pipe, window[:, :-1], window[:, 1:], n_micro=n_micro,
+                                               mtp_lambda=lam, balance_alpha=t.balance_alpha)
         K = m.num_nextn_predict_layers
         mtp = out["mtp"].sum() * (lam / K) if K else out["main"] * 0
         return torch.stack([out["main"], mtp, out["balance"]]).float().to(self.device)
