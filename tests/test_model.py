@@ -238,3 +238,24 @@ def test_initial_values_are_the_single_device_initialisation():
     assert all(torch.equal(t, state[n]) for n, t in other.state_dict().items())
     with pytest.raises(MoeforgeError, match="missing"):
         load_full_state_dict(other, iter(values[:-1]), None)
+
+
+def test_causal_attention_with_narrower_values_matches_the_formula():
+    """attention() on the CPU pads v to the query/key head dim for the flash kernel; the output and
+    all three gradients equal softmax(q k^T * scale + causal mask) v computed directly (FP64)."""
+    from moeforge.model.attention import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 17, 24, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(2, 3, 17, 16, generator=g).requires_grad_()
+    out = attention(q, k, v, 0.3)
+    assert out.shape == (2, 3, 17, 16)
+    causal = torch.ones(17, 17, dtype=torch.bool).tril()
+    s = (q.double() @ k.double().transpose(-1, -2) * 0.3).masked_fill(~causal, float("-inf"))
+    ref = s.softmax(-1) @ v.double()
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -69,6 +69,12 @@ def attention(q, k, v, scale: float, mask=None) -> torch.Tensor:
     its fastest exact kernel; cuDNN for MLA's unequal head dims on Hopper, docs/performance.md)."""
     global _flex_attention
     if mask is None:
+        dv = v.shape[-1]
+        if not q.is_cuda and dv < q.shape[-1]:
+            # On the CPU, SDPA's flash kernel needs equal head dims (else the slower math path runs):
+            # zero columns of v give zero output columns, sliced off (fwd+bwd 1.3-1.8x faster at tiny).
+            v = F.pad(v, (0, q.shape[-1] - dv))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :dv]
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
