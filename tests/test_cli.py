@@ -248,6 +248,7 @@ def test_unknown_preset(cli, expect_error, snapshot, tmp_path):
     ("hidden_size=64", ["hidden_size=64", "SECTION.NAME=VALUE"]),
     ("model.hidden_size", ["model.hidden_size", "SECTION.NAME=VALUE"]),
     ("model.hidden_sizes=64", ["unknown setting 'model.hidden_sizes'"]),
+    ("train.adam_moments=bf17", ["train.adam_moments", "fp32 or bf16", "bf17"]),
 ])
 def test_invalid_config_value_or_malformed_override(cli, expect_error, snapshot, tiny_overrides, data_dir, tmp_path,
                                                     override, fragments):

@@ -525,3 +525,19 @@ def test_parameter_ema_under_data_parallelism(data_dir, mf_env, tmp_path):
     with pytest.raises(DistError, match="MoeforgeError: train.ema_decay: .*whole parameters"):
         run_dist(train_run, 2, make_config(data_dir, tmp_path / "ep2", [*extra, "parallel.ep=2"]), str(mf_env), 1,
                  init=False)
+
+
+@pytest.mark.dist
+def test_bf16_moments_under_zero1_with_dcp_resume(data_dir, mf_env, tmp_path):
+    """train.adam_moments=bf16 with DP=2 (ZeRO-1): the one-process losses, and the step-2 DCP
+    checkpoint (BF16 moments, each saved by its owner) resumed in one process continues with the
+    one-process steps 3-4."""
+    extra = ["train.adam_moments=bf16"]
+    ref = single_process(lambda: train_run(make_config(data_dir, tmp_path / "ref", extra), None, STEPS), mf_env)
+    out = tmp_path / "dp2"
+    results = run_dist(train_run, 2, make_config(data_dir, out, [*extra, "parallel.sharding=zero1"]), str(mf_env),
+                       STEPS, init=False)
+    assert len(results[0]["records"]) == len(ref["records"]) == STEPS
+    for a, b in zip(results[0]["records"], ref["records"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), f"step {a['step']}"
+    _check_resume_in_one_process(out, ref)

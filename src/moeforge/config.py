@@ -163,6 +163,7 @@ class TrainConfig:
     ema_every: int = 1  # update the EMA every this many steps (with decay ** ema_every)
     document_mask: bool = False  # attention stays within the documents packed into a sequence (EOS-separated)
     fp8_weight_cache: bool = True  # fp8: quantise each weight once per step, not once per micro-batch
+    adam_moments: str = "fp32"  # fp32 | bf16: AdamW's two moments stored in BF16 (DeepSeek-V3's memory saver)
     # data
     data: str = ""  # "" = the embedded default corpus
     tokenizer: str = ""  # "" = the default tokenizer shipped with moeforge
@@ -417,6 +418,7 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _check(t.loss_chunk >= 0, f"train.loss_chunk: must be >= 0, got {t.loss_chunk}")
     _check(0 <= t.ema_decay < 1, f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     _check(t.ema_every >= 1, f"train.ema_every: must be >= 1, got {t.ema_every}")
+    _check(t.adam_moments in ("fp32", "bf16"), f"train.adam_moments: expected fp32 or bf16, got {t.adam_moments!r}")
 
 
 def validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
@@ -437,6 +439,9 @@ def validate(cfg: Config) -> None:
     validate_model(cfg.model)
     validate_train(cfg.train, cfg.model)
     validate_parallel(cfg.parallel, cfg.model)
+    _check(cfg.train.adam_moments == "fp32" or cfg.parallel.sharding in ("none", "zero1"),
+           f"train.adam_moments=bf16: not supported with parallel.sharding={cfg.parallel.sharding} "
+           f"(none and zero1 are)")
 
 
 # --------------------------------------------------------------------------------------

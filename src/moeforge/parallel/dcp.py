@@ -69,8 +69,9 @@ def _views(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx, creat
                     if not create_moments:
                         continue  # no step taken yet: nothing to save for this parameter
                     local = p.data.to_local() if isinstance(p.data, DTensor) else p.data
+                    dtype = getattr(optimizer, "moment_dtype", None)  # BF16 moments (train/adamw.py)
                     st = {"step": torch.zeros((), dtype=torch.float32, device=local.device),
-                          **{k: torch.zeros_like(p.data) for k in MOMENTS}}
+                          **{k: torch.zeros_like(p.data, dtype=dtype) for k in MOMENTS}}
                     optimizer.state[p] = st
                 for k in MOMENTS:
                     state[f"optim/{name}/{k}"] = view(name, st[k], name in routed or is_expert_key(name))

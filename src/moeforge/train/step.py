@@ -20,6 +20,7 @@ from ..model import build_model, init_weights, initial_values
 from ..model.attention import document_ids, document_mask
 from ..model.head import set_loss_chunk
 from ..parallel import pipeline
+from .adamw import AdamWBF16Moments
 from .balance import update_routing_bias
 from .schedule import batch_size_at, bias_update_speed_at, lr_at
 from .speed import apply_compile, apply_recompute
@@ -62,6 +63,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, keep=None) -> torch.opt
     params = dict(model.named_parameters())
     decay, no_decay = ([params[n] for n in names] for names in optimizer_groups(model, keep))
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if t.adam_moments == "bf16":  # the moments in BF16 (train/adamw.py): 12 instead of 16 bytes per parameter
+        return AdamWBF16Moments(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     # The fused kernel (one pass over each parameter on CPU and GPU) is several times faster than the
     # op-by-op update at small sizes; it computes the same update.
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
@@ -125,8 +128,9 @@ def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx,
     return grad_norm, lr, ratio
 
 
-# FP32 weight, FP32 gradient and two FP32 AdamW moments per parameter
-TRAIN_BYTES_PER_PARAMETER = 16
+def train_bytes_per_parameter(cfg: Config) -> int:
+    """FP32 weight and gradient, and two AdamW moments in FP32 (16 bytes) or BF16 (12)."""
+    return 8 + (4 if cfg.train.adam_moments == "bf16" else 8)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -142,12 +146,12 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(model: torch.nn.Module, device: torch.device) -> None:
+def check_memory(model: torch.nn.Module, device: torch.device, cfg: Config) -> None:
     """Refuse, before allocating anything, a single-process model whose weights, gradients and AdamW
     state alone exceed the device's free memory (activations come on top)."""
     free = available_memory(device)
     n = sum(p.numel() for p in model.parameters())
-    need = n * TRAIN_BYTES_PER_PARAMETER
+    need = n * train_bytes_per_parameter(cfg)
     if free is not None and need > free:
         raise MoeforgeError(f"the model has {n / 1e9:.2f}B parameters: training needs {need / 2**30:.1f} GiB for "
                             f"weights, gradients and AdamW state, but {device.type} has {free / 2**30:.1f} GiB free "
@@ -164,7 +168,7 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     """
     model = build_model(cfg.model, "meta")
     if pctx is None:
-        check_memory(model, device)
+        check_memory(model, device, cfg)
     if precision == "fp8":  # swaps module classes only: parameters and their names stay the same
         convert_to_fp8(model)
     t = cfg.train

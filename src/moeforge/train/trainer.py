@@ -138,7 +138,7 @@ class Trainer:
         self.device = self.pctx.device if self.pctx is not None else resolve_device(t.device)
         self.precision = resolve_precision(t.precision, self.device)
         if self.pctx is None:  # before the data is prepared: a model that cannot fit fails at once
-            check_memory(build_model(cfg.model, "meta"), self.device)
+            check_memory(build_model(cfg.model, "meta"), self.device, cfg)
         self.progress = progress and self.is_main
         seed_everything(t.seed)
 
@@ -159,7 +159,9 @@ class Trainer:
         else:
             self.moe_layers = self.model.moe_layers()
         # ZeRO-1: the AdamW state of `updated` partitioned over the ranks that replicate it (a stage's)
-        self.zero1 = parallel.Zero1(self.updated, self.pctx) if cfg.parallel.sharding == "zero1" else None
+        # (one process ignores the layout: a ZeRO-1 run's checkpoint resumes there with the whole state)
+        zero1 = cfg.parallel.sharding == "zero1" and self.pctx is not None
+        self.zero1 = parallel.Zero1(self.updated, self.pctx) if zero1 else None
         self.optimizer = build_optimizer(self.updated, cfg, keep=self.zero1.owns if self.zero1 else None)
         self.ema = None
         if t.ema_decay > 0:
