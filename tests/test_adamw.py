@@ -108,3 +108,22 @@ def test_trains_and_resumes_through_the_cli(cli, trained_run, tmp_path):
     assert split == full and full[8] < full[1]
     state = ckpt.load_checkpoint(ckpt.resolve_checkpoint(tmp_path / "full"), ("optimizer.pt",))["optimizer.pt"]
     assert {s["exp_avg"].dtype for s in state["state"].values()} == {torch.bfloat16}
+
+
+def test_batching_of_parameters_does_not_change_the_update(monkeypatch):
+    """Parameters are updated in batches of at most CHUNK elements: a batch per parameter (CHUNK
+    smaller than every parameter) gives bit-identical parameters and moments."""
+    from moeforge.train import adamw
+
+    results = []
+    for chunk in (adamw.CHUNK, 4):
+        monkeypatch.setattr(adamw, "CHUNK", chunk)
+        params = _params(seed=3)
+        opt = _optimizer(params)
+        for step in range(1, 4):
+            for p, g in zip(params, _grads(step, params)):
+                p.grad = g
+            opt.step()
+        results.append([t.clone() for p in params for t in (p.detach(), *(opt.state[p][k] for k in adamw.MOMENTS))])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert [len(b) for b in adamw._batches([torch.zeros(3), torch.zeros(5), torch.zeros(2)], 7)] == [1, 2]

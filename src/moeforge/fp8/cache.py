@@ -8,8 +8,9 @@ checkpoint load or any other write to a weight happens outside it, so nothing st
 
 Entries are keyed by the module that owns the weight (object identity, not storage address: a
 storage can be freed and reused inside a step, e.g. by FSDP's re-sharding). The cost is memory: the
-cached codes (1 byte per weight, 2 with the transposed copy for Dgrad, plus scales) stay until the
-step's last backward, where without the cache each would be freed after its layer's backward.
+cached codes (GPU: 1 byte per weight, 2 with the transposed copy for Dgrad, plus scales; the CPU
+reference keeps its dequantised FP32 copy, 4 bytes) stay until the step's last backward, where
+without the cache each would be freed after its layer's backward.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """AdamW with its two moments stored in BF16 (DeepSeek-V3 §3.3.3, a memory saver: "we adopt the
 BF16 data format instead of FP32 to track the first and second moments in the AdamW optimizer").
 
-The update is torch.optim.AdamW's, computed in FP32 one parameter at a time: the moments are read
-from BF16, updated with the FP32 gradient, used for the parameter update in FP32 and stored back
-rounded to BF16 (round to nearest). The memory per parameter of training goes from 16 bytes (FP32
-weight, gradient and two moments) to 12; the FP32 temporaries are one parameter's at a time.
+The update is torch.optim.AdamW's, computed in FP32: the moments are read from BF16, updated with
+the FP32 gradient, used for the parameter update in FP32 and stored back rounded to BF16 (round to
+nearest). The memory per parameter of training goes from 16 bytes (FP32 weight, gradient and two
+moments) to 12. Parameters are updated in batches of at most CHUNK elements with torch's _foreach
+ops (multi-tensor kernels), so the FP32 temporaries stay bounded by the larger of CHUNK and the
+largest parameter.
 
 The gradients are divided by `grad_scale` when the trainer sets it (gradient clipping folded into
 the update, as with the fused torch AdamW), and the step count stays on the device: no host sync.
@@ -16,6 +18,20 @@ from __future__ import annotations
 import torch
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+CHUNK = 1 << 25  # elements per batch of parameters: 128 MiB per FP32 temporary list
+
+
+def _batches(params: list[torch.Tensor], limit: int):
+    """Consecutive runs of params whose sizes add up to at most `limit` (a larger one alone)."""
+    batch, size = [], 0
+    for p in params:
+        if batch and size + p.numel() > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(p)
+        size += p.numel()
+    if batch:
+        yield batch
 
 
 class AdamWBF16Moments(torch.optim.Optimizer):
@@ -41,24 +57,44 @@ class AdamWBF16Moments(torch.optim.Optimizer):
         scale = self.grad_scale
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 st = self.state[p]
                 if not st:
                     st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     for k in MOMENTS:
                         st[k] = torch.zeros_like(p, dtype=self.moment_dtype, memory_format=torch.preserve_format)
-                st["step"] += 1
-                g = p.grad.float()
-                if scale is not None:
-                    g = g / scale
-                m = st["exp_avg"].float().lerp_(g, 1 - beta1)
-                v = st["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                bias1 = 1 - beta1 ** st["step"]
-                bias2_sqrt = (1 - beta2 ** st["step"]).sqrt()
-                p.mul_(1 - lr * wd)
-                p.add_((m / (v.sqrt() / bias2_sqrt).add_(eps)) * (-lr / bias1))
-                st["exp_avg"].copy_(m)
-                st["exp_avg_sq"].copy_(v)
+            for batch in _batches(params, CHUNK):
+                self._update(batch, lr, beta1, beta2, eps, wd, scale)
         return loss
+
+    def _update(self, params, lr, beta1, beta2, eps, wd, scale) -> None:
+        states = [self.state[p] for p in params]
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)
+        g = [p.grad.float() for p in params]  # (the gradients themselves when FP32: never written)
+        if scale is not None:
+            g = torch._foreach_div(g, scale)
+        m = [st["exp_avg"].float() for st in states]
+        v = [st["exp_avg_sq"].float() for st in states]
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        # bias corrections from the device-side step counts (no host sync)
+        bias1 = torch._foreach_pow(beta1, steps)
+        torch._foreach_neg_(bias1)
+        torch._foreach_add_(bias1, 1)  # 1 - beta1^t
+        bias2_sqrt = torch._foreach_pow(beta2, steps)
+        torch._foreach_neg_(bias2_sqrt)
+        torch._foreach_add_(bias2_sqrt, 1)
+        torch._foreach_sqrt_(bias2_sqrt)  # sqrt(1 - beta2^t)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(m, denom)
+        torch._foreach_div_(update, bias1)
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_add_(params, update, alpha=-lr)
+        torch._foreach_copy_([st["exp_avg"] for st in states], m)
+        torch._foreach_copy_([st["exp_avg_sq"] for st in states], v)
