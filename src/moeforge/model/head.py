@@ -88,13 +88,13 @@ def _chunked_loss_and_grads(h, weight, targets, chunk: int, dtype: torch.dtype, 
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     grad_h = torch.empty_like(h)
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    softmax_grad = _compiled_softmax_grad(fused) if fused else _softmax_grad
     for start in range(0, T, chunk):
         end = min(start + chunk, T)
         hc = h[start:end].to(dtype)  # [C, D]
         tc = targets[start:end].clamp_min(0)
         vc = valid[start:end]
         logits = hc @ w.T  # [C, V] in the GEMM dtype
-        softmax_grad = _compiled_softmax_grad(fused) if fused else _softmax_grad
         g, loss = softmax_grad(logits, tc, vc.to(torch.float32), dtype)
         total += loss
         grad_h[start:end] = (g @ w).to(h.dtype)  # [C, D]

@@ -258,12 +258,15 @@ def expert_names(model: nn.Module) -> set[str]:
     return out
 
 
+def rank_part(name: str, value: torch.Tensor, ep: int, ep_rank: int) -> torch.Tensor:
+    """Ep rank `ep_rank`'s part of the full tensor `name`: its experts' rows of an expert weight,
+    anything else whole."""
+    return value[expert_slice(value.shape[0], ep, ep_rank)] if is_expert_key(name) else value
+
+
 def slice_state_dict(state: dict[str, torch.Tensor], ep: int, ep_rank: int) -> dict[str, torch.Tensor]:
     """A full (single-process) model state dict -> the one of ep rank `ep_rank` (expert rows sliced)."""
-    out = {}
-    for k, v in state.items():
-        out[k] = v[expert_slice(v.shape[0], ep, ep_rank)] if is_expert_key(k) else v
-    return out
+    return {k: rank_part(k, v, ep, ep_rank) for k, v in state.items()}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -312,12 +315,11 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | Iter
     before anything is copied) or an iterable of (name, value) pairs taken one at a time, such as
     model.initial_values, so that at most one full tensor exists at once. owned: the names this rank
     holds (a pipeline rank: its stages'; the others are skipped); None: all."""
-    own = model.state_dict()
-    if owned is not None:
-        own = {k: v for k, v in own.items() if k in owned}
+    whole = model.state_dict()
+    own = whole if owned is None else {k: v for k, v in whole.items() if k in owned}
     if isinstance(state, dict):
         missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own) - (set(model.state_dict()) if owned is not None else set()))
+        unexpected = sorted(set(state) - set(whole))
         if missing or unexpected:
             raise MoeforgeError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         state = state.items()
@@ -327,8 +329,8 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | Iter
             if owned is not None and k not in owned:
                 continue  # another pipeline rank's
             raise MoeforgeError(f"weights do not match the model: unexpected {k}")
-        if ctx is not None and ctx.ep > 1 and is_expert_key(k):
-            v = v[expert_slice(v.shape[0], ctx.ep, ctx.ep_rank)]
+        if ctx is not None and ctx.ep > 1:
+            v = rank_part(k, v, ctx.ep, ctx.ep_rank)
         if tuple(v.shape) != tuple(own[k].shape):
             raise MoeforgeError(f"weights do not match the model: {k} has shape {tuple(v.shape)}, "
                                 f"expected {tuple(own[k].shape)}")
@@ -358,12 +360,11 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
             st = by_name.get(names[id(p)])
             if st is None:
                 continue
-            expert = is_expert_key(names[id(p)])
             local_state = {}
             for k, v in st.items():
                 if torch.is_tensor(v) and v.ndim > 0:
-                    if expert and ctx is not None and ctx.ep > 1:
-                        v = v[expert_slice(v.shape[0], ctx.ep, ctx.ep_rank)]
+                    if ctx is not None and ctx.ep > 1:
+                        v = rank_part(names[id(p)], v, ctx.ep, ctx.ep_rank)
                     if hasattr(p, "device_mesh"):
                         from torch.distributed.tensor import distribute_tensor
 
