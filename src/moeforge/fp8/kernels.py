@@ -40,7 +40,6 @@ VEC128_32F x VEC128_32F; SM90 only, fast accumulation off), or through the Trito
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +47,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ..triton_launch import launch as _launch
 from .quant import AMAX_FLOOR, FP8, FP8_MAX
 
 RED_PAD = 512  # reduction dimension: a multiple of 4 blocks of 128
@@ -221,31 +221,6 @@ def _transpose_codes_kernel(src_ptr, dst_ptr, stride_sb, stride_sr, stride_db, s
     words = tl.trans(_pack4(codes)).to(tl.int32, bitcast=True)  # [BC, 32]: column c, rows 4w..4w+3
     w = pid_r * 32 + i
     tl.store(dst_ptr + pid_b * stride_db + c[:, None].to(tl.int64) * stride_dw + w[None, :], words)
-
-
-# ---------------------------------------------------------------------------------------------
-# Launching: Triton's JIT entry point re-binds and re-specialises ~30 arguments on every call
-# (tens of microseconds of host time per launch, which made the FP8 Linear host-bound); after the
-# first launch of a specialisation, the compiled kernel is called directly.
-# ---------------------------------------------------------------------------------------------
-_FAST_LAUNCH = os.environ.get("MOEFORGE_TRITON_FASTLAUNCH", "1") != "0"
-_COMPILED: dict = {}
-
-
-def _launch(kernel, grid, args: tuple, consts: dict, num_warps: int, num_stages: int = 3):
-    """kernel[grid](*args, **consts): `consts` are the trailing constexpr parameters, in order."""
-    if not _FAST_LAUNCH:
-        kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
-        return
-    # What Triton specialises on: a tensor's dtype and 16-byte alignment, a scalar's type and value
-    # (a superset: ints are specialised on ==1 and %16 only). Built inline: this runs on every launch.
-    sig = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a) for a in args)
-    key = (kernel, num_warps, num_stages, tuple(consts.items()), sig)
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        _COMPILED[key] = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
-    else:
-        compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *consts.values())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ BF16 data format instead of FP32 to track the first and second moments in the Ad
 The update is torch.optim.AdamW's, computed in FP32: the moments are read from BF16, updated with
 the FP32 gradient, used for the parameter update in FP32 and stored back rounded to BF16 (round to
 nearest). The memory per parameter of training goes from 16 bytes (FP32 weight, gradient and two
-moments) to 12. Parameters are updated in batches of at most CHUNK elements with torch's _foreach
-ops (multi-tensor kernels), so the FP32 temporaries stay bounded by the larger of CHUNK and the
-largest parameter.
+moments) to 12. On CUDA each parameter is updated by one Triton kernel (adamw_triton.py) that reads
+and writes every tensor once. Elsewhere, and as that kernel's test oracle, `reference_update` runs
+torch's _foreach ops (multi-tensor kernels) on batches of at most CHUNK elements, so the FP32
+temporaries stay bounded by the larger of CHUNK and the largest parameter.
 
 The gradients are divided by `grad_scale` when the trainer sets it (gradient clipping folded into
 the update, as with the fused torch AdamW), and the step count stays on the device: no host sync.
@@ -15,10 +16,13 @@ A state saved by either optimizer loads into the other (moments cast on load).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 CHUNK = 1 << 25  # elements per batch of parameters: 128 MiB per FP32 temporary list
+TRITON = os.environ.get("MOEFORGE_ADAMW_TRITON", "1") != "0"  # the GPU kernel where it applies
 
 
 def _batches(params: list[torch.Tensor], limit: int):
@@ -70,31 +74,57 @@ class AdamWBF16Moments(torch.optim.Optimizer):
 
     def _update(self, params, lr, beta1, beta2, eps, wd, scale) -> None:
         states = [self.state[p] for p in params]
-        steps = [st["step"] for st in states]
-        torch._foreach_add_(steps, 1)
-        g = [p.grad.float() for p in params]  # (the gradients themselves when FP32: never written)
-        if scale is not None:
-            g = torch._foreach_div(g, scale)
-        m = [st["exp_avg"].float() for st in states]
-        v = [st["exp_avg_sq"].float() for st in states]
-        torch._foreach_lerp_(m, g, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-        # bias corrections from the device-side step counts (no host sync)
-        bias1 = torch._foreach_pow(beta1, steps)
-        torch._foreach_neg_(bias1)
-        torch._foreach_add_(bias1, 1)  # 1 - beta1^t
-        bias2_sqrt = torch._foreach_pow(beta2, steps)
-        torch._foreach_neg_(bias2_sqrt)
-        torch._foreach_add_(bias2_sqrt, 1)
-        torch._foreach_sqrt_(bias2_sqrt)  # sqrt(1 - beta2^t)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, bias2_sqrt)
-        torch._foreach_add_(denom, eps)
-        update = torch._foreach_div(m, denom)
-        torch._foreach_div_(update, bias1)
-        if wd:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_add_(params, update, alpha=-lr)
-        torch._foreach_copy_([st["exp_avg"] for st in states], m)
-        torch._foreach_copy_([st["exp_avg_sq"] for st in states], v)
+        torch._foreach_add_([st["step"] for st in states], 1)
+        if _kernel_ok(params, states):  # GPU: one fused pass per parameter (adamw_triton.py)
+            from . import adamw_triton
+
+            adamw_triton.update(params, states, lr, beta1, beta2, eps, wd, scale)
+        else:
+            reference_update(params, states, lr, beta1, beta2, eps, wd, scale)
+
+
+def _kernel_ok(params, states) -> bool:
+    if not TRITON or not params[0].is_cuda:
+        return False
+    try:
+        from . import adamw_triton
+    except ImportError:  # no Triton
+        return False
+    return all(adamw_triton.supported(p, st) for p, st in zip(params, states))
+
+
+def bias_corrections(states, beta1: float, beta2: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """1 - beta1^t and sqrt(1 - beta2^t) from the device-side step counts (no host sync)."""
+    steps = [st["step"] for st in states]
+    bias1 = torch._foreach_pow(beta1, steps)
+    torch._foreach_neg_(bias1)
+    torch._foreach_add_(bias1, 1)
+    bias2_sqrt = torch._foreach_pow(beta2, steps)
+    torch._foreach_neg_(bias2_sqrt)
+    torch._foreach_add_(bias2_sqrt, 1)
+    torch._foreach_sqrt_(bias2_sqrt)
+    return bias1, bias2_sqrt
+
+
+def reference_update(params, states, lr, beta1, beta2, eps, wd, scale) -> None:
+    """The update with torch's multi-tensor ops (CPU, and the test oracle of the GPU kernel); the
+    states' step counts already incremented."""
+    g = [p.grad.float() for p in params]  # (the gradients themselves when FP32: never written)
+    if scale is not None:
+        g = torch._foreach_div(g, scale)
+    m = [st["exp_avg"].float() for st in states]
+    v = [st["exp_avg_sq"].float() for st in states]
+    torch._foreach_lerp_(m, g, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+    bias1, bias2_sqrt = bias_corrections(states, beta1, beta2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bias2_sqrt)
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(m, denom)
+    torch._foreach_div_(update, bias1)
+    if wd:
+        torch._foreach_mul_(params, 1 - lr * wd)
+    torch._foreach_add_(params, update, alpha=-lr)
+    torch._foreach_copy_([st["exp_avg"] for st in states], m)
+    torch._foreach_copy_([st["exp_avg_sq"] for st in states], v)
