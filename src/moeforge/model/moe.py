@@ -116,13 +116,57 @@ class Ready:
         return self.result
 
 
+class _PermuteRows(torch.autograd.Function):
+    """rows[i] = x[perm[i]] for a permutation perm. Forward and backward are both gathers: the
+    autograd of x[perm] would scatter the gradient back with an accumulating index_put."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x[perm], differentiable through gathers (`inverse` = inverse_permutation(perm))."""
+    return _PermuteRows.apply(x, perm, inverse)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """inverse[perm[i]] = i."""
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+
+
+class _SpreadCopies(torch.autograd.Function):
+    """copies[n] = x[order[n] // K]: the K copies of every token in the expert-sorted order. The
+    backward sums each token's K copy gradients, read in token order through the inverse order
+    (a gather and a sum over K: no atomic adds, and the sum accumulates in FP32 for BF16 inputs)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[token]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse].view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+
+
 class LocalDispatcher:
     """Single-device dispatch: sort token copies by expert (no padding, no dropping), and back.
 
-    start(...) begins a dispatch and returns an object whose finish() gives dispatch's result;
-    a dispatcher that moves tokens between devices returns before the transfer is done, so the MoE
-    layer computes its shared experts in the meantime (report §3.2.2: overlap of communication and
-    computation). Here there is nothing to wait for.
+    Both directions move rows with gathers (forward and backward): dispatch reads each sorted copy
+    from its token, combine reads each token's K expert outputs through the inverse order and takes
+    their weighted sum. start(...) begins a dispatch and returns an object whose finish() gives
+    dispatch's result; a dispatcher that moves tokens between devices returns before the transfer is
+    done, so the MoE layer computes its shared experts in the meantime (report §3.2.2: overlap of
+    communication and computation). Here there is nothing to wait for.
     """
 
     def start(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> Ready:
@@ -130,17 +174,18 @@ class LocalDispatcher:
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int):
         """x: [T, D], indices: [T, K] -> x sorted by expert [N, D], counts [E], context for combine."""
-        flat = indices.flatten()  # [N]
+        flat = indices.flatten()  # [N], copy t*K + k is token t's k-th choice
         order = flat.argsort(stable=True)  # copy n of the sorted layout is flat copy order[n]
+        inverse = inverse_permutation(order)  # flat copy j sits at sorted position inverse[j]
         counts = expert_counts(flat, n_experts)
-        token = order // indices.shape[1]  # the token each sorted copy came from
-        return x[token], counts, (order, token)
+        K = indices.shape[1]
+        return _SpreadCopies.apply(x, order // K, inverse, K), counts, (order, inverse)
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
         """y: [N, D] expert outputs (sorted), weights: [T, K] -> [T, D] weighted sum per token."""
-        order, token = ctx
-        y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
-        return y.new_zeros(n_tokens, y.shape[-1]).index_add_(0, token, y)
+        order, inverse = ctx
+        y_tok = permute_rows(y, inverse, order).view(n_tokens, weights.shape[1], y.shape[-1])  # [T, K, D]
+        return (y_tok * weights.unsqueeze(-1).to(y.dtype)).sum(1)
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, n_experts: int) -> torch.Tensor:

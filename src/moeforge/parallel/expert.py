@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import MoeforgeError
-from ..model.moe import Experts, LocalDispatcher, MoE
+from ..model.moe import Experts, LocalDispatcher, MoE, inverse_permutation, permute_rows
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")  # stacked over experts in dim 0
 
@@ -138,8 +138,10 @@ class _AllToAllFP8(torch.autograd.Function):
 class _PendingDispatch:
     """A dispatch whose token all-to-all may still be in flight; finish() waits for it."""
 
-    def __init__(self, pending: list, x_recv: torch.Tensor, perm: torch.Tensor, counts: torch.Tensor, ctx):
-        self.pending, self.x_recv, self.perm, self.counts, self.ctx = pending, x_recv, perm, counts, ctx
+    def __init__(self, pending: list, x_recv: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor,
+                 counts: torch.Tensor, ctx):
+        self.pending, self.x_recv, self.perm, self.inverse = pending, x_recv, perm, inverse
+        self.counts, self.ctx = counts, ctx
 
     def wait(self) -> None:
         for work in self.pending:
@@ -148,7 +150,7 @@ class _PendingDispatch:
 
     def finish(self):
         self.wait()
-        return self.x_recv[self.perm], self.counts, self.ctx
+        return permute_rows(self.x_recv, self.perm, self.inverse), self.counts, self.ctx
 
 
 class AllToAllDispatcher:
@@ -186,16 +188,15 @@ class AllToAllDispatcher:
         expert_of_row = torch.arange(E_l, device=x.device).repeat(R).repeat_interleave(
             recv_counts.flatten(), output_size=sum(recv))  # [M]
         perm = expert_of_row.argsort(stable=True)  # row i of the expert-major layout is received row perm[i]
-        out = _PendingDispatch(pending, x_recv, perm, recv_counts.sum(0), (local_ctx, perm, send, recv))
+        inverse = inverse_permutation(perm)
+        out = _PendingDispatch(pending, x_recv, perm, inverse, recv_counts.sum(0), (local_ctx, perm, inverse, send, recv))
         if not self.overlap:
             out.wait()
         return out
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
-        local_ctx, perm, send, recv = ctx
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        y_recv = y[inverse]  # [M, D] back in received order
+        local_ctx, perm, inverse, send, recv = ctx
+        y_recv = permute_rows(y, inverse, perm)  # [M, D] back in received order
         y_sorted = _AllToAll.apply(y_recv, recv, send, self.group)  # [N, D] back home, sorted by expert
         return self.local.combine(y_sorted, weights, local_ctx, n_tokens)
 
