@@ -27,10 +27,12 @@ SPEED = {
     "fp8-eager": ["--precision", "fp8"],
 }
 
-# Memory savers, at 2 micro-batches of 1 sequence per step: the peak comes at the end of the second
-# micro-batch's forward, with the activations and the first micro-batch's gradients alive.
+# Memory savers, at 2 micro-batches of 1 sequence per step, FP32 AdamW moments unless the saver is the
+# BF16 moments: the peak comes at the end of the second micro-batch's forward, with the activations
+# and the first micro-batch's gradients alive.
 SAVERS = {
     "none": [],
+    "BF16 AdamW moments": ["train.adam_moments=bf16"],
     "chunked-loss": ["train.loss_chunk=4096"],
     "chunked-loss + recompute full": ["train.loss_chunk=4096", "train.recompute=full"],
     "recompute norm,mla_up,swiglu": ["train.recompute=norm,mla_up,swiglu"],
@@ -83,9 +85,9 @@ def main() -> None:
             peaks = []
             for layers in a.layers.split(","):
                 tag = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
-                res = run(f"mem-{tag}-L{layers}", ["--steps", "2", "--warmup", "1", "--no-split", "--batch-size", "2",
-                                                 "train.micro_batch_size=1", "train.loss_chunk=0",
-                                                 f"model.num_hidden_layers={layers}"] + args, out, a.timeout)
+                base = ["--steps", "2", "--warmup", "1", "--no-split", "--batch-size", "2", "train.micro_batch_size=1",
+                        "train.loss_chunk=0", "train.adam_moments=fp32", f"model.num_hidden_layers={layers}"]
+                res = run(f"mem-{tag}-L{layers}", base + args, out, a.timeout)
                 peaks.append(res["results"][0]["peak_mem_gib"] if res else None)
             rows.append(f"| {name} | " + " | ".join(f"{p:.1f}" if p else "failed" for p in peaks) + " |")
         print(f"| saver | peak GiB at layers {a.layers} |\n|---|---|")
