@@ -201,6 +201,48 @@ def test_bench_cli_reports_and_compares_with_transformers(cli, tmp_path):
     assert sum(v for k, v in split.items() if k != "total") == pytest.approx(split["total"], rel=0.05)
 
 
+def test_compile_is_refused_with_expert_parallelism():
+    """Regional compilation with ep > 1 recompiles every step (the all-to-all splits each block and
+    the token counts change): a one-line error, also for the bench preset, which compiles by default."""
+    from moeforge.config import load_config
+    from moeforge.errors import MoeforgeError
+
+    with pytest.raises(MoeforgeError, match="train.compile.*parallel.ep"):
+        load_config("bench", None, ["parallel.ep=2"])
+    assert load_config("bench", None, ["parallel.ep=2", "train.compile=false"]).parallel.ep == 2
+
+
+def _raise_oom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.13 GiB. GPU 0 has a total capacity "
+                                 "of 79.19 GiB of which 1.20 GiB is free.\nSee the documentation")
+
+
+def test_bench_out_of_memory_is_one_line(monkeypatch, capsys):
+    """Running out of device memory ends with one line naming the allocation and what to change, exit 1."""
+    from moeforge import bench, cli
+
+    monkeypatch.setattr(bench, "bench_moeforge", _raise_oom)
+    assert cli.main(["bench", *BENCH_TINY]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "Tried to allocate 3.13 GiB" in err and "train.micro_batch_size" in err
+
+
+def test_bench_vs_hf_reports_when_transformers_runs_out_of_memory(monkeypatch, capsys, tmp_path):
+    """moeforge's result stands when transformers' model does not fit: no ratio, a note, exit 0."""
+    import json
+
+    from moeforge import bench, cli
+
+    monkeypatch.setattr(bench, "bench_hf", _raise_oom)
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", *BENCH_TINY, "--no-split", "--vs", "hf", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "moeforge:" in text and "transformers ran out of memory" in text and "moeforge / transformers" not in text
+    saved = json.loads(out.read_text())
+    assert [r["name"] for r in saved["results"]] == ["moeforge"] and "out of memory" in saved["notes"][0]
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["--steps", "0"], ["--steps"]),
     (["--vs", "hf", "--precision", "fp8"], ["transformers", "fp8"]),

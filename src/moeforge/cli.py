@@ -266,20 +266,29 @@ def _bench(args, cfg, pctx) -> int:
            f"compile {t.compile}, recompute {t.recompute or 'none'}, loss_chunk {t.loss_chunk}, device {device}{layout} | "
            f"{bench.describe_peak(device)}", flush=True)
     results = [bench.bench_moeforge(cfg, args.steps, args.warmup, split=not args.no_split, pctx=pctx)]
+    notes: list[str] = []
     print_(bench.format_result(results[0]), flush=True)
     if args.vs == "hf":
         bench.free_memory(device)
         if cfg.model.num_nextn_predict_layers:
             print_("note: transformers does not run the MTP modules; moeforge's FLOPs include them", flush=True)
-        results.append(bench.bench_hf(cfg, args.steps, args.warmup))
-        print_(bench.format_result(results[1]))
-        ours, theirs = results
-        mem = (f", peak memory {ours.peak_mem_gib / theirs.peak_mem_gib:.2f}x"
-               if ours.peak_mem_gib and theirs.peak_mem_gib else "")
-        print_(f"moeforge / transformers: {ours.tokens_per_s / theirs.tokens_per_s:.2f}x tokens/s{mem}")
+        try:
+            results.append(bench.bench_hf(cfg, args.steps, args.warmup))
+        except Exception as e:  # moeforge's result stands; say why there is no comparison
+            if not is_out_of_memory(e):
+                raise
+            bench.free_memory(device)
+            notes.append(f"transformers ran out of memory with these settings ({oom_summary(e)})")
+            print_(f"transformers: {notes[-1]}; no ratio (try a smaller train.micro_batch_size for both)")
+        else:
+            print_(bench.format_result(results[1]))
+            ours, theirs = results
+            mem = (f", peak memory {ours.peak_mem_gib / theirs.peak_mem_gib:.2f}x"
+                   if ours.peak_mem_gib and theirs.peak_mem_gib else "")
+            print_(f"moeforge / transformers: {ours.tokens_per_s / theirs.tokens_per_s:.2f}x tokens/s{mem}")
     if args.json and main_rank:
-        Path(args.json).write_text(json.dumps({"config": cfg.to_dict(), "results": [r.to_dict() for r in results]},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps({"config": cfg.to_dict(), "results": [r.to_dict() for r in results],
+                                               "notes": notes}, indent=1))
     return 0
 
 
@@ -324,6 +333,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"moeforge {args.command}: error: {out_of_memory_message(e)}", file=sys.stderr)
+        return 1
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(e, torch.OutOfMemoryError)
+
+
+def oom_summary(e: BaseException) -> str:
+    """torch's first two sentences of an out-of-memory error: which device, and what it tried to allocate."""
+    lines = str(e).strip().splitlines()
+    return ". ".join(lines[0].split(". ")[:2]) if lines else "out of memory"
+
+
+def out_of_memory_message(e: BaseException) -> str:
+    """One line: what ran out, and the settings that lower memory."""
+    return (f"{oom_summary(e)} | lower train.micro_batch_size, or turn on train.compile, train.recompute=full, "
+            f"train.loss_chunk or train.adam_moments=bf16 (docs/performance.md)")
 
 
 if __name__ == "__main__":

@@ -439,6 +439,9 @@ def validate(cfg: Config) -> None:
     validate_model(cfg.model)
     validate_train(cfg.train, cfg.model)
     validate_parallel(cfg.parallel, cfg.model)
+    _check(not cfg.train.compile or cfg.parallel.ep == 1,
+           "train.compile: not with parallel.ep > 1 (the expert all-to-all splits each block, and the pieces "
+           "recompile as the token counts change every step); set train.compile=false")
     _check(cfg.train.adam_moments == "fp32" or cfg.parallel.sharding in ("none", "zero1"),
            f"train.adam_moments=bf16: not supported with parallel.sharding={cfg.parallel.sharding} "
            f"(none and zero1 are)")
