@@ -1,5 +1,5 @@
 """FP8 GPU path benchmark (SM90): FP8Linear forward+backward vs BF16, raw GEMM TFLOP/s, quantiser
-bandwidth, the grouped expert GEMM, plus probes of torch._scaled_mm's blockwise rules and of the FP8
+bandwidth, the grouped expert GEMM, a whole MoE layer, plus probes of torch._scaled_mm's blockwise rules and of the FP8
 GEMMs' accumulation error. Times are medians of CUDA-event timings after warm-up
 (triton.testing.do_bench, L2 flushed between runs).
 
@@ -17,7 +17,7 @@ import traceback
 
 import torch
 
-SECTIONS = ("env", "probe", "accuracy", "quant", "gemm", "linear", "diag", "grouped")
+SECTIONS = ("env", "probe", "accuracy", "quant", "gemm", "linear", "diag", "grouped", "moe")
 LINEAR_SHAPES = [(4096, 7168, 2048), (4096, 2048, 7168), (4096, 7168, 18432)]  # tokens, in, out
 RESULTS: dict = {}
 
@@ -422,6 +422,57 @@ def s_grouped(args):
     return out
 
 
+def moe_layer_step(precision: str, tokens: int, device: str, overrides=()):
+    """One MoE layer of the bench preset (64 routed experts of 1408, top 6, 2 shared, hidden 2048),
+    forward + backward on `tokens` tokens under BF16 autocast, its Linears and experts in FP8 when
+    precision is "fp8". Returns (step function, model FLOPs of one step)."""
+    from moeforge.config import load_config
+    from moeforge.fp8 import convert_to_fp8
+    from moeforge.model.moe import MoE
+
+    m = load_config("bench", None, list(overrides)).model
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.layers = torch.nn.ModuleList([MoE(m)])  # convert_to_fp8 converts what is under `layers`
+    for p_ in holder.parameters():
+        torch.nn.init.normal_(p_, std=0.02)
+    if precision == "fp8":
+        convert_to_fp8(holder)
+    holder.to(device)
+    layer = holder.layers[0]
+    x = torch.randn(1, tokens, m.hidden_size, device=device, requires_grad=True)
+    g = torch.randn(1, tokens, m.hidden_size, device=device)
+    active = m.num_experts_per_tok + m.n_shared_experts
+    flops = 6 * tokens * m.hidden_size * m.moe_intermediate_size * 3 * active  # router not counted
+
+    def step():
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            y, _ = layer(x)
+        y.backward(g)
+        x.grad = None
+        for p_ in layer.parameters():
+            p_.grad = None
+
+    return step, flops
+
+
+@section("moe")
+def s_moe(args):
+    """The issue's MoE-layer comparison: 16k tokens through one bench-preset MoE layer, FP32 master
+    weights, BF16 autocast; BF16 grouped_mm against the FP8 path (Linears + Triton grouped FP8)."""
+    out = {"tokens": 16384}
+    for precision in ("bf16", "fp8"):
+        step, flops = moe_layer_step(precision, 16384, "cuda")
+        ms = bench(step)
+        out[precision] = {"fwd+bwd ms": ms, "TFLOP/s": flops / ms / 1e9}
+        print(f"   {precision}: fwd+bwd {ms:7.3f} ms  {flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
+        del step
+        torch.cuda.empty_cache()
+    out["fp8 speedup"] = out["bf16"]["fwd+bwd ms"] / out["fp8"]["fwd+bwd ms"]
+    print(f"   FP8 / BF16 speedup: {out['fp8 speedup']:.2f}x", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", default=",".join(SECTIONS))
@@ -431,7 +482,7 @@ def main(argv=None) -> int:
         print("needs a CUDA GPU (SM90)", file=sys.stderr)
         return 2
     runners = {"env": s_env, "probe": s_probe, "accuracy": s_accuracy, "quant": s_quant, "gemm": s_gemm,
-               "linear": s_linear, "diag": s_diag, "grouped": s_grouped}
+               "linear": s_linear, "diag": s_diag, "grouped": s_grouped, "moe": s_moe}
     for name in args.sections.split(","):
         runners[name](args)
         if args.json:
