@@ -164,4 +164,4 @@ def test_bf16_moment_adamw_kernel_matches_reference(clip):
                 flips += int((a[k] != b[k]).sum())
                 total += a[k].numel()
         assert flips <= 1e-3 * total, f"step {step}: {flips} of {total} BF16 moments differ"
-    assert adamw._kernel_ok(pk, sk)  # and the optimizer takes the kernel for such parameters
+    assert adamw._kernel(pk, sk) is adamw_triton  # and the optimizer takes the kernel for such parameters

@@ -75,22 +75,19 @@ class AdamWBF16Moments(torch.optim.Optimizer):
     def _update(self, params, lr, beta1, beta2, eps, wd, scale) -> None:
         states = [self.state[p] for p in params]
         torch._foreach_add_([st["step"] for st in states], 1)
-        if _kernel_ok(params, states):  # GPU: one fused pass per parameter (adamw_triton.py)
-            from . import adamw_triton
-
-            adamw_triton.update(params, states, lr, beta1, beta2, eps, wd, scale)
-        else:
-            reference_update(params, states, lr, beta1, beta2, eps, wd, scale)
+        kernel = _kernel(params, states)  # GPU: one fused pass per parameter (adamw_triton.py)
+        (kernel.update if kernel is not None else reference_update)(params, states, lr, beta1, beta2, eps, wd, scale)
 
 
-def _kernel_ok(params, states) -> bool:
+def _kernel(params, states):
+    """The adamw_triton module when its kernel can update all of these parameters, else None."""
     if not TRITON or not params[0].is_cuda:
-        return False
+        return None
     try:
         from . import adamw_triton
     except ImportError:  # no Triton
-        return False
-    return all(adamw_triton.supported(p, st) for p, st in zip(params, states))
+        return None
+    return adamw_triton if all(adamw_triton.supported(p, st) for p, st in zip(params, states)) else None
 
 
 def bias_corrections(states, beta1: float, beta2: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

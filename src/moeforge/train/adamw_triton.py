@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import launch
+from .adamw import bias_corrections
 
 BLOCK = 2048
 
@@ -46,8 +47,6 @@ def update(params: list[torch.Tensor], states: list[dict], lr: float, beta1: flo
            wd: float, scale: torch.Tensor | None) -> None:
     """AdamW on FP32 parameters (contiguous) with BF16 moments; the states' step counts already
     incremented."""
-    from .adamw import bias_corrections
-
     scale_arg = scale.reshape(()).float() if scale is not None else None
     bias1, bias2_sqrt = bias_corrections(states, beta1, beta2)  # on the device, from the step counts
     for p, st, b1, b2 in zip(params, states, bias1, bias2_sqrt):
