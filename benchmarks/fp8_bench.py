@@ -17,7 +17,7 @@ import traceback
 
 import torch
 
-SECTIONS = ("env", "probe", "accuracy", "quant", "gemm", "linear", "diag", "grouped", "moe")
+SECTIONS = ("env", "probe", "accuracy", "quant", "gemm", "linear", "diag", "grouped", "tiles", "moe")
 LINEAR_SHAPES = [(4096, 7168, 2048), (4096, 2048, 7168), (4096, 7168, 18432)]  # tokens, in, out
 RESULTS: dict = {}
 
@@ -422,6 +422,58 @@ def s_grouped(args):
     return out
 
 
+@section("tiles")
+def s_tiles(args):
+    """Tile configurations of the grouped FP8 GEMM (Fprop/Dgrad `grouped_gemm`, Wgrad `grouped_wgrad`)
+    at MoE shapes; every variant's output is compared with the untuned kernel's (relative Frobenius)."""
+    from moeforge.fp8.kernels import (BLOCK, GEMM_CONFIG, group_layout, grouped_gemm, grouped_wgrad,
+                                      quant_block_operand, quant_operands)
+
+    plain = {k: v for k, v in GEMM_CONFIG.items() if k != "FOLD"}  # 128x128 tiles, 8 warps, 4 stages
+    fold = {**plain, "FOLD": True}
+    variants = {
+        "fwd": {"default": None, "128 rows, unfolded": plain, "128 rows, folded": fold,
+                "128 rows, folded, 3 stages": {**fold, "num_stages": 3},
+                "64 rows, 4 warps, folded, 6 stages": {**fold, "BLOCK_M": 64, "num_warps": 4, "num_stages": 6},
+                "N tile 256, 3 stages": {**plain, "BLOCK_N": 256, "num_stages": 3}},
+        "wgrad": {"default": None, "128 rows, 8 warps": plain,
+                  "64 rows, 4 warps, 4 stages": {**plain, "BLOCK_M": 64, "num_warps": 4},
+                  "64 rows, 4 warps, 6 stages": {**plain, "BLOCK_M": 64, "num_warps": 4, "num_stages": 6},
+                  "64 x 256 tiles, 3 stages": {**plain, "BLOCK_M": 64, "BLOCK_N": 256, "num_stages": 3}},
+    }
+    out = {}
+    for name, (E, R, K, N) in {"64 experts, 2048 -> 1408": (64, 98304, 2048, 1408),
+                               "64 experts, 1408 -> 2048": (64, 98304, 1408, 2048),
+                               "8 experts, 7168 -> 2048": (8, 32768, 7168, 2048)}.items():
+        torch.manual_seed(0)
+        counts = torch.multinomial(torch.ones(E), R, replacement=True).bincount(minlength=E)
+        offsets = counts.cumsum(0).to(torch.int32).cuda()
+        x = torch.randn(R, K, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn(R, N, device="cuda", dtype=torch.bfloat16)
+        xa, _ = quant_operands(x, rows=True)
+        wa, _ = quant_block_operand(torch.randn(E, N, K, device="cuda") * 0.02)
+        tiles, offs = group_layout(offsets, BLOCK)
+        seg = (tiles, offs, -(-R // BLOCK) + tiles.numel())
+        _, gt = quant_operands(g, rows=False, cols=True, segments=seg)
+        _, xt = quant_operands(x, rows=False, cols=True, segments=seg)
+        calls = {"fwd": lambda c: grouped_gemm(xa, wa, offsets, torch.bfloat16, config=c),
+                 "wgrad": lambda c: grouped_wgrad(gt, xt, tiles, torch.float32, config=c)}
+        for part, confs in variants.items():
+            ref = calls[part](plain).float()
+            for cname, cfg in confs.items():
+                key = f"{name}, {part}, {cname}"
+                try:
+                    err = float((calls[part](cfg).float() - ref).norm() / ref.norm())
+                    ms = bench(lambda cfg=cfg: calls[part](cfg))
+                    out[key] = {"ms": ms, "TFLOP/s": 2 * R * K * N / ms / 1e9, "rel_err_vs_untuned": err}
+                    print(f"   {key:58s} {ms:7.3f} ms {2 * R * K * N / ms / 1e9:7.1f} TFLOP/s  (vs untuned {err:.1e})",
+                          flush=True)
+                except Exception as e:
+                    out[key] = f"error: {e}"[:300]
+                    print(f"   {key:58s} failed: {type(e).__name__}", flush=True)
+    return out
+
+
 def moe_layer_step(precision: str, tokens: int, device: str, overrides=()):
     """One MoE layer of the bench preset (64 routed experts of 1408, top 6, 2 shared, hidden 2048),
     forward + backward on `tokens` tokens under BF16 autocast, its Linears and experts in FP8 when
@@ -482,7 +534,7 @@ def main(argv=None) -> int:
         print("needs a CUDA GPU (SM90)", file=sys.stderr)
         return 2
     runners = {"env": s_env, "probe": s_probe, "accuracy": s_accuracy, "quant": s_quant, "gemm": s_gemm,
-               "linear": s_linear, "diag": s_diag, "grouped": s_grouped, "moe": s_moe}
+               "linear": s_linear, "diag": s_diag, "grouped": s_grouped, "tiles": s_tiles, "moe": s_moe}
     for name in args.sections.split(","):
         runners[name](args)
         if args.json:

@@ -2,12 +2,16 @@
 
     python benchmarks/profile_step.py [--preset bench] [--rows 30] [key=value ...]
 
-The model and step are `moeforge bench`'s (random tokens); two warm-up steps run first.
+The model and step are `moeforge bench`'s (random tokens); two warm-up steps run first. Also printed:
+the wall time of a step (median of 3, host synchronised around each) against the sum of the profiled
+step's kernel times; when the wall time is much larger, the GPU waits for the host.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -39,11 +43,22 @@ def main() -> None:
 
     for i in range(2):
         step(i)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step(2)
+    walls = []
+    for i in range(2, 5):
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=70))
+        t0 = time.perf_counter()
+        step(i)
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(5)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=70))
+    kernels_ms = sum(e.self_device_time_total for e in events) / 1e3
+    wall_ms = 1e3 * statistics.median(walls)
+    print(f"step wall time {wall_ms:.1f} ms (median of 3); kernels of one step {kernels_ms:.1f} ms "
+          f"({100 * kernels_ms / wall_ms:.0f}% of the wall time)")
 
 
 if __name__ == "__main__":

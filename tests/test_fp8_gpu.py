@@ -196,6 +196,52 @@ def test_fp8_gemm_matches_fp32_emulation(backend, b_kind, mkn):
     assert torch.all((out - ref).abs() <= GEMM_TOL * mag + 1e-30)
 
 
+GROUPED_CONFIGS = {
+    "default (FOLD)": None,
+    "no fold": {**kernels.GROUPED_CONFIG, "FOLD": False},
+    "128-row tiles": kernels.GEMM_CONFIG,
+    "wgrad's": kernels.WGRAD_CONFIG,
+    "block_n 256": {**kernels.GEMM_CONFIG, "BLOCK_N": 256, "num_stages": 3},
+}
+
+
+@needs_sm90
+@pytest.mark.parametrize("config", list(GROUPED_CONFIGS))
+def test_grouped_gemm_configs_match_fp32_emulation(config):
+    """Every tile configuration of the grouped FP8 GEMM: each expert's rows times its own weight
+    blocks, empty experts and ragged edges included, within the FP8 accumulation error."""
+    counts = torch.tensor([130, 0, 7, 300, 41])
+    offsets = counts.cumsum(0).to(torch.int32).to(DEV)
+    K, N = 384, 400
+    a, _ = kernels.quant_operands(_data((int(counts.sum()), K), torch.bfloat16, seed=8))
+    b, _ = kernels.quant_block_operand(_data((len(counts), N, K), torch.float32, seed=9))
+    out = kernels.grouped_gemm(a, b, offsets, torch.float32, config=GROUPED_CONFIGS[config])
+    ah = dequantize(a.qv, a.sv, (1, 128))
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        bh = dequantize(b.q[e, :N, :K], b.s_store[e, : -(-N // 128), : -(-K // 128)], (128, 128))
+        ref, mag = ah[start:end] @ bh.T, ah[start:end].abs() @ bh.abs().T
+        assert torch.all((out[start:end] - ref).abs() <= GEMM_TOL * mag + 1e-30), (config, e)
+        start = end
+
+
+@pytest.mark.parametrize("shape", [(3, 200), (150, 7168), (1, 128), (70, 260)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dispatch_wire_format_bit_exact(shape, dtype):
+    """The FP8 dispatch's fused pack/unpack (one Triton pass each) against the reference packing."""
+    from moeforge.parallel import expert
+
+    x = _data(shape, dtype)
+    packed = kernels.pack_rows(x)
+    q_ref, s_ref = quantize(x, (1, 128), check_finite=False)
+    D = shape[1]
+    _bytes_equal(packed[:, :D].contiguous().view(torch.float8_e4m3fn), q_ref)
+    assert torch.equal(packed[:, D:].contiguous().view(torch.float32), s_ref)
+    assert torch.equal(expert.pack_rows_fp8(x), packed)  # the dispatcher takes the fused path on CUDA
+    y = kernels.unpack_rows(packed, D, dtype)
+    assert torch.equal(y, dequantize(q_ref, s_ref, (1, 128), dtype))
+
+
 @needs_sm90
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("recipe", [FP8Recipe(), FP8Recipe(save_fp8_inputs=False), FP8Recipe(pow2_scales=True)])

@@ -34,7 +34,7 @@ from moeforge.config import ParallelConfig, config_from_dict, load_config
 from moeforge.errors import MoeforgeError
 from moeforge.parallel import (AllToAllDispatcher, check_batch_sizes, expert_names, full_tensor, init_distributed,
                                max_ranks_per_token, resolve_layout)
-from moeforge.parallel.expert import dequantize_rows_fp8, expert_slice, quantize_rows_fp8, slice_state_dict
+from moeforge.parallel.expert import expert_slice, pack_rows_fp8, slice_state_dict, unpack_rows_fp8
 
 STEPS = 4
 MODEL = DIST_MODEL
@@ -319,13 +319,20 @@ def test_all_to_all_dispatcher_round_trip():
         torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-6)  # backward is not quantised
 
 
-def test_fp8_quantisation_tiles():
-    """1x128 tiles with one scale each (a row of 200 values has 2 tiles); error within e4m3's 2^-4."""
+def test_fp8_dispatch_wire_format():
+    """One uint8 row per token: 200 FP8 codes in 1x128 tiles (2 tiles), then the 2 FP32 scales' bytes,
+    those of moeforge.fp8.quantize; unpacking gives code x scale, within e4m3's 2^-4 of x."""
+    from moeforge.fp8 import quantize
+
     x = torch.randn(5, 200) * torch.tensor([1e-3, 1.0, 1e3, 7.0, 0.1]).unsqueeze(1)
-    q, scale = quantize_rows_fp8(x)
-    assert q.dtype == torch.float8_e4m3fn and q.shape == (5, 200) and scale.shape == (5, 2)
-    back = dequantize_rows_fp8(q, scale, torch.float32)
+    packed = pack_rows_fp8(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 200 + 4 * 2)
+    q, scale = quantize(x, (1, 128))
+    assert torch.equal(packed[:, :200], q.view(torch.uint8))
+    assert torch.equal(packed[:, 200:].contiguous().view(torch.float32), scale)
+    back = unpack_rows_fp8(packed, 200, torch.float32)
     assert ((back - x).abs() <= 2 ** -4 * x.abs() + 1e-9 * x.abs().max()).all()
+    assert unpack_rows_fp8(pack_rows_fp8(x[:0]), 200, torch.bfloat16).shape == (0, 200)
 
 
 # ----------------------------------------------------------------------------------------------

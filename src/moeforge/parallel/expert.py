@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import MoeforgeError
+from ..fp8.quant import dequantize, quantize
 from ..model.moe import Experts, LocalDispatcher, MoE, inverse_permutation, permute_rows
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")  # stacked over experts in dim 0
@@ -89,25 +90,36 @@ def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torc
 # --------------------------------------------------------------------------------------
 # FP8 dispatch: 1x128 tiles, one FP32 scale each (report §3.3.2: dispatched activations in FP8)
 # --------------------------------------------------------------------------------------
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-TILE = 128
+def _wire_kernels(x: torch.Tensor):
+    """moeforge.fp8.kernels when the fused Triton pack/unpack can run on x's device, else None."""
+    if not x.is_cuda or x.shape[-1] % 4 or torch.cuda.get_device_capability(x.device) < (8, 9):
+        return None
+    try:
+        from ..fp8 import kernels
+    except ImportError:  # no Triton
+        return None
+    return kernels
 
 
-def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, D] -> (float8_e4m3fn [N, D], scales [N, ceil(D/128)]); each 1x128 tile scaled to its amax."""
-    N, D = x.shape
-    n_tiles = -(-D // TILE)
-    padded = torch.nn.functional.pad(x.float(), (0, n_tiles * TILE - D)).view(N, n_tiles, TILE)
-    scale = padded.abs().amax(dim=-1).clamp_min(1e-12) / FP8_MAX  # [N, tiles]
-    q = (padded / scale.unsqueeze(-1)).to(torch.float8_e4m3fn).view(N, n_tiles * TILE)[:, :D]
-    return q, scale
+def pack_rows_fp8(x: torch.Tensor) -> torch.Tensor:
+    """x [N, D] -> uint8 [N, D + 4 ceil(D/128)]: each row's float8_e4m3fn codes in 1x128 tiles (the
+    FP8 recipe's scales, moeforge.fp8.quantize), then its FP32 scales' bytes: one all-to-all row per
+    token copy. On CUDA one fused Triton pass (bit-identical); elsewhere the reference ops."""
+    kernels = _wire_kernels(x)
+    if kernels is not None:
+        return kernels.pack_rows(x)
+    q, scale = quantize(x, (1, 128), check_finite=False)
+    return torch.cat([q.view(torch.uint8), scale.contiguous().view(torch.uint8)], dim=1)
 
 
-def dequantize_rows_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    N, D = q.shape
-    n_tiles = scale.shape[1]
-    padded = torch.nn.functional.pad(q.float(), (0, n_tiles * TILE - D)).view(N, n_tiles, TILE)
-    return (padded * scale.unsqueeze(-1)).view(N, n_tiles * TILE)[:, :D].to(dtype)
+def unpack_rows_fp8(packed: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of pack_rows_fp8: [N, D] in `dtype`, each value its code times its tile's scale."""
+    kernels = _wire_kernels(packed[:, :D])
+    if kernels is not None:
+        return kernels.unpack_rows(packed, D, dtype)
+    q = packed[:, :D].contiguous().view(torch.float8_e4m3fn)
+    scale = packed[:, D:].contiguous().view(torch.float32)
+    return dequantize(q, scale, (1, 128), dtype)
 
 
 class _AllToAllFP8(torch.autograd.Function):
@@ -117,15 +129,10 @@ class _AllToAllFP8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
         ctx.send, ctx.recv, ctx.group = send, recv, group
-        N, D = x.shape
-        q, scale = quantize_rows_fp8(x)
-        # One uint8 row per token: D bytes of FP8 values, then the FP32 scales' bytes.
-        packed = torch.cat([q.contiguous().view(torch.uint8), scale.contiguous().view(torch.uint8)], dim=1)
+        packed = pack_rows_fp8(x)
         out = packed.new_empty(sum(recv), packed.shape[1])
         dist.all_to_all_single(out, packed, recv, send, group=group)
-        q_in = out[:, :D].contiguous().view(torch.float8_e4m3fn)
-        scale_in = out[:, D:].contiguous().view(torch.float32)
-        return dequantize_rows_fp8(q_in, scale_in, x.dtype)
+        return unpack_rows_fp8(out, x.shape[1], x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
