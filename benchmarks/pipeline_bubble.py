@@ -3,6 +3,8 @@
     torchrun --nproc-per-node PP benchmarks/pipeline_bubble.py --schedule 1f1b|zbv|dualpipev \\
         [--preset small] [--micro-batches N] [--json FILE] [key=value ...]
 
+N micro-batches of train.micro_batch_size sequences (1 unless given as an override).
+
 On every rank:
 1. The isolated cost of one micro-batch through this rank's stages, without communication:
    - F: the forward;
@@ -96,8 +98,10 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    # micro-batches of 1 sequence unless the overrides set train.micro_batch_size
+    micro = load_config(a.preset, None, ["train.micro_batch_size=1", *a.overrides]).train.micro_batch_size
     cfg = load_config(a.preset, None, [*a.overrides, f"parallel.pp={world}", f"parallel.schedule={a.schedule}",
-                                       f"train.batch_size={a.micro_batches}", "train.micro_batch_size=1"])
+                                       f"train.batch_size={a.micro_batches * micro}", f"train.micro_batch_size={micro}"])
     pctx = parallel.init_distributed(cfg.parallel, cfg.train.device)
     device = pctx.device
     precision = resolve_precision(cfg.train.precision, device)
@@ -106,7 +110,7 @@ def main() -> None:
     F, B, W = stage_costs(stages, factory, cfg, device)
     n, S = a.micro_batches, cfg.train.seq_len
     g = torch.Generator().manual_seed(0)
-    window = torch.randint(0, cfg.model.vocab_size, (n, S + 1), generator=g).to(device)
+    window = torch.randint(0, cfg.model.vocab_size, (n * micro, S + 1), generator=g).to(device)
     times = []
     for i in range(a.steps + 1):
         _sync(device)
@@ -134,7 +138,7 @@ def main() -> None:
         f, b_full, w = F / v, (B + W) / v, W / v
         formulas = {"1f1b": (P - 1) * (f + b_full), "zbv": (P - 1) * (f + b_full - 2 * w),
                     "dualpipev": (P / 2 - 1) * ((f + b_full) + b_full - 3 * w)}
-        out = {"schedule": a.schedule, "pp": P, "micro_batches": n, "step_s": T, "F_s": F, "B_s": B, "W_s": W,
+        out = {"schedule": a.schedule, "pp": P, "micro_batches": n, "micro_batch_size": micro, "step_s": T, "F_s": F, "B_s": B, "W_s": W,
                "bubble_fraction": max(0.0, 1 - busy / T)}
         if a.schedule in formulas:
             out["table2_bubble_s"] = formulas[a.schedule]

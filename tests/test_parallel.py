@@ -400,10 +400,11 @@ def test_pipeline_bubble_script_runs(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline_bubble.py"
     out = tmp_path / "bubble.json"
     res = run_torchrun([script, "--schedule", "1f1b", "--preset", "tiny", "--micro-batches", 4, "--steps", 1,
-                        "--json", out, "train.seq_len=32"], 2, cwd=tmp_path)
+                        "--json", out, "train.seq_len=32", "train.micro_batch_size=2"], 2, cwd=tmp_path)
     assert res.returncode == 0 or (teardown_aborted(res) and out.is_file()), res.stderr[-3000:]
     numbers = json.loads(out.read_text())
     assert numbers["pp"] == 2 and numbers["step_s"] > 0 and numbers["F_s"] > 0 and numbers["B_s"] > 0
+    assert numbers["micro_batches"] == 4 and numbers["micro_batch_size"] == 2  # the override is kept
     assert 0 <= numbers["bubble_fraction"] < 1 and numbers["table2_bubble_fraction"] == pytest.approx(
         numbers["table2_bubble_s"] / (4 * (numbers["F_s"] + numbers["B_s"] + numbers["W_s"]) + numbers["table2_bubble_s"]))
 

@@ -410,6 +410,10 @@ def pipeline_train_step(stages: list, schedule_factory: ScheduleFactory, inputs:
             if tuple(t.shape) != (rows, f.seq_len):
                 raise MoeforgeError(f"pipeline: {name} must be [{rows}, {f.seq_len}] ({n_micro} micro-batches of "
                                     f"{f.micro_batch}), got {list(t.shape)}")
+    # torch.distributed.pipelining (2.11) checks every micro-batch's strides against the first stage's
+    # contiguous example input; the trainer's windows[:, :-1] views are not contiguous.
+    inputs = inputs.contiguous() if inputs is not None else None
+    targets = targets.contiguous() if targets is not None else None
     loss = f.loss
     loss.n_micro, loss.mtp_lambda, loss.balance_alpha = n_micro, mtp_lambda, balance_alpha
     loss.records.clear()
