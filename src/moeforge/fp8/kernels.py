@@ -586,7 +586,7 @@ def _gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-# Tile configurations, from two sweeps on an H200 (docs/fp8.md). FOLD took the grouped forward/Dgrad
+# Tile configurations, from sweeps on an H200 (docs/fp8.md, `fp8_bench.py --sections tiles`). FOLD took the grouped forward/Dgrad
 # GEMM from 569 to 697 TFLOP/s (64 experts, 2048 -> 1408), and 64-row tiles with one warpgroup to 742.
 # The grouped Wgrad (two 1x128-tiled operands, nothing to fold) runs best with 64-row tiles, one
 # warpgroup and 3 stages (477 -> 657 TFLOP/s).

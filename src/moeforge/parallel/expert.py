@@ -26,6 +26,7 @@ K experts per token, N = T*K local token copies, M token copies received by this
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -90,9 +91,9 @@ def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torc
 # --------------------------------------------------------------------------------------
 # FP8 dispatch: 1x128 tiles, one FP32 scale each (report §3.3.2: dispatched activations in FP8)
 # --------------------------------------------------------------------------------------
-def _wire_kernels(x: torch.Tensor):
-    """moeforge.fp8.kernels when the fused Triton pack/unpack can run on x's device, else None."""
-    if not x.is_cuda or x.shape[-1] % 4 or torch.cuda.get_device_capability(x.device) < (8, 9):
+@functools.lru_cache(maxsize=None)
+def _wire_kernels_on(device_index: int):
+    if torch.cuda.get_device_capability(device_index) < (8, 9):  # no float8e4nv in Triton before SM89
         return None
     try:
         from ..fp8 import kernels
@@ -101,11 +102,19 @@ def _wire_kernels(x: torch.Tensor):
     return kernels
 
 
+def _wire_kernels(t: torch.Tensor, width: int):
+    """moeforge.fp8.kernels when the fused Triton pack/unpack can run rows of `width` values on t's
+    device, else None (checked once per device)."""
+    if not t.is_cuda or width % 4:
+        return None
+    return _wire_kernels_on(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
 def pack_rows_fp8(x: torch.Tensor) -> torch.Tensor:
     """x [N, D] -> uint8 [N, D + 4 ceil(D/128)]: each row's float8_e4m3fn codes in 1x128 tiles (the
     FP8 recipe's scales, moeforge.fp8.quantize), then its FP32 scales' bytes: one all-to-all row per
     token copy. On CUDA one fused Triton pass (bit-identical); elsewhere the reference ops."""
-    kernels = _wire_kernels(x)
+    kernels = _wire_kernels(x, x.shape[-1])
     if kernels is not None:
         return kernels.pack_rows(x)
     q, scale = quantize(x, (1, 128), check_finite=False)
@@ -114,7 +123,7 @@ def pack_rows_fp8(x: torch.Tensor) -> torch.Tensor:
 
 def unpack_rows_fp8(packed: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
     """The inverse of pack_rows_fp8: [N, D] in `dtype`, each value its code times its tile's scale."""
-    kernels = _wire_kernels(packed[:, :D])
+    kernels = _wire_kernels(packed, D)
     if kernels is not None:
         return kernels.unpack_rows(packed, D, dtype)
     q = packed[:, :D].contiguous().view(torch.float8_e4m3fn)
