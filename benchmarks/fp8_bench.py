@@ -17,7 +17,7 @@ import traceback
 
 import torch
 
-SECTIONS = ("env", "probe", "accuracy", "quant", "gemm", "linear", "diag", "grouped", "tiles", "moe")
+SECTIONS = ("env", "probe", "accuracy", "quant", "qtiles", "gemm", "linear", "diag", "grouped", "tiles", "moe")
 LINEAR_SHAPES = [(4096, 7168, 2048), (4096, 2048, 7168), (4096, 7168, 18432)]  # tokens, in, out
 RESULTS: dict = {}
 
@@ -177,6 +177,48 @@ def s_quant(args):
     rec("128x128 (+transposed), fp32 18432x7168", lambda: kernels.quant_block_operand(w, transpose=True), nw * 4 + 2 * nw)
     rec("128x128, fp32 18432x7168", lambda: kernels.quant_block_operand(w), nw * 4 + nw)
     rec("torch copy bf16 4096x7168 (reference)", lambda: x.clone(), n * 4)
+    return out
+
+
+@section("qtiles")
+def s_qtiles(args):
+    """Tile sweep of the 1x128 quantiser at the bench preset's shapes (32k tokens x 2048 for a Linear,
+    98k routed rows x 2048 / 2816 for the experts), each variant's bytes checked against the default's."""
+    from moeforge.fp8 import kernels
+
+    torch.manual_seed(0)
+    shapes = {"32768x2048": (32768, 2048), "98304x2048": (98304, 2048), "98304x2816": (98304, 2816)}
+    variants = {"rows": [(br, nw) for br in (32, 64, 128) for nw in (4, 8)],
+                "cols": [(bc, nw) for bc in (32, 64, 128) for nw in (4, 8)]}
+    keep = dict(kernels.QUANT_ROWS_CONFIG), dict(kernels.QUANT_COLS_CONFIG)
+    out = {}
+    for sname, (R, C) in shapes.items():
+        x = torch.randn(R, C, device="cuda", dtype=torch.bfloat16)
+        xa, _ = kernels.quant_operands(x)
+        n = R * C
+        for kind, vs in variants.items():
+            for src in ("bf16", "fp8"):
+                if src == "fp8" and kind == "rows":
+                    continue
+                def run():
+                    if src == "fp8":
+                        return kernels.quant_operands(xa.qv, rows=False, cols=True, x_scales=xa.sv)[1]
+                    return kernels.quant_operands(x, rows=kind == "rows", cols=kind == "cols")[kind == "cols"]
+                kernels.QUANT_ROWS_CONFIG.update(keep[0])
+                kernels.QUANT_COLS_CONFIG.update(keep[1])
+                ref = run()  # the default tiles
+                nbytes = n * (2 if src == "bf16" else 1) + n + n // 32
+                for tile, nw in vs:
+                    cfg = kernels.QUANT_ROWS_CONFIG if kind == "rows" else kernels.QUANT_COLS_CONFIG
+                    cfg.update({"BR" if kind == "rows" else "BC": tile, "num_warps": nw})
+                    got = run()
+                    same = torch.equal(got.q.view(torch.uint8), ref.q.view(torch.uint8)) and torch.equal(got.s_store, ref.s_store)
+                    ms = bench(run)
+                    key = f"{sname} {kind} from {src} tile {tile} warps {nw}"
+                    out[key] = {"ms": ms, "GB/s": nbytes / ms / 1e6, "bit-exact": same}
+                    print(f"   {key:48s} {ms:8.4f} ms {nbytes / ms / 1e6:6.0f} GB/s {'ok' if same else 'DIFFERENT'}", flush=True)
+    kernels.QUANT_ROWS_CONFIG.update(keep[0])
+    kernels.QUANT_COLS_CONFIG.update(keep[1])
     return out
 
 
@@ -400,7 +442,7 @@ def s_grouped(args):
     out = {"experts": E, "rows": R, "in": D, "out": I}
 
     def fp8_step():
-        y = gpu.fp8_grouped(x, w32.transpose(1, 2), offsets, FP8Recipe())
+        y = gpu.fp8_grouped(x, offsets, FP8Recipe(), None, None, w32)
         y.backward(g)
         x.grad = None
         w32.grad = None
@@ -534,7 +576,8 @@ def main(argv=None) -> int:
         print("needs a CUDA GPU (SM90)", file=sys.stderr)
         return 2
     runners = {"env": s_env, "probe": s_probe, "accuracy": s_accuracy, "quant": s_quant, "gemm": s_gemm,
-               "linear": s_linear, "diag": s_diag, "grouped": s_grouped, "tiles": s_tiles, "moe": s_moe}
+               "linear": s_linear, "diag": s_diag, "grouped": s_grouped, "tiles": s_tiles, "moe": s_moe,
+               "qtiles": s_qtiles}
     for name in args.sections.split(","):
         runners[name](args)
         if args.json:

@@ -120,7 +120,7 @@ def test_fp8_grouped_gemm_matches_per_expert_fp8_linear():
     offsets = counts.cumsum(0).to(torch.int32)
     x = torch.randn(int(counts.sum()), 96, requires_grad=True)
     w_store = torch.randn(4, 80, 96, requires_grad=True)  # [E, out, in], as Experts stores it
-    y = _FP8GroupedFn.apply(x, w_store.transpose(1, 2), offsets, FP8Recipe())
+    y = _FP8GroupedFn.apply(x, offsets, FP8Recipe(), None, None, w_store)
     g = torch.randn_like(y)
     y.backward(g)
     start = 0
@@ -143,17 +143,56 @@ def test_fp8_grouped_gemm_matches_per_expert_fp8_linear():
     assert (y.detach() - ref).abs().max() < 0.15 * ref.abs().max()
 
 
+def test_fp8_gate_and_up_in_one_grouped_gemm_equal_two():
+    """Gate and up (w1, w3) as one grouped GEMM: x is quantised once and the outputs, weight gradients
+    and input gradient equal those of two separate FP8 GEMMs. A gate of 72 rows is padded to 128, so
+    each weight keeps its own 128x128 blocks and dy its own 1x128 tiles."""
+    torch.manual_seed(0)
+    offsets = torch.tensor([130, 130, 137, 177], dtype=torch.int32)
+    x = torch.randn(177, 96, requires_grad=True)
+    w1, w3 = torch.randn(4, 72, 96, requires_grad=True), torch.randn(4, 72, 96, requires_grad=True)
+    y = _FP8GroupedFn.apply(x, offsets, FP8Recipe(), None, None, w1, w3)
+    assert y.shape == (177, 128 + 72) and torch.all(y[:, 72:128] == 0)
+    g1, g3 = torch.randn(177, 72), torch.randn(177, 72)
+    (y[:, :72] * g1 + y[:, 128:] * g3).sum().backward()
+    xs = x.detach().clone().requires_grad_()
+    a, b = w1.detach().clone().requires_grad_(), w3.detach().clone().requires_grad_()
+    y1 = _FP8GroupedFn.apply(xs, offsets, FP8Recipe(), None, None, a)
+    y3 = _FP8GroupedFn.apply(xs, offsets, FP8Recipe(), None, None, b)
+    (y1 * g1 + y3 * g3).sum().backward()
+    assert torch.equal(y[:, :72], y1) and torch.equal(y[:, 128:], y3)
+    assert torch.equal(w1.grad, a.grad) and torch.equal(w3.grad, b.grad)
+    torch.testing.assert_close(x.grad, xs.grad, rtol=1e-5, atol=1e-5)  # one FP32 sum over both, not two
+
+
+@pytest.mark.parametrize("cols", [2 * 72, 128 + 72])
+def test_fused_swiglu_matches_autograd(cols):
+    """The experts' SwiGLU over the fused gate/up output: same values and gradient as autograd's."""
+    from moeforge.fp8.linear import _SwiGLU
+
+    torch.manual_seed(0)
+    gu = torch.randn(50, cols, requires_grad=True)
+    dh = torch.randn(50, 72)
+    h = _SwiGLU.apply(gu, 72)
+    h.backward(dh)
+    ref_in = gu.detach().clone().requires_grad_()
+    ref = torch.nn.functional.silu(ref_in[:, :72]) * ref_in[:, -72:]
+    ref.backward(dh)
+    torch.testing.assert_close(h, ref, rtol=0, atol=0)
+    torch.testing.assert_close(gu.grad, ref_in.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_fp8_reference_ignores_autocast():
     """Under BF16 autocast the emulated FP8 GEMMs still multiply in FP32 (an FP8 GEMM's accumulator),
     so the Linear and the grouped experts give the same outputs as without autocast."""
     torch.manual_seed(0)
     lin = FP8Linear(256, 130, bias=False)
     x = torch.randn(20, 256)
-    w = torch.randn(3, 256, 64)
+    w = torch.randn(3, 64, 256)  # [E, out, in]
     offsets = torch.tensor([5, 5, 20], dtype=torch.int32)
-    plain = lin(x), _FP8GroupedFn.apply(x, w, offsets, FP8Recipe())
+    plain = lin(x), _FP8GroupedFn.apply(x, offsets, FP8Recipe(), None, None, w)
     with torch.autocast("cpu", torch.bfloat16):
-        cast = lin(x), _FP8GroupedFn.apply(x, w, offsets, FP8Recipe())
+        cast = lin(x), _FP8GroupedFn.apply(x, offsets, FP8Recipe(), None, None, w)
     for a, b in zip(plain, cast):
         assert b.dtype == torch.float32
         assert torch.equal(a, b)

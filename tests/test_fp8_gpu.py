@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 from moeforge.fp8 import FP8Linear, FP8Recipe, dequantize, quantize  # noqa: E402
 from moeforge.fp8 import gpu, kernels  # noqa: E402
 from moeforge.fp8.linear import _FP8GroupedFn, _FP8LinearFn  # noqa: E402
+from moeforge.fp8.quant import part_starts  # noqa: E402
 
 DEV = torch.device("cuda")
 SM90 = torch.cuda.get_device_capability()[0] == 9
@@ -300,30 +301,58 @@ def test_fp8_linear_module_dispatches_to_gpu(monkeypatch):
 
 
 @needs_sm90
-@pytest.mark.parametrize("counts, d_in, d_out", [([130, 0, 7, 40], 96, 80), ([300, 1000, 0, 512, 257], 512, 384)])
+@pytest.mark.parametrize("counts, d_in, d_outs", [([130, 0, 7, 40], 96, [80]), ([300, 1000, 0, 512, 257], 512, [384]),
+                                                  ([300, 1000, 0, 512, 257], 512, [200, 136])])
 @pytest.mark.parametrize("recipe", [FP8Recipe(), FP8Recipe(save_fp8_inputs=False)])
-def test_fp8_grouped_gpu_matches_reference(counts, d_in, d_out, recipe):
+def test_fp8_grouped_gpu_matches_reference(counts, d_in, d_outs, recipe):
+    """Triton grouped GEMMs against the reference; [200, 136]: two parts (gate and up) in one GEMM, the
+    first padded to 256 rows so that no 128x128 block mixes them."""
     torch.manual_seed(0)
     counts = torch.tensor(counts)
     offsets = counts.cumsum(0).to(torch.int32).to(DEV)
     x = torch.randn(int(counts.sum()), d_in, device=DEV)
-    w_store = torch.randn(len(counts), d_out, d_in, device=DEV) * 0.05  # [E, out, in], as Experts stores it
+    ws = [torch.randn(len(counts), n, d_in, device=DEV) * 0.05 for n in d_outs]  # [E, out, in], as Experts stores them
+    d_out = part_starts(d_outs)[-1] + d_outs[-1]
     g = torch.randn(x.shape[0], d_out, device=DEV)
     outs = []
     for fn in (gpu.fp8_grouped, _FP8GroupedFn.apply):
         xi = x.clone().requires_grad_()
-        wi = w_store.clone().requires_grad_()
-        y = fn(xi, wi.transpose(1, 2), offsets, recipe)
+        wi = [w.clone().requires_grad_() for w in ws]
+        y = fn(xi, offsets, recipe, None, None, *wi)
         y.backward(g)
-        outs.append((y.detach(), xi.grad, wi.grad))
+        outs.append((y.detach(), xi.grad, torch.cat([w.grad for w in wi], 1)))
     (y, dx, dw), (y_r, dx_r, dw_r) = outs
+    w_max = max(w.abs().max() for w in ws)
     # magnitudes for the tolerance: |x||w| sums (an upper bound of sum |a||b| of each GEMM's FP8 operands)
     big = 1.01 * GEMM_TOL
-    assert torch.all((y - y_r).abs() <= big * (x.abs().max() * w_store.abs().max() * 1.2 * d_in) + 1e-30)
-    assert torch.all((dx - dx_r).abs() <= big * (g.abs().max() * w_store.abs().max() * 1.2 * d_out) + 1e-30)
+    assert torch.all((y - y_r).abs() <= big * (x.abs().max() * w_max * 1.2 * d_in) + 1e-30)
+    assert torch.all((dx - dx_r).abs() <= big * (g.abs().max() * w_max * 1.2 * d_out) + 1e-30)
     assert torch.all((dw - dw_r).abs() <= big * (g.abs().max() * x.abs().max() * 1.3 * counts.max()) + 1e-30)
     start = 0
     for e, end in enumerate(offsets.tolist()):
         if end == start:
             assert torch.all(dw[e] == 0)
         start = end
+
+
+@needs_sm90
+@pytest.mark.parametrize("cols", [2 * 1408, 256 + 200])
+def test_swiglu_kernel_matches_torch(cols):
+    """The Triton SwiGLU of the FP8 experts (forward and gradient) against the torch path, BF16."""
+    from moeforge.fp8.linear import _SwiGLU
+
+    torch.manual_seed(0)
+    inter = 1408 if cols == 2 * 1408 else 200
+    gu = torch.randn(3000, cols, device=DEV, dtype=torch.bfloat16)
+    dh = torch.randn(3000, inter, device=DEV, dtype=torch.bfloat16)
+    outs = []
+    for triton in (True, False):
+        x = gu.clone().requires_grad_()
+        h = _SwiGLU.apply(x, inter, triton)
+        h.backward(dh)
+        outs.append((h.float(), x.grad.float()))
+    (h, d), (h_r, d_r) = outs
+    # both compute in FP32 and round once to BF16; silu's formula differs in the last FP32 bits
+    torch.testing.assert_close(h, h_r, rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(d, d_r, rtol=2 ** -7, atol=1e-5)
+    assert torch.all(d[:, inter:cols - inter] == 0)

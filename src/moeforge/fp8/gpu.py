@@ -22,6 +22,7 @@ import os
 import torch
 
 from .cache import cached
+from .quant import part_starts
 
 ENABLED = os.environ.get("MOEFORGE_FP8_GPU", "1") != "0"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -126,21 +127,23 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe, owner=None) -> tor
 # Routed experts (grouped GEMMs over the contiguous per-expert layout)
 # ---------------------------------------------------------------------------------------------
 class FP8GroupedGPUFn(torch.autograd.Function):
-    """Rows x[offsets[e-1]:offsets[e]] times w[e] in FP8 (w: [E, in, out], a transposed [E, out, in])."""
+    """Rows x[offsets[e-1]:offsets[e]] times the experts' weights in FP8 (see _FP8GroupedFn): ws are
+    parts [E, out_i, in] stacked along out at quant.part_starts into one grouped GEMM."""
 
     @staticmethod
-    def forward(ctx, x, w, offsets, recipe, owner=None, name=None):
+    def forward(ctx, x, offsets, recipe, owner, name, *ws):
         from .kernels import grouped_gemm, quant_block_operand, quant_operands
 
         p2 = recipe.pow2_scales
         x = x if x.stride(-1) == 1 else x.contiguous()
         xa, _ = quant_operands(x, p2, rows=True)
-        wa, wt = cached(owner, (name, p2), lambda: quant_block_operand(w.transpose(1, 2), p2, transpose=True))  # [out, in]
+        wa, wt = cached(owner, (name, p2), lambda: quant_block_operand(ws, p2, transpose=True))  # [out, in]
         y = grouped_gemm(xa, wa, offsets, out_dtype=x.dtype)
         ctx.xa = xa if recipe.save_fp8_inputs else None
         if not recipe.save_fp8_inputs:
             ctx.save_for_backward(x)
-        ctx.wt, ctx.offsets, ctx.recipe, ctx.x_dtype, ctx.w_dtype = wt, offsets, recipe, x.dtype, w.dtype
+        ctx.parts = list(zip(part_starts([w.shape[1] for w in ws]), [w.shape[1] for w in ws], [w.dtype for w in ws]))
+        ctx.wt, ctx.offsets, ctx.recipe, ctx.x_dtype = wt, offsets, recipe, x.dtype
         return y
 
     @staticmethod
@@ -159,13 +162,14 @@ class FP8GroupedGPUFn(torch.autograd.Function):
             _, xt = quant_operands(ctx.xa.qv, p2, rows=False, cols=True, x_scales=ctx.xa.sv, segments=seg)
         else:
             _, xt = quant_operands(ctx.saved_tensors[0], p2, rows=False, cols=True, segments=seg)  # [in, tokens]
-        dw = grouped_wgrad(gt, xt, tiles, out_dtype=ctx.w_dtype)  # [E, out, in]
+        # one Wgrad per part, each written straight into its own [E, out_i, in] gradient
+        dws = [grouped_wgrad(gt.row_slice(r0, n), xt, tiles, out_dtype=dt) for r0, n, dt in ctx.parts]
         ctx.xa = ctx.wt = None
-        return dx, dw.transpose(1, 2), None, None, None, None
+        return (dx, None, None, None, None, *dws)
 
 
 # Under torch.compile (train.compile) the FP8 GEMMs run as they are, between compiled graphs: AOT
 # autograd cannot trace the Triton kernels' writes into views of another dtype.
 @torch.compiler.disable
-def fp8_grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, recipe, owner=None, name=None) -> torch.Tensor:
-    return FP8GroupedGPUFn.apply(x, w, offsets, recipe, owner, name)
+def fp8_grouped(x: torch.Tensor, offsets: torch.Tensor, recipe, owner, name, *ws: torch.Tensor) -> torch.Tensor:
+    return FP8GroupedGPUFn.apply(x, offsets, recipe, owner, name, *ws)

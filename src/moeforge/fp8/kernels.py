@@ -50,7 +50,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..triton_launch import launch as _launch
-from .quant import AMAX_FLOOR, FP8, FP8_MAX
+from .quant import AMAX_FLOOR, FP8, FP8_MAX, part_starts
 
 RED_PAD = 512  # reduction dimension: a multiple of 4 blocks of 128
 ROW_PAD = 16  # the other GEMM dimensions: 16 elements (16 bytes of FP8)
@@ -248,6 +248,12 @@ class Operand:
     def qv(self) -> torch.Tensor:  # the valid part, as the reference returns it
         return self.q[..., : self.rows, : self.k]
 
+    def row_slice(self, r0: int, n: int) -> "Operand":
+        """Rows r0 .. r0+n of a 1x128-tiled operand ("row" / "segrow"), sharing its storage."""
+        if self.kind == "block":
+            raise ValueError("row_slice applies to 1x128-tiled operands")
+        return Operand(self.q[r0:r0 + n], self.s_store[:, r0:r0 + n], n, self.k, self.kind)
+
     @property
     def sv(self) -> torch.Tensor:  # scales [rows, ceil(k/128)] (1x128) or [ceil(rows/128), ceil(k/128)]
         kb = _cdiv(self.k, BLOCK)
@@ -282,6 +288,12 @@ def _rcp_flag(x: torch.Tensor, scale_mode: str | None) -> bool:
     if scale_mode not in ("rcp", "div"):
         raise ValueError(f"scale_mode must be 'rcp' or 'div', got {scale_mode!r}")
     return scale_mode == "rcp"
+
+
+# Tiles of the 1x128 quantiser (rows: [BR, 128] per program; cols: [128, BC]), from
+# `fp8_bench.py --sections qtiles`.
+QUANT_ROWS_CONFIG = {"BR": 32, "num_warps": 4}
+QUANT_COLS_CONFIG = {"BC": 32, "num_warps": 4}
 
 
 def _check_2d(x: torch.Tensor) -> torch.Tensor:
@@ -334,19 +346,21 @@ def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = T
     common = (R, C, x.stride(0), xs_sr, xs_sc)
     deq = x_scales is not None
     p2 = bool(pow2_scales)
-    if rows:  # 1x128 tiles along C: [32 rows, 128 columns] per program
+    if rows:  # 1x128 tiles along C: [BR rows, 128 columns] per program
+        br, nw = QUANT_ROWS_CONFIG["BR"], QUANT_ROWS_CONFIG["num_warps"]
         qw_dummy = q.view(torch.int32)
-        _launch(_quant_1x128_kernel, (_cdiv(q_rows, 32), q_cols // BLOCK),
+        _launch(_quant_1x128_kernel, (_cdiv(q_rows, br), q_cols // BLOCK),
                 (x, xs, q, s, qw_dummy, s, seg_t, seg_o, n_seg, *common,
                  q_rows, q_cols, q_cols, 1, q_rows, 0, 0, 0, 0, 0, _FLOOR32, _RCP32, FP8_MAX),
-                dict(BR=32, BC=128, ROW=True, COL=False, DEQ=deq, SEG=False, SEG_P2=2, POW2=p2, RCP=rcp), 4)
-    if cols:  # 1x128 tiles along R, written transposed: [128 rows, 32 columns] per program
+                dict(BR=br, BC=128, ROW=True, COL=False, DEQ=deq, SEG=False, SEG_P2=2, POW2=p2, RCP=rcp), nw)
+    if cols:  # 1x128 tiles along R, written transposed: [128 rows, BC columns] per program
+        bc, nw = QUANT_COLS_CONFIG["BC"], QUANT_COLS_CONFIG["num_warps"]
         qw = qt.view(torch.int32)
-        _launch(_quant_1x128_kernel, (qt_cols // BLOCK, _cdiv(qt_rows, 32)),
+        _launch(_quant_1x128_kernel, (qt_cols // BLOCK, _cdiv(qt_rows, bc)),
                 (x, xs, qt, st, qw, st, seg_t, seg_o, n_seg, *common,
                  0, 0, 0, 0, 0, qt_rows, qt_cols // 4, qt_cols // 4, qt_rows, 1, _FLOOR32, _RCP32, FP8_MAX),
-                dict(BR=128, BC=32, ROW=False, COL=True, DEQ=deq, SEG=segments is not None,
-                     SEG_P2=triton.next_power_of_2(max(n_seg, 2)), POW2=p2, RCP=rcp), 4)
+                dict(BR=128, BC=bc, ROW=False, COL=True, DEQ=deq, SEG=segments is not None,
+                     SEG_P2=triton.next_power_of_2(max(n_seg, 2)), POW2=p2, RCP=rcp), nw)
     a = Operand(q, s, R, C, "row") if rows else None
     b = None
     if cols:
@@ -354,27 +368,38 @@ def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = T
     return a, b
 
 
-def quant_block_operand(w: torch.Tensor, pow2_scales: bool = False, *, transpose: bool = False,
+def quant_block_operand(w, pow2_scales: bool = False, *, transpose: bool = False,
                         scale_mode: str | None = None) -> tuple[Operand, Operand | None]:
-    """w [..., N, K] (one leading batch dim at most) in 128x128 blocks -> Operand (and that of w^T)."""
-    if w.dim() not in (2, 3):
-        raise ValueError(f"expected a 2-D or 3-D weight, got shape {tuple(w.shape)}")
-    w3 = w if w.dim() == 3 else w.unsqueeze(0)
-    if w3.stride(-1) != 1:
-        w3 = w3.contiguous()
-    E, N, K = w3.shape
+    """w [..., N, K] (one leading batch dim at most) in 128x128 blocks -> Operand (and that of w^T).
+
+    w may be a list of parts [E, N_i, K] (the gate and up weights of the experts): they are quantised
+    into one operand, stacked along N at quant.part_starts (each part's blocks are its own)."""
+    parts = list(w) if isinstance(w, (list, tuple)) else [w]
+    dims = {p.dim() for p in parts}
+    if not dims <= {2, 3} or len(dims) != 1 or len({(*p.shape[:-2], p.shape[-1]) for p in parts}) != 1:
+        raise ValueError(f"expected 2-D or 3-D weights of one batch and K, got {[tuple(p.shape) for p in parts]}")
+    parts = [(p if p.dim() == 3 else p.unsqueeze(0)) for p in parts]
+    parts = [p if p.stride(-1) == 1 else p.contiguous() for p in parts]
+    E, _, K = parts[0].shape
+    starts = part_starts([p.shape[1] for p in parts], BLOCK)
+    N = starts[-1] + parts[-1].shape[1]
     Np, Kp = _ru(N, RED_PAD), _ru(K, RED_PAD)
-    dev = w.device
-    rcp = _rcp_flag(w, scale_mode)
+    dev = parts[0].device
+    rcp = _rcp_flag(parts[0], scale_mode)
     q = torch.empty(E, Np, Kp, dtype=FP8, device=dev)
     s = torch.empty(E, Np // BLOCK, Kp // BLOCK, dtype=torch.float32, device=dev)
-    _launch(_quant_128x128_kernel, (Np // BLOCK, Kp // BLOCK, E),
-            (w3, q, s, N, K, w3.stride(0), w3.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-             _FLOOR32, _RCP32, FP8_MAX), dict(POW2=bool(pow2_scales), RCP=rcp), 16)
+    for i, (p, r0) in enumerate(zip(parts, starts)):
+        # each program writes a whole [128, 128] block (zeros past the part's rows): the last part
+        # also fills the padding up to Np, the others exactly their own block rows
+        n_blocks = (Np - r0) // BLOCK if i == len(parts) - 1 else _cdiv(p.shape[1], BLOCK)
+        qp, sp = q[:, r0:], s[:, r0 // BLOCK:]
+        _launch(_quant_128x128_kernel, (n_blocks, Kp // BLOCK, E),
+                (p, qp, sp, p.shape[1], K, p.stride(0), p.stride(1), qp.stride(0), qp.stride(1), sp.stride(0),
+                 sp.stride(1), _FLOOR32, _RCP32, FP8_MAX), dict(POW2=bool(pow2_scales), RCP=rcp), 16)
     if transpose:  # W^T's 128x128 blocks are W's, transposed: the same codes and scales (Dgrad's operand)
         qt = transpose_codes(q)
         st = s.transpose(1, 2).contiguous()
-    if w.dim() == 2:
+    if 2 in dims:
         q, s = q[0], s[0]
         if transpose:
             qt, st = qt[0], st[0]
@@ -392,6 +417,47 @@ def transpose_codes(q: torch.Tensor) -> torch.Tensor:
     _launch(_transpose_codes_kernel, (R // BLOCK, C // 64, E),
             (src, dst, src.stride(0), src.stride(1), dst.stride(0), dst.stride(1)), dict(BC=64), 4)
     return qt
+
+
+# SwiGLU of the experts' fused gate/up output ---------------------------------------------------
+@triton.jit
+def _swiglu_kernel(gu_ptr, dh_ptr, out_ptr, R, I, up0, stride_gu, stride_dh, stride_out,
+                   BACKWARD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Forward: out[r, c] = silu(g) * u with g = gu[r, c], u = gu[r, up0 + c]. Backward: out = d(gu):
+    out[r, c] = dh * u * sig * (1 + g * (1 - sig)), out[r, up0 + c] = dh * silu(g). FP32 inside."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = (r[:, None] < R) & (c[None, :] < I)
+    row = r[:, None].to(tl.int64) * stride_gu
+    g = tl.load(gu_ptr + row + c[None, :], mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row + up0 + c[None, :], mask=m, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    if BACKWARD:
+        dh = tl.load(dh_ptr + r[:, None].to(tl.int64) * stride_dh + c[None, :], mask=m, other=0.0).to(tl.float32)
+        orow = r[:, None].to(tl.int64) * stride_out
+        tl.store(out_ptr + orow + c[None, :], (dh * u * sig * (1 + g * (1 - sig))).to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_ptr + orow + up0 + c[None, :], (dh * g * sig).to(out_ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(out_ptr + r[:, None].to(tl.int64) * stride_out + c[None, :],
+                 (g * sig * u).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def swiglu(gate_up: torch.Tensor, inter_dim: int, dh: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up of gate_up [N, C] (gate: first inter_dim columns, up: last inter_dim) -> [N, I];
+    with dh, the gradient with respect to gate_up instead ([N, C], zero between gate and up)."""
+    R, C = gate_up.shape
+    up0 = C - inter_dim
+    if dh is None:
+        out = torch.empty(R, inter_dim, dtype=gate_up.dtype, device=gate_up.device)
+    else:
+        dh = dh if dh.stride(-1) == 1 else dh.contiguous()
+        out = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
+        if up0 > inter_dim:
+            out[:, inter_dim:up0].zero_()
+    _launch(_swiglu_kernel, (_cdiv(R, 32), _cdiv(inter_dim, 128)),
+            (gate_up, dh if dh is not None else gate_up, out, R, inter_dim, up0, gate_up.stride(0),
+             dh.stride(0) if dh is not None else 0, out.stride(0)), dict(BACKWARD=dh is not None, BR=32, BC=128), 4)
+    return out
 
 
 # FP8 rows on the wire (expert dispatch) -------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..model.moe import Experts, grouped_mm
 from .cache import cached
-from .quant import dequantize, fake_quantize, quantize
+from .quant import dequantize, fake_quantize, part_starts, quantize, stack_parts
 
 ACT, WEIGHT = (1, 128), (128, 128)
 
@@ -42,9 +42,11 @@ def _exact(fn):
     return staticmethod(forward)
 
 
-def _weight_hat(owner, name, weight: torch.Tensor, recipe: FP8Recipe) -> torch.Tensor:
-    """The dequantised 128x128-block FP8 weight, once per step within fp8.weight_cache (see cache.py)."""
-    return cached(owner, (name, "ref", recipe.pow2_scales), lambda: fake_quantize(weight, WEIGHT, recipe.pow2_scales))
+def _weight_hat(owner, name, ws, recipe: FP8Recipe) -> torch.Tensor:
+    """The dequantised 128x128-block FP8 weights ws (parts stacked as quant.stack_parts does), once per
+    step within fp8.weight_cache (see cache.py)."""
+    return cached(owner, (name, "ref", recipe.pow2_scales),
+                  lambda: stack_parts([fake_quantize(w, WEIGHT, recipe.pow2_scales) for w in ws]))
 
 
 class _FP8LinearFn(torch.autograd.Function):
@@ -53,7 +55,7 @@ class _FP8LinearFn(torch.autograd.Function):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)  # [T, K]
         xq, xs = quantize(x2, ACT, recipe.pow2_scales, check_finite=False)
-        w_hat = _weight_hat(owner, "weight", weight, recipe)  # [N, K]
+        w_hat = _weight_hat(owner, "weight", (weight,), recipe)  # [N, K]
         y = dequantize(xq, xs, ACT) @ w_hat.T  # FP32 accumulation
         if recipe.save_fp8_inputs:
             ctx.save_for_backward(xq, xs, weight)
@@ -74,7 +76,7 @@ class _FP8LinearFn(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1]).float()  # [T, N]
         dx = dw = None
         if ctx.needs_input_grad[0]:  # Dgrad: reduction over N
-            dx = fake_quantize(g, ACT, recipe.pow2_scales) @ _weight_hat(ctx.owner, "weight", weight, recipe)
+            dx = fake_quantize(g, ACT, recipe.pow2_scales) @ _weight_hat(ctx.owner, "weight", (weight,), recipe)
             dx = dx.to(ctx.x_dtype).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:  # Wgrad: reduction over tokens, both operands tiled along T
             g_t = fake_quantize(g.T.contiguous(), ACT, recipe.pow2_scales)  # [N, T]
@@ -100,59 +102,91 @@ class FP8Linear(nn.Linear):
 
 
 class _FP8GroupedFn(torch.autograd.Function):
-    """Rows x[offsets[e-1]:offsets[e]] times w[e] in FP8 (w: [E, in, out], a transposed [E, out, in])."""
+    """Rows x[offsets[e-1]:offsets[e]] times the experts' weights in FP8. ws: parts [E, out_i, in] (the
+    stored layout), stacked along out at quant.part_starts and run as one grouped GEMM: w1 and w3 give
+    the gate and the up projection from one quantisation of x. Output [N, part_starts[-1] + out_last]."""
 
     @_exact
-    def forward(ctx, x, w, offsets, recipe: FP8Recipe, owner=None, name=None):
+    def forward(ctx, x, offsets, recipe: FP8Recipe, owner, name, *ws):
         xq, xs = quantize(x, ACT, recipe.pow2_scales, check_finite=False)
-        w_hat = _weight_hat(owner, name, w.transpose(1, 2), recipe).transpose(1, 2)  # blocks of [out, in]
-        if recipe.save_fp8_inputs:
-            ctx.save_for_backward(xq, xs, w, offsets)
-        else:
-            ctx.save_for_backward(x, w, offsets)
-        ctx.recipe, ctx.x_dtype, ctx.owner, ctx.name = recipe, x.dtype, owner, name
-        return grouped_mm(dequantize(xq, xs, ACT), w_hat, offsets).to(x.dtype)
+        w_hat = _weight_hat(owner, name, ws, recipe)  # [E, out, in]
+        kept = (xq, xs) if recipe.save_fp8_inputs else (x,)
+        ctx.save_for_backward(*kept, offsets, *ws)
+        ctx.recipe, ctx.x_dtype, ctx.owner, ctx.name, ctx.n_kept = recipe, x.dtype, owner, name, len(kept)
+        return grouped_mm(dequantize(xq, xs, ACT), w_hat.transpose(1, 2), offsets).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         r = ctx.recipe
-        if r.save_fp8_inputs:
-            xq, xs, w, offsets = ctx.saved_tensors
-            x = dequantize(xq, xs, ACT)
-        else:
-            x, w, offsets = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        kept, offsets, ws = saved[: ctx.n_kept], saved[ctx.n_kept], saved[ctx.n_kept + 1:]
+        x = dequantize(*kept, ACT) if r.save_fp8_inputs else kept[0]
         g = grad_out.float()
-        w_hat = _weight_hat(ctx.owner, ctx.name, w.transpose(1, 2), r)  # [E, out, in]
+        w_hat = _weight_hat(ctx.owner, ctx.name, ws, r)  # [E, out, in]
         dx = grouped_mm(fake_quantize(g, ACT, r.pow2_scales), w_hat, offsets).to(ctx.x_dtype)
         # Wgrad per expert: tokens of one expert form the reduction dimension, tiled 1x128 within it.
-        dw = torch.zeros_like(w, dtype=torch.float32)
+        dw = torch.zeros_like(w_hat, dtype=torch.float32)
         start = 0
         for e, end in enumerate(offsets.tolist()):  # reference: a loop over experts is fine here
             if end > start:
                 xe = fake_quantize(x[start:end].float().T.contiguous(), ACT, r.pow2_scales)  # [in, Te]
                 ge = fake_quantize(g[start:end].T.contiguous(), ACT, r.pow2_scales)  # [out, Te]
-                dw[e] = xe @ ge.T
+                dw[e] = ge @ xe.T
             start = end
-        return dx, dw.to(w.dtype), None, None, None, None
+        starts = part_starts([w.shape[1] for w in ws])
+        dws = [dw[:, r0:r0 + w.shape[1]].to(w.dtype) for r0, w in zip(starts, ws)]
+        return (dx, None, None, None, None, *dws)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up from one GEMM's output [N, C] whose first I columns are the gate and last I the
+    up projection (zero columns between them when I is not a multiple of 128). Its backward writes
+    the gradient into one [N, C] buffer; autograd's split or slices would assemble it with a copy."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, inter_dim: int, triton: bool = False) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        ctx.inter_dim, ctx.triton = inter_dim, triton
+        if triton:  # the GPU path: one pass (eager PyTorch runs strided slices unvectorised)
+            from .kernels import swiglu
+
+            return swiglu(gate_up, inter_dim)
+        return F.silu(gate_up[:, :inter_dim]) * gate_up[:, -inter_dim:]
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        (gate_up,) = ctx.saved_tensors
+        n = ctx.inter_dim
+        if ctx.triton:
+            from .kernels import swiglu
+
+            return swiglu(gate_up, n, dh), None, None
+        gate, up = gate_up[:, :n], gate_up[:, -n:]
+        d = torch.empty_like(gate_up)
+        torch.mul(dh, F.silu(gate), out=d[:, -n:])
+        torch.ops.aten.silu_backward.grad_input(dh * up, gate, grad_input=d[:, :n])
+        d[:, n:-n].zero_()
+        return d, None, None
 
 
 class FP8Experts(Experts):
-    """Routed experts whose three grouped GEMMs run in FP8 (same parameters as Experts)."""
+    """Routed experts whose grouped GEMMs run in FP8 (same parameters as Experts): gate and up in one
+    GEMM over [w1; w3], then down."""
 
     recipe: FP8Recipe = FP8Recipe()
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)
-        w1, w3, w2 = (w.transpose(1, 2) for w in (self.w1, self.w3, self.w2))
-        fn = _FP8GroupedFn.apply
+        fn, on_gpu = _FP8GroupedFn.apply, False
         if x.is_cuda:  # GPU path: Triton grouped FP8 GEMMs over the contiguous per-expert layout
             from . import gpu
 
-            if gpu.available(x, self.w1, self.w2, self.w3):
-                fn = gpu.fp8_grouped
+            on_gpu = gpu.available(x, self.w1, self.w2, self.w3)
+            fn = gpu.fp8_grouped if on_gpu else fn
         r = self.recipe
-        h = F.silu(fn(x, w1, offsets, r, self, "w1")) * fn(x, w3, offsets, r, self, "w3")
-        return fn(h, w2, offsets, r, self, "w2")
+        gate_up = fn(x, offsets, r, self, "w13", self.w1, self.w3)
+        triton = on_gpu and not torch.compiler.is_compiling()  # compiled: Inductor fuses the torch ops
+        return fn(_SwiGLU.apply(gate_up, self.w1.shape[1], triton), offsets, r, self, "w2", self.w2)
 
 
 def convert_to_fp8(model: nn.Module, recipe: FP8Recipe = FP8Recipe()) -> nn.Module:

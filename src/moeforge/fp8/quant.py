@@ -24,6 +24,25 @@ AMAX_FLOOR = 1e-4  # DeepSeek's kernels floor amax so an all-zero block gets a f
 BLOCKS = ((1, 128), (128, 128))
 
 
+def part_starts(sizes, block: int = 128) -> list[int]:
+    """First row of each part when parts of `sizes` rows are stacked so that every part but the last
+    starts on a multiple of `block` (zero rows in between): 128x128 blocks then never mix two parts.
+    The stacked tensor has part_starts(sizes)[-1] + sizes[-1] rows."""
+    starts, r = [], 0
+    for n in sizes:
+        starts.append(r)
+        r += -(-n // block) * block
+    return starts
+
+
+def stack_parts(parts) -> torch.Tensor:
+    """Tensors [..., n_i, K] stacked along rows at part_starts (zero rows in between)."""
+    starts = part_starts([p.shape[-2] for p in parts])
+    padded = [torch.nn.functional.pad(p, (0, 0, 0, nxt - r0 - p.shape[-2]))
+              for p, r0, nxt in zip(parts[:-1], starts[:-1], starts[1:])]
+    return torch.cat([*padded, parts[-1]], dim=-2) if padded else parts[0]
+
+
 def _check_block(block: tuple[int, int]) -> tuple[int, int]:
     block = tuple(block)
     if block not in BLOCKS:

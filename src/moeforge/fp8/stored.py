@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import Experts, grouped_mm
+from ..model.moe import Experts
 from ..model.layers import compute_dtype
 
 
@@ -61,14 +61,9 @@ class FP8StoredExperts(Experts):
             self.register_buffer(name, torch.empty(shape, dtype=torch.float8_e4m3fn, device=device))
             self.register_buffer(f"{name}_scale_inv", torch.empty(_scale_shape(shape, self.block), device=device))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(x)
-        x = x.to(dtype)
-        offsets = counts.cumsum(0).to(torch.int32)
-        w1, w3, w2 = (dequantize_blocks(getattr(self, n), getattr(self, f"{n}_scale_inv"), self.block)
-                      .to(dtype).transpose(1, 2) for n in ("w1", "w3", "w2"))
-        h = F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets)
-        return grouped_mm(h, w2, offsets)
+    def dense_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(dequantize_blocks(getattr(self, n), getattr(self, f"{n}_scale_inv"), self.block).to(dtype)
+                     for n in ("w1", "w3", "w2"))
 
 
 def keep_in_fp8(model: nn.Module, names: set[str], block: tuple[int, int]) -> set[str]:

@@ -90,12 +90,16 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
+    def dense_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """w1, w3 [E, I, D] and w2 [E, D, I] in dtype."""
+        return self.w1.to(dtype), self.w3.to(dtype), self.w2.to(dtype)
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, D] sorted by expert, counts: [E] tokens per local expert -> [N, D]."""
         dtype = compute_dtype(x)
         x = x.to(dtype)
         offsets = counts.cumsum(0).to(torch.int32)
-        w1, w3, w2 = (w.to(dtype).transpose(1, 2) for w in (self.w1, self.w3, self.w2))
+        w1, w3, w2 = (w.transpose(1, 2) for w in self.dense_weights(dtype))
         h = F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets)  # [N, I]
         return grouped_mm(h, w2, offsets)  # [N, D]
 
