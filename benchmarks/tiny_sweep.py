@@ -49,6 +49,20 @@ VARIANTS_ROUND3 = {
 # Round 4: the tiny preset as shipped, trained for 1x..8x its steps: how many tokens it needs to pass xz -9.
 VARIANTS_ROUND4 = {f"tiny-x{k}": [f"train.steps={700 * k}"] for k in (1, 2, 4, 8)}
 VARIANTS_ROUND4.update({f"tiny-mtp-x{k}": [f"train.steps={700 * k}", "model.num_nextn_predict_layers=1"] for k in (1, 4)})
+# Round 5: the shipped shape and step count (so the same CPU time), other optimisation settings.
+_R5 = {
+    "base": [], "base-seed2": ["train.seed=2"], "base-seed3": ["train.seed=3"],
+    "init0.02": ["model.initializer_range=0.02"], "init0.04": ["model.initializer_range=0.04"],
+    "init0.08": ["model.initializer_range=0.08"],
+    "minlr0": ["train.min_lr_ratio=0"], "decay0.4-minlr0": ["train.decay_start=0.4", "train.min_lr_ratio=0"],
+    "cosine-minlr0": ["train.schedule=cosine", "train.min_lr_ratio=0"],
+    "lr3e-3-minlr0": ["train.lr=3e-3", "train.min_lr_ratio=0"], "warmup20": ["train.warmup_steps=20"],
+    "wd0": ["train.weight_decay=0"], "beta2-0.99": ["train.beta2=0.99"], "gamma0.01": ["train.bias_update_speed=0.01"],
+    "rsf1": ["model.routed_scaling_factor=1.0"], "nogroup": ["model.n_group=1", "model.topk_group=1"],
+    "init0.02-minlr0": ["model.initializer_range=0.02", "train.min_lr_ratio=0"],
+    "init0.02-lr3e-3-minlr0": ["model.initializer_range=0.02", "train.lr=3e-3", "train.min_lr_ratio=0"],
+}
+VARIANTS_ROUND5 = {name: ["train.steps=700"] + v for name, v in _R5.items()}  # run() starts from 100000 steps
 # Round 2 (fixed tokens, about what 2 CPU cores process in 8 minutes): batch size and balancing speed.
 VARIANTS_TOKENS = {
     "b16-s250": ["train.batch_size=16", "train.steps=250"],
@@ -112,7 +126,7 @@ def main() -> None:
     from moeforge.data import default_cache_dir, load_tokenizer, prepare_data
 
     use_stdlib(args.stdlib)
-    table = {1: VARIANTS, 2: VARIANTS_TOKENS, 3: VARIANTS_ROUND3, 4: VARIANTS_ROUND4}[args.round]
+    table = {1: VARIANTS, 2: VARIANTS_TOKENS, 3: VARIANTS_ROUND3, 4: VARIANTS_ROUND4, 5: VARIANTS_ROUND5}[args.round]
     for tok in sorted({o.split("=", 1)[1] for v in table.values() for o in v if o.startswith("train.tokenizer=")} | {""}):
         prepare_data(None, load_tokenizer(tok or None), default_cache_dir())  # tokenise once, before the workers
     from moeforge.train.trainer import validation_text, xz_bits_per_byte
