@@ -63,6 +63,11 @@ _R5 = {
     "init0.02-lr3e-3-minlr0": ["model.initializer_range=0.02", "train.lr=3e-3", "train.min_lr_ratio=0"],
 }
 VARIANTS_ROUND5 = {name: ["train.steps=700"] + v for name, v in _R5.items()}  # run() starts from 100000 steps
+# Rounds 1-5 ran before `tiny` took initialisation std 0.04 from round 5: they start from 0.006.
+OLD_INIT = ["model.initializer_range=0.006"]
+# Round 6: the preset as shipped now (std 0.04), its learning rate.
+VARIANTS_ROUND6 = {name: ["train.steps=700"] + v for name, v in
+                   {"base": [], "lr3e-3": ["train.lr=3e-3"], "lr1.5e-3": ["train.lr=1.5e-3"]}.items()}
 # Round 2 (fixed tokens, about what 2 CPU cores process in 8 minutes): batch size and balancing speed.
 VARIANTS_TOKENS = {
     "b16-s250": ["train.batch_size=16", "train.steps=250"],
@@ -114,7 +119,7 @@ def use_stdlib(path: str | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=420, help="seconds per variant; 0: the variants' own train.steps")
-    ap.add_argument("--round", type=int, default=1, help="1: shapes in a time budget, 2: fixed-token variants of tiny")
+    ap.add_argument("--round", type=int, default=1, help="1: shapes in a time budget, 2-6: fixed-token variants of tiny")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="sweep")
     ap.add_argument("--only", nargs="*")
@@ -126,7 +131,10 @@ def main() -> None:
     from moeforge.data import default_cache_dir, load_tokenizer, prepare_data
 
     use_stdlib(args.stdlib)
-    table = {1: VARIANTS, 2: VARIANTS_TOKENS, 3: VARIANTS_ROUND3, 4: VARIANTS_ROUND4, 5: VARIANTS_ROUND5}[args.round]
+    table = {1: VARIANTS, 2: VARIANTS_TOKENS, 3: VARIANTS_ROUND3, 4: VARIANTS_ROUND4, 5: VARIANTS_ROUND5,
+             6: VARIANTS_ROUND6}[args.round]
+    if args.round <= 5:
+        table = {name: OLD_INIT + v for name, v in table.items()}  # a variant's own std comes later and wins
     for tok in sorted({o.split("=", 1)[1] for v in table.values() for o in v if o.startswith("train.tokenizer=")} | {""}):
         prepare_data(None, load_tokenizer(tok or None), default_cache_dir())  # tokenise once, before the workers
     from moeforge.train.trainer import validation_text, xz_bits_per_byte
