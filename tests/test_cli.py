@@ -104,6 +104,23 @@ def test_eval_checkpoint_reproduces_training_validation(cli, trained_run):
     assert 0 < float(m["bpb"]) < 8
 
 
+def test_eval_stride_gives_every_target_more_context(cli, trained_run):
+    """eval --stride N scores the same targets and bytes as back-to-back windows (each with at least
+    seq_len - N tokens of context: test_data covers the windows); --stride of seq_len is the plain
+    evaluation, a negative one a clear error."""
+    def evaluate(*extra):
+        r = cli("eval", "--checkpoint", trained_run.out, *extra)
+        assert r.rc == 0, r.err
+        return EVAL_LINE.match(r.out.strip())
+
+    plain, overlapped, same = evaluate(), evaluate("--stride", 16), evaluate("--stride", 64)
+    assert (overlapped["tokens"], overlapped["bytes"]) == (plain["tokens"], plain["bytes"])
+    assert 0 < float(overlapped["bpb"]) < 8
+    assert same.group(0) == plain.group(0)
+    r = cli("eval", "--checkpoint", trained_run.out, "--stride", -1)
+    assert r.rc != 0 and "--stride must be >= 0" in r.err
+
+
 def test_eval_text_file(cli, trained_run, tmp_path):
     """eval --text FILE: compares the reported token count with the tokenizer's count for the file
     (every token after the first is a target, plus the EOS appended to the text) and the byte

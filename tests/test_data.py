@@ -461,3 +461,29 @@ def test_iter_eval_batches_covers_every_target_once():
     assert seen_inputs == tokens[:-1].tolist()
     assert batches[-1][1][0].tolist()[-2:] == [-100, -100]
     assert len(list(iter_eval_batches(tokens, 8, 4, max_batches=2))) == 2
+
+
+@pytest.mark.parametrize("n_tokens", [2, 9, 10, 30, 103])
+@pytest.mark.parametrize("stride", [1, 3, 5, 8, 20])
+def test_iter_eval_batches_with_a_stride_scores_every_target_once_with_context(n_tokens, stride):
+    """Overlapping windows: every target is scored exactly once, in order, from a window whose inputs
+    are the tokens before it; after the first window each has at least seq_len - stride of them.
+    A stride of seq_len or more is back-to-back windows."""
+    seq_len = 8
+    tokens = np.arange(1, n_tokens + 1, dtype=np.uint16)  # token value = 1 + its position
+    scored = []
+    for inputs, targets in iter_eval_batches(tokens, seq_len, batch_size=3, stride=stride):
+        for row_in, row_t in zip(inputs.tolist(), targets.tolist()):
+            for col, t in enumerate(row_t):
+                if t == -100:
+                    continue
+                position = t - 1
+                assert row_in[col] == position  # the input just before the target ...
+                assert row_in[: col + 1] == list(range(position - col, position + 1))  # ... and all its context
+                if position > seq_len:
+                    assert col + 1 >= seq_len - min(stride, seq_len)
+                scored.append(t)
+    assert scored == tokens[1:].tolist()
+    if stride >= seq_len:
+        plain = [t.tolist() for _, t in iter_eval_batches(tokens, seq_len, 3)]
+        assert [t.tolist() for _, t in iter_eval_batches(tokens, seq_len, 3, stride=stride)] == plain

@@ -421,6 +421,18 @@ def test_torchrun_cli_bad_micro_batch(data_dir, mf_cache_dir, tmp_path):
     assert "MoeforgeError" not in res.stderr  # reported as a user error, not a crash of moeforge
 
 
+@pytest.mark.dist
+def test_torchrun_cli_refuses_muon(data_dir, mf_cache_dir, tmp_path):
+    """Muon is single-process for now: under torchrun one clear error line, no run folder."""
+    args = ["-m", "moeforge", "train", "--out", tmp_path / "run", "--steps", 1, "--data", data_dir, "--no-progress",
+            *MODEL, *TRAIN, "train.optimizer=muon"]
+    res = run_torchrun(args, 2, env={"MOEFORGE_CACHE": str(mf_cache_dir)}, cwd=tmp_path)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if line.startswith("moeforge train: error:")]
+    assert lines and "train.optimizer=muon: one process only" in lines[0], res.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # impossible layouts (checked before any process group exists, so no processes are needed)
 # ----------------------------------------------------------------------------------------------

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="a UTF-8 text file to evaluate (default: the run's validation split)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="overlapping windows every N tokens, each target with at least seq_len - N tokens of "
+                        "context (default: the run's train.eval_stride; 0 = back-to-back windows)")
     p.add_argument("--ema", action="store_true", help=EMA_HELP)
     _add_device(p)
 
@@ -178,6 +181,8 @@ def cmd_eval(args) -> int:
         raise MoeforgeError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_batches is not None and args.max_batches < 1:
         raise MoeforgeError(f"--max-batches must be >= 1, got {args.max_batches}")
+    if args.stride is not None and args.stride < 0:
+        raise MoeforgeError(f"--stride must be >= 0, got {args.stride}")
     if args.text:
         path = Path(args.text)
         if not path.exists():
@@ -198,7 +203,8 @@ def cmd_eval(args) -> int:
         text = validation_text(cfg.train.data or None)
     device = model.embed.weight.device
     res = evaluate(model, tokens, tok.token_bytes, cfg.train.seq_len, args.batch_size, device,
-                   resolve_precision(cfg.train.precision, device), args.max_batches)
+                   resolve_precision(cfg.train.precision, device), args.max_batches,
+                   stride=cfg.train.eval_stride if args.stride is None else args.stride)
     print(f"{what}: loss {res['loss']:.4f} | {res['bpb']:.4f} bits per byte (xz -9: {xz_bits_per_byte(text):.4f}) | "
           f"{res['tokens']} tokens, {res['bytes']} bytes")
     return 0

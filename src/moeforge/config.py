@@ -134,6 +134,9 @@ class TrainConfig:
     batch_size_start: int = 0  # >0: ramp the batch size from this value ...
     batch_ramp_steps: int = 0  # ... to batch_size over this many steps (DeepSeek-V3 grew its batch)
     # AdamW (DeepSeek-V3: 0.9 / 0.95 / 0.1, clip 1.0)
+    optimizer: str = "adamw"  # adamw | muon: Muon for the blocks' matrices, AdamW for the rest (train/muon.py)
+    muon_momentum: float = 0.95
+    muon_lr: float = 0.0  # >0: Muon's peak lr (scheduled like lr); 0: train.lr, as for the AdamW parameters
     lr: float = 2.2e-4
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     warmup_steps: int = 100
@@ -173,6 +176,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 250
     eval_batches: int = 20
+    eval_stride: int = 0  # 0 < N < seq_len: overlapping evaluation windows every N tokens (more context per target)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     sample_tokens: int = 64
@@ -388,7 +392,7 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
     for name in ("steps", "seq_len", "batch_size", "log_every", "keep_checkpoints"):
         _check(getattr(t, name) > 0, f"train.{name}: must be positive, got {getattr(t, name)}")
     for name in ("micro_batch_size", "batch_size_start", "batch_ramp_steps", "warmup_steps", "eval_every",
-                 "eval_batches", "checkpoint_every", "sample_tokens"):
+                 "eval_batches", "eval_stride", "checkpoint_every", "sample_tokens"):
         _check(getattr(t, name) >= 0, f"train.{name}: must be >= 0, got {getattr(t, name)}")
     _check(t.seq_len <= m.max_position_embeddings,
            f"train.seq_len: {t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
@@ -419,6 +423,11 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _check(0 <= t.ema_decay < 1, f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     _check(t.ema_every >= 1, f"train.ema_every: must be >= 1, got {t.ema_every}")
     _check(t.adam_moments in ("fp32", "bf16"), f"train.adam_moments: expected fp32 or bf16, got {t.adam_moments!r}")
+    _check(t.optimizer in ("adamw", "muon"), f"train.optimizer: expected adamw or muon, got {t.optimizer!r}")
+    _check(t.muon_lr >= 0, f"train.muon_lr: must be >= 0, got {t.muon_lr}")
+    _check(0 <= t.muon_momentum < 1, f"train.muon_momentum: must be in [0, 1), got {t.muon_momentum}")
+    _check(t.optimizer == "adamw" or t.adam_moments == "fp32",
+           "train.adam_moments=bf16: only with train.optimizer=adamw")
 
 
 def validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:

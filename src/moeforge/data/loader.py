@@ -142,21 +142,28 @@ class PackedLoader:
 
 
 def iter_eval_batches(
-    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None
+    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None, stride: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Sequential (inputs, targets) batches, each LongTensor [B, seq_len], over ``tokens``.
 
-    Every token but the first is a target exactly once. The last window is kept even when
-    shorter than seq_len, padded with targets of -100 (ignored by cross-entropy) and inputs of
-    0 (causal attention keeps padding from affecting real positions), so evaluation covers the
-    whole stream. The last batch may have fewer than ``batch_size`` rows.
+    Every token but the first is a target exactly once. stride = 0 (or >= seq_len): back-to-back
+    windows, so a target sees between 0 and seq_len - 1 tokens of context. 0 < stride < seq_len:
+    windows start every ``stride`` tokens and each scores only the targets the previous one did not
+    reach (its last ``stride``; the first window scores all of its own), so every target after the
+    first window sees at least seq_len - stride tokens of context, at seq_len / stride times the
+    compute. Targets not scored are -100 (ignored by cross-entropy). The last window is kept even
+    when shorter than seq_len, its inputs padded with 0 (causal attention keeps padding from
+    affecting real positions), so evaluation covers the whole stream. The last batch may have fewer
+    than ``batch_size`` rows.
     """
     if seq_len < 1 or batch_size < 1:
         raise MoeforgeError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
+    stride = seq_len if stride <= 0 else min(stride, seq_len)
     n_targets = len(tokens) - 1
     if n_targets < 1:
         raise MoeforgeError(f"evaluation data has {len(tokens)} tokens; need at least 2")
-    n_windows = -(-n_targets // seq_len)
+    # window w covers targets (w * stride, w * stride + seq_len] and scores those after the previous window's end
+    n_windows = 1 + max(0, -(-(n_targets - seq_len) // stride))
     n_batches = -(-n_windows // batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
@@ -166,9 +173,11 @@ def iter_eval_batches(
         inputs = np.zeros((rows, seq_len), dtype=np.int64)
         targets = np.full((rows, seq_len), -100, dtype=np.int64)
         for r in range(rows):
-            start = (first + r) * seq_len
+            w = first + r
+            start = w * stride
             chunk = np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64)
             n = len(chunk) - 1
+            skip = 0 if w == 0 else seq_len - stride  # scored by the previous window
             inputs[r, :n] = chunk[:-1]
-            targets[r, :n] = chunk[1:]
+            targets[r, skip:n] = chunk[1 + skip:]
         yield torch.from_numpy(inputs), torch.from_numpy(targets)

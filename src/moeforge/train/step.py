@@ -21,6 +21,7 @@ from ..model.attention import document_ids, document_mask
 from ..model.head import set_loss_chunk
 from ..parallel import pipeline
 from .adamw import AdamWBF16Moments
+from .muon import Muon
 from .balance import update_routing_bias
 from .schedule import batch_size_at, bias_update_speed_at, lr_at
 from .speed import apply_compile, apply_recompute
@@ -49,19 +50,44 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def optimizer_groups(model: torch.nn.Module, keep=None) -> tuple[list[str], list[str]]:
-    """Parameter names of AdamW's two groups, in its order: matrices (weight decay), then vectors
-    (norms, no decay). Concatenated, they index a single-process optimizer state dict."""
+ADAMW_MATRICES = ("embed.weight", "head.weight")  # with train.optimizer=muon, these matrices stay on AdamW ...
+ADAMW_SUFFIXES = (".gate.weight",)  # ... and every router's gate
+
+
+def uses_muon(name: str, p: torch.Tensor) -> bool:
+    """Whether train.optimizer=muon updates this parameter with Muon (train/muon.py)."""
+    return p.ndim >= 2 and name not in ADAMW_MATRICES and not name.endswith(ADAMW_SUFFIXES)
+
+
+def optimizer_groups(model: torch.nn.Module, keep=None, optimizer: str = "adamw") -> list[list[str]]:
+    """Parameter names of the optimizer's groups, in its order. AdamW: matrices (weight decay), then
+    vectors (norms, no decay). Muon: Muon's matrices, then AdamW's matrices, then vectors.
+    Concatenated, they index a single-process optimizer state dict."""
     named = [(n, p) for n, p in model.named_parameters() if keep is None or keep(n)]
-    return [n for n, p in named if p.ndim >= 2], [n for n, p in named if p.ndim < 2]
+    vectors = [n for n, p in named if p.ndim < 2]
+    if optimizer == "muon":
+        return ([n for n, p in named if uses_muon(n, p)],
+                [n for n, p in named if p.ndim >= 2 and not uses_muon(n, p)], vectors)
+    return [n for n, p in named if p.ndim >= 2], vectors
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, keep=None) -> torch.optim.AdamW:
-    """AdamW over optimizer_groups. keep(name) -> bool: the parameters this rank updates (ZeRO-1
-    owners); default all."""
+def build_optimizer(model: torch.nn.Module, cfg: Config, keep=None) -> torch.optim.Optimizer:
+    """The optimizer over optimizer_groups (train.optimizer). keep(name) -> bool: the parameters this
+    rank updates (ZeRO-1 owners); default all."""
     t = cfg.train
     params = dict(model.named_parameters())
-    decay, no_decay = ([params[n] for n in names] for names in optimizer_groups(model, keep))
+    groups = [[params[n] for n in names] for names in optimizer_groups(model, keep, t.optimizer)]
+    if t.optimizer == "muon":
+        if any(isinstance(p, DTensor) for p in params.values()):
+            raise MoeforgeError("train.optimizer=muon: needs whole matrices, not FSDP shards "
+                                "(parallel.sharding=none|zero1, or train.optimizer=adamw)")
+        muon, matrices, vectors = groups
+        scale = t.muon_lr / t.lr if t.muon_lr else 1.0  # Muon's lr relative to the scheduled one
+        return Muon([{"params": muon, "weight_decay": t.weight_decay, "muon": True, "lr_scale": scale},
+                     {"params": matrices, "weight_decay": t.weight_decay},
+                     {"params": vectors, "weight_decay": 0.0}],
+                    lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, momentum=t.muon_momentum)
+    decay, no_decay = groups
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if t.adam_moments == "bf16":  # the moments in BF16 (train/adamw.py): 12 instead of 16 bytes per parameter
         return AdamWBF16Moments(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
@@ -114,7 +140,7 @@ def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx,
             optimizer.grad_scale = 1.0 / coef
     lr = lr_at(step, t)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # (Muon's matrices may have their own peak lr)
     if ema is not None:
         ema.before_optimizer_step()
     optimizer.step()

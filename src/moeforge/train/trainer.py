@@ -41,10 +41,11 @@ LN2 = math.log(2)
 
 @torch.no_grad()
 def evaluate(model, tokens, token_bytes: torch.Tensor, seq_len: int, batch_size: int, device, precision,
-             max_batches: int | None = None, shard: tuple[int, int] | None = None, reduce=None) -> dict[str, float]:
+             max_batches: int | None = None, shard: tuple[int, int] | None = None, reduce=None,
+             stride: int = 0) -> dict[str, float]:
     """Mean next-token loss and bits per byte. Bits per byte counts only targets that stand for
     bytes of text (special tokens such as the EOS separator have 0 bytes and are left out), so it
-    does not depend on the tokenizer.
+    does not depend on the tokenizer. stride > 0: overlapping windows (iter_eval_batches).
 
     shard=(rank, ranks): this rank evaluates its share of the rows of every batch (padded with
     ignored rows so that every rank runs the same forwards, as expert parallelism needs), and
@@ -53,7 +54,7 @@ def evaluate(model, tokens, token_bytes: torch.Tensor, seq_len: int, batch_size:
     model.eval()
     token_bytes = token_bytes.to(device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats (byte targets), nats (all), tokens, bytes
-    for inputs, targets in iter_eval_batches(tokens, seq_len, batch_size, max_batches):
+    for inputs, targets in iter_eval_batches(tokens, seq_len, batch_size, max_batches, stride):
         if shard is not None:
             rank, ranks = shard
             rows = -(-inputs.shape[0] // ranks)
@@ -133,6 +134,9 @@ class Trainer:
 
         # None for one process; under torchrun the mesh (pp x dp x ep) and this rank's place in it.
         self.pctx = parallel.init_distributed(cfg.parallel, t.device)
+        if t.optimizer == "muon" and self.pctx is not None:
+            raise MoeforgeError("train.optimizer=muon: one process only for now (distributed checkpoints hold "
+                                "AdamW state); use train.optimizer=adamw under torchrun")
         parallel.check_batch_sizes(t.micro_batch, self.pctx)
         self.is_main = self.pctx is None or self.pctx.is_main  # rank 0 alone writes files and logs
         self.device = self.pctx.device if self.pctx is not None else resolve_device(t.device)
@@ -231,11 +235,15 @@ class Trainer:
                                     f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
         elif self.pctx is None:
             self.model.load_state_dict(parts["model.pt"])
-            self.optimizer.load_state_dict(parts["optimizer.pt"])
+            try:
+                self.optimizer.load_state_dict(parts["optimizer.pt"])
+            except (ValueError, KeyError) as e:  # another train.optimizer's groups
+                raise MoeforgeError(f"checkpoint '{path}': its optimizer state does not fit "
+                                    f"train.optimizer={self.cfg.train.optimizer} ({str(e).strip()})") from None
         else:  # a single-process checkpoint, sliced / sharded for this rank (pipeline: the stages reference them)
             parallel.load_full_state_dict(self.model, parts["model.pt"], self.pctx, owned=self._owned_names())
             parallel.load_full_optimizer_state_dict(self.model, self.optimizer, parts["optimizer.pt"], self.pctx,
-                                                    sum(optimizer_groups(self.model), []))
+                                                    sum(optimizer_groups(self.model, None, self.cfg.train.optimizer), []))
         state = parts["state.pt"]
         self.step, self.tokens_seen = state["step"], state["tokens"]
         if self.ema is not None:
@@ -417,14 +425,14 @@ class Trainer:
 
             model = self._single_device_model()
             res = [evaluate(model, self.data.val, self.tokenizer.token_bytes, t.seq_len, t.micro_batch, self.device,
-                            self.precision, max_batches) if self.is_main else None]
+                            self.precision, max_batches, stride=t.eval_stride) if self.is_main else None]
             dist.broadcast_object_list(res, src=0)
             return res[0]
         shard = reduce = None
         if self.pctx is not None and self.pctx.data_ranks > 1:  # each data rank evaluates its share of the rows
             shard, reduce = (self.pctx.data_rank, self.pctx.data_ranks), self.pctx.all_reduce_sum_dp_ep
         return evaluate(self.model, self.data.val, self.tokenizer.token_bytes, t.seq_len, t.micro_batch,
-                        self.device, self.precision, max_batches, shard=shard, reduce=reduce)
+                        self.device, self.precision, max_batches, shard=shard, reduce=reduce, stride=t.eval_stride)
 
     def sample(self, prompt: str = "def ") -> str:
         n = self.cfg.train.sample_tokens
