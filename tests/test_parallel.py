@@ -410,26 +410,21 @@ def test_pipeline_bubble_script_runs(tmp_path):
 
 
 @pytest.mark.dist
-def test_torchrun_cli_bad_micro_batch(data_dir, mf_cache_dir, tmp_path):
-    """A micro batch the data ranks cannot split is one clear error line naming the setting."""
+@pytest.mark.parametrize("settings, message", [
+    # a micro batch the data ranks cannot split
+    (["train.batch_size=6", "train.micro_batch_size=3", "parallel.ep=2"], ("train.micro_batch_size", "not divisible")),
+    # Muon is single-process for now
+    (["train.optimizer=muon"], ("train.optimizer=muon: one process only",)),
+])
+def test_torchrun_cli_bad_setting(data_dir, mf_cache_dir, tmp_path, settings, message):
+    """One clear error line naming the setting, no crash report, no run folder."""
     args = ["-m", "moeforge", "train", "--out", tmp_path / "run", "--steps", 1, "--data", data_dir, "--no-progress",
-            *MODEL, *TRAIN, "train.batch_size=6", "train.micro_batch_size=3", "parallel.ep=2"]
+            *MODEL, *TRAIN, *settings]
     res = run_torchrun(args, 2, env={"MOEFORGE_CACHE": str(mf_cache_dir)}, cwd=tmp_path)
     assert res.returncode != 0
     lines = [line for line in res.stderr.splitlines() if line.startswith("moeforge train: error:")]
-    assert lines and "train.micro_batch_size" in lines[0] and "not divisible" in lines[0], res.stderr[-2000:]
+    assert lines and all(m in lines[0] for m in message), res.stderr[-2000:]
     assert "MoeforgeError" not in res.stderr  # reported as a user error, not a crash of moeforge
-
-
-@pytest.mark.dist
-def test_torchrun_cli_refuses_muon(data_dir, mf_cache_dir, tmp_path):
-    """Muon is single-process for now: under torchrun one clear error line, no run folder."""
-    args = ["-m", "moeforge", "train", "--out", tmp_path / "run", "--steps", 1, "--data", data_dir, "--no-progress",
-            *MODEL, *TRAIN, "train.optimizer=muon"]
-    res = run_torchrun(args, 2, env={"MOEFORGE_CACHE": str(mf_cache_dir)}, cwd=tmp_path)
-    assert res.returncode != 0
-    lines = [line for line in res.stderr.splitlines() if line.startswith("moeforge train: error:")]
-    assert lines and "train.optimizer=muon: one process only" in lines[0], res.stderr[-2000:]
     assert not (tmp_path / "run").exists()
 
 
