@@ -133,6 +133,11 @@ _C13 = {"c99": [], "c99-warm100": ["train.warmup_steps=100"], "c99-m4-a16": ["tr
         "c99-mom0.85": ["train.muon_momentum=0.85"]}
 VARIANTS_ROUND13 = {f"{name}-s880-seed{seed}": ["train.steps=880"] + M10 + v + [f"train.seed={seed}"]
                     for name, v in _C13.items() for seed in ((1234, 2, 3) if name == "c99" else (1234, 2))}
+# Round 14: the preset as shipped after round 13 (Muon, 800 steps) and routing changes, two seeds.
+_C14 = {"tiny": [], "top2": ["model.num_experts_per_tok=2"], "nogroup": ["model.n_group=1", "model.topk_group=1"],
+        "gamma0.01": ["train.bias_update_speed=0.01"], "rsf1": ["model.routed_scaling_factor=1.0"],
+        "beta1-0.8": ["train.beta1=0.8"]}
+VARIANTS_ROUND14 = {f"{name}-seed{seed}": ["train.steps=800"] + v + [f"train.seed={seed}"] for name, v in _C14.items() for seed in (1234, 2)}
 VARIANTS_ROUND8["m8-compile"] = VARIANTS_ROUND8["m8"] + ["train.compile=true"]  # (CPU speed only)
 # Round 2 (fixed tokens, about what 2 CPU cores process in 8 minutes): batch size and balancing speed.
 VARIANTS_TOKENS = {
@@ -188,7 +193,7 @@ def use_stdlib(path: str | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=420, help="seconds per variant; 0: the variants' own train.steps")
-    ap.add_argument("--round", type=int, default=1, help="1: shapes in a time budget, 2-13: fixed-token variants of tiny")
+    ap.add_argument("--round", type=int, default=1, help="1: shapes in a time budget, 2-14: fixed-token variants of tiny")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="sweep")
     ap.add_argument("--only", nargs="*")
@@ -206,7 +211,7 @@ def main() -> None:
              6: VARIANTS_ROUND6, 7: VARIANTS_ROUND7, 8: VARIANTS_ROUND8,
              9: VARIANTS_ROUND9, 10: VARIANTS_ROUND10,
              11: VARIANTS_ROUND11, 12: VARIANTS_ROUND12,
-             13: VARIANTS_ROUND13}[args.round]
+             13: VARIANTS_ROUND13, 14: VARIANTS_ROUND14}[args.round]
     if args.round <= 5:
         table = {name: OLD_INIT + v for name, v in table.items()}  # a variant's own std comes later and wins
     for tok in sorted({o.split("=", 1)[1] for v in table.values() for o in v if o.startswith("train.tokenizer=")} | {""}):

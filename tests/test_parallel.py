@@ -413,8 +413,8 @@ def test_pipeline_bubble_script_runs(tmp_path):
 @pytest.mark.parametrize("settings, message", [
     # a micro batch the data ranks cannot split
     (["train.batch_size=6", "train.micro_batch_size=3", "parallel.ep=2"], ("train.micro_batch_size", "not divisible")),
-    # Muon is single-process for now
-    (["train.optimizer=muon"], ("train.optimizer=muon: one process only",)),
+    # Muon needs whole matrices
+    (["train.optimizer=muon", "parallel.sharding=full"], ("train.optimizer=muon: needs whole matrices",)),
 ])
 def test_torchrun_cli_bad_setting(data_dir, mf_cache_dir, tmp_path, settings, message):
     """One clear error line naming the setting, no crash report, no run folder."""
@@ -543,14 +543,18 @@ def test_parameter_ema_under_data_parallelism(data_dir, mf_env, tmp_path):
 
 
 @pytest.mark.dist
-def test_bf16_moments_under_zero1_with_dcp_resume(data_dir, mf_env, tmp_path):
-    """train.adam_moments=bf16 with DP=2 (ZeRO-1): the one-process losses, and the step-2 DCP
-    checkpoint (BF16 moments, each saved by its owner) resumed in one process continues with the
+@pytest.mark.parametrize("extra, ranks, layout", [
+    (["train.adam_moments=bf16"], 2, ["parallel.sharding=zero1"]),
+    (["train.optimizer=muon", "train.muon_lr=5e-3"], 4, ["parallel.sharding=zero1", "parallel.ep=2"]),
+], ids=["bf16_moments_zero1", "muon_zero1_ep2xdp2"])
+def test_optimizer_state_under_zero1_with_dcp_resume(data_dir, mf_env, tmp_path, extra, ranks, layout):
+    """AdamW with BF16 moments under DP=2 (ZeRO-1), and Muon under EP=2 x DP=2 (ZeRO-1; each rank's
+    experts orthogonalised on their own, momentum sliced by expert): the one-process losses, and the
+    step-2 DCP checkpoint (each state saved by its owner) resumed in one process continues with the
     one-process steps 3-4."""
-    extra = ["train.adam_moments=bf16"]
     ref = single_process(lambda: train_run(make_config(data_dir, tmp_path / "ref", extra), None, STEPS), mf_env)
-    out = tmp_path / "dp2"
-    results = run_dist(train_run, 2, make_config(data_dir, out, [*extra, "parallel.sharding=zero1"]), str(mf_env),
+    out = tmp_path / "dist"
+    results = run_dist(train_run, ranks, make_config(data_dir, out, [*extra, *layout]), str(mf_env),
                        STEPS, init=False)
     assert len(results[0]["records"]) == len(ref["records"]) == STEPS
     for a, b in zip(results[0]["records"], ref["records"]):

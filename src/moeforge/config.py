@@ -451,6 +451,9 @@ def validate(cfg: Config) -> None:
     _check(not cfg.train.compile or cfg.parallel.ep == 1,
            "train.compile: not with parallel.ep > 1 (the expert all-to-all splits each block, and the pieces "
            "recompile as the token counts change every step); set train.compile=false")
+    _check(cfg.train.optimizer == "adamw" or cfg.parallel.sharding in ("none", "zero1"),
+           f"train.optimizer=muon: needs whole matrices, not parallel.sharding={cfg.parallel.sharding} "
+           f"(none and zero1 work)")
     _check(cfg.train.adam_moments == "fp32" or cfg.parallel.sharding in ("none", "zero1"),
            f"train.adam_moments=bf16: not supported with parallel.sharding={cfg.parallel.sharding} "
            f"(none and zero1 are)")

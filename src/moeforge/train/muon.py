@@ -17,7 +17,8 @@ decides discrete choices from its rows and is kept on the well-understood update
 
 The gradients are divided by `grad_scale` when the trainer sets it (gradient clipping folded into
 the update, as with torch's fused AdamW). The AdamW part is train/adamw.py's reference update with
-FP32 moments. One process (or replicated parameters) only: each matrix must be whole.
+FP32 moments. Each matrix must be whole on its rank: one process, data parallelism without FSDP
+(or with ZeRO-1), expert and pipeline parallelism; not FSDP shards.
 """
 
 from __future__ import annotations

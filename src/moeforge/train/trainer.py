@@ -134,9 +134,6 @@ class Trainer:
 
         # None for one process; under torchrun the mesh (pp x dp x ep) and this rank's place in it.
         self.pctx = parallel.init_distributed(cfg.parallel, t.device)
-        if t.optimizer == "muon" and self.pctx is not None:
-            raise MoeforgeError("train.optimizer=muon: one process only for now (distributed checkpoints hold "
-                                "AdamW state); use train.optimizer=adamw under torchrun")
         parallel.check_batch_sizes(t.micro_batch, self.pctx)
         self.is_main = self.pctx is None or self.pctx.is_main  # rank 0 alone writes files and logs
         self.device = self.pctx.device if self.pctx is not None else resolve_device(t.device)
