@@ -86,6 +86,10 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert all(not uses_muon(n, p) and p.ndim == 1 for n, p in model.named_parameters() if n in vectors)
     params = dict(model.named_parameters())
     assert len(muon) + len(adam_matrices) + len(vectors) == len(params)
+    # under pipeline parallelism the optimizer sees the stages' names, with a prefix
+    w = params["embed.weight"]
+    assert not uses_muon("0.embed.weight", w) and not uses_muon("1.layers.2.ffn.gate.weight", w)
+    assert uses_muon("1.layers.2.attn.wo.weight", w)
     opt = build_optimizer(model, load_config("tiny", overrides=["train.optimizer=muon", "train.lr=1e-2",
                                                                 "train.muon_lr=5e-3"]))
     assert [g["muon"] for g in opt.param_groups] == [True, False, False]

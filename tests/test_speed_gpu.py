@@ -77,10 +77,12 @@ def test_fused_chunked_loss_matches_eager_on_cuda():
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2 * float(b.abs().max()))
 
 
-@pytest.mark.parametrize("extra", [[], ["train.compile=true"], ["train.adam_moments=bf16"]])
+@pytest.mark.parametrize("extra", [[], ["train.compile=true"], ["train.optimizer=adamw"],
+                                   ["train.optimizer=adamw", "train.adam_moments=bf16"]])
 def test_training_step_has_no_host_sync(extra):
     """A whole optimizer step (two micro-batches, BF16, routing, grouped GEMM, chunked loss, clipping,
-    AdamW, bias update) runs under set_sync_debug_mode('error') after a warm-up step: no host sync."""
+    the preset's Muon or AdamW, bias update) runs under set_sync_debug_mode('error') after a warm-up
+    step: no host sync."""
     cfg = load_config("tiny", None, ["train.batch_size=4", "train.micro_batch_size=2", "train.seq_len=128",
                                      "train.loss_chunk=100", *extra])
     device = torch.device("cuda")

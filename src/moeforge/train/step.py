@@ -50,13 +50,14 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-ADAMW_MATRICES = ("embed.weight", "head.weight")  # with train.optimizer=muon, these matrices stay on AdamW ...
-ADAMW_SUFFIXES = (".gate.weight",)  # ... and every router's gate
+# With train.optimizer=muon these matrices stay on AdamW: the embedding, the output head and every
+# router's gate (matched at the end of the name, which pipeline stages prefix).
+ADAMW_MATRICES = ("embed.weight", "head.weight", "gate.weight")
 
 
 def uses_muon(name: str, p: torch.Tensor) -> bool:
     """Whether train.optimizer=muon updates this parameter with Muon (train/muon.py)."""
-    return p.ndim >= 2 and name not in ADAMW_MATRICES and not name.endswith(ADAMW_SUFFIXES)
+    return p.ndim >= 2 and not any(name == m or name.endswith("." + m) for m in ADAMW_MATRICES)
 
 
 def optimizer_groups(model: torch.nn.Module, keep=None, optimizer: str = "adamw") -> list[list[str]]:
