@@ -133,6 +133,23 @@ def test_pipeline_trainer_matches_single_process(schedule, reference, data_dir, 
                 assert rec[key] == pytest.approx(ref_next[key], rel=LOSS_RTOL), f"resumed {key}"
 
 
+@pytest.mark.dist
+def test_pipeline_trainer_with_muon_matches_single_process(data_dir, mf_env, tmp_path):
+    """train.optimizer=muon on pipeline stages (pp=2, 1F1B): the stages' prefixed parameter names
+    still keep the embedding, head and gates on AdamW, and the losses and gradient norms are the
+    single process's."""
+    muon = ["train.optimizer=muon", "train.muon_lr=5e-3"]
+    ref = single_process(lambda: train_run(make_config(data_dir, tmp_path / "ref", muon), None), mf_env)
+    nproc, extra = LAYOUTS["1f1b"]
+    results = run_dist(train_run, nproc, make_config(data_dir, tmp_path / "run", [*muon, *extra]), str(mf_env),
+                       init=False)
+    for rank, res in enumerate(results):
+        assert [r["step"] for r in res["records"]] == [1, 2, 3]
+        for a, b in zip(res["records"], ref["records"]):
+            for key in ("loss", "grad_norm"):
+                assert a[key] == pytest.approx(b[key], rel=LOSS_RTOL), f"rank {rank} step {a['step']} {key}"
+
+
 def _check_distributed_checkpoint(path: Path, ref_path: Path) -> None:
     """Model and optimizer of a DCP checkpoint loaded into a single-process model and AdamW: the
     moments equal the single-process run's (exp_avg_sq within 1e-3: gradients summed in another order)."""
