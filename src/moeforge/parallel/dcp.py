@@ -31,7 +31,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from .expert import _copy_into, expert_names, is_expert_key
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-MUON_STATE = ("momentum_buffer",)
 
 
 def _views(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx, create_moments: bool,
@@ -63,7 +62,7 @@ def _views(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx, creat
     if optimizer is not None:
         by_id = {id(p): (n, p) for n, p in model.named_parameters()}
         for group in optimizer.param_groups:
-            muon = group.get("muon", False)  # Muon's matrices (train/muon.py) keep a momentum buffer, no step
+            muon = group.get("muon", False)  # Muon's matrices (train/muon.py): their own state, no step
             for p in group["params"]:
                 name, _ = by_id[id(p)]
                 st = optimizer.state.get(p)
@@ -72,11 +71,11 @@ def _views(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx, creat
                         continue  # no step taken yet: nothing to save for this parameter
                     local = p.data.to_local() if isinstance(p.data, DTensor) else p.data
                     dtype = getattr(optimizer, "moment_dtype", None)  # BF16 moments (train/adamw.py)
-                    st = ({"momentum_buffer": torch.zeros_like(p.data)} if muon else
+                    st = ({k: torch.zeros_like(p.data) for k in optimizer.matrix_state} if muon else
                           {"step": torch.zeros((), dtype=torch.float32, device=local.device),
                            **{k: torch.zeros_like(p.data, dtype=dtype) for k in MOMENTS}})
                     optimizer.state[p] = st
-                for k in (MUON_STATE if muon else MOMENTS):
+                for k in (optimizer.matrix_state if muon else MOMENTS):
                     state[f"optim/{name}/{k}"] = view(name, st[k], name in routed or is_expert_key(name))
                 if not muon:
                     state[f"optim/{name}/step"] = st["step"]

@@ -62,12 +62,7 @@ class AdamWBF16Moments(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    for k in MOMENTS:
-                        st[k] = torch.zeros_like(p, dtype=self.moment_dtype, memory_format=torch.preserve_format)
+            adamw_states(self.state, params, self.moment_dtype)
             for batch in _batches(params, CHUNK):
                 self._update(batch, lr, beta1, beta2, eps, wd, scale)
         return loss
@@ -77,6 +72,18 @@ class AdamWBF16Moments(torch.optim.Optimizer):
         torch._foreach_add_([st["step"] for st in states], 1)
         kernel = _kernel(params, states)  # GPU: one fused pass per parameter (adamw_triton.py)
         (kernel.update if kernel is not None else reference_update)(params, states, lr, beta1, beta2, eps, wd, scale)
+
+
+def adamw_states(state: dict, params: list[torch.Tensor], moment_dtype: torch.dtype | None = None) -> list[dict]:
+    """Each parameter's AdamW state in `state` (an optimizer's): the step count on the device and the
+    two moments (in `moment_dtype`, default the parameter's), created zero on first use."""
+    for p in params:
+        st = state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            for k in MOMENTS:
+                st[k] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+    return [state[p] for p in params]
 
 
 def _kernel(params, states):

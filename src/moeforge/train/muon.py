@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .adamw import MOMENTS, reference_update
+from .adamw import adamw_states, reference_update
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
@@ -81,6 +81,8 @@ class Muon(torch.optim.Optimizer):
     scale, decoupled weight decay), the others AdamW with `betas` and `eps`. `lr` and
     `weight_decay` mean the same in both."""
 
+    matrix_state = ("momentum_buffer",)  # a Muon matrix's state (no step count; parallel/dcp.py saves it)
+
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, momentum: float = 0.95,
                  nesterov: bool = True, weight_decay: float = 0.0):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "momentum": momentum,
@@ -111,8 +113,8 @@ class Muon(torch.optim.Optimizer):
         bufs = []
         for p in params:
             st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p)
+            if not st:
+                st.update({k: torch.zeros_like(p) for k in self.matrix_state})
             bufs.append(st["momentum_buffer"])
         torch._foreach_lerp_(bufs, grads, 1 - mu)
         directions = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
@@ -122,14 +124,7 @@ class Muon(torch.optim.Optimizer):
             p.add_(update, alpha=-lr * update_scale(p.shape))
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
-        states = []
-        for p in params:
-            st = self.state[p]
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                for k in MOMENTS:
-                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            states.append(st)
+        states = adamw_states(self.state, params)
         torch._foreach_add_([st["step"] for st in states], 1)
         beta1, beta2 = group["betas"]
         reference_update(params, states, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
