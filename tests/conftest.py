@@ -35,7 +35,7 @@ TINY_OVERRIDES = [
     "model.num_attention_heads=2", "model.max_position_embeddings=64", "model.num_nextn_predict_layers=1",
     "train.seq_len=64", "train.batch_size=4", "train.eval_batches=2", "train.sample_tokens=8",
     # the training recipe these tests were written for (the preset now trains with Muon: test_muon.py)
-    "train.optimizer=adamw", "train.lr=2e-3", "train.beta2=0.95",
+    "train.optimizer=adamw", "train.lr=2e-3", "train.beta2=0.95", "train.zero_init=none",
 ]
 
 # The schedules (lr, MTP weight lambda, bias-update gamma) are functions of step / train.steps.

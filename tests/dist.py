@@ -223,5 +223,5 @@ DIST_MODEL = [
     "model.num_nextn_predict_layers=1",
     # the CLI tests start from the tiny preset, the in-process references from the defaults: pin
     # every field where the two differ
-    "model.initializer_range=0.006", "train.optimizer=adamw", "train.beta2=0.95",
+    "model.initializer_range=0.006", "train.optimizer=adamw", "train.beta2=0.95", "train.zero_init=none",
 ]

@@ -267,6 +267,61 @@ def test_initial_values_are_the_single_device_initialisation():
         load_full_state_dict(other, iter(values[:-1]), None)
 
 
+def test_zero_init_clears_exactly_the_residual_writers_and_the_head():
+    """train.zero_init: 'proj' zeroes wo and every w2 (dense, shared, routed, MTP block), 'head' the
+    head; every other tensor keeps the value it has without the setting (same draws), in the
+    single-device build and in the stream parallel ranks slice (initial_values); unknown parts are a
+    config error."""
+    from moeforge.errors import MoeforgeError
+    from moeforge.model import initial_values
+    from moeforge.train.step import build_train_model
+
+    cfg = small_cfg(num_nextn_predict_layers=1)
+    torch.manual_seed(3)
+    plain = dict(initial_values(cfg))
+    torch.manual_seed(3)
+    zeroed = dict(initial_values(cfg, zero=["proj", "head"]))
+    cleared = {n for n, v in zeroed.items() if not torch.equal(v, plain[n])}
+    assert all(not zeroed[n].any() for n in cleared)
+    expect = {n for n in plain if n == "head.weight" or n.endswith((".attn.wo.weight", ".w2.weight", "experts.w2"))}
+    assert cleared == expect
+    assert any(n.startswith("mtp.") for n in cleared) and any(n.endswith("shared_experts.w2.weight") for n in cleared)
+    assert any(n.endswith("ffn.w2.weight") for n in cleared) and any(n.endswith("ffn.experts.w2") for n in cleared)
+    torch.manual_seed(3)
+    only_head = dict(initial_values(cfg, zero=["head"]))
+    assert {n for n, v in only_head.items() if not torch.equal(v, plain[n])} == {"head.weight"}
+
+    full = load_config(None, None, ["train.zero_init=proj,head"])
+    full.model = cfg
+    torch.manual_seed(3)
+    model = build_train_model(full, torch.device("cpu"), "fp32", None)
+    assert all(torch.equal(t, zeroed[n]) for n, t in model.state_dict().items() if n in zeroed)
+    with pytest.raises(MoeforgeError, match="train.zero_init: unknown part 'bias'"):
+        load_config(None, None, ["train.zero_init=proj,bias"])
+
+
+def test_evaluation_token_losses_match_full_logits():
+    """model(tokens, targets=...) (what evaluation calls) gives the per-target cross-entropy of the full
+    logits, 0 at ignored targets, for several chunk sizes, also when the chunk does not divide the
+    scored positions."""
+    cfg = small_cfg()
+    model = build_model(cfg, "cpu").eval()
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 20), generator=g)
+    targets = torch.randint(0, cfg.vocab_size, (3, 20), generator=g)
+    targets[0, :7] = IGNORE_INDEX
+    targets[2, 5] = IGNORE_INDEX
+    with torch.no_grad():
+        logits = model(tokens)
+        ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none",
+                                                ignore_index=IGNORE_INDEX).view_as(targets)
+        for chunk in (0, 7, 64):
+            model.head.loss_chunk = chunk
+            got = model(tokens, targets=targets)
+            assert got.shape == targets.shape and torch.all(got[targets == IGNORE_INDEX] == 0)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_causal_attention_with_narrower_values_matches_the_formula():
     """attention() on the CPU pads v to the query/key head dim for the flash kernel; the output and
     all three gradients equal softmax(q k^T * scale + causal mask) v computed directly (FP64)."""

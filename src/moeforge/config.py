@@ -147,6 +147,9 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # initialisation: parts that start at zero instead of normal(0, model.initializer_range), comma list
+    # of proj (matrices writing into the residual stream: wo and every w2) and head (docs/training.md)
+    zero_init: str = ""
     # DeepSeekMoE balancing and MTP
     bias_update_speed: float = 0.001  # gamma of the auxiliary-loss-free bias update
     bias_update_stop: float = 0.97  # fraction of steps after which gamma is 0 (paper: last 500B of 14.8T tokens)
@@ -186,12 +189,22 @@ class TrainConfig:
         return self.micro_batch_size or self.batch_size
 
     @property
+    def zero_init_parts(self) -> list[str]:
+        """'proj,head' -> ['proj', 'head']; '' or 'none' -> []."""
+        return _comma_list(self.zero_init)
+
+    @property
     def recompute_parts(self) -> list[str]:
         """'norm,swiglu' -> ['norm', 'swiglu']; '' or 'none' -> []."""
-        return [p.strip() for p in self.recompute.split(",") if p.strip() and p.strip() != "none"]
+        return _comma_list(self.recompute)
 
 
 RECOMPUTE_PARTS = ("norm", "mla_up", "swiglu", "full")
+ZERO_INIT_PARTS = ("proj", "head")  # model/transformer.py zero_initialised
+
+
+def _comma_list(value: str) -> list[str]:
+    return [p.strip() for p in value.split(",") if p.strip() and p.strip() != "none"]
 
 
 @dataclass
@@ -413,6 +426,8 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
            f"train.precision: expected auto, fp32, bf16 or fp8, got {t.precision!r}")
     _check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
            f"train.device: expected auto, cpu or cuda, got {t.device!r}")
+    bad = [p for p in t.zero_init_parts if p not in ZERO_INIT_PARTS]
+    _check(not bad, f"train.zero_init: unknown part {bad[0]!r} (choose from {', '.join(ZERO_INIT_PARTS)})" if bad else "")
     parts = t.recompute_parts
     bad = [p for p in parts if p not in RECOMPUTE_PARTS]
     _check(not bad, f"train.recompute: unknown part {bad[0]!r} (choose from {', '.join(RECOMPUTE_PARTS)})" if bad else "")

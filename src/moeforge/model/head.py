@@ -21,6 +21,9 @@ from .layers import compute_dtype
 from .mtp import IGNORE_INDEX
 
 
+EVAL_CHUNK = 512  # rows of logits at a time in token_losses when no loss_chunk is set (16 MB at V = 8192: CPU caches and no fresh mappings)
+
+
 class OutputHead(nn.Linear):
     """The output projection (D -> V, no bias). head(h) -> FP32 logits; head(h, targets) -> mean loss.
 
@@ -41,6 +44,22 @@ class OutputHead(nn.Linear):
             return chunked_cross_entropy(h.flatten(0, -2), self.weight, targets.flatten(), self.loss_chunk,
                                          self.fused_loss)
         return plain_cross_entropy(super().forward(h), targets)
+
+    def token_losses(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-target cross-entropy for evaluation: h [..., D], targets [...] -> FP32 losses [...], 0 where
+        the target is IGNORE_INDEX. Logits are computed only for positions with a target, a chunk of
+        rows at a time (overlapping evaluation windows ignore a quarter or more of the positions, and
+        full [B, S, V] logits would be mapped and faulted in afresh for every batch on a CPU). Finds
+        the scored rows with nonzero(), a host sync: for evaluation, not for a training step."""
+        flat = targets.flatten()
+        rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+        hs, ts = h.flatten(0, -2).index_select(0, rows), flat.index_select(0, rows)
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=h.device)
+        chunk = self.loss_chunk if self.loss_chunk > 0 else EVAL_CHUNK
+        for start in range(0, rows.numel(), chunk):
+            logits = super().forward(hs[start:start + chunk]).float()
+            out[rows[start:start + chunk]] = F.cross_entropy(logits, ts[start:start + chunk], reduction="none")
+        return out.view(targets.shape)
 
 
 def plain_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -79,9 +79,13 @@ class Transformer(nn.Module):
             balance = balance + b
         return self.norm(h), balance, cos, sin
 
-    def forward(self, tokens: torch.Tensor, caches: list[LatentCache] | None = None, start_pos: int = 0):
-        """tokens: [B, S] -> logits [B, S, V] (FP32). With caches: decode positions start_pos.."""
+    def forward(self, tokens: torch.Tensor, caches: list[LatentCache] | None = None, start_pos: int = 0,
+                targets: torch.Tensor | None = None):
+        """tokens: [B, S] -> logits [B, S, V] (FP32). With caches: decode positions start_pos..
+        With targets [B, S] (evaluation): per-target losses [B, S] in FP32 instead, 0 at IGNORE_INDEX."""
         h, _, _, _ = self.hidden(tokens, caches, start_pos)
+        if targets is not None:
+            return self.head.token_losses(h, targets)
         return self.head(h)
 
     # ---- training objective ----
@@ -110,7 +114,17 @@ class Transformer(nn.Module):
         return [LatentCache.empty(self.cfg, batch, max_len, p.device, dtype or p.dtype) for _ in self.layers]
 
 
-def initial_values(cfg: ModelConfig, std: float | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def zero_initialised(name: str, parts: tuple[str, ...] | list[str]) -> bool:
+    """Whether `parts` (config.ZERO_INIT_PARTS) start the parameter `name` at zero: "proj" the matrices that
+    write into the residual stream (attention output wo, dense FFN, shared and routed experts' w2,
+    MTP blocks' included), "head" the output head."""
+    if "head" in parts and name == "head.weight":
+        return True
+    return "proj" in parts and name.endswith((".wo.weight", ".w2.weight", "experts.w2"))
+
+
+def initial_values(cfg: ModelConfig, std: float | None = None,
+                   zero: tuple[str, ...] | list[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full-size initial value) of every parameter and persistent buffer, one at a time.
 
     Normal(0, std) for every matrix (DeepSeek-V3: 0.006), ones for norms, zero routing bias. The
@@ -118,6 +132,9 @@ def initial_values(cfg: ModelConfig, std: float | None = None) -> Iterator[tuple
     model lives on: one GPU, many GPUs in any parallel layout and the CPU all start from the same
     weights (a CUDA generator would draw other numbers), and a parallel rank holds at most one full
     tensor at a time while it keeps its own slice of each.
+
+    zero: parts that start at zero instead (zero_initialised; the training setting train.zero_init).
+    They are still drawn and then cleared, so every other tensor gets the same values as without.
     """
     std = cfg.initializer_range if std is None else std
     with torch.device("meta"):
@@ -125,7 +142,9 @@ def initial_values(cfg: ModelConfig, std: float | None = None) -> Iterator[tuple
     names = {id(t): n for n, t in (*ref.named_parameters(), *ref.named_buffers())}
 
     def normal(t):
-        return names[id(t)], torch.empty(t.shape).normal_(0.0, std)
+        name = names[id(t)]
+        value = torch.empty(t.shape).normal_(0.0, std)
+        return name, value.zero_() if zero_initialised(name, zero) else value
 
     for m in ref.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -141,11 +160,11 @@ def initial_values(cfg: ModelConfig, std: float | None = None) -> Iterator[tuple
 
 
 @torch.no_grad()
-def init_weights(model: Transformer, std: float | None = None) -> None:
+def init_weights(model: Transformer, std: float | None = None, zero: tuple[str, ...] | list[str] = ()) -> None:
     """Give a single-device model its initial weights (initial_values) and clear its routing counts."""
     own = dict(model.named_parameters())
     own.update(model.named_buffers())
-    for name, value in initial_values(model.cfg, std):
+    for name, value in initial_values(model.cfg, std, zero):
         own[name].copy_(value)
     for m in model.moe_layers():
         m.tokens_per_expert.zero_()

@@ -203,7 +203,7 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     set_loss_chunk(model, t.loss_chunk)
     if pctx is None:
         model = model.to_empty(device=device)
-        init_weights(model)
+        init_weights(model, zero=t.zero_init_parts)
         return apply_compile(model) if t.compile else model
     if pctx.pp > 1:
         check_pipeline_layout(cfg, pctx)
@@ -217,7 +217,7 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     # Weights: the single-process initialisation (same seed on every rank), drawn one full tensor at a
     # time on the CPU and sliced for this rank. Every rank still draws every value (time grows with the
     # whole model); large runs load a checkpoint instead (resume), which is sliced the same way.
-    parallel.load_full_state_dict(model, initial_values(cfg.model), pctx)
+    parallel.load_full_state_dict(model, initial_values(cfg.model, zero=t.zero_init_parts), pctx)
     for moe in model.moe_layers():
         moe.tokens_per_expert.zero_()
     return apply_compile(model) if t.compile else model
@@ -242,7 +242,7 @@ def split_train_pipeline(model, cfg: Config, pctx, precision: str, device: torch
     stages, factory = pipeline.split_pipeline(model, cfg.parallel, pctx, micro_batch=cfg.train.micro_batch // pctx.data_ranks,
                                               seq_len=cfg.train.seq_len, amp_dtype=amp_dtype(device, precision))
     pipeline.stage_modules(stages).to_empty(device=device)  # the stages share the model's modules
-    parallel.load_full_state_dict(model, initial_values(cfg.model), pctx, owned=set(pipeline.stage_state_dict(stages)))
+    parallel.load_full_state_dict(model, initial_values(cfg.model, zero=cfg.train.zero_init_parts), pctx, owned=set(pipeline.stage_state_dict(stages)))
     for moe in pipeline.moe_layers(stages).values():
         moe.tokens_per_expert.zero_()
     return stages, factory

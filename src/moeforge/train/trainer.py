@@ -63,10 +63,8 @@ def evaluate(model, tokens, token_bytes: torch.Tensor, seq_len: int, batch_size:
             targets = torch.nn.functional.pad(targets, (0, 0, 0, pad), value=IGNORE_INDEX)[rank * rows:(rank + 1) * rows]
         inputs, targets = inputs.to(device), targets.to(device)
         with autocast(device, precision):
-            logits = model(inputs)
+            loss = model(inputs, targets=targets)  # [B, S], 0 at ignored targets
         valid = targets != IGNORE_INDEX
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.clamp_min(0).flatten(),
-                                                 reduction="none").view_as(targets)
         nbytes = token_bytes[targets.clamp_min(0)] * valid
         sums += torch.stack([(loss * (nbytes > 0)).sum(dtype=torch.float64), (loss * valid).sum(dtype=torch.float64),
                              valid.sum(dtype=torch.float64), nbytes.sum(dtype=torch.float64)])
