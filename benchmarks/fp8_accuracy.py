@@ -1,6 +1,7 @@
 """BF16 against FP8 training: the same model, data and seed, the loss curves side by side.
 
     python benchmarks/fp8_accuracy.py --out DIR [--preset small] [--steps 1000] [key=value ...]
+    python benchmarks/fp8_accuracy.py --out DIR --preset tiny --seeds 1,2,3,4   # the spread over seeds
 
 Runs `moeforge train` twice at the same time on one GPU (the second starts once the first has built
 the token cache) (--precision bf16 and fp8, identical
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import subprocess
 import sys
 import time
@@ -36,12 +39,14 @@ def read(path: Path) -> tuple[dict[int, float], dict]:
     return losses, final
 
 
-def run_side_by_side(runs: dict[str, list[str]], out: Path, timeout: float) -> None:
+def run_side_by_side(runs: dict[str, list[str]], out: Path, timeout: float, gpus: int = 1) -> None:
     """Start every command (stdout to out/NAME.log) at the same time, once the first has built the
-    token cache (its metrics.jsonl exists), and wait for all, killing what runs past `timeout` s."""
+    token cache (its metrics.jsonl exists), and wait for all, killing what runs past `timeout` s.
+    gpus > 1: the commands go to the GPUs in turn (CUDA_VISIBLE_DEVICES), one CPU thread each."""
     procs = {}
-    for name, cmd in runs.items():
-        procs[name] = subprocess.Popen(cmd, stdout=open(out / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+    for i, (name, cmd) in enumerate(runs.items()):
+        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=str(i % gpus)) if gpus > 1 else None
+        procs[name] = subprocess.Popen(cmd, stdout=open(out / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=env)
         if len(procs) == 1:
             while not (out / name / "metrics.jsonl").is_file() and procs[name].poll() is None:
                 time.sleep(1)
@@ -83,6 +88,44 @@ def plot(path: Path, baseline: str, steps: list[int], base: list[float], fp8: li
     fig.savefig(path, dpi=120)
 
 
+def seed_pairs(a, out: Path) -> None:
+    """--seeds: for every seed a BF16 run, a second BF16 run and an FP8 run, all at once. The second
+    BF16 run repeats the first (on a GPU that is not always bit-reproducible), or with --perturb
+    changes it at the level of rounding only (e.g. train.loss_chunk, which reorders a sum): the gap
+    between the two BF16 runs is what any rounding-level change does to this training, and FP8's
+    gap to the first BF16 run is compared with it. Reports each seed's final validation losses, the
+    gaps, and their mean, standard deviation and standard error."""
+    seeds = [int(x) for x in a.seeds.split(",")]
+    kinds = {"bf16": ("bf16", []), "bf16-repeat": ("bf16", a.perturb), "fp8": ("fp8", [])}
+    runs = {f"{kind}-seed{seed}": [sys.executable, "-m", "moeforge", "train", "--preset", a.preset, "--steps",
+                                    str(a.steps), "--precision", prec, "--seed", str(seed),
+                                    "--out", str(out / f"{kind}-seed{seed}"), "--no-progress", "train.eval_every=0",
+                                    "train.checkpoint_every=0", "train.sample_tokens=0", *a.overrides, *extra]
+            for seed in seeds for kind, (prec, extra) in kinds.items()}
+    import torch
+
+    run_side_by_side(runs, out, a.timeout, max(1, torch.cuda.device_count()))
+    gaps: dict[str, list[float]] = {"bf16-repeat": [], "fp8": []}
+    lines = ["| seed | BF16 | BF16, second run | FP8 | second BF16 vs BF16 | FP8 vs BF16 |", "|---|---|---|---|---|---|"]
+    for seed in seeds:
+        final = {kind: read(out / f"{kind}-seed{seed}" / "metrics.jsonl")[1].get("val_loss") for kind in kinds}
+        if None in final.values():
+            lines.append(f"| {seed} | incomplete: {final} |")
+            continue
+        rel = {k: 100 * (final[k] - final["bf16"]) / final["bf16"] for k in gaps}
+        for k in gaps:
+            gaps[k].append(rel[k])
+        lines.append(f"| {seed} | {final['bf16']:.4f} | {final['bf16-repeat']:.4f} | {final['fp8']:.4f} | "
+                     f"{rel['bf16-repeat']:+.2f}% | {rel['fp8']:+.2f}% |")
+    print("\n".join(lines))
+    for k, v in gaps.items():
+        if len(v) >= 2:
+            mean = sum(v) / len(v)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1))
+            print(f"{k} vs bf16 over {len(v)} seeds: mean {mean:+.3f}%, sd {sd:.3f}%, standard error "
+                  f"{sd / math.sqrt(len(v)):.3f}%, mean |gap| {sum(abs(x) for x in v) / len(v):.3f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -91,9 +134,17 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--baseline", default="bf16", choices=["bf16", "fp32"], help="fp32 on a CPU (BF16 autocast is slow there)")
     ap.add_argument("--replot", action="store_true", help="only redraw DIR/curves.png from DIR/curves.csv")
+    ap.add_argument("--seeds", help="comma list: per seed a BF16 run, a repeat of it and an FP8 run, all at once "
+                                    "(spread across the visible GPUs); reports the gaps' statistics")
+    ap.add_argument("--perturb", nargs="*", default=[],
+                    help="with --seeds: key=value settings of the second BF16 run (default: a plain repeat)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     out = Path(a.out)
+    if a.seeds:
+        out.mkdir(parents=True, exist_ok=True)
+        seed_pairs(a, out)
+        return
     if a.replot:
         rows = [line.split(",") for line in (out / "curves.csv").read_text().splitlines()[1:]]
         plot(out / "curves.png", a.baseline, [int(r[0]) for r in rows], [float(r[1]) for r in rows],
