@@ -97,6 +97,8 @@ def seed_pairs(a, out: Path) -> None:
     gaps, and their mean, standard deviation and standard error."""
     seeds = [int(x) for x in a.seeds.split(",")]
     kinds = {"bf16": ("bf16", []), "bf16-repeat": ("bf16", a.perturb), "fp8": ("fp8", [])}
+    if a.pairs_only:
+        del kinds["bf16-repeat"]
     runs = {f"{kind}-seed{seed}": [sys.executable, "-m", "moeforge", "train", "--preset", a.preset, "--steps",
                                     str(a.steps), "--precision", prec, "--seed", str(seed),
                                     "--out", str(out / f"{kind}-seed{seed}"), "--no-progress", "train.eval_every=0",
@@ -105,8 +107,9 @@ def seed_pairs(a, out: Path) -> None:
     import torch
 
     run_side_by_side(runs, out, a.timeout, max(1, torch.cuda.device_count()))
-    gaps: dict[str, list[float]] = {"bf16-repeat": [], "fp8": []}
-    lines = ["| seed | BF16 | BF16, second run | FP8 | second BF16 vs BF16 | FP8 vs BF16 |", "|---|---|---|---|---|---|"]
+    gaps: dict[str, list[float]] = {k: [] for k in kinds if k != "bf16"}
+    head = " | ".join(f"{k} vs bf16" for k in gaps)
+    lines = [f"| seed | {' | '.join(kinds)} | {head} |", "|---" * (1 + len(kinds) + len(gaps)) + "|"]
     for seed in seeds:
         final = {kind: read(out / f"{kind}-seed{seed}" / "metrics.jsonl")[1].get("val_loss") for kind in kinds}
         if None in final.values():
@@ -115,8 +118,8 @@ def seed_pairs(a, out: Path) -> None:
         rel = {k: 100 * (final[k] - final["bf16"]) / final["bf16"] for k in gaps}
         for k in gaps:
             gaps[k].append(rel[k])
-        lines.append(f"| {seed} | {final['bf16']:.4f} | {final['bf16-repeat']:.4f} | {final['fp8']:.4f} | "
-                     f"{rel['bf16-repeat']:+.2f}% | {rel['fp8']:+.2f}% |")
+        lines.append(f"| {seed} | {' | '.join(f'{final[k]:.4f}' for k in kinds)} | "
+                     f"{' | '.join(f'{rel[k]:+.2f}%' for k in gaps)} |")
     print("\n".join(lines))
     for k, v in gaps.items():
         if len(v) >= 2:
@@ -138,6 +141,7 @@ def main() -> None:
                                     "(spread across the visible GPUs); reports the gaps' statistics")
     ap.add_argument("--perturb", nargs="*", default=[],
                     help="with --seeds: key=value settings of the second BF16 run (default: a plain repeat)")
+    ap.add_argument("--pairs-only", action="store_true", help="with --seeds: no second BF16 run")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     out = Path(a.out)
