@@ -38,6 +38,14 @@ def _batches(params: list[torch.Tensor], limit: int):
         yield batch
 
 
+def closure_loss(closure):
+    """torch.optim's closure convention: re-evaluate the loss with autograd on, inside a no-grad step."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class AdamWBF16Moments(torch.optim.Optimizer):
     moment_dtype = torch.bfloat16
 
@@ -54,10 +62,7 @@ class AdamWBF16Moments(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         scale = self.grad_scale
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .adamw import adamw_states, reference_update
+from .adamw import adamw_states, closure_loss, reference_update
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
@@ -91,10 +91,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
