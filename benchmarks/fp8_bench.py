@@ -468,21 +468,25 @@ def s_grouped(args):
 def s_tiles(args):
     """Tile configurations of the grouped FP8 GEMM (Fprop/Dgrad `grouped_gemm`, Wgrad `grouped_wgrad`)
     at MoE shapes; every variant's output is compared with the untuned kernel's (relative Frobenius)."""
-    from moeforge.fp8.kernels import (BLOCK, GEMM_CONFIG, group_layout, grouped_gemm, grouped_wgrad,
-                                      quant_block_operand, quant_operands)
+    from moeforge.fp8.gluon_gemm import WS_CONFIG
+    from moeforge.fp8.kernels import (BLOCK, GEMM_CONFIG, TRITON_GROUPED_CONFIG, WGRAD_CONFIG, group_layout,
+                                      grouped_gemm, grouped_wgrad, quant_block_operand, quant_operands)
 
     plain = {k: v for k, v in GEMM_CONFIG.items() if k != "FOLD"}  # 128x128 tiles, 8 warps, 4 stages
-    fold = {**plain, "FOLD": True}
+    ws = {**WS_CONFIG, "FOLD": True}
+    w256 = {**ws, "BLOCK_N": 256, "MATH_REGS": 240, "LOAD_REGS": 24}
+    ws_variants = {"ws 128x128, 4 stages": ws, "ws 128x128, 6 stages": {**ws, "STAGES": 6},
+                   "ws 128x256, 3 stages": {**w256, "STAGES": 3}, "ws 128x256, 4 stages": w256,
+                   "ws 128x128, probe: no scales (wrong results)": {**ws, "PROMOTE": False},
+                   "ws 128x256, probe: no scales (wrong results)": {**w256, "PROMOTE": False}}
+    only = getattr(args, "tile_variants", None)
     variants = {
-        "fwd": {"default": None, "128 rows, unfolded": plain, "128 rows, folded": fold,
-                "128 rows, folded, 3 stages": {**fold, "num_stages": 3},
-                "64 rows, 4 warps, folded, 6 stages": {**fold, "BLOCK_M": 64, "num_warps": 4, "num_stages": 6},
-                "N tile 256, 3 stages": {**plain, "BLOCK_N": 256, "num_stages": 3}},
-        "wgrad": {"default": None, "128 rows, 8 warps": plain,
-                  "64 rows, 4 warps, 4 stages": {**plain, "BLOCK_M": 64, "num_warps": 4},
-                  "64 rows, 4 warps, 6 stages": {**plain, "BLOCK_M": 64, "num_warps": 4, "num_stages": 6},
-                  "64 x 256 tiles, 3 stages": {**plain, "BLOCK_M": 64, "BLOCK_N": 256, "num_stages": 3}},
+        "fwd": {"triton (64 x 128 tiles)": TRITON_GROUPED_CONFIG, **ws_variants},
+        "wgrad": {"triton (64 x 128 tiles, the default)": WGRAD_CONFIG, **ws_variants},
     }
+    if not only:
+        variants["fwd"].update({"128 rows, unfolded": plain, "128 rows, folded": {**plain, "FOLD": True}})
+        variants["wgrad"]["128 rows, 8 warps"] = plain
     out = {}
     for name, (E, R, K, N) in {"64 experts, 2048 -> 1408": (64, 98304, 2048, 1408),
                                "64 experts, 1408 -> 2048": (64, 98304, 1408, 2048),
@@ -500,6 +504,14 @@ def s_tiles(args):
         _, xt = quant_operands(x, rows=False, cols=True, segments=seg)
         calls = {"fwd": lambda c: grouped_gemm(xa, wa, offsets, torch.bfloat16, config=c),
                  "wgrad": lambda c: grouped_wgrad(gt, xt, tiles, torch.float32, config=c)}
+        wb = (torch.randn(E, N, K, device="cuda") * 0.02).to(torch.bfloat16)
+        try:
+            ms = bench(lambda: torch._grouped_mm(x, wb.transpose(1, 2), offs=offsets))
+            out[f"{name}, fwd, bf16 grouped_mm"] = {"ms": ms, "TFLOP/s": 2 * R * K * N / ms / 1e9}
+            print(f"   {name + ', fwd, bf16 grouped_mm':58s} {ms:7.3f} ms {2 * R * K * N / ms / 1e9:7.1f} TFLOP/s",
+                  flush=True)
+        except Exception as e:
+            out[f"{name}, fwd, bf16 grouped_mm"] = f"error: {e}"[:300]
         for part, confs in variants.items():
             ref = calls[part](plain).float()
             for cname, cfg in confs.items():
@@ -571,10 +583,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--tile-variants", action="store_true",
+                    help="tiles: only the defaults and the warp-specialised variants")
+    ap.add_argument("--grouped", choices=("default", "triton", "ws"), default="default",
+                    help="the grouped forward/Dgrad GEMM's kernel for every section: Triton or warp-specialised Gluon")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (SM90)", file=sys.stderr)
         return 2
+    if args.grouped != "default":
+        from moeforge.fp8 import kernels
+        kernels.set_grouped_kernel(args.grouped)
     runners = {"env": s_env, "probe": s_probe, "accuracy": s_accuracy, "quant": s_quant, "gemm": s_gemm,
                "linear": s_linear, "diag": s_diag, "grouped": s_grouped, "tiles": s_tiles, "moe": s_moe,
                "qtiles": s_qtiles}

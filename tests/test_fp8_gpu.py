@@ -21,6 +21,7 @@ from moeforge.fp8 import FP8Linear, FP8Recipe, dequantize, quantize  # noqa: E40
 from moeforge.fp8 import gpu, kernels  # noqa: E402
 from moeforge.fp8.linear import _FP8GroupedFn, _FP8LinearFn  # noqa: E402
 from moeforge.fp8.quant import part_starts  # noqa: E402
+from moeforge.fp8.gluon_gemm import WS_CONFIG  # noqa: E402
 
 DEV = torch.device("cuda")
 SM90 = torch.cuda.get_device_capability()[0] == 9
@@ -200,9 +201,15 @@ def test_fp8_gemm_matches_fp32_emulation(backend, b_kind, mkn):
 GROUPED_CONFIGS = {
     "default (FOLD)": None,
     "no fold": {**kernels.GROUPED_CONFIG, "FOLD": False},
+    "triton's": kernels.TRITON_GROUPED_CONFIG,
+    "triton's, no fold": {**kernels.TRITON_GROUPED_CONFIG, "FOLD": False},
     "128-row tiles": kernels.GEMM_CONFIG,
     "wgrad's": kernels.WGRAD_CONFIG,
     "block_n 256": {**kernels.GEMM_CONFIG, "BLOCK_N": 256, "num_stages": 3},
+    "warp-specialised": WS_CONFIG,
+    "warp-specialised, 3 programs, 2 stages": {**WS_CONFIG, "PROGRAMS": 3, "STAGES": 2},
+    "warp-specialised, no fold": {**WS_CONFIG, "FOLD": False},
+    "warp-specialised, 256 columns": {**WS_CONFIG, "BLOCK_N": 256, "STAGES": 3},
 }
 
 
@@ -224,6 +231,42 @@ def test_grouped_gemm_configs_match_fp32_emulation(config):
         ref, mag = ah[start:end] @ bh.T, ah[start:end].abs() @ bh.abs().T
         assert torch.all((out[start:end] - ref).abs() <= GEMM_TOL * mag + 1e-30), (config, e)
         start = end
+
+
+WGRAD_CONFIGS = {
+    "default": None,
+    "128-row tiles": {k: v for k, v in kernels.GEMM_CONFIG.items() if k != "FOLD"},
+    "warp-specialised": WS_CONFIG,
+    "warp-specialised, 3 programs, 2 stages": {**WS_CONFIG, "PROGRAMS": 3, "STAGES": 2},
+    "warp-specialised, 256 columns": {**WS_CONFIG, "BLOCK_N": 256, "STAGES": 3},
+}
+
+
+@needs_sm90
+@pytest.mark.parametrize("config", list(WGRAD_CONFIGS))
+def test_grouped_wgrad_configs_match_fp32_emulation(config):
+    """The experts' weight gradient: per expert, dy^T x over that expert's own 1x128 token tiles
+    (empty experts and ragged token counts included), within the FP8 accumulation error."""
+    counts = torch.tensor([130, 0, 7, 300, 41, 256])
+    offsets = counts.cumsum(0).to(torch.int32).to(DEV)
+    R, D, N = int(counts.sum()), 272, 400
+    tiles, offs = kernels.group_layout(offsets, kernels.BLOCK)
+    seg = (tiles, offs, -(-R // kernels.BLOCK) + len(counts))
+    _, gt = kernels.quant_operands(_data((R, N), torch.bfloat16, seed=10), rows=False, cols=True, segments=seg)
+    _, xt = kernels.quant_operands(_data((R, D), torch.bfloat16, seed=11), rows=False, cols=True, segments=seg)
+    out = kernels.grouped_wgrad(gt, xt, tiles, torch.float32, config=WGRAD_CONFIGS[config])
+    assert out.shape == (len(counts), N, D)
+
+    def dequant(op):  # segrow: codes [rows, tiles*128], scales [tiles, rows]
+        return op.q[: op.rows].float() * op.s_store[:, : op.rows].t().repeat_interleave(kernels.BLOCK, dim=1)
+
+    gh, xh = dequant(gt), dequant(xt)
+    t0 = 0
+    for e, t1 in enumerate(tiles.tolist()):
+        cols = slice(t0 * kernels.BLOCK, t1 * kernels.BLOCK)
+        ref, mag = gh[:, cols] @ xh[:, cols].T, gh[:, cols].abs() @ xh[:, cols].abs().T
+        assert torch.all((out[e] - ref).abs() <= GEMM_TOL * mag + 1e-30), (config, e)
+        t0 = t1
 
 
 @pytest.mark.parametrize("shape", [(3, 200), (150, 7168), (1, 128), (70, 260)])

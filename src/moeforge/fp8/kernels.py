@@ -36,7 +36,8 @@ of 32-bit words.
 GEMMs: `fp8_gemm(a, b)` = dequant(a) @ dequant(b)^T with FP32 accumulation between 128-wide K
 blocks, through torch._scaled_mm's blockwise modes (cuBLASLt VEC128_32F x BLK128x128_32F or
 VEC128_32F x VEC128_32F; SM90 only, fast accumulation off), or through the Triton kernel
-`_gemm_kernel` (`backend="triton"`), which also serves the grouped (per-expert) GEMMs.
+`_gemm_kernel` (`backend="triton"`). The grouped (per-expert) GEMMs run `_gemm_kernel` or, for the
+forward and Dgrad where Gluon is available, the warp-specialised kernel of `fp8.gluon_gemm`.
 """
 
 from __future__ import annotations
@@ -652,13 +653,35 @@ def _gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-# Tile configurations, from sweeps on an H200 (docs/fp8.md, `fp8_bench.py --sections tiles`). FOLD took the grouped forward/Dgrad
-# GEMM from 569 to 697 TFLOP/s (64 experts, 2048 -> 1408), and 64-row tiles with one warpgroup to 742.
+# Tile configurations, from sweeps on an H200 (docs/fp8.md, `fp8_bench.py --sections tiles`). FOLD took the Triton grouped
+# forward/Dgrad GEMM from 569 to 697 TFLOP/s (64 experts, 2048 -> 1408), and 64-row tiles with one warpgroup to 742.
 # The grouped Wgrad (two 1x128-tiled operands, nothing to fold) runs best with 64-row tiles, one
 # warpgroup and 3 stages (477 -> 657 TFLOP/s).
 GEMM_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4, "FOLD": True}
-GROUPED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4, "FOLD": True}
+TRITON_GROUPED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4, "FOLD": True}
 WGRAD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+# The grouped forward/Dgrad runs the warp-specialised Gluon kernel with 128 x 256 tiles where Gluon
+# is available: 727-983 TFLOP/s against the Triton kernel's 644-758 at the same shapes (docs/fp8.md).
+# Its Wgrad (per-column B scales) spills registers at 256 columns and is slower than Triton's at 128.
+try:
+    from .gluon_gemm import WS_CONFIG
+
+    WS_GROUPED_CONFIG = {**WS_CONFIG, "BLOCK_N": 256, "STAGES": 3, "MATH_REGS": 240, "LOAD_REGS": 24}
+except ImportError:  # a Triton without Gluon's Hopper API
+    WS_GROUPED_CONFIG = None
+GROUPED_CONFIG = WS_GROUPED_CONFIG or TRITON_GROUPED_CONFIG
+
+
+def set_grouped_kernel(name: str) -> None:
+    """The grouped forward/Dgrad GEMM's default kernel: "triton" (`_gemm_kernel`) or "ws" (the
+    warp-specialised Gluon kernel, the default where Gluon is available)."""
+    global GROUPED_CONFIG
+    if name == "triton":
+        GROUPED_CONFIG = TRITON_GROUPED_CONFIG
+    elif name == "ws" and WS_GROUPED_CONFIG is not None:
+        GROUPED_CONFIG = WS_GROUPED_CONFIG
+    else:
+        raise ValueError(f"grouped GEMM kernel {name!r} is not available (triton{', ws' * bool(WS_GROUPED_CONFIG)})")
 
 
 def _desc(t: torch.Tensor, rows: int):
@@ -716,6 +739,18 @@ def set_gemm_backend(name: str) -> None:
 
 
 # Grouped (per-expert) GEMMs --------------------------------------------------------------------
+def _run_gemm(grid, a_q: torch.Tensor, b_q: torch.Tensor, cfg: dict, *args, **constexprs) -> None:
+    """Launch the blockwise GEMM on A's and B's codes with `_gemm_kernel`'s argument list: the Triton
+    kernel, or with cfg["KERNEL"] == "ws" the warp-specialised Gluon kernel (fp8.gluon_gemm)."""
+    cfg = dict(cfg)
+    if cfg.pop("KERNEL", "triton") == "ws":
+        from . import gluon_gemm
+
+        gluon_gemm.launch(grid, a_q, b_q, *args, config=cfg, **constexprs)
+        return
+    _gemm_kernel[grid](_desc(a_q, cfg["BLOCK_M"]), _desc(b_q, cfg["BLOCK_N"]), *args, **constexprs, **cfg)
+
+
 def group_layout(offsets: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """offsets [G] (cumulative row counts) -> (tiles_cum int32 [G], offsets int32 [G]): the tiles of
     block_m rows of every group, restarting at each group, counted on the device (no host sync; the
@@ -742,12 +777,10 @@ def grouped_gemm(a: Operand, b: Operand, offsets: torch.Tensor, out_dtype: torch
     out = torch.empty(R, N, dtype=out_dtype, device=a.q.device)
     max_tiles = triton.cdiv(R, cfg["BLOCK_M"]) + G
     grid = (max_tiles * triton.cdiv(N, cfg["BLOCK_N"]), 1)
-    _gemm_kernel[grid](
-        _desc(a.q, cfg["BLOCK_M"]), _desc(b.q, cfg["BLOCK_N"]), out, a.s_store, b.s_store, tiles, offs, G,
-        R, N, KB, b.q.shape[1], 0, out.stride(0),
-        a.s_store.stride(1), a.s_store.stride(0), b.s_store.stride(0), b.s_store.stride(1), b.s_store.stride(2),
-        B_BLOCK=True, GROUP_M_ROWS=True, GROUP_K=False, G_P2=triton.next_power_of_2(max(G, 2)), **cfg,
-    )
+    _run_gemm(grid, a.q, b.q, cfg, out, a.s_store, b.s_store, tiles, offs, G,
+              R, N, KB, b.q.shape[1], 0, out.stride(0),
+              a.s_store.stride(1), a.s_store.stride(0), b.s_store.stride(0), b.s_store.stride(1), b.s_store.stride(2),
+              B_BLOCK=True, GROUP_M_ROWS=True, GROUP_K=False, G_P2=triton.next_power_of_2(max(G, 2)))
     return out
 
 
@@ -759,10 +792,8 @@ def grouped_wgrad(gt: Operand, xt: Operand, tiles: torch.Tensor, out_dtype: torc
     M, N = gt.rows, xt.rows
     out = torch.empty(G, M, N, dtype=out_dtype, device=gt.q.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), G)
-    _gemm_kernel[grid](
-        _desc(gt.q, cfg["BLOCK_M"]), _desc(xt.q, cfg["BLOCK_N"]), out, gt.s_store, xt.s_store, tiles, tiles, G,
-        M, N, 0, 0, out.stride(0), out.stride(1),
-        gt.s_store.stride(1), gt.s_store.stride(0), 0, xt.s_store.stride(1), xt.s_store.stride(0),
-        B_BLOCK=False, GROUP_M_ROWS=False, GROUP_K=True, G_P2=2, **cfg,
-    )
+    _run_gemm(grid, gt.q, xt.q, cfg, out, gt.s_store, xt.s_store, tiles, tiles, G,
+              M, N, 0, 0, out.stride(0), out.stride(1),
+              gt.s_store.stride(1), gt.s_store.stride(0), 0, xt.s_store.stride(1), xt.s_store.stride(0),
+              B_BLOCK=False, GROUP_M_ROWS=False, GROUP_K=True, G_P2=2)
     return out

@@ -1,0 +1,335 @@
+"""Warp-specialised blockwise FP8 GEMM for Hopper (SM90), written in Gluon (Triton's explicit-layout
+language, `triton.experimental.gluon`), for the routed experts' grouped GEMMs.
+
+The same contract and argument list as `kernels._gemm_kernel` (C = sum over 128-wide K blocks of
+(A.B^T) * scales, DeepSeek-V3's promotion), with the work split across warps instead of loop stages:
+
+- one *load* warp issues the TMA copies of A's [128, 128] and B's [BLOCK_N, 128] tiles into a ring of
+  STAGES shared-memory buffers, waiting on each buffer's "empty" barrier before refilling it;
+- two *math* warpgroups each own 64 rows of the 128-row tile. For every K block a warpgroup issues
+  its tensor-core MMA (wgmma, accumulating the block's 128 products inside the tensor core from zero),
+  waits for it, releases the buffer once both warpgroups are done with it and adds the partial product
+  into its FP32 accumulator with the block's scales.
+
+Regular Triton runs all warps as one instruction stream with CTA-wide barriers between loop stages,
+so the tensor core idles while every warp promotes. Here the two warpgroups meet only at the
+buffers' barriers: while one promotes, the other's MMA runs. The kernel is persistent (one program
+per SM walks tiles p, p + programs, ...), so the load warp fetches the next tile while the math
+warpgroups write the last one.
+
+A 256-column tile (BLOCK_N = 256) is two 128-column halves whose MMAs run one after the other: two
+64 x 128 FP32 accumulators and one partial per thread (192 registers), where issuing both halves at
+once would need 256. It halves the reads of A per FLOP and is the default for the forward and Dgrad
+(kernels.WS_GROUPED_CONFIG); the Wgrad, whose per-column B scales add registers, spills at 256
+columns and stays on the Triton kernel.
+
+PROMOTE=False is a speed probe only: it accumulates across K blocks in the tensor core without any
+scales (wrong results), to measure what the promotion costs (docs/fp8.md).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BLOCK_K = gl.constexpr(128)
+HALF_N = gl.constexpr(128)  # columns per wgmma (a 256-column tile runs two)
+WG_ROWS = gl.constexpr(64)  # rows of the tile per math warpgroup (wgmma's M is 64 per warpgroup)
+
+
+@gluon.jit
+def _segment_of(tile, tiles_ptr, offs_ptr, n_seg, P2: gl.constexpr, num_warps: gl.constexpr):
+    """Tile `tile` of a per-group padded layout -> (group, its first tile, first row, end row, valid)."""
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    idx = gl.arange(0, P2, layout=lay)
+    cum = gl.load(tiles_ptr + idx, mask=idx < n_seg, other=2147483647)
+    g = gl.sum((cum <= tile).to(gl.int32), axis=0)
+    gm = g > 0
+    valid = g < n_seg
+    tiles_before = gl.load(tiles_ptr + g - 1, mask=gm, other=0)
+    rows_before = gl.load(offs_ptr + g - 1, mask=gm, other=0)
+    rows_end = gl.load(offs_ptr + g, mask=valid, other=0)
+    return g, tiles_before, rows_before, rows_end, valid
+
+
+@gluon.jit
+def _tile(t, tiles_ptr, offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn,
+          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, G_P2: gl.constexpr,
+          GROUP_M_ROWS: gl.constexpr, GROUP_K: gl.constexpr):
+    """Tile t of the launch -> (first row of A, end of A's valid rows, row of B, first column, K blocks
+    [kb0, kb1), group). Grouped rows: t walks the per-group 128-row tiles, the N tiles fastest; a tile
+    past the last group gets no K blocks. Grouped K (Wgrad): t = g * tiles_mn + the (m, n) tile."""
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    if GROUP_M_ROWS:
+        pid_m = t // num_pid_n
+        pid_n = t % num_pid_n
+        g, tiles_before, row0, row_end, gv = _segment_of(pid_m, tiles_ptr, offs_ptr, n_groups, G_P2, gl.num_warps())
+        row_t = row0 + (pid_m - tiles_before) * BLOCK_M
+        kb0 = 0
+        kb1 = gl.where(gv, KB, 0)
+        b_row = g * b_group_rows + pid_n * BLOCK_N
+    else:
+        g = t // tiles_mn
+        pid = t % tiles_mn
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        width = GROUP_M * num_pid_n
+        group_id = pid // width
+        first_m = group_id * GROUP_M
+        size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        row_t = pid_m * BLOCK_M
+        row_end = M
+        b_row = pid_n * BLOCK_N
+        if GROUP_K:
+            kb0 = gl.load(tiles_ptr + g - 1, mask=g > 0, other=0)
+            kb1 = gl.load(tiles_ptr + g)
+        else:
+            kb0 = 0
+            kb1 = KB
+    return row_t, row_end, b_row, pid_n * BLOCK_N, kb0, kb1, g
+
+
+@gluon.jit
+def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, tiles_ptr, offs_ptr, n_groups,
+                    M, N, KB, b_group_rows, tiles_mn, n_tiles,
+                    GROUP_M: gl.constexpr, G_P2: gl.constexpr, GROUP_M_ROWS: gl.constexpr, GROUP_K: gl.constexpr):
+    STAGES: gl.constexpr = a_bufs.type.shape[0]
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    it = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        row_t, row_end, b_row, off_n, kb0, kb1, g = _tile(
+            t, tiles_ptr, offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn,
+            BLOCK_M, BLOCK_N, GROUP_M, G_P2, GROUP_M_ROWS, GROUP_K)
+        for kb in range(kb0, kb1):
+            s = it % STAGES
+            # a fresh barrier counts as having completed the phase before 0: the first pass does not wait
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), nbytes)
+            tma.async_copy_global_to_shared(a_desc, [row_t, kb * BLOCK_K], ready.index(s), a_bufs.index(s))
+            tma.async_copy_global_to_shared(b_desc, [b_row, kb * BLOCK_K], ready.index(s), b_bufs.index(s))
+            it += 1
+
+
+@gluon.jit
+def _mma_block(a, b_bufs, s, h: gl.constexpr, pv, acc, PROMOTE: gl.constexpr):
+    """One K block of one 128-column half of the tile: the partial product (tensor-core accumulation
+    over the block, started from zero), waited for. PROMOTE=False accumulates across blocks in the
+    tensor core instead, without scales: a speed probe only, its results are wrong."""
+    b = b_bufs.index(s).slice(h * HALF_N, HALF_N).permute((1, 0))
+    if PROMOTE:
+        p = warpgroup_mma(a, b, pv, use_acc=False, is_async=True)
+    else:
+        p = warpgroup_mma(a, b, acc, use_acc=True, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(p, ))
+
+
+@gluon.jit
+def _promote(acc, pv, sa, sone, sb_base, sb_cols, kb, sb_sk, mask_n, FOLD: gl.constexpr, PROMOTE: gl.constexpr):
+    if not PROMOTE:
+        acc = pv
+    elif FOLD:
+        acc = acc + pv * gl.expand_dims(sa * sone, 1)
+    else:
+        sb = gl.load(sb_base + kb * sb_sk + sb_cols, mask=mask_n, other=0.0)
+        acc = acc + pv * gl.expand_dims(sa, 1) * gl.expand_dims(sb, 0)
+    return acc
+
+
+@gluon.jit
+def _store_half(c_ptr, acc, r0, g64, offs_n, mask_m, mask_n, stride_cg, stride_cm, GROUP_K: gl.constexpr):
+    row_l: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    c_base = c_ptr + r0.to(gl.int64) * stride_cm
+    if GROUP_K:
+        c_base += g64 * stride_cg
+    rows = gl.arange(0, WG_ROWS, layout=row_l)
+    c_ptrs = c_base + gl.expand_dims(rows, 1) * stride_cm + gl.expand_dims(offs_n, 0)
+    mask = gl.expand_dims(mask_m, 1) & gl.expand_dims(mask_n, 0)
+    gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _math_partition(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
+                    M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
+                    sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
+                    WG: gl.constexpr, B_BLOCK: gl.constexpr, FOLD: gl.constexpr, GROUP_M_ROWS: gl.constexpr,
+                    GROUP_K: gl.constexpr, GROUP_M: gl.constexpr, G_P2: gl.constexpr, PROMOTE: gl.constexpr):
+    """The tile's rows [64 WG, 64 WG + 64), in one or two 128-column halves. With two halves (a 256-column
+    tile) the halves' MMAs run one after the other: 2 x 64 accumulator registers plus one 64-register
+    partial, where issuing both at once would need 256."""
+    STAGES: gl.constexpr = a_bufs.type.shape[0]
+    BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
+    BLOCK_N: gl.constexpr = b_bufs.type.shape[1]
+    NH: gl.constexpr = BLOCK_N // HALF_N
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, HALF_N, 32])
+    row_l: gl.constexpr = gl.SliceLayout(1, mma)
+    col_l: gl.constexpr = gl.SliceLayout(0, mma)
+    it = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        row_t, row_end, b_row, off_n, kb0, kb1, g = _tile(
+            t, tiles_ptr, offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn,
+            BLOCK_M, BLOCK_N, GROUP_M, G_P2, GROUP_M_ROWS, GROUP_K)
+        r0 = row_t + WG * WG_ROWS
+        offs_m = r0 + gl.arange(0, WG_ROWS, layout=row_l)
+        mask_m = offs_m < row_end
+        offs_n0 = off_n + gl.arange(0, HALF_N, layout=col_l)
+        offs_n1 = offs_n0 + HALF_N
+        mask_n0 = offs_n0 < N
+        mask_n1 = offs_n1 < N
+        g64 = g.to(gl.int64)
+        sa_ptrs = sa_ptr + offs_m.to(gl.int64) * sa_sm
+        sb_base = sb_ptr
+        if GROUP_M_ROWS:
+            sb_base += g64 * sb_sg
+        if B_BLOCK:  # int32 offsets: 32 registers per half, not 64 for pointers
+            sb_cols0 = (offs_n0 // 128) * sb_sn
+            sb_cols1 = (offs_n1 // 128) * sb_sn
+        else:
+            sb_cols0 = offs_n0 * sb_sn
+            sb_cols1 = offs_n1 * sb_sn
+        sb_one0 = sb_base + (off_n // 128) * sb_sn  # FOLD: each half's single B scale
+        sb_one1 = sb_one0 + sb_sn
+        acc0 = gl.zeros([WG_ROWS, HALF_N], gl.float32, mma)
+        acc1 = acc0
+        pv = acc0  # the MMA's (ignored, use_acc=False) input: the last partial, dead by then, so no copy
+        # A's scales (and B's single ones when FOLD) are loaded one block ahead, so their latency hides
+        # behind an MMA; B's column scales (Wgrad) are loaded while the half's MMA runs
+        kb_pre = gl.maximum(gl.minimum(kb0, kb1 - 1), 0)
+        sa_n = gl.load(sa_ptrs + kb_pre * sa_sk, mask=mask_m, other=0.0)
+        sone0_n = gl.load(sb_one0 + kb_pre * sb_sk)
+        sone1_n = sone0_n
+        if NH == 2:
+            sone1_n = gl.load(sb_one1 + kb_pre * sb_sk, mask=off_n + HALF_N < N, other=0.0)
+        for kb in range(kb0, kb1):
+            sa = sa_n
+            sone0 = sone0_n
+            sone1 = sone1_n
+            kb_pre = gl.minimum(kb + 1, kb1 - 1)
+            sa_n = gl.load(sa_ptrs + kb_pre * sa_sk, mask=mask_m, other=0.0)
+            if FOLD:
+                sone0_n = gl.load(sb_one0 + kb_pre * sb_sk)
+                if NH == 2:
+                    sone1_n = gl.load(sb_one1 + kb_pre * sb_sk, mask=off_n + HALF_N < N, other=0.0)
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            a = a_bufs.index(s).slice(WG * WG_ROWS, WG_ROWS)
+            if NH == 2:
+                pv = _mma_block(a, b_bufs, s, 0, pv, acc0, PROMOTE)
+                acc0 = _promote(acc0, pv, sa, sone0, sb_base, sb_cols0, kb, sb_sk, mask_n0, FOLD, PROMOTE)
+                pv = _mma_block(a, b_bufs, s, 1, pv, acc1, PROMOTE)
+                mbarrier.arrive(empty.index(s), count=1)
+                acc1 = _promote(acc1, pv, sa, sone1, sb_base, sb_cols1, kb, sb_sk, mask_n1, FOLD, PROMOTE)
+            else:
+                pv = _mma_block(a, b_bufs, s, 0, pv, acc0, PROMOTE)
+                mbarrier.arrive(empty.index(s), count=1)
+                acc0 = _promote(acc0, pv, sa, sone0, sb_base, sb_cols0, kb, sb_sk, mask_n0, FOLD, PROMOTE)
+            it += 1
+        if kb1 > kb0:
+            _store_half(c_ptr, acc0, r0, g64, offs_n0, mask_m, mask_n0, stride_cg, stride_cm, GROUP_K)
+            if NH == 2:
+                _store_half(c_ptr, acc1, r0, g64, offs_n1, mask_m, mask_n1, stride_cg, stride_cm, GROUP_K)
+
+
+@gluon.jit
+def _math_wg0(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
+              M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm, sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
+              B_BLOCK: gl.constexpr, FOLD: gl.constexpr, GROUP_M_ROWS: gl.constexpr, GROUP_K: gl.constexpr,
+              GROUP_M: gl.constexpr, G_P2: gl.constexpr, PROMOTE: gl.constexpr):
+    _math_partition(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
+                    M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm, sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
+                    0, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE)
+
+
+@gluon.jit
+def _math_wg1(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
+              M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm, sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
+              B_BLOCK: gl.constexpr, FOLD: gl.constexpr, GROUP_M_ROWS: gl.constexpr, GROUP_K: gl.constexpr,
+              GROUP_M: gl.constexpr, G_P2: gl.constexpr, PROMOTE: gl.constexpr):
+    _math_partition(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
+                    M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm, sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
+                    1, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE)
+
+
+@gluon.jit
+def _ws_gemm_kernel(
+    a_desc, b_desc, c_ptr, sa_ptr, sb_ptr,
+    tiles_ptr, offs_ptr, n_groups,
+    M, N, KB, b_group_rows, stride_cg, stride_cm,
+    sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, tiles_mn, n_tiles,
+    B_BLOCK: gl.constexpr, GROUP_M_ROWS: gl.constexpr, GROUP_K: gl.constexpr, G_P2: gl.constexpr,
+    GROUP_M: gl.constexpr, STAGES: gl.constexpr, FOLD: gl.constexpr,
+    MATH_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, num_warps: gl.constexpr, PROMOTE: gl.constexpr = True,
+):
+    """Persistent: program p runs tiles p, p + programs, ... (see _tile)."""
+    gl.static_assert(a_desc.block_type.shape[0] == 2 * WG_ROWS)
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrival per math warpgroup
+
+    # (the argument tuples are written out in the call: a constexpr kept in a tuple variable becomes a tensor)
+    gl.warp_specialize([
+        (_math_wg0, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
+                     M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
+                     sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE)),
+        (_math_wg1, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
+                     M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
+                     sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE)),
+        (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, tiles_ptr, offs_ptr, n_groups,
+                           M, N, KB, b_group_rows, tiles_mn, n_tiles, GROUP_M, G_P2, GROUP_M_ROWS, GROUP_K)),
+    ], [4, 1], [MATH_REGS, LOAD_REGS])
+
+
+# 128 rows = two math warpgroups of 64; BLOCK_N 128 or 256 (one or two weight blocks: FOLD applies
+# to each); STAGES, the registers per partition (MATH_REGS, LOAD_REGS, maxnreg: the kernel's 12 warps
+# share 64K registers, so maxnreg * 384 must cover 256 * MATH_REGS + 128 * LOAD_REGS) and PROGRAMS
+# (0: one per SM) are the tunables.
+WS_CONFIG = {"KERNEL": "ws", "BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "FOLD": True,
+             "MATH_REGS": 232, "LOAD_REGS": 40, "maxnreg": 168, "PROGRAMS": 0}
+
+
+def descriptor(t, rows: int):
+    """A TMA descriptor over t viewed as 2-D [-1, K] with [rows, 128] boxes of FP8."""
+    t2 = t.reshape(-1, t.shape[-1])
+    layout = gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K.value], gl.float8e4nv)
+    return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, BLOCK_K.value], layout)
+
+
+def launch(grid, a_q, b_q, *args, config: dict, **constexprs):
+    """Launch the warp-specialised kernel with the argument list and grid of `kernels._gemm_kernel`
+    (grid = (tiles, groups)); it runs persistently on min(tiles * groups, PROGRAMS or the SM count)
+    programs."""
+    cfg = dict(config)
+    cfg.pop("KERNEL", None)
+    bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    if bm != 2 * WG_ROWS.value:
+        raise ValueError(f"the warp-specialised GEMM runs 128-row tiles, got BLOCK_M={bm}")
+    if bn not in (128, 256):
+        raise ValueError(f"the warp-specialised GEMM runs 128- or 256-column tiles, got BLOCK_N={bn}")
+    # FOLD needs one B scale per 128 columns and K block: 128x128-blocked B
+    cfg["FOLD"] = bool(cfg.get("FOLD")) and constexprs.get("B_BLOCK", False)
+    programs = cfg.pop("PROGRAMS") or _sm_count(a_q.device)
+    tiles_mn, groups = grid
+    n_tiles = tiles_mn * groups
+    _ws_gemm_kernel[(max(1, min(n_tiles, programs)),)](
+        descriptor(a_q, bm), descriptor(b_q, bn), *args, tiles_mn, n_tiles, **constexprs, **cfg, num_warps=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+__all__ = ["WS_CONFIG", "descriptor", "launch"]
