@@ -204,7 +204,7 @@ GROUPED_CONFIGS = {
     "triton's": kernels.TRITON_GROUPED_CONFIG,
     "triton's, no fold": {**kernels.TRITON_GROUPED_CONFIG, "FOLD": False},
     "128-row tiles": kernels.GEMM_CONFIG,
-    "wgrad's": kernels.WGRAD_CONFIG,
+    "wgrad's (Triton)": kernels.TRITON_WGRAD_CONFIG,
     "block_n 256": {**kernels.GEMM_CONFIG, "BLOCK_N": 256, "num_stages": 3},
     "warp-specialised": WS_CONFIG,
     "warp-specialised, 3 programs, 2 stages": {**WS_CONFIG, "PROGRAMS": 3, "STAGES": 2},
@@ -235,6 +235,7 @@ def test_grouped_gemm_configs_match_fp32_emulation(config):
 
 WGRAD_CONFIGS = {
     "default": None,
+    "triton's": kernels.TRITON_WGRAD_CONFIG,
     "128-row tiles": {k: v for k, v in kernels.GEMM_CONFIG.items() if k != "FOLD"},
     "warp-specialised": WS_CONFIG,
     "warp-specialised, 3 programs, 2 stages": {**WS_CONFIG, "PROGRAMS": 3, "STAGES": 2},

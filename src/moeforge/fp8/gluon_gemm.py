@@ -19,9 +19,10 @@ warpgroups write the last one.
 
 A 256-column tile (BLOCK_N = 256) is two 128-column halves whose MMAs run one after the other: two
 64 x 128 FP32 accumulators and one partial per thread (192 registers), where issuing both halves at
-once would need 256. It halves the reads of A per FLOP and is the default for the forward and Dgrad
-(kernels.WS_GROUPED_CONFIG); the Wgrad, whose per-column B scales add registers, spills at 256
-columns and stays on the Triton kernel.
+once would need 256. It halves the reads of A per FLOP and is the default for the experts' forward,
+Dgrad and Wgrad (kernels.WS_GROUPED_CONFIG, WS_WGRAD_CONFIG). Where the tiles' rows start on multiples
+of 128 (the Wgrad), the load warp also copies the K block's 1x128 scales with TMA (SCALE_TMA), so the
+math warpgroups keep no per-column scales or offsets in registers across the loop.
 
 PROMOTE=False is a speed probe only: it accumulates across K blocks in the tensor core without any
 scales (wrong results), to measure what the promotion costs (docs/fp8.md).
@@ -95,13 +96,22 @@ def _tile(t, tiles_ptr, offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn,
 
 
 @gluon.jit
-def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, tiles_ptr, offs_ptr, n_groups,
-                    M, N, KB, b_group_rows, tiles_mn, n_tiles,
-                    GROUP_M: gl.constexpr, G_P2: gl.constexpr, GROUP_M_ROWS: gl.constexpr, GROUP_K: gl.constexpr):
+def _load_partition(a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty,
+                    tiles_ptr, offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles,
+                    GROUP_M: gl.constexpr, G_P2: gl.constexpr, GROUP_M_ROWS: gl.constexpr, GROUP_K: gl.constexpr,
+                    B_BLOCK: gl.constexpr, SCALE_TMA: gl.constexpr):
+    """Per K block: A's and B's codes; with SCALE_TMA also the block's 1x128 scales of the tile's rows
+    of A ([1, BLOCK_M] of A's [K blocks, rows] table) and, unless B is 128x128-blocked, of B."""
     STAGES: gl.constexpr = a_bufs.type.shape[0]
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    if not SCALE_TMA:
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    elif B_BLOCK:
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes + sa_desc.block_type.nbytes
+    else:
+        nbytes: gl.constexpr = (a_desc.block_type.nbytes + b_desc.block_type.nbytes + sa_desc.block_type.nbytes
+                                + sb_desc.block_type.nbytes)
     it = 0
     for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         row_t, row_end, b_row, off_n, kb0, kb1, g = _tile(
@@ -114,6 +124,10 @@ def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, tiles_ptr, off
             mbarrier.expect(ready.index(s), nbytes)
             tma.async_copy_global_to_shared(a_desc, [row_t, kb * BLOCK_K], ready.index(s), a_bufs.index(s))
             tma.async_copy_global_to_shared(b_desc, [b_row, kb * BLOCK_K], ready.index(s), b_bufs.index(s))
+            if SCALE_TMA:
+                tma.async_copy_global_to_shared(sa_desc, [kb, row_t], ready.index(s), sa_bufs.index(s))
+                if not B_BLOCK:
+                    tma.async_copy_global_to_shared(sb_desc, [kb, off_n], ready.index(s), sb_bufs.index(s))
             it += 1
 
 
@@ -131,13 +145,26 @@ def _mma_block(a, b_bufs, s, h: gl.constexpr, pv, acc, PROMOTE: gl.constexpr):
 
 
 @gluon.jit
-def _promote(acc, pv, sa, sone, sb_base, sb_cols, kb, sb_sk, mask_n, FOLD: gl.constexpr, PROMOTE: gl.constexpr):
+def _promote(acc, pv, sa, sone, sb_base, kb, sb_sk, sb_sn, n0, N, sb_bufs, s, h: gl.constexpr,
+             B_BLOCK: gl.constexpr, FOLD: gl.constexpr, PROMOTE: gl.constexpr, SCALE_TMA: gl.constexpr):
+    """acc += the half's partial times its scales: A's row scales sa and B's single scale sone (FOLD),
+    or B's column scales of columns [n0, n0 + 128), from the stage's copy (SCALE_TMA) or from memory
+    (offsets rebuilt here: kept live they would cost 32 registers per half)."""
     if not PROMOTE:
         acc = pv
     elif FOLD:
         acc = acc + pv * gl.expand_dims(sa * sone, 1)
     else:
-        sb = gl.load(sb_base + kb * sb_sk + sb_cols, mask=mask_n, other=0.0)
+        col_l: gl.constexpr = gl.SliceLayout(0, pv.type.layout)
+        if SCALE_TMA:
+            sb = sb_bufs.index(s).reshape([sb_bufs.type.shape[2]]).slice(h * HALF_N, HALF_N).load(col_l)
+        else:
+            offs = n0 + gl.arange(0, HALF_N, layout=col_l)
+            if B_BLOCK:
+                cols = offs // 128
+            else:
+                cols = offs
+            sb = gl.load(sb_base + kb * sb_sk + cols * sb_sn, mask=offs < N, other=0.0)
         acc = acc + pv * gl.expand_dims(sa, 1) * gl.expand_dims(sb, 0)
     return acc
 
@@ -155,11 +182,12 @@ def _store_half(c_ptr, acc, r0, g64, offs_n, mask_m, mask_n, stride_cg, stride_c
 
 
 @gluon.jit
-def _math_partition(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
-                    M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
+def _math_partition(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr,
+                    n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
                     sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
                     WG: gl.constexpr, B_BLOCK: gl.constexpr, FOLD: gl.constexpr, GROUP_M_ROWS: gl.constexpr,
-                    GROUP_K: gl.constexpr, GROUP_M: gl.constexpr, G_P2: gl.constexpr, PROMOTE: gl.constexpr):
+                    GROUP_K: gl.constexpr, GROUP_M: gl.constexpr, G_P2: gl.constexpr, PROMOTE: gl.constexpr,
+                    SCALE_TMA: gl.constexpr):
     """The tile's rows [64 WG, 64 WG + 64), in one or two 128-column halves. With two halves (a 256-column
     tile) the halves' MMAs run one after the other: 2 x 64 accumulator registers plus one 64-register
     partial, where issuing both at once would need 256."""
@@ -179,82 +207,96 @@ def _math_partition(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_p
         r0 = row_t + WG * WG_ROWS
         offs_m = r0 + gl.arange(0, WG_ROWS, layout=row_l)
         mask_m = offs_m < row_end
-        offs_n0 = off_n + gl.arange(0, HALF_N, layout=col_l)
-        offs_n1 = offs_n0 + HALF_N
-        mask_n0 = offs_n0 < N
-        mask_n1 = offs_n1 < N
         g64 = g.to(gl.int64)
         sa_ptrs = sa_ptr + offs_m.to(gl.int64) * sa_sm
         sb_base = sb_ptr
         if GROUP_M_ROWS:
             sb_base += g64 * sb_sg
-        if B_BLOCK:  # int32 offsets: 32 registers per half, not 64 for pointers
-            sb_cols0 = (offs_n0 // 128) * sb_sn
-            sb_cols1 = (offs_n1 // 128) * sb_sn
-        else:
-            sb_cols0 = offs_n0 * sb_sn
-            sb_cols1 = offs_n1 * sb_sn
+        n1 = off_n + HALF_N
         sb_one0 = sb_base + (off_n // 128) * sb_sn  # FOLD: each half's single B scale
         sb_one1 = sb_one0 + sb_sn
         acc0 = gl.zeros([WG_ROWS, HALF_N], gl.float32, mma)
         acc1 = acc0
         pv = acc0  # the MMA's (ignored, use_acc=False) input: the last partial, dead by then, so no copy
-        # A's scales (and B's single ones when FOLD) are loaded one block ahead, so their latency hides
-        # behind an MMA; B's column scales (Wgrad) are loaded while the half's MMA runs
+        # Without SCALE_TMA, A's scales (and B's single ones when FOLD) are loaded one block ahead, so
+        # their latency hides behind an MMA.
         kb_pre = gl.maximum(gl.minimum(kb0, kb1 - 1), 0)
-        sa_n = gl.load(sa_ptrs + kb_pre * sa_sk, mask=mask_m, other=0.0)
-        sone0_n = gl.load(sb_one0 + kb_pre * sb_sk)
-        sone1_n = sone0_n
-        if NH == 2:
-            sone1_n = gl.load(sb_one1 + kb_pre * sb_sk, mask=off_n + HALF_N < N, other=0.0)
+        sa_n = gl.zeros([WG_ROWS], gl.float32, row_l)
+        if not SCALE_TMA:
+            sa_n = gl.load(sa_ptrs + kb_pre * sa_sk, mask=mask_m, other=0.0)
+        sone0_n = 1.0
+        sone1_n = 1.0
+        if FOLD:
+            sone0_n = gl.load(sb_one0 + kb_pre * sb_sk)
+            if NH == 2:
+                sone1_n = gl.load(sb_one1 + kb_pre * sb_sk, mask=n1 < N, other=0.0)
         for kb in range(kb0, kb1):
             sa = sa_n
             sone0 = sone0_n
             sone1 = sone1_n
             kb_pre = gl.minimum(kb + 1, kb1 - 1)
-            sa_n = gl.load(sa_ptrs + kb_pre * sa_sk, mask=mask_m, other=0.0)
+            if not SCALE_TMA:
+                sa_n = gl.load(sa_ptrs + kb_pre * sa_sk, mask=mask_m, other=0.0)
             if FOLD:
                 sone0_n = gl.load(sb_one0 + kb_pre * sb_sk)
                 if NH == 2:
-                    sone1_n = gl.load(sb_one1 + kb_pre * sb_sk, mask=off_n + HALF_N < N, other=0.0)
+                    sone1_n = gl.load(sb_one1 + kb_pre * sb_sk, mask=n1 < N, other=0.0)
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             a = a_bufs.index(s).slice(WG * WG_ROWS, WG_ROWS)
+            if SCALE_TMA:
+                sa = sa_bufs.index(s).reshape([BLOCK_M]).slice(WG * WG_ROWS, WG_ROWS).load(row_l)
+            pv = _mma_block(a, b_bufs, s, 0, pv, acc0, PROMOTE)
             if NH == 2:
-                pv = _mma_block(a, b_bufs, s, 0, pv, acc0, PROMOTE)
-                acc0 = _promote(acc0, pv, sa, sone0, sb_base, sb_cols0, kb, sb_sk, mask_n0, FOLD, PROMOTE)
+                acc0 = _promote(acc0, pv, sa, sone0, sb_base, kb, sb_sk, sb_sn, off_n, N, sb_bufs, s, 0,
+                                B_BLOCK, FOLD, PROMOTE, SCALE_TMA)
                 pv = _mma_block(a, b_bufs, s, 1, pv, acc1, PROMOTE)
-                mbarrier.arrive(empty.index(s), count=1)
-                acc1 = _promote(acc1, pv, sa, sone1, sb_base, sb_cols1, kb, sb_sk, mask_n1, FOLD, PROMOTE)
+                if not SCALE_TMA:
+                    mbarrier.arrive(empty.index(s), count=1)
+                acc1 = _promote(acc1, pv, sa, sone1, sb_base, kb, sb_sk, sb_sn, n1, N, sb_bufs, s, 1,
+                                B_BLOCK, FOLD, PROMOTE, SCALE_TMA)
             else:
-                pv = _mma_block(a, b_bufs, s, 0, pv, acc0, PROMOTE)
+                if not SCALE_TMA:
+                    mbarrier.arrive(empty.index(s), count=1)
+                acc0 = _promote(acc0, pv, sa, sone0, sb_base, kb, sb_sk, sb_sn, off_n, N, sb_bufs, s, 0,
+                                B_BLOCK, FOLD, PROMOTE, SCALE_TMA)
+            if SCALE_TMA:  # the stage's scales are read by the promotion: release it after
                 mbarrier.arrive(empty.index(s), count=1)
-                acc0 = _promote(acc0, pv, sa, sone0, sb_base, sb_cols0, kb, sb_sk, mask_n0, FOLD, PROMOTE)
             it += 1
-        if kb1 > kb0:
-            _store_half(c_ptr, acc0, r0, g64, offs_n0, mask_m, mask_n0, stride_cg, stride_cm, GROUP_K)
+        # A Wgrad group without K blocks (an expert without tokens) is stored too: zeros. (That
+        # condition is always true; unconditional, the compiler hoists the column offsets and masks
+        # above the K loop, where they stay live and spill registers.) A tile past the last group of
+        # rows (forward) has no K blocks and nothing to store.
+        if GROUP_K:
+            has_out = kb1 >= kb0
+        else:
+            has_out = kb1 > kb0
+        if has_out:
+            offs_n0 = off_n + gl.arange(0, HALF_N, layout=col_l)
+            _store_half(c_ptr, acc0, r0, g64, offs_n0, mask_m, offs_n0 < N, stride_cg, stride_cm, GROUP_K)
             if NH == 2:
-                _store_half(c_ptr, acc1, r0, g64, offs_n1, mask_m, mask_n1, stride_cg, stride_cm, GROUP_K)
+                offs_n1 = offs_n0 + HALF_N
+                _store_half(c_ptr, acc1, r0, g64, offs_n1, mask_m, offs_n1 < N, stride_cg, stride_cm, GROUP_K)
 
 
 @gluon.jit
-def _math_wg0(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
+def _math_wg0(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
               M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm, sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
               B_BLOCK: gl.constexpr, FOLD: gl.constexpr, GROUP_M_ROWS: gl.constexpr, GROUP_K: gl.constexpr,
-              GROUP_M: gl.constexpr, G_P2: gl.constexpr, PROMOTE: gl.constexpr):
-    _math_partition(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
+              GROUP_M: gl.constexpr, G_P2: gl.constexpr, PROMOTE: gl.constexpr, SCALE_TMA: gl.constexpr):
+    _math_partition(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
                     M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm, sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
-                    0, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE)
+                    0, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA)
 
 
 @gluon.jit
-def _math_wg1(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
+def _math_wg1(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
               M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm, sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
               B_BLOCK: gl.constexpr, FOLD: gl.constexpr, GROUP_M_ROWS: gl.constexpr, GROUP_K: gl.constexpr,
-              GROUP_M: gl.constexpr, G_P2: gl.constexpr, PROMOTE: gl.constexpr):
-    _math_partition(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
+              GROUP_M: gl.constexpr, G_P2: gl.constexpr, PROMOTE: gl.constexpr, SCALE_TMA: gl.constexpr):
+    _math_partition(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
                     M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm, sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
-                    1, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE)
+                    1, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA)
 
 
 @gluon.jit
@@ -262,15 +304,18 @@ def _ws_gemm_kernel(
     a_desc, b_desc, c_ptr, sa_ptr, sb_ptr,
     tiles_ptr, offs_ptr, n_groups,
     M, N, KB, b_group_rows, stride_cg, stride_cm,
-    sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, tiles_mn, n_tiles,
+    sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, tiles_mn, n_tiles, sa_desc, sb_desc,
     B_BLOCK: gl.constexpr, GROUP_M_ROWS: gl.constexpr, GROUP_K: gl.constexpr, G_P2: gl.constexpr,
-    GROUP_M: gl.constexpr, STAGES: gl.constexpr, FOLD: gl.constexpr,
+    GROUP_M: gl.constexpr, STAGES: gl.constexpr, FOLD: gl.constexpr, SCALE_TMA: gl.constexpr,
     MATH_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, num_warps: gl.constexpr, PROMOTE: gl.constexpr = True,
 ):
-    """Persistent: program p runs tiles p, p + programs, ... (see _tile)."""
+    """Persistent: program p runs tiles p, p + programs, ... (see _tile). sa_desc / sb_desc: TMA
+    descriptors of the 1x128 scale tables, used with SCALE_TMA (see `launch`)."""
     gl.static_assert(a_desc.block_type.shape[0] == 2 * WG_ROWS)
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES] + sa_desc.block_type.shape, sa_desc.layout)
+    sb_bufs = gl.allocate_shared_memory(gl.float32, [STAGES] + sb_desc.block_type.shape, sb_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -279,14 +324,17 @@ def _ws_gemm_kernel(
 
     # (the argument tuples are written out in the call: a constexpr kept in a tuple variable becomes a tensor)
     gl.warp_specialize([
-        (_math_wg0, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
-                     M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
-                     sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE)),
-        (_math_wg1, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
-                     M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
-                     sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE)),
-        (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, tiles_ptr, offs_ptr, n_groups,
-                           M, N, KB, b_group_rows, tiles_mn, n_tiles, GROUP_M, G_P2, GROUP_M_ROWS, GROUP_K)),
+        (_math_wg0, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr,
+                     n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
+                     sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE,
+                     SCALE_TMA)),
+        (_math_wg1, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr,
+                     n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
+                     sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE,
+                     SCALE_TMA)),
+        (_load_partition, (a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty,
+                           tiles_ptr, offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles,
+                           GROUP_M, G_P2, GROUP_M_ROWS, GROUP_K, B_BLOCK, SCALE_TMA)),
     ], [4, 1], [MATH_REGS, LOAD_REGS])
 
 
@@ -305,10 +353,22 @@ def descriptor(t, rows: int):
     return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, BLOCK_K.value], layout)
 
 
-def launch(grid, a_q, b_q, *args, config: dict, **constexprs):
+def scale_descriptor(s, cols: int):
+    """A TMA descriptor over a 1x128 scale table s [K blocks, rows] (rows contiguous) with [1, cols]
+    boxes: one K block's scales of a tile's rows."""
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    return TensorDescriptor(s, list(s.shape), list(s.stride()), [1, cols], layout)
+
+
+def launch(grid, a_q, b_q, c, sa, sb, *args, config: dict, **constexprs):
     """Launch the warp-specialised kernel with the argument list and grid of `kernels._gemm_kernel`
-    (grid = (tiles, groups)); it runs persistently on min(tiles * groups, PROGRAMS or the SM count)
-    programs."""
+    (grid = (tiles, groups); sa, sb: the operands' scale tables); it runs persistently on
+    min(tiles * groups, PROGRAMS or the SM count) programs.
+
+    The load warp also copies the 1x128 scales with TMA (SCALE_TMA) when the tiles' rows start on
+    multiples of 128, i.e. unless the rows are grouped (experts' forward/Dgrad, whose groups start
+    anywhere): a TMA box must start 16-byte aligned along the contiguous dimension, and a grouped
+    tile's first row index is that dimension of the scale table (measured: "illegal instruction")."""
     cfg = dict(config)
     cfg.pop("KERNEL", None)
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
@@ -316,13 +376,19 @@ def launch(grid, a_q, b_q, *args, config: dict, **constexprs):
         raise ValueError(f"the warp-specialised GEMM runs 128-row tiles, got BLOCK_M={bm}")
     if bn not in (128, 256):
         raise ValueError(f"the warp-specialised GEMM runs 128- or 256-column tiles, got BLOCK_N={bn}")
+    b_block = constexprs.get("B_BLOCK", False)
     # FOLD needs one B scale per 128 columns and K block: 128x128-blocked B
-    cfg["FOLD"] = bool(cfg.get("FOLD")) and constexprs.get("B_BLOCK", False)
+    cfg["FOLD"] = bool(cfg.get("FOLD")) and b_block
+    cfg["SCALE_TMA"] = not constexprs.get("GROUP_M_ROWS", False) and all(
+        t.data_ptr() % 16 == 0 and t.stride(0) % 4 == 0 for t in ((sa,) if b_block else (sa, sb)))
     programs = cfg.pop("PROGRAMS") or _sm_count(a_q.device)
     tiles_mn, groups = grid
     n_tiles = tiles_mn * groups
+    sa_desc = scale_descriptor(sa, bm)
+    sb_desc = sa_desc if b_block else scale_descriptor(sb, bn)
     _ws_gemm_kernel[(max(1, min(n_tiles, programs)),)](
-        descriptor(a_q, bm), descriptor(b_q, bn), *args, tiles_mn, n_tiles, **constexprs, **cfg, num_warps=4)
+        descriptor(a_q, bm), descriptor(b_q, bn), c, sa, sb, *args, tiles_mn, n_tiles, sa_desc, sb_desc,
+        **constexprs, **cfg, num_warps=4)
 
 
 @functools.lru_cache(maxsize=None)

@@ -659,27 +659,29 @@ def _gemm_kernel(
 # warpgroup and 3 stages (477 -> 657 TFLOP/s).
 GEMM_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4, "FOLD": True}
 TRITON_GROUPED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4, "FOLD": True}
-WGRAD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
-# The grouped forward/Dgrad runs the warp-specialised Gluon kernel with 128 x 256 tiles where Gluon
-# is available: 727-983 TFLOP/s against the Triton kernel's 644-758 at the same shapes (docs/fp8.md).
-# Its Wgrad (per-column B scales) spills registers at 256 columns and is slower than Triton's at 128.
+TRITON_WGRAD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+# The grouped GEMMs run the warp-specialised Gluon kernel with 128 x 256 tiles where Gluon is
+# available (docs/fp8.md): the forward/Dgrad at 727-983 TFLOP/s against the Triton kernel's 644-758,
+# the Wgrad (its 1x128 scales copied by TMA) at 643-797 against 616-694.
 try:
     from .gluon_gemm import WS_CONFIG
 
     WS_GROUPED_CONFIG = {**WS_CONFIG, "BLOCK_N": 256, "STAGES": 3, "MATH_REGS": 240, "LOAD_REGS": 24}
+    WS_WGRAD_CONFIG = {**WS_GROUPED_CONFIG, "FOLD": False}
 except ImportError:  # a Triton without Gluon's Hopper API
-    WS_GROUPED_CONFIG = None
+    WS_GROUPED_CONFIG = WS_WGRAD_CONFIG = None
 GROUPED_CONFIG = WS_GROUPED_CONFIG or TRITON_GROUPED_CONFIG
+WGRAD_CONFIG = WS_WGRAD_CONFIG or TRITON_WGRAD_CONFIG
 
 
 def set_grouped_kernel(name: str) -> None:
-    """The grouped forward/Dgrad GEMM's default kernel: "triton" (`_gemm_kernel`) or "ws" (the
-    warp-specialised Gluon kernel, the default where Gluon is available)."""
-    global GROUPED_CONFIG
+    """The grouped GEMMs' default kernel: "triton" (`_gemm_kernel`) or "ws" (the warp-specialised
+    Gluon kernel, the default where Gluon is available)."""
+    global GROUPED_CONFIG, WGRAD_CONFIG
     if name == "triton":
-        GROUPED_CONFIG = TRITON_GROUPED_CONFIG
+        GROUPED_CONFIG, WGRAD_CONFIG = TRITON_GROUPED_CONFIG, TRITON_WGRAD_CONFIG
     elif name == "ws" and WS_GROUPED_CONFIG is not None:
-        GROUPED_CONFIG = WS_GROUPED_CONFIG
+        GROUPED_CONFIG, WGRAD_CONFIG = WS_GROUPED_CONFIG, WS_WGRAD_CONFIG
     else:
         raise ValueError(f"grouped GEMM kernel {name!r} is not available (triton{', ws' * bool(WS_GROUPED_CONFIG)})")
 
