@@ -280,26 +280,6 @@ def _math_partition(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_pt
 
 
 @gluon.jit
-def _math_wg0(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
-              M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm, sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
-              B_BLOCK: gl.constexpr, FOLD: gl.constexpr, GROUP_M_ROWS: gl.constexpr, GROUP_K: gl.constexpr,
-              GROUP_M: gl.constexpr, G_P2: gl.constexpr, PROMOTE: gl.constexpr, SCALE_TMA: gl.constexpr):
-    _math_partition(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
-                    M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm, sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
-                    0, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA)
-
-
-@gluon.jit
-def _math_wg1(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
-              M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm, sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
-              B_BLOCK: gl.constexpr, FOLD: gl.constexpr, GROUP_M_ROWS: gl.constexpr, GROUP_K: gl.constexpr,
-              GROUP_M: gl.constexpr, G_P2: gl.constexpr, PROMOTE: gl.constexpr, SCALE_TMA: gl.constexpr):
-    _math_partition(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr, n_groups,
-                    M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm, sa_sm, sa_sk, sb_sg, sb_sn, sb_sk,
-                    1, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA)
-
-
-@gluon.jit
 def _ws_gemm_kernel(
     a_desc, b_desc, c_ptr, sa_ptr, sb_ptr,
     tiles_ptr, offs_ptr, n_groups,
@@ -324,14 +304,14 @@ def _ws_gemm_kernel(
 
     # (the argument tuples are written out in the call: a constexpr kept in a tuple variable becomes a tensor)
     gl.warp_specialize([
-        (_math_wg0, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr,
-                     n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
-                     sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE,
-                     SCALE_TMA)),
-        (_math_wg1, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr,
-                     n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
-                     sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE,
-                     SCALE_TMA)),
+        (_math_partition, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr,
+                           offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
+                           sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, 0, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M,
+                           G_P2, PROMOTE, SCALE_TMA)),
+        (_math_partition, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr,
+                           offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
+                           sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, 1, B_BLOCK, FOLD, GROUP_M_ROWS, GROUP_K, GROUP_M,
+                           G_P2, PROMOTE, SCALE_TMA)),
         (_load_partition, (a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty,
                            tiles_ptr, offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles,
                            GROUP_M, G_P2, GROUP_M_ROWS, GROUP_K, B_BLOCK, SCALE_TMA)),
