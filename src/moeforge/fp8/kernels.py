@@ -36,8 +36,8 @@ of 32-bit words.
 GEMMs: `fp8_gemm(a, b)` = dequant(a) @ dequant(b)^T with FP32 accumulation between 128-wide K
 blocks, through torch._scaled_mm's blockwise modes (cuBLASLt VEC128_32F x BLK128x128_32F or
 VEC128_32F x VEC128_32F; SM90 only, fast accumulation off), or through the Triton kernel
-`_gemm_kernel` (`backend="triton"`). The grouped (per-expert) GEMMs run `_gemm_kernel` or, for the
-forward and Dgrad where Gluon is available, the warp-specialised kernel of `fp8.gluon_gemm`.
+`_gemm_kernel` (`backend="triton"`). The grouped (per-expert) GEMMs run the warp-specialised kernel
+of `fp8.gluon_gemm` where Triton has Gluon, else `_gemm_kernel` (`set_grouped_kernel` chooses).
 """
 
 from __future__ import annotations
@@ -661,8 +661,8 @@ GEMM_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 8, "nu
 TRITON_GROUPED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4, "FOLD": True}
 TRITON_WGRAD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 # The grouped GEMMs run the warp-specialised Gluon kernel with 128 x 256 tiles where Gluon is
-# available (docs/fp8.md): the forward/Dgrad at 727-983 TFLOP/s against the Triton kernel's 644-758,
-# the Wgrad (its 1x128 scales copied by TMA) at 643-797 against 616-694.
+# available (docs/fp8.md): the forward/Dgrad at 674-983 TFLOP/s against the Triton kernel's 640-787,
+# the Wgrad (its 1x128 scales copied by TMA) at 643-797 against 616-715.
 try:
     from .gluon_gemm import WS_CONFIG
 
