@@ -159,7 +159,6 @@ def s_quant(args):
     T, K = 4096, 7168
     x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(18432, 7168, device="cuda")
-    xa, _ = kernels.quant_operands(x)
     out = {}
 
     def rec(name, fn, nbytes):
@@ -170,9 +169,8 @@ def s_quant(args):
     n = T * K
     rec("rows 1x128, bf16 4096x7168", lambda: kernels.quant_operands(x), n * 2 + n + n // 32)
     rec("cols^T 1x128, bf16 4096x7168", lambda: kernels.quant_operands(x, rows=False, cols=True), n * 2 + n + n // 32)
-    rec("rows + cols^T, bf16 4096x7168", lambda: kernels.quant_operands(x, rows=True, cols=True), n * 2 + 2 * n + n // 16)
-    rec("cols^T from fp8+scales 4096x7168", lambda: kernels.quant_operands(xa.qv, rows=False, cols=True, x_scales=xa.sv),
-        n + n + n // 32 * 2)
+    rec("rows + cols^T (one pass), bf16 4096x7168", lambda: kernels.quant_operands(x, rows=True, cols=True),
+        n * 2 + 2 * n + n // 16)
     nw = w.numel()
     rec("128x128 (+transposed), fp32 18432x7168", lambda: kernels.quant_block_operand(w, transpose=True), nw * 4 + 2 * nw)
     rec("128x128, fp32 18432x7168", lambda: kernels.quant_block_operand(w), nw * 4 + nw)
@@ -194,31 +192,25 @@ def s_qtiles(args):
     out = {}
     for sname, (R, C) in shapes.items():
         x = torch.randn(R, C, device="cuda", dtype=torch.bfloat16)
-        xa, _ = kernels.quant_operands(x)
         n = R * C
+        nbytes = n * 2 + n + n // 32
         for kind, vs in variants.items():
-            for src in ("bf16", "fp8"):
-                if src == "fp8" and kind == "rows":
-                    continue
-                def run():
-                    if src == "fp8":
-                        return kernels.quant_operands(xa.qv, rows=False, cols=True, x_scales=xa.sv)[1]
-                    return kernels.quant_operands(x, rows=kind == "rows", cols=kind == "cols")[kind == "cols"]
-                kernels.QUANT_ROWS_CONFIG.update(keep[0])
-                kernels.QUANT_COLS_CONFIG.update(keep[1])
-                ref = run()  # the default tiles
-                nbytes = n * (2 if src == "bf16" else 1) + n + n // 32
-                for tile, nw in vs:
-                    cfg = kernels.QUANT_ROWS_CONFIG if kind == "rows" else kernels.QUANT_COLS_CONFIG
-                    cfg.update({"BR" if kind == "rows" else "BC": tile, "num_warps": nw})
-                    got = run()
-                    same = torch.equal(got.q.view(torch.uint8), ref.q.view(torch.uint8)) and torch.equal(got.s_store, ref.s_store)
-                    ms = bench(run)
-                    key = f"{sname} {kind} from {src} tile {tile} warps {nw}"
-                    out[key] = {"ms": ms, "GB/s": nbytes / ms / 1e6, "bit-exact": same}
-                    print(f"   {key:48s} {ms:8.4f} ms {nbytes / ms / 1e6:6.0f} GB/s {'ok' if same else 'DIFFERENT'}", flush=True)
-    kernels.QUANT_ROWS_CONFIG.update(keep[0])
-    kernels.QUANT_COLS_CONFIG.update(keep[1])
+            def run():
+                return kernels.quant_operands(x, rows=kind == "rows", cols=kind == "cols")[kind == "cols"]
+            kernels.QUANT_ROWS_CONFIG.update(keep[0])
+            kernels.QUANT_COLS_CONFIG.update(keep[1])
+            ref = run()  # the default tiles
+            for tile, nw in vs:
+                cfg = kernels.QUANT_ROWS_CONFIG if kind == "rows" else kernels.QUANT_COLS_CONFIG
+                cfg.update({"BR" if kind == "rows" else "BC": tile, "num_warps": nw})
+                got = run()
+                same = torch.equal(got.q.view(torch.uint8), ref.q.view(torch.uint8)) and torch.equal(got.s_store, ref.s_store)
+                ms = bench(run)
+                key = f"{sname} {kind} tile {tile} warps {nw}"
+                out[key] = {"ms": ms, "GB/s": nbytes / ms / 1e6, "bit-exact": same}
+                print(f"   {key:48s} {ms:8.4f} ms {nbytes / ms / 1e6:6.0f} GB/s {'ok' if same else 'DIFFERENT'}", flush=True)
+        kernels.QUANT_ROWS_CONFIG.update(keep[0])
+        kernels.QUANT_COLS_CONFIG.update(keep[1])
     return out
 
 
@@ -387,13 +379,12 @@ def s_diag(args):
         xa, _ = kernels.quant_operands(x.detach())
         wa, wt = kernels.quant_block_operand(w, transpose=True)
         ga, gt = kernels.quant_operands(g, rows=True, cols=True)
-        _, xt = kernels.quant_operands(xa.qv, rows=False, cols=True, x_scales=xa.sv)
+        _, xt = kernels.quant_operands(x.detach(), rows=False, cols=True)
         parts = {
-            "quant x (rows)": lambda: kernels.quant_operands(x.detach()),
+            "quant x (rows + cols^T)": lambda: kernels.quant_operands(x.detach(), rows=True, cols=True),
             "quant W (128x128 + W^T)": lambda: kernels.quant_block_operand(w, transpose=True),
             "Fprop GEMM": lambda: kernels.fp8_gemm(xa, wa),
             "quant dy (rows + cols^T)": lambda: kernels.quant_operands(g, rows=True, cols=True),
-            "quant x^T (from fp8)": lambda: kernels.quant_operands(xa.qv, rows=False, cols=True, x_scales=xa.sv),
             "Dgrad GEMM": lambda: kernels.fp8_gemm(ga, wt),
             "Wgrad GEMM": lambda: kernels.fp8_gemm(gt, xt),
         }

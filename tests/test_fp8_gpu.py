@@ -65,7 +65,7 @@ def test_quant_rows_bit_exact(shape, dtype, pow2):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("pow2", [False, True])
 def test_quant_cols_transposed_bit_exact(shape, pow2):
-    """quantize(x^T) in 1x128 tiles without building x^T; from BF16 values and from FP8 codes + scales."""
+    """quantize(x^T) in 1x128 tiles without building x^T; from BF16 and FP32 values."""
     x = _data(shape, torch.bfloat16, seed=1)
     q_ref, s_ref = quantize(x.T.contiguous(), (1, 128), pow2, check_finite=False)
     for _ in range(2):
@@ -77,17 +77,12 @@ def test_quant_cols_transposed_bit_exact(shape, pow2):
     q_ref, s_ref = quantize(x32.T.contiguous(), (1, 128), pow2, check_finite=False)
     _bytes_equal(qt, q_ref)
     assert torch.equal(st, s_ref)
-    # the Wgrad operand of an FP8-saved input: dequantise (q * s) then quantise along the rows
-    xq, xs = quantize(x, (1, 128), pow2, check_finite=False)
-    qt, st = kernels.quant_cols_t(xq, pow2, x_scales=xs)
-    q_ref, s_ref = quantize(dequantize(xq, xs).T.contiguous(), (1, 128), pow2, check_finite=False)
-    _bytes_equal(qt, q_ref)
-    assert torch.equal(st, s_ref)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_quant_rows_and_cols(shape):
-    x = _data(shape, torch.float32, seed=2)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quant_rows_and_cols(shape, dtype):
+    x = _data(shape, dtype, seed=2)
     (q, s), (qt, st) = kernels.quant_rows_and_cols_t(x)
     q_ref, s_ref = quantize(x, (1, 128), check_finite=False)
     qt_ref, st_ref = quantize(x.T.contiguous(), (1, 128), check_finite=False)
@@ -155,14 +150,21 @@ def test_scale_division_modes():
         torch.testing.assert_close(s_dev.cpu(), s_cpu, rtol=2.0 ** -23, atol=0)
 
 
-def test_segmented_transposed_quantisation():
-    """Tiles along the tokens restart at every expert (the grouped Wgrad operands)."""
+@pytest.mark.parametrize("rows", [False, True])
+def test_segmented_transposed_quantisation(rows):
+    """Tiles along the tokens restart at every expert (the grouped Wgrad operands); the row operand
+    quantised in the same call is the plain one, its padding rows included."""
     counts = torch.tensor([130, 0, 7, 300, 1])
     offsets = counts.cumsum(0).to(torch.int32).to(DEV)
     x = _data((int(counts.sum()), 200), torch.bfloat16, seed=5)
     tiles, offs = kernels.group_layout(offsets, 128)
     seg = (tiles, offs, -(-x.shape[0] // 128) + len(counts))
-    _, op = kernels.quant_operands(x, rows=False, cols=True, segments=seg)
+    a, op = kernels.quant_operands(x, rows=rows, cols=True, segments=seg)
+    if rows:
+        plain, _ = kernels.quant_operands(x, rows=True)
+        assert a.q.shape == plain.q.shape and a.q.shape[0] > x.shape[0]  # 438 rows padded to 448
+        _bytes_equal(a.q, plain.q)
+        assert torch.equal(a.s_store, plain.s_store)
     start, t0 = 0, 0
     for e, end in enumerate(offsets.tolist()):
         t1 = int(tiles[e])
@@ -320,8 +322,7 @@ def test_fp8_linear_gpu_matches_reference(dtype, recipe, tkn):
     rnd = 2.0 ** -7 if dtype == torch.bfloat16 else 0.0  # one BF16 ulp of the output
     mag_y = xh.abs() @ fq(w, (128, 128)).abs().T
     mag_dx = fq(g2, (1, 128)).abs() @ fq(w, (128, 128)).abs()
-    x_src = xh if recipe.save_fp8_inputs else x2
-    mag_dw = fq(g2.T.contiguous(), (1, 128)).abs() @ fq(x_src.T.contiguous(), (1, 128)).abs().T
+    mag_dw = fq(g2.T.contiguous(), (1, 128)).abs() @ fq(x2.T.contiguous(), (1, 128)).abs().T
     for out, ref, mag in ((y.reshape(-1, N), y_r.reshape(-1, N), mag_y), (dx.reshape(-1, K), dx_r.reshape(-1, K), mag_dx),
                           (dw, dw_r, mag_dw)):
         assert torch.all((out - ref).abs() <= GEMM_TOL * mag + rnd * ref.abs() + 1e-30)

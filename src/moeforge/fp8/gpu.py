@@ -5,10 +5,11 @@ the Triton quantisers and blockwise FP8 GEMMs of kernels.py:
 - Fprop  y  = x W^T : x quantised in 1x128 tiles along K, W in 128x128 blocks;
 - Dgrad  dx = dy W  : dy in 1x128 tiles along N, W^T in 128x128 blocks (the transposed FP8 copy of
                       the forward's quantised W, saved for backward: 1 byte per weight);
-- Wgrad  dW = dy^T x: dy^T and x^T in 1x128 tiles along the tokens, quantised straight from dy
-                      and from the saved FP8 x (dequantised on the fly), never building a transpose.
+- Wgrad  dW = dy^T x: dy^T and x^T in 1x128 tiles along the tokens, never building a transpose.
+x's Wgrad operand is quantised in the forward, from x itself, and is what an FP8-saved input keeps
+for backward (so the saver changes no gradient).
 Linear GEMMs run through torch._scaled_mm (cuBLASLt blockwise scaling); the routed experts' grouped
-GEMMs through the Triton kernel (kernels._gemm_kernel) over the contiguous per-expert layout.
+GEMMs through kernels.grouped_gemm / grouped_wgrad over the contiguous per-expert layout.
 
 Switch it off with MOEFORGE_FP8_GPU=0 (or `moeforge.fp8.gpu.ENABLED = False`): FP8Linear/FP8Experts
 then run the reference emulation on CUDA as well.
@@ -59,11 +60,12 @@ def fp8_linear_forward(x2: torch.Tensor, weight: torch.Tensor, recipe, need_dx: 
     from .kernels import fp8_gemm, quant_block_operand, quant_operands
 
     p2 = recipe.pow2_scales
-    xa, _ = quant_operands(x2, p2, rows=True)
+    save_fp8 = need_dw and recipe.save_fp8_inputs
+    xa, xt = quant_operands(x2, p2, rows=True, cols=save_fp8)  # xt: x^T's Wgrad operand, kept for backward
     wa, wt = cached(owner, ("weight", need_dx, p2), lambda: quant_block_operand(weight, p2, transpose=need_dx))
     y = fp8_gemm(xa, wa, out_dtype=x2.dtype)
     saved = {
-        "x_fp8": xa if (need_dw and recipe.save_fp8_inputs) else None,
+        "xt": xt,
         "x": x2 if (need_dw and not recipe.save_fp8_inputs) else None,
         "wt": wt,
         "x_dtype": x2.dtype,
@@ -83,10 +85,8 @@ def fp8_linear_backward(grad2: torch.Tensor, saved: dict, need_dx: bool = True, 
     dx = fp8_gemm(ga, saved["wt"], out_dtype=saved["x_dtype"]) if need_dx else None
     dw = None
     if need_dw:
-        xa = saved["x_fp8"]
-        if xa is not None:
-            _, xt = quant_operands(xa.qv, p2, rows=False, cols=True, x_scales=xa.sv)
-        else:
+        xt = saved["xt"]
+        if xt is None:
             _, xt = quant_operands(saved["x"], p2, rows=False, cols=True)
         dw = fp8_gemm(gt, xt, out_dtype=saved["w_dtype"])
     return dx, dw
@@ -126,6 +126,15 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe, owner=None) -> tor
 # ---------------------------------------------------------------------------------------------
 # Routed experts (grouped GEMMs over the contiguous per-expert layout)
 # ---------------------------------------------------------------------------------------------
+def _segments(offsets: torch.Tensor, rows: int) -> tuple:
+    """The experts' token groups for quant_operands(segments=): 128-token tiles restarting at every
+    expert, counted on the device, with the static bound on their number."""
+    from .kernels import BLOCK, group_layout
+
+    tiles, offs = group_layout(offsets, BLOCK)
+    return tiles, offs, -(-rows // BLOCK) + tiles.numel()
+
+
 class FP8GroupedGPUFn(torch.autograd.Function):
     """Rows x[offsets[e-1]:offsets[e]] times the experts' weights in FP8 (see _FP8GroupedFn): ws are
     parts [E, out_i, in] stacked along out at quant.part_starts into one grouped GEMM."""
@@ -136,10 +145,12 @@ class FP8GroupedGPUFn(torch.autograd.Function):
 
         p2 = recipe.pow2_scales
         x = x if x.stride(-1) == 1 else x.contiguous()
-        xa, _ = quant_operands(x, p2, rows=True)
+        # Wgrad per expert: 1x128 tiles along each expert's own tokens (restarting at its first token)
+        ctx.seg = _segments(offsets, x.shape[0])
+        save_fp8 = recipe.save_fp8_inputs and any(ctx.needs_input_grad[5:])
+        xa, ctx.xt = quant_operands(x, p2, rows=True, cols=save_fp8, segments=ctx.seg if save_fp8 else None)
         wa, wt = cached(owner, (name, p2), lambda: quant_block_operand(ws, p2, transpose=True))  # [out, in]
         y = grouped_gemm(xa, wa, offsets, out_dtype=x.dtype)
-        ctx.xa = xa if recipe.save_fp8_inputs else None
         if not recipe.save_fp8_inputs:
             ctx.save_for_backward(x)
         ctx.parts = list(zip(part_starts([w.shape[1] for w in ws]), [w.shape[1] for w in ws], [w.dtype for w in ws]))
@@ -148,23 +159,19 @@ class FP8GroupedGPUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from .kernels import BLOCK, group_layout, grouped_gemm, grouped_wgrad, quant_operands
+        from .kernels import grouped_gemm, grouped_wgrad, quant_operands
 
         p2 = ctx.recipe.pow2_scales
         g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        ga, _ = quant_operands(g, p2, rows=True)
+        seg = ctx.seg
+        ga, gt = quant_operands(g, p2, rows=True, cols=True, segments=seg)  # gt: [out, tokens]
         dx = grouped_gemm(ga, ctx.wt, ctx.offsets, out_dtype=ctx.x_dtype)
-        # Wgrad per expert: 1x128 tiles along each expert's own tokens (restarting at its first token)
-        tiles, offs = group_layout(ctx.offsets, BLOCK)
-        seg = (tiles, offs, -(-g.shape[0] // BLOCK) + tiles.numel())
-        _, gt = quant_operands(g, p2, rows=False, cols=True, segments=seg)  # [out, tokens]
-        if ctx.xa is not None:
-            _, xt = quant_operands(ctx.xa.qv, p2, rows=False, cols=True, x_scales=ctx.xa.sv, segments=seg)
-        else:
+        xt = ctx.xt
+        if xt is None:
             _, xt = quant_operands(ctx.saved_tensors[0], p2, rows=False, cols=True, segments=seg)  # [in, tokens]
         # one Wgrad per part, each written straight into its own [E, out_i, in] gradient
-        dws = [grouped_wgrad(gt.row_slice(r0, n), xt, tiles, out_dtype=dt) for r0, n, dt in ctx.parts]
-        ctx.xa = ctx.wt = None
+        dws = [grouped_wgrad(gt.row_slice(r0, n), xt, seg[0], out_dtype=dt) for r0, n, dt in ctx.parts]
+        ctx.xt = ctx.wt = ctx.seg = None
         return (dx, None, None, None, None, *dws)
 
 

@@ -4,9 +4,10 @@ Quantisation (bit-identical to moeforge.fp8.quant run on the same CUDA tensors: 
 FP32 scales, ragged edges and all-zero tiles included):
 - `quant_rows(x)`          x [M, N] in 1x128 tiles along N               -> (q [M, N], s [M, ceil(N/128)])
 - `quant_cols_t(x)`        x^T in 1x128 tiles (tiles along M), written transposed, x^T never built in
-                           BF16 -> (q [N, M], s [N, ceil(M/128)]); with `x_scales` the source is the
-                           dequantised FP8 tensor (q * s), the Wgrad operand of an FP8-saved input
-- `quant_rows_and_cols_t(x)` both (the output gradient of a Linear: Dgrad and Wgrad operands)
+                           BF16 -> (q [N, M], s [N, ceil(M/128)]); `quant_operands(..., segments=)`
+                           restarts the tiles at every expert's first row (the experts' Wgrad)
+- `quant_rows_and_cols_t(x)` both (a Linear's input: the Fprop operand and the Wgrad operand saved
+                           for backward; its output gradient: the Dgrad and Wgrad operands)
 - `quant_blocks(w)`        w [..., N, K] in 128x128 blocks (`quant_block_operand(w, transpose=True)`
                            also returns W^T's operand: the same blocks, byte-transposed)
 - `pack_rows(x)` / `unpack_rows(p, D, dtype)`: x in 1x128 tiles, each row's codes and scales packed
@@ -126,15 +127,15 @@ def _segment_of(tile, tiles_ptr, offs_ptr, n_seg, P2: tl.constexpr):
 
 @triton.jit
 def _quant_1x128_kernel(
-    x_ptr, xs_ptr,  # source values (or FP8 codes and their 1x128 row-tile scales when DEQ)
+    x_ptr,  # source values [R, C]
     q_ptr, s_ptr,  # ROW output: tiles of 128 along the columns
     qtw_ptr, st_ptr,  # COL output, transposed, as int32 words of 4 rows: tiles of 128 along the rows
     seg_tiles_ptr, seg_offs_ptr, n_seg,  # SEG: rows grouped by expert, tiles restart at every group
-    R, C, stride_xr, xs_sr, xs_sc,
+    R, C, stride_xr,
     q_rows, q_cols, stride_qr, s_sr, s_sc,
     qt_rows, qt_words, stride_qtw, st_sb, st_sc,
     floor, rcp, fmax,
-    BR: tl.constexpr, BC: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr, DEQ: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr,
     SEG: tl.constexpr, SEG_P2: tl.constexpr, POW2: tl.constexpr, RCP: tl.constexpr,
 ):
     # the tile is handled as [BR // 4, 4, BC]: row = 4 * i + j
@@ -156,9 +157,6 @@ def _quant_1x128_kernel(
         r_ok = r3 < R
     m = r_ok & (c3 < C)
     x = tl.load(x_ptr + r3.to(tl.int64) * stride_xr + c3, mask=m, other=0.0).to(tl.float32)
-    if DEQ:
-        sx = tl.load(xs_ptr + r3.to(tl.int64) * xs_sr + (c3 // 128) * xs_sc, mask=m, other=0.0)
-        x = x * sx
     ax = tl.abs(x)
     if ROW:  # BC == 128: one tile per row
         s = _scale_of(tl.max(ax, axis=2), floor, rcp, fmax, POW2, RCP)  # [R4, 4]
@@ -304,63 +302,50 @@ def _check_2d(x: torch.Tensor) -> torch.Tensor:
 
 
 def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = True, cols: bool = False,
-                   x_scales: torch.Tensor | None = None, segments: tuple | None = None,
+                   segments: tuple | None = None,
                    scale_mode: str | None = None) -> tuple[Operand | None, Operand | None]:
     """x [R, C] -> (1x128 tiles along C: Operand rows=R, k=C; 1x128 tiles along R of x^T: Operand rows=C, k=R).
 
-    x_scales: x holds FP8 codes and x_scales [R, ceil(C/128)] (any strides) their 1x128 scales; the
-    source is then q * s in FP32. segments (cols only): (tiles_cum int32 [G], offs_cum int32 [G],
-    max_tiles) with groups of rows whose 1x128 tiles along R restart at every group (experts).
+    segments (cols only): (tiles_cum int32 [G], offs_cum int32 [G], max_tiles) with groups of rows
+    whose 1x128 tiles along R restart at every group (experts).
     """
     x = _check_2d(x)
     R, C = x.shape
     dev = x.device
     rcp = _rcp_flag(x, scale_mode)
-    if segments is not None and (rows or not cols):
-        raise ValueError("segments apply to the transposed (cols) output only")
+    if segments is not None and not cols:
+        raise ValueError("segments apply to the transposed (cols) output")
     q = s = qt = st = None
     q_rows = q_cols = qt_rows = qt_cols = 0
-    if rows:
+    p2 = bool(pow2_scales)
+    if rows:  # 1x128 tiles along C: [BR rows, 128 columns] per program
         q_rows, q_cols = _ru(R, ROW_PAD), _ru(C, RED_PAD)
         q = torch.empty(q_rows, q_cols, dtype=FP8, device=dev)
         s = torch.empty(q_cols // BLOCK, q_rows, dtype=torch.float32, device=dev)
-    if cols:
+        br, nw = QUANT_ROWS_CONFIG["BR"], QUANT_ROWS_CONFIG["num_warps"]
+        _launch(_quant_1x128_kernel, (_cdiv(q_rows, br), q_cols // BLOCK),
+                (x, q, s, q.view(torch.int32), s, x, x, 1, R, C, x.stride(0),
+                 q_rows, q_cols, q_cols, 1, q_rows, 0, 0, 0, 0, 0, _FLOOR32, _RCP32, FP8_MAX),
+                dict(BR=br, BC=128, ROW=True, COL=False, SEG=False, SEG_P2=2, POW2=p2, RCP=rcp), nw)
+    if cols:  # 1x128 tiles along R, written transposed: [128 rows, BC columns] per program
         qt_rows = _ru(C, ROW_PAD)
         if segments is None:
             qt_cols = _ru(R, RED_PAD)
             n_tiles = qt_cols // BLOCK
+            seg_t = seg_o = x
+            n_seg = 1
         else:
             n_tiles = int(segments[2])
             qt_cols = n_tiles * BLOCK
+            seg_t, seg_o = segments[0], segments[1]
+            n_seg = seg_t.numel()
         qt = torch.empty(qt_rows, qt_cols, dtype=FP8, device=dev)
         st = torch.empty(n_tiles, qt_rows, dtype=torch.float32, device=dev)
-    if x_scales is not None:
-        xs, xs_sr, xs_sc = x_scales, x_scales.stride(0), x_scales.stride(1)
-    else:
-        xs, xs_sr, xs_sc = x, 0, 0
-    if segments is not None:
-        seg_t, seg_o = segments[0], segments[1]
-        n_seg = seg_t.numel()
-    else:
-        seg_t = seg_o = x
-        n_seg = 1
-    common = (R, C, x.stride(0), xs_sr, xs_sc)
-    deq = x_scales is not None
-    p2 = bool(pow2_scales)
-    if rows:  # 1x128 tiles along C: [BR rows, 128 columns] per program
-        br, nw = QUANT_ROWS_CONFIG["BR"], QUANT_ROWS_CONFIG["num_warps"]
-        qw_dummy = q.view(torch.int32)
-        _launch(_quant_1x128_kernel, (_cdiv(q_rows, br), q_cols // BLOCK),
-                (x, xs, q, s, qw_dummy, s, seg_t, seg_o, n_seg, *common,
-                 q_rows, q_cols, q_cols, 1, q_rows, 0, 0, 0, 0, 0, _FLOOR32, _RCP32, FP8_MAX),
-                dict(BR=br, BC=128, ROW=True, COL=False, DEQ=deq, SEG=False, SEG_P2=2, POW2=p2, RCP=rcp), nw)
-    if cols:  # 1x128 tiles along R, written transposed: [128 rows, BC columns] per program
         bc, nw = QUANT_COLS_CONFIG["BC"], QUANT_COLS_CONFIG["num_warps"]
-        qw = qt.view(torch.int32)
         _launch(_quant_1x128_kernel, (qt_cols // BLOCK, _cdiv(qt_rows, bc)),
-                (x, xs, qt, st, qw, st, seg_t, seg_o, n_seg, *common,
+                (x, qt, st, qt.view(torch.int32), st, seg_t, seg_o, n_seg, R, C, x.stride(0),
                  0, 0, 0, 0, 0, qt_rows, qt_cols // 4, qt_cols // 4, qt_rows, 1, _FLOOR32, _RCP32, FP8_MAX),
-                dict(BR=128, BC=bc, ROW=False, COL=True, DEQ=deq, SEG=segments is not None,
+                dict(BR=128, BC=bc, ROW=False, COL=True, SEG=segments is not None,
                      SEG_P2=triton.next_power_of_2(max(n_seg, 2)), POW2=p2, RCP=rcp), nw)
     a = Operand(q, s, R, C, "row") if rows else None
     b = None
@@ -533,10 +518,9 @@ def quant_rows(x: torch.Tensor, pow2_scales: bool = False, scale_mode: str | Non
     return a.qv, a.sv
 
 
-def quant_cols_t(x: torch.Tensor, pow2_scales: bool = False, x_scales: torch.Tensor | None = None,
-                 scale_mode: str | None = None):
-    """== quant.quantize(x.T.contiguous(), (1, 128)) (x dequantised first when x_scales is given)."""
-    _, b = quant_operands(x, pow2_scales, rows=False, cols=True, x_scales=x_scales, scale_mode=scale_mode)
+def quant_cols_t(x: torch.Tensor, pow2_scales: bool = False, scale_mode: str | None = None):
+    """== quant.quantize(x.T.contiguous(), (1, 128))."""
+    _, b = quant_operands(x, pow2_scales, rows=False, cols=True, scale_mode=scale_mode)
     return b.qv, b.sv
 
 

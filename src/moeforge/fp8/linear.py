@@ -28,7 +28,10 @@ ACT, WEIGHT = (1, 128), (128, 128)
 @dataclass(frozen=True)
 class FP8Recipe:
     pow2_scales: bool = False  # round scales up to powers of two (UE8M0, DeepSeek-V3.1)
-    save_fp8_inputs: bool = True  # keep the Linear input for backward in FP8 instead of full precision
+    # keep the Linear input for backward in FP8 instead of full precision: its Wgrad operand (x^T in
+    # 1x128 tiles along the tokens), quantised in the forward from x itself, so that the gradients
+    # are the same as without the saver
+    save_fp8_inputs: bool = True
 
 
 def _exact(fn):
@@ -57,8 +60,10 @@ class _FP8LinearFn(torch.autograd.Function):
         xq, xs = quantize(x2, ACT, recipe.pow2_scales, check_finite=False)
         w_hat = _weight_hat(owner, "weight", (weight,), recipe)  # [N, K]
         y = dequantize(xq, xs, ACT) @ w_hat.T  # FP32 accumulation
-        if recipe.save_fp8_inputs:
-            ctx.save_for_backward(xq, xs, weight)
+        if recipe.save_fp8_inputs:  # x^T's Wgrad operand
+            kept = quantize(x2.T.contiguous(), ACT, recipe.pow2_scales, check_finite=False) if ctx.needs_input_grad[1] \
+                else (None, None)
+            ctx.save_for_backward(*kept, weight)
         else:
             ctx.save_for_backward(x2, weight)
         ctx.recipe, ctx.x_shape, ctx.x_dtype, ctx.owner = recipe, x.shape, x.dtype, owner
@@ -68,11 +73,9 @@ class _FP8LinearFn(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         recipe = ctx.recipe
         if recipe.save_fp8_inputs:
-            xq, xs, weight = ctx.saved_tensors
-            x_hat = dequantize(xq, xs, ACT)
+            xtq, xts, weight = ctx.saved_tensors
         else:
             x2, weight = ctx.saved_tensors
-            x_hat = x2.float()
         g = grad_out.reshape(-1, grad_out.shape[-1]).float()  # [T, N]
         dx = dw = None
         if ctx.needs_input_grad[0]:  # Dgrad: reduction over N
@@ -80,7 +83,10 @@ class _FP8LinearFn(torch.autograd.Function):
             dx = dx.to(ctx.x_dtype).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:  # Wgrad: reduction over tokens, both operands tiled along T
             g_t = fake_quantize(g.T.contiguous(), ACT, recipe.pow2_scales)  # [N, T]
-            x_t = fake_quantize(x_hat.T.contiguous(), ACT, recipe.pow2_scales)  # [K, T]
+            if recipe.save_fp8_inputs:
+                x_t = dequantize(xtq, xts, ACT)  # [K, T]
+            else:
+                x_t = fake_quantize(x2.float().T.contiguous(), ACT, recipe.pow2_scales)
             dw = (g_t @ x_t.T).to(weight.dtype)
         return dx, dw, None, None
 
@@ -101,6 +107,12 @@ class FP8Linear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+def _spans(offsets: torch.Tensor) -> list[tuple[int, int]]:
+    """Cumulative row counts -> each group's [start, end) (a host sync: the reference's loops)."""
+    ends = offsets.tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
 class _FP8GroupedFn(torch.autograd.Function):
     """Rows x[offsets[e-1]:offsets[e]] times the experts' weights in FP8. ws: parts [E, out_i, in] (the
     stored layout), stacked along out at quant.part_starts and run as one grouped GEMM: w1 and w3 give
@@ -110,29 +122,35 @@ class _FP8GroupedFn(torch.autograd.Function):
     def forward(ctx, x, offsets, recipe: FP8Recipe, owner, name, *ws):
         xq, xs = quantize(x, ACT, recipe.pow2_scales, check_finite=False)
         w_hat = _weight_hat(owner, name, ws, recipe)  # [E, out, in]
-        kept = (xq, xs) if recipe.save_fp8_inputs else (x,)
-        ctx.save_for_backward(*kept, offsets, *ws)
-        ctx.recipe, ctx.x_dtype, ctx.owner, ctx.name, ctx.n_kept = recipe, x.dtype, owner, name, len(kept)
+        # FP8-saved input: each expert's x^T in 1x128 tiles along its own tokens (its Wgrad operand)
+        ctx.x_t = [quantize(x[a:b].T.contiguous(), ACT, recipe.pow2_scales, check_finite=False) if b > a else None
+                   for a, b in _spans(offsets)] if recipe.save_fp8_inputs and any(ctx.needs_input_grad[5:]) else None
+        ctx.save_for_backward(*(() if recipe.save_fp8_inputs else (x,)), offsets, *ws)
+        ctx.recipe, ctx.x_dtype, ctx.owner, ctx.name = recipe, x.dtype, owner, name
         return grouped_mm(dequantize(xq, xs, ACT), w_hat.transpose(1, 2), offsets).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         r = ctx.recipe
         saved = ctx.saved_tensors
-        kept, offsets, ws = saved[: ctx.n_kept], saved[ctx.n_kept], saved[ctx.n_kept + 1:]
-        x = dequantize(*kept, ACT) if r.save_fp8_inputs else kept[0]
+        n_kept = 0 if r.save_fp8_inputs else 1
+        offsets, ws = saved[n_kept], saved[n_kept + 1:]
         g = grad_out.float()
         w_hat = _weight_hat(ctx.owner, ctx.name, ws, r)  # [E, out, in]
         dx = grouped_mm(fake_quantize(g, ACT, r.pow2_scales), w_hat, offsets).to(ctx.x_dtype)
+        if not any(ctx.needs_input_grad[5:]):
+            return (dx, None, None, None, None, *(None for _ in ws))
         # Wgrad per expert: tokens of one expert form the reduction dimension, tiled 1x128 within it.
         dw = torch.zeros_like(w_hat, dtype=torch.float32)
-        start = 0
-        for e, end in enumerate(offsets.tolist()):  # reference: a loop over experts is fine here
+        for e, (start, end) in enumerate(_spans(offsets)):  # reference: a loop over experts is fine here
             if end > start:
-                xe = fake_quantize(x[start:end].float().T.contiguous(), ACT, r.pow2_scales)  # [in, Te]
+                if ctx.x_t is not None:
+                    xe = dequantize(*ctx.x_t[e], ACT)  # [in, Te]
+                else:
+                    xe = fake_quantize(saved[0][start:end].float().T.contiguous(), ACT, r.pow2_scales)
                 ge = fake_quantize(g[start:end].T.contiguous(), ACT, r.pow2_scales)  # [out, Te]
                 dw[e] = ge @ xe.T
-            start = end
+        ctx.x_t = None
         starts = part_starts([w.shape[1] for w in ws])
         dws = [dw[:, r0:r0 + w.shape[1]].to(w.dtype) for r0, w in zip(starts, ws)]
         return (dx, None, None, None, None, *dws)
