@@ -155,6 +155,27 @@ def test_fp8_saved_inputs_are_fp8_and_change_no_gradient():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("save_fp8_inputs", [True, False])
+def test_fp8_experts_with_frozen_weights(save_fp8_inputs):
+    """Frozen expert weights: the FP8 experts still give the input gradient (the same as with
+    trainable weights) and no weight gradient."""
+    torch.manual_seed(0)
+    counts = torch.tensor([130, 0, 7, 13])
+    offsets = counts.cumsum(0).to(torch.int32)
+    x = torch.randn(150, 96)
+    g = torch.randn(150, 80)
+    w_store = torch.randn(4, 80, 96)
+    recipe = FP8Recipe(save_fp8_inputs=save_fp8_inputs)
+    dxs = []
+    for trainable in (True, False):
+        xi = x.clone().requires_grad_()
+        wi = w_store.clone().requires_grad_(trainable)
+        _FP8GroupedFn.apply(xi, offsets, recipe, None, None, wi).backward(g)
+        assert (wi.grad is not None) == trainable
+        dxs.append(xi.grad)
+    assert torch.equal(dxs[0], dxs[1])
+
+
 def test_fp8_grouped_gemm_matches_per_expert_fp8_linear():
     """The FP8 grouped GEMM of the experts equals, expert by expert, FP8 GEMMs of that expert's tokens:
     output, input gradient and weight gradient (Wgrad tiles run along each expert's own tokens)."""

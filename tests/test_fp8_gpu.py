@@ -381,6 +381,26 @@ def test_fp8_grouped_gpu_matches_reference(counts, d_in, d_outs, recipe):
 
 
 @needs_sm90
+@pytest.mark.parametrize("recipe", [FP8Recipe(), FP8Recipe(save_fp8_inputs=False)])
+def test_fp8_grouped_gpu_frozen_weights(recipe):
+    """Frozen expert weights on the GPU path: the input gradient of the trainable case, no Wgrad."""
+    torch.manual_seed(0)
+    counts = torch.tensor([300, 0, 7, 512])
+    offsets = counts.cumsum(0).to(torch.int32).to(DEV)
+    x = torch.randn(int(counts.sum()), 256, device=DEV)
+    w = torch.randn(len(counts), 384, 256, device=DEV) * 0.05
+    g = torch.randn(x.shape[0], 384, device=DEV)
+    dxs = []
+    for trainable in (True, False):
+        xi = x.clone().requires_grad_()
+        wi = w.clone().requires_grad_(trainable)
+        gpu.fp8_grouped(xi, offsets, recipe, None, None, wi).backward(g)
+        assert (wi.grad is not None) == trainable
+        dxs.append(xi.grad)
+    assert torch.equal(dxs[0], dxs[1])
+
+
+@needs_sm90
 @pytest.mark.parametrize("cols", [2 * 1408, 256 + 200])
 def test_swiglu_kernel_matches_torch(cols):
     """The Triton SwiGLU of the FP8 experts (forward and gradient) against the torch path, BF16."""

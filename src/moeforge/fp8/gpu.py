@@ -164,13 +164,16 @@ class FP8GroupedGPUFn(torch.autograd.Function):
         p2 = ctx.recipe.pow2_scales
         g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         seg = ctx.seg
-        ga, gt = quant_operands(g, p2, rows=True, cols=True, segments=seg)  # gt: [out, tokens]
+        need_w = any(ctx.needs_input_grad[5:])  # not with frozen expert weights
+        ga, gt = quant_operands(g, p2, rows=True, cols=need_w, segments=seg if need_w else None)  # gt: [out, tokens]
         dx = grouped_gemm(ga, ctx.wt, ctx.offsets, out_dtype=ctx.x_dtype)
-        xt = ctx.xt
-        if xt is None:
-            _, xt = quant_operands(ctx.saved_tensors[0], p2, rows=False, cols=True, segments=seg)  # [in, tokens]
-        # one Wgrad per part, each written straight into its own [E, out_i, in] gradient
-        dws = [grouped_wgrad(gt.row_slice(r0, n), xt, seg[0], out_dtype=dt) for r0, n, dt in ctx.parts]
+        dws = [None] * len(ctx.parts)
+        if need_w:
+            xt = ctx.xt
+            if xt is None:
+                _, xt = quant_operands(ctx.saved_tensors[0], p2, rows=False, cols=True, segments=seg)  # [in, tokens]
+            # one Wgrad per part, each written straight into its own [E, out_i, in] gradient
+            dws = [grouped_wgrad(gt.row_slice(r0, n), xt, seg[0], out_dtype=dt) for r0, n, dt in ctx.parts]
         ctx.xt = ctx.wt = ctx.seg = None
         return (dx, None, None, None, None, *dws)
 
