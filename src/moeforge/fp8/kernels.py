@@ -315,8 +315,6 @@ def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = T
     rcp = _rcp_flag(x, scale_mode)
     if segments is not None and not cols:
         raise ValueError("segments apply to the transposed (cols) output")
-    q = s = qt = st = None
-    q_rows = q_cols = qt_rows = qt_cols = 0
     p2 = bool(pow2_scales)
     if rows:  # 1x128 tiles along C: [BR rows, 128 columns] per program
         q_rows, q_cols = _ru(R, ROW_PAD), _ru(C, RED_PAD)
