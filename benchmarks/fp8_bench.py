@@ -325,7 +325,7 @@ def _check_linear(T=4096, K=7168, N=2048):
     res = []
     for fn in (gpu.fp8_linear, _FP8LinearFn.apply):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = fn(xi, wi, FP8Recipe())
+        y = fn(xi, FP8Recipe(), None, "weight", wi)
         y.backward(g)
         res.append((y.float(), xi.grad.float(), wi.grad.float()))
     rel = {n: float((a - b).detach().norm() / b.detach().norm()) for n, a, b in zip(("y", "dx", "dW"), *res)}

@@ -229,6 +229,40 @@ def test_fp8_gate_and_up_in_one_grouped_gemm_equal_two():
     torch.testing.assert_close(x.grad, xs.grad, rtol=1e-5, atol=1e-5)  # one FP32 sum over both, not two
 
 
+def test_fp8_feedforward_is_two_fp8_linears_in_one_gemm():
+    """The FP8 SwiGLU FFN (dense layers, shared experts) runs gate and up as one FP8 GEMM over
+    [w1; w3]: its output and weight gradients equal those of the FFN built from three FP8Linears, the
+    input gradient up to the order of one FP32 sum (one Dgrad over both instead of two added).
+    A gate of 200 rows is padded to 256, so each weight keeps its own 128x128 blocks."""
+    from moeforge.fp8.linear import FP8FeedForward
+    from moeforge.model.layers import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(96, 200)
+    for w in ffn.parameters():
+        torch.nn.init.normal_(w, std=0.1)
+    ref = FeedForward(96, 200)
+    ref.load_state_dict(ffn.state_dict())
+    for name in ("w1", "w2", "w3"):  # the plain FFN of three FP8Linears
+        getattr(ref, name).__class__ = FP8Linear
+    ffn.__class__ = FP8FeedForward
+    for name in ("w1", "w2", "w3"):
+        getattr(ffn, name).__class__ = FP8Linear
+    x = torch.randn(3, 50, 96)
+    dy = torch.randn(3, 50, 96)
+    outs = []
+    for m in (ffn, ref):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(dy)
+        outs.append((y, xi.grad, [getattr(m, n).weight.grad for n in ("w1", "w2", "w3")]))
+    (y, dx, dws), (y_r, dx_r, dws_r) = outs
+    assert torch.equal(y, y_r)
+    assert all(torch.equal(a, b) for a, b in zip(dws, dws_r))
+    torch.testing.assert_close(dx, dx_r, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(dx, torch.zeros_like(dx))
+
+
 @pytest.mark.parametrize("cols", [2 * 72, 128 + 72])
 def test_fused_swiglu_matches_autograd(cols):
     """The experts' SwiGLU over the fused gate/up output: same values and gradient as autograd's."""

@@ -308,9 +308,9 @@ def test_fp8_linear_gpu_matches_reference(dtype, recipe, tkn):
         wi = w.detach().clone().requires_grad_()
         if use_gpu:
             assert gpu.available(xi, wi)
-            y = gpu.fp8_linear(xi, wi, recipe)
+            y = gpu.fp8_linear(xi, recipe, None, "weight", wi)
         else:
-            y = _FP8LinearFn.apply(xi, wi, recipe)
+            y = _FP8LinearFn.apply(xi, recipe, None, "weight", wi)
         y.backward(g)
         outs.append((y.detach().float(), xi.grad.float(), wi.grad.float()))
     (y, dx, dw), (y_r, dx_r, dw_r) = outs
@@ -326,6 +326,55 @@ def test_fp8_linear_gpu_matches_reference(dtype, recipe, tkn):
     for out, ref, mag in ((y.reshape(-1, N), y_r.reshape(-1, N), mag_y), (dx.reshape(-1, K), dx_r.reshape(-1, K), mag_dx),
                           (dw, dw_r, mag_dw)):
         assert torch.all((out - ref).abs() <= GEMM_TOL * mag + rnd * ref.abs() + 1e-30)
+
+
+@needs_sm90
+@pytest.mark.parametrize("inter", [200, 1408])
+def test_fp8_linear_of_two_parts_matches_reference(inter, monkeypatch):
+    """Gate and up of an FP8 FeedForward as one GPU GEMM over [w1; w3] (zero rows between them when
+    the gate is not a multiple of 128 rows) against the reference emulation: output, input gradient
+    and each part's weight gradient within FP8 accumulation error; then the module on the GPU path
+    against the module on the reference path."""
+    from moeforge.fp8.linear import FP8FeedForward
+    from moeforge.fp8.quant import stack_parts
+    from moeforge.model.layers import FeedForward
+
+    torch.manual_seed(0)
+    T, K = 1000, 512
+    w1, w3 = (torch.randn(inter, K, device=DEV) * 0.05 for _ in range(2))
+    x = torch.randn(T, K, device=DEV, dtype=torch.bfloat16)
+    r3 = part_starts([inter, inter])[1]
+    g = torch.randn(T, r3 + inter, device=DEV, dtype=torch.bfloat16)
+    g[:, inter:r3] = 0  # the SwiGLU's gradient is zero in the padding columns
+    recipe = FP8Recipe()
+    outs = []
+    for fn in (gpu.fp8_linear, _FP8LinearFn.apply):
+        xi, a, b = x.clone().requires_grad_(), w1.clone().requires_grad_(), w3.clone().requires_grad_()
+        y = fn(xi, recipe, None, "w13", a, b)
+        y.backward(g)
+        outs.append((y.float(), xi.grad.float(), torch.cat([a.grad, b.grad])))
+    (y, dx, dw), (y_r, dx_r, dw_r) = outs
+    assert y.shape == (T, r3 + inter) and torch.all(y[:, inter:r3] == 0)
+    fq = lambda t, blk: dequantize(*quantize(t.float(), blk, False, check_finite=False), blk)  # noqa: E731
+    w = stack_parts([w1, w3])
+    xh, g2 = fq(x, (1, 128)), g.float()
+    mag_dw = fq(g2.T.contiguous(), (1, 128)).abs() @ fq(x.float().T.contiguous(), (1, 128)).abs().T
+    mags = (xh.abs() @ fq(w, (128, 128)).abs().T, fq(g2, (1, 128)).abs() @ fq(w, (128, 128)).abs(),
+            torch.cat([mag_dw[:inter], mag_dw[r3:]]))
+    for out, ref, mag, rnd in ((y, y_r, mags[0], 2.0 ** -7), (dx, dx_r, mags[1], 2.0 ** -7), (dw, dw_r, mags[2], 0.0)):
+        assert torch.all((out - ref).abs() <= GEMM_TOL * mag + rnd * ref.abs() + 1e-30)
+
+    ffn = FeedForward(K, inter).to(DEV)
+    ffn.__class__ = FP8FeedForward
+    for name in ("w1", "w2", "w3"):
+        getattr(ffn, name).__class__ = FP8Linear
+    xs = torch.randn(2, T // 2, K, device=DEV)
+    with torch.autocast("cuda", torch.bfloat16):
+        y_gpu = ffn(xs)
+        monkeypatch.setattr(gpu, "ENABLED", False)
+        y_ref = ffn(xs)
+    # the same function up to FP32 summation order, which can move a few FP8 codes of the SwiGLU output
+    assert (y_gpu.float() - y_ref.float()).norm() <= 1e-2 * y_ref.float().norm()
 
 
 @needs_sm90
@@ -421,3 +470,42 @@ def test_swiglu_kernel_matches_torch(cols):
     torch.testing.assert_close(h, h_r, rtol=2 ** -7, atol=1e-6)
     torch.testing.assert_close(d, d_r, rtol=2 ** -7, atol=1e-5)
     assert torch.all(d[:, inter:cols - inter] == 0)
+
+
+@needs_sm90
+def test_compiled_fp8_experts_keep_the_swiglu_kernel_in_backward(monkeypatch):
+    """Under torch.compile the experts' SwiGLU forward is left to Inductor, but its backward runs
+    eagerly, and there it must be the one-pass kernel (eager PyTorch on the column slices was 3x
+    slower). Gradients as in eager mode, within BF16 and FP8 rounding."""
+    from moeforge.fp8.linear import FP8Experts
+    from moeforge.model.moe import Experts
+
+    torch.manual_seed(0)
+    E, D, inter, n = 4, 256, 200, 1000
+    ref = Experts(E, D, inter).to(DEV)
+    for w in ref.parameters():
+        torch.nn.init.normal_(w, std=0.05)
+    x = torch.randn(n, D, device=DEV)
+    counts = torch.tensor([300, 0, 500, 200], device=DEV)
+    calls = []
+    real = kernels.swiglu
+    monkeypatch.setattr(kernels, "swiglu", lambda gu, i, dh=None: calls.append(dh is not None) or real(gu, i, dh))
+    grads = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        m = Experts(E, D, inter).to(DEV)
+        m.load_state_dict(ref.state_dict())
+        m.__class__ = FP8Experts
+        fn = torch.compile(m) if compiled else m
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", torch.bfloat16):
+            y = fn(xi, counts)
+        y.float().square().sum().backward()
+        grads.append([xi.grad, m.w1.grad, m.w2.grad])
+        if compiled:
+            assert calls == [True], calls  # no forward call (Inductor's), one backward call
+        else:
+            assert calls == [False, True], calls
+        calls.clear()
+    for a, b in zip(*grads):  # Inductor's silu may differ in the last bit, which can move an FP8 code
+        assert (a.float() - b.float()).norm() <= 1e-2 * b.float().norm()

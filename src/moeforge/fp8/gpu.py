@@ -53,52 +53,56 @@ def available(*tensors: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Linear
 # ---------------------------------------------------------------------------------------------
-def fp8_linear_forward(x2: torch.Tensor, weight: torch.Tensor, recipe, need_dx: bool = True, need_dw: bool = True,
-                       owner=None):
-    """x2 [T, K], weight [N, K] -> (y [T, N] in x2.dtype, saved state for fp8_linear_backward).
-    owner: the module of `weight`, the key of fp8.weight_cache (None: no caching)."""
+def fp8_linear_forward(x2: torch.Tensor, ws: tuple, recipe, need_dx: bool = True, need_dw: bool = True,
+                       owner=None, name: str = "weight"):
+    """x2 [T, K], weights ws: parts [N_i, K] stacked along N at quant.part_starts -> (y [T, N] in
+    x2.dtype, saved state for fp8_linear_backward). owner, name: the key of fp8.weight_cache (owner
+    None: no caching)."""
     from .kernels import fp8_gemm, quant_block_operand, quant_operands
 
     p2 = recipe.pow2_scales
     save_fp8 = need_dw and recipe.save_fp8_inputs
     xa, xt = quant_operands(x2, p2, rows=True, cols=save_fp8)  # xt: x^T's Wgrad operand, kept for backward
-    wa, wt = cached(owner, ("weight", need_dx, p2), lambda: quant_block_operand(weight, p2, transpose=need_dx))
+    wa, wt = cached(owner, (name, need_dx, p2), lambda: quant_block_operand(ws, p2, transpose=need_dx))
     y = fp8_gemm(xa, wa, out_dtype=x2.dtype)
     saved = {
         "xt": xt,
         "x": x2 if (need_dw and not recipe.save_fp8_inputs) else None,
         "wt": wt,
         "x_dtype": x2.dtype,
-        "w_dtype": weight.dtype,
+        "parts": list(zip(part_starts([w.shape[0] for w in ws]), [w.shape[0] for w in ws], [w.dtype for w in ws])),
         "recipe": recipe,
     }
     return y, saved
 
 
 def fp8_linear_backward(grad2: torch.Tensor, saved: dict, need_dx: bool = True, need_dw: bool = True):
-    """grad2 [T, N] -> (dx [T, K] in the input's dtype or None, dW [N, K] in the weight's dtype or None)."""
+    """grad2 [T, N] -> (dx [T, K] in the input's dtype or None, [dW_i [N_i, K] in the weights' dtypes]
+    or Nones)."""
     from .kernels import fp8_gemm, quant_operands
 
     p2 = saved["recipe"].pow2_scales
     g = grad2 if grad2.stride(-1) == 1 else grad2.contiguous()
     ga, gt = quant_operands(g, p2, rows=need_dx, cols=need_dw)
     dx = fp8_gemm(ga, saved["wt"], out_dtype=saved["x_dtype"]) if need_dx else None
-    dw = None
+    dws = [None] * len(saved["parts"])
     if need_dw:
         xt = saved["xt"]
         if xt is None:
             _, xt = quant_operands(saved["x"], p2, rows=False, cols=True)
-        dw = fp8_gemm(gt, xt, out_dtype=saved["w_dtype"])
-    return dx, dw
+        dtypes = {dt for _, _, dt in saved["parts"]}
+        dw = fp8_gemm(gt, xt, out_dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)  # [N, K]
+        dws = [dw[r0:r0 + n].to(dt) for r0, n, dt in saved["parts"]]  # each part's rows
+    return dx, dws
 
 
 class FP8LinearGPUFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, recipe, owner=None):
+    def forward(ctx, x, recipe, owner, name, *ws):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        y, saved = fp8_linear_forward(x2, weight, recipe, need_dx=need_dx, need_dw=need_dw, owner=owner)
+        need_dx, need_dw = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:])
+        y, saved = fp8_linear_forward(x2, ws, recipe, need_dx=need_dx, need_dw=need_dw, owner=owner, name=name)
         if saved["x"] is not None:  # an input: saved the autograd way (version-checked)
             ctx.save_for_backward(saved.pop("x"))
         ctx.saved, ctx.x_shape = saved, x.shape
@@ -106,21 +110,22 @@ class FP8LinearGPUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dx, need_dw = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:])
         g = grad_out.reshape(-1, grad_out.shape[-1])
         if "x" not in ctx.saved:
             ctx.saved["x"] = ctx.saved_tensors[0] if ctx.saved_tensors else None
-        dx, dw = fp8_linear_backward(g, ctx.saved, need_dx=need_dx, need_dw=need_dw)
+        dx, dws = fp8_linear_backward(g, ctx.saved, need_dx=need_dx, need_dw=need_dw)
         ctx.saved = None
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
-        return dx, dw, None, None
+        return (dx, None, None, None, *dws)
 
 
 @torch.compiler.disable
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe, owner=None) -> torch.Tensor:
-    """y = x W^T with DeepSeek-V3's FP8 recipe on the GPU (no bias); owner: see fp8_linear_forward."""
-    return FP8LinearGPUFn.apply(x, weight, recipe, owner)
+def fp8_linear(x: torch.Tensor, recipe, owner, name: str, *ws: torch.Tensor) -> torch.Tensor:
+    """x W^T with DeepSeek-V3's FP8 recipe on the GPU (no bias), W the parts ws stacked along N at
+    quant.part_starts; owner, name: see fp8_linear_forward."""
+    return FP8LinearGPUFn.apply(x, recipe, owner, name, *ws)
 
 
 # ---------------------------------------------------------------------------------------------

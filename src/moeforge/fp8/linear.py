@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.layers import FeedForward
 from ..model.moe import Experts, grouped_mm
 from .cache import cached
 from .quant import dequantize, fake_quantize, part_starts, quantize, stack_parts
@@ -53,42 +54,56 @@ def _weight_hat(owner, name, ws, recipe: FP8Recipe) -> torch.Tensor:
 
 
 class _FP8LinearFn(torch.autograd.Function):
+    """y = x W^T in FP8, W the parts ws [out_i, in] stacked along out at quant.part_starts (one part
+    for a Linear; gate and up for an FP8 FeedForward: one GEMM whose output has the gate's columns
+    first, zero columns up to the next multiple of 128, then the up projection's)."""
+
     @_exact
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: FP8Recipe, owner=None):
+    def forward(ctx, x: torch.Tensor, recipe: FP8Recipe, owner, name, *ws):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)  # [T, K]
         xq, xs = quantize(x2, ACT, recipe.pow2_scales, check_finite=False)
-        w_hat = _weight_hat(owner, "weight", (weight,), recipe)  # [N, K]
+        w_hat = _weight_hat(owner, name, ws, recipe)  # [N, K]
         y = dequantize(xq, xs, ACT) @ w_hat.T  # FP32 accumulation
         if recipe.save_fp8_inputs:  # x^T's Wgrad operand
-            kept = quantize(x2.T.contiguous(), ACT, recipe.pow2_scales, check_finite=False) if ctx.needs_input_grad[1] \
-                else (None, None)
-            ctx.save_for_backward(*kept, weight)
+            kept = quantize(x2.T.contiguous(), ACT, recipe.pow2_scales, check_finite=False) \
+                if any(ctx.needs_input_grad[4:]) else (None, None)
+            ctx.save_for_backward(*kept, *ws)
         else:
-            ctx.save_for_backward(x2, weight)
-        ctx.recipe, ctx.x_shape, ctx.x_dtype, ctx.owner = recipe, x.shape, x.dtype, owner
+            ctx.save_for_backward(x2, None, *ws)
+        ctx.recipe, ctx.x_shape, ctx.x_dtype, ctx.owner, ctx.name = recipe, x.shape, x.dtype, owner, name
         return y.to(x.dtype).unflatten(0, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         recipe = ctx.recipe
-        if recipe.save_fp8_inputs:
-            xtq, xts, weight = ctx.saved_tensors
-        else:
-            x2, weight = ctx.saved_tensors
+        kept0, kept1, *ws = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1]).float()  # [T, N]
-        dx = dw = None
+        dx, dws = None, [None] * len(ws)
         if ctx.needs_input_grad[0]:  # Dgrad: reduction over N
-            dx = fake_quantize(g, ACT, recipe.pow2_scales) @ _weight_hat(ctx.owner, "weight", (weight,), recipe)
+            dx = fake_quantize(g, ACT, recipe.pow2_scales) @ _weight_hat(ctx.owner, ctx.name, ws, recipe)
             dx = dx.to(ctx.x_dtype).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:  # Wgrad: reduction over tokens, both operands tiled along T
+        if any(ctx.needs_input_grad[4:]):  # Wgrad: reduction over tokens, both operands tiled along T
             g_t = fake_quantize(g.T.contiguous(), ACT, recipe.pow2_scales)  # [N, T]
             if recipe.save_fp8_inputs:
-                x_t = dequantize(xtq, xts, ACT)  # [K, T]
+                x_t = dequantize(kept0, kept1, ACT)  # [K, T]
             else:
-                x_t = fake_quantize(x2.float().T.contiguous(), ACT, recipe.pow2_scales)
-            dw = (g_t @ x_t.T).to(weight.dtype)
-        return dx, dw, None, None
+                x_t = fake_quantize(kept0.float().T.contiguous(), ACT, recipe.pow2_scales)
+            dw = g_t @ x_t.T  # [N, K]: each part's rows at its start
+            dws = [dw[r0:r0 + w.shape[0]].to(w.dtype) for r0, w in zip(part_starts([w.shape[0] for w in ws]), ws)]
+        return (dx, None, None, None, *dws)
+
+
+def fp8_matmul(x: torch.Tensor, ws: tuple, recipe: FP8Recipe, owner=None, name: str = "weight") -> torch.Tensor:
+    """x [..., K] times the parts ws [out_i, K] stacked along out at quant.part_starts, in FP8:
+    [..., N]. The GPU kernels where they can run, else the reference emulation. owner and name key
+    the quantised weights in fp8.weight_cache (owner None: no caching)."""
+    if x.is_cuda:
+        from . import gpu
+
+        if gpu.available(x, *ws):
+            return gpu.fp8_linear(x, recipe, owner, name, *ws)
+    return _FP8LinearFn.apply(x, recipe, owner, name, *ws)
 
 
 class FP8Linear(nn.Linear):
@@ -97,13 +112,7 @@ class FP8Linear(nn.Linear):
     recipe: FP8Recipe = FP8Recipe()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:  # GPU path (Triton quantisers + blockwise FP8 GEMMs) where it can run
-            from . import gpu
-
-            if gpu.available(x, self.weight):
-                y = gpu.fp8_linear(x, self.weight, self.recipe, self)
-                return y if self.bias is None else y + self.bias
-        y = _FP8LinearFn.apply(x, self.weight, self.recipe, self)
+        y = fp8_matmul(x, (self.weight,), self.recipe, self)
         return y if self.bias is None else y + self.bias
 
 
@@ -159,13 +168,17 @@ class _FP8GroupedFn(torch.autograd.Function):
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up from one GEMM's output [N, C] whose first I columns are the gate and last I the
     up projection (zero columns between them when I is not a multiple of 128). Its backward writes
-    the gradient into one [N, C] buffer; autograd's split or slices would assemble it with a copy."""
+    the gradient into one [N, C] buffer; autograd's split or slices would assemble it with a copy.
+    triton: run the GPU kernels (one pass each way; eager PyTorch runs strided slices unvectorised),
+    except in a forward that torch.compile traces, where Inductor fuses the torch ops instead. The
+    backward runs eagerly even then (it writes into slices of its output, which the compiled graph
+    does not trace), so it keeps the kernel."""
 
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor, inter_dim: int, triton: bool = False) -> torch.Tensor:
         ctx.save_for_backward(gate_up)
         ctx.inter_dim, ctx.triton = inter_dim, triton
-        if triton:  # the GPU path: one pass (eager PyTorch runs strided slices unvectorised)
+        if triton and not torch.compiler.is_compiling():
             from .kernels import swiglu
 
             return swiglu(gate_up, inter_dim)
@@ -175,7 +188,7 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, dh: torch.Tensor):
         (gate_up,) = ctx.saved_tensors
         n = ctx.inter_dim
-        if ctx.triton:
+        if ctx.triton and not torch.compiler.is_compiling():
             from .kernels import swiglu
 
             return swiglu(gate_up, n, dh), None, None
@@ -203,12 +216,30 @@ class FP8Experts(Experts):
             fn = gpu.fp8_grouped if on_gpu else fn
         r = self.recipe
         gate_up = fn(x, offsets, r, self, "w13", self.w1, self.w3)
-        triton = on_gpu and not torch.compiler.is_compiling()  # compiled: Inductor fuses the torch ops
-        return fn(_SwiGLU.apply(gate_up, self.w1.shape[1], triton), offsets, r, self, "w2", self.w2)
+        return fn(_SwiGLU.apply(gate_up, self.w1.shape[1], on_gpu), offsets, r, self, "w2", self.w2)
+
+
+class FP8FeedForward(FeedForward):
+    """The SwiGLU FFN (dense layers, shared experts) in FP8, same parameters: gate and up in one FP8
+    GEMM over [w1; w3] (x quantised once, one Dgrad), the SwiGLU in one pass each way, then w2 (an
+    FP8Linear). Under torch.compile each FP8 GEMM runs between compiled graphs, so with two GEMMs the
+    SwiGLU's silu and product fell into two graphs, each a pass of its own, forward and backward."""
+
+    recipe: FP8Recipe = FP8Recipe()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w1, w3 = self.w1.weight, self.w3.weight
+        gate_up = fp8_matmul(x, (w1, w3), self.recipe, self, "w13")
+        from . import gpu
+
+        on_gpu = gpu.available(x, w1, w3)
+        h = _SwiGLU.apply(gate_up.reshape(-1, gate_up.shape[-1]), w1.shape[0], on_gpu)
+        return self.w2(h.unflatten(0, x.shape[:-1]))
 
 
 def convert_to_fp8(model: nn.Module, recipe: FP8Recipe = FP8Recipe()) -> nn.Module:
-    """Switch every Linear of the decoder layers and MTP modules, and the routed experts, to FP8.
+    """Switch every Linear of the decoder layers and MTP modules, the SwiGLU FFNs (dense layers and
+    shared experts: FP8FeedForward) and the routed experts to FP8.
 
     The embedding, the output head, the router (not an nn.Linear) and norms stay as they are.
     Parameters are kept (same objects, same names), so checkpoints do not depend on the precision.
@@ -222,5 +253,8 @@ def convert_to_fp8(model: nn.Module, recipe: FP8Recipe = FP8Recipe()) -> nn.Modu
                 module.recipe = recipe
             elif type(module) is Experts:
                 module.__class__ = FP8Experts
+                module.recipe = recipe
+            elif type(module) is FeedForward:
+                module.__class__ = FP8FeedForward
                 module.recipe = recipe
     return model
