@@ -6,7 +6,7 @@ switches a model's Linears and routed experts to FP8 GEMMs (emulated exactly on 
 """
 
 from .cache import weight_cache
-from .linear import FP8Experts, FP8Linear, FP8Recipe, convert_to_fp8
+from .linear import FP8Experts, FP8FeedForward, FP8Linear, FP8Recipe, convert_to_fp8
 from .quant import FP8_MAX, dequantize, fake_quantize, quantize
 
-__all__ = ["FP8_MAX", "FP8Experts", "FP8Linear", "FP8Recipe", "convert_to_fp8", "dequantize", "fake_quantize", "quantize", "weight_cache"]
+__all__ = ["FP8_MAX", "FP8Experts", "FP8FeedForward", "FP8Linear", "FP8Recipe", "convert_to_fp8", "dequantize", "fake_quantize", "quantize", "weight_cache"]
