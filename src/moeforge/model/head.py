@@ -118,8 +118,25 @@ def _chunked_loss_and_grads(h, weight, targets, chunk: int, dtype: torch.dtype, 
         g, loss = softmax_grad(logits, tc, vc.to(torch.float32), dtype)
         total += loss
         grad_h[start:end] = (g @ w).to(h.dtype)  # [C, D]
-        grad_w += (g.T @ hc).float()  # [V, D], FP32 accumulation over chunks
+        _accumulate_wgrad(grad_w, g, hc)  # [V, D], FP32 accumulation over chunks
     return grad_h, grad_w, total, n_valid
+
+
+_FP32_OUT_ADDMM = {"ok": True}
+
+
+def _accumulate_wgrad(grad_w: torch.Tensor, g: torch.Tensor, hc: torch.Tensor) -> None:
+    """grad_w (FP32) += g^T hc. On CUDA with BF16/FP16 operands the GEMM adds into grad_w itself in
+    its FP32 accumulator (addmm with an FP32 output): no rounding of each chunk's product to the GEMM
+    dtype, and no FP32 copy of it followed by an addition (two passes over [V, D] per chunk). Where
+    that addmm is missing (CPU, older torch), the product is converted and added."""
+    if grad_w.is_cuda and g.dtype in (torch.bfloat16, torch.float16) and _FP32_OUT_ADDMM["ok"]:
+        try:
+            torch.addmm(grad_w, g.T, hc, out_dtype=torch.float32, out=grad_w)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FP32_OUT_ADDMM["ok"] = False
+    grad_w += (g.T @ hc).float()
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
