@@ -170,9 +170,9 @@ class _SwiGLU(torch.autograd.Function):
     up projection (zero columns between them when I is not a multiple of 128). Its backward writes
     the gradient into one [N, C] buffer; autograd's split or slices would assemble it with a copy.
     triton: run the GPU kernels (one pass each way; eager PyTorch runs strided slices unvectorised),
-    except in a forward that torch.compile traces, where Inductor fuses the torch ops instead. The
-    backward runs eagerly even then (it writes into slices of its output, which the compiled graph
-    does not trace), so it keeps the kernel."""
+    except in a forward that torch.compile traces, where Inductor fuses the torch ops instead. In the
+    compiled training step the backward still runs eagerly (seen in its profile: the Function's
+    Python backward launches the kernels), so it keeps the kernel unless it is being traced."""
 
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor, inter_dim: int, triton: bool = False) -> torch.Tensor:
@@ -228,10 +228,10 @@ class FP8FeedForward(FeedForward):
     recipe: FP8Recipe = FP8Recipe()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w1, w3 = self.w1.weight, self.w3.weight
-        gate_up = fp8_matmul(x, (w1, w3), self.recipe, self, "w13")
         from . import gpu
 
+        w1, w3 = self.w1.weight, self.w3.weight
+        gate_up = fp8_matmul(x, (w1, w3), self.recipe, self, "w13")
         on_gpu = gpu.available(x, w1, w3)
         h = _SwiGLU.apply(gate_up.reshape(-1, gate_up.shape[-1]), w1.shape[0], on_gpu)
         return self.w2(h.unflatten(0, x.shape[:-1]))
