@@ -1,16 +1,27 @@
-"""Profile one training step of a preset on the GPU: the CUDA kernels that take the most time.
+"""Profile one training step of a preset: the kernels that take the most time, and where they come from.
 
-    python benchmarks/profile_step.py [--preset bench] [--rows 30] [key=value ...]
+    python benchmarks/profile_step.py [--preset bench] [--rows 30] [--by-source N] [key=value ...]
 
 The model and step are `moeforge bench`'s (random tokens); two warm-up steps run first. Also printed:
-the wall time of a step (median of 3, host synchronised around each) against the sum of the profiled
+the wall time of a step (median of 3, synchronised around each) against the sum of the profiled
 step's kernel times; when the wall time is much larger, the GPU waits for the host.
+
+--by-source N also prints the step's kernel time by the moeforge source line that launched it (the
+innermost frame in moeforge's own code on the launching thread; `-` for kernels launched outside
+any, such as autograd's backward of compiled graphs), then the N largest (line, kernel) pairs. Each
+kernel is joined to its launch by the profiler's correlation id. On a CPU, where there are no
+kernels, the same is done with the self time of the CPU operators.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import collections
+import json
+import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -20,11 +31,108 @@ from moeforge.config import load_config
 from moeforge.train.step import (build_optimizer, build_train_model, forward_backward, optimizer_update,
                                     resolve_device, resolve_precision)
 
+_LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+_FRAME_CATS = ("python_function", "cpu_op")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def attribute_to_source(events: list[dict], on_cpu: bool = False) -> dict[tuple[str, str], list[float]]:
+    """Chrome-trace events of a profile with stacks -> {(source frame, kernel name): [ms, count]}.
+
+    A kernel's launch (or, on a CPU, the operator itself) is placed inside the Python frames open on
+    its thread at that moment; the innermost frame in moeforge's own code (not its kernel wrappers)
+    names the source, `-` where there is none. On a CPU the time is the operator's self time."""
+    frames = collections.defaultdict(list)  # per thread, sorted by start; nested as a call stack
+    for e in events:
+        if e.get("cat") in _FRAME_CATS and e.get("ph") == "X":
+            frames[e["tid"]].append(e)
+    for v in frames.values():
+        v.sort(key=lambda e: (e["ts"], -e["dur"]))
+    if on_cpu:
+        starts = {tid: [f["ts"] for f in v] for tid, v in frames.items()}
+        work = [(e, e, (e["dur"] - _children_time(e, frames[e["tid"]], starts[e["tid"]])) / 1e3) for e in events
+                if e.get("cat") == "cpu_op" and e.get("ph") == "X"]
+    else:
+        launches = {e["args"]["correlation"]: e for e in events
+                    if e.get("cat") in _LAUNCH_CATS and "correlation" in e.get("args", {})}
+        work = [(k, launches.get(k.get("args", {}).get("correlation")), k["dur"] / 1e3)
+                for k in events if k.get("cat") == "kernel"]
+    queries = collections.defaultdict(list)
+    for i, (_, anchor, _) in enumerate(work):
+        if anchor is not None:
+            queries[anchor["tid"]].append(i)
+    source = ["-"] * len(work)
+    for tid, idx in queries.items():
+        fs, j, stack = frames.get(tid, []), 0, []
+        for i in sorted(idx, key=lambda i: work[i][1]["ts"]):
+            anchor = work[i][1]
+            t, t_end = anchor["ts"], anchor["ts"] + (anchor["dur"] if on_cpu else 0)
+            while j < len(fs) and fs[j]["ts"] <= t:
+                while stack and stack[-1]["ts"] + stack[-1]["dur"] < fs[j]["ts"]:
+                    stack.pop()
+                stack.append(fs[j])
+                j += 1
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] < t:
+                stack.pop()
+            for f in reversed(stack):  # innermost first
+                name = f["name"]
+                if (f["ts"] + f["dur"] >= t_end and "moeforge/" in name
+                        and not any(w in name for w in ("fp8/kernels.py", "fp8/gluon_gemm.py", "triton_launch.py"))):
+                    source[i] = name[name.index("moeforge/"):]
+                    break
+    out: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for (item, _, ms), src in zip(work, source):
+        slot = out[(src, item["name"])]
+        slot[0] += max(ms, 0.0)
+        slot[1] += 1
+    return out
+
+
+def _children_time(op: dict, frames: list[dict], starts: list[float]) -> float:
+    """Time of the CPU operators directly inside op (microseconds): its self time is the rest."""
+    end, covered, t = op["ts"] + op["dur"], op["ts"], 0.0
+    for j in range(bisect.bisect_left(starts, op["ts"]), len(frames)):
+        f = frames[j]
+        if f["ts"] >= end:
+            break
+        if f is not op and f["cat"] == "cpu_op" and f["ts"] >= covered and f["ts"] + f["dur"] <= end:
+            t += f["dur"]
+            covered = f["ts"] + f["dur"]
+    return t
+
+
+def print_by_source(prof, rows: int, on_cpu: bool) -> None:
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    os.remove(path)
+    table = attribute_to_source(events, on_cpu)
+    total = sum(ms for ms, _ in table.values())
+    by_source: dict[str, float] = collections.defaultdict(float)
+    for (source, _), (ms, _) in table.items():
+        by_source[source] += ms
+    what = "CPU operator self time" if on_cpu else "kernel time"
+    print(f"\n{what} by the moeforge source line that launched it ({total:.1f} ms in all):")
+    for source, ms in sorted(by_source.items(), key=lambda kv: -kv[1]):
+        if ms >= 0.001 * total:
+            print(f"{ms:9.2f} ms  {source}")
+    print(f"\nthe {rows} largest (source line, {'operator' if on_cpu else 'kernel'}) pairs:")
+    print(f"{'ms':>9}  {'calls':>5}  source  ::  name")
+    for (source, name), (ms, n) in sorted(table.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"{ms:9.2f}  {n:5d}  {source}  ::  {name[:90]}")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--by-source", type=int, default=0, metavar="N",
+                    help="also print kernel time by the source line that launched it, and the N largest pairs")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     cfg = load_config(a.preset, None, a.overrides)
@@ -45,20 +153,30 @@ def main() -> None:
         step(i)
     walls = []
     for i in range(2, 5):
-        torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         step(i)
-        torch.cuda.synchronize()
+        _sync(device)
         walls.append(time.perf_counter() - t0)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    on_cpu = device.type != "cuda"
+    activities = [ProfilerActivity.CPU] if on_cpu else [ProfilerActivity.CUDA]
+    if a.by_source and not on_cpu:
+        activities.append(ProfilerActivity.CPU)  # the launches and the Python frames around them
+    with profile(activities=activities, with_stack=bool(a.by_source)) as prof:
         step(5)
-        torch.cuda.synchronize()
+        _sync(device)
     events = prof.key_averages()
-    print(events.table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=70))
-    kernels_ms = sum(e.self_device_time_total for e in events) / 1e3
+    sort_key = "self_cpu_time_total" if on_cpu else "cuda_time_total"
+    print(events.table(sort_by=sort_key, row_limit=a.rows, max_name_column_width=70))
     wall_ms = 1e3 * statistics.median(walls)
-    print(f"step wall time {wall_ms:.1f} ms (median of 3); kernels of one step {kernels_ms:.1f} ms "
-          f"({100 * kernels_ms / wall_ms:.0f}% of the wall time)")
+    if on_cpu:
+        print(f"step wall time {wall_ms:.1f} ms (median of 3)")
+    else:
+        kernels_ms = sum(e.self_device_time_total for e in events) / 1e3
+        print(f"step wall time {wall_ms:.1f} ms (median of 3); kernels of one step {kernels_ms:.1f} ms "
+              f"({100 * kernels_ms / wall_ms:.0f}% of the wall time)")
+    if a.by_source:
+        print_by_source(prof, a.by_source, on_cpu)
 
 
 if __name__ == "__main__":

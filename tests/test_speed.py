@@ -329,3 +329,66 @@ def test_models_too_large_for_the_machine_are_refused(cli, expect_error, monkeyp
     expect_error(cli("train", "--preset", "v2-lite", "--device", "cpu", "--out", tmp_path / "run"), "train",
                  "15.71B parameters", "1.0 GiB free")
     assert not (tmp_path / "run").exists()
+
+
+def _profile_step_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_attributes_kernels_to_the_innermost_moeforge_frame():
+    """benchmarks/profile_step.py --by-source on a made-up GPU trace: each kernel joins its launch by
+    correlation id and lands on the innermost moeforge frame open at the launch, skipping the kernel
+    wrappers; a kernel whose launch has no moeforge frame around it (autograd's thread) lands on '-'."""
+    attribute = _profile_step_module().attribute_to_source
+
+    def frame(name, ts, dur, tid=1):
+        return {"cat": "python_function", "ph": "X", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    events = [
+        frame("site-packages/torch/nn/modules/module.py(1): _call_impl", 0, 100),
+        frame("moeforge/model/moe.py(232): forward", 1, 90),
+        frame("moeforge/fp8/gpu.py(56): fp8_linear_forward", 10, 20),
+        frame("moeforge/fp8/kernels.py(300): quant_operands", 11, 5),  # a kernel wrapper: skipped
+        frame("moeforge/model/layers.py(31): forward", 40, 10),
+        {"cat": "cuda_runtime", "ph": "X", "name": "cudaLaunchKernel", "ts": 12, "dur": 1, "tid": 1,
+         "args": {"correlation": 7}},
+        {"cat": "cuda_runtime", "ph": "X", "name": "cudaLaunchKernel", "ts": 60, "dur": 1, "tid": 1,
+         "args": {"correlation": 8}},  # after layers.py returned: inside moe.py's forward only
+        {"cat": "cuda_driver", "ph": "X", "name": "cuLaunchKernelEx", "ts": 70, "dur": 1, "tid": 2,
+         "args": {"correlation": 9}},  # another thread, no frames
+    ]
+    for corr, name, dur in ((7, "_quant_1x128_kernel", 3000), (8, "gemm", 500), (9, "gemm", 250)):
+        events.append({"cat": "kernel", "ph": "X", "name": name, "ts": 1000, "dur": dur, "args": {"correlation": corr}})
+    out = attribute(events)
+    assert dict(out) == {
+        ("moeforge/fp8/gpu.py(56): fp8_linear_forward", "_quant_1x128_kernel"): [3.0, 1],
+        ("moeforge/model/moe.py(232): forward", "gemm"): [0.5, 1],
+        ("-", "gemm"): [0.25, 1],
+    }
+
+
+def test_profile_step_by_source_runs_on_cpu():
+    """The script end to end on the CPU (tiny model): operator self time by moeforge source line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "profile_step.py"), "--preset", "tiny", "--rows", "3",
+                        "--by-source", "5", "train.seq_len=64", "train.batch_size=2", "train.micro_batch_size=2",
+                        "model.num_hidden_layers=2"],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(root / "src")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = r.stdout.split("CPU operator self time by the moeforge source line")[1]
+    lines = [ln.split("ms  ") for ln in text.splitlines() if " ms  moeforge/" in ln]
+    assert any("moeforge/model/" in src for _, src in lines) and all(float(ms) >= 0 for ms, _ in lines)
+    assert "the 5 largest (source line, operator) pairs" in text
