@@ -107,11 +107,13 @@ def _loss_and_grads(model, tokens):
     return loss.detach(), grads, counts
 
 
-def _reference_and(transform, cfg=None):
+def _reference_and(transform, cfg=None, reference_transform=None):
     """(plain model's loss/grads/counts, transformed copy's), same weights and tokens."""
     cfg = cfg or _model_cfg()
     torch.manual_seed(0)
     plain = build_model(cfg)
+    if reference_transform is not None:
+        reference_transform(plain)
     other = build_model(cfg, init=False)
     other.load_state_dict(plain.state_dict())
     transform(other)
@@ -130,6 +132,18 @@ def test_recompute_gives_identical_gradients(parts, one_thread):
         assert torch.equal(g0[name], g1[name]), name
     for a, b in zip(c0, c1):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("parts", [["norm", "mla_up", "swiglu"], ["full"]])
+def test_recompute_gives_identical_gradients_in_fp8(parts, one_thread):
+    """The same with the FP8 model (emulated GEMMs, the FP8 FFNs' one gate/up GEMM and SwiGLU
+    Function): recomputation changes no bit of the loss or the gradients."""
+    from moeforge.fp8 import convert_to_fp8
+
+    (loss0, g0, _), (loss1, g1, _) = _reference_and(lambda m: apply_recompute(convert_to_fp8(m), parts),
+                                                    reference_transform=convert_to_fp8)
+    assert torch.equal(loss0, loss1)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[n], g1[n]) for n in g0)
 
 
 def test_compiled_blocks_match_eager(one_thread):
