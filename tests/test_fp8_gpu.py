@@ -449,6 +449,51 @@ def test_fp8_grouped_gpu_frozen_weights(recipe):
     assert torch.equal(dxs[0], dxs[1])
 
 
+_MEMCHECK_SCRIPT = """
+import torch
+from moeforge.fp8 import FP8Recipe, gpu
+torch.manual_seed(0)
+counts = torch.tensor([130, 0, 7, 300, 41])  # an expert without tokens, ragged tiles, tiles past the last group
+offsets = counts.cumsum(0).to(torch.int32).cuda()
+x = torch.randn(int(counts.sum()), 256, device="cuda", requires_grad=True)
+w1, w3 = (torch.randn(5, 256, 256, device="cuda").mul_(0.05).requires_grad_() for _ in range(2))
+w2 = torch.randn(5, 384, 256, device="cuda").mul_(0.05).requires_grad_()
+gate_up = gpu.fp8_grouped(x, offsets, FP8Recipe(), None, "w13", w1, w3)
+y = gpu.fp8_grouped(gate_up[:, :256] * gate_up[:, 256:], offsets, FP8Recipe(), None, "w2", w2)
+y.float().square().sum().backward()
+torch.cuda.synchronize()
+print("grouped fp8 forward and backward done")
+"""
+
+
+@needs_sm90
+def test_grouped_fp8_gemms_stay_inside_their_tensors():
+    """compute-sanitizer's memcheck over the experts' grouped FP8 GEMMs (forward, Dgrad, Wgrad), with
+    PyTorch's caching allocator off so that every tensor is an allocation of its own: no access
+    outside them. The warp-specialised forward once loaded its first scales for the tiles past the
+    last expert from one expert past the end of the weights' scale table; inside the allocator's
+    pool that went unseen, and the `small` preset crashed with an illegal memory access."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sanitizer = shutil.which("compute-sanitizer") or next(
+        (str(p) for p in Path("/usr/local").glob("cuda*/bin/compute-sanitizer")), None)
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not found")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sanitizer, "--tool", "memcheck", "--error-exitcode", "3", "--print-limit", "5",
+                        sys.executable, "-c", _MEMCHECK_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "ERROR SUMMARY: 0 errors" in out, out[-3000:]
+    assert "grouped fp8 forward and backward done" in out
+
+
 @needs_sm90
 @pytest.mark.parametrize("cols", [2 * 1408, 256 + 200])
 def test_swiglu_kernel_matches_torch(cols):

@@ -72,6 +72,9 @@ def _tile(t, tiles_ptr, offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn,
         row_t = row0 + (pid_m - tiles_before) * BLOCK_M
         kb0 = 0
         kb1 = gl.where(gv, KB, 0)
+        # a tile past the last group (g == n_groups) runs no K blocks, but the math warpgroups load
+        # their first scales before the K loop: keep those addresses inside the last group's table
+        g = gl.minimum(g, n_groups - 1)
         b_row = g * b_group_rows + pid_n * BLOCK_N
     else:
         g = t // tiles_mn
