@@ -29,6 +29,7 @@ ENABLED = os.environ.get("MOEFORGE_FP8_GPU", "1") != "0"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+@torch.compiler.assume_constant_result  # traced under torch.compile: a constant, not a call into the cache
 @functools.lru_cache(maxsize=None)
 def _device_ok(index: int) -> bool:
     if torch.cuda.get_device_capability(index)[0] != 9:  # blockwise _scaled_mm is SM90-only
