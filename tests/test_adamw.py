@@ -127,3 +127,25 @@ def test_batching_of_parameters_does_not_change_the_update(monkeypatch):
         results.append([t.clone() for p in params for t in (p.detach(), *(opt.state[p][k] for k in adamw.MOMENTS))])
     assert all(torch.equal(a, b) for a, b in zip(*results))
     assert [len(b) for b in adamw._batches([torch.zeros(3), torch.zeros(5), torch.zeros(2)], 7)] == [1, 2]
+
+
+def test_lr_as_a_device_scalar_gives_the_same_update():
+    """A captured step (train.cuda_graph) gives the optimizer its lr as a 0-dim tensor: the same
+    parameters and moments as the number, to FP32 rounding of lr * weight decay (the tensor path
+    computes it in FP32, the number in FP64). The BF16 moments do not depend on lr: identical."""
+    runs = []
+    for as_tensor in (False, True):
+        params = _params(seed=4)
+        opt = _optimizer(params)
+        for step in range(1, 5):
+            for p, g in zip(params, _grads(step, params)):
+                p.grad = g
+            for group in opt.param_groups:
+                group["lr"] = torch.tensor(LR / step) if as_tensor else LR / step
+            opt.step()
+        runs.append((params, opt))
+    (pa, oa), (pb, ob) = runs
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(oa.state[a][k], ob.state[b][k])

@@ -134,6 +134,10 @@ def reference_update(params, states, lr, beta1, beta2, eps, wd, scale) -> None:
     torch._foreach_div_(update, bias1)
     if wd:
         torch._foreach_mul_(params, 1 - lr * wd)
-    torch._foreach_add_(params, update, alpha=-lr)
+    if isinstance(lr, torch.Tensor):  # a device scalar (train/graph.py): no host read of it
+        torch._foreach_mul_(update, lr)
+        torch._foreach_sub_(params, update)
+    else:
+        torch._foreach_add_(params, update, alpha=-lr)
     torch._foreach_copy_([st["exp_avg"] for st in states], m)
     torch._foreach_copy_([st["exp_avg_sq"] for st in states], v)

@@ -21,8 +21,12 @@ BLOCK = 2048
 
 
 @triton.jit
-def _adamw_bf16_kernel(p_ptr, g_ptr, m_ptr, v_ptr, bias1_ptr, bias2_sqrt_ptr, scale_ptr, n, lr, beta2, one_minus_beta1,
-                       one_minus_beta2, eps, decay, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+def _adamw_bf16_kernel(p_ptr, g_ptr, m_ptr, v_ptr, bias1_ptr, bias2_sqrt_ptr, scale_ptr, lr_ptr, n, lr, beta2,
+                       one_minus_beta1, one_minus_beta2, eps, decay, wd, HAS_SCALE: tl.constexpr, LR_PTR: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    if LR_PTR:  # the lr is a device scalar (a captured step, train/graph.py): the decay from it in FP32
+        lr = tl.load(lr_ptr)
+        decay = 1.0 - lr * wd
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -43,18 +47,21 @@ def _adamw_bf16_kernel(p_ptr, g_ptr, m_ptr, v_ptr, bias1_ptr, bias2_sqrt_ptr, sc
     tl.store(v_ptr + offs, v.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
 
 
-def update(params: list[torch.Tensor], states: list[dict], lr: float, beta1: float, beta2: float, eps: float,
-           wd: float, scale: torch.Tensor | None) -> None:
+def update(params: list[torch.Tensor], states: list[dict], lr: float | torch.Tensor, beta1: float, beta2: float,
+           eps: float, wd: float, scale: torch.Tensor | None) -> None:
     """AdamW on FP32 parameters (contiguous) with BF16 moments; the states' step counts already
-    incremented."""
+    incremented. lr: a number, or a 0-dim FP32 device tensor read by the kernel."""
     scale_arg = scale.reshape(()).float() if scale is not None else None
     bias1, bias2_sqrt = bias_corrections(states, beta1, beta2)  # on the device, from the step counts
+    lr_ptr = isinstance(lr, torch.Tensor)
+    lr_f = 0.0 if lr_ptr else float(lr)
     for p, st, b1, b2 in zip(params, states, bias1, bias2_sqrt):
         n = p.numel()
         args = (p, p.grad, st["exp_avg"], st["exp_avg_sq"], b1, b2, scale_arg if scale_arg is not None else p,
-                n, float(lr), float(beta2), float(1 - beta1), float(1 - beta2), float(eps), float(1 - lr * wd))
+                lr if lr_ptr else p, n, lr_f, float(beta2), float(1 - beta1), float(1 - beta2), float(eps),
+                float(1 - lr_f * wd), float(wd))
         launch(_adamw_bf16_kernel, (triton.cdiv(n, BLOCK),), args,
-               {"HAS_SCALE": scale_arg is not None, "BLOCK": BLOCK}, num_warps=8, num_stages=1)
+               {"HAS_SCALE": scale_arg is not None, "LR_PTR": lr_ptr, "BLOCK": BLOCK}, num_warps=8, num_stages=1)
 
 
 def supported(p: torch.Tensor, st: dict) -> bool:

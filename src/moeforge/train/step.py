@@ -125,10 +125,13 @@ def step_weight_cache(cfg: Config, precision: str, n_micro: int):
     return weight_cache(precision == "fp8" and cfg.train.fp8_weight_cache and n_micro > 1)
 
 
-def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx, ema=None, zero1=None):
+def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx, ema=None, zero1=None,
+                     lr: torch.Tensor | None = None, gamma: float | None = None):
     """Clip to the global gradient norm, AdamW with the scheduled lr (ZeRO-1: on this rank's
     parameters, then every parameter from its owner), routing-bias update from the step's global
-    counts, EMA. Returns (grad norm tensor, lr, per-layer imbalance tensor); no host sync."""
+    counts, EMA. Returns (grad norm tensor, lr, per-layer imbalance tensor); no host sync.
+    lr, gamma: a device scalar the optimizer reads as its lr and the bias update speed, instead of
+    the schedule's values at `step` (a captured step, train/graph.py)."""
     t = cfg.train
     grad_norm = parallel.global_grad_norm(model, pctx)  # the single-process gradient's, under any layout
     if t.grad_clip > 0:
@@ -139,9 +142,10 @@ def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx,
             # The fused AdamW kernel divides the gradients by `grad_scale` as it reads them (the hook
             # torch's GradScaler uses): clipping costs no extra pass over the gradients.
             optimizer.grad_scale = 1.0 / coef
-    lr = lr_at(step, t)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)  # (Muon's matrices may have their own peak lr)
+    if lr is None:
+        lr = lr_at(step, t)
+    for group in optimizer.param_groups:  # (Muon's matrices may have their own peak lr)
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
     if ema is not None:
         ema.before_optimizer_step()
     optimizer.step()
@@ -150,7 +154,7 @@ def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx,
         zero1.broadcast_updates()
     if ema is not None:
         ema.update(step + 1)
-    ratio = update_routing_bias(moe_layers, bias_update_speed_at(step, t),
+    ratio = update_routing_bias(moe_layers, bias_update_speed_at(step, t) if gamma is None else gamma,
                                 reduce=parallel.moe_count_reduce(pctx))  # global counts
     return grad_norm, lr, ratio
 
