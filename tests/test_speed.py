@@ -406,3 +406,48 @@ def test_profile_step_by_source_runs_on_cpu():
     lines = [ln.split("ms  ") for ln in text.splitlines() if " ms  moeforge/" in ln]
     assert any("moeforge/model/" in src for _, src in lines) and all(float(ms) >= 0 for ms, _ in lines)
     assert "the 5 largest (source line, operator) pairs" in text
+
+
+def test_cuda_graph_refuses_what_a_captured_step_cannot_run(cli, expect_error, tmp_path):
+    """train.cuda_graph: without a CUDA device a clear one-line error before anything is written;
+    each setting the captured step cannot hold (several processes, pipeline stages, the CPU EMA,
+    Muon, a batch ramp) refused by name."""
+    from moeforge.config import load_config
+    from moeforge.errors import MoeforgeError
+    from moeforge.train.graph import check_graph_step
+
+    out = tmp_path / "run"
+    r = cli("train", "--preset", "tiny", "--steps", 1, "--out", out, "train.cuda_graph=true", "train.device=cpu",
+            "--no-progress")
+    expect_error(r, "train", "train.cuda_graph", "CUDA device")
+    assert not out.exists()
+    cuda = torch.device("cuda")  # (a device object: nothing runs on it)
+    ok = load_config("tiny", None, ["train.optimizer=adamw"])
+    check_graph_step(ok, cuda)
+    for extra, fragment in ((["train.ema_decay=0.9"], "ema_decay"), (["train.optimizer=muon"], "adamw only"),
+                            (["train.micro_batch_size=2", "train.batch_size_start=2", "train.batch_ramp_steps=10"], "batch-size ramp"),
+                            (["parallel.pp=2"], "pipeline")):
+        cfg = load_config("tiny", None, ["train.optimizer=adamw", *extra])
+        with pytest.raises(MoeforgeError, match=fragment):
+            check_graph_step(cfg, cuda)
+    with pytest.raises(MoeforgeError, match="one process"):
+        check_graph_step(ok, cuda, pctx=object())
+
+
+def test_checkpointed_optimizer_state_does_not_depend_on_cuda_graph():
+    """The lr of a captured step is a device scalar and torch's AdamW runs `capturable` there; the
+    state a checkpoint stores holds the number and an eager AdamW's flags, and loads into one."""
+    from moeforge.train.graph import portable_optimizer_state
+
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = torch.optim.AdamW([p], lr=1e-3, fused=True)
+    p.grad = torch.randn(4, 3)
+    opt.step()
+    opt.param_groups[0]["lr"] = torch.tensor(5e-4)
+    opt.param_groups[0]["capturable"] = True
+    state = portable_optimizer_state(opt.state_dict())
+    assert state["param_groups"][0]["lr"] == pytest.approx(5e-4) and not state["param_groups"][0]["capturable"]
+    assert opt.param_groups[0]["capturable"]  # (the live optimizer is left as it is)
+    fresh = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=1e-3, fused=True)
+    fresh.load_state_dict(state)
+    assert isinstance(fresh.param_groups[0]["lr"], float)

@@ -128,8 +128,8 @@ def test_model_with_compiled_blocks_matches_eager_on_cuda():
     torch.testing.assert_close(b["mtp"], a["mtp"], rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("clip", [False, True])
-def test_bf16_moment_adamw_kernel_matches_reference(clip):
+@pytest.mark.parametrize("clip, lr_tensor", [(False, False), (True, False), (True, True)])
+def test_bf16_moment_adamw_kernel_matches_reference(clip, lr_tensor):
     """The Triton AdamW with BF16 moments against the _foreach reference: five steps on parameters of
     ragged sizes (one element, a block and a bit, several blocks) with weight decay and, with clip,
     gradient scaling; at each step both start from the reference's state. Same FP32 arithmetic in
@@ -154,7 +154,8 @@ def test_bf16_moment_adamw_kernel_matches_reference(clip):
             for p, g in zip(ps, grads):
                 p.grad = g
             assert all(adamw_triton.supported(p, st) for p, st in zip(ps, sts))
-            fn(ps, sts, 1e-3 * (step + 1), 0.9, 0.95, 1e-8, 0.1, scale)
+            lr = 1e-3 * (step + 1)  # with lr_tensor: a device scalar, as a captured step (train/graph.py) passes it
+            fn(ps, sts, torch.tensor(lr, device="cuda") if lr_tensor else lr, 0.9, 0.95, 1e-8, 0.1, scale)
             runs.append((ps, sts))
         (pk, sk), (params, states) = runs
         for a, b in zip(pk, params):
@@ -186,3 +187,75 @@ def test_chunked_loss_weight_gradient_accumulates_in_fp32():
         gc, _ = _softmax_grad(hc @ w.bfloat16().T, t[s:s + 300], torch.ones(hc.shape[0], device="cuda"), torch.bfloat16)
         ref += gc.double().T @ hc.double()
     assert (grad_w.double() - ref).norm() <= 1e-4 * ref.norm()
+
+
+@pytest.mark.parametrize("extra", [["train.precision=bf16"],
+                                   ["train.precision=bf16", "train.adam_moments=bf16", "train.compile=true"],
+                                   ["train.precision=fp8"]])
+def test_cuda_graph_step_matches_the_eager_step(extra):
+    """train.cuda_graph: two eager warm-up steps, then the captured step replayed, against eager steps
+    from the same weights on the same data for 6 steps with a changing lr. Each step's losses (new
+    data every step, so a stale replay would show) and the final weights agree to FP32 rounding of
+    the lr arithmetic (the captured optimizer reads the lr from a device scalar): 1e-4 relative."""
+    from moeforge.train.graph import GraphedStep
+    from moeforge.train.schedule import lr_at
+
+    cfg = load_config("tiny", None, ["train.optimizer=adamw", "train.batch_size=4", "train.micro_batch_size=2",
+                                     "train.seq_len=128", "train.loss_chunk=100", "train.warmup_steps=3",
+                                     "train.cuda_graph=true", *extra])
+    device, precision = torch.device("cuda"), cfg.train.precision
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    data = [[torch.randint(0, cfg.model.vocab_size, (2, 129), device=device, generator=gen) for _ in range(2)]
+            for _ in range(6)]
+    init, runs = None, []
+    for graphed in (False, True):
+        model = build_train_model(cfg, device, precision, None)
+        if init is None:
+            init = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(init)
+        optimizer = build_optimizer(model, cfg)
+        moe = model.moe_layers()
+        losses = []
+        if graphed:
+            def step_fn(ws, lam, gamma, lr):
+                sums = forward_backward(model, iter(ws), 2, lam, cfg, device, precision)
+                grad_norm, _, ratio = optimizer_update(model, optimizer, moe, cfg, 0, None, lr=lr, gamma=gamma)
+                return sums, grad_norm, ratio
+
+            step = GraphedStep(step_fn, optimizer, cfg, device)
+            losses = [step(data[i], i, lr_at(i, cfg.train))[0] for i in range(6)]
+            assert step.graph is not None and step.calls == 6
+        else:
+            for i in range(6):
+                losses.append(forward_backward(model, iter(data[i]), 2, cfg.train.mtp_lambda, cfg, device, precision))
+                optimizer_update(model, optimizer, moe, cfg, i, None)
+        runs.append((torch.stack(losses), [p.detach().clone() for p in model.parameters()]))
+    (loss_e, w_e), (loss_g, w_g) = runs
+    assert len(set(loss_g[:, 0].tolist())) == 6  # every replay computed its own step
+    torch.testing.assert_close(loss_g, loss_e, rtol=1e-4, atol=1e-6)
+    for a, b in zip(w_g, w_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-7)
+
+
+def test_training_with_cuda_graph(tmp_path):
+    """`moeforge train` with train.cuda_graph on the tiny preset: the logged losses of 5 steps (2 eager,
+    3 replayed) follow the eager run's (1e-4 relative), and the checkpoint's optimizer state holds
+    the lr as a number."""
+    import json
+
+    from moeforge.train import checkpoint as ckpt
+    from moeforge.train.trainer import Trainer
+
+    losses = []
+    for graph in (False, True):
+        out = tmp_path / f"graph_{graph}"
+        cfg = load_config("tiny", None, ["train.optimizer=adamw", "train.steps=5", "train.log_every=1",
+                                         "train.checkpoint_every=5", "train.eval_every=0", f"train.out={out}",
+                                         f"train.cuda_graph={str(graph).lower()}"])
+        Trainer(cfg, progress=False).train()
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        losses.append([r["loss"] for r in recs if "loss" in r and "step" in r])
+        state = ckpt.load_checkpoint(ckpt.resolve_checkpoint(out), ("optimizer.pt",))["optimizer.pt"]
+        assert all(isinstance(g["lr"], float) for g in state["param_groups"])
+    assert len(losses[1]) == 5
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-6)

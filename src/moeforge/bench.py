@@ -38,7 +38,9 @@ from .model.head import OutputHead
 from .model.moe import MoE
 from .model.transformer import Block
 from .train.ema import CPUEMA
+from .train.graph import GRAPH_WARMUP, GraphedStep, check_graph_step
 from .train.metrics import PEAK_BF16, flops_per_token, peak_flops
+from .train.schedule import lr_at
 from .train.step import (autocast, build_optimizer, build_train_model, forward_backward, optimizer_update,
                             resolve_device, resolve_precision)
 
@@ -147,12 +149,16 @@ def _random_windows(cfg: Config, n: int, device: torch.device, pctx=None) -> lis
                                 pctx).to(device) for _ in range(n)]
 
 
-def _time_steps(run_step, steps: int, warmup: int, device: torch.device) -> tuple[float, float | None]:
-    """(seconds for `steps` steps after `warmup` steps, peak GiB during them)."""
+def _time_steps(run_step, steps: int, warmup: int, device: torch.device,
+                peak_from_start: bool = False) -> tuple[float, float | None]:
+    """(seconds for `steps` steps after `warmup` steps, peak GiB during them; with peak_from_start,
+    during the warm-up too: a captured step allocates its memory once, while it is captured)."""
+    if device.type == "cuda" and peak_from_start:
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         run_step()
     _synchronize(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not peak_from_start:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -181,6 +187,11 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
         raise MoeforgeError("bench under torchrun: expert / data parallelism only (parallel.pp=1, no train.ema_decay)")
     device = pctx.device if pctx is not None else resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
+    if t.cuda_graph:
+        check_graph_step(cfg, device, pctx)
+        if warmup < GRAPH_WARMUP + 1:
+            raise MoeforgeError(f"bench with train.cuda_graph: --warmup must be at least {GRAPH_WARMUP + 1} "
+                                f"({GRAPH_WARMUP} eager steps, then the capture), got {warmup}")
     torch.manual_seed(t.seed)
     model = build_train_model(cfg, device, precision, pctx)
     model.train()
@@ -191,9 +202,21 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
     n_micro = t.batch_size // t.micro_batch
     windows = _random_windows(cfg, n_micro, device, pctx)
     step = [0]
+    graphed = None
+    if t.cuda_graph:  # the whole step captured once and replayed (train/graph.py)
+        def step_fn(ws, lam, gamma, lr):
+            sums = forward_backward(model, iter(ws), n_micro, lam, cfg, device, precision)
+            grad_norm, _, ratio = optimizer_update(model, optimizer, moe_layers, cfg, step[0], None, lr=lr, gamma=gamma)
+            return sums, grad_norm, ratio
+
+        graphed = GraphedStep(step_fn, optimizer, cfg, device)
 
     def run_step(timer_clock=None):
         marks = {}
+        if graphed is not None:
+            sums = graphed(windows, step[0], lr_at(step[0], t))[0]
+            step[0] += 1
+            return sums, marks
         sums = forward_backward(model, iter(windows), n_micro, t.mtp_lambda, cfg, device, precision)
         parallel.sync_gradients(model, pctx)  # (no-op for one process and for FSDP)
         if timer_clock is not None:
@@ -204,14 +227,14 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
         step[0] += 1
         return sums, marks
 
-    dt, peak = _time_steps(run_step, steps, warmup, device)
+    dt, peak = _time_steps(run_step, steps, warmup, device, peak_from_start=graphed is not None)
     if pctx is not None:  # the slowest rank's time is the step's
         dt_t = torch.tensor([dt], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(dt_t, op=torch.distributed.ReduceOp.MAX)
         dt = float(dt_t)
     res = _result("moeforge", cfg, dt, steps, peak, device, pctx.world_size if pctx is not None else 1)
     res.host_syncs = _check_host_syncs(run_step, device)
-    if split:
+    if split and graphed is None:  # (a replayed graph runs no hooks)
         res.split_ms = _split(model, run_step, device, compiled=t.compile)
     if ema is not None:
         ema.close()

@@ -31,8 +31,9 @@ from ..parallel import dcp, pipeline
 from . import checkpoint as ckpt
 from .balance import imbalance_stats
 from .ema import CPUEMA
+from .graph import GraphedStep, check_graph_step, portable_optimizer_state
 from .metrics import MetricsSink, flops_per_token, peak_flops
-from .schedule import batch_size_at, mtp_lambda_at
+from .schedule import batch_size_at, lr_at, mtp_lambda_at
 from .step import (autocast, build_optimizer, build_train_model, check_memory, forward_backward, optimizer_groups,
                    optimizer_update, resolve_device, resolve_precision, split_train_pipeline, step_weight_cache)
 
@@ -139,6 +140,8 @@ class Trainer:
         if self.pctx is None:  # before the data is prepared: a model that cannot fit fails at once
             check_memory(build_model(cfg.model, "meta"), self.device, cfg)
         self.progress = progress and self.is_main
+        if t.cuda_graph:
+            check_graph_step(cfg, self.device, self.pctx)
         seed_everything(t.seed)
 
         self.data = prepare_data(t.data or None, self.tokenizer, default_cache_dir())
@@ -171,6 +174,7 @@ class Trainer:
                                     "(not expert or pipeline parallelism, zero2 or full)")
             if self.is_main:  # replicated parameters: rank 0 alone keeps (and saves) the average
                 self.ema = CPUEMA(self.model, t.ema_decay, t.ema_every)
+        self.graphed = GraphedStep(self._graph_step_fn, self.optimizer, cfg, self.device) if t.cuda_graph else None
         self.step, self.tokens_seen = 0, 0
         if resume_from is not None:
             self._load(resume_from)
@@ -201,7 +205,7 @@ class Trainer:
         final = self.ckpt_root / f"step_{self.step:07d}"
         model_state = optim_state = staged = None
         if self.pctx is None:
-            model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+            model_state, optim_state = self.model.state_dict(), portable_optimizer_state(self.optimizer.state_dict())
         else:
             if self.is_main:
                 ckpt.prepare_staging(self.ckpt_root, self.step)
@@ -323,6 +327,14 @@ class Trainer:
         mtp = out["mtp"].sum() * (lam / K) if K else out["main"] * 0
         return torch.stack([out["main"], mtp, out["balance"]]).float().to(self.device)
 
+    def _graph_step_fn(self, windows, lam, gamma, lr):
+        """The one-process step that train.cuda_graph captures: its tensors (loss sums, gradient norm,
+        per-layer imbalance)."""
+        sums = forward_backward(self.model, iter(windows), len(windows), lam, self.cfg, self.device, self.precision)
+        grad_norm, _, ratio = optimizer_update(self.model, self.optimizer, self.moe_layers, self.cfg, self.step, None,
+                                               lr=lr, gamma=gamma)
+        return sums, grad_norm, ratio
+
     # ---- one optimizer step ----
     def train_step(self) -> dict:
         """One optimizer step; returns its record (the host waits for the GPU only here, when the
@@ -332,16 +344,22 @@ class Trainer:
         batch = batch_size_at(self.step, t)
         n_micro = batch // t.micro_batch
         lam = mtp_lambda_at(self.step, t)
-        if self.stages is not None:
-            sums = self._pipeline_step(n_micro, lam)
+        if self.graphed is not None:  # one process: the captured step (train/graph.py)
+            lr = lr_at(self.step, t)
+            sums, grad_norm, ratio = self.graphed([self.loader.next_batch(t.micro_batch) for _ in range(n_micro)],
+                                                  self.step, lr)
         else:
-            windows = (parallel.data_shard(self.loader.next_batch(t.micro_batch), self.pctx) for _ in range(n_micro))
-            sums = forward_backward(self.model, windows, n_micro, lam, self.cfg, self.device, self.precision)
-        if self.pctx is not None:
-            parallel.sync_gradients(self.updated, self.pctx)  # all-reduce (sharding=none; FSDP reduced in backward)
-            sums = self.pctx.all_reduce_mean_dp_ep(sums)  # mean of per-rank means = global mean: all ranks log it
-        grad_norm, lr, ratio = optimizer_update(self.updated, self.optimizer, self.moe_layers, self.cfg, self.step,
-                                                self.pctx, self.ema, self.zero1)
+            if self.stages is not None:
+                sums = self._pipeline_step(n_micro, lam)
+            else:
+                windows = (parallel.data_shard(self.loader.next_batch(t.micro_batch), self.pctx)
+                           for _ in range(n_micro))
+                sums = forward_backward(self.model, windows, n_micro, lam, self.cfg, self.device, self.precision)
+            if self.pctx is not None:
+                parallel.sync_gradients(self.updated, self.pctx)  # all-reduce (sharding=none; FSDP reduced in backward)
+                sums = self.pctx.all_reduce_mean_dp_ep(sums)  # mean of per-rank means = global mean: all ranks log it
+            grad_norm, lr, ratio = optimizer_update(self.updated, self.optimizer, self.moe_layers, self.cfg,
+                                                    self.step, self.pctx, self.ema, self.zero1)
         balance_stats = imbalance_stats(ratio.tolist())
         if self.stages is not None:  # each pp rank updated its own layers; log the whole model's loads
             balance_stats = self._pipeline_balance_stats(balance_stats)
