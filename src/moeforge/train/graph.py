@@ -2,7 +2,7 @@
 
 A step of a small model can spend longer in the host's Python and kernel launches than the GPU
 spends on its kernels: with FP8, every GEMM runs between compiled graphs and launches its own
-quantisers, so the `small` preset's FP8 step took 231 ms of which 129 ms were GPU work (H200,
+quantisers, so the `small` preset's FP8 step took 231 ms run eagerly and 129 ms replayed (H200,
 docs/performance.md). Replaying a captured graph costs one launch: forward and backward over the
 step's micro-batches, clipping, the optimizer and the routing-bias update run without the host.
 
@@ -55,8 +55,9 @@ GRAPH_WARMUP = 2  # eager steps before the capture
 class GraphedStep:
     """step_fn(windows, lam, gamma, lr) -> tuple of device tensors: one optimizer step over the
     micro-batches `windows` (device token tensors [b, S + 1]) with the learning rate `lr` (a 0-dim
-    device tensor). Called as graphed(windows, step) it runs step_fn eagerly for the first `warmup`
-    calls, then from a captured graph, and returns copies of the step's tensors."""
+    device tensor). Called as graphed(windows, step, lr) (windows on any device, lr the schedule's
+    number for `step`) it runs step_fn eagerly for the first `warmup` calls, then from a captured
+    graph, and returns copies of the step's tensors."""
 
     def __init__(self, step_fn, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,
                  warmup: int = GRAPH_WARMUP):
