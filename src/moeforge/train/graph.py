@@ -99,6 +99,8 @@ class GraphedStep:
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 outputs = self.step_fn(self.inputs, key[0], key[1], self.lr)
+        except torch.OutOfMemoryError:
+            raise  # (reported as the trainer reports any out-of-memory)
         except RuntimeError as e:
             raise MoeforgeError(f"train.cuda_graph: the step could not be captured "
                                 f"({str(e).splitlines()[0][:200]}); set train.cuda_graph=false") from e
