@@ -116,6 +116,9 @@ class FP8Linear(nn.Linear):
 
     recipe: FP8Recipe = FP8Recipe()
 
+    # Not traced (see fp8_matmul); the graph breaks at the call, in the caller, and the bias add after
+    # the GEMM is not a graph of its own, compiled again for every output shape of the model.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = fp8_matmul(x, (self.weight,), self.recipe, self)
         return y if self.bias is None else y + self.bias
@@ -170,6 +173,13 @@ class _FP8GroupedFn(torch.autograd.Function):
         return (dx, None, None, None, None, *dws)
 
 
+@torch.compiler.disable
+def _fp8_grouped_reference(x, offsets, recipe: FP8Recipe, owner, name, *ws) -> torch.Tensor:
+    """The emulated grouped GEMMs (_FP8GroupedFn), never traced by torch.compile: they loop over the
+    experts on the host (traced, each input width was a graph of its own up to the loop)."""
+    return _FP8GroupedFn.apply(x, offsets, recipe, owner, name, *ws)
+
+
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up from one GEMM's output [N, C] whose first I columns are the gate and last I the
     up projection (zero columns between them when I is not a multiple of 128). Its backward writes
@@ -213,7 +223,7 @@ class FP8Experts(Experts):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)
-        fn, on_gpu = _FP8GroupedFn.apply, False
+        fn, on_gpu = _fp8_grouped_reference, False
         if x.is_cuda:  # GPU path: Triton grouped FP8 GEMMs over the contiguous per-expert layout
             from . import gpu
 

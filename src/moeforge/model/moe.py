@@ -59,12 +59,19 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     Uses torch's grouped GEMM where it has a kernel for these inputs (CPU; CUDA in BF16),
     otherwise the per-expert reference loop.
     """
-    # (torch's shape function for compilation accepts BF16 only, though the CPU kernel takes FP32 too)
-    cpu_ok = x.device.type == "cpu" and not torch.compiler.is_compiling()
-    fast = hasattr(F, "grouped_mm") and (cpu_ok or x.dtype == torch.bfloat16)
-    if fast and x.dtype == w.dtype and _aligned(x) and _aligned(w):
-        return F.grouped_mm(x, w, offs=offsets)
+    if hasattr(F, "grouped_mm") and x.dtype == w.dtype and _aligned(x) and _aligned(w):
+        if x.dtype == torch.bfloat16:
+            return F.grouped_mm(x, w, offs=offsets)
+        if x.device.type == "cpu":  # the CPU kernel takes FP32 too
+            return _grouped_mm_untraced(x, w, offsets)
     return grouped_mm_reference(x, w, offsets)
+
+
+@torch.compiler.disable
+def _grouped_mm_untraced(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """torch's grouped GEMM between compiled graphs: its shape function for compilation accepts BF16
+    only, though the CPU kernel takes FP32 too."""
+    return F.grouped_mm(x, w, offs=offsets)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -72,8 +79,11 @@ def _aligned(t: torch.Tensor) -> bool:
     return all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1)
 
 
+@torch.compiler.disable
 def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Plain per-expert loop; the reference the grouped GEMM is tested against (syncs the host)."""
+    """Plain per-expert loop; the reference the grouped GEMM is tested against (syncs the host).
+    Never traced by torch.compile: traced, the loop's pieces were compiled again for every expert's
+    row count until dynamo's recompilation limit."""
     out, start = [], 0
     for e, end in enumerate(offsets.tolist()):
         out.append(x[start:end] @ w[e])
