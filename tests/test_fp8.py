@@ -311,9 +311,19 @@ def test_convert_to_fp8_keeps_parameters_and_precision_sensitive_parts():
     assert not any(isinstance(m, Experts) and not isinstance(m, FP8Experts) for m in model.modules())
 
 
-def test_fake_quantize_is_dequantize_of_quantize():
-    x = torch.randn(3, 200)
-    torch.testing.assert_close(fake_quantize(x, (1, 128)), dequantize(*quantize(x, (1, 128)), (1, 128)), rtol=0, atol=0)
+@pytest.mark.parametrize("shape, block, pow2", [((3, 200), (1, 128), False), ((2, 130, 300), (128, 128), False),
+                                                 ((257, 128), (1, 128), True), ((5,), (1, 128), False)])
+def test_fake_quantize_is_dequantize_of_quantize(shape, block, pow2):
+    """fake_quantize (scales broadcast over the blocks) is bit for bit dequantize(quantize(x)): ragged
+    blocks, batches, 1-D rows, zero tiles and power-of-two scales included."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g) * torch.logspace(-4, 3, shape[-1])
+    if x.dim() > 1:
+        x[..., :1, :128] = 0.0  # an all-zero tile
+    want = dequantize(*quantize(x, block, pow2), block)
+    got = fake_quantize(x, block, pow2)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
 def test_fp8_hf_export_import_gives_the_emulated_fp8_logits(tmp_path):

@@ -62,9 +62,8 @@ class _FP8LinearFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, recipe: FP8Recipe, owner, name, *ws):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)  # [T, K]
-        xq, xs = quantize(x2, ACT, recipe.pow2_scales, check_finite=False)
         w_hat = _weight_hat(owner, name, ws, recipe)  # [N, K]
-        y = dequantize(xq, xs, ACT) @ w_hat.T  # FP32 accumulation
+        y = fake_quantize(x2, ACT, recipe.pow2_scales) @ w_hat.T  # FP32 accumulation
         if recipe.save_fp8_inputs:  # x^T's Wgrad operand
             kept = quantize(x2.T.contiguous(), ACT, recipe.pow2_scales, check_finite=False) \
                 if any(ctx.needs_input_grad[4:]) else (None, None)
@@ -137,14 +136,13 @@ class _FP8GroupedFn(torch.autograd.Function):
 
     @_exact
     def forward(ctx, x, offsets, recipe: FP8Recipe, owner, name, *ws):
-        xq, xs = quantize(x, ACT, recipe.pow2_scales, check_finite=False)
         w_hat = _weight_hat(owner, name, ws, recipe)  # [E, out, in]
         # FP8-saved input: each expert's x^T in 1x128 tiles along its own tokens (its Wgrad operand)
         ctx.x_t = [quantize(x[a:b].T.contiguous(), ACT, recipe.pow2_scales, check_finite=False) if b > a else None
                    for a, b in _spans(offsets)] if recipe.save_fp8_inputs and any(ctx.needs_input_grad[5:]) else None
         ctx.save_for_backward(*(() if recipe.save_fp8_inputs else (x,)), offsets, *ws)
         ctx.recipe, ctx.x_dtype, ctx.owner, ctx.name = recipe, x.dtype, owner, name
-        return grouped_mm(dequantize(xq, xs, ACT), w_hat.transpose(1, 2), offsets).to(x.dtype)
+        return grouped_mm(fake_quantize(x, ACT, recipe.pow2_scales), w_hat.transpose(1, 2), offsets).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -51,7 +51,7 @@ def _check_block(block: tuple[int, int]) -> tuple[int, int]:
 
 
 def _padded_blocks(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
-    """x [..., M, N] -> zero-padded view [..., M/br, br, N/bc, bc] and the padded sizes."""
+    """x [..., M, N] -> zero-padded view [..., M/br, br, N/bc, bc] and the sizes M, N."""
     br, bc = block
     M, N = x.shape[-2], x.shape[-1]
     Mp, Np = math.ceil(M / br) * br, math.ceil(N / bc) * bc
@@ -60,34 +60,48 @@ def _padded_blocks(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tenso
     return x.unflatten(-1, (Np // bc, bc)).unflatten(-3, (Mp // br, br)), M, N
 
 
-def block_scales(x: torch.Tensor, block: tuple[int, int], pow2_scales: bool = False) -> torch.Tensor:
-    """FP32 scales [..., ceil(M/br), ceil(N/bc)] = max(amax, 1e-4) / 448 per block."""
-    blocks, _, _ = _padded_blocks(x.float(), _check_block(block))
+def _unblock(blocks: torch.Tensor, M: int, N: int) -> torch.Tensor:
+    """[..., M/br, br, N/bc, bc] -> [..., M, N] without the padding (contiguous)."""
+    out = blocks.flatten(-2).flatten(-3, -2)
+    return out if out.shape[-2:] == (M, N) else out[..., :M, :N].contiguous()
+
+
+def _per_block(scales: torch.Tensor) -> torch.Tensor:
+    """Scales [..., M/br, N/bc] as [..., M/br, 1, N/bc, 1]: broadcast over their blocks, never expanded."""
+    return scales.unsqueeze(-1).unsqueeze(-3)
+
+
+def _scaled_blocks(x: torch.Tensor, block: tuple[int, int], pow2_scales: bool):
+    """(x's blocks in FP32, per-block scales, M, N)."""
+    blocks, M, N = _padded_blocks(x.float(), _check_block(block))
     amax = blocks.abs().amax(dim=(-3, -1))  # [..., M/br, N/bc]
     scales = amax.clamp_min(AMAX_FLOOR) / FP8_MAX
     if pow2_scales:
         scales = torch.exp2(torch.ceil(torch.log2(scales)))
-    return scales
+    return blocks, scales, M, N
 
 
-def _expand(scales: torch.Tensor, block: tuple[int, int], M: int, N: int) -> torch.Tensor:
-    """Per-block scales -> one scale per element [..., M, N]."""
-    br, bc = block
-    full = scales.repeat_interleave(br, dim=-2).repeat_interleave(bc, dim=-1)
-    return full[..., :M, :N]
+def block_scales(x: torch.Tensor, block: tuple[int, int], pow2_scales: bool = False) -> torch.Tensor:
+    """FP32 scales [..., ceil(M/br), ceil(N/bc)] = max(amax, 1e-4) / 448 per block."""
+    return _scaled_blocks(x, block, pow2_scales)[1]
 
 
-def quantize(x: torch.Tensor, block: tuple[int, int] = (1, 128), pow2_scales: bool = False,
-             check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., M, N] (a 1-D x is one row) -> (float8_e4m3fn tensor like x, FP32 per-block scales)."""
-    block = _check_block(block)
+def _in_range(x: torch.Tensor, block: tuple[int, int], pow2_scales: bool, check_finite: bool):
+    """(x / scale clamped to +-448 as blocks, scales, M, N, squeeze): the values to round to E4M3."""
     squeeze = x.dim() == 1
     if squeeze:
         x = x.unsqueeze(0)
     if check_finite and not bool(torch.isfinite(x).all()):
         raise MoeforgeError("cannot quantise to FP8: the tensor holds inf or NaN")
-    scales = block_scales(x, block, pow2_scales)
-    q = (x.float() / _expand(scales, block, x.shape[-2], x.shape[-1])).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    blocks, scales, M, N = _scaled_blocks(x, block, pow2_scales)
+    return (blocks / _per_block(scales)).clamp(-FP8_MAX, FP8_MAX), scales, M, N, squeeze
+
+
+def quantize(x: torch.Tensor, block: tuple[int, int] = (1, 128), pow2_scales: bool = False,
+             check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., M, N] (a 1-D x is one row) -> (float8_e4m3fn tensor like x, FP32 per-block scales)."""
+    v, scales, M, N, squeeze = _in_range(x, block, pow2_scales, check_finite)
+    q = _unblock(v.to(FP8), M, N)
     return (q.squeeze(0), scales.squeeze(0)) if squeeze else (q, scales)
 
 
@@ -98,10 +112,14 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, block: tuple[int, int] = (
     squeeze = q.dim() == 1
     if squeeze:
         q, scales = q.unsqueeze(0), scales.unsqueeze(0)
-    out = (q.float() * _expand(scales.float(), block, q.shape[-2], q.shape[-1])).to(dtype)
+    blocks, M, N = _padded_blocks(q.float(), block)
+    out = _unblock(blocks * _per_block(scales.float()), M, N).to(dtype)
     return out.squeeze(0) if squeeze else out
 
 
 def fake_quantize(x: torch.Tensor, block: tuple[int, int], pow2_scales: bool = False) -> torch.Tensor:
-    """dequantize(quantize(x)) in FP32: x as the FP8 GEMM sees it."""
-    return dequantize(*quantize(x, block, pow2_scales, check_finite=False), block)
+    """dequantize(quantize(x)) in FP32: x as the FP8 GEMM sees it (one pass over x's blocks, the
+    scales broadcast over them)."""
+    v, scales, M, N, squeeze = _in_range(x, block, pow2_scales, check_finite=False)
+    out = _unblock(v.to(FP8).float() * _per_block(scales), M, N)
+    return out.squeeze(0) if squeeze else out
