@@ -442,6 +442,9 @@ def test_cuda_graph_refuses_what_a_captured_step_cannot_run(cli, expect_error, t
             "--no-progress")
     expect_error(r, "train", "train.cuda_graph", "CUDA device")
     assert not out.exists()
+    r = cli("bench", "--preset", "tiny", "train.cuda_graph=true", "train.device=cpu")
+    expect_error(r, "bench", "train.cuda_graph", "CUDA device")
+    assert r.out == ""  # refused before the header is printed or a model built
     cuda = torch.device("cuda")  # (a device object: nothing runs on it)
     ok = load_config("tiny", None, ["train.optimizer=adamw"])
     check_graph_step(ok, cuda)
@@ -453,6 +456,11 @@ def test_cuda_graph_refuses_what_a_captured_step_cannot_run(cli, expect_error, t
             check_graph_step(cfg, cuda)
     with pytest.raises(MoeforgeError, match="one process"):
         check_graph_step(ok, cuda, pctx=object())
+    from moeforge.bench import check_graph_bench
+
+    check_graph_bench(ok, cuda, None, 3)
+    with pytest.raises(MoeforgeError, match="--warmup must be at least 3"):  # the capture would be timed
+        check_graph_bench(ok, cuda, None, 2)
 
 
 def test_checkpointed_optimizer_state_does_not_depend_on_cuda_graph():

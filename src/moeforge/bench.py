@@ -180,6 +180,15 @@ def _result(name: str, cfg: Config, dt: float, steps: int, peak_gib, device: tor
                        ranks=ranks)
 
 
+def check_graph_bench(cfg: Config, device: torch.device, pctx, warmup: int) -> None:
+    """train.cuda_graph in the benchmark: what the trainer refuses, and too few warm-up steps to
+    leave the capture out of the timed ones."""
+    check_graph_step(cfg, device, pctx)
+    if warmup < GRAPH_WARMUP + 1:
+        raise MoeforgeError(f"bench with train.cuda_graph: --warmup must be at least {GRAPH_WARMUP + 1} "
+                            f"({GRAPH_WARMUP} eager steps, then the capture), got {warmup}")
+
+
 def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pctx=None) -> BenchResult:
     """pctx: the ParallelContext of a torchrun launch (None: one process)."""
     t = cfg.train
@@ -188,10 +197,7 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
     device = pctx.device if pctx is not None else resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
     if t.cuda_graph:
-        check_graph_step(cfg, device, pctx)
-        if warmup < GRAPH_WARMUP + 1:
-            raise MoeforgeError(f"bench with train.cuda_graph: --warmup must be at least {GRAPH_WARMUP + 1} "
-                                f"({GRAPH_WARMUP} eager steps, then the capture), got {warmup}")
+        check_graph_bench(cfg, device, pctx, warmup)
     torch.manual_seed(t.seed)
     model = build_train_model(cfg, device, precision, pctx)
     model.train()

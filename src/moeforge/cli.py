@@ -264,13 +264,16 @@ def _bench(args, cfg, pctx) -> int:
         raise MoeforgeError("--vs hf: transformers has no FP8 training path to compare with; use --precision bf16")
     if args.vs == "hf" and pctx is not None:
         raise MoeforgeError("--vs hf: runs in one process (not under torchrun)")
+    if t.cuda_graph:  # (before anything is printed or built)
+        bench.check_graph_bench(cfg, device, pctx, args.warmup)
     if pctx is not None:
         parallel.check_batch_sizes(t.micro_batch, pctx)
     layout = (f" | {pctx.world_size} ranks = dp {pctx.dp} x ep {pctx.ep}, sharding {pctx.sharding}"
               if pctx is not None else "")
     print_ = print if main_rank else (lambda *a, **k: None)  # rank 0 reports
     print_(f"bench: {t.batch_size} x {t.seq_len} tokens per step, precision {resolve_precision(t.precision, device)}, "
-           f"compile {t.compile}, recompute {t.recompute or 'none'}, loss_chunk {t.loss_chunk}, device {device}{layout} | "
+           f"compile {t.compile}{', cuda_graph True' if t.cuda_graph else ''}, recompute {t.recompute or 'none'}, "
+           f"loss_chunk {t.loss_chunk}, device {device}{layout} | "
            f"{bench.describe_peak(device)}", flush=True)
     results = [bench.bench_moeforge(cfg, args.steps, args.warmup, split=not args.no_split, pctx=pctx)]
     notes: list[str] = []
