@@ -480,3 +480,63 @@ def test_checkpointed_optimizer_state_does_not_depend_on_cuda_graph():
     fresh = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=1e-3, fused=True)
     fresh.load_state_dict(state)
     assert isinstance(fresh.param_groups[0]["lr"], float)
+
+
+def test_graphed_step_captures_once_and_again_when_a_frozen_number_changes(monkeypatch):
+    """GraphedStep's bookkeeping, with CUDA's graph capture replaced by a recorder (the real capture
+    is tested on the GPU): two eager calls, a capture on the third, then replays that see each
+    step's tokens through the input buffers and the lr through the device scalar; a new capture when
+    the MTP weight's schedule switches; the caller gets copies of the graph's outputs."""
+    import contextlib
+
+    from moeforge.config import load_config
+    from moeforge.train import graph as graph_mod
+
+    state = {"capturing": False, "graph": None}
+
+    class Recorder:  # stands in for torch.cuda.CUDAGraph: replay re-runs what was captured
+        def replay(self):
+            self.work()
+
+    @contextlib.contextmanager
+    def capture(g, capture_error_mode=None):
+        state["capturing"], state["graph"] = True, g
+        yield
+        state["capturing"] = False
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Recorder)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    calls = []
+    out = torch.zeros(2)
+
+    def step_fn(windows, lam, gamma, lr):
+        def work():
+            calls.append(("run", lam, float(lr), [int(w[0, 0]) for w in windows]))
+            out.copy_(torch.stack([windows[0][0, 0].float(), lr]))
+        if state["capturing"]:  # a captured step's outputs are the graph's own buffers
+            calls.append(("capture", lam))
+            state["graph"].work = work
+            return (out,)
+        work()
+        return (out.clone(),)  # an eager step's are new tensors
+
+    cfg = load_config("tiny", None, ["train.optimizer=adamw", "train.steps=10", "train.mtp_lambda_switch=0.5"])
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    step = graph_mod.GraphedStep(step_fn, opt, cfg, torch.device("cpu"))
+    results = []
+    for i in range(8):
+        windows = [torch.full((1, 3), 10 * i + j) for j in range(2)]
+        results.append(step(windows, i, 0.1 * (i + 1))[0])
+    lam0, lam1 = cfg.train.mtp_lambda, cfg.train.mtp_lambda_late
+    kinds = [c[0] for c in calls]
+    assert kinds == ["run", "run", "capture", "run", "run", "run", "capture", "run", "run", "run"]
+    assert [c[1] for c in calls if c[0] == "capture"] == [lam0, lam1]  # step 5 switches the weight
+    runs = [c for c in calls if c[0] == "run"]
+    assert [r[3][0] for r in runs] == [10 * i for i in range(8)]  # each step's own tokens
+    assert [r[2] for r in runs] == pytest.approx([0.1 * (i + 1) for i in range(8)])
+    assert [float(r[0]) for r in results] == [10.0 * i for i in range(8)]  # copies, not the live buffer
+    assert all(r is not out for r in results[2:])
+    assert all(g["capturable"] for g in opt.param_groups)
