@@ -366,15 +366,32 @@ def test_models_too_large_for_the_machine_are_refused(cli, expect_error, monkeyp
     assert not (tmp_path / "run").exists()
 
 
-def _profile_step_module():
+def _benchmark_module(name: str = "profile_step"):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
-    spec = importlib.util.spec_from_file_location("profile_step", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _profile_step_module():
+    return _benchmark_module("profile_step")
+
+
+def test_routing_count_variants_agree(one_thread):
+    """benchmarks/routing_counts.py: every way of counting tokens per expert gives bincount's counts,
+    on random choices with an expert nobody picked and on the tiny model's own routing (the script
+    stops if one differs)."""
+    mod = _benchmark_module("routing_counts")
+    flat = torch.randint(0, 7, (500,), generator=torch.Generator().manual_seed(0))
+    order = flat.argsort(stable=True)
+    for name, fn in mod.count_variants(8).items():
+        assert torch.equal(fn(flat, order).long(), torch.bincount(flat, minlength=8)), name
+    results = mod.main(["--preset", "tiny", "--sequences", "2", "--repeat", "1"])
+    assert set(results) == set(mod.count_variants(8)) and all(r["eager"] > 0 for r in results.values())
 
 
 def test_profile_attributes_kernels_to_the_innermost_moeforge_frame():
