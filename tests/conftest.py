@@ -73,6 +73,19 @@ def small_cfg(**kw):
     return ModelConfig(**base)
 
 
+def input_grads_trainable_and_frozen(fn, x, w, g) -> list:
+    """fn(x, w) -> y, backpropagated from g once with w trainable and once frozen: the two input
+    gradients; w gets a gradient in the first run only (checked)."""
+    dxs = []
+    for trainable in (True, False):
+        xi = x.clone().requires_grad_()
+        wi = w.clone().requires_grad_(trainable)
+        fn(xi, wi).backward(g)
+        assert (wi.grad is not None) == trainable
+        dxs.append(xi.grad)
+    return dxs
+
+
 @dataclass
 class Result:
     """What one in-process `moeforge` command did."""

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import input_grads_trainable_and_frozen
 from moeforge.errors import MoeforgeError
 from moeforge.fp8 import FP8_MAX, convert_to_fp8, dequantize, fake_quantize, quantize
 from moeforge.fp8.linear import FP8Experts, FP8Linear, FP8Recipe, _FP8GroupedFn
@@ -166,13 +167,8 @@ def test_fp8_experts_with_frozen_weights(save_fp8_inputs):
     g = torch.randn(150, 80)
     w_store = torch.randn(4, 80, 96)
     recipe = FP8Recipe(save_fp8_inputs=save_fp8_inputs)
-    dxs = []
-    for trainable in (True, False):
-        xi = x.clone().requires_grad_()
-        wi = w_store.clone().requires_grad_(trainable)
-        _FP8GroupedFn.apply(xi, offsets, recipe, None, None, wi).backward(g)
-        assert (wi.grad is not None) == trainable
-        dxs.append(xi.grad)
+    dxs = input_grads_trainable_and_frozen(lambda xi, wi: _FP8GroupedFn.apply(xi, offsets, recipe, None, None, wi),
+                                           x, w_store, g)
     assert torch.equal(dxs[0], dxs[1])
 
 

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
+from conftest import input_grads_trainable_and_frozen  # noqa: E402
 from moeforge.fp8 import FP8Linear, FP8Recipe, dequantize, quantize  # noqa: E402
 from moeforge.fp8 import gpu, kernels  # noqa: E402
 from moeforge.fp8.linear import _FP8GroupedFn, _FP8LinearFn  # noqa: E402
@@ -439,13 +440,7 @@ def test_fp8_grouped_gpu_frozen_weights(recipe):
     x = torch.randn(int(counts.sum()), 256, device=DEV)
     w = torch.randn(len(counts), 384, 256, device=DEV) * 0.05
     g = torch.randn(x.shape[0], 384, device=DEV)
-    dxs = []
-    for trainable in (True, False):
-        xi = x.clone().requires_grad_()
-        wi = w.clone().requires_grad_(trainable)
-        gpu.fp8_grouped(xi, offsets, recipe, None, None, wi).backward(g)
-        assert (wi.grad is not None) == trainable
-        dxs.append(xi.grad)
+    dxs = input_grads_trainable_and_frozen(lambda xi, wi: gpu.fp8_grouped(xi, offsets, recipe, None, None, wi), x, w, g)
     assert torch.equal(dxs[0], dxs[1])
 
 
