@@ -2,12 +2,15 @@
 
     python benchmarks/routing_counts.py [--preset bench] [--layers 2] [--sequences 8] [--repeat 50]
 
-In the compiled bench step the counts of each MoE layer (`expert_counts`: a scatter_add of ones
-into int64 counters, fused by Inductor) took 0.8 ms, where a scatter_add of uniformly random choices
-into FP32 counters takes about 65 us (docs/performance.md). This script routes random tokens through
-the first layers of the preset's model (initialised as for training), takes the first MoE layer's
-choices, prints how uneven they are, and times every way of counting them, eagerly and, on a GPU,
-compiled. All variants are checked to give the same counts.
+Routes random tokens through the first layers of the preset's model (initialised as for training),
+takes the first MoE layer's choices, prints how uneven they are, and times every way of counting
+them, eagerly and, on a GPU, compiled: over all tokens (the dispatcher's `expert_counts`) and per
+sequence (the balance loss's f_i, `sequence_balance_loss`). All variants are checked to give the
+same counts as bincount.
+
+In the compiled bench step a kernel of 0.8 ms a layer fused a scatter_add of ones; it was the
+balance loss's per-sequence count as an FP32 scatter_add into [sequences, experts], which
+`sequence_balance_loss` now counts in integers (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -38,6 +41,27 @@ def count_variants(n: int) -> dict:
             torch.searchsorted(flat[order], torch.arange(n + 1, device=flat.device))),
         "histc": lambda flat, order: torch.histc(flat.float(), bins=n, min=0, max=n - 1),
     }
+
+
+def sequence_count_variants(n: int, batch: int) -> dict:
+    """Ways to count each sequence's choices of n experts, from flat choices [batch * S * K] -> [batch, n]."""
+    def fp32_scatter(flat, order):  # sequence_balance_loss until 2026-11-30
+        counts = torch.zeros(batch, n, device=flat.device)
+        rows = flat.view(batch, -1)
+        return counts.scatter_add_(1, rows, torch.ones_like(rows, dtype=counts.dtype))
+
+    def int_over_rows(flat, order):  # sequence_balance_loss
+        offset = torch.arange(batch, device=flat.device).unsqueeze(1) * n
+        return expert_counts((flat.view(batch, -1) + offset).flatten(), batch * n).view(batch, n)
+
+    return {"per sequence: scatter_add, fp32 [sequences, E]": fp32_scatter,
+            "per sequence: scatter_add, int64 over sequences x E": int_over_rows}
+
+
+def sequence_counts(flat: torch.Tensor, n: int, batch: int) -> torch.Tensor:
+    """Per-sequence counts by bincount (the check)."""
+    offset = torch.arange(batch, device=flat.device).unsqueeze(1) * n
+    return torch.bincount((flat.view(batch, -1) + offset).flatten(), minlength=batch * n).view(batch, n)
 
 
 def routed_choices(preset: str, layers: int, sequences: int, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -91,14 +115,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if device.type == "cuda":
         modes["compiled"] = torch.compile
     results: dict[str, dict[str, float]] = {}
-    for name, fn in count_variants(n).items():
+    seq_ref = sequence_counts(flat, n, a.sequences)
+    variants = [(name, fn, ref) for name, fn in count_variants(n).items()]
+    variants += [(name, fn, seq_ref) for name, fn in sequence_count_variants(n, a.sequences).items()]
+    for name, fn, expect in variants:
         for mode, wrap in modes.items():
             f = wrap(fn)
             counts = f(flat, order)
-            if not torch.equal(counts.long(), ref):
+            if not torch.equal(counts.long(), expect):
                 raise SystemExit(f"{name} ({mode}) counted differently from bincount")
             results.setdefault(name, {})[mode] = _time_ms(lambda: f(flat, order), a.repeat, device)
-        print(f"{name:48s} " + "  ".join(f"{m} {1e3 * ms:8.1f} us" for m, ms in results[name].items()))
+        print(f"{name:52s} " + "  ".join(f"{m} {1e3 * ms:8.1f} us" for m, ms in results[name].items()))
     return results
 
 

@@ -382,16 +382,20 @@ def _profile_step_module():
 
 
 def test_routing_count_variants_agree(one_thread):
-    """benchmarks/routing_counts.py: every way of counting tokens per expert gives bincount's counts,
-    on random choices with an expert nobody picked and on the tiny model's own routing (the script
-    stops if one differs)."""
+    """benchmarks/routing_counts.py: every way of counting tokens per expert, over all tokens and per
+    sequence, gives bincount's counts, on random choices with an expert nobody picked and on the tiny
+    model's own routing (the script stops if one differs)."""
     mod = _benchmark_module("routing_counts")
     flat = torch.randint(0, 7, (500,), generator=torch.Generator().manual_seed(0))
     order = flat.argsort(stable=True)
     for name, fn in mod.count_variants(8).items():
         assert torch.equal(fn(flat, order).long(), torch.bincount(flat, minlength=8)), name
+    for name, fn in mod.sequence_count_variants(8, 4).items():  # 4 sequences of 125 choices
+        expect = torch.stack([torch.bincount(row, minlength=8) for row in flat.view(4, 125)])
+        assert torch.equal(fn(flat, order).long(), expect), name
     results = mod.main(["--preset", "tiny", "--sequences", "2", "--repeat", "1"])
-    assert set(results) == set(mod.count_variants(8)) and all(r["eager"] > 0 for r in results.values())
+    assert set(results) == set(mod.count_variants(8)) | set(mod.sequence_count_variants(8, 2))
+    assert all(r["eager"] > 0 for r in results.values())
 
 
 def test_profile_attributes_kernels_to_the_innermost_moeforge_frame():

@@ -212,9 +212,12 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: in
     S = T // batch
     probs = scores / scores.sum(dim=-1, keepdim=True)  # s'
     P = probs.view(batch, S, n_experts).mean(dim=1)  # [B, E]
-    counts = torch.zeros(batch, n_experts, device=scores.device, dtype=scores.dtype)
-    counts.scatter_add_(1, indices.view(batch, S * K), torch.ones_like(indices.view(batch, S * K), dtype=scores.dtype))
-    f = counts * n_experts / (K * S)
+    # Each sequence's choices counted as expert_counts counts them, in integers over batch x E counters
+    # (exact, then converted). An FP32 scatter_add of ones took 0.53-0.78 ms a layer in the compiled
+    # bench step, against 50-108 us for expert_counts' int64 one over all choices (H200).
+    seq_offset = torch.arange(batch, device=indices.device).unsqueeze(1) * n_experts
+    counts = expert_counts((indices.view(batch, S * K) + seq_offset).flatten(), batch * n_experts)
+    f = counts.view(batch, n_experts).to(scores.dtype) * n_experts / (K * S)
     return (f * P).sum(dim=-1).mean()
 
 
