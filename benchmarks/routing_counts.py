@@ -22,7 +22,7 @@ import torch
 
 from moeforge.config import load_config
 from moeforge.model import build_model
-from moeforge.model.moe import MoE, expert_counts
+from moeforge.model.moe import MoE, expert_counts, sequence_expert_counts
 
 
 def count_variants(n: int) -> dict:
@@ -50,12 +50,9 @@ def sequence_count_variants(n: int, batch: int) -> dict:
         rows = flat.view(batch, -1)
         return counts.scatter_add_(1, rows, torch.ones_like(rows, dtype=counts.dtype))
 
-    def int_over_rows(flat, order):  # sequence_balance_loss
-        offset = torch.arange(batch, device=flat.device).unsqueeze(1) * n
-        return expert_counts((flat.view(batch, -1) + offset).flatten(), batch * n).view(batch, n)
-
     return {"per sequence: scatter_add, fp32 [sequences, E]": fp32_scatter,
-            "per sequence: scatter_add, int64 over sequences x E": int_over_rows}
+            "per sequence: int64 over sequences x E (sequence_expert_counts)":
+                lambda flat, order: sequence_expert_counts(flat.view(batch, -1), batch, n)}
 
 
 def sequence_counts(flat: torch.Tensor, n: int, batch: int) -> torch.Tensor:
@@ -125,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             if not torch.equal(counts.long(), expect):
                 raise SystemExit(f"{name} ({mode}) counted differently from bincount")
             results.setdefault(name, {})[mode] = _time_ms(lambda: f(flat, order), a.repeat, device)
-        print(f"{name:52s} " + "  ".join(f"{m} {1e3 * ms:8.1f} us" for m, ms in results[name].items()))
+        print(f"{name:64s} " + "  ".join(f"{m} {1e3 * ms:8.1f} us" for m, ms in results[name].items()))
     return results
 
 
