@@ -38,7 +38,7 @@ from .model.head import OutputHead
 from .model.moe import MoE
 from .model.transformer import Block
 from .train.ema import CPUEMA
-from .train.graph import GRAPH_WARMUP, GraphedStep, check_graph_step
+from .train.graph import GRAPH_WARMUP, GraphedStep, check_graph_step, one_process_step
 from .train.metrics import PEAK_BF16, flops_per_token, peak_flops
 from .train.schedule import lr_at
 from .train.step import (autocast, build_optimizer, build_train_model, forward_backward, optimizer_update,
@@ -210,12 +210,8 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
     step = [0]
     graphed = None
     if t.cuda_graph:  # the whole step captured once and replayed (train/graph.py)
-        def step_fn(ws, lam, gamma, lr):
-            sums = forward_backward(model, iter(ws), n_micro, lam, cfg, device, precision)
-            grad_norm, _, ratio = optimizer_update(model, optimizer, moe_layers, cfg, step[0], None, lr=lr, gamma=gamma)
-            return sums, grad_norm, ratio
-
-        graphed = GraphedStep(step_fn, optimizer, cfg, device)
+        graphed = GraphedStep(one_process_step(model, optimizer, moe_layers, cfg, device, precision),
+                              optimizer, cfg, device)
 
     def run_step(timer_clock=None):
         marks = {}

@@ -27,6 +27,7 @@ import torch
 from ..config import Config
 from ..errors import MoeforgeError
 from .schedule import bias_update_speed_at, mtp_lambda_at
+from .step import forward_backward, optimizer_update
 
 
 def check_graph_step(cfg: Config, device: torch.device, pctx=None) -> None:
@@ -50,6 +51,19 @@ def check_graph_step(cfg: Config, device: torch.device, pctx=None) -> None:
 
 
 GRAPH_WARMUP = 2  # eager steps before the capture
+
+
+def one_process_step(model, optimizer, moe_layers, cfg: Config, device: torch.device, precision: str):
+    """The step GraphedStep captures, for the trainer and the benchmark: (windows, lam, gamma, lr) ->
+    (loss sums, gradient norm, per-layer imbalance). No step number is needed: the lr and gamma are
+    given, and nothing else the captured step runs reads it (no EMA, no ZeRO-1)."""
+
+    def step_fn(windows, lam, gamma, lr):
+        sums = forward_backward(model, iter(windows), len(windows), lam, cfg, device, precision)
+        grad_norm, _, ratio = optimizer_update(model, optimizer, moe_layers, cfg, 0, None, lr=lr, gamma=gamma)
+        return sums, grad_norm, ratio
+
+    return step_fn
 
 
 class GraphedStep:

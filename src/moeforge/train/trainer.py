@@ -31,7 +31,7 @@ from ..parallel import dcp, pipeline
 from . import checkpoint as ckpt
 from .balance import imbalance_stats
 from .ema import CPUEMA
-from .graph import GraphedStep, check_graph_step, portable_optimizer_state
+from .graph import GraphedStep, check_graph_step, one_process_step, portable_optimizer_state
 from .metrics import MetricsSink, flops_per_token, peak_flops
 from .schedule import batch_size_at, lr_at, mtp_lambda_at
 from .step import (autocast, build_optimizer, build_train_model, check_memory, forward_backward, optimizer_groups,
@@ -174,7 +174,10 @@ class Trainer:
                                     "(not expert or pipeline parallelism, zero2 or full)")
             if self.is_main:  # replicated parameters: rank 0 alone keeps (and saves) the average
                 self.ema = CPUEMA(self.model, t.ema_decay, t.ema_every)
-        self.graphed = GraphedStep(self._graph_step_fn, self.optimizer, cfg, self.device) if t.cuda_graph else None
+        self.graphed = None
+        if t.cuda_graph:  # one process (check_graph_step): the model is what the optimizer updates
+            self.graphed = GraphedStep(one_process_step(self.model, self.optimizer, self.moe_layers, cfg, self.device,
+                                                        self.precision), self.optimizer, cfg, self.device)
         self.step, self.tokens_seen = 0, 0
         if resume_from is not None:
             self._load(resume_from)
@@ -326,14 +329,6 @@ class Trainer:
         K = m.num_nextn_predict_layers
         mtp = out["mtp"].sum() * (lam / K) if K else out["main"] * 0
         return torch.stack([out["main"], mtp, out["balance"]]).float().to(self.device)
-
-    def _graph_step_fn(self, windows, lam, gamma, lr):
-        """The one-process step that train.cuda_graph captures: its tensors (loss sums, gradient norm,
-        per-layer imbalance)."""
-        sums = forward_backward(self.model, iter(windows), len(windows), lam, self.cfg, self.device, self.precision)
-        grad_norm, _, ratio = optimizer_update(self.model, self.optimizer, self.moe_layers, self.cfg, self.step, None,
-                                               lr=lr, gamma=gamma)
-        return sums, grad_norm, ratio
 
     # ---- one optimizer step ----
     def train_step(self) -> dict:
