@@ -211,17 +211,21 @@ def sequence_expert_counts(indices: torch.Tensor, batch: int, n_experts: int) ->
     return expert_counts((indices.view(batch, -1) + seq_offset).flatten(), batch * n_experts).view(batch, n_experts)
 
 
-def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, n_experts: int) -> torch.Tensor:
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, n_experts: int,
+                          seq_counts: torch.Tensor | None = None) -> torch.Tensor:
     """Complementary sequence-wise balance loss without alpha: mean over sequences of sum_i f_i P_i.
 
     Eqs. 17-20: f_i = E / (K * S) * #{t in the sequence that selected i},
     P_i = mean_t s'_{i,t} with s' the scores normalised to sum to 1 per token.
+    seq_counts: sequence_expert_counts(indices, batch, n_experts) when the caller has them already.
     """
     T, K = indices.shape
     S = T // batch
     probs = scores / scores.sum(dim=-1, keepdim=True)  # s'
     P = probs.view(batch, S, n_experts).mean(dim=1)  # [B, E]
-    f = sequence_expert_counts(indices, batch, n_experts).to(scores.dtype) * n_experts / (K * S)
+    if seq_counts is None:
+        seq_counts = sequence_expert_counts(indices, batch, n_experts)
+    f = seq_counts.to(scores.dtype) * n_experts / (K * S)
     return (f * P).sum(dim=-1).mean()
 
 
@@ -252,11 +256,12 @@ class MoE(nn.Module):
         u = x.reshape(B * S, D)
         weights, indices, scores = self.gate(u)
         if self.training:
+            seq_counts = sequence_expert_counts(indices, B, self.n_experts)  # (indices carry no gradient)
             with torch.no_grad():
-                counts = expert_counts(indices.flatten(), self.n_experts).float()
+                counts = seq_counts.sum(0).float()  # this micro-batch's tokens per expert
                 if not _recomputing():  # (the same ops run either way: recomputation replays them in order)
                     self.tokens_per_expert += counts
-            balance = sequence_balance_loss(scores, indices, B, self.n_experts)
+            balance = sequence_balance_loss(scores, indices, B, self.n_experts, seq_counts)
         else:
             balance = scores.new_zeros(())
         # Permute (and, under expert parallelism, send) the tokens in the dtype the experts compute in:
