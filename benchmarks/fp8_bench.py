@@ -472,7 +472,8 @@ def s_tiles(args):
     only = getattr(args, "tile_variants", None)
     variants = {
         "fwd": {"triton (64 x 128 tiles)": TRITON_GROUPED_CONFIG, **ws_variants},
-        "wgrad": {"triton (64 x 128 tiles)": TRITON_WGRAD_CONFIG, **ws_variants},
+        "wgrad": {"triton (64 x 128 tiles)": TRITON_WGRAD_CONFIG, **ws_variants,
+                  **{f"ws 128x128, {n} stages": {**ws, "FOLD": False, "STAGES": n} for n in (3, 5, 6)}},
     }
     if not only:
         variants["fwd"].update({"128 rows, unfolded": plain, "128 rows, folded": {**plain, "FOLD": True}})
@@ -480,6 +481,8 @@ def s_tiles(args):
     out = {}
     for name, (E, R, K, N) in {"64 experts, 2048 -> 1408": (64, 98304, 2048, 1408),
                                "64 experts, 1408 -> 2048": (64, 98304, 1408, 2048),
+                               "64 experts, 196,608 rows, 2048 -> 2816": (64, 196608, 2048, 2816),
+                               "64 experts, 196,608 rows, 1408 -> 2048": (64, 196608, 1408, 2048),
                                "8 experts, 7168 -> 2048": (8, 32768, 7168, 2048)}.items():
         torch.manual_seed(0)
         counts = torch.multinomial(torch.ones(E), R, replacement=True).bincount(minlength=E)

@@ -19,8 +19,9 @@ warpgroups write the last one.
 
 A 256-column tile (BLOCK_N = 256) is two 128-column halves whose MMAs run one after the other: two
 64 x 128 FP32 accumulators and one partial per thread (192 registers), where issuing both halves at
-once would need 256. It halves the reads of A per FLOP and is the default for the experts' forward,
-Dgrad and Wgrad (kernels.WS_GROUPED_CONFIG, WS_WGRAD_CONFIG). Where the tiles' rows start on multiples
+once would need 256. It halves the reads of A per FLOP and is the default for the experts' forward
+and Dgrad (kernels.WS_GROUPED_CONFIG); their Wgrad runs faster on 128-column tiles with 3 stages
+(kernels.WS_WGRAD_CONFIG). Where the tiles' rows start on multiples
 of 128 (the Wgrad), the load warp also copies the K block's 1x128 scales with TMA (SCALE_TMA), so the
 math warpgroups keep no per-column scales or offsets in registers across the loop.
 
