@@ -10,6 +10,9 @@ to 1 become constants, multiples of 16 and the (16-byte aligned) pointers carry 
 hint. Without them the compiler cannot vectorise the stores or fold the unit strides, and the
 register counts differ from those of the kernel that runs.
 
+"regs" is the kernel's register allocation (its `maxnreg`); the math warpgroups raise theirs to
+MATH_REGS with setmaxnreg, and a spill is what did not fit in those.
+
 Shapes: the experts' gate/up forward (rows x hidden -> 2 x inter per expert) and the weight gradient
 of one of its two parts (inter x hidden per expert over all rows), as in the bench preset's step.
 Needs Triton 3.6 with Gluon, no GPU.
