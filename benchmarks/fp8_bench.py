@@ -471,9 +471,11 @@ def s_tiles(args):
                    "ws 128x256, probe: no scales (wrong results)": {**w256, "PROMOTE": False}}
     only = getattr(args, "tile_variants", None)
     variants = {
-        "fwd": {"triton (64 x 128 tiles)": TRITON_GROUPED_CONFIG, **ws_variants},
+        "fwd": {"triton (64 x 128 tiles)": TRITON_GROUPED_CONFIG, **ws_variants,
+                "ws 128x256, 3 stages, TMA store": {**w256, "STAGES": 3, "STORE_TMA": True}},
         "wgrad": {"triton (64 x 128 tiles)": TRITON_WGRAD_CONFIG, **ws_variants,
-                  **{f"ws 128x128, {n} stages": {**ws, "FOLD": False, "STAGES": n} for n in (3, 5, 6)}},
+                  **{f"ws 128x128, {n} stages": {**ws, "FOLD": False, "STAGES": n} for n in (3, 5, 6)},
+                  "ws 128x128, 3 stages, TMA store": {**ws, "FOLD": False, "STAGES": 3, "STORE_TMA": True}},
     }
     if not only:
         variants["fwd"].update({"128 rows, unfolded": plain, "128 rows, folded": {**plain, "FOLD": True}})

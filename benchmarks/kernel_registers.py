@@ -57,7 +57,7 @@ def launch_ints(part: str, cfg: dict, rows: int, hidden: int, inter: int, expert
 
 def compile_variant(part: str, cfg: dict, ints: dict):
     """The kernel of one configuration as a launch would build it -> (PTX, shared memory bytes)."""
-    cfg = dict(cfg)
+    cfg_full, cfg = cfg, dict(cfg)
     cfg.pop("KERNEL", None)
     cfg.pop("PROGRAMS", None)
     maxnreg = cfg.pop("maxnreg")
@@ -68,11 +68,17 @@ def compile_variant(part: str, cfg: dict, ints: dict):
                   "FOLD": bool(cfg.get("FOLD")) and not wgrad, "SCALE_TMA": wgrad}
     codes = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn, device="meta")
     scales = torch.empty(64, 4096, dtype=torch.float32, device="meta")
+    out = torch.empty(4096, 4096, dtype=torch.float32 if wgrad else torch.bfloat16, device="meta")
+    c_desc = None  # as gluon_gemm.launch decides
+    if cfg.get("STORE_TMA") and gluon_gemm.smem_bytes(cfg_full, out.element_size(), True) <= gluon_gemm.SMEM_LIMIT:
+        c_desc = gluon_gemm.out_descriptor(out, wgrad)
+    constexprs["STORE_TMA"] = c_desc is not None
     tensors = {"a_desc": gluon_gemm.descriptor(codes, bm), "b_desc": gluon_gemm.descriptor(codes, bn),
-               "c_ptr": torch.empty(1, dtype=torch.float32 if wgrad else torch.bfloat16, device="meta"),
+               "c_ptr": out,
                "sa_ptr": scales, "sb_ptr": scales, "tiles_ptr": torch.empty(1, dtype=torch.int32, device="meta"),
                "offs_ptr": torch.empty(1, dtype=torch.int32, device="meta"),
                "sa_desc": gluon_gemm.scale_descriptor(scales, bm), "sb_desc": gluon_gemm.scale_descriptor(scales, bn)}
+    tensors["c_desc"] = c_desc or tensors["sa_desc"]
     fn = gluon_gemm._ws_gemm_kernel
     signature, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -113,12 +119,14 @@ def ptxas_report(ptx: str, maxnreg: int) -> dict:
 
 def variants() -> dict:
     """(part, configuration) pairs: the defaults and the alternatives docs/fp8.md compares."""
-    w256 = {**WS_GROUPED_CONFIG, "FOLD": False}
+    w256 = {**WS_GROUPED_CONFIG, "FOLD": False, "STORE_TMA": False}
     return {
-        "forward, default (128 x 256)": ("forward", WS_GROUPED_CONFIG),
+        "forward, default (128 x 256, TMA store)": ("forward", WS_GROUPED_CONFIG),
+        "forward, 128 x 256, stores from registers": ("forward", {**WS_GROUPED_CONFIG, "STORE_TMA": False}),
         "forward, 128 x 128, 4 stages": ("forward", gluon_gemm.WS_CONFIG),
         "forward, 128 x 256, unfolded scales": ("forward", w256),
-        "Wgrad, default (128 x 128, 3 stages)": ("wgrad", WS_WGRAD_CONFIG),
+        "Wgrad, default (128 x 128, 3 stages, TMA store)": ("wgrad", WS_WGRAD_CONFIG),
+        "Wgrad, 128 x 128, stores from registers": ("wgrad", {**WS_WGRAD_CONFIG, "STORE_TMA": False}),
         "Wgrad, 128 x 256, 3 stages": ("wgrad", w256),
     }
 
@@ -130,11 +138,11 @@ def main() -> None:
     ap.add_argument("--inter", type=int, default=1408, help="an expert's intermediate size")
     ap.add_argument("--experts", type=int, default=64)
     a = ap.parse_args()
-    print(f"{'variant':40s} {'regs':>5s} {'stack':>6s} {'spill st':>9s} {'spill ld':>9s} {'smem':>7s}")
+    print(f"{'variant':48s} {'regs':>5s} {'stack':>6s} {'spill st':>9s} {'spill ld':>9s} {'smem':>7s}")
     for name, (part, cfg) in variants().items():
         ptx, smem, maxnreg = compile_variant(part, cfg, launch_ints(part, cfg, a.rows, a.hidden, a.inter, a.experts))
         r = ptxas_report(ptx, maxnreg)
-        print(f"{name:40s} {r['registers']:5d} {r['stack']:6d} {r['spill stores']:9d} {r['spill loads']:9d} {smem:7d}",
+        print(f"{name:48s} {r['registers']:5d} {r['stack']:6d} {r['spill stores']:9d} {r['spill loads']:9d} {smem:7d}",
               flush=True)
 
 

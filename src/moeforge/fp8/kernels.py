@@ -649,8 +649,9 @@ TRITON_WGRAD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps":
 try:
     from .gluon_gemm import WS_CONFIG
 
-    WS_GROUPED_CONFIG = {**WS_CONFIG, "BLOCK_N": 256, "STAGES": 3, "MATH_REGS": 240, "LOAD_REGS": 24}
-    WS_WGRAD_CONFIG = {**WS_CONFIG, "FOLD": False, "STAGES": 3}
+    WS_GROUPED_CONFIG = {**WS_CONFIG, "BLOCK_N": 256, "STAGES": 3, "MATH_REGS": 240, "LOAD_REGS": 24,
+                         "STORE_TMA": True}
+    WS_WGRAD_CONFIG = {**WS_CONFIG, "FOLD": False, "STAGES": 3, "STORE_TMA": True}
 except ImportError:  # a Triton without Gluon's Hopper API
     WS_GROUPED_CONFIG = WS_WGRAD_CONFIG = None
 GROUPED_CONFIG = WS_GROUPED_CONFIG or TRITON_GROUPED_CONFIG
