@@ -69,9 +69,7 @@ def compile_variant(part: str, cfg: dict, ints: dict):
     codes = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn, device="meta")
     scales = torch.empty(64, 4096, dtype=torch.float32, device="meta")
     out = torch.empty(4096, 4096, dtype=torch.float32 if wgrad else torch.bfloat16, device="meta")
-    c_desc = None  # as gluon_gemm.launch decides
-    if cfg.get("STORE_TMA") and gluon_gemm.smem_bytes(cfg_full, out.element_size(), True) <= gluon_gemm.SMEM_LIMIT:
-        c_desc = gluon_gemm.out_descriptor(out, wgrad)
+    c_desc = gluon_gemm.out_descriptor(out, cfg_full, wgrad)  # as gluon_gemm.launch decides
     constexprs["STORE_TMA"] = c_desc is not None
     tensors = {"a_desc": gluon_gemm.descriptor(codes, bm), "b_desc": gluon_gemm.descriptor(codes, bn),
                "c_ptr": out,

@@ -406,21 +406,23 @@ _GL_DTYPES = {"torch.bfloat16": gl.bfloat16, "torch.float16": gl.float16, "torch
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on SM90
 
 
-def smem_bytes(cfg: dict, out_elsize: int, store_tma: bool) -> int:
-    """The kernel's shared memory: the STAGES buffers of A's and B's FP8 codes and their scales, and
-    with a TMA store the two warpgroups' [64, 128] buffers of C per 128 columns."""
+def smem_bytes(cfg: dict, out_elsize: int) -> int:
+    """The shared memory of the kernel with a TMA store: the STAGES buffers of A's and B's FP8 codes
+    and their scales, and the two warpgroups' [64, 128] buffers of C per 128 columns."""
     bm, bn, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["STAGES"]
     ring = stages * ((bm + bn) * BLOCK_K.value + (bm + bn) * 4 + 16)
-    return ring + (2 * (bn // HALF_N.value) * WG_ROWS.value * HALF_N.value * out_elsize if store_tma else 0)
+    return ring + 2 * (bn // HALF_N.value) * WG_ROWS.value * HALF_N.value * out_elsize
 
 
-def out_descriptor(c, group_k: bool):
+def out_descriptor(c, config: dict, group_k: bool):
     """A TMA descriptor over the output c viewed as 2-D [-1, N] with [64, 128] boxes (one math
-    warpgroup's rows of one 128-column half), or None where a TMA store cannot write c: its rows
-    not 16-byte aligned, or (grouped K) a group's M rows not a multiple of 64, so that a box would
+    warpgroup's rows of one 128-column half) where `config` asks for STORE_TMA, or None where it does
+    not or a TMA store cannot write c: its buffers would not fit in shared memory, c's rows are not
+    16-byte aligned, or (grouped K) a group's M rows are not a multiple of 64, so that a box would
     cross into the next group's rows."""
     dtype = _GL_DTYPES.get(str(c.dtype))
-    if (dtype is None or not c.is_contiguous() or (c.shape[-1] * c.element_size()) % 16
+    if (not config.get("STORE_TMA") or smem_bytes(config, c.element_size()) > SMEM_LIMIT or dtype is None
+            or not c.is_contiguous() or (c.shape[-1] * c.element_size()) % 16
             or (group_k and c.shape[-2] % WG_ROWS.value) or (c.device.type != "meta" and c.data_ptr() % 16)):
         return None
     c2 = c.reshape(-1, c.shape[-1])
@@ -461,9 +463,7 @@ def launch(grid, a_q, b_q, c, sa, sb, *args, config: dict, **constexprs):
     n_tiles = tiles_mn * groups
     sa_desc = scale_descriptor(sa, bm)
     sb_desc = sa_desc if b_block else scale_descriptor(sb, bn)
-    c_desc = None  # a TMA store where it is asked for, c allows it and its buffers fit
-    if cfg.get("STORE_TMA") and smem_bytes(config, c.element_size(), True) <= SMEM_LIMIT:
-        c_desc = out_descriptor(c, constexprs.get("GROUP_K", False))
+    c_desc = out_descriptor(c, config, constexprs.get("GROUP_K", False))
     cfg["STORE_TMA"] = c_desc is not None
     _ws_gemm_kernel[(max(1, min(n_tiles, programs)),)](
         descriptor(a_q, bm), descriptor(b_q, bn), c, sa, sb, *args, tiles_mn, n_tiles, sa_desc, sb_desc,
