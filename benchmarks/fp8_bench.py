@@ -472,10 +472,18 @@ def s_tiles(args):
     only = getattr(args, "tile_variants", None)
     variants = {
         "fwd": {"triton (64 x 128 tiles)": TRITON_GROUPED_CONFIG, **ws_variants,
-                "ws 128x256, 3 stages, TMA store": {**w256, "STAGES": 3, "STORE_TMA": True}},
+                "ws 128x256, 3 stages, TMA store": {**w256, "STAGES": 3, "STORE_TMA": True},
+                **{f"ws 128x256, 3 stages, TMA store, turns at {w}": {**w256, "STAGES": 3, "STORE_TMA": True,
+                                                                      "TURN": n}
+                   for n, w in ((1, "issue"), (2, "completion"))},
+                "ws 128x256, turns at issue, probe: no scales": {**w256, "STAGES": 3, "STORE_TMA": True, "TURN": 1,
+                                                                 "PROMOTE": False}},
         "wgrad": {"triton (64 x 128 tiles)": TRITON_WGRAD_CONFIG, **ws_variants,
                   **{f"ws 128x128, {n} stages": {**ws, "FOLD": False, "STAGES": n} for n in (3, 5, 6)},
-                  "ws 128x128, 3 stages, TMA store": {**ws, "FOLD": False, "STAGES": 3, "STORE_TMA": True}},
+                  "ws 128x128, 3 stages, TMA store": {**ws, "FOLD": False, "STAGES": 3, "STORE_TMA": True},
+                  **{f"ws 128x128, 3 stages, TMA store, turns at {w}": {**ws, "FOLD": False, "STAGES": 3,
+                                                                        "STORE_TMA": True, "TURN": n}
+                     for n, w in ((1, "issue"), (2, "completion"))}},
     }
     if not only:
         variants["fwd"].update({"128 rows, unfolded": plain, "128 rows, folded": {**plain, "FOLD": True}})

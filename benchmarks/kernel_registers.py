@@ -60,6 +60,7 @@ def compile_variant(part: str, cfg: dict, ints: dict):
     cfg_full, cfg = cfg, dict(cfg)
     cfg.pop("KERNEL", None)
     cfg.pop("PROGRAMS", None)
+    cfg.pop("TURN_MAX_KB", None)  # the step's K loops are shorter: the turns apply
     maxnreg = cfg.pop("maxnreg")
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     wgrad = part != "forward"
@@ -119,10 +120,11 @@ def variants() -> dict:
     """(part, configuration) pairs: the defaults and the alternatives docs/fp8.md compares."""
     w256 = {**WS_GROUPED_CONFIG, "FOLD": False, "STORE_TMA": False}
     return {
-        "forward, default (128 x 256, TMA store)": ("forward", WS_GROUPED_CONFIG),
+        "forward, default (128 x 256, TMA store, turns)": ("forward", WS_GROUPED_CONFIG),
         "forward, 128 x 256, stores from registers": ("forward", {**WS_GROUPED_CONFIG, "STORE_TMA": False}),
         "forward, 128 x 128, 4 stages": ("forward", gluon_gemm.WS_CONFIG),
         "forward, 128 x 256, unfolded scales": ("forward", w256),
+        "forward, default without turns": ("forward", {**WS_GROUPED_CONFIG, "TURN": 0}),
         "Wgrad, default (128 x 128, 3 stages, TMA store)": ("wgrad", WS_WGRAD_CONFIG),
         "Wgrad, 128 x 128, stores from registers": ("wgrad", {**WS_WGRAD_CONFIG, "STORE_TMA": False}),
         "Wgrad, 128 x 256, 3 stages": ("wgrad", w256),

@@ -216,6 +216,12 @@ GROUPED_CONFIGS = {
     "warp-specialised, TMA store": {**WS_CONFIG, "STORE_TMA": True},
     "warp-specialised, 256 columns, TMA store": {**WS_CONFIG, "BLOCK_N": 256, "STAGES": 3, "STORE_TMA": True},
     "warp-specialised, 3 programs, TMA store": {**WS_CONFIG, "PROGRAMS": 3, "STAGES": 2, "STORE_TMA": True},
+    "warp-specialised, turns at issue": {**WS_CONFIG, "TURN": 1},
+    "warp-specialised, 256 columns, TMA store, turns at issue": {**WS_CONFIG, "BLOCK_N": 256, "STAGES": 3,
+                                                                  "STORE_TMA": True, "TURN": 1},
+    "warp-specialised, 256 columns, TMA store, turns at completion": {**WS_CONFIG, "BLOCK_N": 256, "STAGES": 3,
+                                                                      "STORE_TMA": True, "TURN": 2},
+    "warp-specialised, 3 programs, turns at completion": {**WS_CONFIG, "PROGRAMS": 3, "STAGES": 2, "TURN": 2},
 }
 
 
@@ -255,6 +261,11 @@ WGRAD_CONFIGS = {
     # 448 rows (7 x 64) per expert: TMA boxes of 64 rows never cross into the next expert's
     "warp-specialised, TMA store": {**WS_CONFIG, "STORE_TMA": True},
     "warp-specialised, 3 programs, TMA store": {**WS_CONFIG, "PROGRAMS": 3, "STAGES": 2, "STORE_TMA": True},
+    "warp-specialised, TMA store, turns at issue": {**WS_CONFIG, "FOLD": False, "STAGES": 3, "STORE_TMA": True,
+                                                    "TURN": 1},
+    "warp-specialised, TMA store, turns at completion": {**WS_CONFIG, "FOLD": False, "STAGES": 3,
+                                                         "STORE_TMA": True, "TURN": 2},
+    "warp-specialised, 3 programs, turns at issue": {**WS_CONFIG, "PROGRAMS": 3, "STAGES": 2, "TURN": 1},
 }
 
 

@@ -13,7 +13,9 @@ The same contract and argument list as `kernels._gemm_kernel` (C = sum over 128-
 
 Regular Triton runs all warps as one instruction stream with CTA-wide barriers between loop stages,
 so the tensor core idles while every warp promotes. Here the two warpgroups meet only at the
-buffers' barriers: while one promotes, the other's MMA runs. The kernel is persistent (one program
+buffers' barriers, so one can promote while the other's MMA runs. Left alone they run in step (both
+wait for the same buffer, issue together and promote together); with TURN they take turns at the
+tensor core, which orders the MMAs so that each promotion falls under the other warpgroup's MMA. The kernel is persistent (one program
 per SM walks tiles p, p + programs, ...), so the load warp fetches the next tile while the math
 warpgroups write the last one.
 
@@ -144,16 +146,29 @@ def _load_partition(a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, s
 
 
 @gluon.jit
-def _mma_block(a, b_bufs, s, h: gl.constexpr, pv, acc, PROMOTE: gl.constexpr):
+def _mma_block(a, b_bufs, s, h: gl.constexpr, pv, acc, PROMOTE: gl.constexpr, turn, j, WG: gl.constexpr,
+               TURN: gl.constexpr):
     """One K block of one 128-column half of the tile: the partial product (tensor-core accumulation
     over the block, started from zero), waited for. PROMOTE=False accumulates across blocks in the
-    tensor core instead, without scales: a speed probe only, its results are wrong."""
+    tensor core instead, without scales: a speed probe only, its results are wrong.
+
+    TURN > 0: the two math warpgroups take turns at the tensor core, so that one promotes while the
+    other's MMA runs instead of both MMAs sharing the tensor core and both promotions leaving it idle.
+    `j` counts the warpgroup's MMAs; warpgroup 0 starts (a fresh barrier counts as having completed the
+    phase before 0). The turn passes once the MMA is issued (TURN=1) or once it has finished (TURN=2)."""
     b = b_bufs.index(s).slice(h * HALF_N, HALF_N).permute((1, 0))
+    if TURN > 0:
+        mbarrier.wait(turn.index(WG), (j & 1) ^ (1 - WG))
     if PROMOTE:
         p = warpgroup_mma(a, b, pv, use_acc=False, is_async=True)
     else:
         p = warpgroup_mma(a, b, acc, use_acc=True, is_async=True)
-    return warpgroup_mma_wait(num_outstanding=0, deps=(p, ))
+    if TURN == 1:
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+    p = warpgroup_mma_wait(num_outstanding=0, deps=(p, ))
+    if TURN == 2:
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+    return p
 
 
 @gluon.jit
@@ -226,10 +241,10 @@ def _store_rows_from_smem(c_ptr, c_bufs, buf, r0, row_end, g64, off_n, N, stride
 @gluon.jit
 def _math_partition(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr,
                     n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
-                    sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, c_desc, c_bufs,
+                    sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, c_desc, c_bufs, turn,
                     WG: gl.constexpr, B_BLOCK: gl.constexpr, FOLD: gl.constexpr, GROUP_M_ROWS: gl.constexpr,
                     GROUP_K: gl.constexpr, GROUP_M: gl.constexpr, G_P2: gl.constexpr, PROMOTE: gl.constexpr,
-                    SCALE_TMA: gl.constexpr, STORE_TMA: gl.constexpr):
+                    SCALE_TMA: gl.constexpr, STORE_TMA: gl.constexpr, TURN: gl.constexpr):
     """The tile's rows [64 WG, 64 WG + 64), in one or two 128-column halves. With two halves (a 256-column
     tile) the halves' MMAs run one after the other: 2 x 64 accumulator registers plus one 64-register
     partial, where issuing both at once would need 256."""
@@ -287,11 +302,11 @@ def _math_partition(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_pt
             a = a_bufs.index(s).slice(WG * WG_ROWS, WG_ROWS)
             if SCALE_TMA:
                 sa = sa_bufs.index(s).reshape([BLOCK_M]).slice(WG * WG_ROWS, WG_ROWS).load(row_l)
-            pv = _mma_block(a, b_bufs, s, 0, pv, acc0, PROMOTE)
+            pv = _mma_block(a, b_bufs, s, 0, pv, acc0, PROMOTE, turn, it * NH, WG, TURN)
             if NH == 2:
                 acc0 = _promote(acc0, pv, sa, sone0, sb_base, kb, sb_sk, sb_sn, off_n, N, sb_bufs, s, 0,
                                 B_BLOCK, FOLD, PROMOTE, SCALE_TMA)
-                pv = _mma_block(a, b_bufs, s, 1, pv, acc1, PROMOTE)
+                pv = _mma_block(a, b_bufs, s, 1, pv, acc1, PROMOTE, turn, it * NH + 1, WG, TURN)
                 if not SCALE_TMA:
                     mbarrier.arrive(empty.index(s), count=1)
                 acc1 = _promote(acc1, pv, sa, sone1, sb_base, kb, sb_sk, sb_sn, n1, N, sb_bufs, s, 1,
@@ -349,7 +364,7 @@ def _ws_gemm_kernel(
     B_BLOCK: gl.constexpr, GROUP_M_ROWS: gl.constexpr, GROUP_K: gl.constexpr, G_P2: gl.constexpr,
     GROUP_M: gl.constexpr, STAGES: gl.constexpr, FOLD: gl.constexpr, SCALE_TMA: gl.constexpr,
     MATH_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, num_warps: gl.constexpr, PROMOTE: gl.constexpr = True,
-    STORE_TMA: gl.constexpr = False,
+    STORE_TMA: gl.constexpr = False, TURN: gl.constexpr = 0,
 ):
     """Persistent: program p runs tiles p, p + programs, ... (see _tile). sa_desc / sb_desc: TMA
     descriptors of the 1x128 scale tables, used with SCALE_TMA (see `launch`)."""
@@ -365,20 +380,23 @@ def _ws_gemm_kernel(
                                            + c_desc.block_type.shape, c_desc.layout)
     else:
         c_bufs = sa_bufs  # unused
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # TURN: warpgroup w's turn
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # one arrival per math warpgroup
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
 
     # (the argument tuples are written out in the call: a constexpr kept in a tuple variable becomes a tensor)
     gl.warp_specialize([
         (_math_partition, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr,
                            offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
-                           sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, c_desc, c_bufs, 0, B_BLOCK, FOLD, GROUP_M_ROWS,
-                           GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA, STORE_TMA)),
+                           sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, c_desc, c_bufs, turn, 0, B_BLOCK, FOLD,
+                           GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA, STORE_TMA, TURN)),
         (_math_partition, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr,
                            offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
-                           sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, c_desc, c_bufs, 1, B_BLOCK, FOLD, GROUP_M_ROWS,
-                           GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA, STORE_TMA)),
+                           sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, c_desc, c_bufs, turn, 1, B_BLOCK, FOLD,
+                           GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA, STORE_TMA, TURN)),
         (_load_partition, (a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty,
                            tiles_ptr, offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles,
                            GROUP_M, G_P2, GROUP_M_ROWS, GROUP_K, B_BLOCK, SCALE_TMA)),
@@ -387,10 +405,12 @@ def _ws_gemm_kernel(
 
 # 128 rows = two math warpgroups of 64; BLOCK_N 128 or 256 (one or two weight blocks: FOLD applies
 # to each); STAGES, the registers per partition (MATH_REGS, LOAD_REGS, maxnreg: the kernel's 12 warps
-# share 64K registers, so maxnreg * 384 must cover 256 * MATH_REGS + 128 * LOAD_REGS) and PROGRAMS
-# (0: one per SM) are the tunables.
+# share 64K registers, so maxnreg * 384 must cover 256 * MATH_REGS + 128 * LOAD_REGS), PROGRAMS
+# (0: one per SM), STORE_TMA, and TURN (0 off, 1 the turn passes at issue, 2 at completion; with
+# TURN_MAX_KB only for launches of at most that many K blocks) are the tunables.
 WS_CONFIG = {"KERNEL": "ws", "BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "FOLD": True,
-             "MATH_REGS": 232, "LOAD_REGS": 40, "maxnreg": 168, "PROGRAMS": 0, "STORE_TMA": False}
+             "MATH_REGS": 232, "LOAD_REGS": 40, "maxnreg": 168, "PROGRAMS": 0, "STORE_TMA": False,
+             "TURN": 0}
 
 
 def descriptor(t, rows: int):
@@ -408,10 +428,10 @@ SMEM_LIMIT = 232448  # bytes of shared memory one block may use on SM90
 
 def smem_bytes(cfg: dict, out_elsize: int) -> int:
     """The shared memory of the kernel with a TMA store: the STAGES buffers of A's and B's FP8 codes
-    and their scales, and the two warpgroups' [64, 128] buffers of C per 128 columns."""
+    and their scales, the turn barriers, and the two warpgroups' [64, 128] buffers of C per 128 columns."""
     bm, bn, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["STAGES"]
     ring = stages * ((bm + bn) * BLOCK_K.value + (bm + bn) * 4 + 16)
-    return ring + 2 * (bn // HALF_N.value) * WG_ROWS.value * HALF_N.value * out_elsize
+    return ring + 16 + 2 * (bn // HALF_N.value) * WG_ROWS.value * HALF_N.value * out_elsize
 
 
 def out_descriptor(c, config: dict, group_k: bool):
@@ -465,6 +485,8 @@ def launch(grid, a_q, b_q, c, sa, sb, *args, config: dict, **constexprs):
     sb_desc = sa_desc if b_block else scale_descriptor(sb, bn)
     c_desc = out_descriptor(c, config, constexprs.get("GROUP_K", False))
     cfg["STORE_TMA"] = c_desc is not None
+    if a_q.shape[-1] // BLOCK_K.value > cfg.pop("TURN_MAX_KB", a_q.shape[-1]):
+        cfg["TURN"] = 0  # turns cost more than they gain over long K loops (docs/fp8.md)
     _ws_gemm_kernel[(max(1, min(n_tiles, programs)),)](
         descriptor(a_q, bm), descriptor(b_q, bn), c, sa, sb, *args, tiles_mn, n_tiles, sa_desc, sb_desc,
         c_desc or sa_desc, **constexprs, **cfg, num_warps=4)
