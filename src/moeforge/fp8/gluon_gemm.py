@@ -13,11 +13,12 @@ The same contract and argument list as `kernels._gemm_kernel` (C = sum over 128-
 
 Regular Triton runs all warps as one instruction stream with CTA-wide barriers between loop stages,
 so the tensor core idles while every warp promotes. Here the two warpgroups meet only at the
-buffers' barriers, so one can promote while the other's MMA runs. Left alone they run in step (both
-wait for the same buffer, issue together and promote together); with TURN they take turns at the
-tensor core, which orders the MMAs so that each promotion falls under the other warpgroup's MMA. The kernel is persistent (one program
-per SM walks tiles p, p + programs, ...), so the load warp fetches the next tile while the math
-warpgroups write the last one.
+buffers' barriers, so one can promote while the other's MMA runs. Nothing makes them: both wait for
+the same buffer and can issue and promote together. With TURN they take turns at the tensor core,
+which orders the MMAs so that each promotion falls under the other warpgroup's MMA (6-15% faster at
+the experts' shapes, docs/fp8.md). The kernel is persistent (one program per SM walks tiles p,
+p + programs, ...), so the load warp fetches the next tile while the math warpgroups write the last
+one.
 
 With STORE_TMA (the experts' default) a warpgroup writes its finished rows into shared memory and
 hands them to an asynchronous TMA store, then goes on to the next tile's MMAs while the copy runs.

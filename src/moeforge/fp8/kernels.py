@@ -646,8 +646,8 @@ TRITON_WGRAD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps":
 # forward/Dgrad with 128 x 256 tiles at 674-983 TFLOP/s against the Triton kernel's 640-787; the Wgrad
 # (its 1x128 scales copied by TMA) with 128 x 128 tiles and 3 stages at 658-765 against 506-671 for
 # 128 x 256 tiles and 621-699 for the Triton kernel (H200, 2026-11-30; the FP8 bench step 2.6-3.0% faster).
-# The forward/Dgrad's math warpgroups take turns at the tensor core up to 32 K blocks (5.5-8.2% at the
-# step's shapes, 11% slower over 56 blocks); the Wgrad was slower with turns.
+# The forward/Dgrad's math warpgroups take turns at the tensor core up to 32 K blocks (6-15% faster at
+# the 64-expert shapes, 11% slower over 56 blocks); the Wgrad was slower with turns.
 try:
     from .gluon_gemm import WS_CONFIG
 
