@@ -39,39 +39,37 @@ SM90 = GPUTarget("cuda", 90, 32)
 
 
 def launch_ints(part: str, cfg: dict, rows: int, hidden: int, inter: int, experts: int) -> dict:
-    """The integer arguments kernels.grouped_gemm / grouped_wgrad pass for these shapes."""
+    """The integer arguments kernels.grouped_gemm / grouped_wgrad pass for these shapes, and the K
+    blocks of A's rows that the launch sees (a_k_blocks; the Wgrad's A holds every expert's token tiles)."""
     bm, bn, blk = cfg["BLOCK_M"], cfg["BLOCK_N"], 128
     if part == "forward":  # gate/up: K = hidden, N = 2 x inter, rows grouped by expert
         N, K = 2 * inter, hidden
         row_tiles = -(-rows // bm) + experts
         tiles = row_tiles * -(-N // bn)
-        return dict(n_groups=experts, M=rows, N=N, KB=K // blk, b_group_rows=N, stride_cg=0, stride_cm=N, sa_sm=1,
-                    sa_sk=rows + blk * experts, sb_sg=-(-N // blk) * (K // blk), sb_sn=K // blk, sb_sk=1,
-                    tiles_mn=tiles, n_tiles=tiles)
+        return dict(a_k_blocks=K // blk, n_groups=experts, M=rows, N=N, KB=K // blk, b_group_rows=N, stride_cg=0,
+                    stride_cm=N, sa_sm=1, sa_sk=rows + blk * experts, sb_sg=-(-N // blk) * (K // blk),
+                    sb_sn=K // blk, sb_sk=1, tiles_mn=tiles, n_tiles=tiles)
     # Wgrad of one part: [inter, hidden] per expert, K = the expert's tokens (grouped K)
     M, N = inter, hidden
     tiles_mn = -(-M // bm) * -(-N // bn)
-    return dict(n_groups=experts, M=M, N=N, KB=0, b_group_rows=0, stride_cg=M * N, stride_cm=N, sa_sm=1,
-                sa_sk=2 * inter, sb_sg=0, sb_sn=1, sb_sk=hidden, tiles_mn=tiles_mn, n_tiles=tiles_mn * experts)
+    return dict(a_k_blocks=-(-rows // blk) + experts, n_groups=experts, M=M, N=N, KB=0, b_group_rows=0,
+                stride_cg=M * N, stride_cm=N, sa_sm=1, sa_sk=2 * inter, sb_sg=0, sb_sn=1, sb_sk=hidden,
+                tiles_mn=tiles_mn, n_tiles=tiles_mn * experts)
 
 
 def compile_variant(part: str, cfg: dict, ints: dict):
     """The kernel of one configuration as a launch would build it -> (PTX, shared memory bytes)."""
-    cfg_full, cfg = cfg, dict(cfg)
-    cfg.pop("KERNEL", None)
-    cfg.pop("PROGRAMS", None)
-    cfg.pop("TURN_MAX_KB", None)  # the step's K loops are shorter: the turns apply
-    maxnreg = cfg.pop("maxnreg")
-    bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     wgrad = part != "forward"
-    constexprs = {**cfg, "B_BLOCK": not wgrad, "GROUP_M_ROWS": not wgrad, "GROUP_K": wgrad,
-                  "G_P2": 2 if wgrad else triton.next_power_of_2(max(ints["n_groups"], 2)),
-                  "FOLD": bool(cfg.get("FOLD")) and not wgrad, "SCALE_TMA": wgrad}
     codes = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn, device="meta")
     scales = torch.empty(64, 4096, dtype=torch.float32, device="meta")
     out = torch.empty(4096, 4096, dtype=torch.float32 if wgrad else torch.bfloat16, device="meta")
-    c_desc = gluon_gemm.out_descriptor(out, cfg_full, wgrad)  # as gluon_gemm.launch decides
-    constexprs["STORE_TMA"] = c_desc is not None
+    c_desc = gluon_gemm.out_descriptor(out, cfg, wgrad)  # as gluon_gemm.launch decides
+    constexprs = gluon_gemm.kernel_options(cfg, k_blocks=ints["a_k_blocks"], b_block=not wgrad, scale_tma=wgrad,
+                                           store_tma=c_desc is not None)
+    maxnreg = constexprs.pop("maxnreg")
+    constexprs.update({"B_BLOCK": not wgrad, "GROUP_M_ROWS": not wgrad, "GROUP_K": wgrad,
+                       "G_P2": 2 if wgrad else triton.next_power_of_2(max(ints["n_groups"], 2))})
     tensors = {"a_desc": gluon_gemm.descriptor(codes, bm), "b_desc": gluon_gemm.descriptor(codes, bn),
                "c_ptr": out,
                "sa_ptr": scales, "sb_ptr": scales, "tiles_ptr": torch.empty(1, dtype=torch.int32, device="meta"),

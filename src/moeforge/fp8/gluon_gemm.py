@@ -451,6 +451,19 @@ def out_descriptor(c, config: dict, group_k: bool):
     return TensorDescriptor(c2, list(c2.shape), list(c2.stride()), [WG_ROWS.value, HALF_N.value], layout)
 
 
+def kernel_options(config: dict, *, k_blocks: int, b_block: bool, scale_tma: bool, store_tma: bool) -> dict:
+    """The kernel's tunables (constexprs and maxnreg) for one launch of `config`: FOLD only where B is
+    128x128-blocked (one B scale per 128 columns and K block), TURN off where A's rows have more than
+    TURN_MAX_KB K blocks (turns cost more than they gain over long K loops, docs/fp8.md), and the
+    SCALE_TMA / STORE_TMA decisions of the caller."""
+    cfg = {k: v for k, v in config.items() if k not in ("KERNEL", "BLOCK_M", "BLOCK_N", "PROGRAMS", "TURN_MAX_KB")}
+    cfg["FOLD"] = bool(cfg.get("FOLD")) and b_block
+    cfg["SCALE_TMA"], cfg["STORE_TMA"] = scale_tma, store_tma
+    if k_blocks > config.get("TURN_MAX_KB", k_blocks):
+        cfg["TURN"] = 0
+    return cfg
+
+
 def scale_descriptor(s, cols: int):
     """A TMA descriptor over a 1x128 scale table s [K blocks, rows] (rows contiguous) with [1, cols]
     boxes: one K block's scales of a tile's rows."""
@@ -467,27 +480,22 @@ def launch(grid, a_q, b_q, c, sa, sb, *args, config: dict, **constexprs):
     multiples of 128, i.e. unless the rows are grouped (experts' forward/Dgrad, whose groups start
     anywhere): a TMA box must start 16-byte aligned along the contiguous dimension, and a grouped
     tile's first row index is that dimension of the scale table (measured: "illegal instruction")."""
-    cfg = dict(config)
-    cfg.pop("KERNEL", None)
-    bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     if bm != 2 * WG_ROWS.value:
         raise ValueError(f"the warp-specialised GEMM runs 128-row tiles, got BLOCK_M={bm}")
     if bn not in (128, 256):
         raise ValueError(f"the warp-specialised GEMM runs 128- or 256-column tiles, got BLOCK_N={bn}")
     b_block = constexprs.get("B_BLOCK", False)
-    # FOLD needs one B scale per 128 columns and K block: 128x128-blocked B
-    cfg["FOLD"] = bool(cfg.get("FOLD")) and b_block
-    cfg["SCALE_TMA"] = not constexprs.get("GROUP_M_ROWS", False) and all(
+    scale_tma = not constexprs.get("GROUP_M_ROWS", False) and all(
         t.data_ptr() % 16 == 0 and t.stride(0) % 4 == 0 for t in ((sa,) if b_block else (sa, sb)))
-    programs = cfg.pop("PROGRAMS") or _sm_count(a_q.device)
+    programs = config["PROGRAMS"] or _sm_count(a_q.device)
     tiles_mn, groups = grid
     n_tiles = tiles_mn * groups
     sa_desc = scale_descriptor(sa, bm)
     sb_desc = sa_desc if b_block else scale_descriptor(sb, bn)
     c_desc = out_descriptor(c, config, constexprs.get("GROUP_K", False))
-    cfg["STORE_TMA"] = c_desc is not None
-    if a_q.shape[-1] // BLOCK_K.value > cfg.pop("TURN_MAX_KB", a_q.shape[-1]):
-        cfg["TURN"] = 0  # turns cost more than they gain over long K loops (docs/fp8.md)
+    cfg = kernel_options(config, k_blocks=a_q.shape[-1] // BLOCK_K.value, b_block=b_block, scale_tma=scale_tma,
+                         store_tma=c_desc is not None)
     _ws_gemm_kernel[(max(1, min(n_tiles, programs)),)](
         descriptor(a_q, bm), descriptor(b_q, bn), c, sa, sb, *args, tiles_mn, n_tiles, sa_desc, sb_desc,
         c_desc or sa_desc, **constexprs, **cfg, num_warps=4)
