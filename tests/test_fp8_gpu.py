@@ -178,6 +178,46 @@ def test_segmented_transposed_quantisation(rows):
         start, t0 = end, t1
 
 
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantisers_gather_rows_through_an_index(pow2):
+    """quant_operands(x, index=i) quantises the rows x[i] without building them (the routed experts'
+    rows read from their tokens): the same bytes and scales as quantising x.index_select(0, i), for
+    the row operand and for the per-expert transposed tiles; rows repeated, reordered and skipped."""
+    counts = torch.tensor([130, 0, 7, 300, 1])
+    offsets = counts.cumsum(0).to(torch.int32).to(DEV)
+    x = _data((150, 200), torch.bfloat16, seed=6)
+    index = torch.randint(0, 150, (int(counts.sum()),), generator=torch.Generator().manual_seed(1)).to(DEV)
+    rows = x.index_select(0, index)
+    tiles, offs = kernels.group_layout(offsets, 128)
+    seg = (tiles, offs, -(-rows.shape[0] // 128) + len(counts))
+    for segments in (None, seg):
+        a, b = kernels.quant_operands(x, pow2, rows=True, cols=True, segments=segments, index=index)
+        a_ref, b_ref = kernels.quant_operands(rows, pow2, rows=True, cols=True, segments=segments)
+        _bytes_equal(a.q, a_ref.q)  # the padding too: the row quantiser writes all of it
+        assert torch.equal(a.s_store, a_ref.s_store)
+        _bytes_equal(b.qv, b_ref.qv)
+        assert torch.equal(b.sv, b_ref.sv)
+    with pytest.raises(ValueError, match="index"):
+        kernels.quant_operands(x, index=index.to(torch.int32))
+
+
+@pytest.mark.parametrize("k", [1, 6])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_spread_sum_adds_each_rows_copies(k, dtype):
+    """spread_sum(g, inverse, k): each source row's k copy gradients in the sorted layout, summed in
+    FP32 in copy order and rounded once, as the loop below does."""
+    M, D = 1000, 2048 + 72
+    g = torch.randn(M * k, D, device=DEV).to(dtype)
+    inverse = torch.randperm(M * k, device=DEV)
+    out = kernels.spread_sum(g, inverse, k)
+    copies = g.index_select(0, inverse).view(M, k, D)
+    acc = torch.zeros(M, D, device=DEV)
+    for c in range(k):
+        acc = acc + copies[:, c].float()
+    assert out.dtype == dtype and torch.equal(out, acc.to(dtype))
+    torch.testing.assert_close(out, copies.sum(1), rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
 def _emulated(a: "kernels.Operand", b: "kernels.Operand"):
     ah = dequantize(a.qv, a.sv, (1, 128))
     bh = dequantize(b.qv, b.sv, (1, 128) if b.kind == "row" else (128, 128))
@@ -493,6 +533,42 @@ def test_fp8_grouped_gpu_frozen_weights(recipe):
     assert torch.equal(dxs[0], dxs[1])
 
 
+@needs_sm90
+@pytest.mark.parametrize("recipe", [FP8Recipe(), FP8Recipe(save_fp8_inputs=False)])
+@pytest.mark.parametrize("k", [1, 3])
+def test_fp8_experts_gather_their_rows_in_the_quantisers(recipe, k):
+    """FP8 experts given a dispatch's SpreadRows (the sorted rows never copied: the first GEMM's
+    quantisers gather them) against the same experts given the gathered rows: the same output and
+    weight gradients to the bit, the tokens' gradient within the order of its sum over the k copies."""
+    from moeforge.fp8.linear import FP8Experts
+    from moeforge.model.moe import Experts, SpreadRows, inverse_permutation
+
+    torch.manual_seed(0)
+    E, D, inter, T = 4, 256, 200, 400
+    m = Experts(E, D, inter).to(DEV)
+    for w in m.parameters():
+        torch.nn.init.normal_(w, std=0.05)
+    m.__class__, m.recipe = FP8Experts, recipe
+    choice = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).flatten().to(DEV)
+    order = choice.argsort(stable=True)
+    counts = torch.bincount(choice, minlength=E)
+    x = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
+    outs = []
+    for lazy in (True, False):
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        rows = SpreadRows(xi, order // k, inverse_permutation(order), k)
+        with torch.autocast("cuda", torch.bfloat16):
+            y = m(rows if lazy else rows.gather(), counts)
+        y.float().square().sum().backward()
+        outs.append((y, xi.grad, m.w1.grad.clone(), m.w2.grad.clone(), m.w3.grad.clone()))
+    (y, dx, *dw), (y_r, dx_r, *dw_r) = outs
+    assert torch.equal(y, y_r)
+    for a, b in zip(dw, dw_r):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(dx, dx_r, rtol=2 ** -7, atol=1e-6)
+
+
 _MEMCHECK_SCRIPT = """
 import torch
 from moeforge.fp8 import FP8Recipe, gpu
@@ -505,6 +581,12 @@ w2 = torch.randn(5, 384, 256, device="cuda").mul_(0.05).requires_grad_()
 gate_up = gpu.fp8_grouped(x, offsets, FP8Recipe(), None, "w13", w1, w3)
 y = gpu.fp8_grouped(gate_up[:, :256] * gate_up[:, 256:], offsets, FP8Recipe(), None, "w2", w2)
 y.float().square().sum().backward()
+# the first GEMM's rows gathered from 239 tokens with 2 copies each (moe.SpreadRows)
+from moeforge.model.moe import inverse_permutation
+order = torch.randperm(478, device="cuda")
+xs = torch.randn(239, 256, device="cuda", requires_grad=True)
+gate_up = gpu.fp8_grouped(xs, offsets, FP8Recipe(), None, "w13", w1, w3, spread=(order // 2, inverse_permutation(order), 2))
+gate_up.float().square().sum().backward()
 torch.cuda.synchronize()
 print("grouped fp8 forward and backward done")
 """

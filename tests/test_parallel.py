@@ -267,7 +267,8 @@ def dispatcher_checks() -> dict:
         disp = AllToAllDispatcher(group, 2, rank, fp8=fp8, overlap=overlap)
         pending = disp.start(x, indices, E)
         in_flight = len(pending.pending)
-        x_local, counts, ctx = pending.finish()
+        rows, counts, ctx = pending.finish()
+        x_local = rows.gather()
         y = disp.combine(x_local, w, ctx, T)  # identity experts
         y.backward(torch.ones_like(y))
         expected = x.detach() * w.sum(-1, keepdim=True)  # sum_k w_k * x_t

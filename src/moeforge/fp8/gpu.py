@@ -143,49 +143,62 @@ def _segments(offsets: torch.Tensor, rows: int) -> tuple:
 
 class FP8GroupedGPUFn(torch.autograd.Function):
     """Rows x[offsets[e-1]:offsets[e]] times the experts' weights in FP8 (see _FP8GroupedFn): ws are
-    parts [E, out_i, in] stacked along out at quant.part_starts into one grouped GEMM."""
+    parts [E, out_i, in] stacked along out at quant.part_starts into one grouped GEMM.
+
+    spread: None, or (index, inverse, k) of a moe.SpreadRows whose source rows x are: the rows are
+    then x[index], gathered by the quantisers (the sorted BF16 copy is never built), and the input
+    gradient is returned for x itself (each source row's k copy gradients summed, kernels.spread_sum)."""
 
     @staticmethod
-    def forward(ctx, x, offsets, recipe, owner, name, *ws):
+    def forward(ctx, x, offsets, recipe, owner, name, spread, *ws):
         from .kernels import grouped_gemm, quant_block_operand, quant_operands
 
         p2 = recipe.pow2_scales
         x = x if x.stride(-1) == 1 else x.contiguous()
+        index = spread[0] if spread is not None else None
+        rows = index.numel() if index is not None else x.shape[0]
         # Wgrad per expert: 1x128 tiles along each expert's own tokens (restarting at its first token)
-        ctx.seg = _segments(offsets, x.shape[0])
-        save_fp8 = recipe.save_fp8_inputs and any(ctx.needs_input_grad[5:])
-        xa, ctx.xt = quant_operands(x, p2, rows=True, cols=save_fp8, segments=ctx.seg if save_fp8 else None)
+        ctx.seg = _segments(offsets, rows)
+        save_fp8 = recipe.save_fp8_inputs and any(ctx.needs_input_grad[6:])
+        xa, ctx.xt = quant_operands(x, p2, rows=True, cols=save_fp8, segments=ctx.seg if save_fp8 else None,
+                                    index=index)
         wa, wt = cached(owner, (name, p2), lambda: quant_block_operand(ws, p2, transpose=True))  # [out, in]
         y = grouped_gemm(xa, wa, offsets, out_dtype=x.dtype)
         if not recipe.save_fp8_inputs:
             ctx.save_for_backward(x)
         ctx.parts = list(zip(part_starts([w.shape[1] for w in ws]), [w.shape[1] for w in ws], [w.dtype for w in ws]))
-        ctx.wt, ctx.offsets, ctx.recipe, ctx.x_dtype = wt, offsets, recipe, x.dtype
+        ctx.wt, ctx.offsets, ctx.recipe, ctx.x_dtype, ctx.spread = wt, offsets, recipe, x.dtype, spread
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        from .kernels import grouped_gemm, grouped_wgrad, quant_operands
+        from .kernels import grouped_gemm, grouped_wgrad, quant_operands, spread_sum
 
         p2 = ctx.recipe.pow2_scales
         g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        seg = ctx.seg
-        need_w = any(ctx.needs_input_grad[5:])  # not with frozen expert weights
+        seg, spread = ctx.seg, ctx.spread
+        need_w = any(ctx.needs_input_grad[6:])  # not with frozen expert weights
         ga, gt = quant_operands(g, p2, rows=True, cols=need_w, segments=seg if need_w else None)  # gt: [out, tokens]
-        dx = grouped_gemm(ga, ctx.wt, ctx.offsets, out_dtype=ctx.x_dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = grouped_gemm(ga, ctx.wt, ctx.offsets, out_dtype=ctx.x_dtype)
+            if spread is not None:
+                dx = spread_sum(dx, spread[1], spread[2])
         dws = [None] * len(ctx.parts)
         if need_w:
             xt = ctx.xt
-            if xt is None:
-                _, xt = quant_operands(ctx.saved_tensors[0], p2, rows=False, cols=True, segments=seg)  # [in, tokens]
+            if xt is None:  # [in, tokens]
+                _, xt = quant_operands(ctx.saved_tensors[0], p2, rows=False, cols=True, segments=seg,
+                                       index=spread[0] if spread is not None else None)
             # one Wgrad per part, each written straight into its own [E, out_i, in] gradient
             dws = [grouped_wgrad(gt.row_slice(r0, n), xt, seg[0], out_dtype=dt) for r0, n, dt in ctx.parts]
-        ctx.xt = ctx.wt = ctx.seg = None
-        return (dx, None, None, None, None, *dws)
+        ctx.xt = ctx.wt = ctx.seg = ctx.spread = None
+        return (dx, None, None, None, None, None, *dws)
 
 
 # Under torch.compile (train.compile) the FP8 GEMMs run as they are, between compiled graphs: AOT
 # autograd cannot trace the Triton kernels' writes into views of another dtype.
 @torch.compiler.disable
-def fp8_grouped(x: torch.Tensor, offsets: torch.Tensor, recipe, owner, name, *ws: torch.Tensor) -> torch.Tensor:
-    return FP8GroupedGPUFn.apply(x, offsets, recipe, owner, name, *ws)
+def fp8_grouped(x: torch.Tensor, offsets: torch.Tensor, recipe, owner, name, *ws: torch.Tensor,
+                spread: tuple | None = None) -> torch.Tensor:
+    return FP8GroupedGPUFn.apply(x, offsets, recipe, owner, name, spread, *ws)

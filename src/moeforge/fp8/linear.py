@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.layers import FeedForward
-from ..model.moe import Experts, grouped_mm
+from ..model.moe import Experts, SpreadRows, grouped_mm
 from .cache import cached
 from .quant import dequantize, fake_quantize, part_starts, quantize, stack_parts
 
@@ -219,17 +219,23 @@ class FP8Experts(Experts):
 
     recipe: FP8Recipe = FP8Recipe()
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor | SpreadRows", counts: torch.Tensor) -> torch.Tensor:
+        """x: the rows sorted by expert [N, D], or a dispatch's SpreadRows: on the GPU its rows are
+        gathered by the first GEMM's quantisers, so their sorted BF16 copy is never written."""
         offsets = counts.cumsum(0).to(torch.int32)
-        fn, on_gpu = _fp8_grouped_reference, False
-        if x.is_cuda:  # GPU path: Triton grouped FP8 GEMMs over the contiguous per-expert layout
+        r = self.recipe
+        src = x.src if isinstance(x, SpreadRows) else x
+        if src.is_cuda:  # GPU path: Triton grouped FP8 GEMMs over the contiguous per-expert layout
             from . import gpu
 
-            on_gpu = gpu.available(x, self.w1, self.w2, self.w3)
-            fn = gpu.fp8_grouped if on_gpu else fn
-        r = self.recipe
-        gate_up = fn(x, offsets, r, self, "w13", self.w1, self.w3)
-        return fn(_SwiGLU.apply(gate_up, self.w1.shape[1], on_gpu), offsets, r, self, "w2", self.w2)
+            if gpu.available(src, self.w1, self.w2, self.w3):
+                spread = (x.index, x.inverse, x.k) if isinstance(x, SpreadRows) else None
+                gate_up = gpu.fp8_grouped(src, offsets, r, self, "w13", self.w1, self.w3, spread=spread)
+                return gpu.fp8_grouped(_SwiGLU.apply(gate_up, self.w1.shape[1], True), offsets, r, self, "w2", self.w2)
+        if isinstance(x, SpreadRows):
+            x = x.gather()
+        gate_up = _fp8_grouped_reference(x, offsets, r, self, "w13", self.w1, self.w3)
+        return _fp8_grouped_reference(_SwiGLU.apply(gate_up, self.w1.shape[1], False), offsets, r, self, "w2", self.w2)
 
 
 class FP8FeedForward(FeedForward):

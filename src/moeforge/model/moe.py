@@ -12,6 +12,8 @@ G groups, I expert intermediate size, N = T*K routed token copies.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,8 +106,11 @@ class Experts(nn.Module):
         """w1, w3 [E, I, D] and w2 [E, D, I] in dtype."""
         return self.w1.to(dtype), self.w3.to(dtype), self.w2.to(dtype)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: [N, D] sorted by expert, counts: [E] tokens per local expert -> [N, D]."""
+    def forward(self, x: "torch.Tensor | SpreadRows", counts: torch.Tensor) -> torch.Tensor:
+        """x: [N, D] sorted by expert (or the SpreadRows of a dispatch), counts: [E] tokens per local
+        expert -> [N, D]."""
+        if isinstance(x, SpreadRows):
+            x = x.gather()
         dtype = compute_dtype(x)
         x = x.to(dtype)
         offsets = counts.cumsum(0).to(torch.int32)
@@ -169,7 +174,23 @@ class _SpreadCopies(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+        rows = grad.index_select(0, inverse)
+        return (rows if ctx.k == 1 else rows.view(-1, ctx.k, grad.shape[-1]).sum(1)), None, None, None
+
+
+class SpreadRows(NamedTuple):
+    """The rows a dispatch hands the experts, not yet copied: row n of the expert-sorted layout is
+    src[index[n]], and the k copies of source row m (copy j = m * k + c) sit at positions inverse[j]
+    (k = 1: a permutation). gather() copies them, differentiably (backward: each source row's k copy
+    gradients summed). The FP8 experts never copy them: their quantisers read the rows in place."""
+
+    src: torch.Tensor  # [M, D]
+    index: torch.Tensor  # [N] int64, N = M * k
+    inverse: torch.Tensor  # [N] int64
+    k: int
+
+    def gather(self) -> torch.Tensor:
+        return _SpreadCopies.apply(self.src, self.index, self.inverse, self.k)
 
 
 class LocalDispatcher:
@@ -178,22 +199,26 @@ class LocalDispatcher:
     Both directions move rows with gathers (forward and backward): dispatch reads each sorted copy
     from its token, combine reads each token's K expert outputs through the inverse order and takes
     their weighted sum. start(...) begins a dispatch and returns an object whose finish() gives
-    dispatch's result; a dispatcher that moves tokens between devices returns before the transfer is
-    done, so the MoE layer computes its shared experts in the meantime (report §3.2.2: overlap of
-    communication and computation). Here there is nothing to wait for.
+    dispatch's result with the rows as SpreadRows, left for the experts to gather; a dispatcher that
+    moves tokens between devices returns before the transfer is done, so the MoE layer computes its
+    shared experts in the meantime (report §3.2.2: overlap of communication and computation). Here
+    there is nothing to wait for.
     """
 
     def start(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> Ready:
-        return Ready(self.dispatch(x, indices, n_experts))
-
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int):
-        """x: [T, D], indices: [T, K] -> x sorted by expert [N, D], counts [E], context for combine."""
+        """x: [T, D], indices: [T, K] -> Ready((SpreadRows of x in expert order, counts [E], context
+        for combine)): the rows are left for the experts to gather."""
         flat = indices.flatten()  # [N], copy t*K + k is token t's k-th choice
         order = flat.argsort(stable=True)  # copy n of the sorted layout is flat copy order[n]
         inverse = inverse_permutation(order)  # flat copy j sits at sorted position inverse[j]
         counts = expert_counts(flat, n_experts)
         K = indices.shape[1]
-        return _SpreadCopies.apply(x, order // K, inverse, K), counts, (order, inverse)
+        return Ready((SpreadRows(x, order // K, inverse, K), counts, (order, inverse)))
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int):
+        """x: [T, D], indices: [T, K] -> x sorted by expert [N, D] (copied), counts [E], context for combine."""
+        rows, counts, ctx = self.start(x, indices, n_experts).finish()
+        return rows.gather(), counts, ctx
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
         """y: [N, D] expert outputs (sorted), weights: [T, K] -> [T, D] weighted sum per token."""

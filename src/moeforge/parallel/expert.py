@@ -5,8 +5,8 @@
     model = model.to_empty(device=...)    # memory only for the local experts
     load_full_state_dict(model, full_state, ctx)   # a single-process state dict, sliced on the way in
 
-The model's MoE code does not change: it calls `dispatcher.dispatch(x, indices, E)` and hands the
-result to its (now local) Experts, then `dispatcher.combine(...)`. AllToAllDispatcher makes the
+The model's MoE code does not change: it calls `dispatcher.start(x, indices, E).finish()` and hands
+the result to its (now local) Experts, then `dispatcher.combine(...)`. AllToAllDispatcher makes the
 local expert computation see exactly the token copies a single device would give those experts,
 so the step computes the same function as the single-process model (no capacity, no dropping).
 
@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import MoeforgeError
 from ..fp8.quant import dequantize, quantize
-from ..model.moe import Experts, LocalDispatcher, MoE, inverse_permutation, permute_rows
+from ..model.moe import Experts, LocalDispatcher, MoE, SpreadRows, inverse_permutation, permute_rows
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")  # stacked over experts in dim 0
 
@@ -47,8 +47,10 @@ class Dispatcher(Protocol):
 
     dispatch(x [T, D], indices [T, K], n_experts) -> (rows sorted by local expert [M, D],
     rows per local expert [E_l], context); combine(y [M, D], weights [T, K], context, T) -> [T, D].
-    start(x, indices, n_experts) -> an object whose finish() returns dispatch's result; the MoE layer
-    computes its shared experts between the two, so a dispatcher can overlap its transfer with them.
+    start(x, indices, n_experts) -> an object whose finish() returns dispatch's result with the rows
+    as a `SpreadRows` (source rows and the index that sorts them; the experts gather them, the FP8
+    experts inside their quantisers); the MoE layer computes its shared experts between start and
+    finish, so a dispatcher can overlap its transfer with them.
     LocalDispatcher (model/moe.py) is the single-device one; AllToAllDispatcher moves rows between
     ep ranks. Another backend (e.g. DeepEP kernels) plugs in by implementing these two methods.
     """
@@ -166,7 +168,7 @@ class _PendingDispatch:
 
     def finish(self):
         self.wait()
-        return permute_rows(self.x_recv, self.perm, self.inverse), self.counts, self.ctx
+        return SpreadRows(self.x_recv, self.perm, self.inverse, 1), self.counts, self.ctx
 
 
 class AllToAllDispatcher:
@@ -180,7 +182,8 @@ class AllToAllDispatcher:
         self.local = LocalDispatcher()
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int):
-        return self.start(x, indices, n_experts).finish()
+        rows, counts, ctx = self.start(x, indices, n_experts).finish()
+        return rows.gather(), counts, ctx
 
     def start(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> "_PendingDispatch":
         """Steps 1-2, and step 3 started: the token copies are in flight when this returns (BF16/FP32
