@@ -197,25 +197,21 @@ def test_quantisers_gather_rows_through_an_index(pow2):
         assert torch.equal(a.s_store, a_ref.s_store)
         _bytes_equal(b.qv, b_ref.qv)
         assert torch.equal(b.sv, b_ref.sv)
+    # times a scale per row (the combine's gradient: the token's row times its gate weight), each
+    # product rounded to BF16 as PyTorch's product is
+    scale = torch.rand(index.numel(), device=DEV).to(torch.bfloat16)
+    scaled = rows * scale[:, None]
+    for segments in (None, seg):
+        a, b = kernels.quant_operands(x, pow2, rows=True, cols=True, segments=segments, index=index, scale=scale)
+        a_ref, b_ref = kernels.quant_operands(scaled, pow2, rows=True, cols=True, segments=segments)
+        _bytes_equal(a.q, a_ref.q)
+        assert torch.equal(a.s_store, a_ref.s_store)
+        _bytes_equal(b.qv, b_ref.qv)
+        assert torch.equal(b.sv, b_ref.sv)
     with pytest.raises(ValueError, match="index"):
         kernels.quant_operands(x, index=index.to(torch.int32))
-
-
-@pytest.mark.parametrize("k", [1, 6])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_spread_sum_adds_each_rows_copies(k, dtype):
-    """spread_sum(g, inverse, k): each source row's k copy gradients in the sorted layout, summed in
-    FP32 in copy order and rounded once, as the loop below does."""
-    M, D = 1000, 2048 + 72
-    g = torch.randn(M * k, D, device=DEV).to(dtype)
-    inverse = torch.randperm(M * k, device=DEV)
-    out = kernels.spread_sum(g, inverse, k)
-    copies = g.index_select(0, inverse).view(M, k, D)
-    acc = torch.zeros(M, D, device=DEV)
-    for c in range(k):
-        acc = acc + copies[:, c].float()
-    assert out.dtype == dtype and torch.equal(out, acc.to(dtype))
-    torch.testing.assert_close(out, copies.sum(1), rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="scale"):
+        kernels.quant_operands(x, scale=scale)
 
 
 def _emulated(a: "kernels.Operand", b: "kernels.Operand"):
@@ -569,6 +565,50 @@ def test_fp8_experts_gather_their_rows_in_the_quantisers(recipe, k):
     torch.testing.assert_close(dx, dx_r, rtol=2 ** -7, atol=1e-6)
 
 
+@needs_sm90
+@pytest.mark.parametrize("recipe", [FP8Recipe(), FP8Recipe(save_fp8_inputs=False)])
+def test_fp8_experts_do_the_combine_in_their_last_gemm(recipe):
+    """FP8 experts under a single-device dispatch do the combine inside the w2 GEMM's Function (its
+    backward quantises g[token] * gate weight read in place) against the experts' sorted output
+    combined by LocalDispatcher's torch ops: the weight and token gradients to the bit (the quantised
+    output gradient is the same), the output and the gate weights' gradient within BF16 rounding of
+    the weighted copies (the torch ops round each before summing them)."""
+    from moeforge.fp8.linear import FP8Experts
+    from moeforge.model.moe import Experts, LocalDispatcher
+
+    torch.manual_seed(0)
+    E, D, inter, T, K = 4, 256, 200, 400, 3
+    m = Experts(E, D, inter).to(DEV)
+    for w in m.parameters():
+        torch.nn.init.normal_(w, std=0.05)
+    m.__class__, m.recipe = FP8Experts, recipe
+    indices = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(DEV)
+    x = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
+    weights = torch.rand(T, K, device=DEV)
+    g = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
+    disp = LocalDispatcher()
+    outs = []
+    for fused in (True, False):
+        m.zero_grad()
+        xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        rows, counts, ctx = disp.start(xi, indices, E).finish()
+        with torch.autocast("cuda", torch.bfloat16):
+            if fused:
+                y = m.forward_combined(rows, counts, wi, disp, ctx)
+            else:
+                order, inverse = ctx
+                y_tok = m(rows, counts).index_select(0, inverse).view(T, K, D)
+                y = (y_tok * wi.unsqueeze(-1).to(y_tok.dtype)).sum(1)
+        y.backward(g)
+        outs.append((y, xi.grad, wi.grad, m.w1.grad.clone(), m.w2.grad.clone(), m.w3.grad.clone()))
+    (y, dx, dw, *dws), (y_r, dx_r, dw_r, *dws_r) = outs
+    for a, b in zip([dx, *dws], [dx_r, *dws_r]):
+        assert torch.equal(a, b)
+    # the torch ops round each weighted copy to BF16 before the sum; the fused combine rounds once
+    for a, b in ((y, y_r), (dw, dw_r)):
+        assert (a.float() - b.float()).norm() <= 2 ** -7 * b.float().norm()
+
+
 _MEMCHECK_SCRIPT = """
 import torch
 from moeforge.fp8 import FP8Recipe, gpu
@@ -587,6 +627,11 @@ order = torch.randperm(478, device="cuda")
 xs = torch.randn(239, 256, device="cuda", requires_grad=True)
 gate_up = gpu.fp8_grouped(xs, offsets, FP8Recipe(), None, "w13", w1, w3, spread=(order // 2, inverse_permutation(order), 2))
 gate_up.float().square().sum().backward()
+# the last GEMM with the combine of that dispatch (2 gate weights per token)
+gate = torch.rand(239, 2, device="cuda", requires_grad=True)
+y = gpu.fp8_grouped(x.detach()[:, :256].contiguous().requires_grad_(), offsets, FP8Recipe(), None, "w2", w2,
+                    gate=gate, combine=(order, inverse_permutation(order), 2))
+y.float().square().sum().backward()
 torch.cuda.synchronize()
 print("grouped fp8 forward and backward done")
 """

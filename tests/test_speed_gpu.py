@@ -259,3 +259,79 @@ def test_training_with_cuda_graph(tmp_path):
         assert all(isinstance(g["lr"], float) for g in state["param_groups"])
     assert len(losses[1]) == 5
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 6])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_permutation_kernels_match_torch(k, dtype):
+    """moe_triton's kernels against the torch ops they replace: spread_sum is the FP32 sum of each
+    row's copies in copy order rounded once (to the bit; weighted, within the rounding of fused
+    multiply-adds), and within rounding of torch's sum;
+    gather_scaled is PyTorch's product (to the bit); row_dots within FP32 summation order."""
+    from moeforge.model.moe_triton import gather_scaled, row_dots, spread_sum
+
+    torch.manual_seed(0)
+    M, D = 1000, 2048 + 72
+    g = torch.randn(M * k, D, device="cuda").to(dtype)
+    inverse = torch.randperm(M * k, device="cuda")
+    w = torch.rand(M * k, device="cuda").to(dtype)
+    copies = g.index_select(0, inverse).view(M, k, D)
+    tol = dict(rtol=2 ** -7, atol=1e-6) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    for weights in (None, w):
+        out = spread_sum(g, inverse, k, weights)
+        acc = torch.zeros(M, D, device="cuda")
+        for c in range(k):
+            v = copies[:, c].float()
+            acc = acc + (v if weights is None else v * weights.view(M, k)[:, c:c + 1].float())
+        assert out.dtype == dtype
+        if weights is None:
+            assert torch.equal(out, acc.to(dtype))
+        else:  # the kernel's multiply-adds may be fused (one rounding instead of two)
+            torch.testing.assert_close(out, acc.to(dtype), **tol)
+    torch.testing.assert_close(spread_sum(g, inverse, k), copies.sum(1), **tol)
+    src = torch.randn(M, D, device="cuda").to(dtype)
+    index = torch.randint(0, M, (M * k,), device="cuda")
+    assert torch.equal(gather_scaled(src, index, w), src.index_select(0, index) * w[:, None])
+    dots = row_dots(src, g, inverse, k)
+    ref = (src.double().unsqueeze(1) * copies.double()).sum(-1)
+    torch.testing.assert_close(dots.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_cuda_combine_matches_the_torch_ops():
+    """LocalDispatcher.combine on CUDA (_CombineRows, Triton) against the torch ops it runs when traced
+    (BF16 expert outputs, FP32 gate weights): the experts' output gradient to the bit; the output and
+    the gate weights' gradient are the exact sums rounded once to BF16 (the torch ops round each
+    product first)."""
+    from moeforge.model.moe import LocalDispatcher, permute_rows
+
+    torch.manual_seed(0)
+    T, K, D, E = 500, 6, 512, 16
+    indices = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).cuda()
+    disp = LocalDispatcher()
+    _, _, ctx = disp.start(torch.zeros(T, D, device="cuda"), indices, E).finish()
+    order, inverse = ctx
+    y = torch.randn(T * K, D, device="cuda").to(torch.bfloat16)
+    w = torch.rand(T, K, device="cuda")
+    g = torch.randn(T, D, device="cuda").to(torch.bfloat16)
+    outs = []
+    for fast in (True, False):
+        yi, wi = y.clone().requires_grad_(), w.clone().requires_grad_()
+        if fast:
+            out = disp.combine(yi, wi, ctx, T)
+        else:
+            y_tok = permute_rows(yi, inverse, order).view(T, K, D)
+            out = (y_tok * wi.unsqueeze(-1).to(yi.dtype)).sum(1)
+        out.backward(g)
+        outs.append((out, yi.grad, wi.grad))
+    (o, dy, dw), (o_r, dy_r, dw_r) = outs
+    assert torch.equal(dy, dy_r)
+    # exact sums (FP64) of the same terms: the kernels sum in FP32 and round once to BF16
+    y_tok = y.double().index_select(0, inverse).view(T, K, D)
+    wb = w.to(torch.bfloat16).double()
+    o_exact = (y_tok * wb.unsqueeze(-1)).sum(1)
+    dw_exact = (g.double().unsqueeze(1) * y_tok).sum(-1)
+    torch.testing.assert_close(o.double(), o_exact, rtol=2 ** -8, atol=1e-6)
+    torch.testing.assert_close(dw.double(), dw_exact, rtol=2 ** -8, atol=1e-4)
+    # and the torch ops, which round each product to BF16 first, are farther from them
+    for a, b in ((o, o_r), (dw, dw_r)):
+        assert (a.float() - b.float()).norm() <= 2 ** -7 * b.float().norm()

@@ -147,10 +147,15 @@ class FP8GroupedGPUFn(torch.autograd.Function):
 
     spread: None, or (index, inverse, k) of a moe.SpreadRows whose source rows x are: the rows are
     then x[index], gathered by the quantisers (the sorted BF16 copy is never built), and the input
-    gradient is returned for x itself (each source row's k copy gradients summed, kernels.spread_sum)."""
+    gradient is returned for x itself (each source row's k copy gradients summed, moe_triton.spread_sum).
+    combine: None, or (order, inverse, k) of the dispatch (LocalDispatcher's order and its inverse)
+    with the gate weights `gate` [T, k]: the output is then the combine's, out[t] = sum_c gate[t, c] *
+    y[inverse[t * k + c]] [T, out], and the backward's quantisers read the output gradient through
+    the order, times the gate weights (the gathered BF16 gradient is never built)."""
 
     @staticmethod
-    def forward(ctx, x, offsets, recipe, owner, name, spread, *ws):
+    def forward(ctx, x, gate, offsets, recipe, owner, name, spread, combine, *ws):
+        from ..model.moe_triton import spread_sum
         from .kernels import grouped_gemm, quant_block_operand, quant_operands
 
         p2 = recipe.pow2_scales
@@ -159,7 +164,7 @@ class FP8GroupedGPUFn(torch.autograd.Function):
         rows = index.numel() if index is not None else x.shape[0]
         # Wgrad per expert: 1x128 tiles along each expert's own tokens (restarting at its first token)
         ctx.seg = _segments(offsets, rows)
-        save_fp8 = recipe.save_fp8_inputs and any(ctx.needs_input_grad[6:])
+        save_fp8 = recipe.save_fp8_inputs and any(ctx.needs_input_grad[8:])
         xa, ctx.xt = quant_operands(x, p2, rows=True, cols=save_fp8, segments=ctx.seg if save_fp8 else None,
                                     index=index)
         wa, wt = cached(owner, (name, p2), lambda: quant_block_operand(ws, p2, transpose=True))  # [out, in]
@@ -168,22 +173,34 @@ class FP8GroupedGPUFn(torch.autograd.Function):
             ctx.save_for_backward(x)
         ctx.parts = list(zip(part_starts([w.shape[1] for w in ws]), [w.shape[1] for w in ws], [w.dtype for w in ws]))
         ctx.wt, ctx.offsets, ctx.recipe, ctx.x_dtype, ctx.spread = wt, offsets, recipe, x.dtype, spread
+        ctx.combine = ctx.y = None
+        if combine is not None:
+            order, inverse, k = combine
+            gb = gate.to(y.dtype).flatten()  # the gate weights in y's dtype, as the torch combine casts them
+            ctx.combine = (order // k, gb[order], inverse, k, gate.dtype)  # row n's token and gate weight
+            ctx.y = y if ctx.needs_input_grad[1] else None  # for the gate weights' gradient
+            y = spread_sum(y, inverse, k, gb)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        from .kernels import grouped_gemm, grouped_wgrad, quant_operands, spread_sum
+        from ..model.moe_triton import row_dots, spread_sum
+        from .kernels import grouped_gemm, grouped_wgrad, quant_operands
 
         p2 = ctx.recipe.pow2_scales
         g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        seg, spread = ctx.seg, ctx.spread
-        need_w = any(ctx.needs_input_grad[6:])  # not with frozen expert weights
-        ga, gt = quant_operands(g, p2, rows=True, cols=need_w, segments=seg if need_w else None)  # gt: [out, tokens]
-        dx = None
+        seg, spread, combine = ctx.seg, ctx.spread, ctx.combine
+        need_w = any(ctx.needs_input_grad[8:])  # not with frozen expert weights
+        g_index, g_scale = (combine[0], combine[1]) if combine is not None else (None, None)
+        ga, gt = quant_operands(g, p2, rows=True, cols=need_w, segments=seg if need_w else None,
+                                index=g_index, scale=g_scale)  # gt: [out, tokens]
+        dx = d_gate = None
         if ctx.needs_input_grad[0]:
             dx = grouped_gemm(ga, ctx.wt, ctx.offsets, out_dtype=ctx.x_dtype)
             if spread is not None:
                 dx = spread_sum(dx, spread[1], spread[2])
+        if combine is not None and ctx.needs_input_grad[1]:  # <g[t], y[inverse[t * k + c]]>, rounded as torch's
+            d_gate = row_dots(g, ctx.y, combine[2], combine[3]).to(g.dtype).to(combine[4])
         dws = [None] * len(ctx.parts)
         if need_w:
             xt = ctx.xt
@@ -192,13 +209,15 @@ class FP8GroupedGPUFn(torch.autograd.Function):
                                        index=spread[0] if spread is not None else None)
             # one Wgrad per part, each written straight into its own [E, out_i, in] gradient
             dws = [grouped_wgrad(gt.row_slice(r0, n), xt, seg[0], out_dtype=dt) for r0, n, dt in ctx.parts]
-        ctx.xt = ctx.wt = ctx.seg = ctx.spread = None
-        return (dx, None, None, None, None, None, *dws)
+        ctx.xt = ctx.wt = ctx.seg = ctx.spread = ctx.combine = ctx.y = None
+        return (dx, d_gate, None, None, None, None, None, None, *dws)
 
 
 # Under torch.compile (train.compile) the FP8 GEMMs run as they are, between compiled graphs: AOT
 # autograd cannot trace the Triton kernels' writes into views of another dtype.
 @torch.compiler.disable
 def fp8_grouped(x: torch.Tensor, offsets: torch.Tensor, recipe, owner, name, *ws: torch.Tensor,
-                spread: tuple | None = None) -> torch.Tensor:
-    return FP8GroupedGPUFn.apply(x, offsets, recipe, owner, name, spread, *ws)
+                spread: tuple | None = None, gate: torch.Tensor | None = None,
+                combine: tuple | None = None) -> torch.Tensor:
+    """See FP8GroupedGPUFn; combine needs gate."""
+    return FP8GroupedGPUFn.apply(x, gate, offsets, recipe, owner, name, spread, combine, *ws)

@@ -8,9 +8,10 @@ FP32 scales, ragged edges and all-zero tiles included):
                            restarts the tiles at every expert's first row (the experts' Wgrad)
 - `quant_rows_and_cols_t(x)` both (a Linear's input: the Fprop operand and the Wgrad operand saved
                            for backward; its output gradient: the Dgrad and Wgrad operands)
-- `quant_operands(x, index=i)` any of these for the rows x[i], gathered by the kernel (the routed
-                           experts' rows read from their tokens); `spread_sum` sums the gradients of
-                           such rows' copies back into their source rows
+- `quant_operands(x, index=i[, scale=s])` any of these for the rows x[i] (times s), gathered by the
+                           kernel: the routed experts' rows read from their tokens, and the gradient
+                           of their output from the combine's (model/moe_triton.py has the kernels
+                           that move such rows without quantising them)
 - `quant_blocks(w)`        w [..., N, K] in 128x128 blocks (`quant_block_operand(w, transpose=True)`
                            also returns W^T's operand: the same blocks, byte-transposed)
 - `pack_rows(x)` / `unpack_rows(p, D, dtype)`: x in 1x128 tiles, each row's codes and scales packed
@@ -131,7 +132,7 @@ def _segment_of(tile, tiles_ptr, offs_ptr, n_seg, P2: tl.constexpr):
 @triton.jit
 def _quant_1x128_kernel(
     x_ptr,  # source values [R, C]; with IDX, logical row r is source row idx[r]
-    idx_ptr,
+    idx_ptr, sc_ptr,  # with SCALE, row r is multiplied by sc[r], the product rounded to x's dtype
     q_ptr, s_ptr,  # ROW output: tiles of 128 along the columns
     qtw_ptr, st_ptr,  # COL output, transposed, as int32 words of 4 rows: tiles of 128 along the rows
     seg_tiles_ptr, seg_offs_ptr, n_seg,  # SEG: rows grouped by expert, tiles restart at every group
@@ -141,6 +142,7 @@ def _quant_1x128_kernel(
     floor, rcp, fmax,
     BR: tl.constexpr, BC: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr,
     SEG: tl.constexpr, SEG_P2: tl.constexpr, POW2: tl.constexpr, RCP: tl.constexpr, IDX: tl.constexpr,
+    SCALE: tl.constexpr,
 ):
     # the tile is handled as [BR // 4, 4, BC]: row = 4 * i + j
     pid_r = tl.program_id(0)
@@ -165,6 +167,8 @@ def _quant_1x128_kernel(
     else:
         src = r3.to(tl.int64)
     x = tl.load(x_ptr + src * stride_xr + c3, mask=m, other=0.0).to(tl.float32)
+    if SCALE:  # (the combine's gradient: g[token] * gate weight, rounded as PyTorch's product is)
+        x = (x * tl.load(sc_ptr + r3, mask=r_ok, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
     ax = tl.abs(x)
     if ROW:  # BC == 128: one tile per row
         s = _scale_of(tl.max(ax, axis=2), floor, rcp, fmax, POW2, RCP)  # [R4, 4]
@@ -311,6 +315,7 @@ def _check_2d(x: torch.Tensor) -> torch.Tensor:
 
 def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = True, cols: bool = False,
                    segments: tuple | None = None, index: torch.Tensor | None = None,
+                   scale: torch.Tensor | None = None,
                    scale_mode: str | None = None) -> tuple[Operand | None, Operand | None]:
     """x [R, C] -> (1x128 tiles along C: Operand rows=R, k=C; 1x128 tiles along R of x^T: Operand rows=C, k=R).
 
@@ -318,6 +323,8 @@ def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = T
     whose 1x128 tiles along R restart at every group (experts).
     index (int64 [R]): quantise the rows x[index] instead (x [M, C]), gathered by the kernels: the
     same bytes as quantising x.index_select(0, index), which is never built.
+    scale ([R], with index): quantise x[index] * scale[:, None] (each product rounded to x's dtype),
+    the same bytes as quantising that product built by PyTorch in x's dtype.
     """
     x = _check_2d(x)
     R, C = x.shape
@@ -325,7 +332,10 @@ def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = T
         if index.dim() != 1 or index.dtype != torch.int64:
             raise ValueError(f"index must be a 1-D int64 tensor, got {index.dtype} of shape {tuple(index.shape)}")
         R = index.numel()
+    if scale is not None and (index is None or scale.shape != (R,)):
+        raise ValueError("scale needs index and one entry per row of it")
     idx = index if index is not None else x
+    sc = scale if scale is not None else x
     dev = x.device
     rcp = _rcp_flag(x, scale_mode)
     if segments is not None and not cols:
@@ -337,10 +347,10 @@ def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = T
         s = torch.empty(q_cols // BLOCK, q_rows, dtype=torch.float32, device=dev)
         br, nw = QUANT_ROWS_CONFIG["BR"], QUANT_ROWS_CONFIG["num_warps"]
         _launch(_quant_1x128_kernel, (_cdiv(q_rows, br), q_cols // BLOCK),
-                (x, idx, q, s, q.view(torch.int32), s, x, x, 1, R, C, x.stride(0),
+                (x, idx, sc, q, s, q.view(torch.int32), s, x, x, 1, R, C, x.stride(0),
                  q_rows, q_cols, q_cols, 1, q_rows, 0, 0, 0, 0, 0, _FLOOR32, _RCP32, FP8_MAX),
                 dict(BR=br, BC=128, ROW=True, COL=False, SEG=False, SEG_P2=2, POW2=p2, RCP=rcp,
-                     IDX=index is not None), nw)
+                     IDX=index is not None, SCALE=scale is not None), nw)
     if cols:  # 1x128 tiles along R, written transposed: [128 rows, BC columns] per program
         qt_rows = _ru(C, ROW_PAD)
         if segments is None:
@@ -357,10 +367,11 @@ def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = T
         st = torch.empty(n_tiles, qt_rows, dtype=torch.float32, device=dev)
         bc, nw = QUANT_COLS_CONFIG["BC"], QUANT_COLS_CONFIG["num_warps"]
         _launch(_quant_1x128_kernel, (qt_cols // BLOCK, _cdiv(qt_rows, bc)),
-                (x, idx, qt, st, qt.view(torch.int32), st, seg_t, seg_o, n_seg, R, C, x.stride(0),
+                (x, idx, sc, qt, st, qt.view(torch.int32), st, seg_t, seg_o, n_seg, R, C, x.stride(0),
                  0, 0, 0, 0, 0, qt_rows, qt_cols // 4, qt_cols // 4, qt_rows, 1, _FLOOR32, _RCP32, FP8_MAX),
                 dict(BR=128, BC=bc, ROW=False, COL=True, SEG=segments is not None,
-                     SEG_P2=triton.next_power_of_2(max(n_seg, 2)), POW2=p2, RCP=rcp, IDX=index is not None), nw)
+                     SEG_P2=triton.next_power_of_2(max(n_seg, 2)), POW2=p2, RCP=rcp, IDX=index is not None,
+                     SCALE=scale is not None), nw)
     a = Operand(q, s, R, C, "row") if rows else None
     b = None
     if cols:
@@ -457,38 +468,6 @@ def swiglu(gate_up: torch.Tensor, inter_dim: int, dh: torch.Tensor | None = None
     _launch(_swiglu_kernel, (_cdiv(R, 32), _cdiv(inter_dim, 128)),
             (gate_up, dh if dh is not None else gate_up, out, R, inter_dim, up0, gate_up.stride(0),
              dh.stride(0) if dh is not None else 0, out.stride(0)), dict(BACKWARD=dh is not None, BR=32, BC=128), 4)
-    return out
-
-
-# The backward of the experts' gathered rows ----------------------------------------------------
-@triton.jit
-def _spread_sum_kernel(g_ptr, inv_ptr, out_ptr, M, D, stride_g, stride_o,
-                       K: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """out[m] = sum over c < K of g[inv[m * K + c]], accumulated in FP32 in the order of c."""
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    r_ok = r < M
-    m = r_ok[:, None] & (c[None, :] < D)
-    acc = tl.zeros((BR, BC), dtype=tl.float32)
-    for j in tl.static_range(K):
-        src = tl.load(inv_ptr + r.to(tl.int64) * K + j, mask=r_ok, other=0).to(tl.int64)
-        acc += tl.load(g_ptr + src[:, None] * stride_g + c[None, :], mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + r[:, None].to(tl.int64) * stride_o + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
-
-
-def spread_sum(g: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
-    """The gradient of source rows copied k times into the expert-sorted layout (moe.SpreadRows):
-    g [N, D] in that layout, inverse [N] (copy m * k + c of source row m sits at row inverse[m * k + c])
-    -> [N / k, D], each row the FP32 sum of its k copies' rows, in g's dtype. One pass: the gathered
-    [N, D] copy that index_select followed by a sum would write is never built."""
-    g = _check_2d(g)
-    N, D = g.shape
-    if inverse.shape != (N,) or N % k:
-        raise ValueError(f"inverse must have one entry per row of g ({N}) and k ({k}) must divide it")
-    M = N // k
-    out = torch.empty(M, D, dtype=g.dtype, device=g.device)
-    _launch(_spread_sum_kernel, (_cdiv(M, 16), _cdiv(D, 256)),
-            (g, inverse, out, M, D, g.stride(0), out.stride(0)), dict(K=k, BR=16, BC=256), 4)
     return out
 
 

@@ -222,20 +222,45 @@ class FP8Experts(Experts):
     def forward(self, x: "torch.Tensor | SpreadRows", counts: torch.Tensor) -> torch.Tensor:
         """x: the rows sorted by expert [N, D], or a dispatch's SpreadRows: on the GPU its rows are
         gathered by the first GEMM's quantisers, so their sorted BF16 copy is never written."""
+        if self._on_gpu(x):
+            return self._gpu_forward(x, counts)
         offsets = counts.cumsum(0).to(torch.int32)
-        r = self.recipe
-        src = x.src if isinstance(x, SpreadRows) else x
-        if src.is_cuda:  # GPU path: Triton grouped FP8 GEMMs over the contiguous per-expert layout
-            from . import gpu
-
-            if gpu.available(src, self.w1, self.w2, self.w3):
-                spread = (x.index, x.inverse, x.k) if isinstance(x, SpreadRows) else None
-                gate_up = gpu.fp8_grouped(src, offsets, r, self, "w13", self.w1, self.w3, spread=spread)
-                return gpu.fp8_grouped(_SwiGLU.apply(gate_up, self.w1.shape[1], True), offsets, r, self, "w2", self.w2)
         if isinstance(x, SpreadRows):
             x = x.gather()
+        r = self.recipe
         gate_up = _fp8_grouped_reference(x, offsets, r, self, "w13", self.w1, self.w3)
         return _fp8_grouped_reference(_SwiGLU.apply(gate_up, self.w1.shape[1], False), offsets, r, self, "w2", self.w2)
+
+    def forward_combined(self, rows: SpreadRows, counts: torch.Tensor, weights: torch.Tensor, dispatcher, ctx) -> torch.Tensor:
+        """Experts.forward_combined; on the GPU the last GEMM's Function does the combine, so that its
+        backward quantises the output gradient read through the dispatch's order, times the gate
+        weights, instead of a gathered BF16 copy of it."""
+        if self._on_gpu(rows):
+            return self._gpu_forward(rows, counts, weights, ctx)
+        return super().forward_combined(rows, counts, weights, dispatcher, ctx)
+
+    def _on_gpu(self, x) -> bool:
+        src = x.src if isinstance(x, SpreadRows) else x
+        if not src.is_cuda:
+            return False
+        from . import gpu
+
+        return gpu.available(src, self.w1, self.w2, self.w3)
+
+    def _gpu_forward(self, x, counts, weights=None, combine_ctx=None) -> torch.Tensor:
+        """The Triton/Gluon grouped FP8 GEMMs over the contiguous per-expert layout; with weights, the
+        combine of LocalDispatcher (context combine_ctx) inside the last one."""
+        from . import gpu
+
+        offsets = counts.cumsum(0).to(torch.int32)
+        r = self.recipe
+        spread = (x.index, x.inverse, x.k) if isinstance(x, SpreadRows) else None
+        src = x.src if spread is not None else x
+        gate_up = gpu.fp8_grouped(src, offsets, r, self, "w13", self.w1, self.w3, spread=spread)
+        h = _SwiGLU.apply(gate_up, self.w1.shape[1], True)
+        if weights is None:
+            return gpu.fp8_grouped(h, offsets, r, self, "w2", self.w2)
+        return gpu.fp8_grouped(h, offsets, r, self, "w2", self.w2, gate=weights, combine=(*combine_ctx, x.k))
 
 
 class FP8FeedForward(FeedForward):

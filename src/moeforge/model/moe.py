@@ -12,6 +12,7 @@ G groups, I expert intermediate size, N = T*K routed token copies.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import NamedTuple
 
 import torch
@@ -20,6 +21,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from .layers import FeedForward, compute_dtype
+
+_TRITON = importlib.util.find_spec("triton") is not None  # for the permutation's CUDA kernels (moe_triton.py)
 
 
 class Router(nn.Module):
@@ -117,6 +120,12 @@ class Experts(nn.Module):
         w1, w3, w2 = (w.transpose(1, 2) for w in self.dense_weights(dtype))
         h = F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets)  # [N, I]
         return grouped_mm(h, w2, offsets)  # [N, D]
+
+    def forward_combined(self, rows: "SpreadRows", counts: torch.Tensor, weights: torch.Tensor,
+                         dispatcher: "LocalDispatcher", ctx) -> torch.Tensor:
+        """The experts' outputs combined per token by a single-device dispatch ([T, D]); FP8 experts on
+        a GPU do the combine inside their last GEMM's Function."""
+        return dispatcher.combine(self(rows, counts), weights, ctx, rows.src.shape[0])
 
 
 def expert_counts(flat_indices: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -223,8 +232,38 @@ class LocalDispatcher:
     def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
         """y: [N, D] expert outputs (sorted), weights: [T, K] -> [T, D] weighted sum per token."""
         order, inverse = ctx
+        if y.is_cuda and _TRITON and not torch.compiler.is_compiling():
+            return _CombineRows.apply(y, weights, order, inverse)  # one pass each way (Inductor fuses the ops below)
         y_tok = permute_rows(y, inverse, order).view(n_tokens, weights.shape[1], y.shape[-1])  # [T, K, D]
         return (y_tok * weights.unsqueeze(-1).to(y.dtype)).sum(1)
+
+
+class _CombineRows(torch.autograd.Function):
+    """LocalDispatcher.combine in Triton kernels (moe_triton): out[t] = sum_c w[t, c] * y[inverse[t*K + c]]
+    with w cast to y's dtype, summed in FP32 and rounded once (eager PyTorch rounds each product
+    first, in three passes over [T, K, D]); backward: the experts' output gradient g[token] * w in one
+    gather (the same numbers as PyTorch's), the gate weights' gradient as FP32 dot products rounded
+    to y's dtype."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor):
+        from .moe_triton import spread_sum
+
+        k = weights.shape[1]
+        wb = weights.to(y.dtype).flatten()
+        ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, wb, order, inverse)
+        ctx.k, ctx.w_dtype = k, weights.dtype
+        return spread_sum(y, inverse, k, wb)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        from .moe_triton import gather_scaled, row_dots
+
+        y, wb, order, inverse = ctx.saved_tensors
+        g = g if g.stride(-1) == 1 else g.contiguous()
+        dy = gather_scaled(g, order // ctx.k, wb[order]) if ctx.needs_input_grad[0] else None
+        dw = row_dots(g, y, inverse, ctx.k).to(g.dtype).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        return dy, dw, None, None
 
 
 def sequence_expert_counts(indices: torch.Tensor, batch: int, n_experts: int) -> torch.Tensor:
@@ -293,8 +332,11 @@ class MoE(nn.Module):
         # under BF16 autocast that halves the bytes moved compared with the FP32 residual stream.
         pending = self.dispatcher.start(u.to(compute_dtype(u)), indices, self.n_experts)
         shared = self.shared_experts(u) if self.shared_experts is not None else None  # while tokens travel
-        x_sorted, counts, ctx = pending.finish()
-        y = self.dispatcher.combine(self.experts(x_sorted, counts), weights, ctx, B * S)
+        rows, counts, ctx = pending.finish()
+        if isinstance(self.dispatcher, LocalDispatcher):  # (the experts may fuse the combine)
+            y = self.experts.forward_combined(rows, counts, weights, self.dispatcher, ctx)
+        else:
+            y = self.dispatcher.combine(self.experts(rows, counts), weights, ctx, B * S)
         if shared is not None:
             y = y + shared
         return y.view(B, S, D).to(x.dtype), balance
