@@ -594,7 +594,7 @@ def test_fp8_experts_do_the_combine_in_their_last_gemm(recipe):
         rows, counts, ctx = disp.start(xi, indices, E).finish()
         with torch.autocast("cuda", torch.bfloat16):
             if fused:
-                y = m.forward_combined(rows, counts, wi, disp, ctx)
+                y = m.forward_combined(rows, counts, wi, disp, ctx, T)
             else:
                 order, inverse = ctx
                 y_tok = m(rows, counts).index_select(0, inverse).view(T, K, D)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.layers import FeedForward
-from ..model.moe import Experts, SpreadRows, grouped_mm
+from ..model.moe import Experts, LocalDispatcher, SpreadRows, grouped_mm
 from .cache import cached
 from .quant import dequantize, fake_quantize, part_starts, quantize, stack_parts
 
@@ -231,13 +231,15 @@ class FP8Experts(Experts):
         gate_up = _fp8_grouped_reference(x, offsets, r, self, "w13", self.w1, self.w3)
         return _fp8_grouped_reference(_SwiGLU.apply(gate_up, self.w1.shape[1], False), offsets, r, self, "w2", self.w2)
 
-    def forward_combined(self, rows: SpreadRows, counts: torch.Tensor, weights: torch.Tensor, dispatcher, ctx) -> torch.Tensor:
-        """Experts.forward_combined; on the GPU the last GEMM's Function does the combine, so that its
-        backward quantises the output gradient read through the dispatch's order, times the gate
-        weights, instead of a gathered BF16 copy of it."""
-        if self._on_gpu(rows):
+    def forward_combined(self, rows: SpreadRows, counts: torch.Tensor, weights: torch.Tensor, dispatcher, ctx,
+                         n_tokens: int) -> torch.Tensor:
+        """Experts.forward_combined; on the GPU under a single-device dispatch the last GEMM's Function
+        does the combine, so that its backward quantises the output gradient read through the
+        dispatch's order, times the gate weights, instead of a gathered BF16 copy of it. (Another
+        dispatcher's combine moves the rows between devices first.)"""
+        if isinstance(dispatcher, LocalDispatcher) and self._on_gpu(rows):
             return self._gpu_forward(rows, counts, weights, ctx)
-        return super().forward_combined(rows, counts, weights, dispatcher, ctx)
+        return super().forward_combined(rows, counts, weights, dispatcher, ctx, n_tokens)
 
     def _on_gpu(self, x) -> bool:
         src = x.src if isinstance(x, SpreadRows) else x

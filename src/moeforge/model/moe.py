@@ -121,11 +121,11 @@ class Experts(nn.Module):
         h = F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets)  # [N, I]
         return grouped_mm(h, w2, offsets)  # [N, D]
 
-    def forward_combined(self, rows: "SpreadRows", counts: torch.Tensor, weights: torch.Tensor,
-                         dispatcher: "LocalDispatcher", ctx) -> torch.Tensor:
-        """The experts' outputs combined per token by a single-device dispatch ([T, D]); FP8 experts on
-        a GPU do the combine inside their last GEMM's Function."""
-        return dispatcher.combine(self(rows, counts), weights, ctx, rows.src.shape[0])
+    def forward_combined(self, rows: "SpreadRows", counts: torch.Tensor, weights: torch.Tensor, dispatcher,
+                         ctx, n_tokens: int) -> torch.Tensor:
+        """The experts' outputs combined per token by the dispatcher that sent the rows ([T, D]); FP8
+        experts on a GPU do a single-device dispatcher's combine inside their last GEMM's Function."""
+        return dispatcher.combine(self(rows, counts), weights, ctx, n_tokens)
 
 
 def expert_counts(flat_indices: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -333,10 +333,7 @@ class MoE(nn.Module):
         pending = self.dispatcher.start(u.to(compute_dtype(u)), indices, self.n_experts)
         shared = self.shared_experts(u) if self.shared_experts is not None else None  # while tokens travel
         rows, counts, ctx = pending.finish()
-        if isinstance(self.dispatcher, LocalDispatcher):  # (the experts may fuse the combine)
-            y = self.experts.forward_combined(rows, counts, weights, self.dispatcher, ctx)
-        else:
-            y = self.dispatcher.combine(self.experts(rows, counts), weights, ctx, B * S)
+        y = self.experts.forward_combined(rows, counts, weights, self.dispatcher, ctx, B * S)
         if shared is not None:
             y = y + shared
         return y.view(B, S, D).to(x.dtype), balance

@@ -25,10 +25,6 @@ from ..triton_launch import launch
 _BR, _BC = 16, 256  # rows x columns of one program
 
 
-def _cdiv(n: int, m: int) -> int:
-    return (n + m - 1) // m
-
-
 def _rows_2d(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
@@ -62,7 +58,7 @@ def spread_sum(g: torch.Tensor, inverse: torch.Tensor, k: int, weights: torch.Te
         raise ValueError(f"inverse (and weights) must have one entry per row of g ({N}), and k ({k}) must divide it")
     M = N // k
     out = torch.empty(M, D, dtype=g.dtype, device=g.device)
-    launch(_spread_sum_kernel, (_cdiv(M, _BR), _cdiv(D, _BC)),
+    launch(_spread_sum_kernel, (triton.cdiv(M, _BR), triton.cdiv(D, _BC)),
            (g, inverse, weights if weights is not None else g, out, M, D, g.stride(0), out.stride(0)),
            dict(K=k, WEIGHTED=weights is not None, BR=_BR, BC=_BC), 4)
     return out
@@ -88,7 +84,7 @@ def gather_scaled(g: torch.Tensor, index: torch.Tensor, scale: torch.Tensor) -> 
     if index.shape != (N,) or scale.shape != (N,):
         raise ValueError("index and scale must be 1-D of the same length")
     out = torch.empty(N, D, dtype=g.dtype, device=g.device)
-    launch(_gather_scaled_kernel, (_cdiv(N, _BR), _cdiv(D, _BC)),
+    launch(_gather_scaled_kernel, (triton.cdiv(N, _BR), triton.cdiv(D, _BC)),
            (g, index, scale, out, N, D, g.stride(0), out.stride(0)), dict(BR=_BR, BC=_BC), 4)
     return out
 
@@ -119,6 +115,6 @@ def row_dots(g: torch.Tensor, y: torch.Tensor, inverse: torch.Tensor, k: int) ->
     if y.shape != (M * k, D) or inverse.shape != (M * k,):
         raise ValueError(f"y must be [{M * k}, {D}] and inverse [{M * k}], got {tuple(y.shape)} and {tuple(inverse.shape)}")
     out = torch.empty(M, k, dtype=torch.float32, device=g.device)
-    launch(_row_dots_kernel, (_cdiv(M, _BR),), (g, y, inverse, out, M, D, g.stride(0), y.stride(0)),
+    launch(_row_dots_kernel, (triton.cdiv(M, _BR),), (g, y, inverse, out, M, D, g.stride(0), y.stride(0)),
            dict(K=k, BR=_BR, BC=_BC), 4)
     return out
