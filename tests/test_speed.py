@@ -217,8 +217,8 @@ BENCH_TINY = ["--preset", "tiny", "--steps", "2", "--warmup", "1", "--seq-len", 
 
 
 def test_bench_cli_reports_and_compares_with_transformers(cli, tmp_path):
-    """The report has throughput, the time split (whose parts add up to the step) and the comparison
-    with transformers' model; the JSON file holds the same numbers."""
+    """The report has throughput, the spread of the timed steps, the time split (whose parts add up to
+    the step) and the comparison with transformers' model; the JSON file holds the same numbers."""
     import json
 
     out = tmp_path / "bench.json"
@@ -230,6 +230,9 @@ def test_bench_cli_reports_and_compares_with_transformers(cli, tmp_path):
     ours, hf = results
     assert ours["name"] == "moeforge" and hf["name"] == "transformers"
     assert ours["tokens_per_s"] > 0 and hf["tokens_per_s"] > 0
+    for res in (ours, hf):  # the timed steps' spread: shortest <= median <= longest, around the mean step
+        lo, mid, hi = res["step_ms_spread"]
+        assert 0 < lo <= mid <= hi and lo <= 1.05 * res["step_ms"] and hi >= 0.95 * res["step_ms"], res
     split = ours["split_ms"]
     assert {"attention", "moe", "dense", "head+loss", "optimizer", "other"} <= split.keys()
     assert all(v >= 0 for v in split.values())

@@ -7,6 +7,8 @@ one host synchronisation at the end. Reported:
 - tokens/s and model TFLOP/s (FLOPs per token from train.metrics.flops_per_token: 6 x activated
   matmul parameters + causal attention, MTP included; docs/performance.md), MFU against the
   datasheet dense BF16 peak of the GPU (stated in the output);
+- the spread of the timed steps (shortest, median, longest), from a marker after each step on the
+  device timeline (CUDA events; no extra synchronisation), so that a noisy measurement shows;
 - peak memory (torch.cuda.max_memory_allocated over the timed steps);
 - whether a step synchronises the host (one extra step under torch.cuda.set_sync_debug_mode);
 - the time split by part, from one extra step timed by hooks (CUDA events): attention (MLA),
@@ -25,6 +27,7 @@ sync per MoE layer), which the sync check then reports.
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -54,6 +57,7 @@ class BenchResult:
     mfu: float | None
     peak_mem_gib: float | None
     host_syncs: str = "not checked"
+    step_ms_spread: tuple[float, float, float] | None = None  # (shortest, median, longest) timed step
     split_ms: dict[str, float] = field(default_factory=dict)
     ranks: int = 1
 
@@ -150,9 +154,11 @@ def _random_windows(cfg: Config, n: int, device: torch.device, pctx=None) -> lis
 
 
 def _time_steps(run_step, steps: int, warmup: int, device: torch.device,
-                peak_from_start: bool = False) -> tuple[float, float | None]:
-    """(seconds for `steps` steps after `warmup` steps, peak GiB during them; with peak_from_start,
-    during the warm-up too: a captured step allocates its memory once, while it is captured)."""
+                peak_from_start: bool = False) -> tuple[float, float | None, tuple[float, float, float]]:
+    """(seconds for `steps` steps after `warmup` steps, peak GiB during them, the (shortest, median,
+    longest) step in ms). With peak_from_start the peak covers the warm-up too: a captured step
+    allocates its memory once, while it is captured. The steps are timed by markers on the device
+    timeline between them (CUDA events, recorded without waiting; wall time on a CPU)."""
     if device.type == "cuda" and peak_from_start:
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
@@ -160,13 +166,17 @@ def _time_steps(run_step, steps: int, warmup: int, device: torch.device,
     _synchronize(device)
     if device.type == "cuda" and not peak_from_start:
         torch.cuda.reset_peak_memory_stats(device)
+    clock = _Clock(device)
     t0 = time.perf_counter()
+    marks = [clock.mark()]
     for _ in range(steps):
         run_step()
+        marks.append(clock.mark())
     _synchronize(device)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return dt, peak
+    each = [clock.ms(a, b) for a, b in zip(marks, marks[1:])]
+    return dt, peak, (min(each), statistics.median(each), max(each))
 
 
 def _result(name: str, cfg: Config, dt: float, steps: int, peak_gib, device: torch.device, ranks: int = 1) -> BenchResult:
@@ -229,12 +239,13 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
         step[0] += 1
         return sums, marks
 
-    dt, peak = _time_steps(run_step, steps, warmup, device, peak_from_start=graphed is not None)
+    dt, peak, spread = _time_steps(run_step, steps, warmup, device, peak_from_start=graphed is not None)
     if pctx is not None:  # the slowest rank's time is the step's
         dt_t = torch.tensor([dt], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(dt_t, op=torch.distributed.ReduceOp.MAX)
         dt = float(dt_t)
     res = _result("moeforge", cfg, dt, steps, peak, device, pctx.world_size if pctx is not None else 1)
+    res.step_ms_spread = spread
     res.host_syncs = _check_host_syncs(run_step, device)
     if split and graphed is None:  # (a replayed graph runs no hooks)
         res.split_ms = _split(model, run_step, device, compiled=t.compile)
@@ -293,8 +304,9 @@ def bench_hf(cfg: Config, steps: int, warmup: int) -> BenchResult:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    dt, peak = _time_steps(run_step, steps, warmup, device)
+    dt, peak, spread = _time_steps(run_step, steps, warmup, device)
     res = _result("transformers", cfg, dt, steps, peak, device)
+    res.step_ms_spread = spread
     return res
 
 
@@ -330,7 +342,11 @@ def report_numbers(out: dict, json_path: str | None = None, digits: int = 2) -> 
 def format_result(r: BenchResult) -> str:
     ranks = f" on {r.ranks} ranks" if r.ranks > 1 else ""
     per = " per GPU" if r.ranks > 1 else ""
-    parts = [f"{r.name}: {r.tokens_per_s:,.0f} tokens/s{ranks}", f"{r.step_ms:.1f} ms/step", f"{r.tflops:.1f} TFLOP/s{per}"]
+    step = f"{r.step_ms:.1f} ms/step"
+    if r.step_ms_spread is not None and r.step_ms_spread[0] != r.step_ms_spread[-1]:
+        lo, mid, hi = r.step_ms_spread
+        step += f" (steps {lo:.1f}-{hi:.1f}, median {mid:.1f})"
+    parts = [f"{r.name}: {r.tokens_per_s:,.0f} tokens/s{ranks}", step, f"{r.tflops:.1f} TFLOP/s{per}"]
     if r.mfu is not None:
         parts.append(f"MFU {100 * r.mfu:.1f}%")
     if r.peak_mem_gib is not None:
