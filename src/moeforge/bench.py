@@ -20,7 +20,7 @@ length and precision (FP32 master weights, BF16 autocast, fused AdamW) in the sa
 
 Under torchrun (`torchrun --nproc-per-node N -m moeforge bench parallel.ep=E ...`) the same step
 runs expert / data parallel: the batch is global, tokens/s counts all ranks, MFU is per GPU, and
-memory and the time split are rank 0's. The expert all-to-all reads its split sizes on the host (one
+memory, the steps' spread and the time split are rank 0's. The expert all-to-all reads its split sizes on the host (one
 sync per MoE layer), which the sync check then reports.
 """
 
