@@ -181,36 +181,51 @@ def s_quant(args):
 @section("qtiles")
 def s_qtiles(args):
     """Tile sweep of the 1x128 quantiser at the bench preset's shapes (32k tokens x 2048 for a Linear,
-    98k routed rows x 2048 / 2816 for the experts), each variant's bytes checked against the default's."""
+    98k routed rows x 2048 / 2816 for the experts), each variant's bytes checked against the default's.
+    The transposed ("cols") output is swept for both of its kernels: Triton ([128, BC] tiles) and,
+    where Gluon is available, Gluon ([128, BC] tiles, TPT rows per thread once transposed)."""
     from moeforge.fp8 import kernels
 
     torch.manual_seed(0)
     shapes = {"32768x2048": (32768, 2048), "98304x2048": (98304, 2048), "98304x2816": (98304, 2816)}
-    variants = {"rows": [(br, nw) for br in (32, 64, 128) for nw in (4, 8)],
-                "cols": [(bc, nw) for bc in (32, 64, 128) for nw in (4, 8)]}
-    keep = dict(kernels.QUANT_ROWS_CONFIG), dict(kernels.QUANT_COLS_CONFIG)
+    variants = [("rows", "triton", {"BR": br, "num_warps": nw}) for br in (32, 64, 128) for nw in (4, 8)]
+    variants += [("cols", "triton", {"BC": bc, "num_warps": nw}) for bc in (32, 64, 128) for nw in (4, 8)]
+    if kernels._gluon_quant is not None:
+        variants += [("cols", "gluon", {"BC": bc, "num_warps": nw, "TPT": tpt})
+                     for bc in (32, 64, 128) for nw in (4, 8) for tpt in (16, 32) if bc >= nw * tpt // 4]
+    gluon_cfg = kernels._gluon_quant.QUANT_COLS_GLUON_CONFIG if kernels._gluon_quant is not None else {}
+    keep = dict(kernels.QUANT_ROWS_CONFIG), dict(kernels.QUANT_COLS_CONFIG), dict(gluon_cfg), dict(kernels.QUANT_COLS_KERNEL)
+
+    def restore():
+        kernels.QUANT_ROWS_CONFIG.update(keep[0])
+        kernels.QUANT_COLS_CONFIG.update(keep[1])
+        gluon_cfg.update(keep[2])
+        kernels.QUANT_COLS_KERNEL.update(keep[3])
+
     out = {}
     for sname, (R, C) in shapes.items():
         x = torch.randn(R, C, device="cuda", dtype=torch.bfloat16)
         n = R * C
         nbytes = n * 2 + n + n // 32
-        for kind, vs in variants.items():
+        refs = {}
+        for kind, kernel, tile in variants:
             def run():
                 return kernels.quant_operands(x, rows=kind == "rows", cols=kind == "cols")[kind == "cols"]
-            kernels.QUANT_ROWS_CONFIG.update(keep[0])
-            kernels.QUANT_COLS_CONFIG.update(keep[1])
-            ref = run()  # the default tiles
-            for tile, nw in vs:
-                cfg = kernels.QUANT_ROWS_CONFIG if kind == "rows" else kernels.QUANT_COLS_CONFIG
-                cfg.update({"BR" if kind == "rows" else "BC": tile, "num_warps": nw})
-                got = run()
-                same = torch.equal(got.q.view(torch.uint8), ref.q.view(torch.uint8)) and torch.equal(got.s_store, ref.s_store)
-                ms = bench(run)
-                key = f"{sname} {kind} tile {tile} warps {nw}"
-                out[key] = {"ms": ms, "GB/s": nbytes / ms / 1e6, "bit-exact": same}
-                print(f"   {key:48s} {ms:8.4f} ms {nbytes / ms / 1e6:6.0f} GB/s {'ok' if same else 'DIFFERENT'}", flush=True)
-        kernels.QUANT_ROWS_CONFIG.update(keep[0])
-        kernels.QUANT_COLS_CONFIG.update(keep[1])
+            restore()
+            if kind not in refs:
+                refs[kind] = run()  # the defaults
+            ref = refs[kind]
+            if kind == "cols":
+                kernels.QUANT_COLS_KERNEL["name"] = kernel
+            (gluon_cfg if kernel == "gluon" else kernels.QUANT_ROWS_CONFIG if kind == "rows"
+             else kernels.QUANT_COLS_CONFIG).update(tile)
+            got = run()
+            same = torch.equal(got.q.view(torch.uint8), ref.q.view(torch.uint8)) and torch.equal(got.s_store, ref.s_store)
+            ms = bench(run)
+            key = f"{sname} {kind} {kernel} " + " ".join(f"{k} {v}" for k, v in tile.items())
+            out[key] = {"ms": ms, "GB/s": nbytes / ms / 1e6, "bit-exact": same}
+            print(f"   {key:58s} {ms:8.4f} ms {nbytes / ms / 1e6:6.0f} GB/s {'ok' if same else 'DIFFERENT'}", flush=True)
+        restore()
     return out
 
 

@@ -1,7 +1,7 @@
 """GPU path of FP8 training (moeforge.fp8.kernels / moeforge.fp8.gpu): run with `pytest -m gpu` on an
 SM90 GPU (H100/H200); skipped where Triton or CUDA is missing.
 
-- The Triton quantisers are bit-identical to the reference moeforge.fp8.quant run on the same CUDA
+- The Triton (and Gluon) quantisers are bit-identical to the reference moeforge.fp8.quant run on the same CUDA
   tensors (same FP8 bytes, same FP32 scales), ragged edges, all-zero tiles and power-of-two scales
   included, and write zeros into the GEMM padding.
 - The blockwise FP8 GEMMs equal the FP32 product of the dequantised operands within Hopper's FP8
@@ -49,6 +49,14 @@ def _bytes_equal(q, q_ref):
 
 
 SHAPES = [(3, 300), (150, 260), (256, 1024), (1, 128), (200, 72), (129, 385)]
+COLS_KERNELS = ["gluon", "triton"] if kernels._gluon_quant is not None else ["triton"]
+
+
+@pytest.fixture(params=COLS_KERNELS)
+def cols_kernel(request, monkeypatch):
+    """The transposed quantiser's two kernels: Gluon (the default where it is available) and Triton."""
+    monkeypatch.setitem(kernels.QUANT_COLS_KERNEL, "name", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -65,7 +73,7 @@ def test_quant_rows_bit_exact(shape, dtype, pow2):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("pow2", [False, True])
-def test_quant_cols_transposed_bit_exact(shape, pow2):
+def test_quant_cols_transposed_bit_exact(shape, pow2, cols_kernel):
     """quantize(x^T) in 1x128 tiles without building x^T; from BF16 and FP32 values."""
     x = _data(shape, torch.bfloat16, seed=1)
     q_ref, s_ref = quantize(x.T.contiguous(), (1, 128), pow2, check_finite=False)
@@ -82,7 +90,7 @@ def test_quant_cols_transposed_bit_exact(shape, pow2):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_quant_rows_and_cols(shape, dtype):
+def test_quant_rows_and_cols(shape, dtype, cols_kernel):
     x = _data(shape, dtype, seed=2)
     (q, s), (qt, st) = kernels.quant_rows_and_cols_t(x)
     q_ref, s_ref = quantize(x, (1, 128), check_finite=False)
@@ -152,7 +160,7 @@ def test_scale_division_modes():
 
 
 @pytest.mark.parametrize("rows", [False, True])
-def test_segmented_transposed_quantisation(rows):
+def test_segmented_transposed_quantisation(rows, cols_kernel):
     """Tiles along the tokens restart at every expert (the grouped Wgrad operands); the row operand
     quantised in the same call is the plain one, its padding rows included."""
     counts = torch.tensor([130, 0, 7, 300, 1])
@@ -179,7 +187,7 @@ def test_segmented_transposed_quantisation(rows):
 
 
 @pytest.mark.parametrize("pow2", [False, True])
-def test_quantisers_gather_rows_through_an_index(pow2):
+def test_quantisers_gather_rows_through_an_index(pow2, cols_kernel):
     """quant_operands(x, index=i) quantises the rows x[i] without building them (the routed experts'
     rows read from their tokens): the same bytes and scales as quantising x.index_select(0, i), for
     the row operand and for the per-expert transposed tiles; rows repeated, reordered and skipped."""

@@ -5,7 +5,9 @@ FP32 scales, ragged edges and all-zero tiles included):
 - `quant_rows(x)`          x [M, N] in 1x128 tiles along N               -> (q [M, N], s [M, ceil(N/128)])
 - `quant_cols_t(x)`        x^T in 1x128 tiles (tiles along M), written transposed, x^T never built in
                            BF16 -> (q [N, M], s [N, ceil(M/128)]); `quant_operands(..., segments=)`
-                           restarts the tiles at every expert's first row (the experts' Wgrad)
+                           restarts the tiles at every expert's first row (the experts' Wgrad). Where
+                           Triton has Gluon this output comes from the Gluon kernel of
+                           `fp8.gluon_quant` (same bytes, faster), else from the Triton kernel
 - `quant_rows_and_cols_t(x)` both (a Linear's input: the Fprop operand and the Wgrad operand saved
                            for backward; its output gradient: the Dgrad and Wgrad operands)
 - `quant_operands(x, index=i[, scale=s])` any of these for the rows x[i] (times s), gathered by the
@@ -302,9 +304,17 @@ def _rcp_flag(x: torch.Tensor, scale_mode: str | None) -> bool:
 
 
 # Tiles of the 1x128 quantiser (rows: [BR, 128] per program; cols: [128, BC]), from
-# `fp8_bench.py --sections qtiles`.
+# `fp8_bench.py --sections qtiles`. The transposed (cols) output runs the Gluon kernel of
+# fp8.gluon_quant where Gluon is available (1.25-1.44x the Triton kernel at the MoE layers' shapes,
+# docs/fp8.md); QUANT_COLS_CONFIG is the Triton kernel's, used without Gluon or with
+# QUANT_COLS_KERNEL["name"] = "triton".
 QUANT_ROWS_CONFIG = {"BR": 32, "num_warps": 4}
 QUANT_COLS_CONFIG = {"BC": 32, "num_warps": 4}
+try:
+    from . import gluon_quant as _gluon_quant
+except (ImportError, AttributeError):  # a Triton without Gluon (or without its libdevice)
+    _gluon_quant = None
+QUANT_COLS_KERNEL = {"name": "gluon" if _gluon_quant is not None else "triton"}
 
 
 def _check_2d(x: torch.Tensor) -> torch.Tensor:
@@ -365,13 +375,18 @@ def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = T
             n_seg = seg_t.numel()
         qt = torch.empty(qt_rows, qt_cols, dtype=FP8, device=dev)
         st = torch.empty(n_tiles, qt_rows, dtype=torch.float32, device=dev)
-        bc, nw = QUANT_COLS_CONFIG["BC"], QUANT_COLS_CONFIG["num_warps"]
-        _launch(_quant_1x128_kernel, (qt_cols // BLOCK, _cdiv(qt_rows, bc)),
-                (x, idx, sc, qt, st, qt.view(torch.int32), st, seg_t, seg_o, n_seg, R, C, x.stride(0),
-                 0, 0, 0, 0, 0, qt_rows, qt_cols // 4, qt_cols // 4, qt_rows, 1, _FLOOR32, _RCP32, FP8_MAX),
-                dict(BR=128, BC=bc, ROW=False, COL=True, SEG=segments is not None,
-                     SEG_P2=triton.next_power_of_2(max(n_seg, 2)), POW2=p2, RCP=rcp, IDX=index is not None,
-                     SCALE=scale is not None), nw)
+        seg_p2 = triton.next_power_of_2(max(n_seg, 2))
+        if QUANT_COLS_KERNEL["name"] == "gluon":
+            _gluon_quant.quant_cols(x, idx, sc, qt, st, seg_t, seg_o, n_seg, R, C, floor=_FLOOR32, rcp=_RCP32,
+                                    fmax=FP8_MAX, seg=segments is not None, seg_p2=seg_p2, pow2=p2, rcp_mode=rcp,
+                                    gather=index is not None, scale=scale is not None)
+        else:
+            bc, nw = QUANT_COLS_CONFIG["BC"], QUANT_COLS_CONFIG["num_warps"]
+            _launch(_quant_1x128_kernel, (qt_cols // BLOCK, _cdiv(qt_rows, bc)),
+                    (x, idx, sc, qt, st, qt.view(torch.int32), st, seg_t, seg_o, n_seg, R, C, x.stride(0),
+                     0, 0, 0, 0, 0, qt_rows, qt_cols // 4, qt_cols // 4, qt_rows, 1, _FLOOR32, _RCP32, FP8_MAX),
+                    dict(BR=128, BC=bc, ROW=False, COL=True, SEG=segments is not None, SEG_P2=seg_p2, POW2=p2,
+                         RCP=rcp, IDX=index is not None, SCALE=scale is not None), nw)
     a = Operand(q, s, R, C, "row") if rows else None
     b = None
     if cols:
