@@ -49,24 +49,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .gluon_quant import _segment_of
+
 BLOCK_K = gl.constexpr(128)
 HALF_N = gl.constexpr(128)  # columns per wgmma (a 256-column tile runs two)
 WG_ROWS = gl.constexpr(64)  # rows of the tile per math warpgroup (wgmma's M is 64 per warpgroup)
-
-
-@gluon.jit
-def _segment_of(tile, tiles_ptr, offs_ptr, n_seg, P2: gl.constexpr, num_warps: gl.constexpr):
-    """Tile `tile` of a per-group padded layout -> (group, its first tile, first row, end row, valid)."""
-    lay: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-    idx = gl.arange(0, P2, layout=lay)
-    cum = gl.load(tiles_ptr + idx, mask=idx < n_seg, other=2147483647)
-    g = gl.sum((cum <= tile).to(gl.int32), axis=0)
-    gm = g > 0
-    valid = g < n_seg
-    tiles_before = gl.load(tiles_ptr + g - 1, mask=gm, other=0)
-    rows_before = gl.load(offs_ptr + g - 1, mask=gm, other=0)
-    rows_end = gl.load(offs_ptr + g, mask=valid, other=0)
-    return g, tiles_before, rows_before, rows_end, valid
 
 
 @gluon.jit

@@ -27,10 +27,10 @@ QUANT_COLS_GLUON_CONFIG = {"BC": 64, "num_warps": 8, "TPT": 32}
 
 
 @gluon.jit
-def _segment_of(tile, tiles_ptr, offs_ptr, n_seg, P2: gl.constexpr):
-    """Tile `tile` of a per-group padded layout -> (first tile of its group, first row, end row, valid);
-    see kernels._segment_of."""
-    lay: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+def _segment_of(tile, tiles_ptr, offs_ptr, n_seg, P2: gl.constexpr, num_warps: gl.constexpr):
+    """Tile `tile` of a per-group padded layout -> (group, its first tile, first row, end row, valid); see
+    kernels._segment_of. num_warps: the caller's (a warp-specialised partition's own count)."""
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     idx = gl.arange(0, P2, layout=lay)
     cum = gl.load(tiles_ptr + idx, mask=idx < n_seg, other=2147483647)
     g = gl.sum((cum <= tile).to(gl.int32), axis=0)
@@ -39,7 +39,7 @@ def _segment_of(tile, tiles_ptr, offs_ptr, n_seg, P2: gl.constexpr):
     tiles_before = gl.load(tiles_ptr + g - 1, mask=gm, other=0)
     rows_before = gl.load(offs_ptr + g - 1, mask=gm, other=0)
     rows_end = gl.load(offs_ptr + g, mask=valid, other=0)
-    return tiles_before, rows_before, rows_end, valid
+    return g, tiles_before, rows_before, rows_end, valid
 
 
 @gluon.jit
@@ -59,7 +59,8 @@ def _quant_cols_kernel(x_ptr, idx_ptr, sc_ptr, qt_ptr, st_ptr, seg_tiles_ptr, se
     col_l: gl.constexpr = gl.BlockedLayout([TPT, 1], [128 // TPT, 32 * TPT // 128], [1, num_warps], [0, 1])
     valid = pid_r >= 0
     if SEG:
-        tiles_before, rows_before, row_end, valid = _segment_of(pid_r, seg_tiles_ptr, seg_offs_ptr, n_seg, SEG_P2)
+        _, tiles_before, rows_before, row_end, valid = _segment_of(pid_r, seg_tiles_ptr, seg_offs_ptr, n_seg, SEG_P2,
+                                                                   num_warps)
         row0 = rows_before + (pid_r - tiles_before) * 128
         row_end = gl.where(valid, row_end, 0)
     else:
