@@ -101,7 +101,7 @@ def compile_variant(part: str, cfg: dict, ints: dict):
 
 
 def ptxas_report(ptx: str, maxnreg: int) -> dict:
-    """`ptxas -v` on the PTX: registers, stack frame and spill bytes."""
+    """`ptxas -v` on the PTX: registers, stack frame, spill bytes, and whether ptxas serialised the wgmmas."""
     with tempfile.TemporaryDirectory() as d:
         src, out = f"{d}/k.ptx", f"{d}/k.cubin"
         with open(src, "w") as f:
@@ -111,7 +111,10 @@ def ptxas_report(ptx: str, maxnreg: int) -> dict:
     text = r.stderr
     num = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else 0  # noqa: E731
     return {"registers": num(r"Used (\d+) registers"), "stack": num(r"(\d+) bytes stack frame"),
-            "spill stores": num(r"(\d+) bytes spill stores"), "spill loads": num(r"(\d+) bytes spill loads")}
+            "spill stores": num(r"(\d+) bytes spill stores"), "spill loads": num(r"(\d+) bytes spill loads"),
+            # ptxas waits for every wgmma before issuing the next when other instructions write the
+            # registers of an accumulator in flight (its warning C7515)
+            "wgmma serialized": "wgmma.mma_async instructions are serialized" in text}
 
 
 def variants() -> dict:
@@ -123,9 +126,10 @@ def variants() -> dict:
         "forward, 128 x 128, 4 stages": ("forward", gluon_gemm.WS_CONFIG),
         "forward, 128 x 256, unfolded scales": ("forward", w256),
         "forward, default without turns": ("forward", {**WS_GROUPED_CONFIG, "TURN": 0}),
-        "Wgrad, default (128 x 128, 3 stages, TMA store)": ("wgrad", WS_WGRAD_CONFIG),
+        "Wgrad, default (128 x 128, 4 stages, TMA store, pipelined)": ("wgrad", WS_WGRAD_CONFIG),
         "Wgrad, 128 x 128, stores from registers": ("wgrad", {**WS_WGRAD_CONFIG, "STORE_TMA": False}),
         "Wgrad, 128 x 256, 3 stages": ("wgrad", w256),
+        "Wgrad, 128 x 128, 3 stages, not pipelined": ("wgrad", {**WS_WGRAD_CONFIG, "STAGES": 3, "PIPE": False}),
     }
 
 
@@ -136,12 +140,13 @@ def main() -> None:
     ap.add_argument("--inter", type=int, default=1408, help="an expert's intermediate size")
     ap.add_argument("--experts", type=int, default=64)
     a = ap.parse_args()
-    print(f"{'variant':48s} {'regs':>5s} {'stack':>6s} {'spill st':>9s} {'spill ld':>9s} {'smem':>7s}")
+    print(f"{'variant':58s} {'regs':>5s} {'stack':>6s} {'spill st':>9s} {'spill ld':>9s} {'smem':>7s} "
+          f"{'wgmma serialized':>16s}")
     for name, (part, cfg) in variants().items():
         ptx, smem, maxnreg = compile_variant(part, cfg, launch_ints(part, cfg, a.rows, a.hidden, a.inter, a.experts))
         r = ptxas_report(ptx, maxnreg)
-        print(f"{name:48s} {r['registers']:5d} {r['stack']:6d} {r['spill stores']:9d} {r['spill loads']:9d} {smem:7d}",
-              flush=True)
+        print(f"{name:58s} {r['registers']:5d} {r['stack']:6d} {r['spill stores']:9d} {r['spill loads']:9d} {smem:7d} "
+              f"{'yes' if r['wgmma serialized'] else 'no':>16s}", flush=True)
 
 
 if __name__ == "__main__":

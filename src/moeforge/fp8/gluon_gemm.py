@@ -30,8 +30,10 @@ store.
 A 256-column tile (BLOCK_N = 256) is two 128-column halves whose MMAs run one after the other: two
 64 x 128 FP32 accumulators and one partial per thread (192 registers), where issuing both halves at
 once would need 256. It halves the reads of A per FLOP and is the default for the experts' forward
-and Dgrad (kernels.WS_GROUPED_CONFIG); their Wgrad runs faster on 128-column tiles with 3 stages
-(kernels.WS_WGRAD_CONFIG). Where the tiles' rows start on multiples
+and Dgrad (kernels.WS_GROUPED_CONFIG); their Wgrad runs faster on 128-column tiles with 4 stages
+(kernels.WS_WGRAD_CONFIG), where each math warpgroup also keeps its next K block's MMA in flight while
+it promotes the last one (PIPE: two 64-register partials, which a 256-column tile has no room for).
+Where the tiles' rows start on multiples
 of 128 (the Wgrad), the load warp also copies the K block's 1x128 scales with TMA (SCALE_TMA), so the
 math warpgroups keep no per-column scales or offsets in registers across the loop.
 
@@ -227,12 +229,76 @@ def _store_rows_from_smem(c_ptr, c_bufs, buf, r0, row_end, g64, off_n, N, stride
 
 
 @gluon.jit
+def _issue(a_bufs, b_bufs, ready, it, p, WG: gl.constexpr):
+    """Wait for stage it % STAGES and issue its MMA (from zero) into p's registers -> (p in flight, stage)."""
+    STAGES: gl.constexpr = a_bufs.type.shape[0]
+    s = it % STAGES
+    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+    b = b_bufs.index(s).permute((1, 0))
+    p = warpgroup_mma(a_bufs.index(s).slice(WG * WG_ROWS, WG_ROWS), b, p, use_acc=False, is_async=True)
+    return p, s
+
+
+@gluon.jit
+def _retire(acc, p, s, kb, OUTSTANDING: gl.constexpr, sa_bufs, sb_bufs, empty, sb_base, sb_one, sb_sk, sb_sn,
+            off_n, N, WG: gl.constexpr, B_BLOCK: gl.constexpr, FOLD: gl.constexpr):
+    """Wait for the partial p of K block kb (OUTSTANDING later MMAs may stay in flight), add it into acc
+    with the block's scales (A's from the stage's copy) and release its stage s -> (acc, the partial's
+    registers)."""
+    BLOCK_M: gl.constexpr = sa_bufs.type.shape[2]
+    pw = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(p, ))
+    sa = sa_bufs.index(s).reshape([BLOCK_M]).slice(WG * WG_ROWS, WG_ROWS).load(gl.SliceLayout(1, acc.type.layout))
+    sone = 1.0
+    if FOLD:
+        sone = gl.load(sb_one + kb * sb_sk)
+    acc = _promote(acc, pw, sa, sone, sb_base, kb, sb_sk, sb_sn, off_n, N, sb_bufs, s, 0, B_BLOCK, FOLD, True, True)
+    mbarrier.arrive(empty.index(s), count=1)
+    return acc, pw
+
+
+@gluon.jit
+def _pipelined_k_loop(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, acc, it, kb0, kb1, sb_base, sb_one, sb_sk,
+                      sb_sn, off_n, N, WG: gl.constexpr, B_BLOCK: gl.constexpr, FOLD: gl.constexpr):
+    """PIPE: the K loop of a 128-column tile with the next block's MMA in flight while the last one is
+    promoted, so that a warpgroup overlaps its own promotion without the other's help: block kb's MMA
+    is issued, then block kb-1's partial is waited for, promoted and its stage released (its A scales
+    come with the stage: SCALE_TMA). The partials of even and odd blocks have registers of their own
+    (pa, pb; 64 + 2 x 64 accumulator registers), and the loop runs two blocks a pass so that neither is
+    copied into the other: with the two swapped at the end of every pass, ptxas waited for each wgmma
+    before issuing the next (its warning C7515; benchmarks/kernel_registers.py reports it).
+    Returns (acc, it)."""
+    pb = acc
+    if kb1 > kb0:
+        pa, sa_s = _issue(a_bufs, b_bufs, ready, it, acc, WG)
+        it += 1
+        for kb in range(kb0 + 1, kb1 - 1, 2):  # blocks kb (into pb) and kb + 1 (into pa)
+            pb, sb_s = _issue(a_bufs, b_bufs, ready, it, pb, WG)
+            acc, pw = _retire(acc, pa, sa_s, kb - 1, 1, sa_bufs, sb_bufs, empty, sb_base, sb_one, sb_sk,
+                              sb_sn, off_n, N, WG, B_BLOCK, FOLD)
+            pa, sa_s = _issue(a_bufs, b_bufs, ready, it + 1, pw, WG)
+            acc, pb = _retire(acc, pb, sb_s, kb, 1, sa_bufs, sb_bufs, empty, sb_base, sb_one, sb_sk,
+                              sb_sn, off_n, N, WG, B_BLOCK, FOLD)
+            it += 2
+        if (kb1 - kb0) % 2 == 0:  # one block after the pairs, into pb
+            pl, sl = _issue(a_bufs, b_bufs, ready, it, pb, WG)
+            acc, pw = _retire(acc, pa, sa_s, kb1 - 2, 1, sa_bufs, sb_bufs, empty, sb_base, sb_one, sb_sk,
+                              sb_sn, off_n, N, WG, B_BLOCK, FOLD)
+            acc, pw = _retire(acc, pl, sl, kb1 - 1, 0, sa_bufs, sb_bufs, empty, sb_base, sb_one, sb_sk,
+                              sb_sn, off_n, N, WG, B_BLOCK, FOLD)
+            it += 1
+        else:  # the last block is in pa
+            acc, pw = _retire(acc, pa, sa_s, kb1 - 1, 0, sa_bufs, sb_bufs, empty, sb_base, sb_one, sb_sk,
+                              sb_sn, off_n, N, WG, B_BLOCK, FOLD)
+    return acc, it
+
+
+@gluon.jit
 def _math_partition(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr, offs_ptr,
                     n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
                     sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, c_desc, c_bufs, turn,
                     WG: gl.constexpr, B_BLOCK: gl.constexpr, FOLD: gl.constexpr, GROUP_M_ROWS: gl.constexpr,
                     GROUP_K: gl.constexpr, GROUP_M: gl.constexpr, G_P2: gl.constexpr, PROMOTE: gl.constexpr,
-                    SCALE_TMA: gl.constexpr, STORE_TMA: gl.constexpr, TURN: gl.constexpr):
+                    SCALE_TMA: gl.constexpr, STORE_TMA: gl.constexpr, TURN: gl.constexpr, PIPE: gl.constexpr):
     """The tile's rows [64 WG, 64 WG + 64), in one or two 128-column halves. With two halves (a 256-column
     tile) the halves' MMAs run one after the other: 2 x 64 accumulator registers plus one 64-register
     partial, where issuing both at once would need 256."""
@@ -274,7 +340,12 @@ def _math_partition(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_pt
             sone0_n = gl.load(sb_one0 + kb_pre * sb_sk)
             if NH == 2:
                 sone1_n = gl.load(sb_one1 + kb_pre * sb_sk, mask=n1 < N, other=0.0)
-        for kb in range(kb0, kb1):
+        kb_end = kb1
+        if PIPE:
+            acc0, it = _pipelined_k_loop(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, acc0, it, kb0, kb1, sb_base,
+                                         sb_one0, sb_sk, sb_sn, off_n, N, WG, B_BLOCK, FOLD)
+            kb_end = kb0  # (the loop below runs no block)
+        for kb in range(kb0, kb_end):
             sa = sa_n
             sone0 = sone0_n
             sone1 = sone1_n
@@ -352,11 +423,12 @@ def _ws_gemm_kernel(
     B_BLOCK: gl.constexpr, GROUP_M_ROWS: gl.constexpr, GROUP_K: gl.constexpr, G_P2: gl.constexpr,
     GROUP_M: gl.constexpr, STAGES: gl.constexpr, FOLD: gl.constexpr, SCALE_TMA: gl.constexpr,
     MATH_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, num_warps: gl.constexpr, PROMOTE: gl.constexpr = True,
-    STORE_TMA: gl.constexpr = False, TURN: gl.constexpr = 0,
+    STORE_TMA: gl.constexpr = False, TURN: gl.constexpr = 0, PIPE: gl.constexpr = False,
 ):
     """Persistent: program p runs tiles p, p + programs, ... (see _tile). sa_desc / sb_desc: TMA
     descriptors of the 1x128 scale tables, used with SCALE_TMA (see `launch`)."""
     gl.static_assert(a_desc.block_type.shape[0] == 2 * WG_ROWS)
+    gl.static_assert(not PIPE or (b_desc.block_type.shape[0] == HALF_N and TURN == 0 and PROMOTE and SCALE_TMA))
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
     sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES] + sa_desc.block_type.shape, sa_desc.layout)
@@ -380,11 +452,11 @@ def _ws_gemm_kernel(
         (_math_partition, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr,
                            offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
                            sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, c_desc, c_bufs, turn, 0, B_BLOCK, FOLD,
-                           GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA, STORE_TMA, TURN)),
+                           GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA, STORE_TMA, TURN, PIPE)),
         (_math_partition, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr,
                            offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
                            sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, c_desc, c_bufs, turn, 1, B_BLOCK, FOLD,
-                           GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA, STORE_TMA, TURN)),
+                           GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA, STORE_TMA, TURN, PIPE)),
         (_load_partition, (a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty,
                            tiles_ptr, offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles,
                            GROUP_M, G_P2, GROUP_M_ROWS, GROUP_K, B_BLOCK, SCALE_TMA)),
@@ -394,11 +466,13 @@ def _ws_gemm_kernel(
 # 128 rows = two math warpgroups of 64; BLOCK_N 128 or 256 (one or two weight blocks: FOLD applies
 # to each); STAGES, the registers per partition (MATH_REGS, LOAD_REGS, maxnreg: the kernel's 12 warps
 # share 64K registers, so maxnreg * 384 must cover 256 * MATH_REGS + 128 * LOAD_REGS), PROGRAMS
-# (0: one per SM), STORE_TMA, and TURN (0 off, 1 the turn passes at issue, 2 at completion; with
-# TURN_MAX_KB only for launches of at most that many K blocks) are the tunables.
+# (0: one per SM), STORE_TMA, TURN (0 off, 1 the turn passes at issue, 2 at completion; with
+# TURN_MAX_KB only for launches of at most that many K blocks) and PIPE (each warpgroup keeps its next
+# MMA in flight while it promotes; 128-column tiles whose scales come by TMA, i.e. the Wgrad) are the
+# tunables.
 WS_CONFIG = {"KERNEL": "ws", "BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "FOLD": True,
              "MATH_REGS": 232, "LOAD_REGS": 40, "maxnreg": 168, "PROGRAMS": 0, "STORE_TMA": False,
-             "TURN": 0}
+             "TURN": 0, "PIPE": False}
 
 
 def descriptor(t, rows: int):
@@ -448,6 +522,8 @@ def kernel_options(config: dict, *, k_blocks: int, b_block: bool, scale_tma: boo
     cfg["SCALE_TMA"], cfg["STORE_TMA"] = scale_tma, store_tma
     if k_blocks > config.get("TURN_MAX_KB", k_blocks):
         cfg["TURN"] = 0
+    if not scale_tma:  # PIPE reads A's scales from the stage (loaded from memory, the loop spills registers)
+        cfg["PIPE"] = False
     return cfg
 
 

@@ -695,7 +695,7 @@ try:
 
     WS_GROUPED_CONFIG = {**WS_CONFIG, "BLOCK_N": 256, "STAGES": 3, "MATH_REGS": 240, "LOAD_REGS": 24,
                          "STORE_TMA": True, "TURN": 1, "TURN_MAX_KB": 32}
-    WS_WGRAD_CONFIG = {**WS_CONFIG, "FOLD": False, "STAGES": 3, "STORE_TMA": True}
+    WS_WGRAD_CONFIG = {**WS_CONFIG, "FOLD": False, "STAGES": 4, "STORE_TMA": True, "PIPE": True}
 except ImportError:  # a Triton without Gluon's Hopper API
     WS_GROUPED_CONFIG = WS_WGRAD_CONFIG = None
 GROUPED_CONFIG = WS_GROUPED_CONFIG or TRITON_GROUPED_CONFIG
