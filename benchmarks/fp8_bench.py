@@ -621,6 +621,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grouped", choices=("default", "triton", "ws"), default="default",
                     help="the grouped GEMMs' kernel for every section: Triton or warp-specialised Gluon")
     args = ap.parse_args(argv)
+    if args.moe_rounds < 1:
+        ap.error("--moe-rounds must be at least 1")
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (SM90)", file=sys.stderr)
         return 2
