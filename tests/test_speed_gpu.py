@@ -335,3 +335,31 @@ def test_cuda_combine_matches_the_torch_ops():
     # and the torch ops, which round each product to BF16 first, are farther from them
     for a, b in ((o, o_r), (dw, dw_r)):
         assert (a.float() - b.float()).norm() <= 2 ** -7 * b.float().norm()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_dispatch_gather_backward(compiled):
+    """The dispatched rows' gather (SpreadRows.gather): its backward on eager CUDA is spread_sum (each
+    token's K copy gradients summed in FP32 in copy order, rounded once: to the bit), and traced it is
+    the gather and sum over K; the two within BF16 rounding of each other."""
+    from moeforge.model.moe import LocalDispatcher
+
+    torch.manual_seed(0)
+    T, K, D, E = 700, 6, 2048 + 64, 16
+    indices = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).cuda()
+    x = torch.randn(T, D, device="cuda").to(torch.bfloat16).requires_grad_()
+    rows, _, ctx = LocalDispatcher().start(x, indices, E).finish()
+    g = torch.randn(T * K, D, device="cuda").to(torch.bfloat16)
+
+    def run(r):
+        return r.gather()
+
+    (torch.compile(run, fullgraph=True) if compiled else run)(rows).backward(g)
+    order, inverse = ctx
+    copies = g.float().index_select(0, inverse).view(T, K, D)
+    acc = copies[:, 0]
+    for c in range(1, K):
+        acc = acc + copies[:, c]
+    if not compiled:
+        assert torch.equal(x.grad, acc.to(torch.bfloat16))
+    torch.testing.assert_close(x.grad.float(), copies.double().sum(1).float(), rtol=2 ** -7, atol=1e-6)

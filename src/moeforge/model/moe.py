@@ -172,7 +172,8 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 class _SpreadCopies(torch.autograd.Function):
     """copies[n] = x[order[n] // K]: the K copies of every token in the expert-sorted order. The
     backward sums each token's K copy gradients, read in token order through the inverse order
-    (a gather and a sum over K: no atomic adds, and the sum accumulates in FP32 for BF16 inputs)."""
+    (no atomic adds; the sum accumulates in FP32 for BF16 inputs): on eager CUDA in one Triton pass
+    (moe_triton.spread_sum), else a gather and a sum over K, which Inductor fuses when compiled."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
@@ -183,6 +184,10 @@ class _SpreadCopies(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
+        if ctx.k > 1 and grad.is_cuda and _TRITON and not torch.compiler.is_compiling():
+            from .moe_triton import spread_sum
+
+            return spread_sum(grad, inverse, ctx.k), None, None, None
         rows = grad.index_select(0, inverse)
         return (rows if ctx.k == 1 else rows.view(-1, ctx.k, grad.shape[-1]).sum(1)), None, None, None
 
