@@ -18,6 +18,8 @@ import traceback
 
 import torch
 
+from moeforge.gpu_state import GPUMonitor, describe, summarize
+
 SECTIONS = ("env", "probe", "accuracy", "quant", "qtiles", "gemm", "linear", "diag", "grouped", "tiles", "moe")
 LINEAR_SHAPES = [(4096, 7168, 2048), (4096, 2048, 7168), (4096, 7168, 18432)]  # tokens, in, out
 RESULTS: dict = {}
@@ -587,17 +589,30 @@ def s_moe(args):
     weights, BF16 autocast; BF16 grouped_mm against the FP8 path (Linears + grouped FP8 GEMMs).
     Both layers are built once and timed in alternating rounds (which goes first alternates too), so
     that a drift of the GPU's clocks during the run reaches both; the medians over the rounds give the
-    speedup, and the rounds' own ratios show its spread."""
+    speedup, and the rounds' own ratios show its spread. The GPU's SM clock and power during the rounds
+    are sampled while each round is timed (nvidia-smi; each round shows its median SM clock): the
+    layer runs at the H200's power cap, and its clock moves."""
     out = {"tokens": 16384, "rounds": args.moe_rounds}
     steps, flops = {}, {}
     for precision in ("bf16", "fp8"):
         steps[precision], flops[precision] = moe_layer_step(precision, 16384, "cuda")
-    times = {"bf16": [], "fp8": []}
+    for precision in ("bf16", "fp8"):  # (Triton's compilation out of the sampled windows)
+        steps[precision]()
+    torch.cuda.synchronize()
+    times, clocks, samples = {"bf16": [], "fp8": []}, {"bf16": [], "fp8": []}, []
     for r in range(args.moe_rounds):
         for precision in (("bf16", "fp8") if r % 2 == 0 else ("fp8", "bf16")):
-            times[precision].append(bench(steps[precision]))
-        print(f"   round {r + 1}: bf16 {times['bf16'][-1]:7.3f} ms  fp8 {times['fp8'][-1]:7.3f} ms  "
-              f"{times['bf16'][-1] / times['fp8'][-1]:.2f}x", flush=True)
+            with GPUMonitor(torch.device("cuda"), interval_ms=50) as monitor:
+                times[precision].append(bench(steps[precision]))
+            samples, last = samples + monitor.samples, monitor.state()
+            sm = (last or {}).get("sm_mhz")
+            clocks[precision].append(sm[1] if sm else None)
+        mhz = {p: f" ({clocks[p][-1]:,.0f} MHz)" if clocks[p][-1] else "" for p in clocks}
+        print(f"   round {r + 1}: bf16 {times['bf16'][-1]:7.3f} ms{mhz['bf16']}  fp8 {times['fp8'][-1]:7.3f} ms"
+              f"{mhz['fp8']}  {times['bf16'][-1] / times['fp8'][-1]:.2f}x", flush=True)
+    out["gpu"] = summarize(samples) if samples else last  # (no samples: why, from the last window)
+    out["round SM MHz (median)"] = clocks
+    print(f"   GPU during the rounds: {describe(out['gpu'])}", flush=True)
     for precision in ("bf16", "fp8"):
         ms = statistics.median(times[precision])
         out[precision] = {"fwd+bwd ms": ms, "TFLOP/s": flops[precision] / ms / 1e9, "rounds ms": times[precision]}

@@ -233,6 +233,8 @@ def test_bench_cli_reports_and_compares_with_transformers(cli, tmp_path):
     for res in (ours, hf):  # the timed steps' spread: shortest <= median <= longest, around the mean step
         lo, mid, hi = res["step_ms_spread"]
         assert 0 < lo <= mid <= hi and lo <= 1.05 * res["step_ms"] and hi >= 0.95 * res["step_ms"], res
+        assert res["gpu_state"] is None  # (no GPU to sample on a CPU)
+    assert "GPU during the timed steps" not in r.out
     split = ours["split_ms"]
     assert {"attention", "moe", "dense", "head+loss", "optimizer", "other"} <= split.keys()
     assert all(v >= 0 for v in split.values())

@@ -10,6 +10,9 @@ one host synchronisation at the end. Reported:
 - the spread of the timed steps (shortest, median, longest), from a marker after each step on the
   device timeline (CUDA events; no extra synchronisation), so that a noisy measurement shows;
 - peak memory (torch.cuda.max_memory_allocated over the timed steps);
+- the GPU's SM clock, power draw and the reasons its clock was held down (power cap, thermal)
+  during the timed steps, sampled by nvidia-smi in the background (gpu_state.py): a GPU at its
+  power cap runs the same code slower, and this tells that spread from a change in the code;
 - whether a step synchronises the host (one extra step under torch.cuda.set_sync_debug_mode);
 - the time split by part, from one extra step timed by hooks (CUDA events): attention (MLA),
   MoE (router, dispatch, experts, shared experts), dense FFNs, head + loss, optimizer (clip, AdamW,
@@ -36,6 +39,7 @@ import torch
 from . import parallel
 from .config import Config
 from .errors import MoeforgeError
+from .gpu_state import GPUMonitor, describe
 from .model.attention import MLA
 from .model.head import OutputHead
 from .model.moe import MoE
@@ -60,6 +64,7 @@ class BenchResult:
     step_ms_spread: tuple[float, float, float] | None = None  # (shortest, median, longest) timed step
     split_ms: dict[str, float] = field(default_factory=dict)
     ranks: int = 1
+    gpu_state: dict | None = None  # SM clock, power, throttle reasons during the timed steps (gpu_state.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,11 +159,12 @@ def _random_windows(cfg: Config, n: int, device: torch.device, pctx=None) -> lis
 
 
 def _time_steps(run_step, steps: int, warmup: int, device: torch.device,
-                peak_from_start: bool = False) -> tuple[float, float | None, tuple[float, float, float]]:
+                peak_from_start: bool = False) -> tuple[float, float | None, tuple[float, float, float], dict | None]:
     """(seconds for `steps` steps after `warmup` steps, peak GiB during them, the (shortest, median,
-    longest) step in ms). With peak_from_start the peak covers the warm-up too: a captured step
-    allocates its memory once, while it is captured. The steps are timed by markers on the device
-    timeline between them (CUDA events, recorded without waiting; wall time on a CPU)."""
+    longest) step in ms, the GPU's clock and power state during them (gpu_state.GPUMonitor; None on a
+    CPU)). With peak_from_start the peak covers the warm-up too: a captured step allocates its memory
+    once, while it is captured. The steps are timed by markers on the device timeline between them
+    (CUDA events, recorded without waiting; wall time on a CPU)."""
     if device.type == "cuda" and peak_from_start:
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
@@ -167,16 +173,17 @@ def _time_steps(run_step, steps: int, warmup: int, device: torch.device,
     if device.type == "cuda" and not peak_from_start:
         torch.cuda.reset_peak_memory_stats(device)
     clock = _Clock(device)
-    t0 = time.perf_counter()
-    marks = [clock.mark()]
-    for _ in range(steps):
-        run_step()
-        marks.append(clock.mark())
-    _synchronize(device)
-    dt = time.perf_counter() - t0
+    with GPUMonitor(device) as monitor:
+        t0 = time.perf_counter()
+        marks = [clock.mark()]
+        for _ in range(steps):
+            run_step()
+            marks.append(clock.mark())
+        _synchronize(device)
+        dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     each = [clock.ms(a, b) for a, b in zip(marks, marks[1:])]
-    return dt, peak, (min(each), statistics.median(each), max(each))
+    return dt, peak, (min(each), statistics.median(each), max(each)), monitor.state()
 
 
 def _result(name: str, cfg: Config, dt: float, steps: int, peak_gib, device: torch.device, ranks: int = 1) -> BenchResult:
@@ -239,13 +246,13 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
         step[0] += 1
         return sums, marks
 
-    dt, peak, spread = _time_steps(run_step, steps, warmup, device, peak_from_start=graphed is not None)
+    dt, peak, spread, gpu = _time_steps(run_step, steps, warmup, device, peak_from_start=graphed is not None)
     if pctx is not None:  # the slowest rank's time is the step's
         dt_t = torch.tensor([dt], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(dt_t, op=torch.distributed.ReduceOp.MAX)
         dt = float(dt_t)
     res = _result("moeforge", cfg, dt, steps, peak, device, pctx.world_size if pctx is not None else 1)
-    res.step_ms_spread = spread
+    res.step_ms_spread, res.gpu_state = spread, gpu
     res.host_syncs = _check_host_syncs(run_step, device)
     if split and graphed is None:  # (a replayed graph runs no hooks)
         res.split_ms = _split(model, run_step, device, compiled=t.compile)
@@ -304,9 +311,9 @@ def bench_hf(cfg: Config, steps: int, warmup: int) -> BenchResult:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    dt, peak, spread = _time_steps(run_step, steps, warmup, device)
+    dt, peak, spread, gpu = _time_steps(run_step, steps, warmup, device)
     res = _result("transformers", cfg, dt, steps, peak, device)
-    res.step_ms_spread = spread
+    res.step_ms_spread, res.gpu_state = spread, gpu
     return res
 
 
@@ -352,6 +359,8 @@ def format_result(r: BenchResult) -> str:
     if r.peak_mem_gib is not None:
         parts.append(f"peak memory {r.peak_mem_gib:.2f} GiB")
     lines = [" | ".join(parts)]
+    if r.gpu_state is not None:
+        lines.append(f"  GPU during the timed steps: {describe(r.gpu_state)}")
     if r.name == "moeforge":
         lines.append(f"  host syncs inside a step: {r.host_syncs}")
     if r.split_ms:
