@@ -590,8 +590,8 @@ def s_moe(args):
     Both layers are built once and timed in alternating rounds (which goes first alternates too), so
     that a drift of the GPU's clocks during the run reaches both; the medians over the rounds give the
     speedup, and the rounds' own ratios show its spread. The GPU's SM clock and power during the rounds
-    are sampled while each round is timed (nvidia-smi; each round shows its median SM clock): the
-    layer runs at the H200's power cap, and its clock moves."""
+    are sampled every 10 ms while each round is timed (nvidia-smi; each round shows its SM clock's
+    range): the layer runs at the H200's power cap, and its clock moves."""
     out = {"tokens": 16384, "rounds": args.moe_rounds}
     steps, flops = {}, {}
     for precision in ("bf16", "fp8"):
@@ -602,16 +602,15 @@ def s_moe(args):
     times, clocks, samples = {"bf16": [], "fp8": []}, {"bf16": [], "fp8": []}, []
     for r in range(args.moe_rounds):
         for precision in (("bf16", "fp8") if r % 2 == 0 else ("fp8", "bf16")):
-            with GPUMonitor(torch.device("cuda"), interval_ms=50) as monitor:
+            with GPUMonitor(torch.device("cuda"), interval_ms=10) as monitor:
                 times[precision].append(bench(steps[precision]))
             samples, last = samples + monitor.samples, monitor.state()
-            sm = (last or {}).get("sm_mhz")
-            clocks[precision].append(sm[1] if sm else None)
-        mhz = {p: f" ({clocks[p][-1]:,.0f} MHz)" if clocks[p][-1] else "" for p in clocks}
+            clocks[precision].append((last or {}).get("sm_mhz"))  # (min, median, max) or None
+        mhz = {p: f" ({clocks[p][-1][0]:,.0f}-{clocks[p][-1][2]:,.0f} MHz)" if clocks[p][-1] else "" for p in clocks}
         print(f"   round {r + 1}: bf16 {times['bf16'][-1]:7.3f} ms{mhz['bf16']}  fp8 {times['fp8'][-1]:7.3f} ms"
               f"{mhz['fp8']}  {times['bf16'][-1] / times['fp8'][-1]:.2f}x", flush=True)
     out["gpu"] = summarize(samples) if samples else last  # (no samples: why, from the last window)
-    out["round SM MHz (median)"] = clocks
+    out["round SM MHz (min, median, max)"] = clocks
     print(f"   GPU during the rounds: {describe(out['gpu'])}", flush=True)
     for precision in ("bf16", "fp8"):
         ms = statistics.median(times[precision])
