@@ -3,7 +3,7 @@
 A GPU at its power cap lowers its SM clock, and the same code then runs slower: on an H200 the FP8
 MoE layer moved between 1,500 and 1,965 MHz and its time by 15% within one process (docs/fp8.md).
 A benchmark that prints the clock next to its numbers lets a reader tell that spread from a change
-in the code. `GPUMonitor` runs `nvidia-smi --query-gpu=... -lms N` in the background while the
+in the code. `GPUMonitor` runs `nvidia-smi --query-gpu=... --loop-ms=N` in the background while the
 timed steps run (one process for the whole window: nothing is queried from the timed loop itself)
 and summarises the samples. Without `nvidia-smi` (or without a GPU) it says why and samples nothing.
 """
@@ -87,7 +87,7 @@ def describe(state: dict | None) -> str:
     if "error" in state:
         return f"not sampled ({state['error']})"
     if not state["samples"]:
-        return "no samples (the timed window ended before nvidia-smi's first one)"
+        return "no samples (nvidia-smi gave none during the timed window)"
     parts = []
     if state["sm_mhz"]:
         lo, mid, hi = state["sm_mhz"]
@@ -142,7 +142,7 @@ class GPUMonitor:
 
     def _query(self, base: list[str]) -> list[str] | None:
         """The --query-gpu arguments this nvidia-smi accepts (its name for the throttle reasons)."""
-        last = ""
+        last: list[str] = []
         for name in _REASON_FIELDS:
             args = [f"--query-gpu={','.join(_FIELDS).format(reasons=name)}", "--format=csv,noheader,nounits"]
             try:
