@@ -51,6 +51,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ..triton_launch import launch as launch_kernel
 from .gluon_quant import _segment_of
 
 BLOCK_K = gl.constexpr(128)
@@ -475,10 +476,17 @@ WS_CONFIG = {"KERNEL": "ws", "BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAG
              "TURN": 0, "PIPE": False}
 
 
+@functools.lru_cache(maxsize=None)
+def _nvmma_layout(rows: int, cols: int, dtype) -> gl.NVMMASharedLayout:
+    """The default shared-memory layout of [rows, cols] boxes (cached: building one costs ~14 us of
+    host time, and a launch needs up to three)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], dtype)
+
+
 def descriptor(t, rows: int):
     """A TMA descriptor over t viewed as 2-D [-1, K] with [rows, 128] boxes of FP8."""
     t2 = t.reshape(-1, t.shape[-1])
-    layout = gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K.value], gl.float8e4nv)
+    layout = _nvmma_layout(rows, BLOCK_K.value, gl.float8e4nv)
     return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, BLOCK_K.value], layout)
 
 
@@ -508,7 +516,7 @@ def out_descriptor(c, config: dict, group_k: bool):
             or (group_k and c.shape[-2] % WG_ROWS.value) or (c.device.type != "meta" and c.data_ptr() % 16)):
         return None
     c2 = c.reshape(-1, c.shape[-1])
-    layout = gl.NVMMASharedLayout.get_default_for([WG_ROWS.value, HALF_N.value], dtype)
+    layout = _nvmma_layout(WG_ROWS.value, HALF_N.value, dtype)
     return TensorDescriptor(c2, list(c2.shape), list(c2.stride()), [WG_ROWS.value, HALF_N.value], layout)
 
 
@@ -527,11 +535,13 @@ def kernel_options(config: dict, *, k_blocks: int, b_block: bool, scale_tma: boo
     return cfg
 
 
+_SCALE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+
+
 def scale_descriptor(s, cols: int):
     """A TMA descriptor over a 1x128 scale table s [K blocks, rows] (rows contiguous) with [1, cols]
     boxes: one K block's scales of a tile's rows."""
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    return TensorDescriptor(s, list(s.shape), list(s.stride()), [1, cols], layout)
+    return TensorDescriptor(s, list(s.shape), list(s.stride()), [1, cols], _SCALE_LAYOUT)
 
 
 def launch(grid, a_q, b_q, c, sa, sb, *args, config: dict, **constexprs):
@@ -559,9 +569,19 @@ def launch(grid, a_q, b_q, c, sa, sb, *args, config: dict, **constexprs):
     c_desc = out_descriptor(c, config, constexprs.get("GROUP_K", False))
     cfg = kernel_options(config, k_blocks=a_q.shape[-1] // BLOCK_K.value, b_block=b_block, scale_tma=scale_tma,
                          store_tma=c_desc is not None)
-    _ws_gemm_kernel[(max(1, min(n_tiles, programs)),)](
-        descriptor(a_q, bm), descriptor(b_q, bn), c, sa, sb, *args, tiles_mn, n_tiles, sa_desc, sb_desc,
-        c_desc or sa_desc, **constexprs, **cfg, num_warps=4)
+    maxnreg = cfg.pop("maxnreg", None)
+    given = {**constexprs, **cfg, "num_warps": 4}
+    if not given.keys() <= _CONSTEXPR_NAMES:
+        raise ValueError(f"unknown options of the warp-specialised GEMM: {sorted(given.keys() - _CONSTEXPR_NAMES)}")
+    consts = {name: given.get(name, default) for name, default in _CONSTEXPRS}
+    launch_kernel(_ws_gemm_kernel, (max(1, min(n_tiles, programs)),),
+                  (descriptor(a_q, bm), descriptor(b_q, bn), c, sa, sb, *args, tiles_mn, n_tiles, sa_desc, sb_desc,
+                   c_desc or sa_desc), consts, 4, options=None if maxnreg is None else {"maxnreg": maxnreg})
+
+
+# the kernel's constexpr parameters in order, with their defaults (the fast launch passes them by position)
+_CONSTEXPRS = [(p.name, p.default if p.has_default else None) for p in _ws_gemm_kernel.params if p.is_constexpr]
+_CONSTEXPR_NAMES = {name for name, _ in _CONSTEXPRS}
 
 
 @functools.lru_cache(maxsize=None)
