@@ -56,7 +56,7 @@ def _padded_blocks(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tenso
     (zeros change no block's amax, and the padding is cut off again by _unblock)."""
     br, bc = block
     M, N = x.shape[-2], x.shape[-1]
-    br, bc = (M if M < br else br), (N if N < bc else bc)
+    br, bc = (M if 0 < M < br else br), (N if 0 < N < bc else bc)
     Mp, Np = math.ceil(M / br) * br, math.ceil(N / bc) * bc
     if (Mp, Np) != (M, N):
         x = torch.nn.functional.pad(x, (0, Np - N, 0, Mp - M))
@@ -97,7 +97,7 @@ def _in_range(x: torch.Tensor, block: tuple[int, int], pow2_scales: bool, check_
     if check_finite and not bool(torch.isfinite(x).all()):
         raise MoeforgeError("cannot quantise to FP8: the tensor holds inf or NaN")
     blocks, scales, M, N = _scaled_blocks(x, block, pow2_scales)
-    return (blocks / _per_block(scales)).clamp_(-FP8_MAX, FP8_MAX), scales, M, N, squeeze
+    return (blocks / _per_block(scales)).clamp(-FP8_MAX, FP8_MAX), scales, M, N, squeeze
 
 
 def quantize(x: torch.Tensor, block: tuple[int, int] = (1, 128), pow2_scales: bool = False,
@@ -124,5 +124,5 @@ def fake_quantize(x: torch.Tensor, block: tuple[int, int], pow2_scales: bool = F
     """dequantize(quantize(x)) in FP32: x as the FP8 GEMM sees it (one pass over x's blocks, the
     scales broadcast over them)."""
     v, scales, M, N, squeeze = _in_range(x, block, pow2_scales, check_finite=False)
-    out = _unblock(v.to(FP8).float().mul_(_per_block(scales)), M, N)
+    out = _unblock(v.to(FP8).float() * _per_block(scales), M, N)
     return out.squeeze(0) if squeeze else out
