@@ -88,3 +88,36 @@ def test_without_the_fast_path_every_launch_goes_through_the_jit(monkeypatch):
     for _ in range(2):
         triton_launch.launch(k, (1,), (torch.zeros(4), 3), {"B": 1}, 8, num_stages=2)
     assert [c[0] for c in k.calls] == ["jit", "jit"] and k.calls[0][3] == {"B": 1, "num_warps": 8, "num_stages": 2}
+
+
+def param(name, constexpr=True, default=None, has_default=False):
+    return SimpleNamespace(name=name, is_constexpr=constexpr, default=default, has_default=has_default)
+
+
+class FakeKernelWithParams(FakeKernel):
+    """A kernel with a signature: x, n, then constexprs A, num_warps (declared, as a Gluon kernel may),
+    B (default 5) and C (default True)."""
+
+    __name__ = "fake_kernel"
+    params = [param("x", False), param("n", False), param("A"), param("num_warps"),
+              param("B", default=5, has_default=True), param("C", default=True, has_default=True)]
+
+
+def test_constexprs_are_passed_by_position_in_signature_order(fast):
+    """Constexprs given by name in any order, defaults left out and num_warps from the launch options
+    reach the compiled kernel in the signature's order."""
+    k = FakeKernelWithParams()
+    x = torch.zeros(8)
+    for _ in range(2):
+        triton_launch.launch(k, (2,), (x, 3), {"C": False, "A": 7}, 4)
+    assert k.calls[0] == ("jit", (2,), (x, 3), {"C": False, "A": 7, "num_warps": 4, "num_stages": 3})
+    assert k.calls[1] == ("compiled", (2, 1, 1), (x, 3, 7, 4, 5, False))
+
+
+@pytest.mark.parametrize("consts, message", [({"A": 1, "D": 2}, "no constexpr parameter"),
+                                             ({"B": 1}, "no value for parameter 'A'")])
+def test_an_unknown_or_missing_constexpr_is_an_error(fast, consts, message):
+    k = FakeKernelWithParams()
+    with pytest.raises(ValueError, match=message):
+        triton_launch.launch(k, (1,), (torch.zeros(8), 3), consts, 4)
+    assert k.calls == []  # nothing compiled or launched

@@ -28,11 +28,35 @@ def _other_key(a):
     return (type(a), a)
 
 
+def _constexpr_tail(kernel, n_args: int, consts: dict, opts: dict) -> tuple:
+    """The values of the kernel's parameters after its n_args positional arguments, in signature
+    order, for the fast path's call by position: each from consts, else from the launch options (a
+    Gluon kernel may declare num_warps as a constexpr), else its default. Raises ValueError for a name
+    the kernel does not have or a parameter without a value. (A kernel without `params`, a stand-in
+    in tests, takes consts' values in the order given.)"""
+    params = getattr(kernel, "params", None)
+    if params is None:
+        return tuple(consts.values())
+    rest = params[n_args:]
+    unknown = consts.keys() - {p.name for p in rest}
+    if unknown:
+        raise ValueError(f"{getattr(kernel, '__name__', kernel)} has no constexpr parameter(s) {sorted(unknown)}")
+    values = []
+    for p in rest:
+        if p.name in consts or p.name in opts:
+            values.append(consts[p.name] if p.name in consts else opts[p.name])
+        elif p.has_default:
+            values.append(p.default)
+        else:
+            raise ValueError(f"{getattr(kernel, '__name__', kernel)}: no value for parameter {p.name!r}")
+    return tuple(values)
+
+
 def launch(kernel, grid, args: tuple, consts: dict, num_warps: int, num_stages: int = 3,
            options: dict | None = None) -> None:
-    """kernel[grid](*args, **consts): `consts` are the trailing constexpr parameters, in order (all of
-    them, defaults included: the fast path passes them by position). options: further launch
-    options (e.g. maxnreg)."""
+    """kernel[grid](*args, **consts): `args` are the leading parameters, by position; `consts` the
+    constexpr parameters after them, by name (those left out take their defaults). options: further
+    launch options (e.g. maxnreg)."""
     opts = {"num_warps": num_warps, "num_stages": num_stages, **(options or {})}
     if not FAST:
         kernel[grid](*args, **{**consts, **opts})
@@ -45,8 +69,10 @@ def launch(kernel, grid, args: tuple, consts: dict, num_warps: int, num_stages: 
                 else float if isinstance(a, float) else (type(a), a) if isinstance(a, int) else _other_key(a)
                 for a in args)
     key = (kernel, tuple(opts.items()), tuple(consts.items()), sig)
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        _COMPILED[key] = kernel[grid](*args, **{**consts, **opts})
+    entry = _COMPILED.get(key)
+    if entry is None:
+        tail = _constexpr_tail(kernel, len(args), consts, opts)  # (checked before the first compilation)
+        _COMPILED[key] = (kernel[grid](*args, **{**consts, **opts}), tail)
     else:
-        compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *consts.values())
+        compiled, tail = entry
+        compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *tail)

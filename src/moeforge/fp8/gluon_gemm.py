@@ -570,18 +570,10 @@ def launch(grid, a_q, b_q, c, sa, sb, *args, config: dict, **constexprs):
     cfg = kernel_options(config, k_blocks=a_q.shape[-1] // BLOCK_K.value, b_block=b_block, scale_tma=scale_tma,
                          store_tma=c_desc is not None)
     maxnreg = cfg.pop("maxnreg", None)
-    given = {**constexprs, **cfg, "num_warps": 4}
-    if not given.keys() <= _CONSTEXPR_NAMES:
-        raise ValueError(f"unknown options of the warp-specialised GEMM: {sorted(given.keys() - _CONSTEXPR_NAMES)}")
-    consts = {name: given.get(name, default) for name, default in _CONSTEXPRS}
     launch_kernel(_ws_gemm_kernel, (max(1, min(n_tiles, programs)),),
                   (descriptor(a_q, bm), descriptor(b_q, bn), c, sa, sb, *args, tiles_mn, n_tiles, sa_desc, sb_desc,
-                   c_desc or sa_desc), consts, 4, options=None if maxnreg is None else {"maxnreg": maxnreg})
-
-
-# the kernel's constexpr parameters in order, with their defaults (the fast launch passes them by position)
-_CONSTEXPRS = [(p.name, p.default if p.has_default else None) for p in _ws_gemm_kernel.params if p.is_constexpr]
-_CONSTEXPR_NAMES = {name for name, _ in _CONSTEXPRS}
+                   c_desc or sa_desc), {**constexprs, **cfg}, 4,
+                  options=None if maxnreg is None else {"maxnreg": maxnreg})
 
 
 @functools.lru_cache(maxsize=None)
