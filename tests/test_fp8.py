@@ -203,6 +203,26 @@ def test_fp8_grouped_gemm_matches_per_expert_fp8_linear():
     assert (y.detach() - ref).abs().max() < 0.15 * ref.abs().max()
 
 
+@pytest.mark.parametrize("counts", [[300, 0, 128, 1, 255, 0], [0, 0, 0], [1000]])
+def test_expert_groups_tiles_restart_at_every_group(counts):
+    """The grouped GEMMs' row groups: offsets, and each tile height's tiles counted cumulatively
+    (ceil(rows / block) per group), the same from the counts, from the offsets and from group_layout."""
+    from moeforge.fp8.groups import Groups, group_layout
+
+    c = torch.tensor(counts)
+    offsets = torch.tensor([sum(counts[:i + 1]) for i in range(len(counts))], dtype=torch.int32)
+    from_counts, from_offsets = Groups.from_counts(c), Groups(offsets.long())
+    for block in (128, 64):
+        expected = torch.tensor([sum(-(-n // block) for n in counts[:i + 1]) for i in range(len(counts))],
+                                dtype=torch.int32)
+        for groups in (from_counts, from_offsets):
+            assert groups.offsets.dtype == torch.int32 and torch.equal(groups.offsets, offsets)
+            assert groups.tiles(block).dtype == torch.int32 and torch.equal(groups.tiles(block), expected)
+        tiles, offs = group_layout(offsets, block)
+        assert torch.equal(tiles, expected) and torch.equal(offs, offsets)
+        assert group_layout(from_counts, block)[0] is from_counts.tiles(block)  # counted once, then reused
+
+
 def test_fp8_gate_and_up_in_one_grouped_gemm_equal_two():
     """Gate and up (w1, w3) as one grouped GEMM: x is quantised once and the outputs, weight gradients
     and input gradient equal those of two separate FP8 GEMMs. A gate of 72 rows is padded to 128, so

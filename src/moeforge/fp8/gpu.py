@@ -23,6 +23,7 @@ import os
 import torch
 
 from .cache import cached
+from .groups import Groups
 from .quant import part_starts
 
 ENABLED = os.environ.get("MOEFORGE_FP8_GPU", "1") != "0"
@@ -132,18 +133,19 @@ def fp8_linear(x: torch.Tensor, recipe, owner, name: str, *ws: torch.Tensor) -> 
 # ---------------------------------------------------------------------------------------------
 # Routed experts (grouped GEMMs over the contiguous per-expert layout)
 # ---------------------------------------------------------------------------------------------
-def _segments(offsets: torch.Tensor, rows: int) -> tuple:
-    """The experts' token groups for quant_operands(segments=): 128-token tiles restarting at every
-    expert, counted on the device, with the static bound on their number."""
-    from .kernels import BLOCK, group_layout
+def _segments(groups, rows: int) -> tuple:
+    """The experts' token groups (groups.Groups) for quant_operands(segments=): 128-token tiles
+    restarting at every expert, counted on the device, with the static bound on their number."""
+    from .kernels import BLOCK
 
-    tiles, offs = group_layout(offsets, BLOCK)
-    return tiles, offs, -(-rows // BLOCK) + tiles.numel()
+    tiles = groups.tiles(BLOCK)
+    return tiles, groups.offsets, -(-rows // BLOCK) + tiles.numel()
 
 
 class FP8GroupedGPUFn(torch.autograd.Function):
     """Rows x[offsets[e-1]:offsets[e]] times the experts' weights in FP8 (see _FP8GroupedFn): ws are
-    parts [E, out_i, in] stacked along out at quant.part_starts into one grouped GEMM.
+    parts [E, out_i, in] stacked along out at quant.part_starts into one grouped GEMM. offsets: the
+    cumulative rows per expert [E], or their groups.Groups (the experts' two GEMMs share one).
 
     spread: None, or (index, inverse, k) of a moe.SpreadRows whose source rows x are: the rows are
     then x[index], gathered by the quantisers (the sorted BF16 copy is never built), and the input
@@ -158,21 +160,22 @@ class FP8GroupedGPUFn(torch.autograd.Function):
         from ..model.moe_triton import spread_sum
         from .kernels import grouped_gemm, quant_block_operand, quant_operands
 
+        groups = offsets if isinstance(offsets, Groups) else Groups(offsets)
         p2 = recipe.pow2_scales
         x = x if x.stride(-1) == 1 else x.contiguous()
         index = spread[0] if spread is not None else None
         rows = index.numel() if index is not None else x.shape[0]
         # Wgrad per expert: 1x128 tiles along each expert's own tokens (restarting at its first token)
-        ctx.seg = _segments(offsets, rows)
+        ctx.seg = _segments(groups, rows)
         save_fp8 = recipe.save_fp8_inputs and any(ctx.needs_input_grad[8:])
         xa, ctx.xt = quant_operands(x, p2, rows=True, cols=save_fp8, segments=ctx.seg if save_fp8 else None,
                                     index=index)
         wa, wt = cached(owner, (name, p2), lambda: quant_block_operand(ws, p2, transpose=True))  # [out, in]
-        y = grouped_gemm(xa, wa, offsets, out_dtype=x.dtype)
+        y = grouped_gemm(xa, wa, groups, out_dtype=x.dtype)
         if not recipe.save_fp8_inputs:
             ctx.save_for_backward(x)
         ctx.parts = list(zip(part_starts([w.shape[1] for w in ws]), [w.shape[1] for w in ws], [w.dtype for w in ws]))
-        ctx.wt, ctx.offsets, ctx.recipe, ctx.x_dtype, ctx.spread = wt, offsets, recipe, x.dtype, spread
+        ctx.wt, ctx.groups, ctx.recipe, ctx.x_dtype, ctx.spread = wt, offsets, recipe, x.dtype, spread
         ctx.combine = ctx.y = None
         if combine is not None:
             order, inverse, k = combine
@@ -196,7 +199,7 @@ class FP8GroupedGPUFn(torch.autograd.Function):
                                 index=g_index, scale=g_scale)  # gt: [out, tokens]
         dx = d_gate = None
         if ctx.needs_input_grad[0]:
-            dx = grouped_gemm(ga, ctx.wt, ctx.offsets, out_dtype=ctx.x_dtype)
+            dx = grouped_gemm(ga, ctx.wt, ctx.groups, out_dtype=ctx.x_dtype)
             if spread is not None:
                 dx = spread_sum(dx, spread[1], spread[2])
         if combine is not None and ctx.needs_input_grad[1]:  # <g[t], y[inverse[t * k + c]]>, rounded as torch's
@@ -209,14 +212,14 @@ class FP8GroupedGPUFn(torch.autograd.Function):
                                        index=spread[0] if spread is not None else None)
             # one Wgrad per part, each written straight into its own [E, out_i, in] gradient
             dws = [grouped_wgrad(gt.row_slice(r0, n), xt, seg[0], out_dtype=dt) for r0, n, dt in ctx.parts]
-        ctx.xt = ctx.wt = ctx.seg = ctx.spread = ctx.combine = ctx.y = None
+        ctx.xt = ctx.wt = ctx.seg = ctx.groups = ctx.spread = ctx.combine = ctx.y = None
         return (dx, d_gate, None, None, None, None, None, None, *dws)
 
 
 # Under torch.compile (train.compile) the FP8 GEMMs run as they are, between compiled graphs: AOT
 # autograd cannot trace the Triton kernels' writes into views of another dtype.
 @torch.compiler.disable
-def fp8_grouped(x: torch.Tensor, offsets: torch.Tensor, recipe, owner, name, *ws: torch.Tensor,
+def fp8_grouped(x: torch.Tensor, offsets, recipe, owner, name, *ws: torch.Tensor,
                 spread: tuple | None = None, gate: torch.Tensor | None = None,
                 combine: tuple | None = None) -> torch.Tensor:
     """See FP8GroupedGPUFn; combine needs gate."""

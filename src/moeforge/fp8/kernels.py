@@ -58,6 +58,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..triton_launch import launch as _launch
+from .groups import Groups, group_layout  # noqa: F401  (re-exported: the grouped GEMMs' row groups)
 from .quant import AMAX_FLOOR, FP8, FP8_MAX, part_starts
 
 RED_PAD = 512  # reduction dimension: a multiple of 4 blocks of 128
@@ -781,19 +782,10 @@ def _run_gemm(grid, a_q: torch.Tensor, b_q: torch.Tensor, cfg: dict, *args, **co
     _gemm_kernel[grid](_desc(a_q, cfg["BLOCK_M"]), _desc(b_q, cfg["BLOCK_N"]), *args, **constexprs, **cfg)
 
 
-def group_layout(offsets: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """offsets [G] (cumulative row counts) -> (tiles_cum int32 [G], offsets int32 [G]): the tiles of
-    block_m rows of every group, restarting at each group, counted on the device (no host sync; the
-    static bound on the number of tiles is ceil(rows / block_m) + G)."""
-    offs = offsets.to(torch.int32).contiguous()
-    counts = torch.diff(offs, prepend=offs.new_zeros(1))
-    tiles = torch.cumsum((counts + block_m - 1) // block_m, 0, dtype=torch.int32)
-    return tiles, offs
-
-
-def grouped_gemm(a: Operand, b: Operand, offsets: torch.Tensor, out_dtype: torch.dtype,
+def grouped_gemm(a: Operand, b: Operand, offsets: "torch.Tensor | Groups", out_dtype: torch.dtype,
                  config: dict | None = None) -> torch.Tensor:
-    """Rows a[offsets[g-1]:offsets[g]] times dequant(b[g])^T for every group g (b: [G, N, K] blocks).
+    """Rows a[offsets[g-1]:offsets[g]] times dequant(b[g])^T for every group g (b: [G, N, K] blocks);
+    offsets: cumulative row counts [G], or their Groups.
 
     a: 1x128 tiles along K over all rows; b: "block" Operand with a leading group dimension.
     Returns [rows, N] in out_dtype.

@@ -253,16 +253,17 @@ class FP8Experts(Experts):
         """The Triton/Gluon grouped FP8 GEMMs over the contiguous per-expert layout; with weights, the
         combine of LocalDispatcher (context combine_ctx) inside the last one."""
         from . import gpu
+        from .groups import Groups
 
-        offsets = counts.cumsum(0).to(torch.int32)
+        groups = Groups.from_counts(counts)  # offsets and tiles, shared by both GEMMs' launches and quantisers
         r = self.recipe
         spread = (x.index, x.inverse, x.k) if isinstance(x, SpreadRows) else None
         src = x.src if spread is not None else x
-        gate_up = gpu.fp8_grouped(src, offsets, r, self, "w13", self.w1, self.w3, spread=spread)
+        gate_up = gpu.fp8_grouped(src, groups, r, self, "w13", self.w1, self.w3, spread=spread)
         h = _SwiGLU.apply(gate_up, self.w1.shape[1], True)
         if weights is None:
-            return gpu.fp8_grouped(h, offsets, r, self, "w2", self.w2)
-        return gpu.fp8_grouped(h, offsets, r, self, "w2", self.w2, gate=weights, combine=(*combine_ctx, x.k))
+            return gpu.fp8_grouped(h, groups, r, self, "w2", self.w2)
+        return gpu.fp8_grouped(h, groups, r, self, "w2", self.w2, gate=weights, combine=(*combine_ctx, x.k))
 
 
 class FP8FeedForward(FeedForward):
