@@ -297,19 +297,23 @@ def test_fused_swiglu_matches_autograd(cols):
 
 
 def test_fp8_reference_ignores_autocast():
-    """Under BF16 autocast the emulated FP8 GEMMs still multiply in FP32 (an FP8 GEMM's accumulator),
-    so the Linear and the grouped experts give the same outputs as without autocast."""
+    """Under BF16 autocast the emulated FP8 GEMMs still multiply in FP32 (an FP8 GEMM's accumulator):
+    the Linear returns the FP32 product rounded once to BF16, the dtype nn.Linear returns under
+    autocast (and its bias added in BF16, as there); the grouped experts, whose rows the dispatch
+    casts, keep their input's dtype."""
     torch.manual_seed(0)
     lin = FP8Linear(256, 130, bias=False)
+    biased = FP8Linear(256, 130)
     x = torch.randn(20, 256)
     w = torch.randn(3, 64, 256)  # [E, out, in]
     offsets = torch.tensor([5, 5, 20], dtype=torch.int32)
     plain = lin(x), _FP8GroupedFn.apply(x, offsets, FP8Recipe(), None, None, w)
     with torch.autocast("cpu", torch.bfloat16):
         cast = lin(x), _FP8GroupedFn.apply(x, offsets, FP8Recipe(), None, None, w)
-    for a, b in zip(plain, cast):
-        assert b.dtype == torch.float32
-        assert torch.equal(a, b)
+        with_bias, reference = biased(x), torch.nn.functional.linear(x, biased.weight, biased.bias)
+    assert cast[0].dtype == torch.bfloat16 and torch.equal(cast[0], plain[0].to(torch.bfloat16))
+    assert cast[1].dtype == torch.float32 and torch.equal(cast[1], plain[1])
+    assert with_bias.dtype == reference.dtype == torch.bfloat16
 
 
 def test_convert_to_fp8_keeps_parameters_and_precision_sensitive_parts():

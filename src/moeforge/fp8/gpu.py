@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from ..model.layers import compute_dtype
 from .cache import cached
 from .groups import Groups
 from .quant import part_starts
@@ -56,17 +57,17 @@ def available(*tensors: torch.Tensor) -> bool:
 # Linear
 # ---------------------------------------------------------------------------------------------
 def fp8_linear_forward(x2: torch.Tensor, ws: tuple, recipe, need_dx: bool = True, need_dw: bool = True,
-                       owner=None, name: str = "weight"):
+                       owner=None, name: str = "weight", out_dtype: torch.dtype | None = None):
     """x2 [T, K], weights ws: parts [N_i, K] stacked along N at quant.part_starts -> (y [T, N] in
-    x2.dtype, saved state for fp8_linear_backward). owner, name: the key of fp8.weight_cache (owner
-    None: no caching)."""
+    out_dtype (None: x2's), saved state for fp8_linear_backward). owner, name: the key of
+    fp8.weight_cache (owner None: no caching)."""
     from .kernels import fp8_gemm, quant_block_operand, quant_operands
 
     p2 = recipe.pow2_scales
     save_fp8 = need_dw and recipe.save_fp8_inputs
     xa, xt = quant_operands(x2, p2, rows=True, cols=save_fp8)  # xt: x^T's Wgrad operand, kept for backward
     wa, wt = cached(owner, (name, need_dx, p2), lambda: quant_block_operand(ws, p2, transpose=need_dx))
-    y = fp8_gemm(xa, wa, out_dtype=x2.dtype)
+    y = fp8_gemm(xa, wa, out_dtype=out_dtype or x2.dtype)
     saved = {
         "xt": xt,
         "x": x2 if (need_dw and not recipe.save_fp8_inputs) else None,
@@ -104,7 +105,8 @@ class FP8LinearGPUFn(torch.autograd.Function):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)
         need_dx, need_dw = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:])
-        y, saved = fp8_linear_forward(x2, ws, recipe, need_dx=need_dx, need_dw=need_dw, owner=owner, name=name)
+        y, saved = fp8_linear_forward(x2, ws, recipe, need_dx=need_dx, need_dw=need_dw, owner=owner, name=name,
+                                      out_dtype=compute_dtype(x))  # (nn.Linear's dtype under autocast)
         if saved["x"] is not None:  # an input: saved the autograd way (version-checked)
             ctx.save_for_backward(saved.pop("x"))
         ctx.saved, ctx.x_shape = saved, x.shape

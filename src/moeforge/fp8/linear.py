@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.layers import FeedForward
+from ..model.layers import FeedForward, compute_dtype
 from ..model.moe import Experts, LocalDispatcher, SpreadRows, grouped_mm
 from .cache import cached
 from .quant import dequantize, fake_quantize, part_starts, quantize, stack_parts
@@ -37,9 +37,11 @@ class FP8Recipe:
 
 def _exact(fn):
     """Run an emulated GEMM's forward outside autocast: its products must stay FP32, as an FP8 GEMM's
-    accumulator does, whatever autocast would do to a plain matmul (backward runs without autocast)."""
+    accumulator does, whatever autocast would do to a plain matmul (backward runs without autocast).
+    ctx.out_dtype is the dtype a Linear returns for x under the caller's autocast (compute_dtype)."""
 
     def forward(ctx, x, *args):
+        ctx.out_dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             return fn(ctx, x, *args)
 
@@ -56,7 +58,8 @@ def _weight_hat(owner, name, ws, recipe: FP8Recipe) -> torch.Tensor:
 class _FP8LinearFn(torch.autograd.Function):
     """y = x W^T in FP8, W the parts ws [out_i, in] stacked along out at quant.part_starts (one part
     for a Linear; gate and up for an FP8 FeedForward: one GEMM whose output has the gate's columns
-    first, zero columns up to the next multiple of 128, then the up projection's)."""
+    first, zero columns up to the next multiple of 128, then the up projection's). y comes in the
+    dtype nn.Linear would return (autocast's when it is on, else x's); dx in x's."""
 
     @_exact
     def forward(ctx, x: torch.Tensor, recipe: FP8Recipe, owner, name, *ws):
@@ -71,7 +74,7 @@ class _FP8LinearFn(torch.autograd.Function):
         else:
             ctx.save_for_backward(x2, None, *ws)
         ctx.recipe, ctx.x_shape, ctx.x_dtype, ctx.owner, ctx.name = recipe, x.shape, x.dtype, owner, name
-        return y.to(x.dtype).unflatten(0, x.shape[:-1])
+        return y.to(ctx.out_dtype).unflatten(0, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -96,7 +99,8 @@ class _FP8LinearFn(torch.autograd.Function):
 @torch.compiler.disable
 def fp8_matmul(x: torch.Tensor, ws: tuple, recipe: FP8Recipe, owner=None, name: str = "weight") -> torch.Tensor:
     """x [..., K] times the parts ws [out_i, K] stacked along out at quant.part_starts, in FP8:
-    [..., N]. The GPU kernels where they can run, else the reference emulation. owner and name key
+    [..., N], in the dtype nn.Linear would return (under BF16 autocast BF16, whatever x's dtype:
+    an FP32 output doubled the bytes of everything downstream). The GPU kernels where they can run, else the reference emulation. owner and name key
     the quantised weights in fp8.weight_cache (owner None: no caching).
 
     Not traced by torch.compile: each FP8 GEMM runs between compiled graphs anyway (gpu.fp8_linear),
@@ -120,7 +124,7 @@ class FP8Linear(nn.Linear):
     @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = fp8_matmul(x, (self.weight,), self.recipe, self)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # (in y's dtype, as autocast's Linear)
 
 
 def _spans(offsets: torch.Tensor) -> list[tuple[int, int]]:
