@@ -177,7 +177,7 @@ class FP8GroupedGPUFn(torch.autograd.Function):
         if not recipe.save_fp8_inputs:
             ctx.save_for_backward(x)
         ctx.parts = list(zip(part_starts([w.shape[1] for w in ws]), [w.shape[1] for w in ws], [w.dtype for w in ws]))
-        ctx.wt, ctx.groups, ctx.recipe, ctx.x_dtype, ctx.spread = wt, offsets, recipe, x.dtype, spread
+        ctx.wt, ctx.groups, ctx.recipe, ctx.x_dtype, ctx.spread = wt, groups, recipe, x.dtype, spread
         ctx.combine = ctx.y = None
         if combine is not None:
             order, inverse, k = combine

@@ -100,8 +100,9 @@ class _FP8LinearFn(torch.autograd.Function):
 def fp8_matmul(x: torch.Tensor, ws: tuple, recipe: FP8Recipe, owner=None, name: str = "weight") -> torch.Tensor:
     """x [..., K] times the parts ws [out_i, K] stacked along out at quant.part_starts, in FP8:
     [..., N], in the dtype nn.Linear would return (under BF16 autocast BF16, whatever x's dtype:
-    an FP32 output doubled the bytes of everything downstream). The GPU kernels where they can run, else the reference emulation. owner and name key
-    the quantised weights in fp8.weight_cache (owner None: no caching).
+    an FP32 output doubled the bytes of everything downstream). The GPU kernels where they can run,
+    else the reference emulation. owner and name key the quantised weights in fp8.weight_cache
+    (owner None: no caching).
 
     Not traced by torch.compile: each FP8 GEMM runs between compiled graphs anyway (gpu.fp8_linear),
     and traced, this function was compiled again for every input width of the model (the `small`
