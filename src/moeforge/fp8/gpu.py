@@ -162,7 +162,7 @@ class FP8GroupedGPUFn(torch.autograd.Function):
         from ..model.moe_triton import spread_sum
         from .kernels import grouped_gemm, quant_block_operand, quant_operands
 
-        groups = offsets if isinstance(offsets, Groups) else Groups(offsets)
+        groups = Groups.of(offsets)
         p2 = recipe.pow2_scales
         x = x if x.stride(-1) == 1 else x.contiguous()
         index = spread[0] if spread is not None else None

@@ -18,6 +18,11 @@ class Groups:
         self._counts, self._tiles = counts, {}
 
     @classmethod
+    def of(cls, offsets: "torch.Tensor | Groups") -> "Groups":
+        """offsets' Groups: itself when it is one already, else built from the cumulative row counts."""
+        return offsets if isinstance(offsets, Groups) else cls(offsets)
+
+    @classmethod
     def from_counts(cls, counts: torch.Tensor, block_m: int = 128) -> "Groups":
         """From the rows of each group [G]: the offsets and block_m's tiles in one cumulative sum."""
         both = torch.stack((counts, (counts + block_m - 1) // block_m)).cumsum(1, dtype=torch.int32)
@@ -40,5 +45,5 @@ def group_layout(offsets: "torch.Tensor | Groups", block_m: int) -> tuple[torch.
     """offsets [G] (cumulative row counts, or their Groups) -> (tiles_cum int32 [G], offsets int32 [G]):
     the tiles of block_m rows of every group, restarting at each group, counted on the device (no host
     sync; the static bound on the number of tiles is ceil(rows / block_m) + G)."""
-    groups = offsets if isinstance(offsets, Groups) else Groups(offsets)
+    groups = Groups.of(offsets)
     return groups.tiles(block_m), groups.offsets
