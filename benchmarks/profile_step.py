@@ -128,6 +128,15 @@ def print_by_source(prof, rows: int, on_cpu: bool) -> None:
         print(f"{ms:9.2f}  {n:5d}  {source}  ::  {name[:90]}")
 
 
+def kernel_time_ms(events) -> float:
+    """The device time of a profiled step's kernels, from `key_averages()`: the operators on the CPU
+    side are left out (with CPU activity on, a launching operator carries its kernels' time too),
+    and so are user annotations, whose span on the GPU's timeline (e.g. the optimizer's
+    `Optimizer.step#...` region) covers kernels that are counted already."""
+    return sum(e.self_device_time_total for e in events
+               if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)) / 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="bench")
@@ -173,9 +182,7 @@ def main() -> None:
     if on_cpu:
         print(f"step wall time {wall_ms:.1f} ms (median of 3)")
     else:
-        # the kernels themselves: with CPU activity on (--by-source), each launching operator also
-        # carries its kernels' time, which would count them twice
-        kernels_ms = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e3
+        kernels_ms = kernel_time_ms(events)
         print(f"step wall time {wall_ms:.1f} ms (median of 3); kernels of one step {kernels_ms:.1f} ms "
               f"({100 * kernels_ms / wall_ms:.0f}% of the wall time)")
     if a.by_source:

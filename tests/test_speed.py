@@ -435,6 +435,22 @@ def test_profile_attributes_kernels_to_the_innermost_moeforge_frame():
     }
 
 
+def test_profile_kernel_time_leaves_out_cpu_operators_and_user_annotations():
+    """The step's kernel time sums the device events only once: a CPU operator that launched kernels
+    and the optimizer's annotated region on the GPU's timeline both span kernels counted already
+    (the region had added AdamW's 18 ms twice to a 283 ms FP8 bench step)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def ev(device, us, annotation=False):
+        return SimpleNamespace(device_type=device, self_device_time_total=us, is_user_annotation=annotation)
+
+    events = [ev(DeviceType.CUDA, 3000.0), ev(DeviceType.CUDA, 500.0), ev(DeviceType.CPU, 3500.0),
+              ev(DeviceType.CUDA, 500.0, annotation=True)]
+    assert _profile_step_module().kernel_time_ms(events) == 3.5
+
+
 def test_profile_step_by_source_runs_on_cpu():
     """The script end to end on the CPU (tiny model): operator self time by moeforge source line."""
     import os
