@@ -56,10 +56,10 @@ def available(*tensors: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Linear
 # ---------------------------------------------------------------------------------------------
-def fp8_linear_forward(x2: torch.Tensor, ws: tuple, recipe, need_dx: bool = True, need_dw: bool = True,
-                       owner=None, name: str = "weight", out_dtype: torch.dtype | None = None):
+def fp8_linear_forward(x2: torch.Tensor, ws: tuple, recipe, out_dtype: torch.dtype, need_dx: bool = True,
+                       need_dw: bool = True, owner=None, name: str = "weight"):
     """x2 [T, K], weights ws: parts [N_i, K] stacked along N at quant.part_starts -> (y [T, N] in
-    out_dtype (None: x2's), saved state for fp8_linear_backward). owner, name: the key of
+    out_dtype, saved state for fp8_linear_backward). owner, name: the key of
     fp8.weight_cache (owner None: no caching)."""
     from .kernels import fp8_gemm, quant_block_operand, quant_operands
 
@@ -67,7 +67,7 @@ def fp8_linear_forward(x2: torch.Tensor, ws: tuple, recipe, need_dx: bool = True
     save_fp8 = need_dw and recipe.save_fp8_inputs
     xa, xt = quant_operands(x2, p2, rows=True, cols=save_fp8)  # xt: x^T's Wgrad operand, kept for backward
     wa, wt = cached(owner, (name, need_dx, p2), lambda: quant_block_operand(ws, p2, transpose=need_dx))
-    y = fp8_gemm(xa, wa, out_dtype=out_dtype or x2.dtype)
+    y = fp8_gemm(xa, wa, out_dtype=out_dtype)
     saved = {
         "xt": xt,
         "x": x2 if (need_dw and not recipe.save_fp8_inputs) else None,
