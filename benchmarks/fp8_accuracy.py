@@ -9,7 +9,8 @@ otherwise), then reads both metrics.jsonl files and reports:
 - the relative gap of the FP8 loss to the BF16 loss, averaged over the last 10% of the common steps;
 - the final validation of each run.
 It writes DIR/curves.csv and, if matplotlib is installed, DIR/curves.png (`--replot` redraws it). A run that is stopped early
-still leaves its metrics, and the comparison uses the steps both reached.
+still leaves its metrics, and the comparison uses the steps both reached. With --seeds the same two
+files hold the BF16 and FP8 training losses averaged over the seeds whose runs all finished.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def run_side_by_side(runs: dict[str, list[str]], out: Path, timeout: float, gpus
     print(f"wall time {time.time() - t0:.0f} s")
 
 
-def plot(path: Path, baseline: str, steps: list[int], base: list[float], fp8: list[float], window: int = 25) -> None:
+def plot(path: Path, baseline: str, steps: list[int], base: list[float], fp8: list[float], window: int = 25,
+         what: str = "training loss") -> None:
     """Both loss curves as moving averages over `window` steps, and the relative gap below them."""
     try:
         import matplotlib
@@ -78,7 +80,7 @@ def plot(path: Path, baseline: str, steps: list[int], base: list[float], fp8: li
     fig, (ax, gap) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     ax.plot(steps, sb, label=f"{baseline.upper()}", lw=1.2)
     ax.plot(steps, sq, label="FP8 (1x128 / 128x128)", lw=1.2)
-    ax.set_ylabel(f"training loss ({window}-step mean)")
+    ax.set_ylabel(f"{what} ({window}-step mean)")
     ax.legend()
     gap.plot(steps, [100 * (q - b) / b for b, q in zip(sb, sq)], lw=1, color="k")
     gap.axhline(0, lw=0.5, color="grey")
@@ -88,13 +90,32 @@ def plot(path: Path, baseline: str, steps: list[int], base: list[float], fp8: li
     fig.savefig(path, dpi=120)
 
 
+def write_curves(out: Path, baseline: str, steps: list[int], base: list[float], fp8: list[float],
+                 what: str = "training loss") -> None:
+    """DIR/curves.csv (step, baseline, fp8) and DIR/curves.png (`--replot` redraws it)."""
+    with open(out / "curves.csv", "w") as f:
+        f.write(f"step,{baseline},fp8\n")
+        for row in zip(steps, base, fp8):
+            f.write(",".join(map(str, row)) + "\n")
+    if steps:
+        plot(out / "curves.png", baseline, steps, base, fp8, what=what)
+
+
+def mean_curves(out: Path, kinds, seeds: list[int]) -> tuple[list[int], dict[str, list[float]]]:
+    """Each kind's training loss averaged over the seeds, at the steps that every run logged."""
+    curves = {(kind, seed): read(out / f"{kind}-seed{seed}" / "metrics.jsonl")[0] for kind in kinds for seed in seeds}
+    steps = sorted(set.intersection(*(set(c) for c in curves.values()))) if curves else []
+    return steps, {kind: [sum(curves[kind, seed][t] for seed in seeds) / len(seeds) for t in steps] for kind in kinds}
+
+
 def seed_pairs(a, out: Path) -> None:
     """--seeds: for every seed a BF16 run, a second BF16 run and an FP8 run, all at once. The second
     BF16 run repeats the first (on a GPU that is not always bit-reproducible), or with --perturb
     changes it at the level of rounding only (e.g. train.loss_chunk, which reorders a sum): the gap
     between the two BF16 runs is what any rounding-level change does to this training, and FP8's
     gap to the first BF16 run is compared with it. Reports each seed's final validation losses, the
-    gaps, and their mean, standard deviation and standard error."""
+    gaps, and their mean, standard deviation and standard error; DIR/curves.csv and .png hold the
+    BF16 and FP8 training losses averaged over the seeds that finished."""
     seeds = [int(x) for x in a.seeds.split(",")]
     kinds = {"bf16": ("bf16", []), "bf16-repeat": ("bf16", a.perturb), "fp8": ("fp8", [])}
     if a.pairs_only:
@@ -108,6 +129,7 @@ def seed_pairs(a, out: Path) -> None:
 
     run_side_by_side(runs, out, a.timeout, max(1, torch.cuda.device_count()))
     gaps: dict[str, list[float]] = {k: [] for k in kinds if k != "bf16"}
+    finished = []
     head = " | ".join(f"{k} vs bf16" for k in gaps)
     lines = [f"| seed | {' | '.join(kinds)} | {head} |", "|---" * (1 + len(kinds) + len(gaps)) + "|"]
     for seed in seeds:
@@ -115,6 +137,7 @@ def seed_pairs(a, out: Path) -> None:
         if None in final.values():
             lines.append(f"| {seed} | incomplete: {final} |")
             continue
+        finished.append(seed)
         rel = {k: 100 * (final[k] - final["bf16"]) / final["bf16"] for k in gaps}
         for k in gaps:
             gaps[k].append(rel[k])
@@ -127,6 +150,10 @@ def seed_pairs(a, out: Path) -> None:
             sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1))
             print(f"{k} vs bf16 over {len(v)} seeds: mean {mean:+.3f}%, sd {sd:.3f}%, standard error "
                   f"{sd / math.sqrt(len(v)):.3f}%, mean |gap| {sum(abs(x) for x in v) / len(v):.3f}%")
+    if finished:
+        steps, means = mean_curves(out, ("bf16", "fp8"), finished)
+        write_curves(out, "bf16", steps, means["bf16"], means["fp8"],
+                     what=f"training loss, mean of {len(finished)} seeds")
 
 
 def main() -> None:
@@ -163,10 +190,7 @@ def main() -> None:
     curves = {prec: read(out / prec / "metrics.jsonl") for prec in runs}
     bf16, fp8 = curves[a.baseline][0], curves["fp8"][0]
     common = sorted(set(bf16) & set(fp8))
-    with open(out / "curves.csv", "w") as f:
-        f.write(f"step,{a.baseline},fp8\n")
-        for s in common:
-            f.write(f"{s},{bf16[s]},{fp8[s]}\n")
+    write_curves(out, a.baseline, common, [bf16[s] for s in common], [fp8[s] for s in common])
     if not common:
         print("no common steps")
         return
@@ -179,7 +203,6 @@ def main() -> None:
         fin = curves[prec][1]
         if fin:
             print(f"{prec} final validation: loss {fin['val_loss']:.4f}, {fin['val_bpb']:.4f} bits/byte")
-    plot(out / "curves.png", a.baseline, common, [bf16[s] for s in common], [fp8[s] for s in common])
 
 if __name__ == "__main__":
     main()

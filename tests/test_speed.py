@@ -435,6 +435,27 @@ def test_profile_attributes_kernels_to_the_innermost_moeforge_frame():
     }
 
 
+def test_fp8_accuracy_mean_curves_average_the_seeds_at_the_steps_all_runs_logged(tmp_path):
+    """benchmarks/fp8_accuracy.py --seeds: each precision's training loss averaged over the finished
+    seeds, only at steps every run logged, written as curves.csv in the layout --replot reads."""
+    import json
+
+    acc = _benchmark_module("fp8_accuracy")
+    logs = {("bf16", 1): {1: 4.0, 2: 3.0, 3: 2.0}, ("fp8", 1): {1: 4.2, 2: 3.2, 3: 2.2},
+            ("bf16", 2): {1: 6.0, 2: 5.0}, ("fp8", 2): {1: 5.8, 2: 4.8, 3: 9.9}}
+    for (kind, seed), losses in logs.items():
+        run = tmp_path / f"{kind}-seed{seed}"
+        run.mkdir()
+        lines = [json.dumps({"step": t, "loss": v}) for t, v in losses.items()] + [json.dumps({"val_loss": 1.0})]
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    steps, means = acc.mean_curves(tmp_path, ("bf16", "fp8"), [1, 2])
+    assert steps == [1, 2]
+    assert means["bf16"] == [5.0, 4.0] and means["fp8"] == pytest.approx([5.0, 4.0])
+    acc.write_curves(tmp_path, "bf16", steps, means["bf16"], means["fp8"])
+    rows = (tmp_path / "curves.csv").read_text().splitlines()
+    assert rows[0] == "step,bf16,fp8" and [float(x) for x in rows[2].split(",")] == pytest.approx([2, 4.0, 4.0])
+
+
 def test_profile_kernel_time_leaves_out_cpu_operators_and_user_annotations():
     """The step's kernel time sums the device events only once: a CPU operator that launched kernels
     and the optimizer's annotated region on the GPU's timeline both span kernels counted already
