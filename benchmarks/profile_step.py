@@ -1,6 +1,6 @@
 """Profile one training step of a preset: the kernels that take the most time, and where they come from.
 
-    python benchmarks/profile_step.py [--preset bench] [--rows 30] [--by-source N] [key=value ...]
+    python benchmarks/profile_step.py [--preset bench] [--rows 30] [--by-source N] [--gaps N] [key=value ...]
 
 The model and step are `moeforge bench`'s (random tokens); two warm-up steps run first. Also printed:
 the wall time of a step (median of 3, synchronised around each) against the sum of the profiled
@@ -11,6 +11,10 @@ innermost frame in moeforge's own code on the launching thread; `-` for kernels 
 any, such as autograd's backward of compiled graphs), then the N largest (line, kernel) pairs. Each
 kernel is joined to its launch by the profiler's correlation id. On a CPU, where there are no
 kernels, the same is done with the self time of the CPU operators.
+
+--gaps N (GPU) prints the time the GPU sat idle between the profiled step's kernels, by the gap's
+length and by the source line of the kernel that ended the gap (what the GPU was waiting for). The
+profiler's own per-launch cost makes host-bound gaps somewhat longer than in an unprofiled step.
 """
 
 from __future__ import annotations
@@ -47,6 +51,16 @@ def attribute_to_source(events: list[dict], on_cpu: bool = False) -> dict[tuple[
     A kernel's launch (or, on a CPU, the operator itself) is placed inside the Python frames open on
     its thread at that moment; the innermost frame in moeforge's own code (not its kernel wrappers)
     names the source, `-` where there is none. On a CPU the time is the operator's self time."""
+    out: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for item, ms, src in _work_sources(events, on_cpu):
+        slot = out[(src, item["name"])]
+        slot[0] += max(ms, 0.0)
+        slot[1] += 1
+    return out
+
+
+def _work_sources(events: list[dict], on_cpu: bool) -> list[tuple[dict, float, str]]:
+    """(kernel or CPU operator event, its ms, its source frame) for each, as attribute_to_source."""
     frames = collections.defaultdict(list)  # per thread, sorted by start; nested as a call stack
     for e in events:
         if e.get("cat") in _FRAME_CATS and e.get("ph") == "X":
@@ -85,12 +99,35 @@ def attribute_to_source(events: list[dict], on_cpu: bool = False) -> dict[tuple[
                         and not any(w in name for w in ("fp8/kernels.py", "fp8/gluon_gemm.py", "triton_launch.py"))):
                     source[i] = name[name.index("moeforge/"):]
                     break
-    out: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for (item, _, ms), src in zip(work, source):
-        slot = out[(src, item["name"])]
-        slot[0] += max(ms, 0.0)
-        slot[1] += 1
-    return out
+    return [(item, ms, src) for (item, _, ms), src in zip(work, source)]
+
+
+def idle_gaps(events: list[dict]) -> tuple[float, dict[str, float], dict[tuple[str, str], list[float]]]:
+    """The GPU's idle time between the first and the last kernel of a profiled step (no kernel, copy or
+    memset running on any stream): (idle ms, idle ms by the gap's length, {(source frame, kernel
+    name) of the kernel that ended the gap: [idle ms, gaps]}). A gap belongs to the kernel the GPU
+    was waiting for; its source is found as in attribute_to_source."""
+    busy = sorted(((e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("cat") in ("gpu_memcpy", "gpu_memset") and e.get("ph") == "X"))
+    work = sorted(_work_sources(events, on_cpu=False), key=lambda w: w[0]["ts"])
+    # copies and memsets keep the GPU busy but are not attributed; merged into the kernels' timeline
+    marks = sorted([(k["ts"], k["ts"] + k["dur"], (src, k["name"])) for k, _, src in work]
+                   + [(t0, t1, None) for t0, t1 in busy], key=lambda m: m[0])
+    buckets = {"under 5 us": 0.0, "5-50 us": 0.0, "50-500 us": 0.0, "500 us and more": 0.0}
+    by_next: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    total, end = 0.0, None
+    for t0, t1, key in marks:
+        if end is not None and t0 > end:
+            us = t0 - end
+            total += us
+            label = ("under 5 us" if us < 5 else "5-50 us" if us < 50 else "50-500 us" if us < 500
+                     else "500 us and more")
+            buckets[label] += us / 1e3
+            slot = by_next[key if key is not None else ("-", "(a copy or memset)")]
+            slot[0] += us / 1e3
+            slot[1] += 1
+        end = t1 if end is None else max(end, t1)
+    return total / 1e3, buckets, by_next
 
 
 def _children_time(op: dict, frames: list[dict], starts: list[float]) -> float:
@@ -106,12 +143,32 @@ def _children_time(op: dict, frames: list[dict], starts: list[float]) -> float:
     return t
 
 
-def print_by_source(prof, rows: int, on_cpu: bool) -> None:
+def trace_events(prof) -> list[dict]:
     path = os.path.join(tempfile.mkdtemp(), "trace.json")
     prof.export_chrome_trace(path)
     with open(path) as f:
         events = json.load(f)["traceEvents"]
     os.remove(path)
+    return events
+
+
+def print_gaps(events: list[dict], rows: int) -> None:
+    idle, buckets, by_next = idle_gaps(events)
+    print(f"\nGPU idle between the step's kernels: {idle:.1f} ms; by the gap's length: "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in buckets.items()))
+    by_source: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for (source, _), (ms, n) in by_next.items():
+        by_source[source][0] += ms
+        by_source[source][1] += n
+    print("idle time by the source line of the kernel the GPU waited for:")
+    for source, (ms, n) in sorted(by_source.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"{ms:9.2f} ms  {n:5d} gaps  {source}")
+    print(f"the {rows} largest (source line, kernel waited for) pairs:")
+    for (source, name), (ms, n) in sorted(by_next.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"{ms:9.2f} ms  {n:5d} gaps  {source}  ::  {name[:90]}")
+
+
+def print_by_source(events: list[dict], rows: int, on_cpu: bool) -> None:
     table = attribute_to_source(events, on_cpu)
     total = sum(ms for ms, _ in table.values())
     by_source: dict[str, float] = collections.defaultdict(float)
@@ -143,6 +200,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--by-source", type=int, default=0, metavar="N",
                     help="also print kernel time by the source line that launched it, and the N largest pairs")
+    ap.add_argument("--gaps", type=int, default=0, metavar="N",
+                    help="also print the GPU's idle time between kernels by the source line of the kernel it "
+                         "waited for (N largest); GPU only")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     cfg = load_config(a.preset, None, a.overrides)
@@ -170,9 +230,10 @@ def main() -> None:
         walls.append(time.perf_counter() - t0)
     on_cpu = device.type != "cuda"
     activities = [ProfilerActivity.CPU] if on_cpu else [ProfilerActivity.CUDA]
-    if a.by_source and not on_cpu:
+    stacks = bool(a.by_source or a.gaps)
+    if stacks and not on_cpu:
         activities.append(ProfilerActivity.CPU)  # the launches and the Python frames around them
-    with profile(activities=activities, with_stack=bool(a.by_source)) as prof:
+    with profile(activities=activities, with_stack=stacks) as prof:
         step(5)
         _sync(device)
     events = prof.key_averages()
@@ -185,8 +246,11 @@ def main() -> None:
         kernels_ms = kernel_time_ms(events)
         print(f"step wall time {wall_ms:.1f} ms (median of 3); kernels of one step {kernels_ms:.1f} ms "
               f"({100 * kernels_ms / wall_ms:.0f}% of the wall time)")
+    trace = trace_events(prof) if stacks else []
     if a.by_source:
-        print_by_source(prof, a.by_source, on_cpu)
+        print_by_source(trace, a.by_source, on_cpu)
+    if a.gaps and not on_cpu:
+        print_gaps(trace, a.gaps)
 
 
 if __name__ == "__main__":
