@@ -261,6 +261,35 @@ def test_training_with_cuda_graph(tmp_path):
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_trainer_queues_a_step_without_a_host_sync(tmp_path, graph):
+    """The training loop queues step n + 1 before it reads step n's record: the queuing (data, forward,
+    backward, optimizer, the copy of the step's numbers to the host) runs under
+    set_sync_debug_mode('error'), eager and as a captured step; the record read afterwards holds
+    the step's numbers and its time from the markers on the device's timeline."""
+    import math
+
+    from moeforge.train.trainer import Trainer
+
+    cfg = load_config("tiny", None, ["train.optimizer=adamw", f"train.out={tmp_path}", "train.eval_every=0",
+                                     "train.checkpoint_every=0", f"train.cuda_graph={str(graph).lower()}"])
+    trainer = Trainer(cfg, progress=False)
+    for _ in range(3):  # warm-up (and the capture)
+        trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        first = trainer._launch_step()
+        second = trainer._launch_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    records = [trainer._finish_step(first), trainer._finish_step(second)]
+    assert [r["step"] for r in records] == [4, 5]
+    for r in records:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0
+    trainer.close()
+
+
 @pytest.mark.parametrize("k", [1, 6])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_permutation_kernels_match_torch(k, dtype):

@@ -87,7 +87,7 @@ def interrupted_run(tmp_path_factory, trained_run, mf_cache_dir):
     and metrics.jsonl and the checkpoints as they were before the resume.
     """
     out = tmp_path_factory.mktemp("interrupted") / "run"
-    real_step = Trainer.train_step
+    real_step = Trainer._launch_step
 
     def step_then_interrupt(self):
         if self.step == 5:
@@ -99,9 +99,9 @@ def interrupted_run(tmp_path_factory, trained_run, mf_cache_dir):
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MOEFORGE_CACHE", str(mf_cache_dir))
-            mp.setattr(Trainer, "train_step", step_then_interrupt)
+            mp.setattr(Trainer, "_launch_step", step_then_interrupt)
             rc_interrupted = main(["train", "--out", str(out), "--steps", str(BASELINE_STEPS), *trained_run.train_args])
-            mp.setattr(Trainer, "train_step", real_step)
+            mp.setattr(Trainer, "_launch_step", real_step)
             metrics_before_resume = read_metrics(out)
             ckpts_before_resume = [p.name for p in ckpt.list_checkpoints(out / "checkpoints")]
             rc_resumed = main(["train", "--out", str(out), "--resume", "--no-progress"])
@@ -300,17 +300,17 @@ def test_fresh_run_does_not_mix_metrics_with_a_stopped_run(cli, trained_run, tmp
     no checkpoint to resume): compares the steps of metrics.jsonl's training records with the
     second run's own steps 1..2."""
     out = tmp_path / "run"
-    real_step = Trainer.train_step
+    real_step = Trainer._launch_step
 
     def step_then_interrupt(self):
         if self.step == 2:
             raise KeyboardInterrupt
         return real_step(self)
 
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    monkeypatch.setattr(Trainer, "_launch_step", step_then_interrupt)
     assert cli("train", "--out", out, "--steps", 3, *trained_run.train_args).rc == 130
     assert not ckpt.list_checkpoints(out / "checkpoints")
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    monkeypatch.setattr(Trainer, "_launch_step", real_step)
     r = cli("train", "--out", out, "--steps", 2, *trained_run.train_args)
     assert r.rc == 0, r.err
     assert [x["step"] for x in read_metrics(out) if "loss" in x] == [1, 2]
@@ -391,3 +391,43 @@ def test_evaluate_shards_rows_and_sums_to_the_whole():
     # the reduce hook receives the four totals and its result is what is reported
     doubled = evaluate(model, tokens, token_bytes, 8, 4, cpu, "fp32", shard=(0, 1), reduce=lambda t: 2 * t)
     assert doubled["tokens"] == 2 * whole["tokens"] and doubled["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+
+
+def test_a_steps_record_is_read_after_the_next_step_is_queued(cli, trained_run, tmp_path, monkeypatch):
+    """The loop queues step n + 1 before it reads step n's numbers (so the host never waits on the
+    device with nothing queued), except that a checkpoint step and the last step are read before
+    anything else is queued; the records are the same as read one by one: every step once, in
+    order, with the numbers train_step gives for the same run."""
+    calls = []
+    launch, finish = Trainer._launch_step, Trainer._finish_step
+
+    def logged_launch(self):
+        out = launch(self)
+        calls.append(f"L{out['step']}")
+        return out
+
+    def logged_finish(self, p):
+        calls.append(f"F{p['step']}")
+        return finish(self, p)
+
+    monkeypatch.setattr(Trainer, "_launch_step", logged_launch)
+    monkeypatch.setattr(Trainer, "_finish_step", logged_finish)
+    args = [a for a in trained_run.train_args if not a.startswith(("train.checkpoint_every", "train.eval_every"))]
+    r = cli("train", "--out", tmp_path / "run", "--steps", 6, *args, "train.checkpoint_every=3", "train.eval_every=0")
+    assert r.rc == 0, r.err
+    assert calls == ["L1", "L2", "F1", "L3", "F2", "F3", "L4", "L5", "F4", "L6", "F5", "F6"]
+    records = [x for x in read_metrics(tmp_path / "run") if "loss" in x]
+    assert [x["step"] for x in records] == [1, 2, 3, 4, 5, 6]
+    assert all(x["tokens_per_s"] > 0 and math.isfinite(x["grad_norm"]) for x in records)
+    monkeypatch.undo()
+
+    from moeforge.config import load_config
+    from moeforge.train.trainer import Trainer as T
+
+    cfg = load_config(path=str(tmp_path / "run" / "config.toml"), overrides=[f"train.out={tmp_path / 'again'}"])
+    trainer = T(cfg, progress=False)
+    one_by_one = [trainer.train_step() for _ in range(6)]
+    trainer.close()
+    for a, b in zip(records, one_by_one):
+        assert {k: a[k] for k in ("step", "loss", "grad_norm", "lr", "tokens")} == \
+            {k: b[k] for k in ("step", "loss", "grad_norm", "lr", "tokens")}

@@ -332,13 +332,19 @@ class Trainer:
 
     # ---- one optimizer step ----
     def train_step(self) -> dict:
-        """One optimizer step; returns its record (the host waits for the GPU only here, when the
-        step's numbers are read: the step itself queues its work without a host sync)."""
-        t, m = self.cfg.train, self.cfg.model
+        """One optimizer step; returns its record (the host waits for the GPU when the record is read)."""
+        return self._finish_step(self._launch_step())
+
+    def _launch_step(self) -> dict:
+        """Queue one optimizer step's work without waiting for the device (the step has no host
+        sync); returns what _finish_step turns into its record. The device's numbers stay tensors."""
+        t = self.cfg.train
         self.model.train()
         batch = batch_size_at(self.step, t)
         n_micro = batch // t.micro_batch
         lam = mtp_lambda_at(self.step, t)
+        cuda = self.device.type == "cuda"
+        start = _mark(cuda)
         if self.graphed is not None:  # one process: the captured step (train/graph.py)
             lr = lr_at(self.step, t)
             sums, grad_norm, ratio = self.graphed([self.loader.next_batch(t.micro_batch) for _ in range(n_micro)],
@@ -355,20 +361,60 @@ class Trainer:
                 sums = self.pctx.all_reduce_mean_dp_ep(sums)  # mean of per-rank means = global mean: all ranks log it
             grad_norm, lr, ratio = optimizer_update(self.updated, self.optimizer, self.moe_layers, self.cfg,
                                                     self.step, self.pctx, self.ema, self.zero1)
-        balance_stats = imbalance_stats(ratio.tolist())
-        if self.stages is not None:  # each pp rank updated its own layers; log the whole model's loads
-            balance_stats = self._pipeline_balance_stats(balance_stats)
         self.step += 1
         self.tokens_seen += batch * t.seq_len
-        main, mtp, bal = sums.tolist()
-        rec = {"step": self.step, "loss": main}
+        # the step's numbers in one buffer, copied to the host without waiting (reading them with
+        # .tolist() would wait for everything queued after them too, i.e. the next step)
+        numbers = torch.cat([sums.reshape(-1).double(), torch.as_tensor(grad_norm, device=sums.device).reshape(1).double(),
+                             ratio.reshape(-1).double().to(sums.device)])
+        host = torch.empty(numbers.shape, dtype=numbers.dtype, pin_memory=cuda)
+        host.copy_(numbers, non_blocking=cuda)
+        return {"step": self.step, "tokens": self.tokens_seen, "batch_size": batch, "lam": lam, "lr": lr,
+                "numbers": host, "start": start, "end": _mark(cuda)}
+
+    def _finish_step(self, p: dict) -> dict:
+        """A launched step's record: waits for its numbers. tokens_per_s (and TFLOP/s, MFU) come from
+        the step's own time: on a GPU between markers on the device's timeline around its work
+        (the time from the previous step's end, or from its launch when the GPU was idle, to its
+        end), so a step read while the next one already runs is timed alone; on a CPU the time from
+        its launch to this read."""
+        t, m = self.cfg.train, self.cfg.model
+        if isinstance(p["end"], torch.cuda.Event):
+            p["end"].synchronize()  # the step's work and the copy of its numbers are done
+            dt = p["start"].elapsed_time(p["end"]) / 1e3
+        else:
+            dt = time.perf_counter() - p["start"]
+        main, mtp, bal, grad_norm, *ratio = p["numbers"].tolist()
+        balance_stats = imbalance_stats(ratio)
+        if self.stages is not None:  # each pp rank updated its own layers; log the whole model's loads
+            balance_stats = self._pipeline_balance_stats(balance_stats)
+        lam = p["lam"]
+        rec = {"step": p["step"], "loss": main}
         if m.num_nextn_predict_layers:
             rec["mtp_loss"] = mtp / lam if lam else float("nan")  # mean over depths, before the weight
-        return {**rec, "balance_loss": bal, "lr": lr, "grad_norm": float(grad_norm), "tokens": self.tokens_seen,
-                "batch_size": batch, **balance_stats}
+        rec = {**rec, "balance_loss": bal, "lr": p["lr"], "grad_norm": grad_norm, "tokens": p["tokens"],
+               "batch_size": p["batch_size"], **balance_stats}
+        rec["tokens_per_s"] = p["batch_size"] * t.seq_len / dt
+        rec["tflops"] = rec["tokens_per_s"] * self.flops_per_token / 1e12
+        if self.peak:
+            rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / self.peak
+        if self.device.type == "cuda":
+            rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return rec
+
+    def _must_read_before_next(self, step: int, total: int) -> bool:
+        """Whether step `step`'s record must be handled before the next step is queued: its
+        evaluation or checkpoint needs the weights as that step left them, and the run ends there."""
+        t = self.cfg.train
+        return (step >= total or bool(t.eval_every and step % t.eval_every == 0)
+                or bool(t.checkpoint_every and step % t.checkpoint_every == 0))
 
     # ---- the run ----
     def train(self, steps: int | None = None) -> TrainResult:
+        """The loop. Each step's record (loss, norms, loads: numbers on the device) is read after the
+        next step has been queued, so the host never waits for the device with an empty queue and a
+        step's launches overlap the one before; steps that evaluate or save a checkpoint, and the
+        last one, are read before anything else is queued."""
         t = self.cfg.train
         total = steps if steps is not None else t.steps
         sink = MetricsSink(self.out) if self.is_main else _NullSink()
@@ -387,34 +433,40 @@ class Trainer:
             f"data: {self.data.description}")
         if summary := parallel_summary(self.cfg, self.pctx):
             log(summary)
+
+        def handle(rec: dict, total: int, interrupted: bool = False) -> None:
+            """Check, evaluate, record, log and checkpoint one step (interrupted: record and log only)."""
+            if not math.isfinite(rec["loss"]):
+                raise MoeforgeError(f"the loss became {rec['loss']} at step {rec['step']}; lower train.lr or check the data")
+            step = rec["step"]
+            if t.eval_every and step % t.eval_every == 0 and step < total and not interrupted:
+                val = self.validate(t.eval_batches)
+                rec["val_loss"], rec["val_bpb"] = val["loss"], val["bpb"]
+                log(f"step {step}: val loss {val['loss']:.4f}, {val['bpb']:.4f} bits/byte")
+            sink.write(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if step % t.log_every == 0 or step == total:
+                log(format_record(rec))
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total and not interrupted:
+                self.save()
+
         val = None
+        pending = None  # the launched step whose record is not read yet
         try:
-            while self.step < total:
-                t0 = time.perf_counter()
-                rec = self.train_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-                rec["tokens_per_s"] = rec["batch_size"] * t.seq_len / dt
-                rec["tflops"] = rec["tokens_per_s"] * self.flops_per_token / 1e12
-                if self.peak:
-                    rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / self.peak
-                if self.device.type == "cuda":
-                    rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                if not math.isfinite(rec["loss"]):
-                    raise MoeforgeError(f"the loss became {rec['loss']} at step {self.step}; lower train.lr or check the data")
-                if t.eval_every and self.step % t.eval_every == 0 and self.step < total:
-                    val = self.validate(t.eval_batches)
-                    rec["val_loss"], rec["val_bpb"] = val["loss"], val["bpb"]
-                    log(f"step {self.step}: val loss {val['loss']:.4f}, {val['bpb']:.4f} bits/byte")
-                sink.write(rec)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                if self.step % t.log_every == 0 or self.step == total:
-                    log(format_record(rec))
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < total:
-                    self.save()
+            try:
+                while self.step < total or pending is not None:
+                    launched = None
+                    if self.step < total and (pending is None or not self._must_read_before_next(pending["step"], total)):
+                        launched = self._launch_step()
+                    done, pending = pending, launched
+                    if done is not None:
+                        handle(self._finish_step(done), total)
+            except KeyboardInterrupt:  # a step already queued completes: keep its record
+                if pending is not None:
+                    handle(self._finish_step(pending), total, interrupted=True)
+                raise
             path = self.save()
             val = self.validate(None)
             sink.write({"step": self.step, "val_loss": val["loss"], "val_bpb": val["bpb"], "tokens": self.tokens_seen})
@@ -513,6 +565,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _mark(cuda: bool):
+    """A point in time: a CUDA event recorded on the current stream (read later, without a host wait
+    now), or the host's clock."""
+    if not cuda:
+        return time.perf_counter()
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
 
 
 def format_record(rec: dict) -> str:
