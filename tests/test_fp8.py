@@ -481,3 +481,37 @@ def test_weight_cache_quantises_each_weight_once_per_step(monkeypatch):
     from moeforge.fp8 import cache
 
     assert cache._entries is None
+
+
+def test_weight_prefetch_runs_the_training_quantisations_once_after_the_update():
+    """fp8.cache's prefetch: the quantisations training forwards asked for (weights given) are run by
+    prefetch_weights and each result taken once by the next forward instead of quantising; one whose
+    weight was written in place since is made again; an evaluation forward (no weights given) is
+    neither remembered nor served; the owner's entries go with it."""
+    import gc
+
+    from moeforge.fp8 import cache
+
+    cache.drop_prefetched()
+    owner, w = torch.nn.Linear(2, 2), torch.ones(3)
+    made = []
+
+    def make():
+        made.append(w.clone())
+        return w.sum().item()
+
+    assert cache.cached(owner, "k", make, (w,)) == 3.0 and len(made) == 1  # a training forward: remembered
+    assert cache.cached(owner, "eval", make) == 3.0 and len(made) == 2  # evaluation: not remembered
+    w.mul_(2)  # "the optimizer step" (an in-place write)
+    cache.prefetch_weights()
+    assert len(made) == 3  # only the training one, run now, with the new weights
+    assert cache.cached(owner, "k", make, (w,)) == 6.0 and len(made) == 3  # taken, not made again
+    assert cache.cached(owner, "k", make, (w,)) == 6.0 and len(made) == 4  # taken once: made now
+    cache.prefetch_weights()  # remembers the call just before
+    w.add_(1)  # written after the prefetch: its result is stale
+    assert cache.cached(owner, "k", make, (w,)) == 9.0 and len(made) == 6
+    cache.prefetch_weights()
+    del owner
+    gc.collect()
+    assert len(cache._ready) == 0 and len(cache._makers) == 0
+    cache.drop_prefetched()

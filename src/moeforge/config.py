@@ -169,6 +169,7 @@ class TrainConfig:
     ema_every: int = 1  # update the EMA every this many steps (with decay ** ema_every)
     document_mask: bool = False  # attention stays within the documents packed into a sequence (EOS-separated)
     fp8_weight_cache: bool = True  # fp8: quantise each weight once per step, not once per micro-batch
+    fp8_weight_prefetch: bool = True  # fp8, one GPU: quantise the weights right after the optimizer step
     adam_moments: str = "fp32"  # fp32 | bf16: AdamW's two moments stored in BF16 (DeepSeek-V3's memory saver)
     cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph, replay it (train/graph.py)
     # data

@@ -66,7 +66,8 @@ def fp8_linear_forward(x2: torch.Tensor, ws: tuple, recipe, out_dtype: torch.dty
     p2 = recipe.pow2_scales
     save_fp8 = need_dw and recipe.save_fp8_inputs
     xa, xt = quant_operands(x2, p2, rows=True, cols=save_fp8)  # xt: x^T's Wgrad operand, kept for backward
-    wa, wt = cached(owner, (name, need_dx, p2), lambda: quant_block_operand(ws, p2, transpose=need_dx))
+    wa, wt = cached(owner, (name, need_dx, p2), lambda: quant_block_operand(ws, p2, transpose=need_dx),
+                    ws if need_dx or need_dw else ())
     y = fp8_gemm(xa, wa, out_dtype=out_dtype)
     saved = {
         "xt": xt,
@@ -172,7 +173,8 @@ class FP8GroupedGPUFn(torch.autograd.Function):
         save_fp8 = recipe.save_fp8_inputs and any(ctx.needs_input_grad[8:])
         xa, ctx.xt = quant_operands(x, p2, rows=True, cols=save_fp8, segments=ctx.seg if save_fp8 else None,
                                     index=index)
-        wa, wt = cached(owner, (name, p2), lambda: quant_block_operand(ws, p2, transpose=True))  # [out, in]
+        wa, wt = cached(owner, (name, p2), lambda: quant_block_operand(ws, p2, transpose=True),  # [out, in]
+                        ws if any(ctx.needs_input_grad) else ())
         y = grouped_gemm(xa, wa, groups, out_dtype=x.dtype)
         if not recipe.save_fp8_inputs:
             ctx.save_for_backward(x)

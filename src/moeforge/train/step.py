@@ -16,6 +16,7 @@ from .. import parallel
 from ..config import Config
 from ..errors import MoeforgeError
 from ..fp8 import convert_to_fp8, weight_cache
+from ..fp8.cache import prefetch_weights
 from ..model import build_model, init_weights, initial_values
 from ..model.attention import document_ids, document_mask
 from ..model.head import set_loss_chunk
@@ -156,7 +157,21 @@ def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx,
         ema.update(step + 1)
     ratio = update_routing_bias(moe_layers, bias_update_speed_at(step, t) if gamma is None else gamma,
                                 reduce=parallel.moe_count_reduce(pctx))  # global counts
+    if getattr(model, PREFETCH, False):  # the next forward's FP8 weights, quantised now (fp8/cache.py)
+        prefetch_weights()
     return grad_norm, lr, ratio
+
+
+PREFETCH = "fp8_weight_prefetch"  # set on a model whose FP8 weights optimizer_update quantises ahead
+
+
+def wants_weight_prefetch(cfg: Config, device: torch.device, precision: str, pctx) -> bool:
+    """train.fp8_weight_prefetch applies: FP8 GEMMs on a GPU, one process (a sharded or pipelined
+    model's weights are not whole between steps), and eager steps (a captured step would replay its
+    prefetch into buffers its forward never reads)."""
+    t = cfg.train
+    return (t.fp8_weight_prefetch and precision == "fp8" and device.type == "cuda" and pctx is None
+            and not t.cuda_graph)
 
 
 def train_bytes_per_parameter(cfg: Config) -> int:
@@ -208,6 +223,7 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     if pctx is None:
         model = model.to_empty(device=device)
         init_weights(model, zero=t.zero_init_parts)
+        setattr(model, PREFETCH, wants_weight_prefetch(cfg, device, precision, pctx))
         return apply_compile(model) if t.compile else model
     if pctx.pp > 1:
         check_pipeline_layout(cfg, pctx)

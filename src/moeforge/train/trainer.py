@@ -23,6 +23,7 @@ import torch
 from ..config import Config
 from ..data import PackedLoader, default_cache_dir, iter_eval_batches, load_tokenizer, prepare_data
 from ..errors import MoeforgeError
+from ..fp8.cache import drop_prefetched
 from ..generate import generate
 from ..model import build_model, count_parameters
 from ..model.mtp import IGNORE_INDEX
@@ -467,6 +468,7 @@ class Trainer:
                 if pending is not None:
                     handle(self._finish_step(pending), total, interrupted=True)
                 raise
+            drop_prefetched()  # the FP8 weights quantised for a step that will not come (train.fp8_weight_prefetch)
             path = self.save()
             val = self.validate(None)
             sink.write({"step": self.step, "val_loss": val["loss"], "val_bpb": val["bpb"], "tokens": self.tokens_seen})
