@@ -200,8 +200,8 @@ def main() -> None:
     ap.add_argument("--by-source", type=int, default=0, metavar="N",
                     help="also print kernel time by the source line that launched it, and the N largest pairs")
     ap.add_argument("--gaps", type=int, default=0, metavar="N",
-                    help="also print the GPU's idle time between kernels by the source line of the kernel it "
-                         "waited for (N largest); GPU only")
+                    help="also profile a step on the GPU only and print its idle time between kernels, by "
+                         "the kernel the GPU waited for (N largest); GPU only")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     cfg = load_config(a.preset, None, a.overrides)

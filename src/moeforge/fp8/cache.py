@@ -13,9 +13,9 @@ reference keeps its dequantised FP32 copy, 4 bytes) stay until the step's last b
 without the cache each would be freed after its layer's backward.
 
 Prefetching (`prefetch_weights`, train.fp8_weight_prefetch): every quantisation a training forward
-asked for (one that computes gradients, its weights given as `tensors`) is remembered with its owner; right after the
-optimizer step, `prefetch_weights()` runs them all again, and the next forward takes each result
-once instead of quantising in place. The GPU does the same work, but launched after AdamW's kernels,
+asked for (one that computes gradients, its weights given as `tensors`) is remembered with its
+owner; right after the optimizer step, `prefetch_weights()` runs them all again, and the next
+forward takes each result once instead of quantising in place. The GPU does the same work, but launched after AdamW's kernels,
 where the host is ahead of the GPU, instead of between the forward's short kernels, where the FP8
 forward waits for the host (docs/performance.md). A prefetched result is used only if none of its
 weights was written in place since (their version counters; the optimizer writes before the
