@@ -431,3 +431,20 @@ def test_a_steps_record_is_read_after_the_next_step_is_queued(cli, trained_run, 
     for a, b in zip(records, one_by_one):
         assert {k: a[k] for k in ("step", "loss", "grad_norm", "lr", "tokens")} == \
             {k: b[k] for k in ("step", "loss", "grad_norm", "lr", "tokens")}
+
+
+def test_a_step_that_fails_to_queue_keeps_the_record_of_the_step_before(cli, trained_run, tmp_path, monkeypatch):
+    """Out of memory while step 3 is queued: step 2's record, not read yet (records are read one step
+    late), is still written before the one-line error (exit status 1)."""
+    launch = Trainer._launch_step
+
+    def out_of_memory_at_step_3(self):
+        if self.step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return launch(self)
+
+    monkeypatch.setattr(Trainer, "_launch_step", out_of_memory_at_step_3)
+    args = [a for a in trained_run.train_args if not a.startswith(("train.checkpoint_every", "train.eval_every"))]
+    r = cli("train", "--out", tmp_path / "run", "--steps", 5, *args, "train.checkpoint_every=0", "train.eval_every=0")
+    assert r.rc == 1 and "out of memory" in r.err
+    assert [x["step"] for x in read_metrics(tmp_path / "run") if "loss" in x] == [1, 2]

@@ -453,6 +453,13 @@ class Trainer:
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total and not interrupted:
                 self.save()
 
+        def salvage(p: dict) -> None:
+            """Keep the record of a complete step when the run stops before it was read."""
+            try:
+                handle(self._finish_step(p), total, interrupted=True)
+            except Exception:  # noqa: BLE001 (the device failed too: the first error is the one to report)
+                pass
+
         val = None
         pending = None  # the launched step whose record is not read yet
         try:
@@ -460,13 +467,19 @@ class Trainer:
                 while self.step < total or pending is not None:
                     launched = None
                     if self.step < total and (pending is None or not self._must_read_before_next(pending["step"], total)):
-                        launched = self._launch_step()
+                        try:
+                            launched = self._launch_step()
+                        except BaseException:  # Ctrl-C, out of memory, ...: the step before is complete
+                            done, pending = pending, None
+                            if done is not None:
+                                salvage(done)
+                            raise
                     done, pending = pending, launched
                     if done is not None:
                         handle(self._finish_step(done), total)
-            except KeyboardInterrupt:  # a step already queued completes: keep its record
+            except KeyboardInterrupt:  # while a step was read: the one queued after it completes
                 if pending is not None:
-                    handle(self._finish_step(pending), total, interrupted=True)
+                    salvage(pending)
                 raise
             drop_prefetched()  # the FP8 weights quantised for a step that will not come (train.fp8_weight_prefetch)
             path = self.save()
