@@ -35,13 +35,17 @@ class FP8Recipe:
     save_fp8_inputs: bool = True
 
 
-def _exact(fn):
+def _exact(fn=None, *, out_dtype: bool = False):
     """Run an emulated GEMM's forward outside autocast: its products must stay FP32, as an FP8 GEMM's
     accumulator does, whatever autocast would do to a plain matmul (backward runs without autocast).
-    ctx.out_dtype is the dtype a Linear returns for x under the caller's autocast (compute_dtype)."""
+    out_dtype: set ctx.out_dtype, the dtype a Linear returns for x under the caller's autocast
+    (compute_dtype), read before autocast is turned off."""
+    if fn is None:
+        return lambda f: _exact(f, out_dtype=out_dtype)
 
     def forward(ctx, x, *args):
-        ctx.out_dtype = compute_dtype(x)
+        if out_dtype:
+            ctx.out_dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             return fn(ctx, x, *args)
 
@@ -61,7 +65,7 @@ class _FP8LinearFn(torch.autograd.Function):
     first, zero columns up to the next multiple of 128, then the up projection's). y comes in the
     dtype nn.Linear would return (autocast's when it is on, else x's); dx in x's."""
 
-    @_exact
+    @_exact(out_dtype=True)
     def forward(ctx, x: torch.Tensor, recipe: FP8Recipe, owner, name, *ws):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)  # [T, K]
