@@ -53,16 +53,6 @@ def attribute_to_source(events: list[dict], on_cpu: bool = False) -> dict[tuple[
     A kernel's launch (or, on a CPU, the operator itself) is placed inside the Python frames open on
     its thread at that moment; the innermost frame in moeforge's own code (not its kernel wrappers)
     names the source, `-` where there is none. On a CPU the time is the operator's self time."""
-    out: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for item, ms, src in _work_sources(events, on_cpu):
-        slot = out[(src, item["name"])]
-        slot[0] += max(ms, 0.0)
-        slot[1] += 1
-    return out
-
-
-def _work_sources(events: list[dict], on_cpu: bool) -> list[tuple[dict, float, str]]:
-    """(kernel or CPU operator event, its ms, its source frame) for each, as attribute_to_source."""
     frames = collections.defaultdict(list)  # per thread, sorted by start; nested as a call stack
     for e in events:
         if e.get("cat") in _FRAME_CATS and e.get("ph") == "X":
@@ -101,33 +91,32 @@ def _work_sources(events: list[dict], on_cpu: bool) -> list[tuple[dict, float, s
                         and not any(w in name for w in ("fp8/kernels.py", "fp8/gluon_gemm.py", "triton_launch.py"))):
                     source[i] = name[name.index("moeforge/"):]
                     break
-    return [(item, ms, src) for (item, _, ms), src in zip(work, source)]
+    out: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for (item, _, ms), src in zip(work, source):
+        slot = out[(src, item["name"])]
+        slot[0] += max(ms, 0.0)
+        slot[1] += 1
+    return out
 
 
-def idle_gaps(events: list[dict]) -> tuple[float, dict[str, float], dict[tuple[str, str], list[float]]]:
+def idle_gaps(events: list[dict]) -> tuple[float, dict[str, float], dict[str, list[float]]]:
     """The GPU's idle time between the first and the last kernel of a profiled step (no kernel, copy or
-    memset running on any stream): (idle ms, idle ms by the gap's length, {(source frame, kernel
-    name) of the kernel that ended the gap: [idle ms, gaps]}). A gap belongs to the kernel the GPU
-    was waiting for; its source is found as in attribute_to_source."""
-    busy = sorted(((e["ts"], e["ts"] + e["dur"]) for e in events
-                   if e.get("cat") in ("gpu_memcpy", "gpu_memset") and e.get("ph") == "X"))
-    work = sorted(_work_sources(events, on_cpu=False), key=lambda w: w[0]["ts"])
-    # copies and memsets keep the GPU busy but are not attributed; merged into the kernels' timeline
-    marks = sorted([(k["ts"], k["ts"] + k["dur"], (src, k["name"])) for k, _, src in work]
-                   + [(t0, t1, None) for t0, t1 in busy], key=lambda m: m[0])
+    memset running on any stream): (idle ms, idle ms by the gap's length, {name of the kernel that
+    ended the gap: [idle ms, gaps]}). A gap belongs to the kernel the GPU was waiting for."""
+    marks = sorted((e["ts"], e["ts"] + e["dur"], e["name"] if e["cat"] == "kernel" else "(a copy or memset)")
+                   for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("ph") == "X")
     buckets = {"under 5 us": 0.0, "5-50 us": 0.0, "50-500 us": 0.0, "500 us and more": 0.0}
-    by_next: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    by_next: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     total, end = 0.0, None
-    for t0, t1, key in marks:
+    for t0, t1, name in marks:
         if end is not None and t0 > end:
             us = t0 - end
             total += us
             label = ("under 5 us" if us < 5 else "5-50 us" if us < 50 else "50-500 us" if us < 500
                      else "500 us and more")
             buckets[label] += us / 1e3
-            slot = by_next[key if key is not None else ("-", "(a copy or memset)")]
-            slot[0] += us / 1e3
-            slot[1] += 1
+            by_next[name][0] += us / 1e3
+            by_next[name][1] += 1
         end = t1 if end is None else max(end, t1)
     return total / 1e3, buckets, by_next
 
@@ -158,12 +147,8 @@ def print_gaps(events: list[dict], rows: int) -> None:
     idle, buckets, by_next = idle_gaps(events)
     print(f"\nGPU idle between the kernels of a step profiled on the GPU only: {idle:.1f} ms; by the gap's "
           "length: " + ", ".join(f"{k} {v:.1f} ms" for k, v in buckets.items()))
-    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for (_, name), (ms, n) in by_next.items():
-        by_name[name][0] += ms
-        by_name[name][1] += n
     print(f"the {rows} kernels the GPU waited for longest:")
-    for name, (ms, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:rows]:
+    for name, (ms, n) in sorted(by_next.items(), key=lambda kv: -kv[1][0])[:rows]:
         print(f"{ms:9.2f} ms  {n:5d} gaps  {name[:110]}")
 
 
