@@ -604,7 +604,8 @@ def s_moe(args):
         for precision in (("bf16", "fp8") if r % 2 == 0 else ("fp8", "bf16")):
             with GPUMonitor(torch.device("cuda"), interval_ms=10) as monitor:
                 times[precision].append(bench(steps[precision]))
-            samples, last = samples + monitor.samples, monitor.state()
+            samples.extend(monitor.samples)
+            last = monitor.state()
             clocks[precision].append((last or {}).get("sm_mhz"))  # (min, median, max) or None
         mhz = {p: f" ({clocks[p][-1][0]:,.0f}-{clocks[p][-1][2]:,.0f} MHz)" if clocks[p][-1] else "" for p in clocks}
         print(f"   round {r + 1}: bf16 {times['bf16'][-1]:7.3f} ms{mhz['bf16']}  fp8 {times['fp8'][-1]:7.3f} ms"

@@ -126,6 +126,9 @@ def step_weight_cache(cfg: Config, precision: str, n_micro: int):
     return weight_cache(precision == "fp8" and cfg.train.fp8_weight_cache and n_micro > 1)
 
 
+PREFETCH = "fp8_weight_prefetch"  # set on a model whose FP8 weights optimizer_update quantises ahead
+
+
 def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx, ema=None, zero1=None,
                      lr: torch.Tensor | None = None, gamma: float | None = None):
     """Clip to the global gradient norm, AdamW with the scheduled lr (ZeRO-1: on this rank's
@@ -160,9 +163,6 @@ def optimizer_update(model, optimizer, moe_layers, cfg: Config, step: int, pctx,
     if getattr(model, PREFETCH, False):  # the next forward's FP8 weights, quantised now (fp8/cache.py)
         prefetch_weights()
     return grad_norm, lr, ratio
-
-
-PREFETCH = "fp8_weight_prefetch"  # set on a model whose FP8 weights optimizer_update quantises ahead
 
 
 def wants_weight_prefetch(cfg: Config, device: torch.device, precision: str, pctx) -> bool:

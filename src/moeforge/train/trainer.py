@@ -407,8 +407,7 @@ class Trainer:
         """Whether step `step`'s record must be handled before the next step is queued: its
         evaluation or checkpoint needs the weights as that step left them, and the run ends there."""
         t = self.cfg.train
-        return (step >= total or bool(t.eval_every and step % t.eval_every == 0)
-                or bool(t.checkpoint_every and step % t.checkpoint_every == 0))
+        return step >= total or _due(t.eval_every, step) or _due(t.checkpoint_every, step)
 
     # ---- the run ----
     def train(self, steps: int | None = None) -> TrainResult:
@@ -435,12 +434,12 @@ class Trainer:
         if summary := parallel_summary(self.cfg, self.pctx):
             log(summary)
 
-        def handle(rec: dict, total: int, interrupted: bool = False) -> None:
+        def handle(rec: dict, interrupted: bool = False) -> None:
             """Check, evaluate, record, log and checkpoint one step (interrupted: record and log only)."""
             if not math.isfinite(rec["loss"]):
                 raise MoeforgeError(f"the loss became {rec['loss']} at step {rec['step']}; lower train.lr or check the data")
             step = rec["step"]
-            if t.eval_every and step % t.eval_every == 0 and step < total and not interrupted:
+            if _due(t.eval_every, step) and step < total and not interrupted:
                 val = self.validate(t.eval_batches)
                 rec["val_loss"], rec["val_bpb"] = val["loss"], val["bpb"]
                 log(f"step {step}: val loss {val['loss']:.4f}, {val['bpb']:.4f} bits/byte")
@@ -450,13 +449,13 @@ class Trainer:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if step % t.log_every == 0 or step == total:
                 log(format_record(rec))
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total and not interrupted:
+            if _due(t.checkpoint_every, step) and step < total and not interrupted:
                 self.save()
 
         def salvage(p: dict) -> None:
             """Keep the record of a complete step when the run stops before it was read."""
             try:
-                handle(self._finish_step(p), total, interrupted=True)
+                handle(self._finish_step(p), interrupted=True)
             except Exception:  # noqa: BLE001 (the device failed too: the first error is the one to report)
                 pass
 
@@ -476,7 +475,7 @@ class Trainer:
                             raise
                     done, pending = pending, launched
                     if done is not None:
-                        handle(self._finish_step(done), total)
+                        handle(self._finish_step(done))
             except KeyboardInterrupt:  # while a step was read: the one queued after it completes
                 if pending is not None:
                     salvage(pending)
@@ -580,6 +579,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _due(every: int, step: int) -> bool:
+    """Whether a periodic action (evaluation, checkpoint; every 0: never) falls on `step`."""
+    return bool(every) and step % every == 0
 
 
 def _mark(cuda: bool):
