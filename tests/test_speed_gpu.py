@@ -56,10 +56,13 @@ def test_chunked_cross_entropy_on_cuda_bf16():
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
 
 
-def test_fused_chunked_loss_matches_eager_on_cuda():
-    """The inductor-compiled softmax gradient of the chunked loss (train.compile) against the eager
-    chunked loss, BF16 autocast, a ragged last chunk and ignored targets: the same BF16 gradient up to
-    one BF16 rounding of a few elements (the FP32 sums run in another order)."""
+@pytest.mark.parametrize("triton, fused", [(False, "inductor"), (True, ""), (True, "inductor")])
+def test_fast_chunked_loss_matches_eager_on_cuda(monkeypatch, triton, fused):
+    """The chunked loss's softmax gradient by the Triton pass (loss_triton.py, the CUDA default) or
+    compiled by Inductor (train.compile, without Triton) against the eager torch version, BF16
+    autocast, a ragged last chunk and ignored targets: the same BF16 gradient up to one BF16 rounding
+    of a few elements (the FP32 sums run in another order)."""
+    from moeforge.model import head
     from moeforge.model.mtp import IGNORE_INDEX
 
     g = torch.Generator(device="cuda").manual_seed(2)
@@ -68,13 +71,47 @@ def test_fused_chunked_loss_matches_eager_on_cuda():
     t = torch.randint(0, 5000, (1000,), device="cuda", generator=g)
     t[::7] = IGNORE_INDEX
     res = []
-    for fused in ("", "inductor"):
+    for on, backend in ((False, ""), (triton, fused)):
+        monkeypatch.setattr(head, "TRITON", on)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = chunked_cross_entropy(h, w, t, 300, fused=fused)
+            out = chunked_cross_entropy(h, w, t, 300, fused=backend)
         res.append((out, *torch.autograd.grad(out, (h, w))))
     torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(res[1][1:], res[0][1:]):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_softmax_grad_against_fp32_reference(dtype):
+    """loss_triton.softmax_grad_ against FP32 torch arithmetic on the same logits: a vocabulary that is
+    no multiple of the kernel's block, more rows than programs, ignored rows. Losses within FP32
+    summation order (1e-5); the gradient written over the logits equals the FP32 one rounded to the
+    logits' dtype except for a few elements one rounding away (exp2 against torch's exp), and ignored
+    rows are exactly zero."""
+    from moeforge.model.loss_triton import softmax_grad_
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    C, V = 1500, 5003
+    x = (3 * torch.randn(C, V, device="cuda", generator=g)).to(dtype)
+    t = torch.randint(0, V, (C,), device="cuda", generator=g)
+    valid = (torch.rand(C, device="cuda", generator=g) > 0.1).float()
+    xf = x.float()
+    lse = torch.logsumexp(xf, 1)
+    loss_ref = (lse - xf.gather(1, t[:, None]).squeeze(1)) * valid
+    g_ref = torch.exp(xf - lse[:, None])
+    g_ref[torch.arange(C, device="cuda"), t] -= 1
+    g_ref *= valid[:, None]
+    out = x.clone()
+    losses = softmax_grad_(out, t, valid, block=1024)
+    torch.testing.assert_close(losses, loss_ref, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, g_ref, rtol=1e-5, atol=1e-7)
+    else:
+        assert float((out.float() == g_ref.to(dtype).float()).float().mean()) > 0.99
+        torch.testing.assert_close(out.float(), g_ref, rtol=2 ** -7, atol=1e-30)
+    assert not out[valid == 0].any()
+    with pytest.raises(ValueError, match="one entry per row"):
+        softmax_grad_(out, t[:-1], valid)
 
 
 @pytest.mark.parametrize("extra", [[], ["train.compile=true"], ["train.optimizer=adamw"],

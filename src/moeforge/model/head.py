@@ -12,6 +12,7 @@ Shape legend: B batch, S sequence, T = B*S tokens, D hidden, V vocabulary, C chu
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,8 @@ from .layers import compute_dtype
 from .mtp import IGNORE_INDEX
 
 
+# the softmax gradient on CUDA as one Triton pass (loss_triton.py); False: the torch path everywhere
+TRITON = importlib.util.find_spec("triton") is not None
 EVAL_CHUNK = 512  # rows of logits at a time in token_losses when no loss_chunk is set (16 MB at V = 8192: CPU caches and no fresh mappings)
 
 
@@ -29,7 +32,8 @@ class OutputHead(nn.Linear):
 
     `loss_chunk` (tokens per chunk, 0 = plain) is a training setting applied with set_loss_chunk;
     the function computed does not depend on it. `fused_loss` (a torch.compile backend, set by
-    train.speed.apply_compile; "" = eager) compiles each chunk's softmax-gradient arithmetic.
+    train.speed.apply_compile; "" = eager) compiles each chunk's softmax-gradient arithmetic where
+    the Triton pass of loss_triton.py does not run it (on CUDA it does).
     """
 
     def __init__(self, dim: int, vocab: int):
@@ -99,6 +103,22 @@ def _compiled_softmax_grad(backend: str):
     return torch.compile(_softmax_grad_functional, dynamic=False, backend=backend)
 
 
+def _softmax_grad_triton(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype):
+    """_softmax_grad by the Triton kernel of loss_triton.py: the gradient written over the logits (in
+    `dtype` already: the GEMM's), one read and one write of them."""
+    from .loss_triton import softmax_grad_
+
+    return logits, softmax_grad_(logits, targets, valid).sum()
+
+
+def _pick_softmax_grad(h: torch.Tensor, fused: str):
+    """The Triton pass on CUDA (faster than both torch versions), else the compiled torch version when
+    a backend is given, else eager PyTorch."""
+    if TRITON and h.is_cuda and not torch.compiler.is_compiling():
+        return _softmax_grad_triton
+    return _compiled_softmax_grad(fused) if fused else _softmax_grad
+
+
 def _chunked_loss_and_grads(h, weight, targets, chunk: int, dtype: torch.dtype, fused: str = ""):
     """(dL/dh, dL/dW in FP32, summed loss, number of valid targets) of the summed cross-entropy."""
     T = h.shape[0]
@@ -108,7 +128,7 @@ def _chunked_loss_and_grads(h, weight, targets, chunk: int, dtype: torch.dtype, 
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     grad_h = torch.empty_like(h)
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    softmax_grad = _compiled_softmax_grad(fused) if fused else _softmax_grad
+    softmax_grad = _pick_softmax_grad(h, fused)
     for start in range(0, T, chunk):
         end = min(start + chunk, T)
         hc = h[start:end].to(dtype)  # [C, D]
