@@ -515,3 +515,41 @@ def test_weight_prefetch_runs_the_training_quantisations_once_after_the_update()
     gc.collect()
     assert len(cache._ready) == 0 and len(cache._makers) == 0
     cache.drop_prefetched()
+
+
+def test_fp8_linear_input_quantised_once_for_consecutive_readers():
+    """gpu.quantised_input (the GPU path's input quantisation, here with a recording stand-in for the
+    Triton quantiser): two Linears reading the same tensor one after the other (attention's wq and
+    wkv_a) share one quantisation, through different view objects; anything that could change the
+    codes quantises again (an in-place write, another view, other scale rounding, x^T codes asked
+    for that were not made); and nothing is held once the input is freed."""
+    import gc
+
+    from moeforge.fp8 import gpu
+
+    calls = []
+
+    def quant(x2, p2, rows=True, cols=False):
+        calls.append((x2.data_ptr(), p2, cols))
+        return torch.empty(1), (torch.empty(1) if cols else None)
+
+    x = torch.randn(2, 3, 256)
+    first = gpu.quantised_input(x.reshape(-1, 256), False, True, quant)
+    again = gpu.quantised_input(x.reshape(-1, 256), False, True, quant)
+    assert len(calls) == 1 and again[0] is first[0] and again[1] is first[1]
+    rows_only = gpu.quantised_input(x.reshape(-1, 256), False, False, quant)
+    assert len(calls) == 1 and rows_only[0] is first[0] and rows_only[1] is None
+    gpu.quantised_input(x.reshape(-1, 256), True, True, quant)  # power-of-two scales: other codes
+    assert len(calls) == 2
+    x.add_(1.0)  # written in place since
+    gpu.quantised_input(x.reshape(-1, 256), True, True, quant)
+    assert len(calls) == 3
+    gpu.quantised_input(x[:1].reshape(-1, 256), True, True, quant)  # another view of the same memory
+    assert len(calls) == 4
+    y = torch.randn(6, 256)
+    gpu.quantised_input(y, False, False, quant)
+    gpu.quantised_input(y, False, True, quant)  # x^T codes were not made
+    assert len(calls) == 6 and calls[-1][2]
+    del y
+    gc.collect()
+    assert gpu._last_input[0] is None

@@ -471,6 +471,32 @@ def test_fp8_linear_gpu_under_autocast_returns_bf16():
 
 
 @needs_sm90
+def test_fp8_linears_reading_one_input_share_its_quantisation(monkeypatch):
+    """Two FP8 Linears of one input (attention's wq and wkv_a; gpu.quantised_input): one quantisation
+    of it in the forward instead of two, and outputs and all gradients bit-identical to the same
+    Linears reading two copies of the input, quantised one by one."""
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(384, 512, device=DEV) * 0.05, torch.randn(640, 512, device=DEV) * 0.05
+    x0 = torch.randn(4, 75, 512, device=DEV)
+    real = kernels.quant_operands
+    calls = []
+    monkeypatch.setattr(kernels, "quant_operands", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    res = []
+    for shared in (True, False):
+        x, a, b = (t.clone().requires_grad_() for t in (x0, w1, w2))
+        calls.clear()
+        with torch.autocast("cuda", torch.bfloat16):
+            ya = gpu.fp8_linear(x, FP8Recipe(), None, "weight", a)
+            yb = gpu.fp8_linear(x if shared else x * 1.0, FP8Recipe(), None, "weight", b)
+        forward_quantisations = sum(shape == (300, 512) for shape in calls)
+        assert forward_quantisations == (1 if shared else 2)
+        (ya.float().square().sum() + yb.float().sum()).backward()
+        res.append((ya, yb, x.grad, a.grad, b.grad))
+    for u, v in zip(*res):
+        assert torch.equal(u, v)
+
+
+@needs_sm90
 @pytest.mark.parametrize("inter", [200, 1408])
 def test_fp8_linear_of_two_parts_matches_reference(inter, monkeypatch):
     """Gate and up of an FP8 FeedForward as one GPU GEMM over [w1; w3] (zero rows between them when

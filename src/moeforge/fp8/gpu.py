@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import torch
 
@@ -56,6 +57,33 @@ def available(*tensors: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Linear
 # ---------------------------------------------------------------------------------------------
+# The last FP8 Linear input's quantisation: (weak reference to the tensor whose memory it is, what
+# identifies the view and its contents, (codes, x^T codes)); see quantised_input.
+_last_input: list = [None]
+
+
+def _forget_input(ref) -> None:
+    if _last_input[0] is not None and _last_input[0][0] is ref:
+        _last_input[0] = None
+
+
+def quantised_input(x2: torch.Tensor, p2: bool, cols: bool, quant_operands) -> tuple:
+    """quant_operands(x2, p2, rows=True, cols=cols), shared by FP8 Linears that read the same input one
+    after the other (attention's wq and wkv_a both read the normed block input): the previous call's
+    codes are returned again when x2 is a view of the same tensor with the same offset, shape and
+    strides, unchanged since (its version counter), with the same scale rounding, and x^T's codes
+    are there if cols asks for them. The result is held until the next FP8 Linear's input replaces
+    it, or until that tensor is freed, so an input nobody reads again costs no memory."""
+    base = x2 if x2._base is None else x2._base
+    key = (x2.data_ptr(), tuple(x2.shape), x2.stride(), x2._version, p2)
+    hit = _last_input[0]
+    if hit is not None and hit[0]() is base and hit[1] == key and (hit[2][1] is not None or not cols):
+        return hit[2] if cols else (hit[2][0], None)
+    out = quant_operands(x2, p2, rows=True, cols=cols)
+    _last_input[0] = (weakref.ref(base, _forget_input), key, out)
+    return out
+
+
 def fp8_linear_forward(x2: torch.Tensor, ws: tuple, recipe, out_dtype: torch.dtype, need_dx: bool = True,
                        need_dw: bool = True, owner=None, name: str = "weight"):
     """x2 [T, K], weights ws: parts [N_i, K] stacked along N at quant.part_starts -> (y [T, N] in
@@ -65,7 +93,7 @@ def fp8_linear_forward(x2: torch.Tensor, ws: tuple, recipe, out_dtype: torch.dty
 
     p2 = recipe.pow2_scales
     save_fp8 = need_dw and recipe.save_fp8_inputs
-    xa, xt = quant_operands(x2, p2, rows=True, cols=save_fp8)  # xt: x^T's Wgrad operand, kept for backward
+    xa, xt = quantised_input(x2, p2, save_fp8, quant_operands)  # xt: x^T's Wgrad operand, kept for backward
     wa, wt = cached(owner, (name, need_dx, p2), lambda: quant_block_operand(ws, p2, transpose=need_dx),
                     ws if need_dx or need_dw else ())
     y = fp8_gemm(xa, wa, out_dtype=out_dtype)
