@@ -183,6 +183,7 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
 
     h: [T, D], weight: [V, D], targets: [T] (IGNORE_INDEX entries do not count). fused: a torch.compile
     backend for each chunk's softmax gradient (same function, fewer passes over the logits); "": eager.
+    On CUDA with Triton installed the softmax gradient is loss_triton's pass whatever `fused` says.
     """
     return _ChunkedCrossEntropy.apply(h, weight, targets, chunk, compute_dtype(h), fused)
 
