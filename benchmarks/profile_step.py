@@ -1,6 +1,7 @@
 """Profile one training step of a preset: the kernels that take the most time, and where they come from.
 
-    python benchmarks/profile_step.py [--preset bench] [--rows 30] [--by-source N] [--gaps N] [key=value ...]
+    python benchmarks/profile_step.py [--preset bench] [--rows 30] [--by-source N] [--gaps N] [--fanout N]
+        [key=value ...]
 
 The model and step are `moeforge bench`'s (random tokens); two warm-up steps run first. Also printed:
 the wall time of a step (median of 3, synchronised around each) against the sum of the profiled
@@ -11,6 +12,12 @@ innermost frame in moeforge's own code on the launching thread; `-` for kernels 
 any, such as autograd's backward of compiled graphs), then the N largest (line, kernel) pairs. Each
 kernel is joined to its launch by the profiler's correlation id. On a CPU, where there are no
 kernels, the same is done with the self time of the CPU operators.
+
+--fanout N runs one more forward and walks its autograd graph for the forward outputs that feed more
+than one backward node: the autograd engine sums their gradients with a kernel of its own (outside
+any compiled graph), one sum fewer than the consumers. Printed: the bytes those sums read and write
+per step, then the N largest outputs with their producer, shape, dtype and consumers. Runs on a
+CPU as well (the graph is the same; shrink the preset with overrides).
 
 --gaps N (GPU) profiles one more step with the GPU's activity only and prints the time the GPU sat
 idle between its kernels, by the gap's length and by the kernel that ended the gap (what the GPU was
@@ -25,6 +32,7 @@ import argparse
 import bisect
 import collections
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -35,8 +43,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from moeforge.config import load_config
-from moeforge.train.step import (build_optimizer, build_train_model, forward_backward, optimizer_update,
-                                    resolve_device, resolve_precision)
+from moeforge.train.step import (autocast, build_optimizer, build_train_model, forward_backward,
+                                    optimizer_update, resolve_device, resolve_precision)
 
 _LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
 _FRAME_CATS = ("python_function", "cpu_op")
@@ -169,6 +177,38 @@ def print_by_source(events: list[dict], rows: int, on_cpu: bool) -> None:
         print(f"{ms:9.2f}  {n:5d}  {source}  ::  {name[:90]}")
 
 
+def gradient_fanout(root) -> list[tuple[str, int, tuple, torch.dtype, list[str]]]:
+    """The autograd graph below root (a grad_fn): every (producer node, output) whose gradient comes
+    from more than one backward node, as (producer name, output index, shape, dtype, consumer names),
+    the largest (elements x consumers) first. Gradient accumulators of leaves are left out."""
+    consumers: dict[tuple, list[str]] = collections.defaultdict(list)
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, idx in node.next_functions:
+            if nxt is not None and type(nxt).__name__ != "AccumulateGrad":
+                consumers[(nxt, idx)].append(type(node).__name__)
+                stack.append(nxt)
+    out = []
+    for (node, idx), names in consumers.items():
+        if len(names) > 1:
+            meta = node._input_metadata[idx]
+            out.append((type(node).__name__, idx, tuple(meta.shape), meta.dtype, sorted(names)))
+    return sorted(out, key=lambda r: -math.prod(r[2]) * (len(r[4]) - 1))
+
+
+def print_fanout(rows_found, rows: int) -> None:
+    sums = sum((len(c) - 1) * math.prod(shape) * torch.empty((), dtype=dt).element_size() * 3
+               for _, _, shape, dt, c in rows_found)
+    print(f"\nforward outputs whose gradients the autograd engine sums: {len(rows_found)}, "
+          f"{sum(len(c) - 1 for *_, c in rows_found)} sums, {sums / 2**20:.1f} MiB read and written by them")
+    for name, idx, shape, dt, cons in rows_found[:rows]:
+        print(f"  {name}[{idx}] {list(shape)} {str(dt).replace('torch.', '')} <- {', '.join(cons)}")
+
+
 def kernel_time_ms(events) -> float:
     """The device time of a profiled step's kernels, from `key_averages()`: the operators on the CPU
     side are left out (with CPU activity on, a launching operator carries its kernels' time too),
@@ -187,6 +227,8 @@ def main() -> None:
     ap.add_argument("--gaps", type=int, default=0, metavar="N",
                     help="also profile a step on the GPU only and print its idle time between kernels, by "
                          "the kernel the GPU waited for (N largest); GPU only")
+    ap.add_argument("--fanout", type=int, default=0, metavar="N",
+                    help="also list the forward outputs whose gradients autograd sums outside the graphs (N largest)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     cfg = load_config(a.preset, None, a.overrides)
@@ -232,6 +274,10 @@ def main() -> None:
               f"({100 * kernels_ms / wall_ms:.0f}% of the wall time)")
     if a.by_source:
         print_by_source(trace_events(prof), a.by_source, on_cpu)
+    if a.fanout:
+        with autocast(device, precision):
+            out = model.losses(windows[0][:, :-1], windows[0][:, 1:])
+        print_fanout(gradient_fanout((out["main"] + out["balance"]).grad_fn), a.fanout)
     if a.gaps and not on_cpu:
         with profile(activities=[ProfilerActivity.CUDA]) as gap_prof:
             step(6)

@@ -498,8 +498,8 @@ def test_profile_step_by_source_runs_on_cpu():
 
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "profile_step.py"), "--preset", "tiny", "--rows", "3",
-                        "--by-source", "5", "train.seq_len=64", "train.batch_size=2", "train.micro_batch_size=2",
-                        "model.num_hidden_layers=2"],
+                        "--by-source", "5", "--fanout", "3", "train.seq_len=64", "train.batch_size=2",
+                        "train.micro_batch_size=2", "model.num_hidden_layers=2"],
                        capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(root / "src")})
     assert r.returncode == 0, r.stderr[-2000:]
@@ -507,6 +507,22 @@ def test_profile_step_by_source_runs_on_cpu():
     lines = [ln.split("ms  ") for ln in text.splitlines() if " ms  moeforge/" in ln]
     assert any("moeforge/model/" in src for _, src in lines) and all(float(ms) >= 0 for ms, _ in lines)
     assert "the 5 largest (source line, operator) pairs" in text
+    fan = r.stdout.split("forward outputs whose gradients the autograd engine sums: ")[1].splitlines()
+    assert int(fan[0].split(",")[0]) > 0 and len(fan) >= 4 and "[2, 64, 128] float32 <- " in "\n".join(fan[1:4])
+
+
+def test_profile_step_gradient_fanout():
+    """benchmarks/profile_step.py --fanout on a small graph: the outputs whose gradient comes from
+    several backward nodes, largest (elements x extra consumers) first, leaves' accumulators left out."""
+    fanout = _profile_step_module().gradient_fanout
+    x = torch.randn(3, 4, requires_grad=True)
+    u = torch.randn(6, 6, requires_grad=True) * 3  # three consumers: two sums of 36
+    y = x * 2  # two consumers: one sum of 12
+    z = (y.sin() + y.cos()).sum() + x.exp().sum() + (u.sin() + u.cos() + u.tanh()).sum()  # x itself: a leaf
+    assert fanout(z.grad_fn) == [
+        ("MulBackward0", 0, (6, 6), torch.float32, ["CosBackward0", "SinBackward0", "TanhBackward0"]),
+        ("MulBackward0", 0, (3, 4), torch.float32, ["CosBackward0", "SinBackward0"]),
+    ]
 
 
 def test_cuda_graph_refuses_what_a_captured_step_cannot_run(cli, expect_error, tmp_path):
