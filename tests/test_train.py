@@ -433,6 +433,24 @@ def test_a_steps_record_is_read_after_the_next_step_is_queued(cli, trained_run, 
             {k: b[k] for k in ("step", "loss", "grad_norm", "lr", "tokens")}
 
 
+def test_a_steps_tokens_per_s_counts_its_own_time_only(trained_run, tmp_path):
+    """A record read late (the loop reads step n after queuing step n + 1) is timed from its own
+    launch to the end of its own work: on the CPU, 1 s spent between the launch and the read (where
+    the next step would run) is not counted."""
+    import time
+
+    from moeforge.config import load_config
+    from moeforge.train.trainer import Trainer as T
+
+    cfg = load_config(path=str(trained_run.out / "config.toml"), overrides=[f"train.out={tmp_path / 'again'}"])
+    trainer = T(cfg, progress=False)
+    p = trainer._launch_step()
+    time.sleep(1.0)
+    rec = trainer._finish_step(p)
+    trainer.close()
+    assert rec["batch_size"] * cfg.train.seq_len / rec["tokens_per_s"] < 1.0
+
+
 def test_a_step_that_fails_to_queue_keeps_the_record_of_the_step_before(cli, trained_run, tmp_path, monkeypatch):
     """Out of memory while step 3 is queued: step 2's record, not read yet (records are read one step
     late), is still written before the one-line error (exit status 1)."""

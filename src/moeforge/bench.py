@@ -46,7 +46,7 @@ from .model.moe import MoE
 from .model.transformer import Block
 from .train.ema import CPUEMA
 from .train.graph import GRAPH_WARMUP, GraphedStep, check_graph_step, one_process_step
-from .train.metrics import PEAK_BF16, flops_per_token, peak_flops
+from .train.metrics import PEAK_BF16, Clock, flops_per_token, peak_flops
 from .train.schedule import lr_at
 from .train.step import (autocast, build_optimizer, build_train_model, forward_backward, optimizer_update,
                             resolve_device, resolve_precision)
@@ -68,23 +68,6 @@ class BenchResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class _Clock:
-    """Markers on the device timeline: CUDA events on a GPU, wall time on a CPU (synchronous there)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def ms(self, a, b) -> float:
-        return a.elapsed_time(b) if self.cuda else 1e3 * (b - a)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -110,7 +93,7 @@ def _parts(model: torch.nn.Module, compiled: bool) -> list[tuple[str, torch.nn.M
 class _PartTimer:
     """Forward and backward hooks that record a (start, end) marker pair per call of each part."""
 
-    def __init__(self, parts, clock: _Clock):
+    def __init__(self, parts, clock: Clock):
         self.clock, self.spans, self.handles, self.open = clock, [], [], {}
         for name, module in parts:
             key = id(module)
@@ -172,7 +155,7 @@ def _time_steps(run_step, steps: int, warmup: int, device: torch.device,
     _synchronize(device)
     if device.type == "cuda" and not peak_from_start:
         torch.cuda.reset_peak_memory_stats(device)
-    clock = _Clock(device)
+    clock = Clock(device)
     with GPUMonitor(device) as monitor:
         t0 = time.perf_counter()
         marks = [clock.mark()]
@@ -262,7 +245,7 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
 
 
 def _split(model, run_step, device: torch.device, compiled: bool) -> dict[str, float]:
-    clock = _Clock(device)
+    clock = Clock(device)
     timer = _PartTimer(_parts(model, compiled), clock)
     try:
         _synchronize(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +44,30 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+class Clock:
+    """Markers on the device timeline: CUDA events on a GPU (recorded without a host wait), the host's
+    clock on a CPU, where the work has run by the time a marker is taken."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def wait(self, mark) -> None:
+        """Wait until the device has reached the marker (nothing to wait for on a CPU)."""
+        if self.cuda:
+            mark.synchronize()
+
+    def ms(self, a, b) -> float:
+        """Milliseconds between two markers (on a GPU both must have been reached)."""
+        return a.elapsed_time(b) if self.cuda else 1e3 * (b - a)
 
 
 class MetricsSink:

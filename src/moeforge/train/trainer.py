@@ -13,7 +13,6 @@ import math
 import os
 import random
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from . import checkpoint as ckpt
 from .balance import imbalance_stats
 from .ema import CPUEMA
 from .graph import GraphedStep, check_graph_step, one_process_step, portable_optimizer_state
-from .metrics import MetricsSink, flops_per_token, peak_flops
+from .metrics import Clock, MetricsSink, flops_per_token, peak_flops
 from .schedule import batch_size_at, lr_at, mtp_lambda_at
 from .step import (autocast, build_optimizer, build_train_model, check_memory, forward_backward, optimizer_groups,
                    optimizer_update, resolve_device, resolve_precision, split_train_pipeline, step_weight_cache)
@@ -189,6 +188,7 @@ class Trainer:
             # stopped after its last checkpoint), or all of them when starting afresh.
             trim_metrics(self.out / "metrics.jsonl", self.step)
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        self.clock = Clock(self.device)  # times each step on the device's timeline (tokens/s)
         self.peak = peak_flops(self.device)
 
     # ---- checkpoints ----
@@ -345,7 +345,7 @@ class Trainer:
         n_micro = batch // t.micro_batch
         lam = mtp_lambda_at(self.step, t)
         cuda = self.device.type == "cuda"
-        start = _mark(cuda)
+        start = self.clock.mark()
         if self.graphed is not None:  # one process: the captured step (train/graph.py)
             lr = lr_at(self.step, t)
             sums, grad_norm, ratio = self.graphed([self.loader.next_batch(t.micro_batch) for _ in range(n_micro)],
@@ -371,20 +371,17 @@ class Trainer:
         host = torch.empty(numbers.shape, dtype=numbers.dtype, pin_memory=cuda)
         host.copy_(numbers, non_blocking=cuda)
         return {"step": self.step, "tokens": self.tokens_seen, "batch_size": batch, "lam": lam, "lr": lr,
-                "numbers": host, "start": start, "end": _mark(cuda)}
+                "numbers": host, "start": start, "end": self.clock.mark()}
 
     def _finish_step(self, p: dict) -> dict:
         """A launched step's record: waits for its numbers. tokens_per_s (and TFLOP/s, MFU) come from
         the step's own time: on a GPU between markers on the device's timeline around its work
         (the time from the previous step's end, or from its launch when the GPU was idle, to its
-        end), so a step read while the next one already runs is timed alone; on a CPU the time from
-        its launch to this read."""
+        end), so a step read while the next one already runs is timed alone; on a CPU the host's
+        time from its launch to the end of its launch, where its work has run."""
         t, m = self.cfg.train, self.cfg.model
-        if isinstance(p["end"], torch.cuda.Event):
-            p["end"].synchronize()  # the step's work and the copy of its numbers are done
-            dt = p["start"].elapsed_time(p["end"]) / 1e3
-        else:
-            dt = time.perf_counter() - p["start"]
+        self.clock.wait(p["end"])  # the step's work and the copy of its numbers are done
+        dt = self.clock.ms(p["start"], p["end"]) / 1e3
         main, mtp, bal, grad_norm, *ratio = p["numbers"].tolist()
         balance_stats = imbalance_stats(ratio)
         if self.stages is not None:  # each pp rank updated its own layers; log the whole model's loads
@@ -584,16 +581,6 @@ def seed_everything(seed: int) -> None:
 def _due(every: int, step: int) -> bool:
     """Whether a periodic action (evaluation, checkpoint; every 0: never) falls on `step`."""
     return bool(every) and step % every == 0
-
-
-def _mark(cuda: bool):
-    """A point in time: a CUDA event recorded on the current stream (read later, without a host wait
-    now), or the host's clock."""
-    if not cuda:
-        return time.perf_counter()
-    e = torch.cuda.Event(enable_timing=True)
-    e.record()
-    return e
 
 
 def format_record(rec: dict) -> str:
