@@ -10,11 +10,19 @@ to 200 us, docs/fp8.md).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
 FAST = os.environ.get("MOEFORGE_TRITON_FASTLAUNCH", "1") != "0"
+AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
+def eager_triton(t: torch.Tensor) -> bool:
+    """Whether moeforge's own Triton kernels run for t: on CUDA, with Triton installed, and not while
+    torch.compile traces (there the torch ops stay, for Inductor to fuse)."""
+    return t.is_cuda and AVAILABLE and not torch.compiler.is_compiling()
 _COMPILED: dict = {}
 
 

@@ -12,18 +12,18 @@ Shape legend: B batch, S sequence, T = B*S tokens, D hidden, V vocabulary, C chu
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..triton_launch import eager_triton
 from .layers import compute_dtype
 from .mtp import IGNORE_INDEX
 
 
 # the softmax gradient on CUDA as one Triton pass (loss_triton.py); False: the torch path everywhere
-TRITON = importlib.util.find_spec("triton") is not None
+TRITON = True
 EVAL_CHUNK = 512  # rows of logits at a time in token_losses when no loss_chunk is set (16 MB at V = 8192: CPU caches and no fresh mappings)
 
 
@@ -114,7 +114,7 @@ def _softmax_grad_triton(logits: torch.Tensor, targets: torch.Tensor, valid: tor
 def _pick_softmax_grad(h: torch.Tensor, fused: str):
     """The Triton pass on CUDA (faster than both torch versions), else the compiled torch version when
     a backend is given, else eager PyTorch."""
-    if TRITON and h.is_cuda and not torch.compiler.is_compiling():
+    if TRITON and eager_triton(h):
         return _softmax_grad_triton
     return _compiled_softmax_grad(fused) if fused else _softmax_grad
 

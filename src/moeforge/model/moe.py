@@ -12,7 +12,6 @@ G groups, I expert intermediate size, N = T*K routed token copies.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import NamedTuple
 
 import torch
@@ -20,10 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..triton_launch import eager_triton
 from .layers import FeedForward, compute_dtype
-
-_TRITON = importlib.util.find_spec("triton") is not None  # for the permutation's CUDA kernels (moe_triton.py)
-
 
 class Router(nn.Module):
     """Scores, group-limited top-K selection with the routing bias, gate weights (eqs. 13-16)."""
@@ -169,12 +166,6 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
 
 
-def _eager_triton(t: torch.Tensor) -> bool:
-    """Run moe_triton's kernels for t: on CUDA, with Triton, and not traced (under torch.compile the
-    torch ops stay, for Inductor to fuse)."""
-    return t.is_cuda and _TRITON and not torch.compiler.is_compiling()
-
-
 class _SpreadCopies(torch.autograd.Function):
     """copies[n] = x[order[n] // K]: the K copies of every token in the expert-sorted order. The
     backward sums each token's K copy gradients, read in token order through the inverse order
@@ -190,7 +181,7 @@ class _SpreadCopies(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        if ctx.k > 1 and _eager_triton(grad):
+        if ctx.k > 1 and eager_triton(grad):
             from .moe_triton import spread_sum
 
             return spread_sum(grad, inverse, ctx.k), None, None, None
@@ -243,7 +234,7 @@ class LocalDispatcher:
     def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
         """y: [N, D] expert outputs (sorted), weights: [T, K] -> [T, D] weighted sum per token."""
         order, inverse = ctx
-        if _eager_triton(y):
+        if eager_triton(y):
             return _CombineRows.apply(y, weights, order, inverse)  # one pass each way (Inductor fuses the ops below)
         y_tok = permute_rows(y, inverse, order).view(n_tokens, weights.shape[1], y.shape[-1])  # [T, K, D]
         return (y_tok * weights.unsqueeze(-1).to(y.dtype)).sum(1)
