@@ -8,7 +8,7 @@ import torch
 from conftest import small_cfg
 from moeforge.config import ModelConfig, load_config
 from moeforge.model import build_model, count_parameters
-from moeforge.model.layers import rope_frequencies, softmax_scale
+from moeforge.model.layers import RMSNorm, rope_frequencies, softmax_scale
 from moeforge.model.moe import LocalDispatcher, MoE, Router, grouped_mm, grouped_mm_reference, sequence_balance_loss
 from moeforge.model.mtp import IGNORE_INDEX, shift_tokens
 from moeforge.train.balance import update_routing_bias
@@ -341,3 +341,30 @@ def test_causal_attention_with_narrower_values_matches_the_formula():
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_rmsnorm_returns_the_dtype_its_linears_compute_in():
+    """Without autocast the norm keeps its input's dtype; under BF16 autocast an FP32 input (the
+    residual stream) comes out in BF16, rounded once from the FP32 result, the value autocast's
+    Linear would have cast it to."""
+    torch.manual_seed(0)
+    norm = RMSNorm(256)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 256) * 3
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+    y = norm(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = norm(x)
+    assert yb.dtype == torch.bfloat16
+    assert torch.equal(yb, y.to(torch.bfloat16))
+    # the gradient reaches the FP32 input in FP32, equal to that of the FP32 norm
+    xb = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        norm(xb).float().sum().backward()
+    xf = x.clone().requires_grad_()
+    norm(xf).sum().backward()
+    assert xb.grad.dtype == torch.float32
+    torch.testing.assert_close(xb.grad, xf.grad)

@@ -21,7 +21,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight, computed in FP32 and returned in the input dtype."""
+    """y = x / rms(x) * weight, computed in FP32 and returned in the dtype the Linears that read it
+    compute in (compute_dtype: autocast's when it is on, else the input's).
+
+    Under BF16 autocast the residual stream stays FP32 while y comes out in BF16: the single rounding
+    a Linear's autocast would apply to it anyway, done once in the norm's kernel. Its readers then move
+    half the bytes (the FP8 quantisers, the routed experts' gather, the router), and where several of
+    them read y, autograd sums their gradients in BF16 rather than FP32.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -29,10 +36,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        dtype, out = x.dtype, compute_dtype(x)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return (self.weight * x.to(dtype)).to(out)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

@@ -243,6 +243,7 @@ class StageModule(nn.Module):
             # also an input (an autograd leaf whose .grad torch reads as the input gradient) would
             # alias the stage's output and input gradients.
             return (h, balance, *(e.clone() for e in emb_ahead))
+        carried = h.dtype  # the dtype split_pipeline declares for the outputs (the residual stream's)
         h = self.norm(h)
         outs = [h]
         for k, module in enumerate(self.mtp, start=1):
@@ -255,7 +256,8 @@ class StageModule(nn.Module):
             h, b = module(h, emb, cos, sin)
             balance = balance + b
             outs.append(h)
-        return (*outs, balance)
+        # Under autocast the norms return BF16; sent as the residual's dtype (exact), the head rounds back.
+        return (*(o.to(carried) for o in outs), balance)
 
 
 class PipelineLoss:
