@@ -23,6 +23,8 @@ def eager_triton(t: torch.Tensor) -> bool:
     """Whether moeforge's own Triton kernels run for t: on CUDA, with Triton installed, and not while
     torch.compile traces (there the torch ops stay, for Inductor to fuse)."""
     return t.is_cuda and AVAILABLE and not torch.compiler.is_compiling()
+
+
 _COMPILED: dict = {}
 
 
