@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..triton_launch import eager_triton
+from ..triton_launch import AVAILABLE, eager_triton
 from .layers import FeedForward, compute_dtype
 
 class Router(nn.Module):
@@ -40,18 +40,30 @@ class Router(nn.Module):
         logits = F.linear(x.float(), self.weight.float())  # gating stays in FP32
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores.detach() + self.e_score_correction_bias  # bias affects selection only
+        indices = None
+        if choice.is_cuda and AVAILABLE:
+            from . import route_triton  # needs Triton
+
+            if route_triton.supported(choice, self.n_group, self.top_k):
+                indices = route_triton.route_topk(choice, self.n_group, self.topk_group, self.top_k)
+        if indices is None:
+            indices = self.select(choice)
+        weights = scores.gather(1, indices)  # gates from the unbiased scores
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices, scores
+
+    def select(self, choice: torch.Tensor) -> torch.Tensor:
+        """The reference selection: choice [T, E] -> the top-K experts [T, K] among the topk_group
+        groups whose two best scores sum highest (route_triton.route_topk on CUDA)."""
         if self.n_group > 1:
-            T = x.shape[0]
+            T = choice.shape[0]
             grouped = choice.view(T, self.n_group, -1)  # [T, G, E/G]
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # a group scores by its top-2
             keep = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
             group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).view(T, -1)
-        indices = choice.topk(self.top_k, dim=-1).indices  # [T, K]
-        weights = scores.gather(1, indices)  # gates from the unbiased scores
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.route_scale, indices, scores
+        return choice.topk(self.top_k, dim=-1).indices  # [T, K]
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
