@@ -41,6 +41,7 @@ class Router(nn.Module):
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores.detach() + self.e_score_correction_bias  # bias affects selection only
         indices = None
+        # not eager_triton: route_topk is a custom op, so it also runs inside compiled blocks
         if choice.is_cuda and AVAILABLE:
             from . import route_triton  # needs Triton
 
