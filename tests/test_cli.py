@@ -266,6 +266,7 @@ def test_unknown_preset(cli, expect_error, snapshot, tmp_path):
     ("model.hidden_size", ["model.hidden_size", "SECTION.NAME=VALUE"]),
     ("model.hidden_sizes=64", ["unknown setting 'model.hidden_sizes'"]),
     ("train.adam_moments=bf17", ["train.adam_moments", "fp32 or bf16", "bf17"]),
+    ("train.fp8_norm_output=fp16", ["train.fp8_norm_output", "fp32 or bf16", "fp16"]),
 ])
 def test_invalid_config_value_or_malformed_override(cli, expect_error, snapshot, tiny_overrides, data_dir, tmp_path,
                                                     override, fragments):

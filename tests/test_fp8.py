@@ -331,6 +331,31 @@ def test_convert_to_fp8_keeps_parameters_and_precision_sensitive_parts():
     assert not any(isinstance(m, Experts) and not isinstance(m, FP8Experts) for m in model.modules())
 
 
+def test_fp8_recipe_sets_the_dtype_of_the_norms_in_front_of_fp8_gemms():
+    """FP8Recipe.norm_output (train.fp8_norm_output): under BF16 autocast the blocks' attention and FFN
+    norms and the MTP module's input norms return FP32 ("fp32", the default) or BF16 ("bf16"), the
+    same values but for the one rounding; the norms in front of the BF16 head return BF16 either way."""
+    from moeforge.config import load_config
+    from moeforge.model import build_model
+
+    cfg = load_config("tiny", overrides=["model.num_nextn_predict_layers=1"]).model
+    x = torch.randn(2, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for norm_output in ("fp32", "bf16"):
+        model = convert_to_fp8(build_model(cfg), FP8Recipe(norm_output=norm_output))
+        fronts = [model.layers[0].attn_norm, model.layers[1].ffn_norm, model.mtp[0].enorm, model.mtp[0].hnorm]
+        for norm in fronts + [model.norm, model.mtp[0].norm]:
+            norm.weight.data.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", torch.bfloat16):
+            outs[norm_output] = [norm(x) for norm in fronts]
+            assert model.norm(x).dtype == model.mtp[0].norm(x).dtype == torch.bfloat16
+    assert all(y.dtype == torch.float32 for y in outs["fp32"])
+    assert all(y.dtype == torch.bfloat16 for y in outs["bf16"])
+    assert all(torch.equal(a.to(torch.bfloat16), b) for a, b in zip(outs["fp32"], outs["bf16"]))
+    with pytest.raises(ValueError, match="norm_output"):
+        FP8Recipe(norm_output="fp16")
+
+
 @pytest.mark.parametrize("shape, block, pow2", [((3, 200), (1, 128), False), ((2, 130, 300), (128, 128), False),
                                                  ((257, 128), (1, 128), True), ((5,), (1, 128), False)])
 def test_fake_quantize_is_dequantize_of_quantize(shape, block, pow2):

@@ -170,6 +170,7 @@ class TrainConfig:
     document_mask: bool = False  # attention stays within the documents packed into a sequence (EOS-separated)
     fp8_weight_cache: bool = True  # fp8: quantise each weight once per step, not once per micro-batch
     fp8_weight_prefetch: bool = True  # fp8, one GPU: quantise the weights right after the optimizer step
+    fp8_norm_output: str = "fp32"  # fp8: fp32 | bf16: the dtype of the norms in front of FP8 GEMMs (fp8.FP8Recipe)
     adam_moments: str = "fp32"  # fp32 | bf16: AdamW's two moments stored in BF16 (DeepSeek-V3's memory saver)
     cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph, replay it (train/graph.py)
     # data
@@ -439,6 +440,8 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _check(t.loss_chunk >= 0, f"train.loss_chunk: must be >= 0, got {t.loss_chunk}")
     _check(0 <= t.ema_decay < 1, f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     _check(t.ema_every >= 1, f"train.ema_every: must be >= 1, got {t.ema_every}")
+    _check(t.fp8_norm_output in ("fp32", "bf16"),
+           f"train.fp8_norm_output: expected fp32 or bf16, got {t.fp8_norm_output!r}")
     _check(t.adam_moments in ("fp32", "bf16"), f"train.adam_moments: expected fp32 or bf16, got {t.adam_moments!r}")
     _check(t.optimizer in ("adamw", "muon"), f"train.optimizer: expected adamw or muon, got {t.optimizer!r}")
     _check(t.muon_lr >= 0, f"train.muon_lr: must be >= 0, got {t.muon_lr}")

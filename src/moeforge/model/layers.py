@@ -28,7 +28,13 @@ class RMSNorm(nn.Module):
     a Linear's autocast would apply to it anyway, done once in the norm's kernel. Its readers then move
     half the bytes (the FP8 quantisers, the routed experts' gather, the router), and where several of
     them read y, autograd sums their gradients in BF16 rather than FP32.
+
+    keep_dtype: return the input's dtype even under autocast (y in FP32 from the FP32 residual
+    stream). fp8.convert_to_fp8 sets it on the norms in front of FP8 GEMMs (FP8Recipe.norm_output):
+    their quantisers then read y unrounded, and the gradients of y are summed in FP32.
     """
+
+    keep_dtype = False
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -36,7 +42,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, out = x.dtype, compute_dtype(x)
+        dtype = x.dtype
+        out = dtype if self.keep_dtype else compute_dtype(x)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * x.to(dtype)).to(out)

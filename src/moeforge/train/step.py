@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from .. import parallel
 from ..config import Config
 from ..errors import MoeforgeError
-from ..fp8 import convert_to_fp8, weight_cache
+from ..fp8 import FP8Recipe, convert_to_fp8, weight_cache
 from ..fp8.cache import prefetch_weights
 from ..model import build_model, init_weights, initial_values
 from ..model.attention import document_ids, document_mask
@@ -216,7 +216,7 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     if pctx is None:
         check_memory(model, device, cfg)
     if precision == "fp8":  # swaps module classes only: parameters and their names stay the same
-        convert_to_fp8(model)
+        convert_to_fp8(model, FP8Recipe(norm_output=cfg.train.fp8_norm_output))
     t = cfg.train
     apply_recompute(model, t.recompute_parts)  # wraps block forwards / marks parts: no parameters touched
     set_loss_chunk(model, t.loss_chunk)
