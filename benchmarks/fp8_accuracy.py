@@ -2,6 +2,7 @@
 
     python benchmarks/fp8_accuracy.py --out DIR [--preset small] [--steps 1000] [key=value ...]
     python benchmarks/fp8_accuracy.py --out DIR --preset tiny --seeds 1,2,3,4   # the spread over seeds
+    python benchmarks/fp8_accuracy.py --out DIR_A --compare DIR_B   # two codes or settings, seed by seed
 
 Runs `moeforge train` twice at the same time on one GPU (the second starts once the first has built
 the token cache) (--precision bf16 and fp8, identical
@@ -11,6 +12,11 @@ otherwise), then reads both metrics.jsonl files and reports:
 It writes DIR/curves.csv and, if matplotlib is installed, DIR/curves.png (`--replot` redraws it). A run that is stopped early
 still leaves its metrics, and the comparison uses the steps both reached. With --seeds the same two
 files hold the BF16 and FP8 training losses averaged over the seeds whose runs all finished.
+
+--compare DIR_B reads two --seeds result directories (two codes, or two settings) and compares
+them seed by seed: each precision's final loss, B against A, and FP8's gap to BF16 in each. On one
+kind of GPU these runs are deterministic (the same code, seed and settings give the same final loss
+to the digits printed), so a seed's two runs differ only by what changed between A and B.
 """
 
 from __future__ import annotations
@@ -108,6 +114,74 @@ def mean_curves(out: Path, kinds, seeds: list[int]) -> tuple[list[int], dict[str
     return steps, {kind: [sum(curves[kind, seed][t] for seed in seeds) / len(seeds) for t in steps] for kind in kinds}
 
 
+_Z975 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def t975(df: int) -> float:
+    """Student's t 97.5% quantile (two-sided 95% intervals): exact for 1 and 2 degrees of freedom,
+    else the Cornish-Fisher expansion around the normal quantile (within 0.004 at 3, 1e-4 from 5)."""
+    if df == 1:
+        return math.tan(math.pi * 0.475)
+    if df == 2:
+        return 0.95 / math.sqrt(2 * 0.975 * 0.025)
+    z = _Z975
+    terms = ((z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
+             (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
+             (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160)
+    return z + sum(g / df ** (i + 1) for i, g in enumerate(terms))
+
+
+def summary(values: list[float]) -> tuple[float, float, float, float]:
+    """(mean, standard deviation, low, high): the mean's 95% interval (Student's t); 2+ values."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1))
+    half = t975(n - 1) * sd / math.sqrt(n)
+    return mean, sd, mean - half, mean + half
+
+
+def final_losses(out: Path, kinds=("bf16", "fp8")) -> dict[int, dict[str, float]]:
+    """{seed: {kind: final validation loss}} of the seeds in a --seeds directory whose runs of every
+    kind finished."""
+    tags = (d.name.removeprefix(f"{kinds[0]}-seed") for d in out.glob(f"{kinds[0]}-seed*"))
+    seeds = sorted(int(t) for t in tags if t.lstrip("-").isdigit())
+    finals = {}
+    for seed in seeds:
+        final = {kind: read(out / f"{kind}-seed{seed}" / "metrics.jsonl")[1].get("val_loss") for kind in kinds}
+        if None not in final.values():
+            finals[seed] = final
+    return finals
+
+
+def pct(new: float, old: float) -> float:
+    return 100 * (new - old) / old
+
+
+def compare(dir_a: Path, dir_b: Path) -> tuple[list[str], dict[str, tuple[float, float, float, float]]]:
+    """--compare: the seeds both directories finished, B against A (see the module's notes). Returns
+    the report's lines (a Markdown table, then one line per quantity with its 95% interval) and
+    {quantity: summary(per-seed values)}."""
+    a, b = final_losses(dir_a), final_losses(dir_b)
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        raise SystemExit(f"--compare: {len(seeds)} seed(s) finished in both {dir_a} and {dir_b}; need 2 or more")
+    gap_a = [pct(a[s]["fp8"], a[s]["bf16"]) for s in seeds]
+    gap_b = [pct(b[s]["fp8"], b[s]["bf16"]) for s in seeds]
+    lines = ["| seed | A bf16 | A fp8 | B bf16 | B fp8 | A gap | B gap |", "|---|---|---|---|---|---|---|"]
+    for s, ga, gb in zip(seeds, gap_a, gap_b):
+        lines.append(f"| {s} | {a[s]['bf16']:.4f} | {a[s]['fp8']:.4f} | {b[s]['bf16']:.4f} | {b[s]['fp8']:.4f} | "
+                     f"{ga:+.2f}% | {gb:+.2f}% |")
+    rows = [("FP8's gap to BF16 in A", gap_a), ("FP8's gap to BF16 in B", gap_b),
+            ("B's gap less A's, per seed", [gb - ga for ga, gb in zip(gap_a, gap_b)]),
+            ("BF16 runs, B against A, per seed", [pct(b[s]["bf16"], a[s]["bf16"]) for s in seeds]),
+            ("FP8 runs, B against A, per seed", [pct(b[s]["fp8"], a[s]["fp8"]) for s in seeds])]
+    lines.append(f"over {len(seeds)} seeds (mean, standard deviation, 95% interval of the mean):")
+    stats = {name: summary(values) for name, values in rows}
+    for name, (mean, sd, lo, hi) in stats.items():
+        lines.append(f"- {name}: {mean:+.3f}%, sd {sd:.3f}%, {lo:+.3f}% to {hi:+.3f}%")
+    return lines, stats
+
+
 def seed_pairs(a, out: Path) -> None:
     """--seeds: for every seed a BF16 run, a second BF16 run and an FP8 run, all at once. The second
     BF16 run repeats the first (on a GPU that is not always bit-reproducible), or with --perturb
@@ -146,10 +220,10 @@ def seed_pairs(a, out: Path) -> None:
     print("\n".join(lines))
     for k, v in gaps.items():
         if len(v) >= 2:
-            mean = sum(v) / len(v)
-            sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1))
+            mean, sd, lo, hi = summary(v)
             print(f"{k} vs bf16 over {len(v)} seeds: mean {mean:+.3f}%, sd {sd:.3f}%, standard error "
-                  f"{sd / math.sqrt(len(v)):.3f}%, mean |gap| {sum(abs(x) for x in v) / len(v):.3f}%")
+                  f"{sd / math.sqrt(len(v)):.3f}%, 95% interval {lo:+.3f}% to {hi:+.3f}%, "
+                  f"mean |gap| {sum(abs(x) for x in v) / len(v):.3f}%")
     if finished:
         steps, means = mean_curves(out, ("bf16", "fp8"), finished)
         write_curves(out, "bf16", steps, means["bf16"], means["fp8"],
@@ -169,9 +243,17 @@ def main() -> None:
     ap.add_argument("--perturb", nargs="*", default=[],
                     help="with --seeds: key=value settings of the second BF16 run (default: a plain repeat)")
     ap.add_argument("--pairs-only", action="store_true", help="with --seeds: no second BF16 run")
+    ap.add_argument("--compare", metavar="DIR_B", help="compare the --seeds results in --out (A) with those in "
+                                                       "DIR_B, seed by seed; runs nothing")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     out = Path(a.out)
+    if a.compare:
+        for d in (out, Path(a.compare)):
+            if not d.is_dir():
+                raise SystemExit(f"--compare: no such directory: {d}")
+        print("\n".join(compare(out, Path(a.compare))[0]))
+        return
     if a.seeds:
         out.mkdir(parents=True, exist_ok=True)
         seed_pairs(a, out)

@@ -473,6 +473,44 @@ def test_fp8_accuracy_mean_curves_average_the_seeds_at_the_steps_all_runs_logged
     assert rows[0] == "step,bf16,fp8" and [float(x) for x in rows[2].split(",")] == pytest.approx([2, 4.0, 4.0])
 
 
+def test_fp8_accuracy_compare_two_result_directories_seed_by_seed(tmp_path, capsys):
+    """benchmarks/fp8_accuracy.py --compare: the seeds both --seeds directories finished, compared
+    run by run. The losses are the tiny preset's seeds 49-64 (docs/fp8.md: the norms in BF16 as A,
+    the norms in front of the FP8 GEMMs in FP32 as B); the means and 95% intervals are scipy's
+    (stats.t), and t975 matches the t table."""
+    import json
+
+    acc = _benchmark_module("fp8_accuracy")
+    assert [acc.t975(df) for df in (1, 2, 5, 15, 100)] == pytest.approx([12.706, 4.303, 2.571, 2.131, 1.984], abs=1e-3)
+    bf16 = [2.5669, 2.5892, 2.5551, 2.5901, 2.6150, 2.5898, 2.5784, 2.5874, 2.5604, 2.5716, 2.5911, 2.5662,
+            2.5573, 2.5649, 2.5816, 2.5703]
+    fp8_a = [2.5829, 2.6027, 2.5963, 2.5845, 2.6049, 2.5941, 2.5643, 2.5947, 2.5647, 2.5716, 2.6006, 2.5622,
+             2.5927, 2.5789, 2.5790, 2.5853]
+    fp8_b = [2.5963, 2.6058, 2.5737, 2.5856, 2.5909, 2.5815, 2.5503, 2.5927, 2.5826, 2.5584, 2.6003, 2.5366,
+             2.5709, 2.5747, 2.6013, 2.5721]
+
+    def write(root, kind, seed, loss):
+        run = root / f"{kind}-seed{seed}"
+        run.mkdir(parents=True)
+        lines = [{"step": 1, "loss": 9.0}] + ([{"step": 1000, "val_loss": loss}] if loss is not None else [])
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    for i, seed in enumerate(range(49, 65)):
+        for root, fp8 in ((tmp_path / "a", fp8_a[i]), (tmp_path / "b", fp8_b[i])):
+            write(root, "bf16", seed, bf16[i])
+            write(root, "fp8", seed, fp8)
+    write(tmp_path / "b", "bf16", 65, 2.6)  # unfinished in B, absent in A: left out
+    write(tmp_path / "b", "fp8", 65, None)
+    lines, stats = acc.compare(tmp_path / "a", tmp_path / "b")
+    assert len(lines) == 2 + 16 + 1 + 5 and lines[2] == "| 49 | 2.5669 | 2.5829 | 2.5669 | 2.5963 | +0.62% | +1.15% |"
+    assert stats["FP8's gap to BF16 in A"] == pytest.approx([0.303, 0.586, -0.009, 0.615], abs=1.5e-3)
+    assert stats["FP8's gap to BF16 in B"] == pytest.approx([0.095, 0.722, -0.290, 0.479], abs=1.5e-3)
+    assert stats["FP8 runs, B against A, per seed"] == pytest.approx([-0.207, 0.558, -0.505, 0.091], abs=1.5e-3)
+    assert stats["BF16 runs, B against A, per seed"] == (0.0, 0.0, 0.0, 0.0)
+    with pytest.raises(SystemExit, match="need 2 or more"):
+        acc.compare(tmp_path / "a", tmp_path / "nothing")
+
+
 def test_profile_kernel_time_leaves_out_cpu_operators_and_user_annotations():
     """The step's kernel time sums the device events only once: a CPU operator that launched kernels
     and the optimizer's annotated region on the GPU's timeline both span kernels counted already
