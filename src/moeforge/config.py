@@ -170,7 +170,8 @@ class TrainConfig:
     document_mask: bool = False  # attention stays within the documents packed into a sequence (EOS-separated)
     fp8_weight_cache: bool = True  # fp8: quantise each weight once per step, not once per micro-batch
     fp8_weight_prefetch: bool = True  # fp8, one GPU: quantise the weights right after the optimizer step
-    fp8_norm_output: str = "fp32"  # fp8: fp32 | bf16: the dtype of the norms in front of FP8 GEMMs (fp8.FP8Recipe)
+    # fp8: fp32 | bf16: the dtype of the norms in front of FP8 GEMMs (fp8.FP8Recipe; this one changes the rounding)
+    fp8_norm_output: str = "fp32"
     adam_moments: str = "fp32"  # fp32 | bf16: AdamW's two moments stored in BF16 (DeepSeek-V3's memory saver)
     cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph, replay it (train/graph.py)
     # data
