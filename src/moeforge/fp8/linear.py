@@ -305,6 +305,10 @@ class FP8FeedForward(FeedForward):
         return self.w2(h.unflatten(0, x.shape[:-1]))
 
 
+# the norms that read the FP32 residual stream in front of FP8 GEMMs (FP8Recipe.norm_output)
+_NORMS_BEFORE_FP8 = {Block: ("attn_norm", "ffn_norm"), MTPModule: ("enorm", "hnorm")}
+
+
 def convert_to_fp8(model: nn.Module, recipe: FP8Recipe = FP8Recipe()) -> nn.Module:
     """Switch every Linear of the decoder layers and MTP modules, the SwiGLU FFNs (dense layers and
     shared experts: FP8FeedForward) and the routed experts to FP8.
@@ -327,8 +331,6 @@ def convert_to_fp8(model: nn.Module, recipe: FP8Recipe = FP8Recipe()) -> nn.Modu
             elif type(module) is FeedForward:
                 module.__class__ = FP8FeedForward
                 module.recipe = recipe
-            elif isinstance(module, (Block, MTPModule)):
-                norms = (module.attn_norm, module.ffn_norm) if isinstance(module, Block) else (module.enorm, module.hnorm)
-                for norm in norms:
-                    norm.keep_dtype = recipe.norm_output == "fp32"
+            for name in _NORMS_BEFORE_FP8.get(type(module), ()):
+                getattr(module, name).keep_dtype = recipe.norm_output == "fp32"
     return model
