@@ -316,6 +316,47 @@ def test_prepare_data_caches(tmp_path, tok, monkeypatch):
     assert third.cache_path != first.cache_path
 
 
+def test_prepare_data_concurrent_builders_build_once(tmp_path, tok, monkeypatch):
+    # Three workers (threads here, the ranks of a torchrun job in practice) find the same cache empty
+    # at once: the lock lets one build both shards (2 calls, slowed down so that the others surely
+    # arrive while it builds) and the others open its shards. Without the lock every worker built,
+    # and one's start removed the sidecar another had just written ("vanished while being written").
+    import threading
+    import time
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):
+        (data / f"file{i}.txt").write_text(f"document {i}\n" * 20)
+    calls = []
+    real = shards_mod.build_shard
+
+    def slow_build(*args, **kwargs):
+        calls.append(threading.get_ident())
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards_mod, "build_shard", slow_build)
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(prepare_data(data, tok, tmp_path / "cache"))
+        except BaseException as e:  # reported below, not lost in the thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(calls) == 2 and len(set(calls)) == 1  # train and val, by one worker
+    assert len(results) == 3
+    for r in results[1:]:
+        assert np.array_equal(r.train, results[0].train) and np.array_equal(r.val, results[0].val)
+
+
 def test_default_cache_dir(monkeypatch, tmp_path):
     # Compares the cache dir with $MOEFORGE_CACHE when set, else ~/.cache/moeforge.
     monkeypatch.setenv("MOEFORGE_CACHE", str(tmp_path))

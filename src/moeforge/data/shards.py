@@ -13,6 +13,7 @@ keyed by everything that determines their content, so later runs map them withou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -192,6 +193,23 @@ def _try_open(folder: Path) -> tuple[np.memmap, dict, np.memmap, dict] | None:
         return None
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold an exclusive lock on `path` (created if missing) for the block: POSIX flock, which the
+    OS releases if the holder dies. Where fcntl does not exist (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def prepare_data(
     data_path: str | Path | None, tokenizer: Tokenizer, cache_dir: str | Path
 ) -> DataBundle:
@@ -201,8 +219,10 @@ def prepare_data(
     tokenizer fingerprint, (relative path, size, mtime_ns) of every source file and the split
     rule; any change to those tokenises again into a new folder. Prints nothing.
 
-    Shards are replaced atomically, but a process that finds the cache incomplete rebuilds
-    it: in multi-process training call this on one process first, then on the others.
+    Shards are replaced atomically. Processes that find the cache incomplete at the same time (the
+    ranks of a multi-process run) build it one at a time, holding a lock file in the folder: the
+    first builds, the others wait and then open what it built. Without the lock a late builder
+    would remove the sidecar of a shard an earlier one had just finished, under its reader.
     """
     split = plan_split(data_path)
     key = _cache_key(split.file_signature(), split.rule, tokenizer)
@@ -210,9 +230,13 @@ def prepare_data(
 
     opened = _try_open(folder)
     if opened is None:
-        build_shard(split.train_documents(), tokenizer, folder / "train.bin")
-        build_shard(split.val_documents(), tokenizer, folder / "val.bin")
-        opened = _try_open(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with _exclusive(folder / ".lock"):
+            opened = _try_open(folder)  # built by another process while this one waited
+            if opened is None:
+                build_shard(split.train_documents(), tokenizer, folder / "train.bin")
+                build_shard(split.val_documents(), tokenizer, folder / "val.bin")
+                opened = _try_open(folder)
         if opened is None:  # only if something deleted the files under us
             raise MoeforgeError(f"token shards in '{folder}' vanished while being written")
     train, train_meta, val, val_meta = opened
