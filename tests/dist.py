@@ -225,3 +225,41 @@ DIST_MODEL = [
     # every field where the two differ
     "model.initializer_range=0.006", "train.optimizer=adamw", "train.beta2=0.95", "train.zero_init=none",
 ]
+
+
+def measure_model_states(trainer) -> dict:
+    """What a Trainer's rank really holds, for moeforge.plan's prediction: filled during its next
+    optimizer step. params: elements of the parameters it updates (local shards under FSDP);
+    weights / grads: their bytes, the gradients as the optimizer meets them; optimizer: bytes of the
+    optimizer state's tensors (its 0-dim step counters left out, as the plan leaves them out)."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    params = list(trainer.updated.parameters())  # (a pipeline rank: its stages; shared ones once)
+    out: dict = {}
+
+    def before(optimizer, args, kwargs):
+        if not out:
+            out["params"] = sum(local(p).numel() for p in params)
+            out["weights"] = sum(local(p).nbytes for p in params)
+            out["grads"] = sum(local(p.grad).nbytes for p in params if p.grad is not None)
+
+    def after(optimizer, args, kwargs):
+        if "optimizer" not in out:
+            out["optimizer"] = sum(local(v).nbytes for st in optimizer.state.values() for v in st.values()
+                                   if isinstance(v, torch.Tensor) and v.ndim > 0)
+
+    trainer.optimizer.register_step_pre_hook(before)
+    trainer.optimizer.register_step_post_hook(after)
+    return out
+
+
+def planned_model_states(cfg_dict: dict, world_size: int) -> list[dict]:
+    """moeforge.plan's prediction for every rank, in the form measure_model_states reports."""
+    from moeforge.config import config_from_dict
+    from moeforge.plan import model_state_memory
+
+    return [{"params": r.params, "weights": r.weights, "grads": r.grads, "optimizer": r.optimizer}
+            for r in model_state_memory(config_from_dict(cfg_dict), world_size)]

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from conftest import single_process
-from dist import DIST_MODEL, run_dist, run_torchrun, teardown_aborted
+from dist import DIST_MODEL, measure_model_states, planned_model_states, run_dist, run_torchrun, teardown_aborted
 from moeforge.config import ParallelConfig, config_from_dict, load_config
 from moeforge.errors import MoeforgeError
 from moeforge.parallel import (AllToAllDispatcher, check_batch_sizes, expert_names, full_tensor, init_distributed,
@@ -95,6 +95,7 @@ def train_run(cfg_dict: dict, cache: str | None, steps: int, resume: bool = Fals
                 grads[n] = g / scale.cpu() if scale is not None else g
 
     trainer.optimizer.register_step_pre_hook(capture)
+    memory = measure_model_states(trainer)
     records = []
     for _ in range(steps):
         records.append(trainer.train_step())
@@ -107,7 +108,8 @@ def train_run(cfg_dict: dict, cache: str | None, steps: int, resume: bool = Fals
     biases = [m.gate.e_score_correction_bias.detach().cpu().clone() for m in trainer.moe_layers]
     is_main = trainer.is_main
     trainer.close()
-    return {"records": records, "grads": grads if is_main else None, "logits": logits, "biases": biases, "val": val}
+    return {"records": records, "grads": grads if is_main else None, "logits": logits, "biases": biases, "val": val,
+            "memory": memory}
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +144,11 @@ def assert_matches_reference(res: dict, ref: dict, what: str) -> None:
 def test_layout_matches_single_process(layout, reference, data_dir, mf_env, tmp_path):
     nproc, extra = LAYOUTS[layout]
     out = tmp_path / "run"
-    results = run_dist(train_run, nproc, make_config(data_dir, out, extra), str(mf_env), STEPS, init=False)
+    cfg = make_config(data_dir, out, extra)
+    results = run_dist(train_run, nproc, cfg, str(mf_env), STEPS, init=False)
     assert_matches_reference(results[0], reference, layout)
+    # each rank's weights, gradients and optimizer state are what `moeforge plan` predicts for it
+    assert [res["memory"] for res in results] == planned_model_states(cfg, nproc), layout
     # every rank logged the same (all-reduced) losses, and holds the same routing bias as one process
     for rank, res in enumerate(results):
         assert [r["loss"] for r in res["records"]] == [r["loss"] for r in results[0]["records"]], f"rank {rank}"
@@ -465,14 +470,14 @@ def test_micro_batch_must_divide_by_data_ranks():
 def test_zero1_owners_balance_and_cover_every_parameter():
     """ZeRO-1's assignment: every parameter has exactly one owner and the loads differ by at most
     the largest parameter (greedy, largest first)."""
-    from moeforge.parallel.zero1 import _assign
+    from moeforge.parallel.zero1 import assign_owners
 
     params = [(f"p{i}", torch.nn.Parameter(torch.empty(n))) for i, n in enumerate([50, 7, 30, 30, 9, 1, 64, 3])]
-    owner = _assign(params, 3)
+    owner = assign_owners(params, 3)
     assert sorted(set(owner)) == [0, 1, 2]
     loads = [sum(p.numel() for (_, p), o in zip(params, owner) if o == r) for r in range(3)]
     assert sum(loads) == 194 and max(loads) - min(loads) <= 64
-    assert _assign(params, 3) == owner  # the same on every rank
+    assert assign_owners(params, 3) == owner  # the same on every rank
 
 
 def test_slice_state_dict():
@@ -519,6 +524,18 @@ def test_parallel_equivalence_script(reference, data_dir, mf_cache_dir, tmp_path
 
 
 @pytest.mark.dist
+def test_plan_predicts_ragged_fsdp_shards(data_dir, mf_env, tmp_path):
+    """FSDP2 over 3 ranks cuts the 64-wide tensors into 22, 21 and 21 rows (smaller ones leave the last
+    rank less, or nothing): each rank's weights, gradients and AdamW state are what `moeforge plan` predicts."""
+    cfg = make_config(data_dir, tmp_path / "run", ["parallel.sharding=full", "train.steps=1", "train.batch_size=6",
+                                                   "train.micro_batch_size=3"])
+    results = run_dist(train_run, 3, cfg, str(mf_env), 1, save_at=(), init=False)
+    measured = [res["memory"] for res in results]
+    assert measured[0]["params"] > measured[2]["params"]  # ragged: the first rank holds the most
+    assert measured == planned_model_states(cfg, 3)
+
+
+@pytest.mark.dist
 def test_parameter_ema_under_data_parallelism(data_dir, mf_env, tmp_path):
     """train.ema_decay with DP=2 (ZeRO-1): rank 0 keeps the EMA of the replicated parameters and the
     checkpoint holds the one-process run's average; expert parallelism is refused in one line."""
@@ -555,8 +572,9 @@ def test_optimizer_state_under_zero1_with_dcp_resume(data_dir, mf_env, tmp_path,
     one-process steps 3-4."""
     ref = single_process(lambda: train_run(make_config(data_dir, tmp_path / "ref", extra), None, STEPS), mf_env)
     out = tmp_path / "dist"
-    results = run_dist(train_run, ranks, make_config(data_dir, out, [*extra, *layout]), str(mf_env),
-                       STEPS, init=False)
+    cfg = make_config(data_dir, out, [*extra, *layout])
+    results = run_dist(train_run, ranks, cfg, str(mf_env), STEPS, init=False)
+    assert [res["memory"] for res in results] == planned_model_states(cfg, ranks)  # what `moeforge plan` says
     assert len(results[0]["records"]) == len(ref["records"]) == STEPS
     for a, b in zip(results[0]["records"], ref["records"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), f"step {a['step']}"

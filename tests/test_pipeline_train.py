@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import single_process
-from dist import DIST_MODEL, run_dist, run_torchrun, teardown_aborted
+from dist import DIST_MODEL, measure_model_states, planned_model_states, run_dist, run_torchrun, teardown_aborted
 from moeforge.config import config_from_dict, load_config
 
 STEPS = 3
@@ -60,6 +60,7 @@ def train_run(cfg_dict: dict, cache: str | None, resume: bool = False, steps: in
         mine = set(stage_state_dict(trainer.stages))
         for name, t in trainer.model.state_dict().items():
             assert t.is_meta == (name not in mine), name
+    memory = measure_model_states(trainer)
     records = [trainer.train_step() for _ in range(steps)]
     path = trainer.save()
     biases = {}
@@ -68,7 +69,7 @@ def train_run(cfg_dict: dict, cache: str | None, resume: bool = False, steps: in
 
         biases = {n: m.gate.e_score_correction_bias.clone() for n, m in moe_layers(trainer.stages).items()}
     trainer.close()
-    return {"records": records, "path": str(path), "biases": biases}
+    return {"records": records, "path": str(path), "biases": biases, "memory": memory}
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,8 @@ def test_pipeline_trainer_matches_single_process(schedule, reference, data_dir, 
     nproc, extra = LAYOUTS[schedule]
     cfg = make_config(data_dir, out, extra)
     results = run_dist(train_run, nproc, cfg, str(mf_env), init=False)
+    # each rank's weights, gradients and optimizer state are what `moeforge plan` predicts for it
+    assert [res["memory"] for res in results] == planned_model_states(cfg, nproc), schedule
     for rank, res in enumerate(results):  # every pp rank reports the same (broadcast) losses
         assert [r["step"] for r in res["records"]] == [1, 2, 3]
         for a, b in zip(res["records"], reference["records"]):
@@ -141,8 +144,9 @@ def test_pipeline_trainer_with_muon_matches_single_process(data_dir, mf_env, tmp
     muon = ["train.optimizer=muon", "train.muon_lr=5e-3"]
     ref = single_process(lambda: train_run(make_config(data_dir, tmp_path / "ref", muon), None), mf_env)
     nproc, extra = LAYOUTS["1f1b"]
-    results = run_dist(train_run, nproc, make_config(data_dir, tmp_path / "run", [*muon, *extra]), str(mf_env),
-                       init=False)
+    cfg = make_config(data_dir, tmp_path / "run", [*muon, *extra])
+    results = run_dist(train_run, nproc, cfg, str(mf_env), init=False)
+    assert [res["memory"] for res in results] == planned_model_states(cfg, nproc)  # Muon's momentum, AdamW's moments
     for rank, res in enumerate(results):
         assert [r["step"] for r in res["records"]] == [1, 2, 3]
         for a, b in zip(res["records"], ref["records"]):

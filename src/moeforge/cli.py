@@ -95,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="a built-in preset (default tiny)")
     p.add_argument("--config", help="a TOML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
+
+    p = sub.add_parser("plan", help="memory per GPU and compute time/cost of a training run",
+                       description="Plan a run: the model-state memory (FP32 weights and gradients, optimizer state) of "
+                                   "every GPU under the parallel.* layout, and, with --tokens, GPU-hours, days and cost "
+                                   "at an assumed MFU. Built on the meta device, no memory. See docs/plan.md.")
+    p.add_argument("--preset", help="a built-in preset (default tiny)")
+    p.add_argument("--config", help="a TOML file")
+    p.add_argument("--gpus", type=int, help="number of GPUs (default: parallel.pp x parallel.ep x parallel.dp, dp 0 as 1)")
+    p.add_argument("--tokens", help="training tokens, e.g. 14.8T or 300B: adds time and cost")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="datasheet dense BF16 peak per GPU (default 989, H100/H200/H800 SXM)")
+    p.add_argument("--gpu-memory", type=float, metavar="GIB", help="memory per GPU in GiB: says whether the states fit")
+    p.add_argument("--price", type=float, metavar="USD", help="price of one GPU-hour: adds the cost")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides (model.*, train.*, parallel.*)")
     return parser
 
 
@@ -315,8 +330,67 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import compute_plan, format_count, model_state_memory, parse_count
+
+    cfg = load_config(args.preset or (None if args.config else "tiny"), args.config, args.overrides)
+    p, t = cfg.parallel, cfg.train
+    gpus = args.gpus if args.gpus is not None else p.pp * p.ep * max(1, p.dp)
+    if gpus < 1:
+        raise MoeforgeError(f"--gpus: must be at least 1, got {gpus}")
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        raise MoeforgeError(f"--gpu-memory: must be positive, got {args.gpu_memory:g}")
+    if args.price is not None and args.price < 0:
+        raise MoeforgeError(f"--price: must not be negative, got {args.price:g}")
+    try:
+        tokens = parse_count(args.tokens) if args.tokens else None
+    except MoeforgeError as e:
+        raise MoeforgeError(f"--tokens: {e}") from None
+    compute = compute_plan(cfg, tokens, gpus, args.mfu, args.peak_tflops) if tokens is not None else None
+    ranks = model_state_memory(cfg, gpus)
+    dp = gpus // (p.pp * p.ep)
+    opt = "muon + adamw (fp32 moments)" if t.optimizer == "muon" else f"adamw ({t.adam_moments} moments)"
+    n_gpus = f"{gpus} GPU" + ("s" if gpus > 1 else "")
+    print(f"layout: {n_gpus} = pp {p.pp} x dp {dp} x ep {p.ep}"
+          + (f" | schedule {p.schedule}" if p.pp > 1 else "") + f" | sharding {p.sharding} | optimizer {opt}")
+    print("model states per GPU, the largest rank of each pipeline stage (FP32 weights and gradients, optimizer "
+          "state; activations, FP8 weight copies and buffers not included):")
+    gib = 2 ** 30
+    rows = []
+    for pp_rank in range(p.pp):
+        r = max((r for r in ranks if r.pp_rank == pp_rank), key=lambda r: r.total)
+        rows.append((format_count(r.params), f"{r.weights / gib:.2f}", f"{r.grads / gib:.2f}",
+                     f"{r.optimizer / gib:.2f}", f"{r.total / gib:.2f}"))
+    print(f"  {'pipeline rank':>13}  {'parameters':>11}  {'weights GiB':>11}  {'grads GiB':>9}  {'optimizer GiB':>13}  "
+          f"{'total GiB':>9}")
+    start = 0
+    for i in range(1, p.pp + 1):  # consecutive equal rows as one range
+        if i == p.pp or rows[i] != rows[start]:
+            name = str(start) if i - 1 == start else f"{start}-{i - 1}"
+            params, w, g, o, tot = rows[start]
+            print(f"  {name:>13}  {params:>11}  {w:>11}  {g:>9}  {o:>13}  {tot:>9}")
+            start = i
+    largest = max(ranks, key=lambda r: r.total)
+    line = f"largest: {largest.total / gib:.2f} GiB (pipeline rank {largest.pp_rank})"
+    if args.gpu_memory is not None:
+        left = args.gpu_memory - largest.total / gib
+        line += (f": fits in {args.gpu_memory:g} GiB, {left:.2f} GiB left for activations and buffers" if left > 0
+                 else f": does NOT fit in {args.gpu_memory:g} GiB (short by {-left:.2f} GiB)")
+    print(line)
+    if compute is not None:
+        c = compute
+        print(f"compute: {c.flops_per_token / 1e9:.2f} GFLOP per token (seq_len {t.seq_len}) x {format_count(c.tokens)} tokens "
+              f"= {c.total_flops:.4g} FLOP")
+        cost = f", ${c.gpu_hours * args.price:,.0f} at ${args.price:g} per GPU-hour" if args.price is not None else ""
+        hours = f"{c.gpu_hours:,.0f}" if c.gpu_hours >= 100 else f"{c.gpu_hours:.3g}"
+        print(f"at {100 * c.mfu:.1f}% MFU of {args.peak_tflops:g} TFLOP/s: {c.tokens_per_gpu_second:,.0f} tokens/s per "
+              f"GPU, {hours} GPU-hours, {c.days:,.3g} days on {n_gpus}{cost}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert, "bench": cmd_bench,
-            "info": cmd_info}
+            "info": cmd_info, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

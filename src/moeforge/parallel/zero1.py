@@ -23,7 +23,7 @@ from torch import nn
 from .expert import expert_names
 
 
-def _assign(params: list[tuple[str, nn.Parameter]], n: int) -> list[int]:
+def assign_owners(params: list[tuple[str, nn.Parameter]], n: int) -> list[int]:
     """Owner index (0..n-1) of each parameter: largest first to the least loaded rank (ties: lowest)."""
     load = [0] * n
     owner = [0] * len(params)
@@ -47,7 +47,7 @@ class Zero1:
         for params, group, size, me in ((dense, ctx.dp_ep_group, ctx.data_ranks, ctx.data_rank),
                                         (experts, ctx.dp_group, ctx.dp, ctx.dp_rank)):
             if params:
-                self.groups.append((params, _assign(params, size), group, size, me))
+                self.groups.append((params, assign_owners(params, size), group, size, me))
         self.owned = {n for params, owner, _, _, me in self.groups
                       for (n, _), o in zip(params, owner) if o == me}
 

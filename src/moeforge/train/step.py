@@ -243,11 +243,16 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     return apply_compile(model) if t.compile else model
 
 
+def check_pipeline_sharding(pcfg) -> None:
+    """Pipeline stages keep whole parameters: no FSDP sharding with parallel.pp > 1."""
+    if pcfg.pp > 1 and pcfg.sharding not in ("none", "zero1"):
+        raise MoeforgeError(f"parallel.sharding={pcfg.sharding}: not supported with parallel.pp > 1 "
+                            f"(none and zero1 are)")
+
+
 def check_pipeline_layout(cfg: Config, pctx) -> None:
     """What the trainer supports with parallel.pp > 1, checked before any model memory exists."""
-    if cfg.parallel.sharding not in ("none", "zero1"):
-        raise MoeforgeError(f"parallel.sharding={cfg.parallel.sharding}: not supported with parallel.pp > 1 "
-                            f"(none and zero1 are)")
+    check_pipeline_sharding(cfg.parallel)
     if cfg.train.document_mask:
         raise MoeforgeError("train.document_mask: not supported with parallel.pp > 1 yet")
     t = cfg.train

@@ -1,0 +1,141 @@
+"""moeforge.plan: the model-state memory and compute plan of a run, and `moeforge plan`.
+
+The multi-process layouts (expert, data and pipeline parallelism, ZeRO-1, FSDP2) are checked
+against what real gloo ranks hold in tests/test_parallel.py and tests/test_pipeline_train.py (every
+rank's weights, gradients and optimizer state, byte for byte). Here: one process against a real
+optimizer step, the planner's arithmetic on the 671B config, and the command line.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from dist import DIST_MODEL
+from moeforge.config import load_config
+from moeforge.errors import MoeforgeError
+from moeforge.model import build_model, count_parameters
+from moeforge.plan import compute_plan, model_state_memory, parse_count
+from moeforge.train.step import build_optimizer
+
+MODEL = [*DIST_MODEL, "train.seq_len=32"]
+
+
+@pytest.mark.parametrize("settings", [["train.optimizer=adamw"], ["train.adam_moments=bf16"],
+                                      ["train.optimizer=muon"]], ids=["adamw", "adamw_bf16_moments", "muon"])
+def test_one_process_matches_a_real_optimizer_step(settings):
+    """The plan of one process against the model and optimizer the trainer builds, after one step:
+    parameter elements, weight and gradient bytes, and the bytes of every optimizer state tensor
+    (0-dim step counters aside) are equal."""
+    cfg = load_config(None, None, [*MODEL, *settings])
+    (plan,) = model_state_memory(cfg, 1)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, "cpu")
+    optimizer = build_optimizer(model, cfg)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    params = list(model.parameters())
+    assert plan.params == sum(p.numel() for p in params)
+    assert plan.weights == sum(p.nbytes for p in params)
+    assert plan.grads == sum(p.grad.nbytes for p in params)
+    assert plan.optimizer == sum(v.nbytes for st in optimizer.state.values() for v in st.values()
+                                 if isinstance(v, torch.Tensor) and v.ndim > 0)
+    assert plan.total == plan.weights + plan.grads + plan.optimizer
+
+
+def test_v3_671b_expert_parallel_split():
+    """DeepSeek-V3's shapes on the meta device: one rank holds every parameter (count_parameters'
+    total); with EP=8 a rank holds 1/8 of the routed experts and all the rest, so eight ranks
+    together hold the routed experts once and the rest eight times."""
+    cfg = load_config("v3-671b", None, [])
+    total = count_parameters(build_model(cfg.model, "meta"))["total"]
+    (one,) = model_state_memory(cfg, 1)
+    assert one.params == total
+    assert one.optimizer == 8 * total  # two FP32 AdamW moments
+    ep8 = model_state_memory(load_config("v3-671b", None, ["parallel.ep=8"]), 8)
+    assert len({r.params for r in ep8}) == 1
+    routed = 58 * 3 * 256 * 2048 * 7168 + 1 * 3 * 256 * 2048 * 7168  # 58 MoE layers + the MTP block's
+    assert ep8[0].params == total - routed * 7 // 8
+    assert sum(r.params for r in ep8) == 8 * (total - routed) + routed
+
+
+def test_zero1_partitions_the_optimizer_state_once():
+    """ZeRO-1 over dp=4 (no EP): each parameter's moments on exactly one rank, so the ranks' optimizer
+    bytes add up to one process's, while weights and gradients stay whole on every rank."""
+    cfg = load_config(None, None, [*MODEL, "parallel.sharding=zero1"])
+    (one,) = model_state_memory(load_config(None, None, MODEL), 1)
+    ranks = model_state_memory(cfg, 4)
+    assert sum(r.optimizer for r in ranks) == one.optimizer
+    assert all(r.weights == one.weights and r.grads == one.grads for r in ranks)
+    assert max(r.optimizer for r in ranks) < one.optimizer / 2
+
+
+def test_dualpipev_puts_embedding_and_head_on_rank_0():
+    """pp=2 with DualPipeV: rank 0 holds stages 0 and 3 (embedding, head, MTP), rank 1 the middle
+    ones; together they hold every parameter once."""
+    cfg = load_config(None, None, [*MODEL, "parallel.pp=2", "parallel.schedule=dualpipev",
+                                   "model.num_hidden_layers=4"])
+    r0, r1 = model_state_memory(cfg, 2)
+    model = build_model(cfg.model, "meta")
+    assert r0.params + r1.params == sum(p.numel() for p in model.parameters())
+    embed_and_head = model.embed.weight.numel() + model.head.weight.numel()
+    assert r0.params - r1.params >= embed_and_head - 2 * max(p.numel() for p in model.layers.parameters())
+
+
+def test_compute_plan_arithmetic():
+    """FLOPs x tokens at an MFU of the peak -> GPU-hours and days; DeepSeek-V3's 14.8T tokens at
+    40.7% of 989 TFLOP/s come to its reported 2,664K GPU-hours within 0.1%."""
+    cfg = load_config("v3-671b", None, [])
+    c = compute_plan(cfg, 14.8e12, 2048, 0.407, 989)
+    assert c.total_flops == pytest.approx(c.flops_per_token * 14.8e12)
+    assert c.gpu_hours * 3600 * 989e12 * 0.407 == pytest.approx(c.total_flops)
+    assert c.days == pytest.approx(c.gpu_hours / 2048 / 24)
+    assert c.gpu_hours == pytest.approx(2.664e6, rel=1e-3)
+    for bad in [dict(tokens=0), dict(gpus=0), dict(mfu=1.5), dict(mfu=0), dict(peak_tflops=-1)]:
+        args = {"tokens": 1e9, "gpus": 8, "mfu": 0.4, "peak_tflops": 989, **bad}
+        with pytest.raises(MoeforgeError):
+            compute_plan(cfg, **args)
+
+
+@pytest.mark.parametrize("text, value", [("14.8T", 14.8e12), ("300B", 3e11), ("2.5m", 2.5e6), ("1e9", 1e9),
+                                         ("4096", 4096.0), ("7K", 7e3)])
+def test_parse_count(text, value):
+    assert parse_count(text) == pytest.approx(value)
+
+
+def test_parse_count_rejects_nonsense():
+    with pytest.raises(MoeforgeError, match="14.8T"):
+        parse_count("lots")
+
+
+def test_plan_command(cli):
+    """`moeforge plan` on DeepSeek-V3's layout: the table collapses the equal middle stages into one
+    row, the largest rank is the first stage's (embedding + head + MTP), and the compute line gives
+    the hours and the cost."""
+    r = cli("plan", "--preset", "v3-671b", "--gpus", "2048", "--tokens", "14.8T", "--mfu", "0.407", "--price", "2",
+            "--gpu-memory", "80", "parallel.pp=16", "parallel.ep=64", "parallel.schedule=dualpipev",
+            "parallel.sharding=zero1", "train.adam_moments=bf16")
+    assert r.rc == 0, r.err
+    assert "2048 GPUs = pp 16 x dp 2 x ep 64" in r.out
+    assert re.search(r"^\s+2-15\s", r.out, re.M)
+    largest = re.search(r"largest: ([\d.]+) GiB \(pipeline rank 0\): fits in 80 GiB", r.out)
+    assert largest and 20 < float(largest.group(1)) < 40
+    hours = float(re.search(r"([\d,]+) GPU-hours", r.out).group(1).replace(",", ""))
+    assert hours == pytest.approx(2.664e6, rel=1e-3)
+    assert re.search(r"\$5,3\d\d,\d\d\d at \$2 per GPU-hour", r.out)
+    r = cli("plan", "--preset", "v3-671b", "--gpu-memory", "80")
+    assert r.rc == 0 and "does NOT fit in 80 GiB" in r.out
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--gpus", "3", "parallel.ep=2"], ["does not divide the world size 3"]),
+    (["--tokens", "lots"], ["--tokens", "14.8T"]),
+    (["--tokens", "1B", "--mfu", "2"], ["--mfu"]),
+    (["--gpus", "2", "parallel.pp=2", "parallel.sharding=full", "train.optimizer=adamw"], ["pp > 1"]),
+    (["--gpu-memory", "0"], ["--gpu-memory"]),
+])
+def test_plan_command_bad_input(cli, expect_error, argv, fragments):
+    expect_error(cli("plan", *argv), "plan", *fragments)
