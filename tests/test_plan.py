@@ -139,3 +139,13 @@ def test_plan_command(cli):
 ])
 def test_plan_command_bad_input(cli, expect_error, argv, fragments):
     expect_error(cli("plan", *argv), "plan", *fragments)
+
+
+def test_bench_reports_the_resident_memory_next_to_the_plan():
+    """`moeforge bench` on a GPU prints what stays allocated between steps next to the plan's
+    weights + optimizer state (the gradients and activations are freed by then)."""
+    from moeforge.bench import BenchResult, format_result
+
+    r = BenchResult("moeforge", 1000.0, 10.0, 1.0, 0.5, 60.0, resident_gib=38.51, planned_resident_gib=38.27)
+    assert "allocated between steps: 38.51 GiB (moeforge plan: weights + optimizer state 38.27 GiB)" in format_result(r)
+    assert "allocated between steps" not in format_result(BenchResult("moeforge", 1000.0, 10.0, 1.0, None, None))

@@ -9,7 +9,8 @@ one host synchronisation at the end. Reported:
   datasheet dense BF16 peak of the GPU (stated in the output);
 - the spread of the timed steps (shortest, median, longest), from a marker after each step on the
   device timeline (CUDA events; no extra synchronisation), so that a noisy measurement shows;
-- peak memory (torch.cuda.max_memory_allocated over the timed steps);
+- peak memory (torch.cuda.max_memory_allocated over the timed steps), and the memory still
+  allocated after them next to moeforge plan's weights + optimizer state for this rank (docs/plan.md);
 - the GPU's SM clock, power draw and the reasons its clock was held down (power cap, thermal)
   during the timed steps, sampled by nvidia-smi in the background (gpu_state.py): a GPU at its
   power cap runs the same code slower, and this tells that spread from a change in the code;
@@ -65,6 +66,10 @@ class BenchResult:
     split_ms: dict[str, float] = field(default_factory=dict)
     ranks: int = 1
     gpu_state: dict | None = None  # SM clock, power, throttle reasons during the timed steps (gpu_state.py)
+    # GiB allocated between steps (after the last timed one), and moeforge plan's weights + optimizer
+    # state for this rank: what stays allocated once the step's gradients and activations are freed
+    resident_gib: float | None = None
+    planned_resident_gib: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,10 +147,10 @@ def _random_windows(cfg: Config, n: int, device: torch.device, pctx=None) -> lis
 
 
 def _time_steps(run_step, steps: int, warmup: int, device: torch.device,
-                peak_from_start: bool = False) -> tuple[float, float | None, tuple[float, float, float], dict | None]:
+                peak_from_start: bool = False) -> tuple:
     """(seconds for `steps` steps after `warmup` steps, peak GiB during them, the (shortest, median,
     longest) step in ms, the GPU's clock and power state during them (gpu_state.GPUMonitor; None on a
-    CPU)). With peak_from_start the peak covers the warm-up too: a captured step allocates its memory
+    CPU), GiB allocated after the last step (None on a CPU)). With peak_from_start the peak covers the warm-up too: a captured step allocates its memory
     once, while it is captured. The steps are timed by markers on the device timeline between them
     (CUDA events, recorded without waiting; wall time on a CPU)."""
     if device.type == "cuda" and peak_from_start:
@@ -165,8 +170,9 @@ def _time_steps(run_step, steps: int, warmup: int, device: torch.device,
         _synchronize(device)
         dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    resident = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     each = [clock.ms(a, b) for a, b in zip(marks, marks[1:])]
-    return dt, peak, (min(each), statistics.median(each), max(each)), monitor.state()
+    return dt, peak, (min(each), statistics.median(each), max(each)), monitor.state(), resident
 
 
 def _result(name: str, cfg: Config, dt: float, steps: int, peak_gib, device: torch.device, ranks: int = 1) -> BenchResult:
@@ -229,13 +235,18 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
         step[0] += 1
         return sums, marks
 
-    dt, peak, spread, gpu = _time_steps(run_step, steps, warmup, device, peak_from_start=graphed is not None)
+    dt, peak, spread, gpu, resident = _time_steps(run_step, steps, warmup, device, peak_from_start=graphed is not None)
     if pctx is not None:  # the slowest rank's time is the step's
         dt_t = torch.tensor([dt], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(dt_t, op=torch.distributed.ReduceOp.MAX)
         dt = float(dt_t)
     res = _result("moeforge", cfg, dt, steps, peak, device, pctx.world_size if pctx is not None else 1)
     res.step_ms_spread, res.gpu_state = spread, gpu
+    if device.type == "cuda":
+        from .plan import model_state_memory
+
+        mine = model_state_memory(cfg, pctx.world_size if pctx is not None else 1)[pctx.rank if pctx is not None else 0]
+        res.resident_gib, res.planned_resident_gib = resident, (mine.weights + mine.optimizer) / 2**30
     res.host_syncs = _check_host_syncs(run_step, device)
     if split and graphed is None:  # (a replayed graph runs no hooks)
         res.split_ms = _split(model, run_step, device, compiled=t.compile)
@@ -294,7 +305,7 @@ def bench_hf(cfg: Config, steps: int, warmup: int) -> BenchResult:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    dt, peak, spread, gpu = _time_steps(run_step, steps, warmup, device)
+    dt, peak, spread, gpu, _ = _time_steps(run_step, steps, warmup, device)
     res = _result("transformers", cfg, dt, steps, peak, device)
     res.step_ms_spread, res.gpu_state = spread, gpu
     return res
@@ -344,6 +355,9 @@ def format_result(r: BenchResult) -> str:
     lines = [" | ".join(parts)]
     if r.gpu_state is not None:
         lines.append(f"  GPU during the timed steps: {describe(r.gpu_state)}")
+    if r.resident_gib is not None and r.planned_resident_gib is not None:
+        lines.append(f"  allocated between steps: {r.resident_gib:.2f} GiB (moeforge plan: weights + optimizer state "
+                     f"{r.planned_resident_gib:.2f} GiB)")
     if r.name == "moeforge":
         lines.append(f"  host syncs inside a step: {r.host_syncs}")
     if r.split_ms:
