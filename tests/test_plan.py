@@ -149,3 +149,18 @@ def test_bench_reports_the_resident_memory_next_to_the_plan():
     r = BenchResult("moeforge", 1000.0, 10.0, 1.0, 0.5, 60.0, resident_gib=38.51, planned_resident_gib=38.27)
     assert "allocated between steps: 38.51 GiB (moeforge plan: weights + optimizer state 38.27 GiB)" in format_result(r)
     assert "allocated between steps" not in format_result(BenchResult("moeforge", 1000.0, 10.0, 1.0, None, None))
+
+
+def test_training_refuses_by_the_plans_model_states(monkeypatch):
+    """The single-process memory check counts what the plan counts: with free memory between the
+    Muon run's model states and the AdamW run's (Muon keeps one FP32 buffer for its matrices, AdamW
+    two), Muon is let through and AdamW refused."""
+    from moeforge.train import step
+
+    muon, adamw = (load_config(None, None, [*MODEL, f"train.optimizer={o}"]) for o in ("muon", "adamw"))
+    need = {o: model_state_memory(c, 1)[0].total for o, c in (("muon", muon), ("adamw", adamw))}
+    assert need["muon"] < need["adamw"]
+    monkeypatch.setattr(step, "available_memory", lambda device: (need["muon"] + need["adamw"]) // 2)
+    step.check_memory(torch.device("cpu"), muon)
+    with pytest.raises(MoeforgeError, match="weights, gradients and optimizer state"):
+        step.check_memory(torch.device("cpu"), adamw)

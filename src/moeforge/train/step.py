@@ -8,12 +8,13 @@ routing-bias update and the EMA (optimizer_update). None of them synchronises th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from .. import parallel
-from ..config import Config
+from ..config import Config, ParallelConfig
 from ..errors import MoeforgeError
 from ..fp8 import FP8Recipe, convert_to_fp8, weight_cache
 from ..fp8.cache import prefetch_weights
@@ -174,11 +175,6 @@ def wants_weight_prefetch(cfg: Config, device: torch.device, precision: str, pct
             and not t.cuda_graph)
 
 
-def train_bytes_per_parameter(cfg: Config) -> int:
-    """FP32 weight and gradient, and two AdamW moments in FP32 (16 bytes) or BF16 (12)."""
-    return 8 + (4 if cfg.train.adam_moments == "bf16" else 8)
-
-
 def available_memory(device: torch.device) -> int | None:
     """Bytes free for tensors on `device` (CPU: MemAvailable of /proc/meminfo); None when unknown."""
     if device.type == "cuda":
@@ -192,16 +188,19 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(model: torch.nn.Module, device: torch.device, cfg: Config) -> None:
-    """Refuse, before allocating anything, a single-process model whose weights, gradients and AdamW
-    state alone exceed the device's free memory (activations come on top)."""
+def check_memory(device: torch.device, cfg: Config) -> None:
+    """Refuse, before allocating anything, a single-process model whose weights, gradients and
+    optimizer state alone (moeforge plan's model states) exceed the device's free memory
+    (activations come on top)."""
+    from ..plan import model_state_memory  # (plan.py builds on this module)
+
     free = available_memory(device)
-    n = sum(p.numel() for p in model.parameters())
-    need = n * train_bytes_per_parameter(cfg)
-    if free is not None and need > free:
-        raise MoeforgeError(f"the model has {n / 1e9:.2f}B parameters: training needs {need / 2**30:.1f} GiB for "
-                            f"weights, gradients and AdamW state, but {device.type} has {free / 2**30:.1f} GiB free "
-                            f"(choose a smaller preset, e.g. --preset tiny, or shard it over GPUs with torchrun)")
+    (states,) = model_state_memory(dataclasses.replace(cfg, parallel=ParallelConfig()), 1)
+    if free is not None and states.total > free:
+        raise MoeforgeError(f"the model has {states.params / 1e9:.2f}B parameters: training needs "
+                            f"{states.total / 2**30:.1f} GiB for weights, gradients and optimizer state, but "
+                            f"{device.type} has {free / 2**30:.1f} GiB free (choose a smaller preset, e.g. "
+                            f"--preset tiny, or shard it over GPUs with torchrun)")
 
 
 def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -> torch.nn.Module:
@@ -212,9 +211,9 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     FSDP (shard) -> to_empty (memory for this rank's pieces only) -> weights. Slicing and sharding
     must come before to_empty, or every rank would first allocate the whole model.
     """
-    model = build_model(cfg.model, "meta")
     if pctx is None:
-        check_memory(model, device, cfg)
+        check_memory(device, cfg)
+    model = build_model(cfg.model, "meta")
     if precision == "fp8":  # swaps module classes only: parameters and their names stay the same
         convert_to_fp8(model, FP8Recipe(norm_output=cfg.train.fp8_norm_output))
     t = cfg.train

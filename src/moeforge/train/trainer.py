@@ -138,7 +138,7 @@ class Trainer:
         self.device = self.pctx.device if self.pctx is not None else resolve_device(t.device)
         self.precision = resolve_precision(t.precision, self.device)
         if self.pctx is None:  # before the data is prepared: a model that cannot fit fails at once
-            check_memory(build_model(cfg.model, "meta"), self.device, cfg)
+            check_memory(self.device, cfg)
         self.progress = progress and self.is_main
         if t.cuda_graph:
             check_graph_step(cfg, self.device, self.pctx)
