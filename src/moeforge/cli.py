@@ -24,6 +24,8 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .posttrain.settings import GRPOSettings
+
     parser = argparse.ArgumentParser(prog="moeforge", description="Train, evaluate and convert DeepSeek-V3-class MoE models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -95,6 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="a built-in preset (default tiny)")
     p.add_argument("--config", help="a TOML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
+
+    p = sub.add_parser("grpo", help="post-train a checkpoint with GRPO on a task with verifiable rewards",
+                       description="Reinforcement learning from rule-based rewards without a critic (GRPO, DeepSeek-R1): "
+                                   "sample a group of completions per prompt, reward each, and push the policy towards "
+                                   "the better ones, with a KL penalty to the starting model. See docs/posttrain.md.")
+    p.add_argument("--checkpoint", required=True, help="the model to start from: a checkpoint or run folder")
+    p.add_argument("--out", required=True, help="run folder for metrics.jsonl and the final checkpoint")
+    p.add_argument("--task", default="arithmetic", help="the task and its reward (default arithmetic)")
+    d = GRPOSettings()
+    p.add_argument("--steps", type=int, default=d.steps, help=f"GRPO steps (default {d.steps})")
+    p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step,
+                   help=f"prompts per step (default {d.prompts_per_step})")
+    p.add_argument("--group-size", type=int, default=d.group_size,
+                   help=f"completions sampled per prompt (default {d.group_size})")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"completion length limit (default {d.max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"sampling temperature (default {d.temperature:g})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate, constant (default {d.lr:g})")
+    p.add_argument("--beta", type=float, default=d.beta, help=f"weight of the KL to the starting model (default {d.beta:g})")
+    p.add_argument("--clip", type=float, default=d.clip, help=f"the probability ratio's clip epsilon (default {d.clip:g})")
+    p.add_argument("--updates", type=int, default=d.updates, help=f"optimizer steps per sampled batch (default {d.updates})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for prompts and sampling")
+    p.add_argument("--no-progress", action="store_true", help="no line per step")
+    _add_device(p)
 
     p = sub.add_parser("plan", help="memory per GPU and compute time/cost of a training run",
                        description="Plan a run: the model-state memory (FP32 weights and gradients, optimizer state) of "
@@ -330,6 +356,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_grpo(args) -> int:
+    from .posttrain.grpo import GRPOSettings, train_grpo
+    from .posttrain.tasks import get_task
+
+    settings = GRPOSettings(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, lr=args.lr,
+                            beta=args.beta, clip=args.clip, updates=args.updates, seed=args.seed)
+    task = get_task(args.task)
+    records = train_grpo(args.checkpoint, Path(args.out), task, settings, device=args.device,
+                         progress=not args.no_progress)
+    first, last = records[0], records[-1]
+    print(f"grpo: reward {first['reward']:.3f} at step 1, {last['reward']:.3f} at step {last['step']}; "
+          f"checkpoint in {Path(args.out) / 'checkpoints'}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from .config import load_config
     from .plan import compute_plan, format_count, model_state_memory, parse_count
@@ -390,7 +432,7 @@ def cmd_plan(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert, "bench": cmd_bench,
-            "info": cmd_info, "plan": cmd_plan}
+            "info": cmd_info, "plan": cmd_plan, "grpo": cmd_grpo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,196 @@
+"""GRPO: reinforcement learning from verifiable rewards without a critic (DeepSeekMath §4.1, DeepSeek-R1 §2.2).
+
+Per step, for each of P prompts q, sample G completions o_1..o_G from the current policy and score
+them with the task's rule (tasks.py). The advantage of completion i is its reward normalised within
+its group, the same for each of its tokens:
+    A_i = (r_i - mean(r)) / (std(r) + 1e-4)          (population std over the G completions)
+The objective, maximised, for token t of completion i:
+    min(rho * A_i, clip(rho, 1 - eps, 1 + eps) * A_i) - beta * KL_t
+    rho  = pi(o_t) / pi_old(o_t)                     pi_old: the policy that sampled the batch
+    KL_t = pi_ref(o_t)/pi(o_t) - log(pi_ref(o_t)/pi(o_t)) - 1    (the k3 estimator: >= 0, unbiased)
+averaged over the tokens of each completion, then over all P x G completions (DeepSeekMath's
+1/G sum_i 1/|o_i| sum_t). pi_ref is the model the run started from, frozen. With `updates` = 1
+(one optimizer step per sampled batch) rho is 1 in value and only its gradient acts; with more, the
+later steps are off-policy and the clip bounds them.
+
+The model is the single-device Transformer (one process, CPU or one GPU): sampling uses the MLA
+latent cache (generate.py's sampler), the log-probabilities come from the model's per-target
+losses (head.token_losses: logits only where a completion token is scored). A group's completions
+share the prompt, so a group is one batch of G rows. Checkpoints are the trainer's format, so
+`moeforge generate`, `eval` and `convert` read them; the config is the starting checkpoint's.
+
+Shape legend: G group size, Lp prompt length, N max new tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import load_tokenizer
+from ..errors import MoeforgeError
+from ..generate import sample_next
+from ..model.mtp import IGNORE_INDEX
+from ..train import checkpoint as ckpt
+from ..train.graph import portable_optimizer_state
+from ..train.metrics import MetricsSink
+from ..train.step import build_optimizer
+from .settings import GRPOSettings
+
+__all__ = ["GRPOSettings", "group_advantages", "kl_k3", "grpo_loss", "sample_group", "completion_logprobs",
+           "train_grpo"]
+
+
+def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards [..., G] -> advantages [..., G]: each group's rewards less their mean, over their
+    standard deviation (+1e-4, so a group of equal rewards gives 0, no signal)."""
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, keepdim=True, unbiased=False)
+    return (rewards - mean) / (std + 1e-4)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi: r - log r - 1 with r = pi_ref / pi."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, adv: torch.Tensor,
+              mask: torch.Tensor, clip: float, beta: float) -> tuple[torch.Tensor, dict]:
+    """The negated GRPO objective (module doc) of B completions: logp, old_logp, ref_logp, mask [B, N]
+    (mask: the completion's tokens, through its stop token), adv [B]. Returns (loss, statistics)."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv.unsqueeze(1)
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
+    kl = kl_k3(logp, ref_logp) if ref_logp is not None and beta > 0 else torch.zeros_like(logp)
+    per_token = surrogate - beta * kl
+    m = mask.float()
+    lengths = m.sum(dim=1).clamp(min=1)
+    objective = ((per_token * m).sum(dim=1) / lengths).mean()
+    with torch.no_grad():
+        clipped = ((ratio - 1).abs() > clip).float()
+        stats = {"kl": float(((kl * m).sum(dim=1) / lengths).mean()),
+                 "clipped": float((clipped * m).sum() / m.sum().clamp(min=1))}
+    return -objective, stats
+
+
+@torch.no_grad()
+def sample_group(model, prompt: list[int], group: int, max_new: int, temperature: float,
+                 generator: torch.Generator, stop_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """G completions of one prompt, decoded together from the latent cache: (tokens [G, N], mask
+    [G, N]). A row that emits stop_id keeps it (it is an action the policy took) and is masked after
+    it; the masked places hold stop_id."""
+    if len(prompt) + max_new > model.cfg.max_position_embeddings:
+        raise MoeforgeError(f"a prompt of {len(prompt)} tokens plus --max-new-tokens {max_new} exceeds the model's "
+                            f"context of {model.cfg.max_position_embeddings}")
+    was_training = model.training
+    model.eval()
+    device = model.embed.weight.device
+    caches = model.new_caches(group, len(prompt) + max_new)
+    logits = model(torch.tensor([prompt] * group, device=device), caches, 0)[:, -1]  # [G, V]
+    tokens = torch.full((group, max_new), stop_id if stop_id is not None else 0, dtype=torch.long, device=device)
+    mask = torch.zeros(group, max_new, dtype=torch.bool, device=device)
+    alive = torch.ones(group, dtype=torch.bool, device=device)
+    for t in range(max_new):
+        nxt = sample_next(logits, temperature, 1.0, generator)
+        tokens[:, t] = torch.where(alive, nxt, tokens[:, t])
+        mask[:, t] = alive
+        if stop_id is not None:
+            alive = alive & (nxt != stop_id)
+            if not bool(alive.any()):
+                break
+        if t + 1 < max_new:
+            logits = model(tokens[:, t:t + 1], caches, len(prompt) + t)[:, -1]
+    model.train(was_training)
+    return tokens, mask
+
+
+def completion_logprobs(model, prompt: list[int], tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) of each completion token [G, N] (0 where masked), through the model's
+    per-target losses: one forward of prompt + completion, logits only at the scored positions."""
+    G, N = tokens.shape
+    Lp = len(prompt)
+    seq = torch.cat([torch.tensor([prompt] * G, device=tokens.device), tokens], dim=1)  # [G, Lp + N]
+    targets = torch.full_like(seq, IGNORE_INDEX)[:, 1:]
+    targets[:, Lp - 1:] = torch.where(mask, tokens, torch.full_like(tokens, IGNORE_INDEX))
+    losses = model(seq[:, :-1], targets=targets)  # [G, Lp + N - 1], 0 where ignored
+    return -losses[:, Lp - 1:]
+
+
+def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, device: str | None = None,
+               progress: bool = True) -> list[dict]:
+    """Post-train the model of `checkpoint` with GRPO on `task` (tasks.py) for s.steps steps; write
+    OUT/metrics.jsonl (one record per step) and a checkpoint at the end. Returns the records."""
+    s.validate()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MoeforgeError(f"--out '{out}' exists and is not a folder")
+    model, cfg = ckpt.load_trained_model(checkpoint, device)
+    if s.max_new_tokens >= cfg.model.max_position_embeddings:
+        raise MoeforgeError(f"--max-new-tokens {s.max_new_tokens} leaves no room for a prompt in the model's context "
+                            f"of {cfg.model.max_position_embeddings} tokens")
+    tok = load_tokenizer(cfg.train.tokenizer or None)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if s.beta > 0 else None
+    rl_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optimizer="adamw", adam_moments="fp32",
+                                                                lr=s.lr, weight_decay=0.0))
+    optimizer = build_optimizer(model, rl_cfg)
+    torch.manual_seed(s.seed)
+    rng = random.Random(s.seed)
+    gen = torch.Generator(device=model.embed.weight.device).manual_seed(s.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    sink = MetricsSink(out, tensorboard=False)
+    records = []
+    try:
+        for step in range(1, s.steps + 1):
+            t0 = time.perf_counter()
+            batch = []  # (prompt ids, tokens, mask, advantages, rewards)
+            for prompt, answer in task.prompts(s.prompts_per_step, rng):
+                ids = tok.encode(prompt)
+                tokens, mask = sample_group(model, ids, s.group_size, s.max_new_tokens, s.temperature, gen, tok.eos_id)
+                texts = [tok.decode([i for i, m in zip(row.tolist(), keep.tolist()) if m and i != tok.eos_id])
+                         for row, keep in zip(tokens, mask)]
+                rewards = torch.tensor([task.reward(text, answer) for text in texts])
+                batch.append((ids, tokens, mask, group_advantages(rewards).to(tokens.device), rewards))
+            with torch.no_grad():
+                old = [completion_logprobs(model, ids, tokens, mask) for ids, tokens, mask, _, _ in batch]
+                refs = [completion_logprobs(ref, ids, tokens, mask) if ref is not None else None
+                        for ids, tokens, mask, _, _ in batch]
+            model.train()
+            for _ in range(s.updates):
+                optimizer.zero_grad(set_to_none=True)
+                stats = {"kl": 0.0, "clipped": 0.0}
+                loss_sum = 0.0
+                for (ids, tokens, mask, adv, _), old_lp, ref_lp in zip(batch, old, refs):
+                    logp = completion_logprobs(model, ids, tokens, mask)
+                    loss, st = grpo_loss(logp, old_lp, ref_lp, adv, mask, s.clip, s.beta)
+                    (loss / len(batch)).backward()  # the mean over all P x G completions
+                    loss_sum += float(loss.detach()) / len(batch)
+                    for k in stats:
+                        stats[k] += st[k] / len(batch)
+                params = [p for p in model.parameters() if p.grad is not None]
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip) if s.grad_clip > 0
+                                  else torch.nn.utils.get_total_norm([p.grad for p in params]))
+                optimizer.step()
+            rewards = torch.cat([r for *_, r in batch])
+            lengths = torch.cat([m.sum(dim=1) for _, _, m, _, _ in batch]).float()
+            rec = {"step": step, "reward": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+                   "loss": loss_sum, "kl": stats["kl"], "clipped": stats["clipped"], "grad_norm": grad_norm,
+                   "completion_tokens": float(lengths.mean()), "seconds": time.perf_counter() - t0}
+            records.append(rec)
+            sink.write(rec)
+            if progress:
+                print(f"grpo step {step}/{s.steps} | reward {rec['reward']:.3f} | kl {rec['kl']:.4f} | "
+                      f"loss {rec['loss']:+.4f} | {rec['completion_tokens']:.1f} tokens | {rec['seconds']:.1f} s",
+                      flush=True)
+        optimizer.zero_grad(set_to_none=True)
+        ckpt.save_checkpoint(out / "checkpoints", s.steps, cfg, model.state_dict(),
+                             portable_optimizer_state(optimizer.state_dict()),
+                             {"step": s.steps, "grpo": dataclasses.asdict(s)}, s.keep_checkpoints)
+    finally:
+        sink.close()
+    return records
