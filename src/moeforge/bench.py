@@ -150,9 +150,10 @@ def _time_steps(run_step, steps: int, warmup: int, device: torch.device,
                 peak_from_start: bool = False) -> tuple:
     """(seconds for `steps` steps after `warmup` steps, peak GiB during them, the (shortest, median,
     longest) step in ms, the GPU's clock and power state during them (gpu_state.GPUMonitor; None on a
-    CPU), GiB allocated after the last step (None on a CPU)). With peak_from_start the peak covers the warm-up too: a captured step allocates its memory
-    once, while it is captured. The steps are timed by markers on the device timeline between them
-    (CUDA events, recorded without waiting; wall time on a CPU)."""
+    CPU), GiB allocated after the last step (None on a CPU)). With peak_from_start the peak covers
+    the warm-up too: a captured step allocates its memory once, while it is captured. The steps are
+    timed by markers on the device timeline between them (CUDA events, recorded without waiting;
+    wall time on a CPU)."""
     if device.type == "cuda" and peak_from_start:
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
