@@ -49,8 +49,8 @@ from .train.ema import CPUEMA
 from .train.graph import GRAPH_WARMUP, GraphedStep, check_graph_step, one_process_step
 from .train.metrics import PEAK_BF16, Clock, flops_per_token, peak_flops
 from .train.schedule import lr_at
-from .train.step import (autocast, build_optimizer, build_train_model, forward_backward, optimizer_update,
-                            resolve_device, resolve_precision)
+from .train.step import (autocast, build_optimizer, build_train_model, check_memory, forward_backward,
+                         optimizer_update, resolve_device, resolve_precision)
 
 
 @dataclass
@@ -206,6 +206,8 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
     if t.cuda_graph:
         check_graph_bench(cfg, device, pctx, warmup)
     torch.manual_seed(t.seed)
+    if pctx is None:
+        check_memory(device, cfg)
     model = build_train_model(cfg, device, precision, pctx)
     model.train()
     zero1 = parallel.Zero1(model, pctx) if pctx is not None and pctx.sharding == "zero1" else None

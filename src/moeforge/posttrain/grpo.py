@@ -156,8 +156,9 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
                          for row, keep in zip(tokens, mask)]
                 rewards = torch.tensor([task.reward(text, answer) for text in texts])
                 batch.append((ids, tokens, mask, group_advantages(rewards).to(tokens.device), rewards))
-            with torch.no_grad():
-                old = [completion_logprobs(model, ids, tokens, mask) for ids, tokens, mask, _, _ in batch]
+            with torch.no_grad():  # pi_old: with one update per batch, the first update's own logp
+                old = ([completion_logprobs(model, ids, tokens, mask) for ids, tokens, mask, _, _ in batch]
+                       if s.updates > 1 else [None] * len(batch))
                 refs = [completion_logprobs(ref, ids, tokens, mask) if ref is not None else None
                         for ids, tokens, mask, _, _ in batch]
             model.train()
@@ -167,6 +168,7 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
                 loss_sum = 0.0
                 for (ids, tokens, mask, adv, _), old_lp, ref_lp in zip(batch, old, refs):
                     logp = completion_logprobs(model, ids, tokens, mask)
+                    old_lp = logp.detach() if old_lp is None else old_lp
                     loss, st = grpo_loss(logp, old_lp, ref_lp, adv, mask, s.clip, s.beta)
                     (loss / len(batch)).backward()  # the mean over all P x G completions
                     loss_sum += float(loss.detach()) / len(batch)

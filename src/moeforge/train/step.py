@@ -211,9 +211,7 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     FSDP (shard) -> to_empty (memory for this rank's pieces only) -> weights. Slicing and sharding
     must come before to_empty, or every rank would first allocate the whole model.
     """
-    if pctx is None:
-        check_memory(device, cfg)
-    model = build_model(cfg.model, "meta")
+    model = build_model(cfg.model, "meta")  # (callers check_memory first, for one process)
     if precision == "fp8":  # swaps module classes only: parameters and their names stay the same
         convert_to_fp8(model, FP8Recipe(norm_output=cfg.train.fp8_norm_output))
     t = cfg.train
