@@ -32,14 +32,11 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_tokenizer
 from ..errors import MoeforgeError
 from ..generate import sample_next
 from ..model.mtp import IGNORE_INDEX
-from ..train import checkpoint as ckpt
-from ..train.graph import portable_optimizer_state
 from ..train.metrics import MetricsSink
-from ..train.step import build_optimizer
+from .common import build_adamw, open_run, save_run_checkpoint
 from .settings import GRPOSettings
 
 __all__ = ["GRPOSettings", "group_advantages", "kl_k3", "grpo_loss", "sample_group", "completion_logprobs",
@@ -128,17 +125,12 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
     OUT/metrics.jsonl (one record per step) and a checkpoint at the end. Returns the records."""
     s.validate()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MoeforgeError(f"--out '{out}' exists and is not a folder")
-    model, cfg = ckpt.load_trained_model(checkpoint, device)
+    model, cfg, tok = open_run(checkpoint, out, device)
     if s.max_new_tokens >= cfg.model.max_position_embeddings:
         raise MoeforgeError(f"--max-new-tokens {s.max_new_tokens} leaves no room for a prompt in the model's context "
                             f"of {cfg.model.max_position_embeddings} tokens")
-    tok = load_tokenizer(cfg.train.tokenizer or None)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if s.beta > 0 else None
-    rl_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optimizer="adamw", adam_moments="fp32",
-                                                                lr=s.lr, weight_decay=0.0))
-    optimizer = build_optimizer(model, rl_cfg)
+    optimizer, _ = build_adamw(model, cfg, lr=s.lr)
     torch.manual_seed(s.seed)
     rng = random.Random(s.seed)
     gen = torch.Generator(device=model.embed.weight.device).manual_seed(s.seed)
@@ -190,9 +182,8 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
                       f"loss {rec['loss']:+.4f} | {rec['completion_tokens']:.1f} tokens | {rec['seconds']:.1f} s",
                       flush=True)
         optimizer.zero_grad(set_to_none=True)
-        ckpt.save_checkpoint(out / "checkpoints", s.steps, cfg, model.state_dict(),
-                             portable_optimizer_state(optimizer.state_dict()),
-                             {"step": s.steps, "grpo": dataclasses.asdict(s)}, s.keep_checkpoints)
+        save_run_checkpoint(out, s.steps, cfg, model, optimizer, {"step": s.steps, "grpo": dataclasses.asdict(s)},
+                            s.keep_checkpoints)
     finally:
         sink.close()
     return records

@@ -1,0 +1,50 @@
+"""What every post-training stage (GRPO, SFT) does around its own loss: open the starting checkpoint,
+build a fresh AdamW, and save checkpoints in the trainer's format.
+
+A post-training run reads a trained checkpoint and writes a run folder of its own (metrics.jsonl,
+checkpoints/). Its checkpoints keep the starting checkpoint's config, so `moeforge generate`,
+`eval`, `convert` and another post-training stage read them like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..data import load_tokenizer
+from ..errors import MoeforgeError
+from ..train import checkpoint as ckpt
+from ..train.graph import portable_optimizer_state
+from ..train.step import build_optimizer
+
+__all__ = ["open_run", "build_adamw", "save_run_checkpoint"]
+
+
+def open_run(checkpoint: str | Path, out: str | Path, device: str | None):
+    """(model, config, tokenizer) of the starting checkpoint, after checking that `out` can be a run
+    folder. Nothing is written yet."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MoeforgeError(f"--out '{out}' exists and is not a folder")
+    model, cfg = ckpt.load_trained_model(checkpoint, device)
+    return model, cfg, load_tokenizer(cfg.train.tokenizer or None)
+
+
+def build_adamw(model: torch.nn.Module, cfg: Config, **train) -> tuple[torch.optim.Optimizer, Config]:
+    """A fresh AdamW (FP32 moments, no weight decay; train/step.py's parameter groups) whatever the model
+    was pre-trained with, and the config it follows: cfg with that optimizer and the given train.*
+    fields (lr, and for a schedule warmup_steps, steps, schedule, min_lr_ratio)."""
+    run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optimizer="adamw", adam_moments="fp32",
+                                                                 weight_decay=0.0, **train))
+    return build_optimizer(model, run_cfg), run_cfg
+
+
+def save_run_checkpoint(out: Path, step: int, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        state: dict, keep: int) -> Path:
+    """OUT/checkpoints/step_N in the trainer's format (atomic, the newest `keep` kept), with the
+    starting checkpoint's config `cfg`."""
+    return ckpt.save_checkpoint(Path(out) / "checkpoints", step, cfg, model.state_dict(),
+                                portable_optimizer_state(optimizer.state_dict()), state, keep)
