@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist import DIST_MODEL
+
 # A very small DeepSeek-V3 (every feature on: MLA with q compression, grouped sigmoid routing,
 # shared + routed experts, MTP), short sequences and a context of 64 tokens (so a long prompt
 # is easy to build). vocab_size stays 8192, the size of the shipped tokenizer.
@@ -46,6 +48,10 @@ STEPS_INDEPENDENT_SCHEDULE = [
     "train.warmup_steps=0", "train.min_lr_ratio=1.0",
     "train.mtp_lambda_switch=1.0", "train.bias_update_stop=1.0",
 ]
+
+# The post-training tests' model (tests/test_posttrain.py, tests/test_sft.py): tests/dist.py's small
+# DeepSeek-V3 with a context of 64 tokens.
+POSTTRAIN_MODEL = [*DIST_MODEL, "train.seq_len=32"]
 
 BASELINE_STEPS = 8
 BASELINE_CHECKPOINT_EVERY = 4
@@ -206,6 +212,22 @@ def trained_run(tmp_path_factory, data_dir, mf_cache_dir) -> TrainedRun:
         rc = run_cli(["train", "--out", out, "--steps", BASELINE_STEPS, *args])
     assert rc == 0, "the baseline training run failed"
     return TrainedRun(out=out, data=data_dir, train_args=[str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(tmp_path_factory) -> Path:
+    """POSTTRAIN_MODEL, random-initialised (seed 0), saved as a training checkpoint: a run folder to
+    start post-training from. Tests only read it."""
+    from moeforge.config import load_config
+    from moeforge.model import build_model
+    from moeforge.train import checkpoint as ckpt
+
+    cfg = load_config(None, None, POSTTRAIN_MODEL)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, "cpu")
+    root = tmp_path_factory.mktemp("posttrain_base")
+    ckpt.save_checkpoint(root / "checkpoints", 0, cfg, model.state_dict(), {}, {"step": 0}, 1)
+    return root
 
 
 @pytest.fixture

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
-from dist import DIST_MODEL
+from conftest import POSTTRAIN_MODEL as MODEL
 from moeforge.config import load_config
 from moeforge.generate import generate
 from moeforge.model import build_model
@@ -30,19 +29,6 @@ from moeforge.posttrain.grpo import (completion_logprobs, group_advantages, grpo
 from moeforge.posttrain.settings import GRPOSettings
 from moeforge.posttrain.tasks import Arithmetic, PythonSyntax
 from moeforge.train import checkpoint as ckpt
-
-MODEL = [*DIST_MODEL, "train.seq_len=32"]
-
-
-@pytest.fixture(scope="module")
-def base_checkpoint(tmp_path_factory) -> Path:
-    """A random-initialised small model saved as a training checkpoint (seed 0)."""
-    cfg = load_config(None, None, MODEL)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, "cpu")
-    root = tmp_path_factory.mktemp("grpo_base")
-    ckpt.save_checkpoint(root / "checkpoints", 0, cfg, model.state_dict(), {}, {"step": 0}, 1)
-    return root
 
 
 def test_group_advantages():
