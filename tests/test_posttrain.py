@@ -128,6 +128,16 @@ def test_tasks_rewards():
     assert [t.reward(c, "") for c in ["return x", "pass  # ok", "if x:", "", "x = (", "for i in"]] == [1, 1, 0, 0, 0, 0]
 
 
+def test_arithmetic_reward_reads_the_answer_after_the_think_block():
+    t = Arithmetic()
+    assert t.reward("<think>7+8=15, 4+3+1=8 -> 85</think>85", "85") == 1.0
+    assert t.reward("<think>7+8=15, 4+3+1=8 -> 85</think> 85\nmore", "85") == 1.0
+    assert t.reward("<think>85</think>84", "85") == 0.0  # the answer counts, not the working
+    assert t.reward("<think>7+8=15 -> 85</think>", "85") == 0.0  # no answer after the block
+    assert t.reward("<think>85", "85") == 0.0  # an unfinished think block: no answer at all
+    assert t.reward("85<think>", "85") == 1.0  # no think block: the first integer, as before
+
+
 def test_grpo_command(cli, base_checkpoint, tmp_path, expect_error):
     r = cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "g", "--task", "python_syntax",
             "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--no-progress")

@@ -4,7 +4,10 @@ DeepSeek-R1-Zero was trained with rule-based rewards only (an accuracy reward fr
 answer, a format reward): no reward model to be gamed. A task here is the same contract:
     task.prompts(n, rng) -> [(prompt text, answer)]
     task.reward(completion text, answer) -> float
-Any object with these two methods works with posttrain/grpo.py.
+Any object with these two methods works with posttrain/grpo.py. A task that can also write worked
+examples, for supervised fine-tuning before GRPO (DeepSeek-R1's cold start, posttrain/sft.py), has
+    task.demonstrations(n, rng) -> [(prompt text, response text)]
+where a response is a reasoning chain in a think block, then the answer: "<think>...</think>19".
 """
 
 from __future__ import annotations
@@ -16,13 +19,28 @@ from dataclasses import dataclass
 
 from ..errors import MoeforgeError
 
-__all__ = ["Arithmetic", "PythonSyntax", "TASKS", "get_task"]
+__all__ = ["Arithmetic", "PythonSyntax", "TASKS", "THINK_START", "THINK_END", "get_task", "final_answer"]
+
+THINK_START, THINK_END = "<think>", "</think>"
+
+
+def final_answer(completion: str) -> str:
+    """The part of a completion that holds its answer: what follows the end of its think block
+    ("<think>...</think>19" -> "19"), or the whole completion when it has no complete think block."""
+    return completion.split(THINK_END, 1)[1] if THINK_END in completion else completion
 
 
 @dataclass(frozen=True)
 class Arithmetic:
-    """Integer addition and subtraction: "12+7=" -> "19". Reward 1 when the completion's first
-    integer (up to the first line break) equals the answer, else 0."""
+    """Integer addition and subtraction: "12+7=" -> "19". Reward 1 when the answer's first integer
+    (up to the first line break) equals the answer, else 0; the answer is what follows "</think>"
+    when the completion has a think block (final_answer), else the whole completion.
+
+    Demonstrations work the sum column by column, ones first, as on paper:
+        "47+38=" -> "<think>7+8=15, 4+3+1=8 -> 85</think>85"         (+1: the carry)
+        "45-18=" -> "<think>15-8=7, 4-1-1=2 -> 27</think>27"         (15: a borrowed ten, -1: paying it back)
+    Every step is itself a true equation, and the digit each column writes is its result mod 10.
+    """
 
     digits: int = 2  # operands have up to this many digits
 
@@ -39,8 +57,38 @@ class Arithmetic:
         return out
 
     def reward(self, completion: str, answer: str) -> float:
-        found = re.match(r"\s*(-?\d+)", completion.split("\n", 1)[0])
+        found = re.match(r"\s*(-?\d+)", final_answer(completion).split("\n", 1)[0])
         return 1.0 if found is not None and found.group(1) == answer else 0.0
+
+    def demonstrations(self, n: int, rng: random.Random) -> list[tuple[str, str]]:
+        return [(prompt, self.worked_solution(prompt)) for prompt, _ in self.prompts(n, rng)]
+
+    @staticmethod
+    def worked_solution(prompt: str) -> str:
+        """The column-by-column working of "A+B=" or "A-B=" (A >= B), in a think block, then the result."""
+        parsed = re.fullmatch(r"(\d+)([+-])(\d+)=", prompt)
+        if parsed is None or (parsed.group(2) == "-" and int(parsed.group(1)) < int(parsed.group(3))):
+            raise ValueError(f"not an arithmetic prompt of this task: {prompt!r}")
+        a, op, b = parsed.groups()
+        width = max(len(a), len(b))
+        columns = zip(map(int, reversed(a.zfill(width))), map(int, reversed(b.zfill(width))))  # ones first
+        steps, written, carry = [], [], 0  # carry: +1 owed to the next column (a carry, or a borrow to repay)
+        for x, y in columns:
+            if op == "+":
+                value = x + y + carry
+                steps.append(f"{x}+{y}{'+1' if carry else ''}={value}")
+                written.append(value % 10)
+                carry = value // 10
+            else:
+                value = x - y - carry
+                borrow = value < 0
+                steps.append(f"{'1' if borrow else ''}{x}-{y}{'-1' if carry else ''}={value + 10 * borrow}")
+                written.append(value + 10 * borrow)
+                carry = int(borrow)
+        if carry:  # an addition's last carry is the leading digit (a subtraction with A >= B repays every borrow)
+            written.append(carry)
+        result = int("".join(map(str, reversed(written))))
+        return f"{THINK_START}{', '.join(steps)} -> {result}{THINK_END}{result}"
 
 
 @dataclass(frozen=True)
