@@ -24,11 +24,14 @@ __all__ = ["open_run", "build_adamw", "save_run_checkpoint"]
 
 
 def open_run(checkpoint: str | Path, out: str | Path, device: str | None):
-    """(model, config, tokenizer) of the starting checkpoint, after checking that `out` can be a run
-    folder. Nothing is written yet."""
+    """(model, config, tokenizer) of the starting checkpoint, after checking that `out` can be a new run
+    folder (a post-training run does not resume: a second run there would mix its metrics and
+    checkpoints with the first's). Nothing is written yet."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MoeforgeError(f"--out '{out}' exists and is not a folder")
+    if (out / "metrics.jsonl").exists():
+        raise MoeforgeError(f"--out '{out}' already holds a run (metrics.jsonl); choose a new folder")
     model, cfg = ckpt.load_trained_model(checkpoint, device)
     return model, cfg, load_tokenizer(cfg.train.tokenizer or None)
 
