@@ -193,6 +193,9 @@ HELP_FLAGS = {
     "eval": ["--checkpoint", "--text", "--batch-size", "--max-batches", "--device"],
     "convert": ["--checkpoint", "--hf", "--out", "--dtype"],
     "info": ["--preset", "--config", "key=value"],
+    "sft": ["--checkpoint", "--data", "--out", "--steps", "--batch-size", "--lr", "--warmup", "--schedule", "--max-len",
+            "--val-fraction", "--eval-every", "--checkpoint-every", "--seed", "--device"],
+    "sft-data": ["--task", "--n", "--out", "--seed"],
 }
 
 

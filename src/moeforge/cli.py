@@ -24,7 +24,7 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .posttrain.settings import GRPOSettings
+    from .posttrain.settings import GRPOSettings, SFTSettings
 
     parser = argparse.ArgumentParser(prog="moeforge", description="Train, evaluate and convert DeepSeek-V3-class MoE models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -121,6 +121,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="seed for prompts and sampling")
     p.add_argument("--no-progress", action="store_true", help="no line per step")
     _add_device(p)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning of a checkpoint on prompt/response pairs",
+                       description="Fine-tune a checkpoint on prompt/response pairs (DeepSeek-R1's cold start before "
+                                   "GRPO, or distillation from a teacher's outputs): next-token loss on the response "
+                                   "tokens only, AdamW with warm-up, a held-out loss at intervals. See docs/posttrain.md.")
+    p.add_argument("--checkpoint", required=True, help="the model to start from: a checkpoint or run folder")
+    p.add_argument("--data", required=True,
+                   help='a JSONL file, one {"prompt": ..., "response": ...} per line (moeforge sft-data writes one)')
+    p.add_argument("--out", required=True, help="run folder for metrics.jsonl and checkpoints")
+    d = SFTSettings()
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per step (default {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW's peak learning rate (default {d.lr:g})")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"steps of linear warm-up (default {d.warmup})")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default=d.schedule,
+                   help=f"the learning rate after the warm-up: cosine down to {d.min_lr_ratio:g} x --lr at the last step, "
+                        f"or constant (default {d.schedule})")
+    p.add_argument("--max-len", type=int, default=d.max_len,
+                   help="the longest example allowed, prompt + response + end-of-text, in tokens; longer ones are "
+                        "an error, not truncated (default: the model's context)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"the last examples held out for the validation loss, at least one (default {d.val_fraction:g})")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help=f"held-out loss every N steps, and before and after training (default {d.eval_every}; 0: "
+                        f"before and after only)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="a checkpoint every N steps besides the final one (default: the final one only)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for the order of the examples")
+    p.add_argument("--no-progress", action="store_true", help="no line per step")
+    _add_device(p)
+
+    p = sub.add_parser("sft-data", help="write worked reasoning examples of a task as SFT data",
+                       description="Write a JSONL file of prompt/response pairs from a task of posttrain/tasks.py, each "
+                                   "response a worked chain in a <think> block, then the answer (arithmetic: "
+                                   "'47+38=' -> '<think>7+8=15, 4+3+1=8 -> 85</think>85'). The file is written whole or "
+                                   "not at all.")
+    p.add_argument("--task", default="arithmetic", help="the task (default arithmetic, the one with worked examples)")
+    p.add_argument("--n", type=int, default=2000, help="number of examples (default 2000)")
+    p.add_argument("--out", required=True, help="the JSONL file to write (replaced if it exists)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the problems (default 0)")
 
     p = sub.add_parser("plan", help="memory per GPU and compute time/cost of a training run",
                        description="Plan a run: the model-state memory (FP32 weights and gradients, optimizer state) of "
@@ -372,6 +412,36 @@ def cmd_grpo(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from .posttrain.sft import SFTSettings, train_sft
+
+    settings = SFTSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                           schedule=args.schedule, max_len=args.max_len, val_fraction=args.val_fraction,
+                           eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    records = train_sft(args.checkpoint, args.data, Path(args.out), settings, device=args.device,
+                        progress=not args.no_progress)
+    first, last = records[0], records[-1]
+    print(f"sft: held-out loss {first['val_loss']:.4f} before, {last['val_loss']:.4f} after {last['step']} steps; "
+          f"checkpoint in {Path(args.out) / 'checkpoints'}")
+    return 0
+
+
+def cmd_sft_data(args) -> int:
+    import random
+
+    from .posttrain.sft import write_examples
+    from .posttrain.tasks import get_task
+
+    task = get_task(args.task)
+    if not hasattr(task, "demonstrations"):
+        raise MoeforgeError(f"--task {args.task}: has no worked examples to write (arithmetic has)")
+    if args.n < 1:
+        raise MoeforgeError(f"--n: must be at least 1, got {args.n}")
+    path = write_examples(args.out, task.demonstrations(args.n, random.Random(args.seed)))
+    print(f"wrote {args.n} {args.task} examples to {path}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from .config import load_config
     from .plan import compute_plan, format_count, model_state_memory, parse_count
@@ -432,7 +502,7 @@ def cmd_plan(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert, "bench": cmd_bench,
-            "info": cmd_info, "plan": cmd_plan, "grpo": cmd_grpo}
+            "info": cmd_info, "plan": cmd_plan, "grpo": cmd_grpo, "sft": cmd_sft, "sft-data": cmd_sft_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -162,7 +162,8 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     return Tokenizer(DEFAULT_TOKENIZER_PATH if path is None else path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a temporary file beside it, fsynced, then renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -212,7 +213,7 @@ def train_bpe(
     )
     tok.train_from_iterator(documents, trainer=trainer)
     out_path = Path(out_path)
-    _atomic_write_text(out_path, tok.to_str())
+    atomic_write_text(out_path, tok.to_str())
     return out_path
 
 

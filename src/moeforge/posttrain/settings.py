@@ -1,4 +1,5 @@
-"""GRPO's settings (no torch import here: the command line reads the defaults for its help)."""
+"""The post-training stages' settings, GRPO's and SFT's (no torch import here: the command line reads
+the defaults for its help)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import MoeforgeError
 
-__all__ = ["GRPOSettings"]
+__all__ = ["GRPOSettings", "SFTSettings"]
 
 
 @dataclass(frozen=True)
@@ -39,3 +40,38 @@ class GRPOSettings:
         for name in ("beta", "grad_clip"):
             if getattr(self, name) < 0:
                 raise MoeforgeError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    steps: int = 300
+    batch_size: int = 16  # examples per optimizer step, each padded to the longest of its batch
+    lr: float = 1e-3  # AdamW's peak learning rate
+    warmup: int = 20  # steps of linear warm-up from lr / warmup to lr
+    schedule: str = "cosine"  # after the warm-up: "cosine" down to min_lr_ratio * lr at the last step, or "constant"
+    min_lr_ratio: float = 0.1
+    max_len: int = 0  # the longest example (prompt + response + end-of-text), in tokens; 0: the model's context
+    val_fraction: float = 0.05  # the last examples of the file, at least one, are held out for validation
+    eval_every: int = 50  # held-out loss every N steps (and before the first and after the last); 0: only those two
+    checkpoint_every: int = 0  # a checkpoint every N steps as well as the final one; 0: the final one only
+    grad_clip: float = 1.0
+    seed: int = 0
+    keep_checkpoints: int = 2
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise MoeforgeError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup", "max_len", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise MoeforgeError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise MoeforgeError(f"--lr: must be positive, got {self.lr}")
+        if self.schedule not in ("cosine", "constant"):
+            raise MoeforgeError(f"--schedule: expected cosine or constant, got {self.schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise MoeforgeError(f"--min-lr-ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.val_fraction < 1:
+            raise MoeforgeError(f"--val-fraction: must be in (0, 1), got {self.val_fraction}")
+        if self.grad_clip < 0:
+            raise MoeforgeError(f"--grad-clip: must not be negative, got {self.grad_clip}")

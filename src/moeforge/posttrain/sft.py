@@ -1,0 +1,253 @@
+"""Supervised fine-tuning (SFT) on prompt/response pairs: DeepSeek-R1's cold start (§2.3.1), a few
+thousand curated reasoning examples before reinforcement learning, and its distillation of reasoning
+into smaller models (§2.4), which is SFT on a teacher's outputs.
+
+Data: a JSONL file, one {"prompt": str, "response": str} object per line (other keys are ignored,
+blank lines skipped). An example is tokenised as
+    tokens(prompt) + tokens(response) + [end-of-text]
+the prompt and the response separately, so the prompt's tokens are the ones `generate` and GRPO
+feed the model. Nothing is truncated: an example longer than --max-len (default: the model's context)
+is an error naming its line. The last val_fraction of the examples (at least one) are held out.
+
+Loss: next-token cross-entropy on the targets that are response tokens or the end-of-text; the
+model's prediction of a prompt token is not scored (its target is IGNORE_INDEX). The loss of a batch
+is the mean over all its scored tokens, so each response token weighs the same, whatever the length
+of the response it belongs to.
+
+Batches: batch_size examples drawn from the training examples shuffled anew each epoch, each padded
+on the right to the longest of its batch. A padded position has no target, and attention is causal,
+so no real position sees the padding that follows it: an example's losses are the same alone or in
+any batch (tested). Only the main model's next-token head is trained; the MTP modules and the
+routing biases stay as the checkpoint has them.
+
+Optimisation: AdamW (posttrain/common.py), a linear warm-up, then constant or cosine (train/schedule.py),
+the gradient clipped to norm 1. FP32, one process (CPU or one GPU). The run folder holds
+metrics.jsonl and checkpoints in the trainer's format (common.py), so `moeforge generate`, `eval`,
+`convert` and `grpo --checkpoint` read it.
+
+Shape legend: B examples in a batch, S the longest example's length less one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.tokenizer import Tokenizer, atomic_write_text
+from ..errors import MoeforgeError
+from ..model.mtp import IGNORE_INDEX
+from ..train.metrics import MetricsSink
+from ..train.schedule import lr_at
+from .common import build_adamw, open_run, save_run_checkpoint
+from .settings import SFTSettings
+
+__all__ = ["SFTSettings", "Example", "read_examples", "tokenize_examples", "split_examples", "collate",
+           "response_loss", "heldout_loss", "write_examples", "train_sft"]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised example: `response` ends with the end-of-text token."""
+
+    line: int  # its line in the data file
+    prompt: list[int]
+    response: list[int]
+
+
+def _where(path: Path, line: int | None = None) -> str:
+    return f"data file '{path}'" + (f", line {line}" if line is not None else "")
+
+
+def read_examples(path: str | Path) -> list[tuple[int, str, str]]:
+    """(line number, prompt, response) of each example of a JSONL file; MoeforgeError naming the file
+    and line of the first problem."""
+    path = Path(path)
+    if not path.exists():
+        raise MoeforgeError(f"{_where(path)} does not exist")
+    if not path.is_file():
+        raise MoeforgeError(f"{_where(path)} is not a file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise MoeforgeError(f"{_where(path, line)}: not valid UTF-8") from None
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MoeforgeError(f"{_where(path, number)}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise MoeforgeError(f"{_where(path, number)}: expected an object with \"prompt\" and \"response\", "
+                                f"got {type(obj).__name__}")
+        for key in ("prompt", "response"):
+            if key not in obj:
+                raise MoeforgeError(f"{_where(path, number)}: no \"{key}\"")
+            if not isinstance(obj[key], str):
+                raise MoeforgeError(f"{_where(path, number)}: \"{key}\" must be a string, "
+                                    f"got {type(obj[key]).__name__}")
+        rows.append((number, obj["prompt"], obj["response"]))
+    if not rows:
+        raise MoeforgeError(f"{_where(path)} holds no examples (one JSON object per line: "
+                            f"{{\"prompt\": ..., \"response\": ...}})")
+    return rows
+
+
+def tokenize_examples(rows: list[tuple[int, str, str]], tok: Tokenizer, max_len: int, path: str | Path,
+                      limit: str) -> list[Example]:
+    """Examples of read_examples' rows, each at most max_len tokens (limit: what sets max_len, for the error)."""
+    examples = []
+    prompts = tok.encode_batch([p for _, p, _ in rows])
+    responses = tok.encode_batch([r for _, _, r in rows])
+    for (number, _, _), prompt, response in zip(rows, prompts, responses):
+        if not prompt:  # the first response token is predicted from the prompt's last one
+            raise MoeforgeError(f"{_where(Path(path), number)}: the prompt is empty")
+        length = len(prompt) + len(response) + 1
+        if length > max_len:
+            raise MoeforgeError(f"{_where(Path(path), number)}: the example is {length} tokens (prompt "
+                                f"{len(prompt)}, response {len(response)}, end-of-text 1), more than {limit}; "
+                                f"examples are not truncated")
+        examples.append(Example(number, prompt, response + [tok.eos_id]))
+    return examples
+
+
+def split_examples(examples: list[Example], val_fraction: float, path: str | Path) -> tuple[list[Example], list[Example]]:
+    """(training, validation): the last val_fraction of the examples, at least one, are held out."""
+    n_val = max(1, round(val_fraction * len(examples)))
+    if len(examples) - n_val < 1:
+        raise MoeforgeError(f"{_where(Path(path))} holds {len(examples)} example(s); SFT needs at least 2 "
+                            f"(one to train on, one held out for validation)")
+    return examples[:-n_val], examples[-n_val:]
+
+
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) [B, S]: each example's prompt + response as inputs, and as targets the next
+    token where it is a response token (or the end-of-text), IGNORE_INDEX over the prompt and the
+    padding. Inputs are padded with pad_id on the right."""
+    S = max(len(e.prompt) + len(e.response) for e in examples) - 1
+    inputs = torch.full((len(examples), S), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), S), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        seq = torch.tensor(e.prompt + e.response)
+        inputs[i, :len(seq) - 1] = seq[:-1]
+        # position t predicts token t + 1: the first response token is predicted at the prompt's last position
+        targets[i, len(e.prompt) - 1:len(seq) - 1] = seq[len(e.prompt):]
+    return inputs, targets
+
+
+def response_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy over the scored targets, their number): one forward, logits computed only
+    where a target is scored (the model's per-target losses)."""
+    losses = model(inputs, targets=targets)  # [B, S], 0 at IGNORE_INDEX
+    n = int((targets != IGNORE_INDEX).sum())
+    return losses.sum() / n, n
+
+
+@torch.no_grad()
+def heldout_loss(model, examples: list[Example], batch_size: int, pad_id: int) -> float:
+    """Mean response-token loss over `examples` (each response token weighs the same), in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = model.embed.weight.device
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        inputs, targets = collate(examples[i:i + batch_size], pad_id)
+        loss, n = response_loss(model, inputs.to(device), targets.to(device))
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+def _batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """Indices of batch_size examples at a time, from an endless run of shuffled epochs."""
+    pending: list[int] = []
+    while True:
+        while len(pending) < batch_size:
+            epoch = list(range(n))
+            rng.shuffle(epoch)
+            pending += epoch
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def write_examples(path: str | Path, pairs: list[tuple[str, str]]) -> Path:
+    """The JSONL file train_sft reads, written whole or not at all (a temporary file, then a rename)."""
+    path = Path(path)
+    if path.is_dir():
+        raise MoeforgeError(f"--out '{path}' is a folder; give a file name such as {path / 'sft.jsonl'}")
+    atomic_write_text(path, "".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    return path
+
+
+def train_sft(checkpoint: str | Path, data: str | Path, out: str | Path, s: SFTSettings, device: str | None = None,
+              progress: bool = True) -> list[dict]:
+    """Fine-tune the model of `checkpoint` on the examples of `data` for s.steps steps; write
+    OUT/metrics.jsonl (a record per step, with val_loss at step 0, every s.eval_every steps and at the
+    last) and checkpoints. Returns the records."""
+    s.validate()
+    out = Path(out)
+    model, cfg, tok = open_run(checkpoint, out, device)
+    context = cfg.model.max_position_embeddings
+    if s.max_len > context:
+        raise MoeforgeError(f"--max-len {s.max_len} exceeds the model's context of {context} tokens")
+    limit = f"--max-len {s.max_len}" if s.max_len else f"the model's context of {context} tokens"
+    examples = tokenize_examples(read_examples(data), tok, s.max_len or context, data, limit)
+    train, val = split_examples(examples, s.val_fraction, data)
+    optimizer, run_cfg = build_adamw(model, cfg, lr=s.lr, warmup_steps=s.warmup, steps=s.steps, schedule="cosine",
+                                     min_lr_ratio=1.0 if s.schedule == "constant" else s.min_lr_ratio)
+    torch.manual_seed(s.seed)
+    batches = _batches(len(train), s.batch_size, random.Random(s.seed))
+    device = model.embed.weight.device
+    out.mkdir(parents=True, exist_ok=True)
+    sink = MetricsSink(out, tensorboard=False)
+    tokens = 0
+    try:
+        records = [{"step": 0, "tokens": 0, "val_loss": heldout_loss(model, val, s.batch_size, tok.eos_id)}]
+        sink.write(records[0])
+        if progress:
+            print(f"sft: {len(train)} training and {len(val)} held-out examples | held-out loss "
+                  f"{records[0]['val_loss']:.4f} before training", flush=True)
+        for step in range(1, s.steps + 1):
+            t0 = time.perf_counter()
+            lr = lr_at(step - 1, run_cfg.train)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inputs, targets = collate([train[i] for i in next(batches)], tok.eos_id)
+            model.train()
+            loss, n = response_loss(model, inputs.to(device), targets.to(device))
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise MoeforgeError(f"the loss became {loss_value} at step {step}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip or math.inf)
+            optimizer.step()
+            tokens += n
+            rec = {"step": step, "loss": loss_value, "tokens": tokens, "lr": lr, "grad_norm": float(grad_norm),
+                   "seconds": time.perf_counter() - t0}
+            if step == s.steps or (s.eval_every and step % s.eval_every == 0):
+                rec["val_loss"] = heldout_loss(model, val, s.batch_size, tok.eos_id)
+            records.append(rec)
+            sink.write(rec)
+            if step == s.steps or (s.checkpoint_every and step % s.checkpoint_every == 0):
+                save_run_checkpoint(out, step, cfg, model, optimizer,
+                                    {"step": step, "sft": dataclasses.asdict(s), "data": str(data)}, s.keep_checkpoints)
+            if progress:
+                val_text = f" | held-out {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+                print(f"sft step {step}/{s.steps} | loss {rec['loss']:.4f}{val_text} | lr {lr:.2e} | "
+                      f"gnorm {rec['grad_norm']:.2f} | {n} tokens | {rec['seconds']:.2f} s", flush=True)
+    finally:
+        sink.close()
+    return records

@@ -1,0 +1,224 @@
+"""Supervised fine-tuning (posttrain/sft.py, `moeforge sft`, `moeforge sft-data`).
+
+- collate: the targets are exactly the response tokens and the end-of-text, at the positions that
+  predict them; the prompt and the padding are IGNORE_INDEX;
+- the loss equals a hand-computed mean of -log p over the response positions of a full forward, and
+  its gradient reaches the final hidden state only at those positions (never at a prompt position or
+  the padding);
+- an example's loss is the same alone and padded in a batch with a longer one;
+- bad data and settings end as one-line errors naming the file and line, with nothing written;
+- the arithmetic generator is deterministic, and every worked step and answer it writes is right;
+- end to end: 40 steps on 180 generated examples lower the held-out response loss of a
+  random-initialised model by more than half; the checkpoint loads, `generate` and `grpo` read it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from conftest import POSTTRAIN_MODEL, read_metrics
+from moeforge.config import load_config
+from moeforge.model import build_model
+from moeforge.model.mtp import IGNORE_INDEX
+from moeforge.posttrain.settings import SFTSettings
+from moeforge.posttrain.sft import Example, collate, response_loss, train_sft, write_examples
+from moeforge.posttrain.tasks import THINK_END, THINK_START, Arithmetic
+from moeforge.train import checkpoint as ckpt
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = load_config(None, None, POSTTRAIN_MODEL)
+    torch.manual_seed(3)
+    return build_model(cfg.model, "cpu")
+
+
+def test_collate_scores_only_the_response():
+    short = Example(1, [11, 12, 13], [21, 22, 0])  # 0: the end-of-text
+    long = Example(2, [11], [21, 22, 23, 24, 0])
+    inputs, targets = collate([short, long], pad_id=0)
+    I = IGNORE_INDEX
+    assert inputs.tolist() == [[11, 12, 13, 21, 22], [11, 21, 22, 23, 24]]
+    assert targets.tolist() == [[I, I, 21, 22, 0], [21, 22, 23, 24, 0]]
+
+
+def test_loss_is_the_mean_over_response_positions(model):
+    torch.manual_seed(0)
+    examples = [Example(1, [5, 9, 300, 41], [77, 78, 1]), Example(2, [7, 8], [90, 91, 92, 93, 94, 1]),
+                Example(3, [12, 13, 14, 15, 16, 17], [1])]
+    inputs, targets = collate(examples, pad_id=1)
+    # by hand: -log p(token t+1 | tokens <= t) of a full forward, at each response position
+    logp = model(inputs).log_softmax(-1)
+    picked = []
+    for i, e in enumerate(examples):
+        seq = e.prompt + e.response
+        picked += [-logp[i, t, seq[t + 1]] for t in range(len(e.prompt) - 1, len(seq) - 1)]
+    want = torch.stack(picked).mean()
+    got, n = response_loss(model, inputs, targets)
+    assert n == len(picked) == 3 + 6 + 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    # the gradient reaches the final hidden state exactly at the scored positions
+    saved = {}
+    hook = model.norm.register_forward_hook(lambda module, args, out: saved.__setitem__("h", out))
+    try:
+        loss, _ = response_loss(model, inputs, targets)
+        saved["h"].retain_grad()
+        loss.backward()
+    finally:
+        hook.remove()
+        model.zero_grad(set_to_none=True)
+    reached = saved["h"].grad.abs().sum(-1) > 0  # [B, S]
+    assert torch.equal(reached, targets != IGNORE_INDEX)
+
+
+def test_padding_does_not_change_an_example_loss(model):
+    a = Example(1, [5, 9, 300], [77, 78, 79, 1])
+    b = Example(2, [31, 32, 33, 34, 35, 36, 37], [40, 41, 42, 43, 44, 45, 46, 47, 1])  # longer: a is padded
+
+    def per_example(batch):
+        inputs, targets = collate(batch, pad_id=1)
+        losses = model(inputs, targets=targets)
+        return losses.sum(1) / (targets != IGNORE_INDEX).sum(1)
+
+    with torch.no_grad():
+        alone, batched = per_example([a]), per_example([a, b])
+        batch_loss, n = response_loss(model, *collate([a, b], pad_id=1))
+    torch.testing.assert_close(batched[0], alone[0], rtol=1e-5, atol=1e-6)
+    # the batch's loss weighs each response token the same: 4 of a's, 9 of b's
+    torch.testing.assert_close(batch_loss, (4 * batched[0] + 9 * batched[1]) / 13)
+    assert n == 13
+
+
+def write_jsonl(path, lines: list[str]):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+GOOD = json.dumps({"prompt": "1+2=", "response": "3"})
+
+
+@pytest.mark.parametrize("lines, flags, fragments", [
+    ([GOOD, '{"prompt": "1+1=", "response": "2"', GOOD], [], ["line 2", "invalid JSON"]),
+    (["[1, 2]"], [], ["line 1", "expected an object"]),
+    ([GOOD, GOOD, json.dumps({"prompt": "1+1="})], [], ["line 3", 'no "response"']),
+    ([json.dumps({"prompt": 5, "response": "5"})], [], ["line 1", '"prompt" must be a string, got int']),
+    ([GOOD, json.dumps({"prompt": "", "response": "0"})], [], ["line 2", "prompt is empty"]),
+    ([GOOD, json.dumps({"prompt": "x=", "response": " y" * 70})], [], ["line 2", "more than the model's context of 64"]),
+    ([GOOD, json.dumps({"prompt": "12+7=", "response": "19, and then some more"})], ["--max-len", "8"], ["line 2", "--max-len 8"]),
+    ([GOOD], ["--max-len", "100"], ["--max-len 100", "context of 64"]),
+    ([], [], ["holds no examples"]),
+    (["", "   "], [], ["holds no examples"]),
+    ([GOOD], [], ["holds 1 example", "at least 2"]),
+    ([GOOD, GOOD], ["--batch-size", "0"], ["--batch-size"]),
+])
+def test_bad_data_is_one_line(cli, expect_error, base_checkpoint, tmp_path, lines, flags, fragments):
+    data = write_jsonl(tmp_path / "bad.jsonl", lines)
+    r = cli("sft", "--checkpoint", base_checkpoint, "--data", data, "--out", tmp_path / "o", "--no-progress", *flags)
+    line = expect_error(r, "sft", *fragments)
+    if "line " in fragments[0] or "holds" in fragments[0]:
+        assert "bad.jsonl" in line  # the file is named
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_and_unreadable_data(cli, expect_error, base_checkpoint, tmp_path):
+    expect_error(cli("sft", "--checkpoint", base_checkpoint, "--data", tmp_path / "none.jsonl", "--out", tmp_path / "o"),
+                 "sft", "none.jsonl", "does not exist")
+    (tmp_path / "latin1.jsonl").write_bytes(GOOD.encode() + b"\n" + b'{"prompt": "caf\xe9", "response": "x"}\n')
+    expect_error(cli("sft", "--checkpoint", base_checkpoint, "--data", tmp_path / "latin1.jsonl", "--out", tmp_path / "o"),
+                 "sft", "latin1.jsonl", "line 2", "UTF-8")
+    assert not (tmp_path / "o").exists()
+
+
+STEP = re.compile(r"(\d+)([+-])(\d+)(?:([+-])1)?=(\d+)")
+
+
+def check_worked_example(prompt: str, response: str) -> None:
+    """The chain's every step is a true equation, its columns make the answer, and the answer is right."""
+    a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)=", prompt).groups()
+    answer = int(a) + int(b) if op == "+" else int(a) - int(b)
+    chain = re.fullmatch(rf"{THINK_START}(.*) -> (\d+){THINK_END}(\d+)", response)
+    assert chain is not None, response
+    steps, in_think, final = chain.group(1).split(", "), int(chain.group(2)), int(chain.group(3))
+    assert in_think == final == answer, (prompt, response)
+    assert len(steps) == max(len(a), len(b))
+    columns = []
+    for step in steps:
+        assert STEP.fullmatch(step), step
+        lhs, rhs = step.split("=")
+        assert eval(lhs) == int(rhs), step  # e.g. "4+3+1=8", "15-8=7" (a borrowed ten)
+        columns.append(int(rhs))
+    total = sum(v % 10 * 10 ** i for i, v in enumerate(columns))
+    if op == "+":
+        total += columns[-1] // 10 * 10 ** len(columns)  # the last carry
+    assert total == answer, (prompt, response)
+    assert Arithmetic().reward(response, str(answer)) == 1.0
+
+
+def test_sft_data_is_deterministic_and_right(cli, expect_error, tmp_path):
+    for name, seed in (("a.jsonl", 0), ("b.jsonl", 0), ("c.jsonl", 1)):
+        r = cli("sft-data", "--task", "arithmetic", "--n", "500", "--out", tmp_path / name, "--seed", seed)
+        assert r.rc == 0, r.err
+    a, b, c = ((tmp_path / n).read_bytes() for n in ("a.jsonl", "b.jsonl", "c.jsonl"))
+    assert a == b and a != c
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "c.jsonl"]  # no temporary left
+    rows = [json.loads(line) for line in a.decode().splitlines()]
+    assert len(rows) == 500 and {"+" if "+" in row["prompt"] else "-" for row in rows} == {"+", "-"}
+    for row in rows:
+        check_worked_example(row["prompt"], row["response"])
+    for prompt in ("99+99=", "100-1=", "50-5=", "0-0=", "3+4="):  # carries and borrows across every column
+        check_worked_example(prompt, Arithmetic.worked_solution(prompt))
+    expect_error(cli("sft-data", "--task", "python_syntax", "--out", tmp_path / "d.jsonl"), "sft-data",
+                 "python_syntax", "no worked examples")
+    expect_error(cli("sft-data", "--out", tmp_path), "sft-data", "is a folder")
+    expect_error(cli("sft-data", "--n", "0", "--out", tmp_path / "d.jsonl"), "sft-data", "--n")
+    assert not (tmp_path / "d.jsonl").exists()
+
+
+def test_sft_learns_and_writes_a_checkpoint(base_checkpoint, tmp_path, one_thread, cli):
+    data = write_examples(tmp_path / "arith.jsonl", Arithmetic().demonstrations(200, random.Random(0)))
+    s = SFTSettings(steps=40, batch_size=16, lr=3e-3, warmup=5, val_fraction=0.1, eval_every=20, checkpoint_every=20)
+    records = train_sft(base_checkpoint, data, tmp_path / "sft", s, device="cpu", progress=False)
+    evals = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    assert [step for step, _ in evals] == [0, 20, 40]
+    (_, before), (_, after) = evals[0], evals[-1]
+    assert after < 0.5 * before, evals  # from about ln(vocab) = 9.0 to about 3.3
+    assert read_metrics(tmp_path / "sft") == records
+    assert all({"loss", "tokens", "lr", "grad_norm", "seconds"} <= set(r) for r in records[1:])
+    assert records[1]["lr"] == pytest.approx(3e-3 / 5) and records[6]["lr"] == pytest.approx(3e-3)  # warm-up
+    assert records[-1]["lr"] < records[6]["lr"]  # then the cosine
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "sft" / "checkpoints")] == ["step_0000020", "step_0000040"]
+
+    tuned, cfg = ckpt.load_trained_model(tmp_path / "sft", "cpu")
+    base, _ = ckpt.load_trained_model(base_checkpoint, "cpu")
+    assert cfg.model == load_config(None, None, POSTTRAIN_MODEL).model
+    old, new = base.state_dict(), tuned.state_dict()
+    assert not torch.equal(old["layers.0.attn.wkv_a.weight"], new["layers.0.attn.wkv_a.weight"])
+    assert all(torch.equal(old[k], new[k]) for k in old if k.startswith("mtp."))  # MTP is not trained here
+
+    r = cli("generate", "--checkpoint", tmp_path / "sft", "--prompt", "12+7=", "--max-new-tokens", "6",
+            "--temperature", "0")
+    assert r.rc == 0 and r.out.startswith("12+7="), r.err
+    r = cli("grpo", "--checkpoint", tmp_path / "sft", "--out", tmp_path / "rl", "--steps", "1",
+            "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "8", "--no-progress")
+    assert r.rc == 0, r.err
+
+
+def test_sft_command(cli, base_checkpoint, tmp_path):
+    data = tmp_path / "d.jsonl"
+    assert cli("sft-data", "--n", "20", "--out", data).rc == 0
+    r = cli("sft", "--checkpoint", base_checkpoint, "--data", data, "--out", tmp_path / "o", "--steps", "2",
+            "--batch-size", "4", "--warmup", "0", "--schedule", "constant", "--no-progress")
+    assert r.rc == 0, r.err
+    assert re.search(r"held-out loss [\d.]+ before, [\d.]+ after 2 steps", r.out), r.out
+    records = read_metrics(tmp_path / "o")
+    assert [r["step"] for r in records] == [0, 1, 2] and records[1]["lr"] == records[2]["lr"] == SFTSettings().lr
+    assert ckpt.list_checkpoints(tmp_path / "o" / "checkpoints")[-1].name == "step_0000002"
+    r = cli("sft", "--checkpoint", base_checkpoint, "--data", data, "--out", tmp_path / "o", "--steps", "2")
+    assert r.rc == 2 and "already holds a run" in r.err  # no second run mixed into the first
+    assert read_metrics(tmp_path / "o") == records
