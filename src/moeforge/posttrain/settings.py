@@ -10,6 +10,15 @@ from ..errors import MoeforgeError
 __all__ = ["GRPOSettings", "SFTSettings"]
 
 
+def _check_minimum(settings, names: tuple[str, ...], minimum: float) -> None:
+    """Each named setting is at least `minimum`, or a MoeforgeError naming its command-line flag."""
+    for name in names:
+        value = getattr(settings, name)
+        if value < minimum:
+            need = "not be negative" if minimum == 0 else f"be at least {minimum}"
+            raise MoeforgeError(f"--{name.replace('_', '-')}: must {need}, got {value}")
+
+
 @dataclass(frozen=True)
 class GRPOSettings:
     steps: int = 100
@@ -26,9 +35,8 @@ class GRPOSettings:
     keep_checkpoints: int = 2
 
     def validate(self) -> None:
-        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "updates", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise MoeforgeError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+        _check_minimum(self, ("steps", "prompts_per_step", "group_size", "max_new_tokens", "updates",
+                              "keep_checkpoints"), 1)
         if self.group_size < 2:
             raise MoeforgeError(f"--group-size: GRPO compares completions within a group; need 2 or more, "
                                 f"got {self.group_size}")
@@ -37,9 +45,7 @@ class GRPOSettings:
         for name in ("lr", "clip"):
             if not getattr(self, name) > 0:
                 raise MoeforgeError(f"--{name}: must be positive, got {getattr(self, name)}")
-        for name in ("beta", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise MoeforgeError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
+        _check_minimum(self, ("beta", "grad_clip"), 0)
 
 
 @dataclass(frozen=True)
@@ -54,17 +60,13 @@ class SFTSettings:
     val_fraction: float = 0.05  # the last examples of the file, at least one, are held out for validation
     eval_every: int = 50  # held-out loss every N steps (and before the first and after the last); 0: only those two
     checkpoint_every: int = 0  # a checkpoint every N steps as well as the final one; 0: the final one only
-    grad_clip: float = 1.0
-    seed: int = 0
     keep_checkpoints: int = 2
+    seed: int = 0  # the order of the examples
+    grad_clip: float = 1.0  # the global gradient norm's bound; 0: no clipping
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise MoeforgeError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup", "max_len", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise MoeforgeError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
+        _check_minimum(self, ("steps", "batch_size", "keep_checkpoints"), 1)
+        _check_minimum(self, ("warmup", "max_len", "eval_every", "checkpoint_every", "grad_clip"), 0)
         if not self.lr > 0:
             raise MoeforgeError(f"--lr: must be positive, got {self.lr}")
         if self.schedule not in ("cosine", "constant"):
@@ -73,5 +75,3 @@ class SFTSettings:
             raise MoeforgeError(f"--min-lr-ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.val_fraction < 1:
             raise MoeforgeError(f"--val-fraction: must be in (0, 1), got {self.val_fraction}")
-        if self.grad_clip < 0:
-            raise MoeforgeError(f"--grad-clip: must not be negative, got {self.grad_clip}")
