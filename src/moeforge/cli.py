@@ -152,15 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no line per step")
     _add_device(p)
 
-    p = sub.add_parser("sft-data", help="write worked reasoning examples of a task as SFT data",
-                       description="Write a JSONL file of prompt/response pairs from a task of posttrain/tasks.py, each "
-                                   "response a worked chain in a <think> block, then the answer (arithmetic: "
-                                   "'47+38=' -> '<think>7+8=15, 4+3+1=8 -> 85</think>85'). The file is written whole or "
-                                   "not at all.")
-    p.add_argument("--task", default="arithmetic", help="the task (default arithmetic, the one with worked examples)")
-    p.add_argument("--n", type=int, default=2000, help="number of examples (default 2000)")
+    p = sub.add_parser("sft-data", help="write SFT data: a task's worked examples, or a teacher's correct answers",
+                       description="Write a JSONL file of prompt/response pairs for `moeforge sft` from a task of "
+                                   "posttrain/tasks.py. Without --teacher: the task's worked examples, each response a "
+                                   "chain in a <think> block, then the answer (arithmetic: '47+38=' -> "
+                                   "'<think>7+8=15, 4+3+1=8 -> 85</think>85'). With --teacher: rejection sampling "
+                                   "(DeepSeek-R1 2.3.3, 2.4): --samples completions of each of --n prompts sampled from the "
+                                   "teacher checkpoint, of which those the task's reward accepts, and that stopped, are "
+                                   "kept (--keep distinct ones per prompt). The file is written whole or not at all.")
+    p.add_argument("--task", default="arithmetic", help="the task (default arithmetic)")
+    p.add_argument("--n", type=int, default=2000, help="number of examples, or of prompts with --teacher (default 2000)")
     p.add_argument("--out", required=True, help="the JSONL file to write (replaced if it exists)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the problems (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the problems and the sampling (default 0)")
+    p.add_argument("--teacher", help="a checkpoint or run folder to sample the responses from (rejection sampling)")
+    p.add_argument("--samples", type=int, default=4, help="with --teacher: completions per prompt (default 4)")
+    p.add_argument("--keep", type=int, default=1, help="with --teacher: distinct correct completions kept per prompt "
+                                                        "(default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="with --teacher: the longest completion (default 48)")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --teacher: sampling temperature (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="with --teacher: no line per tenth of the prompts")
+    _add_device(p)
 
     p = sub.add_parser("plan", help="memory per GPU and compute time/cost of a training run",
                        description="Plan a run: the model-state memory (FP32 weights and gradients, optimizer state) of "
@@ -396,15 +407,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _settings(cls, args):
+    """A post-training settings dataclass from the flags named like its fields (the rest keep their defaults)."""
+    import dataclasses
+
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
 def cmd_grpo(args) -> int:
     from .posttrain.grpo import GRPOSettings, train_grpo
     from .posttrain.tasks import get_task
 
-    settings = GRPOSettings(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, lr=args.lr,
-                            beta=args.beta, clip=args.clip, updates=args.updates, seed=args.seed)
     task = get_task(args.task)
-    records = train_grpo(args.checkpoint, Path(args.out), task, settings, device=args.device,
+    records = train_grpo(args.checkpoint, Path(args.out), task, _settings(GRPOSettings, args), device=args.device,
                          progress=not args.no_progress)
     first, last = records[0], records[-1]
     print(f"grpo: reward {first['reward']:.3f} at step 1, {last['reward']:.3f} at step {last['step']}; "
@@ -415,10 +430,7 @@ def cmd_grpo(args) -> int:
 def cmd_sft(args) -> int:
     from .posttrain.sft import SFTSettings, train_sft
 
-    settings = SFTSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                           schedule=args.schedule, max_len=args.max_len, val_fraction=args.val_fraction,
-                           eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed)
-    records = train_sft(args.checkpoint, args.data, Path(args.out), settings, device=args.device,
+    records = train_sft(args.checkpoint, args.data, Path(args.out), _settings(SFTSettings, args), device=args.device,
                         progress=not args.no_progress)
     first, last = records[0], records[-1]
     print(f"sft: held-out loss {first['val_loss']:.4f} before, {last['val_loss']:.4f} after {last['step']} steps; "
@@ -433,12 +445,43 @@ def cmd_sft_data(args) -> int:
     from .posttrain.tasks import get_task
 
     task = get_task(args.task)
-    if not hasattr(task, "demonstrations"):
-        raise MoeforgeError(f"--task {args.task}: has no worked examples to write (arithmetic has)")
     if args.n < 1:
         raise MoeforgeError(f"--n: must be at least 1, got {args.n}")
+    if args.teacher is not None:
+        return _sft_data_from_teacher(args, task)
+    if not hasattr(task, "demonstrations"):
+        raise MoeforgeError(f"--task {args.task}: has no worked examples to write (arithmetic has; "
+                            f"--teacher samples a checkpoint's answers instead)")
     path = write_examples(args.out, task.demonstrations(args.n, random.Random(args.seed)))
     print(f"wrote {args.n} {args.task} examples to {path}")
+    return 0
+
+
+def _sft_data_from_teacher(args, task) -> int:
+    from .data import load_tokenizer
+    from .posttrain.distill import rejection_sample
+    from .posttrain.sft import write_examples
+    from .train.checkpoint import load_trained_model
+
+    for flag in ("samples", "keep", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise MoeforgeError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
+    if args.temperature <= 0:
+        raise MoeforgeError(f"--temperature: must be positive for sampling, got {args.temperature}")
+    model, cfg = load_trained_model(args.teacher, args.device)
+    every = max(1, args.n // 10)
+
+    def progress(done: int, kept: int) -> None:
+        if done % every == 0 or done == args.n:
+            print(f"sft-data: {done}/{args.n} prompts sampled, {kept} examples kept", flush=True)
+
+    pairs, stats = rejection_sample(model.eval(), load_tokenizer(cfg.train.tokenizer or None), task, args.n,
+                                    args.samples, args.max_new_tokens, args.temperature, args.seed, args.keep,
+                                    None if args.no_progress else progress)
+    if not pairs:
+        raise MoeforgeError(f"--teacher {args.teacher}: no completion was accepted ({stats.summary()}); nothing written")
+    path = write_examples(args.out, pairs)
+    print(f"wrote {path}: {stats.summary()}")
     return 0
 
 

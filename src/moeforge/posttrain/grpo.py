@@ -39,8 +39,8 @@ from ..train.metrics import MetricsSink
 from .common import build_adamw, open_run, save_run_checkpoint
 from .settings import GRPOSettings
 
-__all__ = ["GRPOSettings", "group_advantages", "kl_k3", "grpo_loss", "sample_group", "completion_logprobs",
-           "train_grpo"]
+__all__ = ["GRPOSettings", "group_advantages", "kl_k3", "grpo_loss", "sample_group", "completion_texts",
+           "completion_logprobs", "train_grpo"]
 
 
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -107,6 +107,12 @@ def sample_group(model, prompt: list[int], group: int, max_new: int, temperature
     return tokens, mask
 
 
+def completion_texts(tok, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """The text of each completion of sample_group [G, N]: its tokens up to its stop, without the stop."""
+    return [tok.decode([i for i, m in zip(row.tolist(), keep.tolist()) if m and i != tok.eos_id])
+            for row, keep in zip(tokens, mask)]
+
+
 def completion_logprobs(model, prompt: list[int], tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log pi(o_t | q, o_<t) of each completion token [G, N] (0 where masked), through the model's
     per-target losses: one forward of prompt + completion, logits only at the scored positions."""
@@ -144,8 +150,7 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
             for prompt, answer in task.prompts(s.prompts_per_step, rng):
                 ids = tok.encode(prompt)
                 tokens, mask = sample_group(model, ids, s.group_size, s.max_new_tokens, s.temperature, gen, tok.eos_id)
-                texts = [tok.decode([i for i, m in zip(row.tolist(), keep.tolist()) if m and i != tok.eos_id])
-                         for row, keep in zip(tokens, mask)]
+                texts = completion_texts(tok, tokens, mask)
                 rewards = torch.tensor([task.reward(text, answer) for text in texts])
                 batch.append((ids, tokens, mask, group_advantages(rewards).to(tokens.device), rewards))
             with torch.no_grad():  # pi_old: with one update per batch, the first update's own logp
