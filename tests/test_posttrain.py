@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -27,7 +28,7 @@ from moeforge.model import build_model
 from moeforge.posttrain.grpo import (completion_logprobs, group_advantages, grpo_loss, kl_k3, sample_group,
                                      train_grpo)
 from moeforge.posttrain.settings import GRPOSettings
-from moeforge.posttrain.tasks import Arithmetic, PythonSyntax
+from moeforge.posttrain.tasks import Arithmetic, PythonSyntax, format_reward
 from moeforge.train import checkpoint as ckpt
 
 
@@ -138,6 +139,32 @@ def test_arithmetic_reward_reads_the_answer_after_the_think_block():
     assert t.reward("85<think>", "85") == 1.0  # no think block: the first integer, as before
 
 
+def test_format_reward():
+    good = ["<think>7+8=15 -> 15</think>15", "<think>a\nb</think> 85 and more", "<think></think>x"]
+    bad = ["85", "<think>a</think>", "<think>a</think>\n85", " <think>a</think>85", "x<think>a</think>85",
+           "<think><think>a</think>85", "<think>a</think></think>85", "<think>a</think>85<think>", "<think>85"]
+    assert [format_reward(c) for c in good] == [1.0] * 3
+    assert [format_reward(c) for c in bad] == [0.0] * len(bad)
+
+
+def test_grpo_reward_adds_the_weighted_format_reward(base_checkpoint, tmp_path, monkeypatch):
+    """reward = the task's + format_weight x format_reward, per completion (so also in each step's
+    means). A random model never writes a think block, so a stand-in format rule (an even number of
+    characters) gives the format term something to count."""
+    from moeforge.posttrain import grpo
+
+    monkeypatch.setattr(grpo, "format_reward", lambda text: float(len(text) % 2 == 0))
+    settings = GRPOSettings(steps=3, prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-3,
+                            format_weight=0.5)
+    records = train_grpo(base_checkpoint, tmp_path / "f", LowercaseStart(), settings, device="cpu", progress=False)
+    for r in records:
+        assert r["reward"] == pytest.approx(r["accuracy"] + 0.5 * r["format"], abs=1e-6)
+    assert any(0 < r["format"] < 1 for r in records)
+    plain = train_grpo(base_checkpoint, tmp_path / "p", LowercaseStart(), dataclasses.replace(settings, format_weight=0),
+                       device="cpu", progress=False)
+    assert all(r["reward"] == r["accuracy"] for r in plain)
+
+
 def test_grpo_command(cli, base_checkpoint, tmp_path, expect_error):
     r = cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "g", "--task", "python_syntax",
             "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--no-progress")
@@ -150,4 +177,6 @@ def test_grpo_command(cli, base_checkpoint, tmp_path, expect_error):
     expect_error(cli("grpo", "--checkpoint", tmp_path / "nowhere", "--out", tmp_path / "h"), "grpo", "does not exist")
     expect_error(cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "h", "--max-new-tokens", "64"),
                  "grpo", "context")
+    expect_error(cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "h", "--format-weight", "-1"),
+                 "grpo", "--format-weight")
     assert not (tmp_path / "h").exists()

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=d.beta, help=f"weight of the KL to the starting model (default {d.beta:g})")
     p.add_argument("--clip", type=float, default=d.clip, help=f"the probability ratio's clip epsilon (default {d.clip:g})")
     p.add_argument("--updates", type=int, default=d.updates, help=f"optimizer steps per sampled batch (default {d.updates})")
+    p.add_argument("--format-weight", type=float, default=d.format_weight,
+                   help="add this times the format reward (1 for a completion that opens with one <think>...</think> "
+                        f"block and then answers; DeepSeek-R1-Zero's) to the task's reward (default {d.format_weight:g})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for prompts and sampling")
     p.add_argument("--no-progress", action="store_true", help="no line per step")
     _add_device(p)

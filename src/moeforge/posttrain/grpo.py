@@ -38,6 +38,7 @@ from ..model.mtp import IGNORE_INDEX
 from ..train.metrics import MetricsSink
 from .common import build_adamw, open_run, save_run_checkpoint
 from .settings import GRPOSettings
+from .tasks import format_reward
 
 __all__ = ["GRPOSettings", "group_advantages", "kl_k3", "grpo_loss", "sample_group", "completion_texts",
            "completion_logprobs", "train_grpo"]
@@ -151,8 +152,11 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
                 ids = tok.encode(prompt)
                 tokens, mask = sample_group(model, ids, s.group_size, s.max_new_tokens, s.temperature, gen, tok.eos_id)
                 texts = completion_texts(tok, tokens, mask)
-                rewards = torch.tensor([task.reward(text, answer) for text in texts])
-                batch.append((ids, tokens, mask, group_advantages(rewards).to(tokens.device), rewards))
+                accuracy = torch.tensor([task.reward(text, answer) for text in texts])
+                form = torch.tensor([format_reward(text) for text in texts])
+                rewards = accuracy + s.format_weight * form
+                batch.append((ids, tokens, mask, group_advantages(rewards).to(tokens.device),
+                              torch.stack([rewards, accuracy, form])))
             with torch.no_grad():  # pi_old: with one update per batch, the first update's own logp
                 old = ([completion_logprobs(model, ids, tokens, mask) for ids, tokens, mask, _, _ in batch]
                        if s.updates > 1 else [None] * len(batch))
@@ -175,9 +179,10 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip) if s.grad_clip > 0
                                   else torch.nn.utils.get_total_norm([p.grad for p in params]))
                 optimizer.step()
-            rewards = torch.cat([r for *_, r in batch])
+            rewards, accuracy, form = torch.cat([r for *_, r in batch], dim=1)
             lengths = torch.cat([m.sum(dim=1) for _, _, m, _, _ in batch]).float()
             rec = {"step": step, "reward": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+                   "accuracy": float(accuracy.mean()), "format": float(form.mean()),
                    "loss": loss_sum, "kl": stats["kl"], "clipped": stats["clipped"], "grad_norm": grad_norm,
                    "completion_tokens": float(lengths.mean()), "seconds": time.perf_counter() - t0}
             records.append(rec)

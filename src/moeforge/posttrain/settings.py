@@ -30,6 +30,7 @@ class GRPOSettings:
     beta: float = 0.04  # weight of the KL to the starting model (DeepSeekMath: 0.04)
     clip: float = 0.2  # epsilon of the ratio's clip
     updates: int = 1  # optimizer steps per sampled batch
+    format_weight: float = 0.0  # reward = the task's + format_weight x tasks.format_reward (R1-Zero's format reward)
     grad_clip: float = 1.0
     seed: int = 0
     keep_checkpoints: int = 2
@@ -45,7 +46,7 @@ class GRPOSettings:
         for name in ("lr", "clip"):
             if not getattr(self, name) > 0:
                 raise MoeforgeError(f"--{name}: must be positive, got {getattr(self, name)}")
-        _check_minimum(self, ("beta", "grad_clip"), 0)
+        _check_minimum(self, ("beta", "grad_clip", "format_weight"), 0)
 
 
 @dataclass(frozen=True)

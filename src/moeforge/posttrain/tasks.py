@@ -19,9 +19,21 @@ from dataclasses import dataclass
 
 from ..errors import MoeforgeError
 
-__all__ = ["Arithmetic", "PythonSyntax", "TASKS", "THINK_START", "THINK_END", "get_task", "final_answer"]
+__all__ = ["Arithmetic", "PythonSyntax", "TASKS", "THINK_START", "THINK_END", "get_task", "final_answer",
+           "format_reward"]
 
 THINK_START, THINK_END = "<think>", "</think>"
+
+
+_TAG = "(?:" + re.escape(THINK_START) + "|" + re.escape(THINK_END) + ")"
+_FORMAT = re.compile(re.escape(THINK_START) + f"(?:(?!{_TAG}).)*" + re.escape(THINK_END)
+                     + f"(?!.*{_TAG})" + r"[ \t]*\S", re.DOTALL)
+
+
+def format_reward(completion: str) -> float:
+    """DeepSeek-R1-Zero's format reward: 1 when the completion opens with a think block,
+    "<think>...</think>", followed by an answer on the same line, and has no other think tag, else 0."""
+    return 1.0 if _FORMAT.match(completion) else 0.0
 
 
 def final_answer(completion: str) -> str:
