@@ -23,6 +23,7 @@ import torch
 
 from conftest import POSTTRAIN_MODEL, read_metrics
 from moeforge.config import load_config
+from moeforge.errors import MoeforgeError
 from moeforge.model import build_model
 from moeforge.model.mtp import IGNORE_INDEX
 from moeforge.posttrain.settings import SFTSettings
@@ -222,3 +223,23 @@ def test_sft_command(cli, base_checkpoint, tmp_path):
     r = cli("sft", "--checkpoint", base_checkpoint, "--data", data, "--out", tmp_path / "o", "--steps", "2")
     assert r.rc == 2 and "already holds a run" in r.err  # no second run mixed into the first
     assert read_metrics(tmp_path / "o") == records
+
+
+def test_bf16_autocast_fine_tuning(base_checkpoint, tmp_path, one_thread, cli):
+    """--precision bf16 runs the forwards under BF16 autocast: the held-out loss before training is
+    FP32's within BF16 rounding but not equal to it (autocast was on), and training lowers it as in
+    FP32; GRPO samples and trains the same way. A precision other than fp32/bf16 is refused."""
+    data = write_examples(tmp_path / "arith.jsonl", Arithmetic().demonstrations(120, random.Random(0)))
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        s = SFTSettings(steps=12, batch_size=8, lr=3e-3, warmup=2, val_fraction=0.1, eval_every=0,
+                        precision=precision)
+        runs[precision] = train_sft(base_checkpoint, data, tmp_path / precision, s, device="cpu", progress=False)
+    before = {p: r[0]["val_loss"] for p, r in runs.items()}
+    assert before["bf16"] != before["fp32"] and before["bf16"] == pytest.approx(before["fp32"], rel=2e-2)
+    assert runs["bf16"][-1]["val_loss"] < 0.8 * before["bf16"]
+    r = cli("grpo", "--checkpoint", tmp_path / "bf16", "--out", tmp_path / "rl", "--steps", "1", "--prompts-per-step",
+            "1", "--group-size", "2", "--max-new-tokens", "4", "--precision", "bf16", "--no-progress")
+    assert r.rc == 0, r.err
+    with pytest.raises(MoeforgeError, match="--precision"):
+        SFTSettings(precision="fp8").validate()

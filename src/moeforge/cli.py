@@ -23,6 +23,13 @@ def _add_device(p: argparse.ArgumentParser) -> None:
                    help="where to run (default: cuda when available, else cpu)")
 
 
+def _add_post_precision(p: argparse.ArgumentParser) -> None:
+    from .posttrain.settings import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16: the forwards under BF16 autocast (weights, gradients and AdamW stay FP32; default fp32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .posttrain.settings import GRPOSettings, SFTSettings
 
@@ -121,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format-weight", type=float, default=d.format_weight,
                    help="add this times the format reward (1 for a completion that opens with one <think>...</think> "
                         f"block and then answers; DeepSeek-R1-Zero's) to the task's reward (default {d.format_weight:g})")
+    _add_post_precision(p)
     p.add_argument("--seed", type=int, default=d.seed, help="seed for prompts and sampling")
     p.add_argument("--no-progress", action="store_true", help="no line per step")
     _add_device(p)
@@ -153,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkpoint every N steps besides the final one (default: the final one only)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for the order of the examples")
     p.add_argument("--no-progress", action="store_true", help="no line per step")
+    _add_post_precision(p)
     _add_device(p)
 
     p = sub.add_parser("sft-data", help="write SFT data: a task's worked examples, or a teacher's correct answers",

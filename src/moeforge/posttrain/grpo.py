@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import random
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from ..errors import MoeforgeError
 from ..generate import sample_next
 from ..model.mtp import IGNORE_INDEX
 from ..train.metrics import MetricsSink
+from ..train.step import autocast
 from .common import build_adamw, open_run, save_run_checkpoint
 from .settings import GRPOSettings
 from .tasks import format_reward
@@ -141,6 +143,7 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
     torch.manual_seed(s.seed)
     rng = random.Random(s.seed)
     gen = torch.Generator(device=model.embed.weight.device).manual_seed(s.seed)
+    amp = functools.partial(autocast, model.embed.weight.device, s.precision)  # BF16 forwards with --precision bf16
     out.mkdir(parents=True, exist_ok=True)
     sink = MetricsSink(out, tensorboard=False)
     records = []
@@ -150,14 +153,16 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
             batch = []  # (prompt ids, tokens, mask, advantages, rewards)
             for prompt, answer in task.prompts(s.prompts_per_step, rng):
                 ids = tok.encode(prompt)
-                tokens, mask = sample_group(model, ids, s.group_size, s.max_new_tokens, s.temperature, gen, tok.eos_id)
+                with amp():
+                    tokens, mask = sample_group(model, ids, s.group_size, s.max_new_tokens, s.temperature, gen,
+                                                tok.eos_id)
                 texts = completion_texts(tok, tokens, mask)
                 accuracy = torch.tensor([task.reward(text, answer) for text in texts])
                 form = torch.tensor([format_reward(text) for text in texts])
                 rewards = accuracy + s.format_weight * form
                 batch.append((ids, tokens, mask, group_advantages(rewards).to(tokens.device),
                               torch.stack([rewards, accuracy, form])))
-            with torch.no_grad():  # pi_old: with one update per batch, the first update's own logp
+            with torch.no_grad(), amp():  # pi_old: with one update per batch, the first update's own logp
                 old = ([completion_logprobs(model, ids, tokens, mask) for ids, tokens, mask, _, _ in batch]
                        if s.updates > 1 else [None] * len(batch))
                 refs = [completion_logprobs(ref, ids, tokens, mask) if ref is not None else None
@@ -168,7 +173,8 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
                 stats = {"kl": 0.0, "clipped": 0.0}
                 loss_sum = 0.0
                 for (ids, tokens, mask, adv, _), old_lp, ref_lp in zip(batch, old, refs):
-                    logp = completion_logprobs(model, ids, tokens, mask)
+                    with amp():
+                        logp = completion_logprobs(model, ids, tokens, mask)
                     old_lp = logp.detach() if old_lp is None else old_lp
                     loss, st = grpo_loss(logp, old_lp, ref_lp, adv, mask, s.clip, s.beta)
                     (loss / len(batch)).backward()  # the mean over all P x G completions

@@ -10,6 +10,14 @@ from ..errors import MoeforgeError
 __all__ = ["GRPOSettings", "SFTSettings"]
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def _check_precision(settings) -> None:
+    if settings.precision not in PRECISIONS:
+        raise MoeforgeError(f"--precision: expected {' or '.join(PRECISIONS)}, got {settings.precision!r}")
+
+
 def _check_minimum(settings, names: tuple[str, ...], minimum: float) -> None:
     """Each named setting is at least `minimum`, or a MoeforgeError naming its command-line flag."""
     for name in names:
@@ -31,6 +39,7 @@ class GRPOSettings:
     clip: float = 0.2  # epsilon of the ratio's clip
     updates: int = 1  # optimizer steps per sampled batch
     format_weight: float = 0.0  # reward = the task's + format_weight x tasks.format_reward (R1-Zero's format reward)
+    precision: str = "fp32"  # "bf16": the forwards (sampling included) under BF16 autocast; weights and AdamW FP32
     grad_clip: float = 1.0
     seed: int = 0
     keep_checkpoints: int = 2
@@ -47,6 +56,7 @@ class GRPOSettings:
             if not getattr(self, name) > 0:
                 raise MoeforgeError(f"--{name}: must be positive, got {getattr(self, name)}")
         _check_minimum(self, ("beta", "grad_clip", "format_weight"), 0)
+        _check_precision(self)
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,7 @@ class SFTSettings:
     keep_checkpoints: int = 2
     seed: int = 0  # the order of the examples
     grad_clip: float = 1.0  # the global gradient norm's bound; 0: no clipping
+    precision: str = "fp32"  # "bf16": the forwards under BF16 autocast; weights and AdamW FP32
 
     def validate(self) -> None:
         _check_minimum(self, ("steps", "batch_size", "keep_checkpoints"), 1)
@@ -74,5 +85,6 @@ class SFTSettings:
             raise MoeforgeError(f"--schedule: expected cosine or constant, got {self.schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise MoeforgeError(f"--min-lr-ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        _check_precision(self)
         if not 0 < self.val_fraction < 1:
             raise MoeforgeError(f"--val-fraction: must be in (0, 1), got {self.val_fraction}")

@@ -46,6 +46,7 @@ from ..errors import MoeforgeError
 from ..model.mtp import IGNORE_INDEX
 from ..train.metrics import MetricsSink
 from ..train.schedule import lr_at
+from ..train.step import autocast
 from .common import build_adamw, open_run, save_run_checkpoint
 from .settings import SFTSettings
 
@@ -155,15 +156,17 @@ def response_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[t
 
 
 @torch.no_grad()
-def heldout_loss(model, examples: list[Example], batch_size: int, pad_id: int) -> float:
-    """Mean response-token loss over `examples` (each response token weighs the same), in eval mode."""
+def heldout_loss(model, examples: list[Example], batch_size: int, pad_id: int, precision: str = "fp32") -> float:
+    """Mean response-token loss over `examples` (each response token weighs the same), in eval mode;
+    precision "bf16": the forwards under BF16 autocast."""
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         inputs, targets = collate(examples[i:i + batch_size], pad_id)
-        loss, n = response_loss(model, inputs.to(device), targets.to(device))
+        with autocast(device, precision):
+            loss, n = response_loss(model, inputs.to(device), targets.to(device))
         total += float(loss) * n
         count += n
     model.train(was_training)
@@ -214,7 +217,7 @@ def train_sft(checkpoint: str | Path, data: str | Path, out: str | Path, s: SFTS
     sink = MetricsSink(out, tensorboard=False)
     tokens = 0
     try:
-        records = [{"step": 0, "tokens": 0, "val_loss": heldout_loss(model, val, s.batch_size, tok.eos_id)}]
+        records = [{"step": 0, "tokens": 0, "val_loss": heldout_loss(model, val, s.batch_size, tok.eos_id, s.precision)}]
         sink.write(records[0])
         if progress:
             print(f"sft: {len(train)} training and {len(val)} held-out examples | held-out loss "
@@ -226,7 +229,8 @@ def train_sft(checkpoint: str | Path, data: str | Path, out: str | Path, s: SFTS
                 group["lr"] = lr
             inputs, targets = collate([train[i] for i in next(batches)], tok.eos_id)
             model.train()
-            loss, n = response_loss(model, inputs.to(device), targets.to(device))
+            with autocast(device, s.precision):
+                loss, n = response_loss(model, inputs.to(device), targets.to(device))
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise MoeforgeError(f"the loss became {loss_value} at step {step}; lower --lr")
@@ -238,7 +242,7 @@ def train_sft(checkpoint: str | Path, data: str | Path, out: str | Path, s: SFTS
             rec = {"step": step, "loss": loss_value, "tokens": tokens, "lr": lr, "grad_norm": float(grad_norm),
                    "seconds": time.perf_counter() - t0}
             if step == s.steps or (s.eval_every and step % s.eval_every == 0):
-                rec["val_loss"] = heldout_loss(model, val, s.batch_size, tok.eos_id)
+                rec["val_loss"] = heldout_loss(model, val, s.batch_size, tok.eos_id, s.precision)
             records.append(rec)
             sink.write(rec)
             if step == s.steps or (s.checkpoint_every and step % s.checkpoint_every == 0):
