@@ -68,8 +68,8 @@ def test_kept_pairs_are_accepted_stopped_and_distinct(teacher, keep):
     task = EvenLength()
     calls = []
     pairs, stats = rejection_sample(biased, tok, task, 12, 6, 8, 1.0, seed=5, keep=keep,
-                                    progress=lambda done, kept: calls.append((done, kept)))
-    assert [done for done, _ in calls] == list(range(1, 13)) and calls[-1][1] == len(pairs)
+                                    progress=lambda done, kept: calls.append((done, kept)), chunk=5)
+    assert [done for done, _ in calls] == [5, 10, 12] and calls[-1][1] == len(pairs)
     assert stats.prompts == 12 and stats.samples == 72
     assert 0 < stats.correct < stats.stopped <= stats.samples  # the filter had something to reject
     assert stats.kept == len(pairs) and 0 < stats.prompts_kept <= 12
@@ -83,7 +83,7 @@ def test_kept_pairs_are_accepted_stopped_and_distinct(teacher, keep):
         assert len(responses) <= keep and len(set(responses)) == len(responses)
     if keep == 3:
         assert max(len(r) for r in per_prompt.values()) > 1
-    again, _ = rejection_sample(biased, tok, task, 12, 6, 8, 1.0, seed=5, keep=keep)
+    again, _ = rejection_sample(biased, tok, task, 12, 6, 8, 1.0, seed=5, keep=keep, chunk=5)
     assert again == pairs
 
 

@@ -26,7 +26,7 @@ from moeforge.config import load_config
 from moeforge.generate import generate
 from moeforge.model import build_model
 from moeforge.posttrain.grpo import (completion_logprobs, group_advantages, grpo_loss, kl_k3, sample_group,
-                                     train_grpo)
+                                     sample_groups, train_grpo)
 from moeforge.posttrain.settings import GRPOSettings
 from moeforge.posttrain.tasks import Arithmetic, PythonSyntax, format_reward
 from moeforge.train import checkpoint as ckpt
@@ -86,6 +86,14 @@ def test_sampler_and_logprobs_match_the_plain_paths():
     stop = tokens[0, 2].item()  # the third greedy token as the stop token: the rows stop there
     tokens, mask = sample_group(model, prompt, 2, 6, 0.0, gen, stop_id=stop)
     assert mask[:, :3].all() and not mask[:, 3:].any() and (tokens[:, 3:] == stop).all()
+    # sample_groups: prompts of two lengths, each length's groups decoded as one batch, in prompt order,
+    # greedy tokens as each group alone (and the stop handled per row)
+    prompts = [[5, 17, 300, 42], [9, 8], [77, 1, 2, 3], [4, 4]]
+    got = sample_groups(model, prompts, 2, 6, 0.0, gen, stop_id=stop)
+    for p, (tokens, mask) in zip(prompts, got):
+        want_tokens, want_mask = sample_group(model, p, 2, 6, 0.0, gen, stop_id=stop)
+        assert torch.equal(tokens, want_tokens) and torch.equal(mask, want_mask)
+    assert got[0][1][:, 3:].sum() == 0  # the first prompt's rows stopped where they stop alone
     # completion_logprobs: the scored positions of a full forward's log-softmax
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)

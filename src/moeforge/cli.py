@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(default 1)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="with --teacher: the longest completion (default 48)")
     p.add_argument("--temperature", type=float, default=1.0, help="with --teacher: sampling temperature (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="with --teacher: no line per tenth of the prompts")
+    p.add_argument("--no-progress", action="store_true", help="with --teacher: no line per 32 prompts sampled")
     _add_device(p)
 
     p = sub.add_parser("plan", help="memory per GPU and compute time/cost of a training run",
@@ -481,11 +481,8 @@ def _sft_data_from_teacher(args, task) -> int:
     if args.temperature <= 0:
         raise MoeforgeError(f"--temperature: must be positive for sampling, got {args.temperature}")
     model, cfg = load_trained_model(args.teacher, args.device)
-    every = max(1, args.n // 10)
-
     def progress(done: int, kept: int) -> None:
-        if done % every == 0 or done == args.n:
-            print(f"sft-data: {done}/{args.n} prompts sampled, {kept} examples kept", flush=True)
+        print(f"sft-data: {done}/{args.n} prompts sampled, {kept} examples kept", flush=True)
 
     pairs, stats = rejection_sample(model.eval(), load_tokenizer(cfg.train.tokenizer or None), task, args.n,
                                     args.samples, args.max_new_tokens, args.temperature, args.seed, args.keep,
