@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -243,3 +244,35 @@ def test_bf16_autocast_fine_tuning(base_checkpoint, tmp_path, one_thread, cli):
     assert r.rc == 0, r.err
     with pytest.raises(MoeforgeError, match="--precision"):
         SFTSettings(precision="fp8").validate()
+
+
+def sft_rank(checkpoint: str, data: str, out: str, settings: SFTSettings) -> list[dict]:
+    """One rank of a data-parallel `train_sft` (tests/dist.py runs it in each process)."""
+    return train_sft(checkpoint, data, out, settings, device="cpu", progress=False)
+
+
+def test_data_parallel_sft_equals_one_process(base_checkpoint, tmp_path, one_thread):
+    """Under torchrun each rank fine-tunes on its share of every batch (examples rank::ranks) and the
+    gradients are averaged over the ranks, weighted so that the step's loss is still the mean over
+    all the batch's scored tokens: the losses, held-out losses and final weights of 2 ranks equal one
+    process's within FP32 summation order; rank 0 alone writes the run folder."""
+    from dist import DistError, run_dist
+
+    data = write_examples(tmp_path / "arith.jsonl", Arithmetic().demonstrations(60, random.Random(0)))
+    s = SFTSettings(steps=6, batch_size=8, lr=1e-3, warmup=2, val_fraction=0.2, eval_every=3)
+    ranks = run_dist(sft_rank, 2, str(base_checkpoint), str(data), str(tmp_path / "dp"), s, init=False, timeout=150)
+    single = train_sft(base_checkpoint, data, tmp_path / "one", s, device="cpu", progress=False)
+    assert [(r.get("loss"), r.get("val_loss")) for r in ranks[0]] == [(r.get("loss"), r.get("val_loss")) for r in ranks[1]]
+    for got, want in zip(ranks[0], single):
+        assert got["step"] == want["step"] and got.get("tokens") == want.get("tokens")
+        for key in ("loss", "val_loss"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5), (key, got, want)
+    assert read_metrics(tmp_path / "dp") == ranks[0]
+    dp_model, _ = ckpt.load_trained_model(tmp_path / "dp", "cpu")
+    one_model, _ = ckpt.load_trained_model(tmp_path / "one", "cpu")
+    for (name, a), b in zip(dp_model.state_dict().items(), one_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(DistError, match="--batch-size 7 does not split evenly over the 2"):
+        run_dist(sft_rank, 2, str(base_checkpoint), str(data), str(tmp_path / "bad"),
+                 dataclasses.replace(s, batch_size=7), init=False)

@@ -20,7 +20,7 @@ from ..train import checkpoint as ckpt
 from ..train.graph import portable_optimizer_state
 from ..train.step import build_optimizer
 
-__all__ = ["open_run", "build_adamw", "save_run_checkpoint"]
+__all__ = ["open_run", "build_adamw", "save_run_checkpoint", "init_data_parallel", "all_reduce_sum"]
 
 
 def open_run(checkpoint: str | Path, out: str | Path, device: str | None):
@@ -51,3 +51,25 @@ def save_run_checkpoint(out: Path, step: int, cfg: Config, model: torch.nn.Modul
     starting checkpoint's config `cfg`."""
     return ckpt.save_checkpoint(Path(out) / "checkpoints", step, cfg, model.state_dict(),
                                 portable_optimizer_state(optimizer.state_dict()), state, keep)
+
+
+def init_data_parallel(device: str | None):
+    """(ParallelContext or None, this rank's device): under torchrun every rank joins the process group
+    as a data-parallel replica of the whole model (parallel.dp = the world size; gloo on CPU, nccl on
+    cuda:LOCAL_RANK); one process: (None, device)."""
+    from ..config import ParallelConfig
+    from ..parallel.mesh import init_distributed
+
+    ctx = init_distributed(ParallelConfig(), device or "auto")
+    return ctx, (str(ctx.device) if ctx is not None else device)
+
+
+def all_reduce_sum(values: list[float], ctx, device) -> list[float]:
+    """The sums of `values` over the data-parallel ranks (FP64; the values themselves for one process)."""
+    if ctx is None:
+        return list(values)
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=ctx.dp_ep_group)
+    return t.tolist()

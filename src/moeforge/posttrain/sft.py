@@ -47,7 +47,8 @@ from ..model.mtp import IGNORE_INDEX
 from ..train.metrics import MetricsSink
 from ..train.schedule import lr_at
 from ..train.step import autocast
-from .common import build_adamw, open_run, save_run_checkpoint
+from ..parallel.data import sync_gradients
+from .common import all_reduce_sum, build_adamw, init_data_parallel, open_run, save_run_checkpoint
 from .settings import SFTSettings
 
 __all__ = ["SFTSettings", "Example", "read_examples", "tokenize_examples", "split_examples", "collate",
@@ -156,12 +157,16 @@ def response_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[t
 
 
 @torch.no_grad()
-def heldout_loss(model, examples: list[Example], batch_size: int, pad_id: int, precision: str = "fp32") -> float:
+def heldout_loss(model, examples: list[Example], batch_size: int, pad_id: int, precision: str = "fp32",
+                 ctx=None) -> float:
     """Mean response-token loss over `examples` (each response token weighs the same), in eval mode;
-    precision "bf16": the forwards under BF16 autocast."""
+    precision "bf16": the forwards under BF16 autocast. With a data-parallel context each rank scores
+    examples[rank::ranks] and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
+    if ctx is not None:
+        examples = examples[ctx.rank::ctx.world_size]
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         inputs, targets = collate(examples[i:i + batch_size], pad_id)
@@ -170,6 +175,7 @@ def heldout_loss(model, examples: list[Example], batch_size: int, pad_id: int, p
         total += float(loss) * n
         count += n
     model.train(was_training)
+    total, count = all_reduce_sum([total, count], ctx, device)
     return total / count
 
 
@@ -201,6 +207,11 @@ def train_sft(checkpoint: str | Path, data: str | Path, out: str | Path, s: SFTS
     last) and checkpoints. Returns the records."""
     s.validate()
     out = Path(out)
+    ctx, device = init_data_parallel(device)
+    rank, ranks = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    lead = rank == 0
+    if s.batch_size % ranks:
+        raise MoeforgeError(f"--batch-size {s.batch_size} does not split evenly over the {ranks} data-parallel ranks")
     model, cfg, tok = open_run(checkpoint, out, device)
     context = cfg.model.max_position_embeddings
     if s.max_len > context:
@@ -213,12 +224,16 @@ def train_sft(checkpoint: str | Path, data: str | Path, out: str | Path, s: SFTS
     torch.manual_seed(s.seed)
     batches = _batches(len(train), s.batch_size, random.Random(s.seed))
     device = model.embed.weight.device
-    out.mkdir(parents=True, exist_ok=True)
-    sink = MetricsSink(out, tensorboard=False)
+    if lead:  # (with data parallelism, rank 0 writes the metrics and checkpoints)
+        out.mkdir(parents=True, exist_ok=True)
+    sink = MetricsSink(out, tensorboard=False) if lead else None
+    progress = progress and lead
     tokens = 0
     try:
-        records = [{"step": 0, "tokens": 0, "val_loss": heldout_loss(model, val, s.batch_size, tok.eos_id, s.precision)}]
-        sink.write(records[0])
+        records = [{"step": 0, "tokens": 0,
+                    "val_loss": heldout_loss(model, val, s.batch_size, tok.eos_id, s.precision, ctx)}]
+        if sink is not None:
+            sink.write(records[0])
         if progress:
             print(f"sft: {len(train)} training and {len(val)} held-out examples | held-out loss "
                   f"{records[0]['val_loss']:.4f} before training", flush=True)
@@ -227,31 +242,36 @@ def train_sft(checkpoint: str | Path, data: str | Path, out: str | Path, s: SFTS
             lr = lr_at(step - 1, run_cfg.train)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            inputs, targets = collate([train[i] for i in next(batches)], tok.eos_id)
+            inputs, targets = collate([train[i] for i in next(batches)[rank::ranks]], tok.eos_id)
             model.train()
             with autocast(device, s.precision):
-                loss, n = response_loss(model, inputs.to(device), targets.to(device))
-            loss_value = float(loss.detach())
+                loss, local_n = response_loss(model, inputs.to(device), targets.to(device))
+            loss_sum, n = all_reduce_sum([float(loss.detach()) * local_n, local_n], ctx, device)
+            loss_value = loss_sum / n  # the mean over every rank's scored tokens
             if not math.isfinite(loss_value):
                 raise MoeforgeError(f"the loss became {loss_value} at step {step}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # this rank's share of that mean (x ranks: sync_gradients averages the ranks' gradients)
+            (loss * (local_n * ranks / n)).backward()
+            sync_gradients(model, ctx)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip or math.inf)
             optimizer.step()
-            tokens += n
+            tokens += int(n)
             rec = {"step": step, "loss": loss_value, "tokens": tokens, "lr": lr, "grad_norm": float(grad_norm),
                    "seconds": time.perf_counter() - t0}
             if step == s.steps or (s.eval_every and step % s.eval_every == 0):
                 rec["val_loss"] = heldout_loss(model, val, s.batch_size, tok.eos_id, s.precision)
             records.append(rec)
-            sink.write(rec)
-            if step == s.steps or (s.checkpoint_every and step % s.checkpoint_every == 0):
+            if sink is not None:
+                sink.write(rec)
+            if lead and (step == s.steps or (s.checkpoint_every and step % s.checkpoint_every == 0)):
                 save_run_checkpoint(out, step, cfg, model, optimizer,
                                     {"step": step, "sft": dataclasses.asdict(s), "data": str(data)}, s.keep_checkpoints)
             if progress:
                 val_text = f" | held-out {rec['val_loss']:.4f}" if "val_loss" in rec else ""
                 print(f"sft step {step}/{s.steps} | loss {rec['loss']:.4f}{val_text} | lr {lr:.2e} | "
-                      f"gnorm {rec['grad_norm']:.2f} | {n} tokens | {rec['seconds']:.2f} s", flush=True)
+                      f"gnorm {rec['grad_norm']:.2f} | {int(n)} tokens | {rec['seconds']:.2f} s", flush=True)
     finally:
-        sink.close()
+        if sink is not None:
+            sink.close()
     return records
