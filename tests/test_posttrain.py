@@ -188,3 +188,44 @@ def test_grpo_command(cli, base_checkpoint, tmp_path, expect_error):
     expect_error(cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "h", "--format-weight", "-1"),
                  "grpo", "--format-weight")
     assert not (tmp_path / "h").exists()
+
+
+def grpo_rank_weights(checkpoint: str, out: str, settings: GRPOSettings) -> tuple[list[dict], dict]:
+    """One rank of a data-parallel `train_grpo` (tests/dist.py runs it in each process): its records and
+    its replica's final weights (the model handed to build_adamw, kept)."""
+    from moeforge.posttrain import grpo
+
+    held = {}
+    real = grpo.build_adamw
+
+    def keep(model, cfg, **kw):
+        held["model"] = model
+        return real(model, cfg, **kw)
+
+    grpo.build_adamw = keep
+    records = train_grpo(checkpoint, out, LowercaseStart(), settings, device="cpu", progress=False)
+    return records, {k: v.detach().clone() for k, v in held["model"].state_dict().items()}
+
+
+def test_data_parallel_grpo_keeps_the_replicas_equal(base_checkpoint, tmp_path):
+    """Under torchrun each rank samples its share of the step's prompts and the gradients are averaged:
+    the replicas stay equal to the bit, every rank reports the same metrics (over all completions),
+    rank 0 alone writes them and the checkpoint, whose weights are the replicas'; prompts that do not
+    split evenly are refused."""
+    from dist import DistError, run_dist
+
+    s = GRPOSettings(steps=3, prompts_per_step=4, group_size=4, max_new_tokens=4, lr=1e-2)
+    ranks = run_dist(grpo_rank_weights, 2, str(base_checkpoint), str(tmp_path / "dp"), s, init=False, timeout=150)
+    (rec0, w0), (rec1, w1) = ranks
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in rec0] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in rec1]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    base, _ = ckpt.load_trained_model(base_checkpoint, "cpu")
+    assert not torch.equal(w0["layers.0.attn.wkv_a.weight"], base.state_dict()["layers.0.attn.wkv_a.weight"])
+    saved, _ = ckpt.load_trained_model(tmp_path / "dp", "cpu")
+    assert all(torch.equal(v, w0[k]) for k, v in saved.state_dict().items())
+    lines = (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(0 <= r["reward"] <= 1 and r["reward_std"] >= 0 for r in rec0)
+    with pytest.raises(DistError, match="--prompts-per-step 3 does not split evenly over the 2"):
+        run_dist(grpo_rank_weights, 2, str(base_checkpoint), str(tmp_path / "bad"),
+                 dataclasses.replace(s, prompts_per_step=3), init=False)

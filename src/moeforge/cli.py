@@ -433,6 +433,8 @@ def cmd_grpo(args) -> int:
     task = get_task(args.task)
     records = train_grpo(args.checkpoint, Path(args.out), task, _settings(GRPOSettings, args), device=args.device,
                          progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     first, last = records[0], records[-1]
     print(f"grpo: reward {first['reward']:.3f} at step 1, {last['reward']:.3f} at step {last['step']}; "
           f"checkpoint in {Path(args.out) / 'checkpoints'}")
@@ -444,6 +446,8 @@ def cmd_sft(args) -> int:
 
     records = train_sft(args.checkpoint, args.data, Path(args.out), _settings(SFTSettings, args), device=args.device,
                         progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     first, last = records[0], records[-1]
     print(f"sft: held-out loss {first['val_loss']:.4f} before, {last['val_loss']:.4f} after {last['step']} steps; "
           f"checkpoint in {Path(args.out) / 'checkpoints'}")

@@ -38,7 +38,8 @@ from ..generate import sample_next
 from ..model.mtp import IGNORE_INDEX
 from ..train.metrics import MetricsSink
 from ..train.step import autocast
-from .common import build_adamw, open_run, save_run_checkpoint
+from ..parallel.data import sync_gradients
+from .common import all_reduce_sum, build_adamw, init_data_parallel, open_run, save_run_checkpoint
 from .settings import GRPOSettings
 from .tasks import format_reward
 
@@ -158,9 +159,20 @@ def completion_logprobs(model, prompt: list[int], tokens: torch.Tensor, mask: to
 def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, device: str | None = None,
                progress: bool = True) -> list[dict]:
     """Post-train the model of `checkpoint` with GRPO on `task` (tasks.py) for s.steps steps; write
-    OUT/metrics.jsonl (one record per step) and a checkpoint at the end. Returns the records."""
+    OUT/metrics.jsonl (one record per step) and a checkpoint at the end. Returns the records.
+
+    Under torchrun, data parallel: every rank holds the whole model (and the reference), samples the
+    groups of prompts rank::N of each step's prompts, and the gradients are averaged over the ranks
+    (each rank's loss is the mean over as many completions), so the objective is the mean over all
+    P x G completions; the metrics are over all of them; rank 0 writes the metrics and the checkpoint.
+    Each rank samples with its own generator (seed + rank)."""
     s.validate()
     out = Path(out)
+    ctx, device = init_data_parallel(device)
+    rank, ranks = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    if s.prompts_per_step % ranks:
+        raise MoeforgeError(f"--prompts-per-step {s.prompts_per_step} does not split evenly over the {ranks} "
+                            f"data-parallel ranks")
     model, cfg, tok = open_run(checkpoint, out, device)
     if s.max_new_tokens >= cfg.model.max_position_embeddings:
         raise MoeforgeError(f"--max-new-tokens {s.max_new_tokens} leaves no room for a prompt in the model's context "
@@ -169,16 +181,19 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
     optimizer, _ = build_adamw(model, cfg, lr=s.lr)
     torch.manual_seed(s.seed)
     rng = random.Random(s.seed)
-    gen = torch.Generator(device=model.embed.weight.device).manual_seed(s.seed)
-    amp = functools.partial(autocast, model.embed.weight.device, s.precision)  # BF16 forwards with --precision bf16
-    out.mkdir(parents=True, exist_ok=True)
-    sink = MetricsSink(out, tensorboard=False)
+    device = model.embed.weight.device
+    gen = torch.Generator(device=device).manual_seed(s.seed + rank)
+    amp = functools.partial(autocast, device, s.precision)  # BF16 forwards with --precision bf16
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    sink = MetricsSink(out, tensorboard=False) if rank == 0 else None
+    progress = progress and rank == 0
     records = []
     try:
         for step in range(1, s.steps + 1):
             t0 = time.perf_counter()
             batch = []  # (prompt ids, tokens, mask, advantages, [reward, task reward, format reward] x G)
-            problems = task.prompts(s.prompts_per_step, rng)
+            problems = task.prompts(s.prompts_per_step, rng)[rank::ranks]  # the same prompts on every rank
             prompt_ids = [tok.encode(prompt) for prompt, _ in problems]
             with amp():
                 groups = sample_groups(model, prompt_ids, s.group_size, s.max_new_tokens, s.temperature, gen,
@@ -205,29 +220,37 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
                         logp = completion_logprobs(model, ids, tokens, mask)
                     old_lp = logp.detach() if old_lp is None else old_lp
                     loss, st = grpo_loss(logp, old_lp, ref_lp, adv, mask, s.clip, s.beta)
-                    (loss / len(batch)).backward()  # the mean over all P x G completions
+                    (loss / len(batch)).backward()  # the mean over this rank's completions
                     loss_sum += float(loss.detach()) / len(batch)
                     for k in stats:
                         stats[k] += st[k] / len(batch)
+                sync_gradients(model, ctx)  # ... averaged over the ranks: over all P x G completions
                 params = [p for p in model.parameters() if p.grad is not None]
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip) if s.grad_clip > 0
                                   else torch.nn.utils.get_total_norm([p.grad for p in params]))
                 optimizer.step()
-            rewards, accuracy, form = torch.cat([r for *_, r in batch], dim=1)
-            lengths = torch.cat([m.sum(dim=1) for _, _, m, _, _ in batch]).float()
-            rec = {"step": step, "reward": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
-                   "accuracy": float(accuracy.mean()), "format": float(form.mean()),
-                   "loss": loss_sum, "kl": stats["kl"], "clipped": stats["clipped"], "grad_norm": grad_norm,
-                   "completion_tokens": float(lengths.mean()), "seconds": time.perf_counter() - t0}
+            rewards, accuracy, form = torch.cat([r for *_, r in batch], dim=1).double()
+            lengths = torch.cat([m.sum(dim=1) for _, _, m, _, _ in batch]).double()
+            count, r1, r2, acc, fmt, length, loss_sum, kl, clipped = all_reduce_sum(
+                [rewards.numel(), float(rewards.sum()), float(rewards.square().sum()), float(accuracy.sum()),
+                 float(form.sum()), float(lengths.sum()), loss_sum, stats["kl"], stats["clipped"]], ctx, device)
+            mean = r1 / count
+            rec = {"step": step, "reward": mean, "reward_std": max(r2 / count - mean * mean, 0.0) ** 0.5,
+                   "accuracy": acc / count, "format": fmt / count, "loss": loss_sum / ranks, "kl": kl / ranks,
+                   "clipped": clipped / ranks, "grad_norm": grad_norm, "completion_tokens": length / count,
+                   "seconds": time.perf_counter() - t0}
             records.append(rec)
-            sink.write(rec)
+            if sink is not None:
+                sink.write(rec)
             if progress:
                 print(f"grpo step {step}/{s.steps} | reward {rec['reward']:.3f} | kl {rec['kl']:.4f} | "
                       f"loss {rec['loss']:+.4f} | {rec['completion_tokens']:.1f} tokens | {rec['seconds']:.1f} s",
                       flush=True)
         optimizer.zero_grad(set_to_none=True)
-        save_run_checkpoint(out, s.steps, cfg, model, optimizer, {"step": s.steps, "grpo": dataclasses.asdict(s)},
-                            s.keep_checkpoints)
+        if rank == 0:
+            save_run_checkpoint(out, s.steps, cfg, model, optimizer, {"step": s.steps, "grpo": dataclasses.asdict(s)},
+                                s.keep_checkpoints)
     finally:
-        sink.close()
+        if sink is not None:
+            sink.close()
     return records
