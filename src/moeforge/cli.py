@@ -426,6 +426,13 @@ def _settings(cls, args):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
+def _report_post_training(args, summary: str) -> int:
+    """The last line of a post-training command (rank 0 only under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{summary}; checkpoint in {Path(args.out) / 'checkpoints'}")
+    return 0
+
+
 def cmd_grpo(args) -> int:
     from .posttrain.grpo import GRPOSettings, train_grpo
     from .posttrain.tasks import get_task
@@ -433,12 +440,9 @@ def cmd_grpo(args) -> int:
     task = get_task(args.task)
     records = train_grpo(args.checkpoint, Path(args.out), task, _settings(GRPOSettings, args), device=args.device,
                          progress=not args.no_progress)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
-        return 0
     first, last = records[0], records[-1]
-    print(f"grpo: reward {first['reward']:.3f} at step 1, {last['reward']:.3f} at step {last['step']}; "
-          f"checkpoint in {Path(args.out) / 'checkpoints'}")
-    return 0
+    return _report_post_training(args, f"grpo: reward {first['reward']:.3f} at step 1, {last['reward']:.3f} at step "
+                                       f"{last['step']}")
 
 
 def cmd_sft(args) -> int:
@@ -446,12 +450,9 @@ def cmd_sft(args) -> int:
 
     records = train_sft(args.checkpoint, args.data, Path(args.out), _settings(SFTSettings, args), device=args.device,
                         progress=not args.no_progress)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
-        return 0
     first, last = records[0], records[-1]
-    print(f"sft: held-out loss {first['val_loss']:.4f} before, {last['val_loss']:.4f} after {last['step']} steps; "
-          f"checkpoint in {Path(args.out) / 'checkpoints'}")
-    return 0
+    return _report_post_training(args, f"sft: held-out loss {first['val_loss']:.4f} before, {last['val_loss']:.4f} "
+                                       f"after {last['step']} steps")
 
 
 def cmd_sft_data(args) -> int:
