@@ -13,10 +13,11 @@ averaged over the tokens of each completion, then over all P x G completions (De
 (one optimizer step per sampled batch) rho is 1 in value and only its gradient acts; with more, the
 later steps are off-policy and the clip bounds them.
 
-The model is the single-device Transformer (one process, CPU or one GPU): sampling uses the MLA
-latent cache (generate.py's sampler), the log-probabilities come from the model's per-target
-losses (head.token_losses: logits only where a completion token is scored). A group's completions
-share the prompt, so a group is one batch of G rows. Checkpoints are the trainer's format, so
+The model is the single-device Transformer (one process, CPU or one GPU, or a data-parallel
+replica per rank under torchrun: train_grpo): sampling uses the MLA latent cache (generate.py's
+sampler), the log-probabilities come from the model's per-target losses (head.token_losses: logits
+only where a completion token is scored). The groups of all prompts of one token length are
+sampled as one batch (sample_groups). Checkpoints are the trainer's format, so
 `moeforge generate`, `eval` and `convert` read them; the config is the starting checkpoint's.
 
 Shape legend: G group size, Lp prompt length, N max new tokens.
@@ -36,9 +37,9 @@ import torch
 from ..errors import MoeforgeError
 from ..generate import sample_next
 from ..model.mtp import IGNORE_INDEX
+from ..parallel.data import sync_gradients
 from ..train.metrics import MetricsSink
 from ..train.step import autocast
-from ..parallel.data import sync_gradients
 from .common import all_reduce_sum, build_adamw, init_data_parallel, open_run, save_run_checkpoint
 from .settings import GRPOSettings
 from .tasks import format_reward

@@ -21,7 +21,8 @@ any batch (tested). Only the main model's next-token head is trained; the MTP mo
 routing biases stay as the checkpoint has them.
 
 Optimisation: AdamW (posttrain/common.py), a linear warm-up, then constant or cosine (train/schedule.py),
-the gradient clipped to norm 1. FP32, one process (CPU or one GPU). The run folder holds
+the gradient clipped to norm 1. FP32, or the forwards under BF16 autocast (precision "bf16"). One
+process (CPU or one GPU), or data parallel under torchrun (train_sft). The run folder holds
 metrics.jsonl and checkpoints in the trainer's format (common.py), so `moeforge generate`, `eval`,
 `convert` and `grpo --checkpoint` read it.
 
@@ -44,10 +45,10 @@ import torch
 from ..data.tokenizer import Tokenizer, atomic_write_text
 from ..errors import MoeforgeError
 from ..model.mtp import IGNORE_INDEX
+from ..parallel.data import sync_gradients
 from ..train.metrics import MetricsSink
 from ..train.schedule import lr_at
 from ..train.step import autocast
-from ..parallel.data import sync_gradients
 from .common import all_reduce_sum, build_adamw, init_data_parallel, open_run, save_run_checkpoint
 from .settings import SFTSettings
 
@@ -204,7 +205,11 @@ def train_sft(checkpoint: str | Path, data: str | Path, out: str | Path, s: SFTS
               progress: bool = True) -> list[dict]:
     """Fine-tune the model of `checkpoint` on the examples of `data` for s.steps steps; write
     OUT/metrics.jsonl (a record per step, with val_loss at step 0, every s.eval_every steps and at the
-    last) and checkpoints. Returns the records."""
+    last) and checkpoints. Returns the records.
+
+    Under torchrun, data parallel: every rank holds the whole model and takes examples rank::N of each
+    batch; its loss is weighted by its share of the batch's scored tokens and the gradients are
+    averaged over the ranks, so a step is the one-process step on the whole batch. Rank 0 writes."""
     s.validate()
     out = Path(out)
     ctx, device = init_data_parallel(device)
