@@ -23,11 +23,15 @@ def _add_device(p: argparse.ArgumentParser) -> None:
                    help="where to run (default: cuda when available, else cpu)")
 
 
-def _add_post_precision(p: argparse.ArgumentParser) -> None:
+def _add_post_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str) -> None:
+    """The flags every post-training run takes: --seed, --no-progress, --precision and --device."""
     from .posttrain.settings import PRECISIONS
 
+    p.add_argument("--seed", type=int, default=seed, help=seed_help)
+    p.add_argument("--no-progress", action="store_true", help="no line per step")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16: the forwards under BF16 autocast (weights, gradients and AdamW stay FP32; default fp32)")
+    _add_device(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,10 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format-weight", type=float, default=d.format_weight,
                    help="add this times the format reward (1 for a completion that opens with one <think>...</think> "
                         f"block and then answers; DeepSeek-R1-Zero's) to the task's reward (default {d.format_weight:g})")
-    _add_post_precision(p)
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for prompts and sampling")
-    p.add_argument("--no-progress", action="store_true", help="no line per step")
-    _add_device(p)
+    _add_post_run_flags(p, d.seed, "seed for prompts and sampling")
 
     p = sub.add_parser("sft", help="supervised fine-tuning of a checkpoint on prompt/response pairs",
                        description="Fine-tune a checkpoint on prompt/response pairs (DeepSeek-R1's cold start before "
@@ -159,10 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"before and after only)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="a checkpoint every N steps besides the final one (default: the final one only)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for the order of the examples")
-    p.add_argument("--no-progress", action="store_true", help="no line per step")
-    _add_post_precision(p)
-    _add_device(p)
+    _add_post_run_flags(p, d.seed, "seed for the order of the examples")
 
     p = sub.add_parser("sft-data", help="write SFT data: a task's worked examples, or a teacher's correct answers",
                        description="Write a JSONL file of prompt/response pairs for `moeforge sft` from a task of "

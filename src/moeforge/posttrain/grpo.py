@@ -169,11 +169,7 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
     Each rank samples with its own generator (seed + rank)."""
     s.validate()
     out = Path(out)
-    ctx, device = init_data_parallel(device)
-    rank, ranks = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
-    if s.prompts_per_step % ranks:
-        raise MoeforgeError(f"--prompts-per-step {s.prompts_per_step} does not split evenly over the {ranks} "
-                            f"data-parallel ranks")
+    ctx, device, rank, ranks = init_data_parallel(device, s.prompts_per_step, "--prompts-per-step")
     model, cfg, tok = open_run(checkpoint, out, device)
     if s.max_new_tokens >= cfg.model.max_position_embeddings:
         raise MoeforgeError(f"--max-new-tokens {s.max_new_tokens} leaves no room for a prompt in the model's context "

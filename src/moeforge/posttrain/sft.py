@@ -212,11 +212,8 @@ def train_sft(checkpoint: str | Path, data: str | Path, out: str | Path, s: SFTS
     averaged over the ranks, so a step is the one-process step on the whole batch. Rank 0 writes."""
     s.validate()
     out = Path(out)
-    ctx, device = init_data_parallel(device)
-    rank, ranks = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    ctx, device, rank, ranks = init_data_parallel(device, s.batch_size, "--batch-size")
     lead = rank == 0
-    if s.batch_size % ranks:
-        raise MoeforgeError(f"--batch-size {s.batch_size} does not split evenly over the {ranks} data-parallel ranks")
     model, cfg, tok = open_run(checkpoint, out, device)
     context = cfg.model.max_position_embeddings
     if s.max_len > context:
