@@ -87,6 +87,10 @@ def test_generate_continues_the_prompt(cli, trained_run):
             "--temperature", 0)
     assert r.rc == 0, r.err
     assert r.out.startswith("import")
+    # --precision bf16 (BF16 autocast; on a CPU the steps run eagerly) continues the prompt too
+    r = cli(*args, "--precision", "bf16")
+    assert r.rc == 0, r.err
+    assert r.out.startswith("def ") and len(r.out.rstrip("\n")) > len("def ")
 
 
 def test_eval_checkpoint_reproduces_training_validation(cli, trained_run):
@@ -189,7 +193,7 @@ def test_info_in_process_with_overrides(cli):
 HELP_FLAGS = {
     "train": ["--preset", "--config", "--out", "--steps", "--resume", "--device", "--seed", "--data", "--tokenizer",
               "--precision", "--no-progress", "key=value"],
-    "generate": ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--device"],
+    "generate": ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--precision", "--device"],
     "eval": ["--checkpoint", "--text", "--batch-size", "--max-batches", "--device"],
     "convert": ["--checkpoint", "--hf", "--out", "--dtype"],
     "info": ["--preset", "--config", "key=value"],

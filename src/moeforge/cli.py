@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="numerics (default: bf16 on GPU, where each decoding step is replayed as a CUDA graph; fp32 on CPU)")
     p.add_argument("--ema", action="store_true", help=EMA_HELP)
     _add_device(p)
 
@@ -259,6 +261,7 @@ def cmd_generate(args) -> int:
     from .data import load_tokenizer
     from .generate import generate
     from .train.checkpoint import load_trained_model
+    from .train.step import autocast, resolve_precision
 
     if not 0 < args.top_p <= 1:
         raise MoeforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
@@ -266,8 +269,10 @@ def cmd_generate(args) -> int:
         raise MoeforgeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     model, cfg = load_trained_model(args.checkpoint, args.device, ema=args.ema)
     tok = load_tokenizer(cfg.train.tokenizer or None)
-    ids = generate(model, tok.encode(args.prompt), args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                   stop_id=tok.eos_id)
+    device = model.embed.weight.device
+    with autocast(device, resolve_precision(args.precision, device)):
+        ids = generate(model, tok.encode(args.prompt), args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                       stop_id=tok.eos_id)
     print(args.prompt + tok.decode(ids))
     return 0
 

@@ -1,12 +1,21 @@
-"""Text generation with the MLA latent cache (only c_kv and the rope key are cached), temperature and top-p."""
+"""Text generation with the MLA latent cache (only c_kv and the rope key are cached), temperature and top-p.
+
+Decoding is a prefill of the prompts, then one forward per new token (Decoder). On a GPU that step is a
+few hundred small kernels, so the host's launches, not the GPU, set its pace; there the Decoder
+captures the step as a CUDA graph and replays it, one launch per token. That needs a step that never
+waits on the host: the position is a device tensor (LatentCache.write) and the routed experts run
+torch's grouped GEMM, which it has on CUDA for BF16 only (in FP32 the experts' per-expert reference
+loop reads the row counts on the host). So the graph is used on CUDA when the step computes in BF16
+(under BF16 autocast, or with BF16 weights); otherwise the step runs eagerly.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from .errors import MoeforgeError
+from .model.layers import compute_dtype
 from .model.transformer import Transformer
-
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """logits: [B, V] -> token ids [B]. temperature 0 is greedy; top_p keeps the smallest nucleus."""
@@ -21,31 +30,124 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
-             top_p: float = 0.95, seed: int = 0, stop_id: int | None = None) -> list[int]:
-    """Prefill the prompt once, then decode one token at a time from the cache. Returns new tokens."""
-    if not prompt:
-        raise MoeforgeError("the prompt is empty")
+class Decoder:
+    """R rows of one prompt length decoded in lockstep from the latent cache: prefill() the prompts,
+    then step() one token per row (module doc). mode: "eager" (the position a Python int; the
+    attention reads only the positions written), "static" (the position a device tensor; the
+    attention reads the whole cache, masked: the graph's step, run eagerly), "graph" (the static step
+    captured as a CUDA graph at its second call, after a first call that warms it up, and replayed
+    from then on), or "auto": "graph" on CUDA when the step computes in BF16, else "eager".
+
+    step()'s logits are a buffer of the decoder's own under "graph": read them before the next step."""
+
+    MODES = ("auto", "eager", "static", "graph")
+
+    def __init__(self, model: Transformer, rows: int, max_len: int, mode: str = "auto"):
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        device = model.embed.weight.device
+        if mode == "auto":
+            probe = torch.empty(0, device=device, dtype=model.embed.weight.dtype)
+            mode = "graph" if device.type == "cuda" and compute_dtype(probe) == torch.bfloat16 else "eager"
+        if mode == "graph" and device.type != "cuda":
+            raise ValueError("a CUDA graph needs a CUDA device")
+        self.model, self.mode = model, mode
+        self.caches = model.new_caches(rows, max_len)
+        self.position = 0  # the next position to decode
+        self._pos = torch.zeros((), dtype=torch.long, device=device)  # the same, on the device (static, graph)
+        self._tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self._graph = None
+        self._logits = None
+        self._warm = False
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [R, L] (positions 0..L-1) -> the logits after the last one [R, V]."""
+        logits = self.model(tokens, self.caches, 0)[:, -1]
+        self.position = tokens.shape[1]
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [R] at the next position -> the logits after them [R, V]."""
+        if self.mode == "eager":
+            logits = self.model(tokens.view(-1, 1), self.caches, self.position)[:, -1]
+            self.position += 1
+            return logits
+        self._tokens.copy_(tokens.view(-1, 1))
+        self._pos.fill_(self.position)
+        if self.mode == "static":
+            logits = self._static_step()
+        elif self._graph is not None:
+            self._graph.replay()
+            logits = self._logits
+        elif not self._warm:  # the first call: run once outside a capture (kernels compile, workspaces
+            # are made), on a side stream as CUDA graphs require
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self._static_step()
+            torch.cuda.current_stream().wait_stream(side)
+            self._warm = True
+        else:  # the second: capture; the capture records the step without running it, replay runs it
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._logits = self._static_step()
+            self._graph.replay()
+            logits = self._logits
+        self.position += 1
+        return logits
+
+    def _static_step(self) -> torch.Tensor:
+        return self.model(self._tokens, self.caches, self._pos)[:, -1]
+
+
+def check_length(model: Transformer, prompt_len: int, max_new: int) -> None:
     limit = model.cfg.max_position_embeddings
-    if len(prompt) + max_new_tokens > limit:
-        raise MoeforgeError(f"prompt ({len(prompt)} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds "
-                            f"the model's context of {limit} tokens")
+    if prompt_len + max_new > limit:
+        raise MoeforgeError(f"a prompt of {prompt_len} tokens plus --max-new-tokens {max_new} exceeds the model's "
+                            f"context of {limit} tokens")
+
+
+@torch.no_grad()
+def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, temperature: float, top_p: float,
+                generator: torch.Generator | None, stop_id: int | None,
+                mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Completions of prompts of one length, one per row, decoded together: (tokens, mask) [R, N].
+    A row that emits stop_id keeps it and is masked after it; the masked places hold stop_id (0
+    without one). Decoding ends when every row has stopped: checked after every token on a CPU, every
+    8 tokens on a GPU (each check waits for the GPU; the extra tokens are masked)."""
+    length = len(rows[0])
+    check_length(model, length, max_new)
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    caches = model.new_caches(1, len(prompt) + max_new_tokens)
-    tokens = torch.tensor([prompt], device=device)
-    logits = model(tokens, caches, 0)[:, -1]
-    out: list[int] = []
-    pos = len(prompt)
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, gen)
-        out.append(int(nxt))
-        if stop_id is not None and out[-1] == stop_id:
-            break
-        logits = model(nxt.view(1, 1), caches, pos)[:, -1]
-        pos += 1
+    R = len(rows)
+    decoder = Decoder(model, R, length + max_new, mode)
+    logits = decoder.prefill(torch.tensor(rows, device=device))
+    tokens = torch.full((R, max_new), stop_id if stop_id is not None else 0, dtype=torch.long, device=device)
+    mask = torch.zeros(R, max_new, dtype=torch.bool, device=device)
+    alive = torch.ones(R, dtype=torch.bool, device=device)
+    every = 8 if device.type == "cuda" else 1
+    for t in range(max_new):
+        nxt = sample_next(logits, temperature, top_p, generator)
+        tokens[:, t] = torch.where(alive, nxt, tokens[:, t])
+        mask[:, t] = alive
+        if stop_id is not None:
+            alive = alive & (nxt != stop_id)
+            if (t + 1) % every == 0 and not bool(alive.any()):
+                break
+        if t + 1 < max_new:
+            logits = decoder.step(tokens[:, t])
     model.train(was_training)
-    return out
+    return tokens, mask
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
+             top_p: float = 0.95, seed: int = 0, stop_id: int | None = None, mode: str = "auto") -> list[int]:
+    """Prefill the prompt once, then decode one token at a time from the cache (Decoder). Returns the
+    new tokens, through stop_id when it is emitted."""
+    if not prompt:
+        raise MoeforgeError("the prompt is empty")
+    gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
+    tokens, mask = sample_rows(model, [prompt], max_new_tokens, temperature, top_p, gen, stop_id, mode)
+    return tokens[0][mask[0]].tolist()

@@ -34,6 +34,34 @@ class LatentCache:
         return cls(torch.zeros(batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype),
                    torch.zeros(batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype))
 
+    def write(self, kv: torch.Tensor, pe: torch.Tensor, start_pos: "int | torch.Tensor"):
+        """Store the new positions' kv [B, S, C] and pe [B, S, R] from start_pos on. Returns the cached
+        kv [B, T, C] and pe [B, T, R] that the new positions attend over, and a boolean [S, T] mask of
+        the places each new position must not see (None: it sees all T).
+
+        start_pos an int: T is start_pos + S (only the written positions), causal within the new ones.
+        start_pos a 0-dim integer tensor on the cache's device (one new position, S = 1): T is the
+        whole cache and the places after start_pos are masked, so the shapes and addresses of a
+        decode step do not depend on the position and the step can be captured as a CUDA graph."""
+        B, S = kv.shape[:2]
+        if isinstance(start_pos, torch.Tensor):
+            if S != 1:
+                raise ValueError(f"a device position writes one position at a time, got {S}")
+            index = start_pos.view(1)
+            self.kv[:B].index_copy_(1, index, kv.to(self.kv.dtype))
+            self.pe[:B].index_copy_(1, index, pe.to(self.pe.dtype))
+            places = torch.arange(self.kv.shape[1], device=self.kv.device)
+            return self.kv[:B], self.pe[:B], (places > start_pos).unsqueeze(0)
+        end = start_pos + S
+        self.kv[:B, start_pos:end] = kv.to(self.kv.dtype)
+        self.pe[:B, start_pos:end] = pe.to(self.pe.dtype)
+        hidden = None
+        if S > 1:  # causal within the new positions
+            t = torch.arange(end, device=kv.device)
+            s = torch.arange(start_pos, end, device=kv.device)
+            hidden = t[None, :] > s[:, None]
+        return self.kv[:B, :end], self.pe[:B, :end], hidden
+
 
 def document_mask(doc_ids: torch.Tensor, flex: bool | None = None):
     """Causal attention within documents: position i attends to j <= i when doc_ids[b, j] == doc_ids[b, i].
@@ -109,9 +137,10 @@ class MLA(nn.Module):
         return q.unflatten(-1, (self.n_heads, self.nope + self.rope))  # [B, S, H, N+R]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, start_pos: int = 0, mask=None) -> torch.Tensor:
+                cache: LatentCache | None = None, start_pos: "int | torch.Tensor" = 0, mask=None) -> torch.Tensor:
         """x: [B, S, D]; cos/sin: [S, R/2] for positions start_pos..start_pos+S-1; mask: None (causal)
-        or a document_mask(...) of the same B and S (training form only)."""
+        or a document_mask(...) of the same B and S (training form only). start_pos may be a device
+        tensor when decoding one position with a cache (LatentCache.write)."""
         q_nope, q_pe = self.query(x).split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
         kv, k_pe = self.wkv_a(x).split([self.kv_rank, self.rope], dim=-1)  # [B, S, C], [B, S, R]
@@ -129,12 +158,9 @@ class MLA(nn.Module):
         o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, mask)  # [B, H, S, V]
         return self.wo(o.transpose(1, 2).flatten(2))
 
-    def _absorbed_form(self, q_nope, q_pe, kv, k_pe, cache: LatentCache, start_pos: int) -> torch.Tensor:
-        B, S, H, _ = q_nope.shape
-        end = start_pos + S
-        cache.kv[:B, start_pos:end] = kv.to(cache.kv.dtype)
-        cache.pe[:B, start_pos:end] = k_pe.to(cache.pe.dtype)
-        kv_all, pe_all = cache.kv[:B, :end], cache.pe[:B, :end]  # [B, T, C], [B, T, R]
+    def _absorbed_form(self, q_nope, q_pe, kv, k_pe, cache: LatentCache, start_pos) -> torch.Tensor:
+        H = q_nope.shape[2]
+        kv_all, pe_all, hidden = cache.write(kv, k_pe, start_pos)  # [B, T, C], [B, T, R], [S, T] or None
         # (a weight kept in FP8, fp8/stored.py, is dequantised first)
         w = self.wkv_b.dense_weight() if hasattr(self.wkv_b, "dense_weight") else self.wkv_b.weight
         w = w.unflatten(0, (H, self.nope + self.v_dim))  # [H, N+V, C]
@@ -142,10 +168,8 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bshn,hnc->bshc", q_nope, w_uk.to(q_nope.dtype))  # query in latent space
         scores = (torch.einsum("bshc,btc->bsht", q_lat, kv_all.to(q_lat.dtype))
                   + torch.einsum("bshr,btr->bsht", q_pe, pe_all.to(q_pe.dtype))) * self.scale
-        if S > 1:  # causal within the new positions
-            t = torch.arange(end, device=scores.device)
-            s = torch.arange(start_pos, end, device=scores.device)
-            scores = scores.masked_fill((t[None, :] > s[:, None])[None, :, None, :], float("-inf"))
+        if hidden is not None:
+            scores = scores.masked_fill(hidden[None, :, None, :], float("-inf"))
         probs = scores.float().softmax(dim=-1).to(q_lat.dtype)
         o_lat = torch.einsum("bsht,btc->bshc", probs, kv_all.to(probs.dtype))
         o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv.to(o_lat.dtype))  # [B, S, H, V]

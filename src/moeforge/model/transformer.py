@@ -33,7 +33,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos: int = 0, mask=None):
+    def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos: "int | torch.Tensor" = 0, mask=None):
         """x: [B, S, D] -> (x [B, S, D], balance loss of this block (0 for dense))."""
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos, mask)
         if isinstance(self.ffn, MoE):
@@ -66,12 +66,19 @@ class Transformer(nn.Module):
         return cos[:length], sin[:length]
 
     # ---- the main model ----
-    def hidden(self, tokens: torch.Tensor, caches: list[LatentCache] | None = None, start_pos: int = 0, mask=None):
+    def hidden(self, tokens: torch.Tensor, caches: list[LatentCache] | None = None, start_pos: "int | torch.Tensor" = 0,
+               mask=None):
         """tokens: [B, S] -> (final normalised hidden [B, S, D], summed balance loss, cos, sin).
-        mask: None (causal) or attention.document_mask(...) for packed documents."""
+        mask: None (causal) or attention.document_mask(...) for packed documents. start_pos: an int,
+        or with caches and S = 1 a 0-dim tensor on the device (a decode step whose shapes do not
+        depend on the position: LatentCache.write)."""
         S = tokens.shape[1]
-        cos, sin = self.rope(start_pos + S, tokens.device)
-        cos, sin = cos[start_pos:], sin[start_pos:]
+        if isinstance(start_pos, torch.Tensor):
+            cos, sin = self.rope(caches[0].kv.shape[1], tokens.device)
+            cos, sin = cos.index_select(0, start_pos.view(1)), sin.index_select(0, start_pos.view(1))
+        else:
+            cos, sin = self.rope(start_pos + S, tokens.device)
+            cos, sin = cos[start_pos:], sin[start_pos:]
         h = self.embed(tokens)
         balance = h.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
@@ -79,7 +86,7 @@ class Transformer(nn.Module):
             balance = balance + b
         return self.norm(h), balance, cos, sin
 
-    def forward(self, tokens: torch.Tensor, caches: list[LatentCache] | None = None, start_pos: int = 0,
+    def forward(self, tokens: torch.Tensor, caches: list[LatentCache] | None = None, start_pos: "int | torch.Tensor" = 0,
                 targets: torch.Tensor | None = None):
         """tokens: [B, S] -> logits [B, S, V] (FP32). With caches: decode positions start_pos..
         With targets [B, S] (evaluation): per-target losses [B, S] in FP32 instead, 0 at IGNORE_INDEX."""

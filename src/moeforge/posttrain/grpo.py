@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoeforgeError
-from ..generate import sample_next
+from ..generate import sample_rows
 from ..model.mtp import IGNORE_INDEX
 from ..parallel.data import sync_gradients
 from ..train.metrics import MetricsSink
@@ -87,7 +87,7 @@ def sample_group(model, prompt: list[int], group: int, max_new: int, temperature
     """G completions of one prompt, decoded together from the latent cache: (tokens [G, N], mask
     [G, N]). A row that emits stop_id keeps it (it is an action the policy took) and is masked after
     it; the masked places hold stop_id."""
-    return _sample_rows(model, [prompt] * group, max_new, temperature, generator, stop_id)
+    return sample_rows(model, [prompt] * group, max_new, temperature, 1.0, generator, stop_id)
 
 
 @torch.no_grad()
@@ -102,41 +102,11 @@ def sample_groups(model, prompts: list[list[int]], group: int, max_new: int, tem
     for i, prompt in enumerate(prompts):
         by_length.setdefault(len(prompt), []).append(i)
     for members in by_length.values():
-        tokens, mask = _sample_rows(model, [prompts[i] for i in members for _ in range(group)], max_new, temperature,
-                                    generator, stop_id)
+        tokens, mask = sample_rows(model, [prompts[i] for i in members for _ in range(group)], max_new, temperature,
+                                   1.0, generator, stop_id)
         for j, i in enumerate(members):
             out[i] = (tokens[j * group:(j + 1) * group], mask[j * group:(j + 1) * group])
     return out
-
-
-def _sample_rows(model, rows: list[list[int]], max_new: int, temperature: float, generator: torch.Generator,
-                 stop_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completions of prompts of one length, one per row, decoded together: (tokens, mask) [R, N]."""
-    length = len(rows[0])
-    if length + max_new > model.cfg.max_position_embeddings:
-        raise MoeforgeError(f"a prompt of {length} tokens plus --max-new-tokens {max_new} exceeds the model's "
-                            f"context of {model.cfg.max_position_embeddings}")
-    was_training = model.training
-    model.eval()
-    device = model.embed.weight.device
-    R = len(rows)
-    caches = model.new_caches(R, length + max_new)
-    logits = model(torch.tensor(rows, device=device), caches, 0)[:, -1]  # [R, V]
-    tokens = torch.full((R, max_new), stop_id if stop_id is not None else 0, dtype=torch.long, device=device)
-    mask = torch.zeros(R, max_new, dtype=torch.bool, device=device)
-    alive = torch.ones(R, dtype=torch.bool, device=device)
-    for t in range(max_new):
-        nxt = sample_next(logits, temperature, 1.0, generator)
-        tokens[:, t] = torch.where(alive, nxt, tokens[:, t])
-        mask[:, t] = alive
-        if stop_id is not None:
-            alive = alive & (nxt != stop_id)
-            if not bool(alive.any()):
-                break
-        if t + 1 < max_new:
-            logits = model(tokens[:, t:t + 1], caches, length + t)[:, -1]
-    model.train(was_training)
-    return tokens, mask
 
 
 def completion_texts(tok, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:

@@ -1,0 +1,81 @@
+"""Decoding (generate.py): the step whose position is a device tensor, which a CUDA graph captures,
+computes what the step with a Python position computes.
+
+- the model's forward at a device position (the whole cache attended, the later places masked)
+  against the forward at an int position: the same logits, and the same cache contents;
+- the Decoder's "static" mode (that step, run eagerly) samples what "eager" samples, and both what
+  generate() returns; the modes' errors.
+The captured graph itself is tested against the static step on a GPU (tests/test_speed_gpu.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import POSTTRAIN_MODEL as MODEL
+from moeforge.config import load_config
+from moeforge.generate import Decoder, generate, sample_rows
+from moeforge.model import build_model
+
+
+def _model(seed: int = 1):
+    cfg = load_config(None, None, MODEL)
+    torch.manual_seed(seed)
+    return build_model(cfg.model, "cpu").eval()
+
+
+@torch.no_grad()
+def test_a_device_position_gives_the_same_logits_and_cache():
+    model = _model()
+    prompt = torch.tensor([[5, 17, 300, 42], [9, 8, 7, 6]])
+    plain, static = Decoder(model, 2, 12, "eager"), Decoder(model, 2, 12, "static")
+    torch.testing.assert_close(plain.prefill(prompt), static.prefill(prompt), rtol=0, atol=0)
+    nxt = torch.tensor([3, 11])
+    for step in range(6):
+        a, b = plain.step(nxt), static.step(nxt)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert float((a - b).abs().max()) < 1e-4
+        nxt = a.argmax(dim=-1)
+        assert static._pos.item() == plain.position - 1 == 4 + step  # the position the step wrote
+    for layer, (x, y) in enumerate(zip(plain.caches, static.caches)):
+        torch.testing.assert_close(y.kv[:, :10], x.kv[:, :10], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y.pe[:, :10], x.pe[:, :10], rtol=1e-5, atol=1e-5)
+        if layer == 0:  # the first layer's entries depend on the tokens alone: equal bits
+            assert torch.equal(x.kv[:, :10], y.kv[:, :10]) and torch.equal(x.pe[:, :10], y.pe[:, :10])
+        assert not y.kv[:, 10:].any()  # nothing written past the decoded positions
+    # a value in a later place of the cache stays hidden from the step
+    caches = static.caches
+    caches[0].kv[:, 11] = 1.0
+    c = static.step(nxt)
+    caches[0].kv[:, 11] = 0.0
+    d = plain.step(nxt)
+    torch.testing.assert_close(c, d, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_static_decoding_samples_what_eager_decoding_samples():
+    model = _model()
+    rows = [[5, 17, 300, 42]] * 3 + [[9, 8, 7, 6]] * 2
+    got = {}
+    for mode in ("eager", "static"):
+        gen = torch.Generator().manual_seed(0)
+        got[mode] = sample_rows(model, rows, 8, 1.0, 1.0, gen, stop_id=None, mode=mode)
+    assert torch.equal(got["eager"][0], got["static"][0]) and got["eager"][1].all()
+    assert got["eager"][0].unique().numel() > 3  # sampled, not one repeated token
+    greedy = generate(model, rows[0], 8, temperature=0.0)
+    assert greedy == generate(model, rows[0], 8, temperature=0.0, mode="static")
+    stop = greedy[3]
+    assert generate(model, rows[0], 8, temperature=0.0, stop_id=stop) == greedy[:greedy.index(stop) + 1]
+
+
+def test_decoder_errors():
+    model = _model()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        Decoder(model, 1, 8, "fast")
+    with pytest.raises(ValueError, match="CUDA"):
+        Decoder(model, 1, 8, "graph")
+    assert Decoder(model, 1, 8).mode == "eager"  # auto on a CPU
+    cache = model.new_caches(1, 8)[0]
+    with pytest.raises(ValueError, match="one position at a time"):
+        cache.write(torch.zeros(1, 2, cache.kv.shape[-1]), torch.zeros(1, 2, cache.pe.shape[-1]), torch.tensor(0))
