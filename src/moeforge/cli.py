@@ -185,6 +185,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="with --teacher: no line per 32 prompts sampled")
     _add_device(p)
 
+    p = sub.add_parser("score", help="accuracy of a checkpoint on a task's problems (pass@1, pass@k, maj@k)",
+                       description="Score a checkpoint on --n problems of a task (posttrain/tasks.py) with the task's "
+                                   "reward: pass@1 (greedy with the default --temperature 0; with --samples k at a "
+                                   "temperature, DeepSeek-R1's pass@1 estimate over k samples), pass@k and maj@k "
+                                   "(majority vote of the k answers), the think format's rate, the share of "
+                                   "completions that stopped, and their mean length. See docs/posttrain.md.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (step_N) or a run folder (its newest checkpoint)")
+    p.add_argument("--task", default="arithmetic", help="the task (default arithmetic)")
+    p.add_argument("--n", type=int, default=200, help="number of problems (default 200)")
+    p.add_argument("--samples", type=int, default=1, help="completions per problem (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="the longest completion (default 48)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed for the problems and the sampling (default 1; sft-data's default is 0)")
+    p.add_argument("--exclude", metavar="FILE", help="an SFT data file (JSONL): problems whose prompt it holds are skipped")
+    p.add_argument("--out", metavar="FILE", help="write the scores and every problem's completions and rewards as JSON")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="numerics (default: bf16 on GPU, where each decoding step is replayed as a CUDA graph; fp32 on CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no line per 64 problems scored")
+    _add_device(p)
+
     p = sub.add_parser("plan", help="memory per GPU and compute time/cost of a training run",
                        description="Plan a run: the model-state memory (FP32 weights and gradients, optimizer state) of "
                                    "every GPU under the parallel.* layout, and, with --tokens, GPU-hours, days and cost "
@@ -502,6 +524,52 @@ def _sft_data_from_teacher(args, task) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    import json
+
+    from .data import load_tokenizer
+    from .data.tokenizer import atomic_write_text
+    from .posttrain.score import score_task
+    from .posttrain.sft import read_examples
+    from .posttrain.tasks import get_task
+    from .train.checkpoint import load_trained_model
+    from .train.step import autocast, resolve_precision
+
+    task = get_task(args.task)
+    for flag in ("n", "samples", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise MoeforgeError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
+    if args.temperature < 0:
+        raise MoeforgeError(f"--temperature: must not be negative, got {args.temperature:g}")
+    if args.samples > 1 and args.temperature == 0:
+        raise MoeforgeError(f"--samples {args.samples} with --temperature 0: greedy completions are all the same; "
+                            f"give a temperature (DeepSeek-R1 used 0.6 with --top-p 0.95)")
+    if not 0 < args.top_p <= 1:
+        raise MoeforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.out is not None and Path(args.out).is_dir():
+        raise MoeforgeError(f"--out '{args.out}' is a folder; give a file name such as {Path(args.out) / 'score.json'}")
+    exclude = {prompt for _, prompt, _ in read_examples(args.exclude)} if args.exclude else set()
+    model, cfg = load_trained_model(args.checkpoint, args.device)
+    tok = load_tokenizer(cfg.train.tokenizer or None)
+    device = model.embed.weight.device
+
+    def progress(done: int) -> None:
+        print(f"score: {done}/{args.n} problems", flush=True)
+
+    with autocast(device, resolve_precision(args.precision, device)):
+        score, records = score_task(model.eval(), tok, task, args.n, args.samples, args.max_new_tokens,
+                                    args.temperature, args.top_p, args.seed, exclude,
+                                    progress=None if args.no_progress else progress)
+    if args.out is not None:
+        settings = {k: getattr(args, k) for k in ("checkpoint", "task", "n", "samples", "temperature", "top_p",
+                                                  "max_new_tokens", "seed", "exclude")}
+        atomic_write_text(Path(args.out), json.dumps({"settings": settings, "score": score.to_dict(),
+                                                      "problems": records}, indent=1) + "\n")
+    print(f"{args.task}: {score.summary()}" + (f" (excluding {len(exclude)} prompts of {args.exclude})"
+                                                 if args.exclude else ""))
+    return 0
+
+
 def cmd_plan(args) -> int:
     from .config import load_config
     from .plan import compute_plan, format_count, model_state_memory, parse_count
@@ -562,7 +630,8 @@ def cmd_plan(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert, "bench": cmd_bench,
-            "info": cmd_info, "plan": cmd_plan, "grpo": cmd_grpo, "sft": cmd_sft, "sft-data": cmd_sft_data}
+            "info": cmd_info, "plan": cmd_plan, "grpo": cmd_grpo, "sft": cmd_sft, "sft-data": cmd_sft_data,
+            "score": cmd_score}
 
 
 def main(argv: list[str] | None = None) -> int:

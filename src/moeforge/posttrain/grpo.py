@@ -92,18 +92,19 @@ def sample_group(model, prompt: list[int], group: int, max_new: int, temperature
 
 @torch.no_grad()
 def sample_groups(model, prompts: list[list[int]], group: int, max_new: int, temperature: float,
-                  generator: torch.Generator, stop_id: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  generator: torch.Generator, stop_id: int | None,
+                  top_p: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """sample_group for each prompt, in as few batches as the prompts have lengths: the groups of all
     prompts of one length are decoded together (their rows share the cache's positions), which takes
     far fewer forwards than a batch per prompt. Returns (tokens [G, N], mask [G, N]) per prompt, in
-    order."""
+    order. top_p < 1: nucleus sampling (GRPO samples the whole distribution)."""
     out: list = [None] * len(prompts)
     by_length: dict[int, list[int]] = {}
     for i, prompt in enumerate(prompts):
         by_length.setdefault(len(prompt), []).append(i)
     for members in by_length.values():
         tokens, mask = sample_rows(model, [prompts[i] for i in members for _ in range(group)], max_new, temperature,
-                                   1.0, generator, stop_id)
+                                   top_p, generator, stop_id)
         for j, i in enumerate(members):
             out[i] = (tokens[j * group:(j + 1) * group], mask[j * group:(j + 1) * group])
     return out

@@ -4,7 +4,9 @@ DeepSeek-R1-Zero was trained with rule-based rewards only (an accuracy reward fr
 answer, a format reward): no reward model to be gamed. A task here is the same contract:
     task.prompts(n, rng) -> [(prompt text, answer)]
     task.reward(completion text, answer) -> float
-Any object with these two methods works with posttrain/grpo.py. A task that can also write worked
+Any object with these two methods works with posttrain/grpo.py. A task whose completions give an
+answer that can be compared with another's has task.extract(completion text) -> answer or None,
+which a majority vote over samples uses (posttrain/score.py). A task that can also write worked
 examples, for supervised fine-tuning before GRPO (DeepSeek-R1's cold start, posttrain/sft.py), has
     task.demonstrations(n, rng) -> [(prompt text, response text)]
 where a response is a reasoning chain in a think block, then the answer: "<think>...</think>19".
@@ -69,8 +71,13 @@ class Arithmetic:
         return out
 
     def reward(self, completion: str, answer: str) -> float:
+        return 1.0 if self.extract(completion) == answer else 0.0
+
+    @staticmethod
+    def extract(completion: str) -> str | None:
+        """The answer a completion gives: the first integer of its answer's first line, or None."""
         found = re.match(r"\s*(-?\d+)", final_answer(completion).split("\n", 1)[0])
-        return 1.0 if found is not None and found.group(1) == answer else 0.0
+        return found.group(1) if found is not None else None
 
     def demonstrations(self, n: int, rng: random.Random) -> list[tuple[str, str]]:
         return [(prompt, self.worked_solution(prompt)) for prompt, _ in self.prompts(n, rng)]
