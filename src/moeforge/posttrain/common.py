@@ -53,19 +53,19 @@ def save_run_checkpoint(out: Path, step: int, cfg: Config, model: torch.nn.Modul
                                 portable_optimizer_state(optimizer.state_dict()), state, keep)
 
 
-def init_data_parallel(device: str | None, per_step: int, flag: str):
+def init_data_parallel(device: str | None, per_step: int | None = None, flag: str = ""):
     """(ParallelContext or None, this rank's device, rank, ranks): under torchrun every rank joins the
     process group as a data-parallel replica of the whole model (parallel.dp = the world size; gloo
     on CPU, nccl on cuda:LOCAL_RANK); one process: (None, device, 0, 1). per_step: the items each
     step splits over the ranks (examples, prompts), given by the command-line flag `flag`; they must
-    split evenly."""
+    split evenly (None: no such items, e.g. rejection sampling splits its prompts by whole chunks)."""
     from ..config import ParallelConfig
     from ..parallel.mesh import init_distributed
 
     ctx = init_distributed(ParallelConfig(), device or "auto")
     if ctx is None:
         return None, device, 0, 1
-    if per_step % ctx.world_size:
+    if per_step is not None and per_step % ctx.world_size:
         raise MoeforgeError(f"{flag} {per_step} does not split evenly over the {ctx.world_size} data-parallel ranks")
     return ctx, str(ctx.device), ctx.rank, ctx.world_size
 
