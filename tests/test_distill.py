@@ -4,7 +4,10 @@
   token (a cut-off completion is never kept), at most `keep` distinct ones per prompt, and the counts
   add up; the same seed gives the same pairs;
 - a teacher that never stops, or never answers right, gives no pairs: the command ends with one
-  line and writes nothing; bad flags are one-line errors.
+  line and writes nothing; bad flags are one-line errors;
+- data parallel: the ranks' shares of the prompts are whole chunks that follow each other in rank
+  order and cover every prompt once; sampling a share gives that share's part of the one-process
+  pairs and counts.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from conftest import POSTTRAIN_MODEL
 from moeforge.config import load_config
 from moeforge.data import load_tokenizer
 from moeforge.model import build_model
-from moeforge.posttrain.distill import rejection_sample
+from moeforge.posttrain.distill import RejectionStats, prompt_share, rejection_sample
 
 
 class StopBias(nn.Module):
@@ -43,10 +46,11 @@ class StopBias(nn.Module):
 
 @dataclass(frozen=True)
 class EvenLength:
-    """A toy task: reward 1 for a completion of an even number of characters."""
+    """A toy task: reward 1 for a completion of an even number of characters. The prompts are distinct,
+    so that the checks per prompt can tell the prompts of the pairs apart."""
 
     def prompts(self, n, rng):
-        return [(f"{rng.randrange(100)}+1=", "") for _ in range(n)]
+        return [(f"{a}+1=", "") for a in rng.sample(range(1000), n)]
 
     def reward(self, completion: str, answer: str) -> float:
         return float(len(completion) % 2 == 0)
@@ -122,3 +126,29 @@ def test_written_file_is_what_sft_reads(teacher, tmp_path):
     path = write_examples(tmp_path / "t.jsonl", pairs)
     assert [(p, r) for _, p, r in read_examples(path)] == pairs
     assert all(set(json.loads(line)) == {"prompt", "response"} for line in path.read_text().splitlines())
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 64, 90, 200])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 8])
+def test_prompt_shares_are_whole_chunks_in_rank_order(n, ranks):
+    shares = [prompt_share(n, rank, ranks, chunk=32) for rank in range(ranks)]
+    assert [i for share in shares for i in share] == list(range(n))  # every prompt once, in rank order
+    chunks = [-(-len(share) // 32) for share in shares]
+    assert all(share.start % 32 == 0 for share in shares if share)
+    assert chunks == sorted(chunks, reverse=True) and chunks[0] - chunks[-1] <= 1  # as even as whole chunks go
+
+
+def test_shares_sample_as_one_process_does(teacher):
+    """Each rank's share, sampled alone, is exactly its part of the one-process pairs and counts:
+    the draws of a chunk depend on (seed, chunk) only, not on the chunks sampled before it."""
+    model, tok = teacher
+    biased, task = StopBias(model, tok.eos_id, 6.0), EvenLength()
+    whole, stats = rejection_sample(biased, tok, task, 12, 4, 8, 1.0, seed=3, keep=2, chunk=5)
+    parts = [rejection_sample(biased, tok, task, 12, 4, 8, 1.0, seed=3, keep=2, chunk=5, rank=rank, ranks=3)
+             for rank in range(3)]
+    assert [part[1].prompts for part in parts] == [5, 5, 2]
+    assert all(pairs for pairs, _ in parts)  # every share contributes
+    assert [pair for pairs, _ in parts for pair in pairs] == whole
+    assert sum((part_stats for _, part_stats in parts), RejectionStats(0, 0, 0, 0, 0, 0)) == stats
+    other_seed, _ = rejection_sample(biased, tok, task, 12, 4, 8, 1.0, seed=4, keep=2, chunk=5)
+    assert other_seed != whole

@@ -9,18 +9,28 @@ stage, and smaller models (Qwen, Llama) to distil R1's reasoning into them. Here
   completion cut off at --max-new-tokens would teach the student to stop where the teacher had not);
 - of each prompt's kept completions, write up to `keep` distinct ones, as {"prompt", "response"}
   lines of the file `moeforge sft` reads (without the end-of-text: SFT appends it).
+
+Random draws, for data parallelism: the prompts are sampled a chunk
+of CHUNK at a time, each chunk whole (one batch per prompt length) and with a generator of its own
+seeded from (seed, chunk index). A whole chunk, because a batch draws its rows' tokens together, so
+a prompt's completions depend on the other prompts of its batch; a generator per chunk, so that they
+do not depend on the chunks sampled before. Each rank samples a contiguous run of whole chunks
+(prompt_share), and the ranks' pairs, in rank order, are the one process's: they do not depend on the
+number of ranks, only on the seed (and on the device's numerics, as any sampling does).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
-from .grpo import completion_texts, sample_groups
+from .grpo import check_room, completion_texts, sample_groups
 
-__all__ = ["RejectionStats", "rejection_sample"]
+__all__ = ["CHUNK", "RejectionStats", "prompt_share", "rejection_sample"]
+
+CHUNK = 32  # prompts sampled together with one generator: the unit of work of a rank
 
 
 @dataclass(frozen=True)
@@ -32,38 +42,73 @@ class RejectionStats:
     kept: int  # pairs written (at most `keep` distinct per prompt)
     prompts_kept: int  # prompts with at least one pair
 
+    def __add__(self, other: RejectionStats) -> RejectionStats:
+        """The counts of two sets of prompts together (the shares of two ranks)."""
+        return RejectionStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
     def summary(self) -> str:
         return (f"{self.kept} examples from {self.prompts_kept} of {self.prompts} prompts; "
                 f"{self.correct} of {self.samples} samples correct ({self.correct / self.samples:.1%}), "
                 f"{self.stopped} stopped")
 
 
+def prompt_share(n: int, rank: int = 0, ranks: int = 1, chunk: int = CHUNK) -> range:
+    """The indices of the prompts (of n) that `rank` of `ranks` samples: a contiguous run of whole
+    chunks, the first (chunks mod ranks) ranks one chunk more than the others (a rank has none when
+    there are fewer chunks than ranks). The shares follow each other in rank order."""
+    base, extra = divmod(-(-n // chunk), ranks)
+    first = rank * base + min(rank, extra)
+    last = first + base + (rank < extra)
+    return range(min(first * chunk, n), min(last * chunk, n))
+
+
+def _chunk_generator(seed: int, index: int, device) -> torch.Generator:
+    """The generator of chunk `index`, from (seed, index) alone: the same whichever rank samples the
+    chunk (random.Random seeds a string through SHA-512, whatever the process's hash seed)."""
+    return torch.Generator(device=device).manual_seed(random.Random(f"{seed}/{index}").getrandbits(63))
+
+
 @torch.no_grad()
 def rejection_sample(model, tok, task, n: int, samples: int, max_new: int, temperature: float, seed: int,
-                     keep: int = 1, progress=None, chunk: int = 32) -> tuple[list[tuple[str, str]], RejectionStats]:
+                     keep: int = 1, progress=None, chunk: int = CHUNK, rank: int = 0,
+                     ranks: int = 1) -> tuple[list[tuple[str, str]], RejectionStats]:
     """(prompt, response) pairs of the teacher `model` on n prompts of `task`, and the counts (module doc).
-    The prompts are sampled `chunk` at a time (grpo.sample_groups: one batch per prompt length);
-    progress: None, or called as progress(prompts done, pairs kept) after each chunk."""
-    rng = random.Random(seed)
-    gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
-    problems = task.prompts(n, rng)
+    rank, ranks: the pairs and counts of this rank's share of the n prompts only (prompt_share; every
+    rank draws the same n prompts, and checks them all, so that a prompt too long for the context
+    fails every rank before any samples). The prompts are sampled `chunk` at a time (module doc);
+    progress: None, or called as progress(prompts of the share done, pairs kept) after each chunk."""
+    problems = task.prompts(n, random.Random(seed))
+    ids = [tok.encode(prompt) for prompt, _ in problems]
+    check_room(model, max(map(len, ids), default=0), max_new)
+    share = prompt_share(n, rank, ranks, chunk)
+    device = model.embed.weight.device
     pairs: list[tuple[str, str]] = []
     stopped = correct = prompts_kept = 0
-    for start in range(0, n, chunk):
-        part = problems[start:start + chunk]
-        groups = sample_groups(model, [tok.encode(prompt) for prompt, _ in part], samples, max_new, temperature, gen,
-                               tok.eos_id)
-        for (prompt, answer), (tokens, mask) in zip(part, groups):
-            ended = (tokens == tok.eos_id) & mask  # the completion's stop token, if it emitted one
-            chosen: list[str] = []
-            for text, stop in zip(completion_texts(tok, tokens, mask), ended.any(dim=1).tolist()):
-                stopped += stop
-                if stop and task.reward(text, answer) == 1.0:
-                    correct += 1
-                    if text not in chosen and len(chosen) < keep:
-                        chosen.append(text)
+    for start in range(share.start, share.stop, chunk):
+        stop = min(start + chunk, share.stop)
+        groups = sample_groups(model, ids[start:stop], samples, max_new, temperature,
+                               _chunk_generator(seed, start // chunk, device), tok.eos_id)
+        for (prompt, answer), (tokens, mask) in zip(problems[start:stop], groups):
+            chosen, ended, right = _accepted(tok, task, answer, tokens, mask, keep)
+            stopped, correct = stopped + ended, correct + right
             pairs += [(prompt, text) for text in chosen]
             prompts_kept += bool(chosen)
         if progress is not None:
-            progress(start + len(part), len(pairs))
-    return pairs, RejectionStats(n, n * samples, stopped, correct, len(pairs), prompts_kept)
+            progress(stop - share.start, len(pairs))
+    return pairs, RejectionStats(len(share), len(share) * samples, stopped, correct, len(pairs), prompts_kept)
+
+
+def _accepted(tok, task, answer: str, tokens: torch.Tensor, mask: torch.Tensor,
+              keep: int) -> tuple[list[str], int, int]:
+    """Of one prompt's completions (tokens, mask [G, N]): up to `keep` distinct ones that stopped and
+    that the task's reward accepts, and how many stopped and how many of those were accepted."""
+    ended = (tokens == tok.eos_id) & mask  # the completion's stop token, if it emitted one
+    chosen: list[str] = []
+    stopped = correct = 0
+    for text, stop in zip(completion_texts(tok, tokens, mask), ended.any(dim=1).tolist()):
+        stopped += stop
+        if stop and task.reward(text, answer) == 1.0:
+            correct += 1
+            if text not in chosen and len(chosen) < keep:
+                chosen.append(text)
+    return chosen, stopped, correct
