@@ -7,11 +7,14 @@
   line and writes nothing; bad flags are one-line errors;
 - data parallel: the ranks' shares of the prompts are whole chunks that follow each other in rank
   order and cover every prompt once; sampling a share gives that share's part of the one-process
-  pairs and counts.
+  pairs and counts; under torchrun (2 gloo ranks) `sft-data --teacher` writes the very file one
+  process writes, and only that file, with the same counts, each rank having sampled only its share.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass
 
@@ -19,11 +22,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import POSTTRAIN_MODEL
+from conftest import POSTTRAIN_MODEL, run_cli
 from moeforge.config import load_config
 from moeforge.data import load_tokenizer
 from moeforge.model import build_model
 from moeforge.posttrain.distill import RejectionStats, prompt_share, rejection_sample
+from moeforge.train import checkpoint as ckpt
 
 
 class StopBias(nn.Module):
@@ -152,3 +156,78 @@ def test_shares_sample_as_one_process_does(teacher):
     assert sum((part_stats for _, part_stats in parts), RejectionStats(0, 0, 0, 0, 0, 0)) == stats
     other_seed, _ = rejection_sample(biased, tok, task, 12, 4, 8, 1.0, seed=4, keep=2, chunk=5)
     assert other_seed != whole
+
+
+@pytest.fixture(scope="module")
+def stopping_teacher(base_checkpoint, tmp_path_factory):
+    """A checkpoint whose model samples near-uniform tokens and stops after each with probability
+    ~1/4: base_checkpoint with every token's embedding set to 1 in dimension 0, which then dominates
+    the final normalised hidden state (~sqrt(hidden size) there), and a head that reads that dimension
+    into the end-of-text logit only (~8). About a third of its python_syntax completions are accepted."""
+    model, cfg = ckpt.load_trained_model(base_checkpoint, "cpu")
+    eos = load_tokenizer(cfg.train.tokenizer or None).eos_id
+    with torch.no_grad():
+        model.embed.weight[:, 0] = 1.0
+        model.head.weight[:, 0] = 0.0
+        model.head.weight[eos] = 0.0
+        model.head.weight[eos, 0] = 8.0 / cfg.model.hidden_size ** 0.5
+    root = tmp_path_factory.mktemp("stopping_teacher")
+    ckpt.save_checkpoint(root / "checkpoints", 0, cfg, model.state_dict(), {}, {"step": 0}, 1)
+    return root
+
+
+def sft_data_rank(argv: list[str]) -> tuple[int, str, list[list[int]], list[str]]:
+    """`moeforge sft-data ARGV` in this process (a rank of tests/dist.py, or the test's own process):
+    its exit status, what it printed, the prompts (token ids) it sampled in order, and the files it wrote."""
+    from moeforge.posttrain import distill, sft
+
+    sampled: list[list[int]] = []
+    written: list[str] = []
+    sample_groups, write_examples = distill.sample_groups, sft.write_examples
+
+    def recording_sample(model, prompts, *args):
+        sampled.extend(prompts)
+        return sample_groups(model, prompts, *args)
+
+    def recording_write(path, pairs):
+        written.append(str(path))
+        return write_examples(path, pairs)
+
+    printed = io.StringIO()
+    distill.sample_groups, sft.write_examples = recording_sample, recording_write
+    try:
+        with contextlib.redirect_stdout(printed):
+            rc = run_cli(argv)
+    finally:
+        distill.sample_groups, sft.write_examples = sample_groups, write_examples
+    return rc, printed.getvalue(), sampled, written
+
+
+def test_data_parallel_sft_data_writes_the_one_process_file(stopping_teacher, tmp_path, one_thread):
+    """90 prompts are 3 chunks of 32 (the last of 26): rank 0 samples two, rank 1 one. The two ranks
+    write the one-process file byte for byte, rank 0 alone and nothing else, with the same counts;
+    rank 0 alone prints; each rank sampled its own share only, and rank 1's share has pairs in the file."""
+    from dist import run_dist
+
+    def argv(out):
+        return ["sft-data", "--teacher", str(stopping_teacher), "--task", "python_syntax", "-n", "90", "--samples",
+                "2", "--max-new-tokens", "6", "--seed", "7", "--device", "cpu", "--out", str(out)]
+
+    one, dp = tmp_path / "one" / "d.jsonl", tmp_path / "dp" / "d.jsonl"
+    one.parent.mkdir()
+    dp.parent.mkdir()
+    rc, printed, sampled, written = sft_data_rank(argv(one))
+    assert rc == 0 and len(sampled) == 90 and written == [str(one)]
+    progress = [int(line.split(", ")[1].split()[0]) for line in printed.splitlines()[:-1]]  # examples kept so far
+    assert len(progress) == 3 and progress[2] > progress[1]  # the last chunk, rank 1's share, has pairs
+    ranks = run_dist(sft_data_rank, 2, argv(dp), init=False, timeout=150)
+    assert [r[0] for r in ranks] == [0, 0]
+    assert [r[3] for r in ranks] == [[str(dp)], []] and list(dp.parent.iterdir()) == [dp]
+    assert dp.read_bytes() == one.read_bytes()
+    # the counts: the summary line, less the file's name
+    assert ranks[0][1].splitlines()[-1].split(": ", 1)[1] == printed.splitlines()[-1].split(": ", 1)[1]
+    assert ranks[1][1] == ""  # rank 0 reports
+    assert [line.split(",")[0] for line in ranks[0][1].splitlines()[:-1]] == [
+        "sft-data: 32/64 prompts sampled (rank 0's share of 90)", "sft-data: 64/64 prompts sampled (rank 0's share of 90)"]
+    # each rank sampled its share, and only it
+    assert [len(r[2]) for r in ranks] == [64, 26] and ranks[0][2] + ranks[1][2] == sampled

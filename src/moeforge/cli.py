@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "teacher checkpoint, of which those the task's reward accepts, and that stopped, are "
                                    "kept (--keep distinct ones per prompt). The file is written whole or not at all.")
     p.add_argument("--task", default="arithmetic", help="the task (default arithmetic)")
-    p.add_argument("--n", type=int, default=2000, help="number of examples, or of prompts with --teacher (default 2000)")
+    p.add_argument("-n", "--n", type=int, default=2000,
+                   help="number of examples, or of prompts with --teacher (default 2000; under torchrun write -n: "
+                        "torchrun reads --n as an abbreviation of its own options)")
     p.add_argument("--out", required=True, help="the JSONL file to write (replaced if it exists)")
     p.add_argument("--seed", type=int, default=0, help="seed for the problems and the sampling (default 0)")
     p.add_argument("--teacher", help="a checkpoint or run folder to sample the responses from (rejection sampling)")
@@ -500,23 +502,19 @@ def cmd_sft_data(args) -> int:
 
 
 def _sft_data_from_teacher(args, task) -> int:
-    from .data import load_tokenizer
-    from .posttrain.distill import rejection_sample
+    from .posttrain.distill import sample_teacher
     from .posttrain.sft import write_examples
-    from .train.checkpoint import load_trained_model
 
     for flag in ("samples", "keep", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise MoeforgeError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
     if args.temperature <= 0:
         raise MoeforgeError(f"--temperature: must be positive for sampling, got {args.temperature}")
-    model, cfg = load_trained_model(args.teacher, args.device)
-    def progress(done: int, kept: int) -> None:
-        print(f"sft-data: {done}/{args.n} prompts sampled, {kept} examples kept", flush=True)
-
-    pairs, stats = rejection_sample(model.eval(), load_tokenizer(cfg.train.tokenizer or None), task, args.n,
-                                    args.samples, args.max_new_tokens, args.temperature, args.seed, args.keep,
-                                    None if args.no_progress else progress)
+    result = sample_teacher(args.teacher, task, args.n, args.samples, args.max_new_tokens, args.temperature, args.seed,
+                            args.keep, args.device, progress=not args.no_progress)
+    if result is None:  # under torchrun, a rank other than 0: rank 0 writes
+        return 0
+    pairs, stats = result
     if not pairs:
         raise MoeforgeError(f"--teacher {args.teacher}: no completion was accepted ({stats.summary()}); nothing written")
     path = write_examples(args.out, pairs)

@@ -10,25 +10,28 @@ stage, and smaller models (Qwen, Llama) to distil R1's reasoning into them. Here
 - of each prompt's kept completions, write up to `keep` distinct ones, as {"prompt", "response"}
   lines of the file `moeforge sft` reads (without the end-of-text: SFT appends it).
 
-Random draws, for data parallelism: the prompts are sampled a chunk
+Random draws, and data parallelism (sample_teacher under torchrun): the prompts are sampled a chunk
 of CHUNK at a time, each chunk whole (one batch per prompt length) and with a generator of its own
 seeded from (seed, chunk index). A whole chunk, because a batch draws its rows' tokens together, so
 a prompt's completions depend on the other prompts of its batch; a generator per chunk, so that they
 do not depend on the chunks sampled before. Each rank samples a contiguous run of whole chunks
-(prompt_share), and the ranks' pairs, in rank order, are the one process's: they do not depend on the
-number of ranks, only on the seed (and on the device's numerics, as any sampling does).
+(prompt_share) and rank 0 gathers the pairs in prompt order: the file does not depend on the number
+of ranks, only on the seed (and on the device's numerics, as any sampling does).
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 import random
 from dataclasses import astuple, dataclass
+from pathlib import Path
 
 import torch
 
 from .grpo import check_room, completion_texts, sample_groups
 
-__all__ = ["CHUNK", "RejectionStats", "prompt_share", "rejection_sample"]
+__all__ = ["CHUNK", "RejectionStats", "prompt_share", "rejection_sample", "gather", "sample_teacher"]
 
 CHUNK = 32  # prompts sampled together with one generator: the unit of work of a rank
 
@@ -112,3 +115,50 @@ def _accepted(tok, task, answer: str, tokens: torch.Tensor, mask: torch.Tensor,
             if text not in chosen and len(chosen) < keep:
                 chosen.append(text)
     return chosen, stopped, correct
+
+
+def gather(pairs: list[tuple[str, str]], stats: RejectionStats,
+           ctx) -> tuple[list[tuple[str, str]], RejectionStats] | None:
+    """On rank 0, every rank's pairs in rank order (which is prompt order: prompt_share) and the summed
+    counts; None on the other ranks. One process (ctx None): the pairs and counts as given."""
+    if ctx is None:
+        return pairs, stats
+    import torch.distributed as dist
+
+    parts = [None] * ctx.world_size if ctx.rank == 0 else None
+    dist.gather_object((pairs, stats), parts, dst=0)
+    if parts is None:
+        return None
+    return [pair for part, _ in parts for pair in part], functools.reduce(operator.add, (s for _, s in parts))
+
+
+def sample_teacher(teacher: str | Path, task, n: int, samples: int, max_new: int, temperature: float, seed: int,
+                   keep: int = 1, device: str | None = None,
+                   progress: bool = True) -> tuple[list[tuple[str, str]], RejectionStats] | None:
+    """rejection_sample of the checkpoint (or run folder) `teacher`: (pairs, counts), with a line per
+    chunk sampled when `progress`.
+
+    Under torchrun, data parallel: every rank loads the whole teacher on its own device, samples its
+    share of the prompts (prompt_share), and rank 0 gathers the pairs and sums the counts; rank 0
+    returns them and prints the progress lines (of its own share), the other ranks return None. The
+    output is the one process's (module doc). The process group is left at the end."""
+    from ..data import load_tokenizer
+    from ..train.checkpoint import load_trained_model
+    from .common import init_data_parallel
+
+    ctx, device, rank, ranks = init_data_parallel(device)
+    try:
+        model, cfg = load_trained_model(teacher, device)
+        share = len(prompt_share(n, rank, ranks))
+        where = f" (rank 0's share of {n})" if ranks > 1 else ""
+
+        def report(done: int, kept: int) -> None:
+            print(f"sft-data: {done}/{share} prompts sampled{where}, {kept} examples kept", flush=True)
+
+        pairs, stats = rejection_sample(model.eval(), load_tokenizer(cfg.train.tokenizer or None), task, n, samples,
+                                        max_new, temperature, seed, keep, report if progress and rank == 0 else None,
+                                        rank=rank, ranks=ranks)
+        return gather(pairs, stats, ctx)
+    finally:
+        if ctx is not None:
+            ctx.destroy()
