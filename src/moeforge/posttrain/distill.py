@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .grpo import check_room, completion_texts, sample_groups
+from ..generate import check_length
+from .grpo import completion_texts, sample_groups
 
 __all__ = ["CHUNK", "RejectionStats", "prompt_share", "rejection_sample", "gather", "sample_teacher"]
 
@@ -82,7 +83,7 @@ def rejection_sample(model, tok, task, n: int, samples: int, max_new: int, tempe
     progress: None, or called as progress(prompts of the share done, pairs kept) after each chunk."""
     problems = task.prompts(n, random.Random(seed))
     ids = [tok.encode(prompt) for prompt, _ in problems]
-    check_room(model, max(map(len, ids), default=0), max_new)
+    check_length(model, max(map(len, ids), default=0), max_new)
     share = prompt_share(n, rank, ranks, chunk)
     device = model.embed.weight.device
     pairs: list[tuple[str, str]] = []
