@@ -199,7 +199,9 @@ HELP_FLAGS = {
     "info": ["--preset", "--config", "key=value"],
     "sft": ["--checkpoint", "--data", "--out", "--steps", "--batch-size", "--lr", "--warmup", "--schedule", "--max-len",
             "--val-fraction", "--eval-every", "--checkpoint-every", "--seed", "--device"],
-    "sft-data": ["--task", "--n", "--out", "--seed"],
+    "sft-data": ["--task", "--n", "--out", "--seed", "--teacher", "--samples", "--precision"],
+    "score": ["--checkpoint", "--task", "--n", "--samples", "--temperature", "--top-p", "--max-new-tokens", "--seed",
+              "--exclude", "--out", "--precision", "--device"],
 }
 
 

@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48, help="with --teacher: the longest completion (default 48)")
     p.add_argument("--temperature", type=float, default=1.0, help="with --teacher: sampling temperature (default 1)")
     p.add_argument("--no-progress", action="store_true", help="with --teacher: no line per 32 prompts sampled")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="with --teacher: numerics (default: bf16 on GPU, where each decoding step is replayed as a "
+                        "CUDA graph; fp32 on CPU)")
     _add_device(p)
 
     p = sub.add_parser("score", help="accuracy of a checkpoint on a task's problems (pass@1, pass@k, maj@k)",
@@ -511,7 +514,7 @@ def _sft_data_from_teacher(args, task) -> int:
     if args.temperature <= 0:
         raise MoeforgeError(f"--temperature: must be positive for sampling, got {args.temperature}")
     result = sample_teacher(args.teacher, task, args.n, args.samples, args.max_new_tokens, args.temperature, args.seed,
-                            args.keep, args.device, progress=not args.no_progress)
+                            args.keep, args.device, progress=not args.no_progress, precision=args.precision)
     if result is None:  # under torchrun, a rank other than 0: rank 0 writes
         return 0
     pairs, stats = result

@@ -134,10 +134,11 @@ def gather(pairs: list[tuple[str, str]], stats: RejectionStats,
 
 
 def sample_teacher(teacher: str | Path, task, n: int, samples: int, max_new: int, temperature: float, seed: int,
-                   keep: int = 1, device: str | None = None,
-                   progress: bool = True) -> tuple[list[tuple[str, str]], RejectionStats] | None:
+                   keep: int = 1, device: str | None = None, progress: bool = True,
+                   precision: str = "fp32") -> tuple[list[tuple[str, str]], RejectionStats] | None:
     """rejection_sample of the checkpoint (or run folder) `teacher`: (pairs, counts), with a line per
-    chunk sampled when `progress`.
+    chunk sampled when `progress`. precision "bf16" (or "auto" on a GPU): the teacher runs under BF16
+    autocast, where a GPU replays each decoding step as a CUDA graph (generate.Decoder).
 
     Under torchrun, data parallel: every rank loads the whole teacher on its own device, samples its
     share of the prompts (prompt_share), and rank 0 gathers the pairs and sums the counts; rank 0
@@ -145,6 +146,7 @@ def sample_teacher(teacher: str | Path, task, n: int, samples: int, max_new: int
     output is the one process's (module doc). The process group is left at the end."""
     from ..data import load_tokenizer
     from ..train.checkpoint import load_trained_model
+    from ..train.step import autocast, resolve_precision
     from .common import init_data_parallel
 
     ctx, device, rank, ranks = init_data_parallel(device)
@@ -156,9 +158,11 @@ def sample_teacher(teacher: str | Path, task, n: int, samples: int, max_new: int
         def report(done: int, kept: int) -> None:
             print(f"sft-data: {done}/{share} prompts sampled{where}, {kept} examples kept", flush=True)
 
-        pairs, stats = rejection_sample(model.eval(), load_tokenizer(cfg.train.tokenizer or None), task, n, samples,
-                                        max_new, temperature, seed, keep, report if progress and rank == 0 else None,
-                                        rank=rank, ranks=ranks)
+        where_to = model.embed.weight.device
+        with autocast(where_to, resolve_precision(precision, where_to)):
+            pairs, stats = rejection_sample(model.eval(), load_tokenizer(cfg.train.tokenizer or None), task, n,
+                                            samples, max_new, temperature, seed, keep,
+                                            report if progress and rank == 0 else None, rank=rank, ranks=ranks)
         return gather(pairs, stats, ctx)
     finally:
         if ctx is not None:
