@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -98,3 +99,21 @@ class MetricsSink:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Keep the records of metrics.jsonl up to `last_step` (a resumed run's checkpoint: records a run
+    wrote after its last checkpoint before it stopped are dropped, as the resumed run writes them
+    again); the file is replaced whole. No file: nothing to do."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                keep.append(line)
+        except ValueError:
+            continue
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(k + "\n" for k in keep))
+    os.replace(tmp, path)

@@ -8,9 +8,7 @@ OUT/checkpoints/step_N (atomic, last N kept); `resume` continues bit-identically
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import sys
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from . import checkpoint as ckpt
 from .balance import imbalance_stats
 from .ema import CPUEMA
 from .graph import GraphedStep, check_graph_step, one_process_step, portable_optimizer_state
-from .metrics import Clock, MetricsSink, flops_per_token, peak_flops
+from .metrics import Clock, MetricsSink, flops_per_token, peak_flops, trim_metrics
 from .schedule import batch_size_at, lr_at, mtp_lambda_at
 from .step import (autocast, build_optimizer, build_train_model, check_memory, forward_backward, optimizer_groups,
                    optimizer_update, resolve_device, resolve_precision, split_train_pipeline, step_weight_cache)
@@ -555,21 +553,6 @@ class _NullSink:
 
     def close(self) -> None:
         pass
-
-
-def trim_metrics(path: Path, last_step: int) -> None:
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= last_step:
-                keep.append(line)
-        except ValueError:
-            continue
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(k + "\n" for k in keep))
-    os.replace(tmp, path)
 
 
 def seed_everything(seed: int) -> None:
