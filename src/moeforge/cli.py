@@ -24,9 +24,12 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 
 def _add_post_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str) -> None:
-    """The flags every post-training run takes: --seed, --no-progress, --precision and --device."""
+    """The flags every post-training run takes: --resume, --seed, --no-progress, --precision and --device."""
     from .posttrain.settings import PRECISIONS
 
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint (the same --checkpoint and settings; "
+                        "--steps may be raised)")
     p.add_argument("--seed", type=int, default=seed, help=seed_help)
     p.add_argument("--no-progress", action="store_true", help="no line per step")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -116,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sample a group of completions per prompt, reward each, and push the policy towards "
                                    "the better ones, with a KL penalty to the starting model. See docs/posttrain.md.")
     p.add_argument("--checkpoint", required=True, help="the model to start from: a checkpoint or run folder")
-    p.add_argument("--out", required=True, help="run folder for metrics.jsonl and the final checkpoint")
+    p.add_argument("--out", required=True, help="run folder for metrics.jsonl and checkpoints")
     p.add_argument("--task", default="arithmetic", help="the task and its reward (default arithmetic)")
     d = GRPOSettings()
     p.add_argument("--steps", type=int, default=d.steps, help=f"GRPO steps (default {d.steps})")
@@ -134,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format-weight", type=float, default=d.format_weight,
                    help="add this times the format reward (1 for a completion that opens with one <think>...</think> "
                         f"block and then answers; DeepSeek-R1-Zero's) to the task's reward (default {d.format_weight:g})")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="a checkpoint every N steps besides the final one (default: the final one only)")
     _add_post_run_flags(p, d.seed, "seed for prompts and sampling")
 
     p = sub.add_parser("sft", help="supervised fine-tuning of a checkpoint on prompt/response pairs",
@@ -469,20 +474,22 @@ def cmd_grpo(args) -> int:
 
     task = get_task(args.task)
     records = train_grpo(args.checkpoint, Path(args.out), task, _settings(GRPOSettings, args), device=args.device,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, resume=args.resume)
     first, last = records[0], records[-1]
-    return _report_post_training(args, f"grpo: reward {first['reward']:.3f} at step 1, {last['reward']:.3f} at step "
-                                       f"{last['step']}")
+    return _report_post_training(args, f"grpo: reward {first['reward']:.3f} at step {first['step']}, "
+                                       f"{last['reward']:.3f} at step {last['step']}")
 
 
 def cmd_sft(args) -> int:
     from .posttrain.sft import SFTSettings, train_sft
 
     records = train_sft(args.checkpoint, args.data, Path(args.out), _settings(SFTSettings, args), device=args.device,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, resume=args.resume)
     first, last = records[0], records[-1]
-    return _report_post_training(args, f"sft: held-out loss {first['val_loss']:.4f} before, {last['val_loss']:.4f} "
-                                       f"after {last['step']} steps")
+    after = f"{last['val_loss']:.4f} after {last['step']} steps"
+    summary = (f"held-out loss {first['val_loss']:.4f} before, {after}" if first["step"] == 0
+               else f"resumed after step {first['step'] - 1}; held-out loss {after}")
+    return _report_post_training(args, f"sft: {summary}")
 
 
 def cmd_sft_data(args) -> int:

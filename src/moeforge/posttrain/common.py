@@ -1,39 +1,162 @@
-"""What every post-training stage (GRPO, SFT) does around its own loss: open the starting checkpoint,
-build a fresh AdamW, and save checkpoints in the trainer's format.
+"""What every post-training stage (GRPO, SFT) does around its own loss: open the starting checkpoint
+(or, with --resume, the run's newest one), build a fresh AdamW, and save checkpoints in the
+trainer's format.
 
 A post-training run reads a trained checkpoint and writes a run folder of its own (metrics.jsonl,
 checkpoints/). Its checkpoints keep the starting checkpoint's config, so `moeforge generate`,
-`eval`, `convert` and another post-training stage read them like any other.
+`eval`, `convert` and another post-training stage read them like any other. Their state.pt holds
+what a resume needs besides the weights and the AdamW state: the step, the stage's settings, what
+else defines the run (`PostRun.run`: the starting checkpoint, and the stage's data, task or number
+of ranks) and the stage's progress (its random states and counters).
+
+A resumed run continues from the newest checkpoint of OUT/checkpoints: the same model, AdamW state
+and progress, so on CPU it computes what the uninterrupted run would have, bit for bit (tested).
+It must be opened with the same --checkpoint, the same run entries and the same settings, except
+MAY_CHANGE; metrics.jsonl is appended to, after dropping the records of steps past that checkpoint
+(written before the run stopped, and written again by the resumed run).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import Config
-from ..data import load_tokenizer
+from ..data import Tokenizer, load_tokenizer
 from ..errors import MoeforgeError
 from ..train import checkpoint as ckpt
 from ..train.graph import portable_optimizer_state
+from ..train.metrics import MetricsSink, trim_metrics
 from ..train.step import build_optimizer
 
-__all__ = ["open_run", "build_adamw", "save_run_checkpoint", "init_data_parallel", "all_reduce_sum"]
+__all__ = ["MAY_CHANGE", "PostRun", "open_run", "build_adamw", "checkpoint_due", "init_data_parallel",
+           "all_reduce_sum", "all_gather_objects"]
+
+# The settings a resumed run may change: how long it runs and how often it evaluates and saves (and
+# keep_checkpoints, how many checkpoints it keeps). Every other setting shapes what the remaining
+# steps compute, so a resume takes the saved value or nothing.
+MAY_CHANGE = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints")
+
+# How a --resume error names each compared entry of PostRun.run ("start" and "start_manifest" are
+# not compared: they follow from --checkpoint when the run began).
+_RUN_ENTRIES = {"checkpoint": "--checkpoint '{}'", "data": "--data '{}'", "data_sha256": "--data contents of SHA-256 {:.16}",
+                "task": "--task {}", "ranks": "{} data-parallel rank(s)"}
 
 
-def open_run(checkpoint: str | Path, out: str | Path, device: str | None):
-    """(model, config, tokenizer) of the starting checkpoint, after checking that `out` can be a new run
-    folder (a post-training run does not resume: a second run there would mix its metrics and
-    checkpoints with the first's). Nothing is written yet."""
+@dataclass
+class PostRun:
+    """A post-training run, opened by open_run: its model (the starting checkpoint's, or on --resume
+    the newest checkpoint's), config and tokenizer, and what its checkpoints record."""
+
+    out: Path
+    stage: str  # "sft", "grpo": the key of the stage's settings in state.pt
+    model: torch.nn.Module
+    cfg: Config  # the starting checkpoint's, kept by every checkpoint of the run
+    tok: Tokenizer
+    run: dict  # what defines the run besides its settings (module doc)
+    resumed: dict | None = None  # on --resume: the newest checkpoint's state.pt and optimizer.pt
+
+    @property
+    def step(self) -> int:
+        """The step the run starts after: 0, or the resumed checkpoint's."""
+        return self.resumed["state.pt"]["step"] if self.resumed else 0
+
+    @property
+    def progress(self) -> dict | None:
+        """The resumed checkpoint's progress (the stage's random states and counters), None for a new run."""
+        return self.resumed["state.pt"]["progress"] if self.resumed else None
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        """On --resume: the AdamW state (moments and step counts) as the checkpoint has it."""
+        if self.resumed:
+            optimizer.load_state_dict(self.resumed["optimizer.pt"])
+
+    def metrics(self, lead: bool) -> MetricsSink | None:
+        """The run's metrics.jsonl, opened to append, on the rank that writes (`lead`; None elsewhere);
+        on --resume without the records past the resumed checkpoint."""
+        if not lead:
+            return None
+        self.out.mkdir(parents=True, exist_ok=True)
+        trim_metrics(self.out / "metrics.jsonl", self.step)
+        return MetricsSink(self.out, tensorboard=False)
+
+    def save(self, step: int, optimizer: torch.optim.Optimizer, settings, keep: int, **progress) -> Path:
+        """OUT/checkpoints/step_N in the trainer's format (atomic, the newest `keep` kept), with the
+        starting checkpoint's config and, in state.pt, all a resume needs (module doc)."""
+        state = {"step": step, self.stage: dataclasses.asdict(settings), "run": self.run, "progress": progress}
+        return ckpt.save_checkpoint(self.out / "checkpoints", step, self.cfg, self.model.state_dict(),
+                                    portable_optimizer_state(optimizer.state_dict()), state, keep)
+
+    def starting_model(self, device: str | None) -> torch.nn.Module:
+        """The model the run started from, read again from its starting checkpoint, which must still
+        hold what it held then: the same manifest (which lists the SHA-256 of every file)."""
+        path = Path(self.run["start"])
+        if not (path / "manifest.json").is_file():
+            raise MoeforgeError(f"--resume: the run's starting checkpoint '{path}' is gone (the run needs that model)")
+        if _manifest_digest(path) != self.run["start_manifest"]:
+            raise MoeforgeError(f"--resume: the run's starting checkpoint '{path}' has changed since the run began")
+        return ckpt.load_trained_model(path, device)[0]
+
+
+def open_run(checkpoint: str | Path, out: str | Path, device: str | None, stage: str, settings, run: dict,
+             resume: bool = False) -> PostRun:
+    """The post-training run of stage `stage` in `out`, with `settings` (the stage's dataclass) and
+    `run` (the entries that define it besides its settings and --checkpoint: data, task, ranks).
+
+    A new run: the starting checkpoint's model, after checking that `out` can be a new run folder (a
+    second run there would mix its metrics and checkpoints with the first's). resume: the newest
+    checkpoint of OUT/checkpoints, after checking that it was made with the same --checkpoint, run
+    entries and settings (but MAY_CHANGE), and that --steps goes past it. Nothing is written yet."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MoeforgeError(f"--out '{out}' exists and is not a folder")
+    run = {"checkpoint": str(Path(checkpoint).expanduser().resolve()), **run}
+    if resume:
+        return _resume(out, device, stage, settings, run)
     if (out / "metrics.jsonl").exists():
-        raise MoeforgeError(f"--out '{out}' already holds a run (metrics.jsonl); choose a new folder")
-    model, cfg = ckpt.load_trained_model(checkpoint, device)
-    return model, cfg, load_tokenizer(cfg.train.tokenizer or None)
+        raise MoeforgeError(f"--out '{out}' already holds a run (metrics.jsonl); pass --resume to continue it "
+                            f"or choose a new folder")
+    start = ckpt.resolve_checkpoint(checkpoint)
+    model, cfg = ckpt.load_trained_model(start, device)
+    run.update(start=str(start.resolve()), start_manifest=_manifest_digest(start))
+    return PostRun(out, stage, model, cfg, load_tokenizer(cfg.train.tokenizer or None), run)
+
+
+def _resume(out: Path, device: str | None, stage: str, settings, run: dict) -> PostRun:
+    root = out / "checkpoints"
+    found = ckpt.list_checkpoints(root)
+    if not found:
+        raise MoeforgeError(f"--resume: no checkpoint under '{root}'")
+    path = found[-1]
+    parts = ckpt.load_checkpoint(path, ("optimizer.pt", "state.pt"))
+    state = parts["state.pt"]
+    if not isinstance(state.get(stage), dict) or "run" not in state or "progress" not in state:
+        raise MoeforgeError(f"--resume: checkpoint '{path}' is not one a `moeforge {stage}` run can resume from")
+    for key, given in run.items():
+        saved = state["run"].get(key)
+        if saved != given:
+            what = _RUN_ENTRIES[key]
+            raise MoeforgeError(f"--resume: the run in '{out}' was made with {what.format(saved)}, "
+                                f"not with {what.format(given)}")
+    for name, given in dataclasses.asdict(settings).items():
+        saved = state[stage].get(name)
+        if name not in MAY_CHANGE and saved != given:
+            raise MoeforgeError(f"--resume: the run in '{out}' was made with --{name.replace('_', '-')} {saved}, "
+                                f"not {given} (a resumed run may change --steps and how often it evaluates and saves)")
+    if settings.steps <= state["step"]:
+        raise MoeforgeError(f"--resume: the run in '{out}' has done {state['step']} steps already; pass --steps "
+                            f"above {state['step']} to continue it")
+    model, cfg = ckpt.load_trained_model(path, device)
+    return PostRun(out, stage, model, cfg, load_tokenizer(cfg.train.tokenizer or None), state["run"], parts)
+
+
+def _manifest_digest(path: Path) -> str:
+    """The SHA-256 of a checkpoint's manifest.json: it names the checkpoint's contents."""
+    return hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
 
 
 def build_adamw(model: torch.nn.Module, cfg: Config, **train) -> tuple[torch.optim.Optimizer, Config]:
@@ -45,12 +168,11 @@ def build_adamw(model: torch.nn.Module, cfg: Config, **train) -> tuple[torch.opt
     return build_optimizer(model, run_cfg), run_cfg
 
 
-def save_run_checkpoint(out: Path, step: int, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        state: dict, keep: int) -> Path:
-    """OUT/checkpoints/step_N in the trainer's format (atomic, the newest `keep` kept), with the
-    starting checkpoint's config `cfg`."""
-    return ckpt.save_checkpoint(Path(out) / "checkpoints", step, cfg, model.state_dict(),
-                                portable_optimizer_state(optimizer.state_dict()), state, keep)
+def checkpoint_due(step: int, settings) -> bool:
+    """Whether a run saves a checkpoint after `step`: every settings.checkpoint_every steps (0: never)
+    and after the last."""
+    every = settings.checkpoint_every
+    return step == settings.steps or bool(every and step % every == 0)
 
 
 def init_data_parallel(device: str | None, per_step: int | None = None, flag: str = ""):
@@ -79,3 +201,14 @@ def all_reduce_sum(values: list[float], ctx, device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, group=ctx.dp_ep_group)
     return t.tolist()
+
+
+def all_gather_objects(obj, ctx) -> list:
+    """Every data-parallel rank's `obj` (anything picklable), in rank order ([obj] for one process)."""
+    if ctx is None:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj, group=ctx.dp_ep_group)
+    return gathered

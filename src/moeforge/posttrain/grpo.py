@@ -19,6 +19,7 @@ sampler), the log-probabilities come from the model's per-target losses (head.to
 only where a completion token is scored). The groups of all prompts of one token length are
 sampled as one batch (sample_groups). Checkpoints are the trainer's format, so
 `moeforge generate`, `eval` and `convert` read them; the config is the starting checkpoint's.
+`--resume` continues a run from its newest checkpoint (train_grpo).
 
 Shape legend: G group size, Lp prompt length, N max new tokens.
 """
@@ -26,7 +27,6 @@ Shape legend: G group size, Lp prompt length, N max new tokens.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import random
 import time
@@ -38,11 +38,10 @@ from ..errors import MoeforgeError
 from ..generate import sample_rows
 from ..model.mtp import IGNORE_INDEX
 from ..parallel.data import sync_gradients
-from ..train.metrics import MetricsSink
 from ..train.step import autocast
-from .common import all_reduce_sum, build_adamw, init_data_parallel, open_run, save_run_checkpoint
+from .common import all_gather_objects, all_reduce_sum, build_adamw, checkpoint_due, init_data_parallel, open_run
 from .settings import GRPOSettings
-from .tasks import format_reward
+from .tasks import format_reward, task_name
 
 __all__ = ["GRPOSettings", "group_advantages", "kl_k3", "grpo_loss", "sample_group", "sample_groups",
            "completion_texts", "completion_logprobs", "train_grpo"]
@@ -129,36 +128,50 @@ def completion_logprobs(model, prompt: list[int], tokens: torch.Tensor, mask: to
 
 
 def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, device: str | None = None,
-               progress: bool = True) -> list[dict]:
+               progress: bool = True, resume: bool = False) -> list[dict]:
     """Post-train the model of `checkpoint` with GRPO on `task` (tasks.py) for s.steps steps; write
-    OUT/metrics.jsonl (one record per step) and a checkpoint at the end. Returns the records.
+    OUT/metrics.jsonl (one record per step) and checkpoints (every s.checkpoint_every steps and at
+    the end). Returns the records of the steps it ran.
+
+    resume: continue the run in `out` from its newest checkpoint (common.py): the weights, the AdamW
+    state, the step, the prompt rng and every rank's sampling generator, so the rest of the run
+    samples what the uninterrupted run would have. The task, the number of ranks (each samples with
+    its own generator) and every setting but --steps and --checkpoint-every must be the run's.
+    pi_ref is the starting model, not the resumed one: it is read again from the starting checkpoint
+    that the run's checkpoints record (its path, and its manifest's SHA-256, which must not have
+    changed). Saving the reference in every checkpoint instead would add the model's size to each;
+    the starting checkpoint is an input of the run, like SFT's --data.
 
     Under torchrun, data parallel: every rank holds the whole model (and the reference), samples the
     groups of prompts rank::N of each step's prompts, and the gradients are averaged over the ranks
     (each rank's loss is the mean over as many completions), so the objective is the mean over all
-    P x G completions; the metrics are over all of them; rank 0 writes the metrics and the checkpoint.
+    P x G completions; the metrics are over all of them; rank 0 writes the metrics and the checkpoints.
     Each rank samples with its own generator (seed + rank)."""
     s.validate()
-    out = Path(out)
     ctx, device, rank, ranks = init_data_parallel(device, s.prompts_per_step, "--prompts-per-step")
-    model, cfg, tok = open_run(checkpoint, out, device)
+    run = open_run(checkpoint, out, device, "grpo", s, {"task": task_name(task), "ranks": ranks}, resume)
+    model, cfg, tok = run.model, run.cfg, run.tok
     if s.max_new_tokens >= cfg.model.max_position_embeddings:
         raise MoeforgeError(f"--max-new-tokens {s.max_new_tokens} leaves no room for a prompt in the model's context "
                             f"of {cfg.model.max_position_embeddings} tokens")
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if s.beta > 0 else None
+    ref = None
+    if s.beta > 0:
+        ref = (run.starting_model(device) if run.resumed else copy.deepcopy(model)).eval().requires_grad_(False)
     optimizer, _ = build_adamw(model, cfg, lr=s.lr)
+    run.restore(optimizer)
     torch.manual_seed(s.seed)
     rng = random.Random(s.seed)
     device = model.embed.weight.device
     gen = torch.Generator(device=device).manual_seed(s.seed + rank)
+    if run.progress is not None:
+        rng.setstate(run.progress["prompts"])
+        gen.set_state(run.progress["generators"][rank])
     amp = functools.partial(autocast, device, s.precision)  # BF16 forwards with --precision bf16
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    sink = MetricsSink(out, tensorboard=False) if rank == 0 else None
+    sink = run.metrics(rank == 0)
     progress = progress and rank == 0
     records = []
     try:
-        for step in range(1, s.steps + 1):
+        for step in range(run.step + 1, s.steps + 1):
             t0 = time.perf_counter()
             batch = []  # (prompt ids, tokens, mask, advantages, [reward, task reward, format reward] x G)
             problems = task.prompts(s.prompts_per_step, rng)[rank::ranks]  # the same prompts on every rank
@@ -210,14 +223,14 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
             records.append(rec)
             if sink is not None:
                 sink.write(rec)
+            if checkpoint_due(step, s):
+                generators = all_gather_objects(gen.get_state(), ctx)  # every rank's, in rank order
+                if rank == 0:
+                    run.save(step, optimizer, s, s.keep_checkpoints, prompts=rng.getstate(), generators=generators)
             if progress:
                 print(f"grpo step {step}/{s.steps} | reward {rec['reward']:.3f} | kl {rec['kl']:.4f} | "
                       f"loss {rec['loss']:+.4f} | {rec['completion_tokens']:.1f} tokens | {rec['seconds']:.1f} s",
                       flush=True)
-        optimizer.zero_grad(set_to_none=True)
-        if rank == 0:
-            save_run_checkpoint(out, s.steps, cfg, model, optimizer, {"step": s.steps, "grpo": dataclasses.asdict(s)},
-                                s.keep_checkpoints)
     finally:
         if sink is not None:
             sink.close()

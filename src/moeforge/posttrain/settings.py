@@ -42,6 +42,7 @@ class GRPOSettings:
     precision: str = "fp32"  # "bf16": the forwards (sampling included) under BF16 autocast; weights and AdamW FP32
     grad_clip: float = 1.0
     seed: int = 0
+    checkpoint_every: int = 0  # a checkpoint every N steps as well as the final one; 0: the final one only
     keep_checkpoints: int = 2
 
     def validate(self) -> None:
@@ -55,7 +56,7 @@ class GRPOSettings:
         for name in ("lr", "clip"):
             if not getattr(self, name) > 0:
                 raise MoeforgeError(f"--{name}: must be positive, got {getattr(self, name)}")
-        _check_minimum(self, ("beta", "grad_clip", "format_weight"), 0)
+        _check_minimum(self, ("beta", "grad_clip", "format_weight", "checkpoint_every"), 0)
         _check_precision(self)
 
 

@@ -24,19 +24,18 @@ Optimisation: AdamW (posttrain/common.py), a linear warm-up, then constant or co
 the gradient clipped to norm 1. FP32, or the forwards under BF16 autocast (precision "bf16"). One
 process (CPU or one GPU), or data parallel under torchrun (train_sft). The run folder holds
 metrics.jsonl and checkpoints in the trainer's format (common.py), so `moeforge generate`, `eval`,
-`convert` and `grpo --checkpoint` read it.
+`convert` and `grpo --checkpoint` read it; `--resume` continues a run from its newest checkpoint.
 
 Shape legend: B examples in a batch, S the longest example's length less one.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import math
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,14 +45,13 @@ from ..data.tokenizer import Tokenizer, atomic_write_text
 from ..errors import MoeforgeError
 from ..model.mtp import IGNORE_INDEX
 from ..parallel.data import sync_gradients
-from ..train.metrics import MetricsSink
 from ..train.schedule import lr_at
 from ..train.step import autocast
-from .common import all_reduce_sum, build_adamw, init_data_parallel, open_run, save_run_checkpoint
+from .common import all_reduce_sum, build_adamw, checkpoint_due, init_data_parallel, open_run
 from .settings import SFTSettings
 
 __all__ = ["SFTSettings", "Example", "read_examples", "tokenize_examples", "split_examples", "collate",
-           "response_loss", "heldout_loss", "write_examples", "train_sft"]
+           "response_loss", "heldout_loss", "BatchOrder", "write_examples", "train_sft"]
 
 
 @dataclass(frozen=True)
@@ -180,16 +178,30 @@ def heldout_loss(model, examples: list[Example], batch_size: int, pad_id: int, p
     return total / count
 
 
-def _batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
-    """Indices of batch_size examples at a time, from an endless run of shuffled epochs."""
-    pending: list[int] = []
-    while True:
-        while len(pending) < batch_size:
-            epoch = list(range(n))
-            rng.shuffle(epoch)
-            pending += epoch
-        yield pending[:batch_size]
-        pending = pending[batch_size:]
+class BatchOrder:
+    """Indices of batch_size examples at a time, from an endless run of shuffled epochs. Its state
+    (the rng's, and what is left of the epoch) goes into the checkpoints, so that a resumed run draws
+    the batches the uninterrupted run would have."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.rng = random.Random(seed)
+        self.pending: list[int] = []
+
+    def next(self) -> list[int]:
+        while len(self.pending) < self.batch_size:
+            epoch = list(range(self.n))
+            self.rng.shuffle(epoch)
+            self.pending += epoch
+        batch, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "pending": list(self.pending)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.pending = list(state["pending"])
 
 
 def write_examples(path: str | Path, pairs: list[tuple[str, str]]) -> Path:
@@ -202,49 +214,65 @@ def write_examples(path: str | Path, pairs: list[tuple[str, str]]) -> Path:
 
 
 def train_sft(checkpoint: str | Path, data: str | Path, out: str | Path, s: SFTSettings, device: str | None = None,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, resume: bool = False) -> list[dict]:
     """Fine-tune the model of `checkpoint` on the examples of `data` for s.steps steps; write
     OUT/metrics.jsonl (a record per step, with val_loss at step 0, every s.eval_every steps and at the
-    last) and checkpoints. Returns the records.
+    last) and checkpoints. Returns the records it wrote: step 0's (the held-out loss before training;
+not on a resume) and one per step it ran.
+
+    resume: continue the run in `out` from its newest checkpoint (common.py): the weights, the AdamW
+    state, the step (and with it the learning rate's place in its schedule; a larger --steps
+    stretches a cosine over the new length), the scored tokens so far and the batch order. The
+    held-out split follows from the data and the settings, which must be the run's: --data (its path
+    and its SHA-256) and every setting but --steps, --eval-every and --checkpoint-every. The number
+    of data-parallel ranks may change (a step is the one-process step on the whole batch).
 
     Under torchrun, data parallel: every rank holds the whole model and takes examples rank::N of each
     batch; its loss is weighted by its share of the batch's scored tokens and the gradients are
     averaged over the ranks, so a step is the one-process step on the whole batch. Rank 0 writes."""
     s.validate()
-    out = Path(out)
     ctx, device, rank, ranks = init_data_parallel(device, s.batch_size, "--batch-size")
     lead = rank == 0
-    model, cfg, tok = open_run(checkpoint, out, device)
+    rows = read_examples(data)
+    run = open_run(checkpoint, out, device, "sft", s, {"data": str(Path(data).resolve()),
+                                                       "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest()},
+                   resume)
+    model, cfg, tok = run.model, run.cfg, run.tok
     context = cfg.model.max_position_embeddings
     if s.max_len > context:
         raise MoeforgeError(f"--max-len {s.max_len} exceeds the model's context of {context} tokens")
     limit = f"--max-len {s.max_len}" if s.max_len else f"the model's context of {context} tokens"
-    examples = tokenize_examples(read_examples(data), tok, s.max_len or context, data, limit)
+    examples = tokenize_examples(rows, tok, s.max_len or context, data, limit)
     train, val = split_examples(examples, s.val_fraction, data)
     optimizer, run_cfg = build_adamw(model, cfg, lr=s.lr, warmup_steps=s.warmup, steps=s.steps, schedule="cosine",
                                      min_lr_ratio=1.0 if s.schedule == "constant" else s.min_lr_ratio)
+    run.restore(optimizer)
     torch.manual_seed(s.seed)
-    batches = _batches(len(train), s.batch_size, random.Random(s.seed))
-    device = model.embed.weight.device
-    if lead:  # (with data parallelism, rank 0 writes the metrics and checkpoints)
-        out.mkdir(parents=True, exist_ok=True)
-    sink = MetricsSink(out, tensorboard=False) if lead else None
-    progress = progress and lead
+    batches = BatchOrder(len(train), s.batch_size, s.seed)
     tokens = 0
+    if run.progress is not None:
+        batches.load_state_dict(run.progress["batches"])
+        tokens = run.progress["tokens"]
+    device = model.embed.weight.device
+    sink = run.metrics(lead)  # (with data parallelism, rank 0 writes the metrics and checkpoints)
+    progress = progress and lead
     try:
-        records = [{"step": 0, "tokens": 0,
-                    "val_loss": heldout_loss(model, val, s.batch_size, tok.eos_id, s.precision, ctx)}]
-        if sink is not None:
-            sink.write(records[0])
+        records = []
+        if run.step == 0:
+            records.append({"step": 0, "tokens": 0,
+                            "val_loss": heldout_loss(model, val, s.batch_size, tok.eos_id, s.precision, ctx)})
+            if sink is not None:
+                sink.write(records[0])
         if progress:
-            print(f"sft: {len(train)} training and {len(val)} held-out examples | held-out loss "
-                  f"{records[0]['val_loss']:.4f} before training", flush=True)
-        for step in range(1, s.steps + 1):
+            where = (f"held-out loss {records[0]['val_loss']:.4f} before training" if run.step == 0
+                     else f"resumed after step {run.step}")
+            print(f"sft: {len(train)} training and {len(val)} held-out examples | {where}", flush=True)
+        for step in range(run.step + 1, s.steps + 1):
             t0 = time.perf_counter()
             lr = lr_at(step - 1, run_cfg.train)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            inputs, targets = collate([train[i] for i in next(batches)[rank::ranks]], tok.eos_id)
+            inputs, targets = collate([train[i] for i in batches.next()[rank::ranks]], tok.eos_id)
             model.train()
             with autocast(device, s.precision):
                 loss, local_n = response_loss(model, inputs.to(device), targets.to(device))
@@ -266,9 +294,8 @@ def train_sft(checkpoint: str | Path, data: str | Path, out: str | Path, s: SFTS
             records.append(rec)
             if sink is not None:
                 sink.write(rec)
-            if lead and (step == s.steps or (s.checkpoint_every and step % s.checkpoint_every == 0)):
-                save_run_checkpoint(out, step, cfg, model, optimizer,
-                                    {"step": step, "sft": dataclasses.asdict(s), "data": str(data)}, s.keep_checkpoints)
+            if lead and checkpoint_due(step, s):
+                run.save(step, optimizer, s, s.keep_checkpoints, tokens=tokens, batches=batches.state_dict())
             if progress:
                 val_text = f" | held-out {rec['val_loss']:.4f}" if "val_loss" in rec else ""
                 print(f"sft step {step}/{s.steps} | loss {rec['loss']:.4f}{val_text} | lr {lr:.2e} | "

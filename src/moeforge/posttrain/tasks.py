@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ..errors import MoeforgeError
 
-__all__ = ["Arithmetic", "PythonSyntax", "TASKS", "THINK_START", "THINK_END", "get_task", "final_answer",
+__all__ = ["Arithmetic", "PythonSyntax", "TASKS", "THINK_START", "THINK_END", "get_task", "task_name", "final_answer",
            "format_reward"]
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -136,6 +136,12 @@ class PythonSyntax:
 
 
 TASKS = {"arithmetic": Arithmetic, "python_syntax": PythonSyntax}
+
+
+def task_name(task) -> str:
+    """The name get_task knows `task` by (its class's name for a task of one's own): what a resumed
+    GRPO run checks."""
+    return next((name for name, cls in TASKS.items() if type(task) is cls), type(task).__qualname__)
 
 
 def get_task(name: str):
