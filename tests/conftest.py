@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import sysconfig
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,33 @@ class TrainedRun:
 def read_metrics(run: Path) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def without_seconds(records: list[dict]) -> list[dict]:
+    """Metrics records without their wall time (the one field two equal runs do not share)."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+class Interrupted(Exception):
+    """Stands for whatever stops a run (Ctrl-C, a lost machine) in the resume tests."""
+
+
+@contextmanager
+def interrupted_after(step: int):
+    """Within the block, a post-training run stops (Interrupted, expected) just after writing the
+    record of `step` to metrics.jsonl: the records after its last checkpoint stay in the file, as
+    after a real interruption."""
+    from moeforge.posttrain import common
+
+    class Sink(common.MetricsSink):
+        def write(self, record: dict) -> None:
+            super().write(record)
+            if record["step"] == step:
+                raise Interrupted(f"after step {step}")
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Interrupted):
+        mp.setattr(common, "MetricsSink", Sink)
+        yield
 
 
 def run_cli(argv: list) -> int:

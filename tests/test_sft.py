@@ -22,7 +22,7 @@ import re
 import pytest
 import torch
 
-from conftest import POSTTRAIN_MODEL, read_metrics
+from conftest import POSTTRAIN_MODEL, interrupted_after, read_metrics, without_seconds
 from moeforge.config import load_config
 from moeforge.errors import MoeforgeError
 from moeforge.model import build_model
@@ -224,6 +224,66 @@ def test_sft_command(cli, base_checkpoint, tmp_path):
     r = cli("sft", "--checkpoint", base_checkpoint, "--data", data, "--out", tmp_path / "o", "--steps", "2")
     assert r.rc == 2 and "already holds a run" in r.err  # no second run mixed into the first
     assert read_metrics(tmp_path / "o") == records
+
+
+def final_weights(run) -> dict:
+    return ckpt.load_trained_model(run, "cpu")[0].state_dict()
+
+
+def test_resume_continues_the_run_bit_for_bit(base_checkpoint, tmp_path, one_thread):
+    """A run stopped after step 3 (its last checkpoint at step 2, step 3's record already written)
+    and resumed ends as the uninterrupted run: the same weights to the bit and the same metrics, step
+    3's record once. Each restored piece decides something checked here: the weights and the batch
+    order step 3's loss (a fresh order would draw step 1's examples again: 38 of the epoch's 54 are
+    left after step 2), the AdamW moments the weights after step 3, the token count every record,
+    and the step the learning rate (mid-cosine)."""
+    data = write_examples(tmp_path / "arith.jsonl", Arithmetic().demonstrations(60, random.Random(0)))
+    s = SFTSettings(steps=5, batch_size=8, lr=3e-3, warmup=2, val_fraction=0.1, eval_every=2, checkpoint_every=2,
+                    keep_checkpoints=5)
+    whole = train_sft(base_checkpoint, data, tmp_path / "whole", s, device="cpu", progress=False)
+    with interrupted_after(3):
+        train_sft(base_checkpoint, data, tmp_path / "part", s, device="cpu", progress=False)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "part" / "checkpoints")] == ["step_0000002"]
+    assert [r["step"] for r in read_metrics(tmp_path / "part")] == [0, 1, 2, 3]
+    rest = train_sft(base_checkpoint, data, tmp_path / "part", s, device="cpu", progress=False, resume=True)
+    assert [r["step"] for r in rest] == [3, 4, 5]
+    assert without_seconds(read_metrics(tmp_path / "part")) == without_seconds(whole)
+    assert len({r["lr"] for r in whole[3:]}) == 3  # the steps after the resume: each its own lr (the cosine)
+    want, got = final_weights(tmp_path / "whole"), final_weights(tmp_path / "part")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_resume_refuses_what_would_not_continue_the_run(cli, expect_error, base_checkpoint, tmp_path):
+    """--resume with no checkpoint, with another --checkpoint, --data (path or contents) or setting,
+    or without steps left is one line and changes nothing; without --resume a used --out is refused
+    with a pointer to --resume. A resume with a larger --steps goes on from the last step."""
+    data, other = tmp_path / "d.jsonl", tmp_path / "other.jsonl"
+    assert cli("sft-data", "--n", "20", "--out", data).rc == 0
+    assert cli("sft-data", "--n", "20", "--seed", "1", "--out", other).rc == 0
+    out = tmp_path / "o"
+    run = ["--checkpoint", base_checkpoint, "--out", out, "--warmup", "0", "--no-progress"]
+    args = [*run, "--data", data, "--batch-size", "4"]
+    expect_error(cli("sft", *args, "--steps", "2", "--resume"), "sft", "--resume", "no checkpoint under")
+    assert not out.exists()
+    assert cli("sft", *args, "--steps", "2").rc == 0
+    records = read_metrics(out)
+    expect_error(cli("sft", *args, "--steps", "3"), "sft", "already holds a run", "pass --resume")
+    expect_error(cli("sft", *run, "--data", other, "--batch-size", "4", "--steps", "3", "--resume"), "sft",
+                 "--data", "other.jsonl")
+    expect_error(cli("sft", *args, "--steps", "3", "--batch-size", "2", "--resume"), "sft", "--batch-size 4, not 2")
+    expect_error(cli("sft", *args, "--steps", "3", "--seed", "1", "--resume"), "sft", "--seed 0, not 1")
+    expect_error(cli("sft", "--checkpoint", tmp_path / "elsewhere", *args[2:], "--steps", "3", "--resume"), "sft",
+                 "--checkpoint", "elsewhere")
+    expect_error(cli("sft", *args, "--steps", "2", "--resume"), "sft", "done 2 steps", "--steps above 2")
+    saved = data.read_bytes()
+    data.write_bytes(other.read_bytes())
+    expect_error(cli("sft", *args, "--steps", "3", "--resume"), "sft", "--data contents of SHA-256")
+    data.write_bytes(saved)
+    assert read_metrics(out) == records
+    r = cli("sft", *args, "--steps", "3", "--resume", "--eval-every", "1")
+    assert r.rc == 0 and "resumed after step 2; held-out loss" in r.out, r.err
+    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 3] and read_metrics(out)[:3] == records
+    assert ckpt.list_checkpoints(out / "checkpoints")[-1].name == "step_0000003"
 
 
 def test_bf16_autocast_fine_tuning(base_checkpoint, tmp_path, one_thread, cli):
