@@ -17,12 +17,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import shutil
 
 import pytest
 import torch
 
 from conftest import POSTTRAIN_MODEL as MODEL
+from conftest import interrupted_after, read_metrics, without_seconds
 from moeforge.config import load_config
+from moeforge.errors import MoeforgeError
 from moeforge.generate import generate
 from moeforge.model import build_model
 from moeforge.posttrain.grpo import (completion_logprobs, group_advantages, grpo_loss, kl_k3, sample_group,
@@ -190,7 +193,58 @@ def test_grpo_command(cli, base_checkpoint, tmp_path, expect_error):
     assert not (tmp_path / "h").exists()
 
 
-def grpo_rank_weights(checkpoint: str, out: str, settings: GRPOSettings) -> tuple[list[dict], dict]:
+def final_weights(run) -> dict:
+    return ckpt.load_trained_model(run, "cpu")[0].state_dict()
+
+
+def test_grpo_resume_continues_the_run_bit_for_bit(base_checkpoint, tmp_path, one_thread):
+    """A run stopped after step 3 (its last checkpoint at step 2, --checkpoint-every 2) and resumed
+    ends as the uninterrupted run: the same weights to the bit and the same metrics, step 3's record
+    once. Each restored piece decides something checked here: a fresh prompt rng would give step 3
+    step 1's prompts, a fresh generator other completions, the resumed weights as pi_ref a KL of 0 at
+    step 3 (the uninterrupted run's is above 0), fresh AdamW moments other weights after step 3."""
+    s = GRPOSettings(steps=4, prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-2, checkpoint_every=2)
+    whole = train_grpo(base_checkpoint, tmp_path / "whole", LowercaseStart(), s, device="cpu", progress=False)
+    with interrupted_after(3):
+        train_grpo(base_checkpoint, tmp_path / "part", LowercaseStart(), s, device="cpu", progress=False)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "part" / "checkpoints")] == ["step_0000002"]
+    rest = train_grpo(base_checkpoint, tmp_path / "part", LowercaseStart(), s, device="cpu", progress=False,
+                      resume=True)
+    assert [r["step"] for r in rest] == [3, 4] and whole[2]["kl"] > 0
+    assert without_seconds(read_metrics(tmp_path / "part")) == without_seconds(whole)
+    want, got = final_weights(tmp_path / "whole"), final_weights(tmp_path / "part")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_grpo_resume_refuses_what_would_not_continue_the_run(cli, expect_error, base_checkpoint, tmp_path):
+    """--resume with no checkpoint, another --task or setting, or a starting checkpoint (pi_ref) that
+    has changed or is gone is one line; without --resume a used --out is refused with a pointer to
+    --resume. A resume with a larger --steps goes on from the last step."""
+    start, out = tmp_path / "start", tmp_path / "g"
+    shutil.copytree(base_checkpoint, start)
+    args = ["--checkpoint", start, "--out", out, "--task", "python_syntax", "--prompts-per-step", "1",
+            "--group-size", "2", "--max-new-tokens", "4", "--no-progress"]
+    expect_error(cli("grpo", *args, "--steps", "1", "--resume"), "grpo", "--resume", "no checkpoint under")
+    assert cli("grpo", *args, "--steps", "1").rc == 0
+    expect_error(cli("grpo", *args, "--steps", "2"), "grpo", "already holds a run", "pass --resume")
+    expect_error(cli("grpo", *args, "--steps", "2", "--task", "arithmetic", "--resume"), "grpo",
+                 "--task python_syntax, not with --task arithmetic")
+    expect_error(cli("grpo", *args, "--steps", "2", "--group-size", "4", "--resume"), "grpo", "--group-size 2, not 4")
+    expect_error(cli("grpo", *args, "--steps", "1", "--resume"), "grpo", "done 1 steps", "--steps above 1")
+    r = cli("grpo", *args, "--steps", "2", "--resume")
+    assert r.rc == 0 and "at step 2" in r.out, r.err
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    # the starting checkpoint saved again with other weights, then removed: pi_ref cannot be the starting model
+    cfg = ckpt.load_checkpoint_config(ckpt.resolve_checkpoint(start))
+    torch.manual_seed(1)
+    ckpt.save_checkpoint(start / "checkpoints", 0, cfg, build_model(cfg.model, "cpu").state_dict(), {}, {"step": 0}, 1)
+    expect_error(cli("grpo", *args, "--steps", "3", "--resume"), "grpo", "starting checkpoint", "has changed")
+    shutil.rmtree(start)
+    expect_error(cli("grpo", *args, "--steps", "3", "--resume"), "grpo", "starting checkpoint", "is gone")
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def grpo_rank_weights(checkpoint: str, out: str, settings: GRPOSettings, resume: bool = False) -> tuple[list[dict], dict]:
     """One rank of a data-parallel `train_grpo` (tests/dist.py runs it in each process): its records and
     its replica's final weights (the model handed to build_adamw, kept)."""
     from moeforge.posttrain import grpo
@@ -203,7 +257,7 @@ def grpo_rank_weights(checkpoint: str, out: str, settings: GRPOSettings) -> tupl
         return real(model, cfg, **kw)
 
     grpo.build_adamw = keep
-    records = train_grpo(checkpoint, out, LowercaseStart(), settings, device="cpu", progress=False)
+    records = train_grpo(checkpoint, out, LowercaseStart(), settings, device="cpu", progress=False, resume=resume)
     return records, {k: v.detach().clone() for k, v in held["model"].state_dict().items()}
 
 
@@ -229,3 +283,26 @@ def test_data_parallel_grpo_keeps_the_replicas_equal(base_checkpoint, tmp_path):
     with pytest.raises(DistError, match="--prompts-per-step 3 does not split evenly over the 2"):
         run_dist(grpo_rank_weights, 2, str(base_checkpoint), str(tmp_path / "bad"),
                  dataclasses.replace(s, prompts_per_step=3), init=False)
+
+
+def test_data_parallel_grpo_resumes(base_checkpoint, tmp_path):
+    """2 ranks: 2 steps, then --resume --steps 4, equal 4 steps: the same metrics, and every rank's
+    weights equal to the bit. Each rank samples on from its own saved generator (rank 0 gathers them
+    all into the checkpoint: one rank's restored on both would sample other completions on the
+    other). A 2-rank run does not resume in one process (its ranks' generators)."""
+    from dist import run_dist
+
+    s = GRPOSettings(steps=4, prompts_per_step=4, group_size=4, max_new_tokens=4, lr=1e-2)
+    whole = run_dist(grpo_rank_weights, 2, str(base_checkpoint), str(tmp_path / "whole"), s, init=False, timeout=150)
+    run_dist(grpo_rank_weights, 2, str(base_checkpoint), str(tmp_path / "part"), dataclasses.replace(s, steps=2),
+             init=False, timeout=150)
+    rest = run_dist(grpo_rank_weights, 2, str(base_checkpoint), str(tmp_path / "part"), s, resume=True, init=False,
+                    timeout=150)
+    for (records, weights), (want_records, want_weights) in zip(rest, whole):
+        assert [r["step"] for r in records] == [3, 4]
+        assert without_seconds(records) == without_seconds(want_records[2:])
+        assert all(torch.equal(weights[k], want_weights[k]) for k in want_weights)
+    assert without_seconds(read_metrics(tmp_path / "part")) == without_seconds(whole[0][0])
+    with pytest.raises(MoeforgeError, match="made with 2 data-parallel rank"):
+        train_grpo(base_checkpoint, tmp_path / "part", LowercaseStart(), dataclasses.replace(s, steps=5), device="cpu",
+                   progress=False, resume=True)
