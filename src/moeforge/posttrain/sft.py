@@ -290,7 +290,7 @@ not on a resume) and one per step it ran.
             rec = {"step": step, "loss": loss_value, "tokens": tokens, "lr": lr, "grad_norm": float(grad_norm),
                    "seconds": time.perf_counter() - t0}
             if step == s.steps or (s.eval_every and step % s.eval_every == 0):
-                rec["val_loss"] = heldout_loss(model, val, s.batch_size, tok.eos_id, s.precision)
+                rec["val_loss"] = heldout_loss(model, val, s.batch_size, tok.eos_id, s.precision, ctx)
             records.append(rec)
             if sink is not None:
                 sink.write(rec)
