@@ -9,7 +9,9 @@
 - on a random-initialised small model, 40 GRPO steps raise a reward that needs a shift of the first
   token's distribution (the completion starts with a lowercase letter) from about 0.4 to 1.0; the
   final checkpoint loads like any other;
-- `moeforge grpo`: a run on the CLI, and bad settings as one-line errors.
+- `moeforge grpo`: a run on the CLI, and bad settings as one-line errors;
+- --resume: a run stopped and resumed ends bit for bit as the uninterrupted run (one process, and
+  2 data-parallel ranks), pi_ref stays the starting model; what would not continue the run is one line.
 """
 
 from __future__ import annotations
@@ -244,7 +246,8 @@ def test_grpo_resume_refuses_what_would_not_continue_the_run(cli, expect_error, 
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
 
-def grpo_rank_weights(checkpoint: str, out: str, settings: GRPOSettings, resume: bool = False) -> tuple[list[dict], dict]:
+def grpo_rank_weights(checkpoint: str, out: str, settings: GRPOSettings,
+                      resume: bool = False) -> tuple[list[dict], dict]:
     """One rank of a data-parallel `train_grpo` (tests/dist.py runs it in each process): its records and
     its replica's final weights (the model handed to build_adamw, kept)."""
     from moeforge.posttrain import grpo

@@ -9,7 +9,9 @@
 - bad data and settings end as one-line errors naming the file and line, with nothing written;
 - the arithmetic generator is deterministic, and every worked step and answer it writes is right;
 - end to end: 40 steps on 180 generated examples lower the held-out response loss of a
-  random-initialised model by more than half; the checkpoint loads, `generate` and `grpo` read it.
+  random-initialised model by more than half; the checkpoint loads, `generate` and `grpo` read it;
+- --resume: a run stopped and resumed ends bit for bit as the uninterrupted run; what would not
+  continue the run (no checkpoint, another --checkpoint, --data or setting) is one line.
 """
 
 from __future__ import annotations

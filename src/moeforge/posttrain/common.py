@@ -43,8 +43,9 @@ MAY_CHANGE = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints")
 
 # How a --resume error names each compared entry of PostRun.run ("start" and "start_manifest" are
 # not compared: they follow from --checkpoint when the run began).
-_RUN_ENTRIES = {"checkpoint": "--checkpoint '{}'", "data": "--data '{}'", "data_sha256": "--data contents of SHA-256 {:.16}",
-                "task": "--task {}", "ranks": "{} data-parallel rank(s)"}
+_RUN_ENTRIES = {"checkpoint": "--checkpoint '{}'", "data": "--data '{}'",
+                "data_sha256": "--data contents of SHA-256 {:.16}", "task": "--task {}",
+                "ranks": "{} data-parallel rank(s)"}
 
 
 @dataclass
@@ -140,8 +141,8 @@ def _resume(out: Path, device: str | None, stage: str, settings, run: dict) -> P
         saved = state["run"].get(key)
         if saved != given:
             what = _RUN_ENTRIES[key]
-            raise MoeforgeError(f"--resume: the run in '{out}' was made with {what.format(saved)}, "
-                                f"not with {what.format(given)}")
+            raise MoeforgeError(f"--resume: the run in '{out}' was made with {what.format(str(saved))}, "
+                                f"not with {what.format(str(given))}")
     for name, given in dataclasses.asdict(settings).items():
         saved = state[stage].get(name)
         if name not in MAY_CHANGE and saved != given:

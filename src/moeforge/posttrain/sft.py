@@ -234,8 +234,8 @@ not on a resume) and one per step it ran.
     ctx, device, rank, ranks = init_data_parallel(device, s.batch_size, "--batch-size")
     lead = rank == 0
     rows = read_examples(data)
-    run = open_run(checkpoint, out, device, "sft", s, {"data": str(Path(data).resolve()),
-                                                       "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest()},
+    digest = hashlib.sha256(Path(data).read_bytes()).hexdigest()  # a resume checks the file is the run's
+    run = open_run(checkpoint, out, device, "sft", s, {"data": str(Path(data).resolve()), "data_sha256": digest},
                    resume)
     model, cfg, tok = run.model, run.cfg, run.tok
     context = cfg.model.max_position_embeddings
