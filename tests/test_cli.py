@@ -400,7 +400,7 @@ def test_prompt_longer_than_the_context(cli, expect_error, snapshot, trained_run
             "--temperature", 0)
     assert r.rc == 0, r.err
     r = cli("generate", "--checkpoint", trained_run.out, "--prompt", prompt, "--max-new-tokens", 65 - n)
-    expect_error(r, "generate", f"prompt ({n} tokens)", "context of 64 tokens")
+    expect_error(r, "generate", f"a prompt of {n} tokens", "context of 64 tokens")
 
     long_prompt = "for i in range(10):\n    print(i)\n" * 30
     assert len(load_tokenizer(None).encode(long_prompt)) > 64
