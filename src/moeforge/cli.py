@@ -534,6 +534,7 @@ def _sft_data_from_teacher(args, task) -> int:
 
 def cmd_score(args) -> int:
     import json
+    import time
 
     from .data import load_tokenizer
     from .data.tokenizer import atomic_write_text
@@ -564,17 +565,19 @@ def cmd_score(args) -> int:
     def progress(done: int) -> None:
         print(f"score: {done}/{args.n} problems", flush=True)
 
+    started = time.perf_counter()
     with autocast(device, resolve_precision(args.precision, device)):
         score, records = score_task(model.eval(), tok, task, args.n, args.samples, args.max_new_tokens,
                                     args.temperature, args.top_p, args.seed, exclude,
                                     progress=None if args.no_progress else progress)
+    seconds = time.perf_counter() - started
     if args.out is not None:
         settings = {k: getattr(args, k) for k in ("checkpoint", "task", "n", "samples", "temperature", "top_p",
                                                   "max_new_tokens", "seed", "exclude")}
         atomic_write_text(Path(args.out), json.dumps({"settings": settings, "score": score.to_dict(),
-                                                      "problems": records}, indent=1) + "\n")
+                                                      "seconds": seconds, "problems": records}, indent=1) + "\n")
     print(f"{args.task}: {score.summary()}" + (f" (excluding {len(exclude)} prompts of {args.exclude})"
-                                                 if args.exclude else ""))
+                                                 if args.exclude else "") + f"; sampled in {seconds:.1f} s")
     return 0
 
 
