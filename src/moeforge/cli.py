@@ -39,6 +39,7 @@ def _add_post_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str) -
 
 def build_parser() -> argparse.ArgumentParser:
     from .posttrain.settings import GRPOSettings, SFTSettings
+    from .posttrain.tasks import TASK_HELP
 
     parser = argparse.ArgumentParser(prog="moeforge", description="Train, evaluate and convert DeepSeek-V3-class MoE models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the better ones, with a KL penalty to the starting model. See docs/posttrain.md.")
     p.add_argument("--checkpoint", required=True, help="the model to start from: a checkpoint or run folder")
     p.add_argument("--out", required=True, help="run folder for metrics.jsonl and checkpoints")
-    p.add_argument("--task", default="arithmetic", help="the task and its reward (default arithmetic)")
+    p.add_argument("--task", default="arithmetic", help=f"the task and its reward: {TASK_HELP} (default arithmetic)")
     d = GRPOSettings()
     p.add_argument("--steps", type=int, default=d.steps, help=f"GRPO steps (default {d.steps})")
     p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step,
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(DeepSeek-R1 2.3.3, 2.4): --samples completions of each of --n prompts sampled from the "
                                    "teacher checkpoint, of which those the task's reward accepts, and that stopped, are "
                                    "kept (--keep distinct ones per prompt). The file is written whole or not at all.")
-    p.add_argument("--task", default="arithmetic", help="the task (default arithmetic)")
+    p.add_argument("--task", default="arithmetic", help=f"the task: {TASK_HELP} (default arithmetic)")
     p.add_argument("-n", "--n", type=int, default=2000,
                    help="number of examples, or of prompts with --teacher (default 2000; under torchrun write -n: "
                         "torchrun reads --n as an abbreviation of its own options)")
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(majority vote of the k answers), the think format's rate, the share of "
                                    "completions that stopped, and their mean length. See docs/posttrain.md.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (step_N) or a run folder (its newest checkpoint)")
-    p.add_argument("--task", default="arithmetic", help="the task (default arithmetic)")
+    p.add_argument("--task", default="arithmetic", help=f"the task: {TASK_HELP} (default arithmetic)")
     p.add_argument("--n", type=int, default=200, help="number of problems (default 200)")
     p.add_argument("--samples", type=int, default=1, help="completions per problem (default 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default 0)")

@@ -93,12 +93,15 @@ def score_task(model, tok, task, n: int, samples: int, max_new: int, temperature
     not in `exclude`, with `samples` completions each (module doc). Returns the scores and a record per
     problem (with its prompt). progress: None, or called as progress(problems done) after each chunk."""
     rng = random.Random(seed)
-    problems: list[tuple[str, str]] = []
-    drawn = 0
-    while len(problems) < n:
-        batch = task.prompts(n, rng)
-        drawn += len(batch)
-        problems += [p for p in batch if p[0] not in exclude][:n - len(problems)]
+    problems = [p for p in task.prompts(n, rng) if p[0] not in exclude]
+    drawn = n
+    while len(problems) < n:  # excluded problems replaced by the next ones drawn, not by one already in
+        seen = {p for p, _ in problems}
+        for p in task.prompts(n, rng):
+            if p[0] not in exclude and p[0] not in seen and len(problems) < n:
+                problems.append(p)
+                seen.add(p[0])
+        drawn += n
         if drawn >= 100 * n and len(problems) < n:
             raise MoeforgeError(f"only {len(problems)} of {drawn} problems drawn are not excluded; ask for fewer "
                                 f"(--n) or exclude fewer")

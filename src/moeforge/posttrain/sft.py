@@ -47,6 +47,7 @@ from ..model.mtp import IGNORE_INDEX
 from ..parallel.data import sync_gradients
 from ..train.schedule import lr_at
 from ..train.step import autocast
+from .records import read_records, where
 from .common import all_reduce_sum, build_adamw, checkpoint_due, init_data_parallel, open_run
 from .settings import SFTSettings
 
@@ -63,46 +64,10 @@ class Example:
     response: list[int]
 
 
-def _where(path: Path, line: int | None = None) -> str:
-    return f"data file '{path}'" + (f", line {line}" if line is not None else "")
-
-
 def read_examples(path: str | Path) -> list[tuple[int, str, str]]:
     """(line number, prompt, response) of each example of a JSONL file; MoeforgeError naming the file
     and line of the first problem."""
-    path = Path(path)
-    if not path.exists():
-        raise MoeforgeError(f"{_where(path)} does not exist")
-    if not path.is_file():
-        raise MoeforgeError(f"{_where(path)} is not a file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise MoeforgeError(f"{_where(path, line)}: not valid UTF-8") from None
-    rows = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MoeforgeError(f"{_where(path, number)}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise MoeforgeError(f"{_where(path, number)}: expected an object with \"prompt\" and \"response\", "
-                                f"got {type(obj).__name__}")
-        for key in ("prompt", "response"):
-            if key not in obj:
-                raise MoeforgeError(f"{_where(path, number)}: no \"{key}\"")
-            if not isinstance(obj[key], str):
-                raise MoeforgeError(f"{_where(path, number)}: \"{key}\" must be a string, "
-                                    f"got {type(obj[key]).__name__}")
-        rows.append((number, obj["prompt"], obj["response"]))
-    if not rows:
-        raise MoeforgeError(f"{_where(path)} holds no examples (one JSON object per line: "
-                            f"{{\"prompt\": ..., \"response\": ...}})")
-    return rows
+    return [(number, prompt, response) for number, (prompt, response) in read_records(path, ("prompt", "response"), "examples")]
 
 
 def tokenize_examples(rows: list[tuple[int, str, str]], tok: Tokenizer, max_len: int, path: str | Path,
@@ -113,10 +78,10 @@ def tokenize_examples(rows: list[tuple[int, str, str]], tok: Tokenizer, max_len:
     responses = tok.encode_batch([r for _, _, r in rows])
     for (number, _, _), prompt, response in zip(rows, prompts, responses):
         if not prompt:  # the first response token is predicted from the prompt's last one
-            raise MoeforgeError(f"{_where(Path(path), number)}: the prompt is empty")
+            raise MoeforgeError(f"{where(Path(path), number)}: the prompt is empty")
         length = len(prompt) + len(response) + 1
         if length > max_len:
-            raise MoeforgeError(f"{_where(Path(path), number)}: the example is {length} tokens (prompt "
+            raise MoeforgeError(f"{where(Path(path), number)}: the example is {length} tokens (prompt "
                                 f"{len(prompt)}, response {len(response)}, end-of-text 1), more than {limit}; "
                                 f"examples are not truncated")
         examples.append(Example(number, prompt, response + [tok.eos_id]))
@@ -127,7 +92,7 @@ def split_examples(examples: list[Example], val_fraction: float, path: str | Pat
     """(training, validation): the last val_fraction of the examples, at least one, are held out."""
     n_val = max(1, round(val_fraction * len(examples)))
     if len(examples) - n_val < 1:
-        raise MoeforgeError(f"{_where(Path(path))} holds {len(examples)} example(s); SFT needs at least 2 "
+        raise MoeforgeError(f"{where(Path(path))} holds {len(examples)} example(s); SFT needs at least 2 "
                             f"(one to train on, one held out for validation)")
     return examples[:-n_val], examples[-n_val:]
 

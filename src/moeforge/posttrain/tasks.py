@@ -4,7 +4,8 @@ DeepSeek-R1-Zero was trained with rule-based rewards only (an accuracy reward fr
 answer, a format reward): no reward model to be gamed. A task here is the same contract:
     task.prompts(n, rng) -> [(prompt text, answer)]
     task.reward(completion text, answer) -> float
-Any object with these two methods works with posttrain/grpo.py. A task whose completions give an
+Any object with these two methods works with posttrain/grpo.py (`--task module:Class`), and
+ProblemFile makes one of a JSONL file of prompts and answers (`--task FILE.jsonl`). A task whose completions give an
 answer that can be compared with another's has task.extract(completion text) -> answer or None,
 which a majority vote over samples uses (posttrain/score.py). A task that can also write worked
 examples, for supervised fine-tuning before GRPO (DeepSeek-R1's cold start, posttrain/sft.py), has
@@ -15,11 +16,16 @@ where a response is a reasoning chain in a think block, then the answer: "<think
 from __future__ import annotations
 
 import ast
+import hashlib
+import importlib
 import random
 import re
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 from ..errors import MoeforgeError
+from .records import read_records, where
 
 __all__ = ["Arithmetic", "PythonSyntax", "TASKS", "THINK_START", "THINK_END", "get_task", "task_name", "final_answer",
            "format_reward"]
@@ -135,16 +141,105 @@ class PythonSyntax:
         return 1.0
 
 
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
+def normalise_answer(text: str) -> str:
+    """An answer in a form that compares: stripped, without a final period, a number written as its
+    value ("1,000" and "1000.0" -> "1000", "0.50" -> "0.5"), other text case-folded with runs of
+    whitespace made one space."""
+    text = " ".join(text.strip().rstrip(".").split())
+    if _THOUSANDS.fullmatch(text):
+        text = text.replace(",", "")
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        return text.casefold()
+    if not value.is_finite():
+        return text.casefold()
+    value = value.normalize()
+    return format(value.quantize(Decimal(1)) if value == value.to_integral_value() else value, "f")
+
+
+@dataclass(frozen=True)
+class ProblemFile:
+    """Problems of one's own from a JSONL file, one {"prompt": ..., "answer": ...} per line (other keys
+    are ignored). Reward 1 when the completion's answer (the first line after "</think>", or of the
+    whole completion without a think block) equals the problem's answer, both normalised
+    (normalise_answer: "1,000" matches "1000.0", "Paris." matches "paris"), else 0.
+
+    prompts(n, rng) draws n distinct problems of the file (a GRPO step, or `score`); the file needs
+    at least n."""
+
+    path: str
+    problems: tuple[tuple[str, str], ...]
+    digest: str  # SHA-256 of the file: a resumed GRPO run checks that the problems are the same
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ProblemFile":
+        path = Path(path)
+        rows = read_records(path, ("prompt", "answer"), "problems")
+        for number, (prompt, answer) in rows:
+            if not prompt:
+                raise MoeforgeError(f"{where(path, number)}: the prompt is empty")
+            if not normalise_answer(answer):
+                raise MoeforgeError(f"{where(path, number)}: the answer is empty")
+        return cls(str(path), tuple(values for _, values in rows), hashlib.sha256(path.read_bytes()).hexdigest())
+
+    @property
+    def name(self) -> str:
+        return f"{self.path} (SHA-256 {self.digest[:16]})"
+
+    def prompts(self, n: int, rng: random.Random) -> list[tuple[str, str]]:
+        if n > len(self.problems):
+            raise MoeforgeError(f"{where(Path(self.path))} holds {len(self.problems)} problems, fewer than the {n} "
+                                f"asked for")
+        return rng.sample(self.problems, n)
+
+    def reward(self, completion: str, answer: str) -> float:
+        return 1.0 if self.extract(completion) == normalise_answer(answer) else 0.0
+
+    @staticmethod
+    def extract(completion: str) -> str | None:
+        """The completion's answer, normalised (None when it gives none)."""
+        return normalise_answer(final_answer(completion).split("\n", 1)[0]) or None
+
+
 TASKS = {"arithmetic": Arithmetic, "python_syntax": PythonSyntax}
+
+TASK_HELP = ("a built-in task (arithmetic, python_syntax), a JSONL file of {\"prompt\", \"answer\"} problems, "
+             "or module:Class for a task of one's own (docs/posttrain.md)")
 
 
 def task_name(task) -> str:
-    """The name get_task knows `task` by (its class's name for a task of one's own): what a resumed
-    GRPO run checks."""
+    """The name get_task knows `task` by (a problem file's path and digest; the class's name for a task
+    of one's own): what a resumed GRPO run checks."""
+    if isinstance(task, ProblemFile):
+        return task.name
     return next((name for name, cls in TASKS.items() if type(task) is cls), type(task).__qualname__)
 
 
-def get_task(name: str):
-    if name not in TASKS:
-        raise MoeforgeError(f"--task: expected one of {', '.join(sorted(TASKS))}, got {name!r}")
-    return TASKS[name]()
+def get_task(spec: str):
+    """The task `spec` names: a built-in task; a problem file (a path ending in .jsonl, or an existing
+    file: ProblemFile); or "module:attribute", an importable task class (made with no arguments) or
+    task object, which must have prompts() and reward()."""
+    if spec in TASKS:
+        return TASKS[spec]()
+    if spec.endswith(".jsonl") or Path(spec).is_file():
+        return ProblemFile.load(spec)
+    module, colon, attr = spec.partition(":")
+    if not colon or not module or not attr:
+        raise MoeforgeError(f"--task: expected one of {', '.join(sorted(TASKS))}, a .jsonl problem file or "
+                            f"module:Class, got {spec!r}")
+    try:
+        found = getattr(importlib.import_module(module), attr)
+    except ImportError as e:
+        raise MoeforgeError(f"--task {spec}: cannot import {module} ({e})") from None
+    except AttributeError:
+        raise MoeforgeError(f"--task {spec}: {module} has no {attr}") from None
+    task = found() if isinstance(found, type) else found
+    missing = [m for m in ("prompts", "reward") if not callable(getattr(task, m, None))]
+    if missing:
+        raise MoeforgeError(f"--task {spec}: not a task (no {' or '.join(m + '()' for m in missing)}; "
+                            f"posttrain/tasks.py has the contract)")
+    return task
