@@ -322,3 +322,30 @@ def snapshot_tree(root: Path) -> dict[str, tuple]:
 def snapshot():
     """snapshot(folder) -> {relative path: (kind, size, mtime_ns)}; compare two with ==."""
     return snapshot_tree
+
+
+@dataclass(frozen=True)
+class EvenLength:
+    """A toy task that a random model's completions pass about half the time: reward 1 for a
+    completion of an even number of characters. The prompts are distinct, so that checks per prompt
+    can tell them apart (tests/test_distill.py, tests/test_score.py)."""
+
+    def prompts(self, n, rng):
+        return [(f"{a}+1=", "") for a in rng.sample(range(1000), n)]
+
+    def reward(self, completion: str, answer: str) -> float:
+        return float(len(completion) % 2 == 0)
+
+
+@pytest.fixture(scope="session")
+def random_model():
+    """(POSTTRAIN_MODEL random-initialised with seed 1, in eval mode, on the CPU; the default
+    tokenizer). Tests only read it."""
+    from moeforge.config import load_config
+    from moeforge.data import load_tokenizer
+    from moeforge.model import build_model
+
+    cfg = load_config(None, None, POSTTRAIN_MODEL)
+    torch.manual_seed(1)
+    return build_model(cfg.model, "cpu").eval(), load_tokenizer(None)
+

@@ -16,16 +16,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import POSTTRAIN_MODEL, run_cli
-from moeforge.config import load_config
+from conftest import EvenLength, run_cli
 from moeforge.data import load_tokenizer
-from moeforge.model import build_model
 from moeforge.posttrain.distill import RejectionStats, prompt_share, rejection_sample
 from moeforge.train import checkpoint as ckpt
 
@@ -48,25 +45,9 @@ class StopBias(nn.Module):
         return logits
 
 
-@dataclass(frozen=True)
-class EvenLength:
-    """A toy task: reward 1 for a completion of an even number of characters. The prompts are distinct,
-    so that the checks per prompt can tell the prompts of the pairs apart."""
-
-    def prompts(self, n, rng):
-        return [(f"{a}+1=", "") for a in rng.sample(range(1000), n)]
-
-    def reward(self, completion: str, answer: str) -> float:
-        return float(len(completion) % 2 == 0)
-
-
 @pytest.fixture(scope="module")
-def teacher():
-    cfg = load_config(None, None, POSTTRAIN_MODEL)
-    torch.manual_seed(1)
-    model = build_model(cfg.model, "cpu").eval()
-    tok = load_tokenizer(None)
-    return model, tok
+def teacher(random_model):
+    return random_model
 
 
 @pytest.mark.parametrize("keep", [1, 3])

@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 
 import pytest
-import torch
 
-from conftest import POSTTRAIN_MODEL
-from moeforge.config import load_config
-from moeforge.data import load_tokenizer
+from conftest import EvenLength
 from moeforge.generate import generate
-from moeforge.model import build_model
 from moeforge.posttrain.score import aggregate, majority, score_task
 from moeforge.posttrain.tasks import Arithmetic
 
@@ -49,22 +44,9 @@ def test_scores_of_known_completions():
     assert "maj@3 0.3333" in score.summary() and "pass@3 0.6667" in score.summary()
 
 
-@dataclass(frozen=True)
-class EvenLength:
-    """A toy task whose reward a random model earns about half the time: an even number of characters."""
-
-    def prompts(self, n, rng):
-        return [(f"{rng.randrange(1000)}+1=", "") for _ in range(n)]
-
-    def reward(self, completion: str, answer: str) -> float:
-        return float(len(completion) % 2 == 0)
-
-
 @pytest.fixture(scope="module")
-def model_and_tok():
-    cfg = load_config(None, None, POSTTRAIN_MODEL)
-    torch.manual_seed(1)
-    return build_model(cfg.model, "cpu").eval(), load_tokenizer(None)
+def model_and_tok(random_model):
+    return random_model
 
 
 def test_greedy_score_is_the_mean_reward_of_generate(model_and_tok):
