@@ -23,6 +23,13 @@ def _add_device(p: argparse.ArgumentParser) -> None:
                    help="where to run (default: cuda when available, else cpu)")
 
 
+def _add_decode_precision(p: argparse.ArgumentParser, when: str = "") -> None:
+    """--precision for a command that samples from a checkpoint (generate, score, sft-data --teacher)."""
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help=f"{when}numerics (default: bf16 on GPU, where each decoding step is replayed as a CUDA graph; "
+                        f"fp32 on CPU)")
+
+
 def _add_post_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str) -> None:
     """The flags every post-training run takes: --resume, --seed, --no-progress, --precision and --device."""
     from .posttrain.settings import PRECISIONS
@@ -67,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="numerics (default: bf16 on GPU, where each decoding step is replayed as a CUDA graph; fp32 on CPU)")
+    _add_decode_precision(p)
     p.add_argument("--ema", action="store_true", help=EMA_HELP)
     _add_device(p)
 
@@ -191,9 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48, help="with --teacher: the longest completion (default 48)")
     p.add_argument("--temperature", type=float, default=1.0, help="with --teacher: sampling temperature (default 1)")
     p.add_argument("--no-progress", action="store_true", help="with --teacher: no line per 32 prompts sampled")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="with --teacher: numerics (default: bf16 on GPU, where each decoding step is replayed as a "
-                        "CUDA graph; fp32 on CPU)")
+    _add_decode_precision(p, "with --teacher: ")
     _add_device(p)
 
     p = sub.add_parser("score", help="accuracy of a checkpoint on a task's problems (pass@1, pass@k, maj@k)",
@@ -213,8 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed for the problems and the sampling (default 1; sft-data's default is 0)")
     p.add_argument("--exclude", metavar="FILE", help="an SFT data file (JSONL): problems whose prompt it holds are skipped")
     p.add_argument("--out", metavar="FILE", help="write the scores and every problem's completions and rewards as JSON")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="numerics (default: bf16 on GPU, where each decoding step is replayed as a CUDA graph; fp32 on CPU)")
+    _add_decode_precision(p)
     p.add_argument("--no-progress", action="store_true", help="no line per 64 problems scored")
     _add_device(p)
 

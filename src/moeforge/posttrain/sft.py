@@ -47,8 +47,8 @@ from ..model.mtp import IGNORE_INDEX
 from ..parallel.data import sync_gradients
 from ..train.schedule import lr_at
 from ..train.step import autocast
-from .records import read_records, where
 from .common import all_reduce_sum, build_adamw, checkpoint_due, init_data_parallel, open_run
+from .records import read_records, where
 from .settings import SFTSettings
 
 __all__ = ["SFTSettings", "Example", "read_examples", "tokenize_examples", "split_examples", "collate",
@@ -67,7 +67,8 @@ class Example:
 def read_examples(path: str | Path) -> list[tuple[int, str, str]]:
     """(line number, prompt, response) of each example of a JSONL file; MoeforgeError naming the file
     and line of the first problem."""
-    return [(number, prompt, response) for number, (prompt, response) in read_records(path, ("prompt", "response"), "examples")]
+    return [(number, prompt, response)
+            for number, (prompt, response) in read_records(path, ("prompt", "response"), "examples")]
 
 
 def tokenize_examples(rows: list[tuple[int, str, str]], tok: Tokenizer, max_len: int, path: str | Path,
@@ -229,9 +230,9 @@ not on a resume) and one per step it ran.
             if sink is not None:
                 sink.write(records[0])
         if progress:
-            where = (f"held-out loss {records[0]['val_loss']:.4f} before training" if run.step == 0
+            state = (f"held-out loss {records[0]['val_loss']:.4f} before training" if run.step == 0
                      else f"resumed after step {run.step}")
-            print(f"sft: {len(train)} training and {len(val)} held-out examples | {where}", flush=True)
+            print(f"sft: {len(train)} training and {len(val)} held-out examples | {state}", flush=True)
         for step in range(run.step + 1, s.steps + 1):
             t0 = time.perf_counter()
             lr = lr_at(step - 1, run_cfg.train)
