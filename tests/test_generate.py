@@ -4,7 +4,9 @@ computes what the step with a Python position computes.
 - the model's forward at a device position (the whole cache attended, the later places masked)
   against the forward at an int position: the same logits, and the same cache contents;
 - the Decoder's "static" mode (that step, run eagerly) samples what "eager" samples, and both what
-  generate() returns; the modes' errors.
+  generate() returns; the modes' errors;
+- prompts of different lengths decoded in one left-padded batch give each prompt's logits alone
+  (its positions count from its first token, and no row sees padding), in both step forms.
 The captured graph itself is tested against the static step on a GPU (tests/test_speed_gpu.py).
 """
 
@@ -79,3 +81,33 @@ def test_decoder_errors():
     cache = model.new_caches(1, 8)[0]
     with pytest.raises(ValueError, match="one position at a time"):
         cache.write(torch.zeros(1, 2, cache.kv.shape[-1]), torch.zeros(1, 2, cache.pe.shape[-1]), torch.tensor(0))
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+@torch.no_grad()
+def test_left_padded_prompts_decode_as_they_do_alone(mode):
+    model = _model()
+    prompts = [[5, 17, 300, 42, 9, 9, 1], [9, 8], [77, 1, 2, 3], [4]]
+    L = max(map(len, prompts))
+    dec = Decoder(model, len(prompts), L + 6, mode)
+    padded = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    logits = dec.prefill(padded, torch.tensor([L - len(p) for p in prompts]))
+    alone = [Decoder(model, 1, len(p) + 6, "eager") for p in prompts]
+    want = torch.cat([d.prefill(torch.tensor([p])) for d, p in zip(alone, prompts)])
+    for step in range(6):
+        assert torch.isfinite(logits).all()
+        torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+        nxt = want.argmax(dim=-1)
+        logits = dec.step(nxt)
+        want = torch.cat([d.step(n.view(1)) for d, n in zip(alone, nxt)])
+    # the padding matters: the same batch without `start` (padding seen as tokens, positions from
+    # slot 0) gives other logits for the padded rows
+    plain = Decoder(model, len(prompts), L + 6, "eager").prefill(padded)
+    first = torch.cat([d.prefill(torch.tensor([p])) for d, p in zip(
+        [Decoder(model, 1, len(p) + 6, "eager") for p in prompts], prompts)])
+    assert (plain[1:] - first[1:]).abs().max() > 1e-3 and torch.allclose(plain[0], first[0], atol=1e-4)
+    # sample_rows pads by itself: greedy rows equal each prompt's own greedy completion
+    tokens, mask = sample_rows(model, prompts, 5, 0.0, 1.0, None, stop_id=None, mode=mode)
+    for p, row in zip(prompts, tokens):
+        assert row.tolist() == generate(model, p, 5, temperature=0.0)
+

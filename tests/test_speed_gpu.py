@@ -513,27 +513,29 @@ def test_router_selection_kernel_matches_topk(experts, groups, kept_groups, k):
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_decoding_with_a_cuda_graph_matches_the_static_step(preset):
     """generate.Decoder under BF16 autocast: "auto" captures the one-token step as a CUDA graph and
-    replays it. Sampling 24 tokens for 12 rows (two prompts, temperature 1, the same generator seed)
-    with the graph and with the same step run eagerly ("static") gives the same tokens, and the last
-    logits agree bit for bit: a replay runs the kernels the eager step runs, on the same inputs. The
-    plain eager step (int positions, only the written cache attended) agrees to BF16 rounding."""
+    replays it. Sampling 24 tokens for 12 rows (two prompts of different lengths, so left-padded,
+    temperature 1, the same generator seed) with the graph and with the same step run eagerly
+    ("static") gives the same tokens, and the last logits agree bit for bit: a replay runs the
+    kernels the eager step runs, on the same inputs. The plain eager step (int positions, only the
+    written cache attended) agrees to BF16 rounding."""
     from moeforge.generate import Decoder, sample_rows
 
     cfg = load_config(preset, None, [])
     torch.manual_seed(0)
     model = build_model(cfg.model, "cuda").eval()
-    rows = [[5, 17, 300, 42]] * 6 + [[9, 8, 7, 6]] * 6
+    rows = [[5, 17, 300, 42]] * 6 + [[9, 8]] * 6
     got = {}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert Decoder(model, 2, 8).mode == "graph"
         for mode in ("static", "auto"):
             gen = torch.Generator(device="cuda").manual_seed(0)
             got[mode] = sample_rows(model, rows, 24, 1.0, 1.0, gen, stop_id=None, mode=mode)
-        prompt = torch.tensor(rows, device="cuda")
+        prompt = torch.tensor([[0] * (4 - len(r)) + r for r in rows], device="cuda")
+        start = torch.tensor([4 - len(r) for r in rows], device="cuda")
         logits = {}
         for mode in ("eager", "static", "graph"):
             dec = Decoder(model, len(rows), 16, mode)
-            dec.prefill(prompt)
+            dec.prefill(prompt, start)
             for t in range(10):
                 out = dec.step(got["static"][0][:, t]).clone()
             logits[mode] = out

@@ -60,8 +60,11 @@ class Decoder:
         self._logits = None
         self._warm = False
 
-    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [R, L] (positions 0..L-1) -> the logits after the last one [R, V]."""
+    def prefill(self, tokens: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [R, L] (slots 0..L-1) -> the logits after the last one [R, V]. start [R]: prompts
+        shorter than L, left-padded; row r's prompt fills slots start[r]..L-1 (LatentCache.start)."""
+        for cache in self.caches:
+            cache.start = start
         logits = self.model(tokens, self.caches, 0)[:, -1]
         self.position = tokens.shape[1]
         return logits
@@ -111,18 +114,25 @@ def check_length(model: Transformer, prompt_len: int, max_new: int) -> None:
 def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, temperature: float, top_p: float,
                 generator: torch.Generator | None, stop_id: int | None,
                 mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Completions of prompts of one length, one per row, decoded together: (tokens, mask) [R, N].
-    A row that emits stop_id keeps it and is masked after it; the masked places hold stop_id (0
-    without one). Decoding ends when every row has stopped: checked after every token on a CPU, every
-    8 tokens on a GPU (each check waits for the GPU; the extra tokens are masked)."""
-    length = len(rows[0])
+    """Completions of prompts, one per row, decoded together: (tokens, mask) [R, N]. Prompts of
+    different lengths are left-padded to the longest (each row's positions count from its first
+    token, and no row sees another's padding: LatentCache.start). A row that emits stop_id keeps it
+    and is masked after it; the masked places hold stop_id (0 without one). Decoding ends when every
+    row has stopped: checked after every token on a CPU, every 8 tokens on a GPU (each check waits
+    for the GPU; the extra tokens are masked)."""
+    if not rows or not all(rows):
+        raise MoeforgeError("a prompt is empty")
+    length = max(map(len, rows))
     check_length(model, length, max_new)
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
     R = len(rows)
     decoder = Decoder(model, R, length + max_new, mode)
-    logits = decoder.prefill(torch.tensor(rows, device=device))
+    padded = torch.tensor([[0] * (length - len(r)) + list(r) for r in rows], device=device)
+    start = (None if all(len(r) == length for r in rows)
+             else torch.tensor([length - len(r) for r in rows], device=device))
+    logits = decoder.prefill(padded, start)
     tokens = torch.full((R, max_new), stop_id if stop_id is not None else 0, dtype=torch.long, device=device)
     mask = torch.zeros(R, max_new, dtype=torch.bool, device=device)
     alive = torch.ones(R, dtype=torch.bool, device=device)

@@ -28,6 +28,10 @@ class LatentCache:
 
     kv: torch.Tensor  # [B, T_max, C]
     pe: torch.Tensor  # [B, T_max, R]
+    # Left-padded prompts (generate.Decoder): the first slot of each row that holds a real token [B];
+    # the slots before it are hidden from every other position, and positions count from it. None:
+    # every row starts at slot 0.
+    start: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> "LatentCache":
@@ -35,14 +39,18 @@ class LatentCache:
                    torch.zeros(batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype))
 
     def write(self, kv: torch.Tensor, pe: torch.Tensor, start_pos: "int | torch.Tensor"):
-        """Store the new positions' kv [B, S, C] and pe [B, S, R] from start_pos on. Returns the cached
-        kv [B, T, C] and pe [B, T, R] that the new positions attend over, and a boolean [S, T] mask of
-        the places each new position must not see (None: it sees all T).
+        """Store the new positions' kv [B, S, C] and pe [B, S, R] from slot start_pos on. Returns the
+        cached kv [B, T, C] and pe [B, T, R] that the new positions attend over, and a boolean mask
+        [B or 1, S, T] of the slots each new position must not see (None: it sees all T).
 
-        start_pos an int: T is start_pos + S (only the written positions), causal within the new ones.
+        start_pos an int: T is start_pos + S (only the written slots), causal within the new ones.
         start_pos a 0-dim integer tensor on the cache's device (one new position, S = 1): T is the
-        whole cache and the places after start_pos are masked, so the shapes and addresses of a
-        decode step do not depend on the position and the step can be captured as a CUDA graph."""
+        whole cache and the slots after start_pos are masked, so the shapes and addresses of a
+        decode step do not depend on the position and the step can be captured as a CUDA graph.
+        With `start` (left padding), a row's slots before its start are masked too, except each
+        padding slot's own: a padding position then attends to itself alone, so its values stay
+        finite (a row of nothing but masked scores would give NaN, and NaN times a zero weight is
+        NaN in the real positions' sums)."""
         B, S = kv.shape[:2]
         if isinstance(start_pos, torch.Tensor):
             if S != 1:
@@ -50,17 +58,23 @@ class LatentCache:
             index = start_pos.view(1)
             self.kv[:B].index_copy_(1, index, kv.to(self.kv.dtype))
             self.pe[:B].index_copy_(1, index, pe.to(self.pe.dtype))
-            places = torch.arange(self.kv.shape[1], device=self.kv.device)
-            return self.kv[:B], self.pe[:B], (places > start_pos).unsqueeze(0)
-        end = start_pos + S
-        self.kv[:B, start_pos:end] = kv.to(self.kv.dtype)
-        self.pe[:B, start_pos:end] = pe.to(self.pe.dtype)
-        hidden = None
-        if S > 1:  # causal within the new positions
-            t = torch.arange(end, device=kv.device)
-            s = torch.arange(start_pos, end, device=kv.device)
-            hidden = t[None, :] > s[:, None]
-        return self.kv[:B, :end], self.pe[:B, :end], hidden
+            slots = torch.arange(self.kv.shape[1], device=self.kv.device)
+            queries = start_pos.view(1)
+            kv_all, pe_all = self.kv[:B], self.pe[:B]
+        else:
+            end = start_pos + S
+            self.kv[:B, start_pos:end] = kv.to(self.kv.dtype)
+            self.pe[:B, start_pos:end] = pe.to(self.pe.dtype)
+            kv_all, pe_all = self.kv[:B, :end], self.pe[:B, :end]
+            if S == 1 and self.start is None:
+                return kv_all, pe_all, None
+            slots = torch.arange(end, device=kv.device)
+            queries = torch.arange(start_pos, end, device=kv.device)
+        hidden = (slots[None, :] > queries[:, None]).unsqueeze(0)  # [1, S, T]: causal
+        if self.start is not None:
+            padding = slots[None, None, :] < self.start[:B, None, None]  # [B, 1, T]
+            hidden = hidden | (padding & (slots[None, :] != queries[:, None]).unsqueeze(0))
+        return kv_all, pe_all, hidden
 
 
 def document_mask(doc_ids: torch.Tensor, flex: bool | None = None):
@@ -169,7 +183,7 @@ class MLA(nn.Module):
         scores = (torch.einsum("bshc,btc->bsht", q_lat, kv_all.to(q_lat.dtype))
                   + torch.einsum("bshr,btr->bsht", q_pe, pe_all.to(q_pe.dtype))) * self.scale
         if hidden is not None:
-            scores = scores.masked_fill(hidden[None, :, None, :], float("-inf"))
+            scores = scores.masked_fill(hidden.unsqueeze(2), float("-inf"))  # [B or 1, S, 1, T]
         probs = scores.float().softmax(dim=-1).to(q_lat.dtype)
         o_lat = torch.einsum("bsht,btc->bshc", probs, kv_all.to(probs.dtype))
         o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv.to(o_lat.dtype))  # [B, S, H, V]

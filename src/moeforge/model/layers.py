@@ -118,12 +118,13 @@ def rope_cos_sin(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Ten
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's checkpoints lay them out.
 
-    x: [B, S, H, R]; cos, sin: [S, R/2]. Output pairs stay interleaved, in x's dtype.
+    x: [B, S, H, R]; cos, sin: [S, R/2], or [B, S, R/2] for positions of each row's own (decoding
+    left-padded prompts). Output pairs stay interleaved, in x's dtype.
     """
     dtype = x.dtype
     x = x.float().unflatten(-1, (-1, 2))  # [B, S, H, R/2, 2]
     x0, x1 = x[..., 0], x[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]  # [S, 1, R/2] broadcast over heads
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [(B,) S, 1, R/2] broadcast over heads
     out = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1)
     return out.flatten(-2).to(dtype)
 

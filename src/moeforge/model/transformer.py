@@ -71,9 +71,16 @@ class Transformer(nn.Module):
         """tokens: [B, S] -> (final normalised hidden [B, S, D], summed balance loss, cos, sin).
         mask: None (causal) or attention.document_mask(...) for packed documents. start_pos: an int,
         or with caches and S = 1 a 0-dim tensor on the device (a decode step whose shapes do not
-        depend on the position: LatentCache.write)."""
+        depend on the position: LatentCache.write). Caches with a `start` (left-padded rows) give each
+        row positions of its own."""
         S = tokens.shape[1]
-        if isinstance(start_pos, torch.Tensor):
+        first = caches[0].start if caches is not None else None  # left padding: [B] first real slots
+        if first is not None:  # each row's positions count from its first real slot: cos, sin [B, S, R/2]
+            cos, sin = self.rope(caches[0].kv.shape[1], tokens.device)
+            slots = start_pos + torch.arange(S, device=tokens.device)
+            positions = (slots[None, :] - first[:, None]).clamp(min=0)  # (padding slots: any position)
+            cos, sin = cos[positions], sin[positions]
+        elif isinstance(start_pos, torch.Tensor):
             cos, sin = self.rope(caches[0].kv.shape[1], tokens.device)
             cos, sin = cos.index_select(0, start_pos.view(1)), sin.index_select(0, start_pos.view(1))
         else:

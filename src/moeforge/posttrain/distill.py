@@ -4,14 +4,14 @@ After its reasoning-oriented RL, DeepSeek-R1 sampled several responses per promp
 checkpoint, kept only the correct ones, and fine-tuned on them: DeepSeek-V3-Base for R1's next
 stage, and smaller models (Qwen, Llama) to distil R1's reasoning into them. Here:
 - for each of n prompts of a task (tasks.py), sample `samples` completions from the teacher
-  (grpo.sample_groups: the groups of prompts of one length decoded together from the MLA latent cache);
+  (grpo.sample_groups: the groups of a chunk of prompts decoded together from the MLA latent cache);
 - keep a completion when the task's reward gives it 1 and it ended with the end-of-text token (a
   completion cut off at --max-new-tokens would teach the student to stop where the teacher had not);
 - of each prompt's kept completions, write up to `keep` distinct ones, as {"prompt", "response"}
   lines of the file `moeforge sft` reads (without the end-of-text: SFT appends it).
 
 Random draws, and data parallelism (sample_teacher under torchrun): the prompts are sampled a chunk
-of CHUNK at a time, each chunk whole (one batch per prompt length) and with a generator of its own
+of CHUNK at a time, each chunk whole (one batch) and with a generator of its own
 seeded from (seed, chunk index). A whole chunk, because a batch draws its rows' tokens together, so
 a prompt's completions depend on the other prompts of its batch; a generator per chunk, so that they
 do not depend on the chunks sampled before. Each rank samples a contiguous run of whole chunks

@@ -16,8 +16,8 @@ later steps are off-policy and the clip bounds them.
 The model is the single-device Transformer (one process, CPU or one GPU, or a data-parallel
 replica per rank under torchrun: train_grpo): sampling uses the MLA latent cache (generate.py's
 sampler), the log-probabilities come from the model's per-target losses (head.token_losses: logits
-only where a completion token is scored). The groups of all prompts of one token length are
-sampled as one batch (sample_groups). Checkpoints are the trainer's format, so
+only where a completion token is scored). The groups of all prompts of a step are sampled as one
+batch, the shorter prompts left-padded (sample_groups). Checkpoints are the trainer's format, so
 `moeforge generate`, `eval` and `convert` read them; the config is the starting checkpoint's.
 `--resume` continues a run from its newest checkpoint (train_grpo).
 
@@ -93,20 +93,12 @@ def sample_group(model, prompt: list[int], group: int, max_new: int, temperature
 def sample_groups(model, prompts: list[list[int]], group: int, max_new: int, temperature: float,
                   generator: torch.Generator, stop_id: int | None,
                   top_p: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """sample_group for each prompt, in as few batches as the prompts have lengths: the groups of all
-    prompts of one length are decoded together (their rows share the cache's positions), which takes
-    far fewer forwards than a batch per prompt. Returns (tokens [G, N], mask [G, N]) per prompt, in
-    order. top_p < 1: nucleus sampling (GRPO samples the whole distribution)."""
-    out: list = [None] * len(prompts)
-    by_length: dict[int, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(i)
-    for members in by_length.values():
-        tokens, mask = sample_rows(model, [prompts[i] for i in members for _ in range(group)], max_new, temperature,
-                                   top_p, generator, stop_id)
-        for j, i in enumerate(members):
-            out[i] = (tokens[j * group:(j + 1) * group], mask[j * group:(j + 1) * group])
-    return out
+    """sample_group for each prompt, all decoded as one batch (generate.sample_rows left-pads the
+    shorter prompts): one forward per token for all P x G rows. Returns (tokens [G, N], mask [G, N])
+    per prompt, in order. top_p < 1: nucleus sampling (GRPO samples the whole distribution)."""
+    tokens, mask = sample_rows(model, [p for p in prompts for _ in range(group)], max_new, temperature, top_p,
+                               generator, stop_id)
+    return [(tokens[i * group:(i + 1) * group], mask[i * group:(i + 1) * group]) for i in range(len(prompts))]
 
 
 def completion_texts(tok, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:

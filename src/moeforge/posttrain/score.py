@@ -1,7 +1,7 @@
 """Scoring a checkpoint on a task: the accuracy numbers DeepSeek-R1 reports, from sampled completions.
 
-For each of n problems of a task (tasks.py), k completions are decoded (grpo.sample_groups: the
-problems of one prompt length in one batch) and scored with the task's reward:
+For each of n problems of a task (tasks.py), k completions are decoded (grpo.sample_groups: 64
+problems at a time in one batch) and scored with the task's reward:
 - pass@1: the mean reward over all n x k completions; with k samples at a temperature this is
   DeepSeek-R1's pass@1 estimate (1/k sum_i p_i per problem, averaged), with --temperature 0 and
   k = 1 the greedy accuracy;
