@@ -44,7 +44,7 @@ from .settings import GRPOSettings
 from .tasks import format_reward, task_name
 
 __all__ = ["GRPOSettings", "group_advantages", "kl_k3", "grpo_loss", "sample_group", "sample_groups",
-           "completion_texts", "completion_logprobs", "train_grpo"]
+           "completion_texts", "completion_logprobs", "by_prompt_length", "train_grpo"]
 
 
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -107,16 +107,35 @@ def completion_texts(tok, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]
             for row, keep in zip(tokens, mask)]
 
 
-def completion_logprobs(model, prompt: list[int], tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def completion_logprobs(model, prompt: "list[int] | torch.Tensor", tokens: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
     """log pi(o_t | q, o_<t) of each completion token [G, N] (0 where masked), through the model's
-    per-target losses: one forward of prompt + completion, logits only at the scored positions."""
+    per-target losses: one forward of prompt + completion, logits only at the scored positions.
+    prompt: one prompt for every row, or a prompt per row [G, Lp] (all of one length)."""
     G, N = tokens.shape
-    Lp = len(prompt)
-    seq = torch.cat([torch.tensor([prompt] * G, device=tokens.device), tokens], dim=1)  # [G, Lp + N]
+    prompts = prompt if isinstance(prompt, torch.Tensor) else torch.tensor([prompt] * G, device=tokens.device)
+    Lp = prompts.shape[1]
+    seq = torch.cat([prompts, tokens], dim=1)  # [G, Lp + N]
     targets = torch.full_like(seq, IGNORE_INDEX)[:, 1:]
     targets[:, Lp - 1:] = torch.where(mask, tokens, torch.full_like(tokens, IGNORE_INDEX))
     losses = model(seq[:, :-1], targets=targets)  # [G, Lp + N - 1], 0 where ignored
     return -losses[:, Lp - 1:]
+
+
+def by_prompt_length(batch: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A step's groups (prompt ids, tokens [G, N], mask, advantages [G], ...) joined by prompt length:
+    (prompt per row [R, Lp], tokens [R, N], mask, advantages [R]) for each length, in order of first
+    appearance. The rows of one length make one forward (the prompts and the completions each line
+    up), so a step takes a forward per prompt length instead of one per prompt."""
+    joined: dict[int, list] = {}
+    for ids, tokens, mask, adv, *_ in batch:
+        joined.setdefault(len(ids), []).append((ids, tokens, mask, adv))
+    out = []
+    for groups in joined.values():
+        prompts = torch.tensor([ids for ids, tokens, _, _ in groups for _ in range(tokens.shape[0])],
+                               device=groups[0][1].device)
+        out.append((prompts, *(torch.cat([g[i] for g in groups]) for i in (1, 2, 3))))
+    return out
 
 
 def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, device: str | None = None,
@@ -178,25 +197,27 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
                 rewards = accuracy + s.format_weight * form
                 batch.append((ids, tokens, mask, group_advantages(rewards).to(tokens.device),
                               torch.stack([rewards, accuracy, form])))
+            parts = by_prompt_length(batch)  # one forward per prompt length, not per prompt
+            rows = sum(tokens.shape[0] for _, tokens, _, _ in parts)
             with torch.no_grad(), amp():  # pi_old: with one update per batch, the first update's own logp
-                old = ([completion_logprobs(model, ids, tokens, mask) for ids, tokens, mask, _, _ in batch]
-                       if s.updates > 1 else [None] * len(batch))
-                refs = [completion_logprobs(ref, ids, tokens, mask) if ref is not None else None
-                        for ids, tokens, mask, _, _ in batch]
+                old = ([completion_logprobs(model, *part[:3]) for part in parts]
+                       if s.updates > 1 else [None] * len(parts))
+                refs = [completion_logprobs(ref, *part[:3]) if ref is not None else None for part in parts]
             model.train()
             for _ in range(s.updates):
                 optimizer.zero_grad(set_to_none=True)
                 stats = {"kl": 0.0, "clipped": 0.0}
                 loss_sum = 0.0
-                for (ids, tokens, mask, adv, _), old_lp, ref_lp in zip(batch, old, refs):
+                for (prompts, tokens, mask, adv), old_lp, ref_lp in zip(parts, old, refs):
                     with amp():
-                        logp = completion_logprobs(model, ids, tokens, mask)
+                        logp = completion_logprobs(model, prompts, tokens, mask)
                     old_lp = logp.detach() if old_lp is None else old_lp
                     loss, st = grpo_loss(logp, old_lp, ref_lp, adv, mask, s.clip, s.beta)
-                    (loss / len(batch)).backward()  # the mean over this rank's completions
-                    loss_sum += float(loss.detach()) / len(batch)
+                    share = tokens.shape[0] / rows
+                    (loss * share).backward()  # the mean over this rank's completions
+                    loss_sum += float(loss.detach()) * share
                     for k in stats:
-                        stats[k] += st[k] / len(batch)
+                        stats[k] += st[k] * share
                 sync_gradients(model, ctx)  # ... averaged over the ranks: over all P x G completions
                 params = [p for p in model.parameters() if p.grad is not None]
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip) if s.grad_clip > 0
