@@ -33,10 +33,12 @@ from .expert import _copy_into, expert_names, is_expert_key
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _views(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx, create_moments: bool,
+def _views(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx, create_moments: set[str] | None,
            owned: set[str] | None = None) -> tuple[dict, list[Callable[[], None]]]:
-    """(the DCP state dict of this rank, write-backs to run after a load). owned: the state-dict names
-    this rank holds (a pipeline rank: its stages'); None: all."""
+    """(the DCP state dict of this rank, write-backs to run after a load). create_moments (a load):
+    the parameters whose optimizer state the checkpoint holds, created here (zeros) where the
+    optimizer has none yet so that DCP can fill them; None (a save): only the state that exists.
+    owned: the state-dict names this rank holds (a pipeline rank: its stages'); None: all."""
     routed = expert_names(model) if ctx is not None else set()
     writeback: list[Callable[[], None]] = []
 
@@ -67,8 +69,10 @@ def _views(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx, creat
                 name, _ = by_id[id(p)]
                 st = optimizer.state.get(p)
                 if not st:
-                    if not create_moments:
-                        continue  # no step taken yet: nothing to save for this parameter
+                    # no step taken yet, or a parameter that never had a gradient (SFT's MTP modules):
+                    # no state to save, and none to load
+                    if create_moments is None or name not in create_moments:
+                        continue
                     local = p.data.to_local() if isinstance(p.data, DTensor) else p.data
                     dtype = getattr(optimizer, "moment_dtype", None)  # BF16 moments (train/adamw.py)
                     st = ({k: torch.zeros_like(p.data) for k in optimizer.matrix_state} if muon else
@@ -85,7 +89,7 @@ def _views(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx, creat
 def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx,
          owned: set[str] | None = None) -> None:
     """Every rank calls it (collective); the folder holds the DCP files of all ranks."""
-    state, _ = _views(model, optimizer, ctx, create_moments=False, owned=owned)
+    state, _ = _views(model, optimizer, ctx, create_moments=None, owned=owned)
     with warnings.catch_warnings():  # one process without a process group is a supported use
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
         dcp.save(state, checkpoint_id=str(path))
@@ -93,14 +97,23 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, 
 
 @torch.no_grad()
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx,
-         owned: set[str] | None = None) -> None:
-    """Fill this rank's model (and optimizer) from a DCP checkpoint saved under any layout."""
-    state, writeback = _views(model, optimizer, ctx, create_moments=True, owned=owned)
+         owned: set[str] | None = None, weights: bool = True) -> None:
+    """Fill this rank's model (and optimizer) from a DCP checkpoint saved under any layout.
+    weights=False: the optimizer's state alone (the model holds its weights already)."""
+    state, writeback = _views(model, optimizer, ctx, create_moments=_with_optimizer_state(path), owned=owned)
+    if not weights:
+        state = {k: v for k, v in state.items() if k.startswith("optim/")}
     with warnings.catch_warnings():  # one process without a process group is a supported use, not a mistake
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(state, checkpoint_id=str(path))
     for fn in writeback:
         fn()
+
+
+def _with_optimizer_state(path: Path) -> set[str]:
+    """The parameters whose optimizer state a DCP checkpoint holds (keys "optim/<name>/<moment>")."""
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k[len("optim/"):].rsplit("/", 1)[0] for k in keys if k.startswith("optim/")}
 
 
 def has_optimizer_state(path: Path) -> bool:

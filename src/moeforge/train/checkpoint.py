@@ -126,6 +126,29 @@ def save_checkpoint(root: Path, step: int, cfg: Config, model_state: dict | None
     return final
 
 
+def save_distributed(root: Path, step: int, cfg: Config, model, optimizer, pctx, state: dict | None, keep: int,
+                     owned: set[str] | None = None) -> Path:
+    """The checkpoint of `step` of a model that lives on many ranks (collective: every rank calls it).
+    Every rank writes its own pieces with torch.distributed.checkpoint into the staging folder
+    (parallel/dcp.py: loadable under any layout, or in one process), then rank 0 completes the
+    checkpoint with `state` (rank 0's; the others may pass None) and the config. owned: the
+    state-dict names of this rank's pipeline stages (None: the whole model is this rank's).
+    Returns once the checkpoint exists for every rank."""
+    from ..parallel import dcp
+
+    if pctx.is_main:
+        prepare_staging(root, step)
+    pctx.barrier()
+    staged = staging_dir(root, step)
+    dcp.save(staged / "dcp", model, optimizer, pctx, owned)
+    pctx.barrier()
+    final = root / f"step_{step:07d}"
+    if pctx.is_main:
+        final = save_checkpoint(root, step, cfg, None, None, state, keep, staged=staged)
+    pctx.barrier()
+    return final
+
+
 def read_manifest_checked(path: Path) -> dict:
     """Verify every file against the manifest; raise MoeforgeError naming the first problem."""
     if not path.is_dir():
@@ -172,6 +195,47 @@ def load_checkpoint(path: Path, parts: tuple[str, ...] = FILES, map_location="cp
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
             raise MoeforgeError(f"checkpoint '{path}': cannot read {name}: {_load_error(e)}") from None
     return out
+
+
+def load_into(path: Path, parts: dict, model, optimizer, pctx, weights: bool = True, optimizer_kind: str = "adamw",
+              owned: set[str] | None = None) -> None:
+    """Fill this rank's `model` and `optimizer` (None: no optimizer) from the checkpoint `path`, whatever
+    layout wrote it, in the layout of `model` (pctx: its ParallelContext; None: one process): a
+    distributed checkpoint's pieces resharded by DCP, a single-process checkpoint's tensors sliced
+    over ep and cut into FSDP shards on the way in.
+
+    parts: load_checkpoint(path, ...)'s result (model.pt, and optimizer.pt with an optimizer, unless
+    the checkpoint is distributed). weights=False: the optimizer's state alone. optimizer_kind: the
+    train.optimizer of `optimizer` (the order of a single-process state's parameters). owned: the
+    state-dict names of this rank's pipeline stages (None: all)."""
+    from .. import parallel
+    from ..parallel import dcp
+
+    if is_distributed(path):  # pieces of any layout, resharded into this one
+        try:
+            dcp.load(path / "dcp", model, optimizer, pctx, owned, weights=weights)
+        except Exception as e:  # noqa: BLE001 - a DCP failure means files that do not fit this model
+            raise MoeforgeError(f"checkpoint '{path}': cannot read its distributed state: "
+                                f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+        return
+    if weights:
+        if pctx is None:
+            model.load_state_dict(parts["model.pt"])
+        else:  # a single-process checkpoint, sliced / sharded for this rank (pipeline: the stages reference them)
+            parallel.load_full_state_dict(model, parts["model.pt"], pctx, owned=owned)
+    if optimizer is None:
+        return
+    if pctx is None:
+        try:
+            optimizer.load_state_dict(parts["optimizer.pt"])
+        except (ValueError, KeyError) as e:  # another train.optimizer's groups
+            raise MoeforgeError(f"checkpoint '{path}': its optimizer state does not fit "
+                                f"train.optimizer={optimizer_kind} ({str(e).strip()})") from None
+    else:
+        from .step import optimizer_groups
+
+        parallel.load_full_optimizer_state_dict(model, optimizer, parts["optimizer.pt"], pctx,
+                                                sum(optimizer_groups(model, None, optimizer_kind), []))
 
 
 def _load_error(e: Exception) -> str:

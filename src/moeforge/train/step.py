@@ -224,20 +224,31 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
         return apply_compile(model) if t.compile else model
     if pctx.pp > 1:
         check_pipeline_layout(cfg, pctx)
-    parallel.apply_expert_parallel(model, pctx)
-    if pctx.pp > 1:
         # Pipeline: the model stays on the meta device (with this rank's ep slice of the experts);
         # split_train_pipeline gives memory and weights to this rank's stages only.
+        parallel.apply_expert_parallel(model, pctx)
         return apply_compile(model) if t.compile else model
-    parallel.apply_fsdp(model, pctx, bf16=precision == "bf16")
-    model = model.to_empty(device=device)
+    model = shard_model(model, pctx, device, precision)
     # Weights: the single-process initialisation (same seed on every rank), drawn one full tensor at a
     # time on the CPU and sliced for this rank. Every rank still draws every value (time grows with the
     # whole model); large runs load a checkpoint instead (resume), which is sliced the same way.
     parallel.load_full_state_dict(model, initial_values(cfg.model, zero=t.zero_init_parts), pctx)
-    for moe in model.moe_layers():
-        moe.tokens_per_expert.zero_()
     return apply_compile(model) if t.compile else model
+
+
+def shard_model(model: torch.nn.Module, pctx, device: torch.device, precision: str) -> torch.nn.Module:
+    """This rank's part of the meta-device `model` under the layout of pctx (no pipeline), with memory
+    but no values yet: the routed experts sliced over ep (all-to-all dispatch), FSDP2 sharding
+    (parallel.sharding=zero2|full; BF16 all-gathers with precision "bf16"), then memory for this
+    rank's pieces only. Slicing and sharding must come before to_empty, or every rank would first
+    allocate the whole model. The caller loads the weights (parallel.load_full_state_dict, or a
+    checkpoint: checkpoint.load_into)."""
+    parallel.apply_expert_parallel(model, pctx)
+    parallel.apply_fsdp(model, pctx, bf16=precision == "bf16")
+    model = model.to_empty(device=device)
+    for moe in model.moe_layers():  # (not persistent: no checkpoint sets them)
+        moe.tokens_per_expert.zero_()
+    return model
 
 
 def check_pipeline_sharding(pcfg) -> None:

@@ -25,14 +25,14 @@ from ..generate import generate
 from ..model import build_model, count_parameters
 from ..model.mtp import IGNORE_INDEX
 from .. import parallel
-from ..parallel import dcp, pipeline
+from ..parallel import pipeline
 from . import checkpoint as ckpt
 from .balance import imbalance_stats
 from .ema import CPUEMA
 from .graph import GraphedStep, check_graph_step, one_process_step, portable_optimizer_state
 from .metrics import Clock, MetricsSink, flops_per_token, peak_flops, trim_metrics
 from .schedule import batch_size_at, lr_at, mtp_lambda_at
-from .step import (autocast, build_optimizer, build_train_model, check_memory, forward_backward, optimizer_groups,
+from .step import (autocast, build_optimizer, build_train_model, check_memory, forward_backward,
                    optimizer_update, resolve_device, resolve_precision, split_train_pipeline, step_weight_cache)
 
 LN2 = math.log(2)
@@ -204,23 +204,12 @@ class Trainer:
         """One process: model.pt and optimizer.pt. Under torchrun every rank writes its own pieces
         with torch.distributed.checkpoint (dcp/), which loads under any other layout or in one
         process; a pipeline rank writes its stages' pieces. Rank 0 completes the checkpoint."""
-        final = self.ckpt_root / f"step_{self.step:07d}"
-        model_state = optim_state = staged = None
-        if self.pctx is None:
-            model_state, optim_state = self.model.state_dict(), portable_optimizer_state(self.optimizer.state_dict())
-        else:
-            if self.is_main:
-                ckpt.prepare_staging(self.ckpt_root, self.step)
-            self.pctx.barrier()
-            staged = ckpt.staging_dir(self.ckpt_root, self.step)
-            dcp.save(staged / "dcp", self.model, self.optimizer, self.pctx, self._owned_names())
-            self.pctx.barrier()
-        if self.is_main:
-            final = ckpt.save_checkpoint(self.ckpt_root, self.step, self.cfg, model_state, optim_state, self._state(),
-                                         self.cfg.train.keep_checkpoints, staged=staged)
+        keep = self.cfg.train.keep_checkpoints
         if self.pctx is not None:
-            self.pctx.barrier()  # the checkpoint exists for every rank once save() returns
-        return final
+            return ckpt.save_distributed(self.ckpt_root, self.step, self.cfg, self.model, self.optimizer, self.pctx,
+                                         self._state() if self.is_main else None, keep, self._owned_names())
+        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.cfg, self.model.state_dict(),
+                                    portable_optimizer_state(self.optimizer.state_dict()), self._state(), keep)
 
     def _owned_names(self) -> set[str] | None:
         """Pipeline: the state-dict names of this rank's stages (None: the whole model is this rank's)."""
@@ -228,23 +217,8 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         parts = ckpt.load_checkpoint(path, map_location=self.device)
-        if ckpt.is_distributed(path):  # pieces of any layout, resharded into this one
-            try:
-                dcp.load(path / "dcp", self.model, self.optimizer, self.pctx, self._owned_names())
-            except Exception as e:  # noqa: BLE001 - a DCP failure means files that do not fit this model
-                raise MoeforgeError(f"checkpoint '{path}': cannot read its distributed state: "
-                                    f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
-        elif self.pctx is None:
-            self.model.load_state_dict(parts["model.pt"])
-            try:
-                self.optimizer.load_state_dict(parts["optimizer.pt"])
-            except (ValueError, KeyError) as e:  # another train.optimizer's groups
-                raise MoeforgeError(f"checkpoint '{path}': its optimizer state does not fit "
-                                    f"train.optimizer={self.cfg.train.optimizer} ({str(e).strip()})") from None
-        else:  # a single-process checkpoint, sliced / sharded for this rank (pipeline: the stages reference them)
-            parallel.load_full_state_dict(self.model, parts["model.pt"], self.pctx, owned=self._owned_names())
-            parallel.load_full_optimizer_state_dict(self.model, self.optimizer, parts["optimizer.pt"], self.pctx,
-                                                    sum(optimizer_groups(self.model, None, self.cfg.train.optimizer), []))
+        ckpt.load_into(path, parts, self.model, self.optimizer, self.pctx, optimizer_kind=self.cfg.train.optimizer,
+                       owned=self._owned_names())
         state = parts["state.pt"]
         self.step, self.tokens_seen = state["step"], state["tokens"]
         if self.ema is not None:
