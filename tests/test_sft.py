@@ -12,6 +12,10 @@
   random-initialised model by more than half; the checkpoint loads, `generate` and `grpo` read it;
 - --resume: a run stopped and resumed ends bit for bit as the uninterrupted run; what would not
   continue the run (no checkpoint, another --checkpoint, --data or setting) is one line.
+- under torchrun: 2 data-parallel ranks, 2 with the experts sliced over them (--ep 2) and 2 with FSDP
+  (--sharding full) equal one process within FP32 rounding; the held-out loss keeps the ranks in step;
+  the sliced and sharded runs' checkpoints load in one process and resume under the same layout (to
+  the bit) and in one process; layouts that cannot run are one line.
 """
 
 from __future__ import annotations
@@ -97,6 +101,42 @@ def test_padding_does_not_change_an_example_loss(model):
     # the batch's loss weighs each response token the same: 4 of a's, 9 of b's
     torch.testing.assert_close(batch_loss, (4 * batched[0] + 9 * batched[1]) / 13)
     assert n == 13
+
+
+class TargetIdLoss(torch.nn.Module):
+    """A stand-in model whose loss for a target is the target's token id, counting its forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(1, 1)
+        self.forwards = 0
+
+    def forward(self, inputs, targets):
+        self.forwards += 1
+        return torch.where(targets != IGNORE_INDEX, targets.float(), 0.0)
+
+
+def test_heldout_loss_keeps_the_ranks_in_step(monkeypatch):
+    """With N data ranks each scores examples rank::N, and every rank runs as many forwards as the
+    largest share needs (expert-parallel and FSDP forwards talk to the other ranks): 5 examples in
+    batches of 2 over 2 ranks are shares of 3 and 2, 2 forwards on each rank; rank 1's second is a
+    stand-in whose loss is not counted. Each rank's sums are exactly its own examples' (the all-reduce
+    left out here)."""
+    from types import SimpleNamespace
+
+    from moeforge.posttrain import sft
+
+    monkeypatch.setattr(sft, "all_reduce_sum", lambda values, ctx, device: values)  # this rank's sums alone
+    examples = [Example(i, [7], [10 * i + 1, 10 * i + 2]) for i in range(5)]
+    for rank in (0, 1):
+        model, share = TargetIdLoss(), examples[rank::2]
+        got = sft.heldout_loss(model, examples, 2, 0, ctx=SimpleNamespace(data_rank=rank, data_ranks=2))
+        assert model.forwards == 2
+        assert got == pytest.approx(sum(sum(e.response) for e in share) / sum(len(e.response) for e in share),
+                                    rel=1e-6)
+    model = TargetIdLoss()
+    assert sft.heldout_loss(model, examples, 2, 0) == pytest.approx(sum(10 * i + 1.5 for i in range(5)) / 5)
+    assert model.forwards == 3  # one process: its 3 batches
 
 
 def write_jsonl(path, lines: list[str]):
@@ -338,3 +378,141 @@ def test_data_parallel_sft_equals_one_process(base_checkpoint, tmp_path, one_thr
     with pytest.raises(DistError, match="--batch-size 7 does not split evenly over the 2"):
         run_dist(sft_rank, 2, str(base_checkpoint), str(data), str(tmp_path / "bad"),
                  dataclasses.replace(s, batch_size=7), init=False)
+
+
+# --ep and --sharding: the model sliced and sharded over the ranks, against one process
+LAYOUTS = {"ep2": (2, "none"), "fsdp_full": (1, "full")}  # name: (--ep, --sharding), on 2 ranks
+# 45 examples: 36 to train on, 9 held out, which 2 ranks split 5 + 4: with batches of 4, rank 0 scores
+# 2 batches and rank 1 one (it runs a second forward in step with rank 0, not counted)
+LAYOUT_SETTINGS = SFTSettings(steps=4, batch_size=4, lr=1e-3, warmup=1, val_fraction=0.2, eval_every=2,
+                              checkpoint_every=2, keep_checkpoints=5)
+
+
+def sft_layout_rank(checkpoint: str, data: str, out: str, settings: SFTSettings, ep: int, sharding: str,
+                    resume: bool = False) -> tuple[list[dict], dict]:
+    """One rank of `train_sft --ep --sharding` (tests/dist.py runs it in each process): its records and
+    the run's final weights, gathered to the single-process tensors (the model open_run built, kept)."""
+    from moeforge.parallel import full_state_dict
+    from moeforge.posttrain import sft
+
+    opened = []
+    real = sft.open_run
+
+    def keep(*args, **kwargs):
+        opened.append(real(*args, **kwargs))
+        return opened[-1]
+
+    sft.open_run = keep
+    records = train_sft(checkpoint, data, out, settings, device="cpu", progress=False, resume=resume, ep=ep,
+                        sharding=sharding)
+    return records, full_state_dict(opened[0].model, opened[0].pctx)
+
+
+@pytest.fixture(scope="module")
+def layout_reference(base_checkpoint, tmp_path_factory):
+    """(data, records, final weights) of the one-process run the layouts are compared with."""
+    from conftest import single_process
+
+    root = tmp_path_factory.mktemp("sft_layouts")
+    data = write_examples(root / "arith.jsonl", Arithmetic().demonstrations(45, random.Random(0)))
+    records = single_process(lambda: train_sft(base_checkpoint, data, root / "one", LAYOUT_SETTINGS, device="cpu",
+                                               progress=False), root)
+    return data, records, final_weights(root / "one")
+
+
+def assert_records_close(got: list[dict], want: list[dict], what: str) -> None:
+    """The same steps and token counts; losses, held-out losses and gradient norms within FP32
+    summation order (each rank computes on its share of the rows, the reductions add in another order)."""
+    assert [(r["step"], r["tokens"]) for r in got] == [(r["step"], r["tokens"]) for r in want], what
+    for a, b in zip(got, want):
+        assert set(a) == set(b), what
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (what, key, a, b)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_sharded_sft_equals_one_process(layout, layout_reference, base_checkpoint, tmp_path, one_thread):
+    """2 ranks with the routed experts sliced over them (--ep 2: the all-to-all dispatcher; gradients
+    all-reduced, the experts' over their dp replicas only) or with FSDP2 shards of everything
+    (--sharding full: gradients reduce-scattered): the losses, held-out losses (9 examples, which the
+    ranks score in 2 and 1 batches: every rank still runs 2 forwards), gradient norms before clipping
+    (clipping is active) and final weights equal one process's within FP32 rounding. The checkpoints
+    are DCP pieces of every rank: they load in one process (load_trained_model) with the run's final
+    weights to the bit; a resume from the step-2 checkpoint under the same layout ends as the
+    uninterrupted run to the bit, and one in one process within FP32 rounding."""
+    import shutil
+
+    from dist import run_dist
+
+    ep, sharding = LAYOUTS[layout]
+    data, want, want_weights = layout_reference
+    s, out = LAYOUT_SETTINGS, tmp_path / "whole"
+    (records, weights), (records1, weights1) = run_dist(sft_layout_rank, 2, str(base_checkpoint), str(data), str(out),
+                                                        s, ep, sharding, init=False, timeout=150)
+    assert without_seconds(records) == without_seconds(records1)
+    assert all(torch.equal(weights[k], weights1[k]) for k in weights)
+    assert any(r["grad_norm"] > s.grad_clip for r in want[1:])  # the clipping changes the steps
+    assert_records_close(records, want, layout)
+    assert read_metrics(out) == records
+    for name, w in want_weights.items():
+        torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+    found = ckpt.list_checkpoints(out / "checkpoints")
+    assert [p.name for p in found] == ["step_0000002", "step_0000004"] and all(ckpt.is_distributed(p) for p in found)
+    saved = final_weights(out)
+    assert set(saved) == set(weights) and all(torch.equal(saved[k], weights[k]) for k in weights)
+    base = final_weights(base_checkpoint)
+    assert all(torch.equal(saved[k], base[k]) for k in base if k.startswith("mtp."))  # MTP is not trained here
+
+    for part in ("same", "one"):  # the run stopped after its step-2 checkpoint
+        shutil.copytree(out, tmp_path / part)
+        shutil.rmtree(tmp_path / part / "checkpoints" / "step_0000004")
+    rest = run_dist(sft_layout_rank, 2, str(base_checkpoint), str(data), str(tmp_path / "same"), s, ep, sharding,
+                    resume=True, init=False, timeout=150)
+    assert [r["step"] for r in rest[0][0]] == [3, 4]
+    assert without_seconds(read_metrics(tmp_path / "same")) == without_seconds(records)
+    assert all(torch.equal(rest[0][1][k], weights[k]) for k in weights)
+    one = train_sft(base_checkpoint, data, tmp_path / "one", s, device="cpu", progress=False, resume=True)
+    assert_records_close(one, records[3:], f"{layout} resumed in one process")
+    for name, w in final_weights(tmp_path / "one").items():
+        torch.testing.assert_close(w, weights[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def sft_layout_errors(checkpoint: str, odd_checkpoint: str, data: str, out: str, s: SFTSettings) -> list[str]:
+    """One rank: the MoeforgeError of each layout 2 ranks cannot run (tests/dist.py runs it in each process)."""
+    cases = [(checkpoint, s, 3, "none"), (odd_checkpoint, s, 2, "none"),
+             (checkpoint, dataclasses.replace(s, batch_size=3), 2, "full")]
+    errors = []
+    for start, settings, ep, sharding in cases:
+        with pytest.raises(MoeforgeError) as e:
+            train_sft(start, data, out, settings, device="cpu", progress=False, ep=ep, sharding=sharding)
+        errors.append(str(e.value))
+    import torch.distributed as dist
+
+    dist.barrier()  # (rank 0 holds the store: it leaves after the other rank has set up its last groups)
+    return errors
+
+
+def test_layouts_that_cannot_run_are_one_line(cli, expect_error, base_checkpoint, tmp_path):
+    """--ep and --sharding: without torchrun; an --ep that does not divide the ranks or the model's
+    routed experts; a batch that does not split over the dp x ep ranks. Nothing is written."""
+    from dist import run_dist
+
+    data = tmp_path / "d.jsonl"
+    assert cli("sft-data", "--n", "20", "--out", data).rc == 0
+    run = ["--checkpoint", base_checkpoint, "--data", data, "--out", tmp_path / "o", "--steps", "1", "--no-progress"]
+    expect_error(cli("sft", *run, "--ep", "2"), "sft", "--ep 2: ", "torchrun")
+    expect_error(cli("sft", *run, "--sharding", "zero2"), "sft", "--sharding zero2: ", "torchrun")
+    assert cli("sft", *run, "--ep", "1", "--sharding", "none").rc == 0  # what one process is anyway
+
+    cfg = load_config(None, None, [*POSTTRAIN_MODEL, "model.n_routed_experts=3", "model.n_group=1", "model.topk_group=1"])
+    odd = tmp_path / "odd"
+    ckpt.save_checkpoint(odd / "checkpoints", 0, cfg, build_model(cfg.model, "cpu").state_dict(), {}, {"step": 0}, 1)
+    errors = run_dist(sft_layout_errors, 2, str(base_checkpoint), str(odd), str(data), str(tmp_path / "bad"),
+                      SFTSettings(steps=1, batch_size=4), init=False)
+    assert errors[0] == errors[1] == [
+        "--ep 3 does not divide the 2 ranks torchrun started",
+        "--ep 2 does not divide the model's 3 routed experts",
+        "--batch-size 3 does not split evenly over the 2 data-parallel ranks (dp 1 x ep 2)"]
+    assert not (tmp_path / "bad").exists()

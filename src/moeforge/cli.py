@@ -45,7 +45,7 @@ def _add_post_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .posttrain.settings import GRPOSettings, SFTSettings
+    from .posttrain.settings import SHARDINGS, GRPOSettings, SFTSettings
     from .posttrain.tasks import TASK_HELP
 
     parser = argparse.ArgumentParser(prog="moeforge", description="Train, evaluate and convert DeepSeek-V3-class MoE models.")
@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"before and after only)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="a checkpoint every N steps besides the final one (default: the final one only)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="under torchrun: slice the routed experts over groups of EP ranks (expert parallelism; "
+                        "default 1)")
+    p.add_argument("--sharding", choices=SHARDINGS, default="none",
+                   help="under torchrun: none (every rank holds its parameters whole), zero2 or full (FSDP2 shards "
+                        "of parameters, gradients and AdamW state; full also frees the gathered weights after each "
+                        "layer's forward) (default none)")
     _add_post_run_flags(p, d.seed, "seed for the order of the examples")
 
     p = sub.add_parser("sft-data", help="write SFT data: a task's worked examples, or a teacher's correct answers",
@@ -488,7 +495,7 @@ def cmd_sft(args) -> int:
     from .posttrain.sft import SFTSettings, train_sft
 
     records = train_sft(args.checkpoint, args.data, Path(args.out), _settings(SFTSettings, args), device=args.device,
-                        progress=not args.no_progress, resume=args.resume)
+                        progress=not args.no_progress, resume=args.resume, ep=args.ep, sharding=args.sharding)
     first, last = records[0], records[-1]
     after = f"{last['val_loss']:.4f} after {last['step']} steps"
     summary = (f"held-out loss {first['val_loss']:.4f} before, {after}" if first["step"] == 0

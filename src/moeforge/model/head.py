@@ -58,12 +58,14 @@ class OutputHead(nn.Linear):
         flat = targets.flatten()
         rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
         hs, ts = h.flatten(0, -2).index_select(0, rows), flat.index_select(0, rows)
-        out = torch.zeros(flat.shape, dtype=torch.float32, device=h.device)
+        # (the result is not a view: FSDP warns about a view returned by a sharded model's forward)
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
+        flat_out = out.view(-1)
         chunk = self.loss_chunk if self.loss_chunk > 0 else EVAL_CHUNK
         for start in range(0, rows.numel(), chunk):
             logits = super().forward(hs[start:start + chunk]).float()
-            out[rows[start:start + chunk]] = F.cross_entropy(logits, ts[start:start + chunk], reduction="none")
-        return out.view(targets.shape)
+            flat_out[rows[start:start + chunk]] = F.cross_entropy(logits, ts[start:start + chunk], reduction="none")
+        return out
 
 
 def plain_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,11 @@ what a resume needs besides the weights and the AdamW state: the step, the stage
 else defines the run (`PostRun.run`: the starting checkpoint, and the stage's data, task or number
 of ranks) and the stage's progress (its random states and counters).
 
+Under torchrun the model is a replica on every rank, or (`moeforge sft --ep --sharding`) sliced and
+sharded over the ranks as the trainer's is (load_model). Then every rank writes its own pieces of
+each checkpoint, as the trainer's distributed checkpoints (parallel/dcp.py), which load under any
+layout and in one process.
+
 A resumed run continues from the newest checkpoint of OUT/checkpoints: the same model, AdamW state
 and progress, so on CPU it computes what the uninterrupted run would have, bit for bit (tested).
 It must be opened with the same --checkpoint, the same run entries and the same settings, except
@@ -22,19 +27,25 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import Config
+from ..config import Config, ParallelConfig
 from ..data import Tokenizer, load_tokenizer
 from ..errors import MoeforgeError
+from ..model import build_model
 from ..train import checkpoint as ckpt
 from ..train.graph import portable_optimizer_state
 from ..train.metrics import MetricsSink, trim_metrics
-from ..train.step import build_optimizer
+from ..train.step import build_optimizer, shard_model
+from .settings import SHARDINGS
 
-__all__ = ["MAY_CHANGE", "PostRun", "open_run", "build_adamw", "checkpoint_due", "init_data_parallel",
-           "all_reduce_sum", "all_gather_objects"]
+if TYPE_CHECKING:
+    from ..parallel.mesh import ParallelContext
+
+__all__ = ["MAY_CHANGE", "PostRun", "open_run", "load_model", "build_adamw", "checkpoint_due", "init_data_parallel",
+           "check_layout", "all_reduce_sum", "all_gather_objects"]
 
 # The settings a resumed run may change: how long it runs and how often it evaluates and saves (and
 # keep_checkpoints, how many checkpoints it keeps). Every other setting shapes what the remaining
@@ -60,6 +71,13 @@ class PostRun:
     tok: Tokenizer
     run: dict  # what defines the run besides its settings (module doc)
     resumed: dict | None = None  # on --resume: the newest checkpoint's state.pt and optimizer.pt
+    resumed_from: Path | None = None  # on --resume: that checkpoint
+    pctx: ParallelContext | None = None  # under torchrun, when the stage passed it: the model's layout
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this rank holds only part of the model: routed experts sliced over ep, or FSDP shards."""
+        return self.pctx is not None and (self.pctx.ep > 1 or self.pctx.sharding in ("zero2", "full"))
 
     @property
     def step(self) -> int:
@@ -72,9 +90,10 @@ class PostRun:
         return self.resumed["state.pt"]["progress"] if self.resumed else None
 
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
-        """On --resume: the AdamW state (moments and step counts) as the checkpoint has it."""
+        """On --resume: the AdamW state (moments and step counts) as the checkpoint has it, in this
+        run's layout whatever layout wrote it."""
         if self.resumed:
-            optimizer.load_state_dict(self.resumed["optimizer.pt"])
+            ckpt.load_into(self.resumed_from, self.resumed, self.model, optimizer, self.pctx, weights=False)
 
     def metrics(self, lead: bool) -> MetricsSink | None:
         """The run's metrics.jsonl, opened to append, on the rank that writes (`lead`; None elsewhere);
@@ -85,11 +104,18 @@ class PostRun:
         trim_metrics(self.out / "metrics.jsonl", self.step)
         return MetricsSink(self.out, tensorboard=False)
 
-    def save(self, step: int, optimizer: torch.optim.Optimizer, settings, keep: int, **progress) -> Path:
+    def save(self, step: int, optimizer: torch.optim.Optimizer, settings, keep: int, **progress) -> Path | None:
         """OUT/checkpoints/step_N in the trainer's format (atomic, the newest `keep` kept), with the
-        starting checkpoint's config and, in state.pt, all a resume needs (module doc)."""
+        starting checkpoint's config and, in state.pt, all a resume needs (module doc; `progress`:
+        rank 0's). A sharded model (self.sharded): every rank calls it and writes its own pieces.
+        Otherwise rank 0 writes model.pt and optimizer.pt; another rank's call writes nothing (None)."""
         state = {"step": step, self.stage: dataclasses.asdict(settings), "run": self.run, "progress": progress}
-        return ckpt.save_checkpoint(self.out / "checkpoints", step, self.cfg, self.model.state_dict(),
+        root = self.out / "checkpoints"
+        if self.sharded:
+            return ckpt.save_distributed(root, step, self.cfg, self.model, optimizer, self.pctx, state, keep)
+        if self.pctx is not None and not self.pctx.is_main:
+            return None
+        return ckpt.save_checkpoint(root, step, self.cfg, self.model.state_dict(),
                                     portable_optimizer_state(optimizer.state_dict()), state, keep)
 
     def starting_model(self, device: str | None) -> torch.nn.Module:
@@ -104,9 +130,11 @@ class PostRun:
 
 
 def open_run(checkpoint: str | Path, out: str | Path, device: str | None, stage: str, settings, run: dict,
-             resume: bool = False) -> PostRun:
+             resume: bool = False, pctx=None, precision: str = "fp32") -> PostRun:
     """The post-training run of stage `stage` in `out`, with `settings` (the stage's dataclass) and
     `run` (the entries that define it besides its settings and --checkpoint: data, task, ranks).
+    pctx: init_data_parallel's context, to build the model in its layout (load_model; precision
+    "bf16": FSDP gathers BF16 weights); None: one process, or a replica loaded whole on every rank.
 
     A new run: the starting checkpoint's model, after checking that `out` can be a new run folder (a
     second run there would mix its metrics and checkpoints with the first's). resume: the newest
@@ -117,17 +145,35 @@ def open_run(checkpoint: str | Path, out: str | Path, device: str | None, stage:
         raise MoeforgeError(f"--out '{out}' exists and is not a folder")
     run = {"checkpoint": str(Path(checkpoint).expanduser().resolve()), **run}
     if resume:
-        return _resume(out, device, stage, settings, run)
+        return _resume(out, device, stage, settings, run, pctx, precision)
     if (out / "metrics.jsonl").exists():
         raise MoeforgeError(f"--out '{out}' already holds a run (metrics.jsonl); pass --resume to continue it "
                             f"or choose a new folder")
     start = ckpt.resolve_checkpoint(checkpoint)
-    model, cfg = ckpt.load_trained_model(start, device)
+    model, cfg = load_model(start, device, pctx, precision)
     run.update(start=str(start.resolve()), start_manifest=_manifest_digest(start))
-    return PostRun(out, stage, model, cfg, load_tokenizer(cfg.train.tokenizer or None), run)
+    return PostRun(out, stage, model, cfg, load_tokenizer(cfg.train.tokenizer or None), run, pctx=pctx)
 
 
-def _resume(out: Path, device: str | None, stage: str, settings, run: dict) -> PostRun:
+def load_model(path: Path, device: str | None, pctx, precision: str = "fp32") -> tuple[torch.nn.Module, Config]:
+    """(model in eval mode, config) of a checkpoint. pctx None: the whole model on `device`. Under
+    torchrun, this rank's part of it in the layout of pctx, built as the trainer builds its model
+    (meta -> experts sliced over ep -> FSDP -> memory for this rank's pieces -> weights): a
+    single-process checkpoint's tensors are sliced on the way in, a distributed one's pieces
+    resharded, so that no rank holds more of the model than its part (but a single-process
+    checkpoint is read whole on each rank's host)."""
+    if pctx is None:
+        return ckpt.load_trained_model(path, device)
+    cfg = ckpt.load_checkpoint_config(path)
+    experts = cfg.model.n_routed_experts
+    if experts % pctx.ep:
+        raise MoeforgeError(f"--ep {pctx.ep} does not divide the model's {experts} routed experts")
+    model = shard_model(build_model(cfg.model, "meta"), pctx, pctx.device, precision)
+    ckpt.load_into(path, ckpt.load_checkpoint(path, ("model.pt",)), model, None, pctx)
+    return model.eval(), cfg
+
+
+def _resume(out: Path, device: str | None, stage: str, settings, run: dict, pctx, precision: str) -> PostRun:
     root = out / "checkpoints"
     found = ckpt.list_checkpoints(root)
     if not found:
@@ -151,8 +197,8 @@ def _resume(out: Path, device: str | None, stage: str, settings, run: dict) -> P
     if settings.steps <= state["step"]:
         raise MoeforgeError(f"--resume: the run in '{out}' has done {state['step']} steps already; pass --steps "
                             f"above {state['step']} to continue it")
-    model, cfg = ckpt.load_trained_model(path, device)
-    return PostRun(out, stage, model, cfg, load_tokenizer(cfg.train.tokenizer or None), state["run"], parts)
+    model, cfg = load_model(path, device, pctx, precision)
+    return PostRun(out, stage, model, cfg, load_tokenizer(cfg.train.tokenizer or None), state["run"], parts, path, pctx)
 
 
 def _manifest_digest(path: Path) -> str:
@@ -176,21 +222,47 @@ def checkpoint_due(step: int, settings) -> bool:
     return step == settings.steps or bool(every and step % every == 0)
 
 
-def init_data_parallel(device: str | None, per_step: int | None = None, flag: str = ""):
+def init_data_parallel(device: str | None, per_step: int | None = None, flag: str = "",
+                       layout: ParallelConfig | None = None):
     """(ParallelContext or None, this rank's device, rank, ranks): under torchrun every rank joins the
-    process group as a data-parallel replica of the whole model (parallel.dp = the world size; gloo
-    on CPU, nccl on cuda:LOCAL_RANK); one process: (None, device, 0, 1). per_step: the items each
-    step splits over the ranks (examples, prompts), given by the command-line flag `flag`; they must
-    split evenly (None: no such items, e.g. rejection sampling splits its prompts by whole chunks)."""
-    from ..config import ParallelConfig
+    process group (gloo on CPU, nccl on cuda:LOCAL_RANK); one process: (None, device, 0, 1).
+    layout: how the ranks hold the model, its ep and sharding (check_layout; `moeforge sft --ep
+    --sharding`); default: every rank a replica of the whole model. rank, ranks: this rank's place
+    among the dp x ep data ranks (all of them), which split each step's items. per_step: those items
+    (examples, prompts), given by the command-line flag `flag`; they must split evenly (None: no such
+    items, e.g. rejection sampling splits its prompts by whole chunks)."""
     from ..parallel.mesh import init_distributed
 
-    ctx = init_distributed(ParallelConfig(), device or "auto")
+    layout = layout or ParallelConfig()
+    check_layout(layout)
+    ctx = init_distributed(layout, device or "auto")
     if ctx is None:
         return None, device, 0, 1
-    if per_step is not None and per_step % ctx.world_size:
-        raise MoeforgeError(f"{flag} {per_step} does not split evenly over the {ctx.world_size} data-parallel ranks")
-    return ctx, str(ctx.device), ctx.rank, ctx.world_size
+    if per_step is not None and per_step % ctx.data_ranks:
+        split = f" (dp {ctx.dp} x ep {ctx.ep})" if ctx.ep > 1 else ""
+        raise MoeforgeError(f"{flag} {per_step} does not split evenly over the {ctx.data_ranks} data-parallel "
+                            f"ranks{split}")
+    return ctx, str(ctx.device), ctx.data_rank, ctx.data_ranks
+
+
+def check_layout(layout: ParallelConfig) -> None:
+    """A layout post-training can run, for the world size torchrun set (one process: WORLD_SIZE unset):
+    --ep dividing the ranks, --sharding none | zero2 | full, and neither without torchrun (they
+    spread the model over processes; one process holds it whole)."""
+    from ..parallel.mesh import world_size_from_env
+
+    if layout.sharding not in SHARDINGS:
+        raise MoeforgeError(f"--sharding: expected {', '.join(SHARDINGS)}, got {layout.sharding!r}")
+    if layout.ep < 1:
+        raise MoeforgeError(f"--ep: must be at least 1, got {layout.ep}")
+    world = world_size_from_env()
+    asked = [flag for flag, on in ((f"--ep {layout.ep}", layout.ep > 1),
+                                   (f"--sharding {layout.sharding}", layout.sharding != "none")) if on]
+    if world <= 1 and asked:
+        raise MoeforgeError(f"{' '.join(asked)}: expert parallelism and FSDP sharding spread the model over several "
+                            f"processes; launch with torchrun --nproc-per-node N (one process takes --ep 1 --sharding none)")
+    if world > 1 and world % layout.ep:
+        raise MoeforgeError(f"--ep {layout.ep} does not divide the {world} ranks torchrun started")
 
 
 def all_reduce_sum(values: list[float], ctx, device) -> list[float]:

@@ -11,6 +11,7 @@ __all__ = ["GRPOSettings", "SFTSettings"]
 
 
 PRECISIONS = ("fp32", "bf16")
+SHARDINGS = ("none", "zero2", "full")  # how `moeforge sft`'s ranks may hold the model (common.check_layout)
 
 
 def _check_precision(settings) -> None:

@@ -22,7 +22,8 @@ routing biases stay as the checkpoint has them.
 
 Optimisation: AdamW (posttrain/common.py), a linear warm-up, then constant or cosine (train/schedule.py),
 the gradient clipped to norm 1. FP32, or the forwards under BF16 autocast (precision "bf16"). One
-process (CPU or one GPU), or data parallel under torchrun (train_sft). The run folder holds
+process (CPU or one GPU), or under torchrun data parallel, with expert parallelism (--ep) and FSDP
+sharding (--sharding) for a model that does not fit one device (train_sft). The run folder holds
 metrics.jsonl and checkpoints in the trainer's format (common.py), so `moeforge generate`, `eval`,
 `convert` and `grpo --checkpoint` read it; `--resume` continues a run from its newest checkpoint.
 
@@ -41,10 +42,11 @@ from pathlib import Path
 
 import torch
 
+from ..config import ParallelConfig
 from ..data.tokenizer import Tokenizer, atomic_write_text
 from ..errors import MoeforgeError
 from ..model.mtp import IGNORE_INDEX
-from ..parallel.data import sync_gradients
+from ..parallel.data import clip_coefficient, global_grad_norm, scale_gradients, sync_gradients
 from ..train.schedule import lr_at
 from ..train.step import autocast
 from .common import all_reduce_sum, build_adamw, checkpoint_due, init_data_parallel, open_run
@@ -126,22 +128,34 @@ def heldout_loss(model, examples: list[Example], batch_size: int, pad_id: int, p
                  ctx=None) -> float:
     """Mean response-token loss over `examples` (each response token weighs the same), in eval mode;
     precision "bf16": the forwards under BF16 autocast. With a data-parallel context each rank scores
-    examples[rank::ranks] and the sums are all-reduced."""
+    examples[rank::ranks] and the sums are all-reduced. Every rank runs the same number of forwards
+    (those of the largest share, rank 0's): a rank whose share has run out scores a stand-in batch
+    (the first example) and does not count it, since an expert-parallel forward exchanges tokens
+    with the other ranks and an FSDP forward gathers weights with them."""
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
-    if ctx is not None:
-        examples = examples[ctx.rank::ctx.world_size]
+    ranks = 1 if ctx is None else ctx.data_ranks
+    share = examples[0 if ctx is None else ctx.data_rank::ranks]
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        inputs, targets = collate(examples[i:i + batch_size], pad_id)
+    for i in range(0, -(-len(examples) // ranks), batch_size):
+        part = share[i:i + batch_size]
+        inputs, targets = collate(part or examples[:1], pad_id)
         with autocast(device, precision):
             loss, n = response_loss(model, inputs.to(device), targets.to(device))
-        total += float(loss) * n
-        count += n
+        if part:
+            total += float(loss) * n
+            count += n
     model.train(was_training)
     total, count = all_reduce_sum([total, count], ctx, device)
     return total / count
+
+
+def layout_text(ctx) -> str:
+    """How the ranks hold the model, for the first progress line ("" for one process)."""
+    if ctx is None:
+        return ""
+    return f" | {ctx.world_size} ranks: dp {ctx.dp} x ep {ctx.ep}, sharding {ctx.sharding}"
 
 
 class BatchOrder:
@@ -180,7 +194,7 @@ def write_examples(path: str | Path, pairs: list[tuple[str, str]]) -> Path:
 
 
 def train_sft(checkpoint: str | Path, data: str | Path, out: str | Path, s: SFTSettings, device: str | None = None,
-              progress: bool = True, resume: bool = False) -> list[dict]:
+              progress: bool = True, resume: bool = False, ep: int = 1, sharding: str = "none") -> list[dict]:
     """Fine-tune the model of `checkpoint` on the examples of `data` for s.steps steps; write
     OUT/metrics.jsonl (a record per step, with val_loss at step 0, every s.eval_every steps and at the
     last) and checkpoints. Returns the records it wrote: step 0's (the held-out loss before training;
@@ -191,18 +205,28 @@ not on a resume) and one per step it ran.
     stretches a cosine over the new length), the scored tokens so far and the batch order. The
     held-out split follows from the data and the settings, which must be the run's: --data (its path
     and its SHA-256) and every setting but --steps, --eval-every and --checkpoint-every. The number
-    of data-parallel ranks may change (a step is the one-process step on the whole batch).
+    of ranks and their layout may change (a step is the one-process step on the whole batch, and
+    every layout reads the checkpoints of any other).
 
-    Under torchrun, data parallel: every rank holds the whole model and takes examples rank::N of each
-    batch; its loss is weighted by its share of the batch's scored tokens and the gradients are
-    averaged over the ranks, so a step is the one-process step on the whole batch. Rank 0 writes."""
+    Under torchrun, N ranks: each takes examples rank::N of each batch; its loss is weighted by its
+    share of the batch's scored tokens and the gradients are averaged over the ranks, so a step is
+    the one-process step on the whole batch. How the ranks hold the model (the trainer's layouts,
+    docs/parallelism.md): ep, the routed experts sliced over groups of `ep` ranks, tokens sent to
+    them by all-to-all (dp = N / ep replicas of each slice); sharding "none", every rank holds its
+    parameters whole and the gradients are all-reduced (parallel.sync_gradients: the experts' over
+    their dp replicas only), "zero2" or "full", FSDP2 shards of parameters, gradients and AdamW
+    state, the gradients reduce-scattered (the parameters gathered per layer for each forward, and
+    with "full" again for the backward). The gradient norm is the one-process gradient's under every
+    layout (parallel.global_grad_norm). Rank 0 writes the metrics; it writes the checkpoints of
+    replicas, while each rank writes its own pieces of a sliced or sharded model (PostRun.save)."""
     s.validate()
-    ctx, device, rank, ranks = init_data_parallel(device, s.batch_size, "--batch-size")
+    ctx, device, rank, ranks = init_data_parallel(device, s.batch_size, "--batch-size",
+                                                  ParallelConfig(ep=ep, sharding=sharding))
     lead = rank == 0
     rows = read_examples(data)
     digest = hashlib.sha256(Path(data).read_bytes()).hexdigest()  # a resume checks the file is the run's
     run = open_run(checkpoint, out, device, "sft", s, {"data": str(Path(data).resolve()), "data_sha256": digest},
-                   resume)
+                   resume, ctx, s.precision)
     model, cfg, tok = run.model, run.cfg, run.tok
     context = cfg.model.max_position_embeddings
     if s.max_len > context:
@@ -232,7 +256,7 @@ not on a resume) and one per step it ran.
         if progress:
             state = (f"held-out loss {records[0]['val_loss']:.4f} before training" if run.step == 0
                      else f"resumed after step {run.step}")
-            print(f"sft: {len(train)} training and {len(val)} held-out examples | {state}", flush=True)
+            print(f"sft: {len(train)} training and {len(val)} held-out examples{layout_text(ctx)} | {state}", flush=True)
         for step in range(run.step + 1, s.steps + 1):
             t0 = time.perf_counter()
             lr = lr_at(step - 1, run_cfg.train)
@@ -247,10 +271,13 @@ not on a resume) and one per step it ran.
             if not math.isfinite(loss_value):
                 raise MoeforgeError(f"the loss became {loss_value} at step {step}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
-            # this rank's share of that mean (x ranks: sync_gradients averages the ranks' gradients)
+            # this rank's share of that mean (x ranks: sync_gradients, or FSDP's reduce-scatter,
+            # divides the sum of the ranks' gradients by their number)
             (loss * (local_n * ranks / n)).backward()
-            sync_gradients(model, ctx)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip or math.inf)
+            sync_gradients(model, ctx)  # (FSDP: reduce-scattered in the backward already)
+            grad_norm = global_grad_norm(model, ctx)  # the one-process gradient's, under any layout
+            if s.grad_clip > 0:
+                scale_gradients(model, clip_coefficient(grad_norm, s.grad_clip))
             optimizer.step()
             tokens += int(n)
             rec = {"step": step, "loss": loss_value, "tokens": tokens, "lr": lr, "grad_norm": float(grad_norm),
@@ -260,7 +287,7 @@ not on a resume) and one per step it ran.
             records.append(rec)
             if sink is not None:
                 sink.write(rec)
-            if lead and checkpoint_due(step, s):
+            if checkpoint_due(step, s):  # (every rank: a sharded model's ranks each write their pieces)
                 run.save(step, optimizer, s, s.keep_checkpoints, tokens=tokens, batches=batches.state_dict())
             if progress:
                 val_text = f" | held-out {rec['val_loss']:.4f}" if "val_loss" in rec else ""
