@@ -410,14 +410,14 @@ def sft_layout_rank(checkpoint: str, data: str, out: str, settings: SFTSettings,
 
 @pytest.fixture(scope="module")
 def layout_reference(base_checkpoint, tmp_path_factory):
-    """(data, records, final weights) of the one-process run the layouts are compared with."""
+    """(data, records, final weights, run folder) of the one-process run the layouts are compared with."""
     from conftest import single_process
 
     root = tmp_path_factory.mktemp("sft_layouts")
     data = write_examples(root / "arith.jsonl", Arithmetic().demonstrations(45, random.Random(0)))
     records = single_process(lambda: train_sft(base_checkpoint, data, root / "one", LAYOUT_SETTINGS, device="cpu",
                                                progress=False), root)
-    return data, records, final_weights(root / "one")
+    return data, records, final_weights(root / "one"), root / "one"
 
 
 def assert_records_close(got: list[dict], want: list[dict], what: str) -> None:
@@ -432,21 +432,23 @@ def assert_records_close(got: list[dict], want: list[dict], what: str) -> None:
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_sharded_sft_equals_one_process(layout, layout_reference, base_checkpoint, tmp_path, one_thread):
+def test_sharded_sft_equals_one_process(layout, layout_reference, base_checkpoint, tmp_path, cli):
     """2 ranks with the routed experts sliced over them (--ep 2: the all-to-all dispatcher; gradients
     all-reduced, the experts' over their dp replicas only) or with FSDP2 shards of everything
     (--sharding full: gradients reduce-scattered): the losses, held-out losses (9 examples, which the
     ranks score in 2 and 1 batches: every rank still runs 2 forwards), gradient norms before clipping
     (clipping is active) and final weights equal one process's within FP32 rounding. The checkpoints
     are DCP pieces of every rank: they load in one process (load_trained_model) with the run's final
-    weights to the bit; a resume from the step-2 checkpoint under the same layout ends as the
-    uninterrupted run to the bit, and one in one process within FP32 rounding."""
+    weights to the bit, and `grpo --checkpoint` reads them. A resume from the step-2 checkpoint under
+    the same layout ends as the uninterrupted run to the bit, and one in one process within FP32
+    rounding; the one-process run's step-2 checkpoint (model.pt, optimizer.pt) resumes under the
+    layout, sliced and sharded, within FP32 rounding of its own end."""
     import shutil
 
     from dist import run_dist
 
     ep, sharding = LAYOUTS[layout]
-    data, want, want_weights = layout_reference
+    data, want, want_weights, one_run = layout_reference
     s, out = LAYOUT_SETTINGS, tmp_path / "whole"
     (records, weights), (records1, weights1) = run_dist(sft_layout_rank, 2, str(base_checkpoint), str(data), str(out),
                                                         s, ep, sharding, init=False, timeout=150)
@@ -465,8 +467,12 @@ def test_sharded_sft_equals_one_process(layout, layout_reference, base_checkpoin
     base = final_weights(base_checkpoint)
     assert all(torch.equal(saved[k], base[k]) for k in base if k.startswith("mtp."))  # MTP is not trained here
 
-    for part in ("same", "one"):  # the run stopped after its step-2 checkpoint
-        shutil.copytree(out, tmp_path / part)
+    r = cli("grpo", "--checkpoint", out, "--out", tmp_path / "rl", "--steps", "1", "--prompts-per-step", "1",
+            "--group-size", "2", "--max-new-tokens", "4", "--no-progress")
+    assert r.rc == 0, r.err
+
+    for part, run in (("same", out), ("one", out), ("from_one", one_run)):  # stopped after the step-2 checkpoint
+        shutil.copytree(run, tmp_path / part)
         shutil.rmtree(tmp_path / part / "checkpoints" / "step_0000004")
     rest = run_dist(sft_layout_rank, 2, str(base_checkpoint), str(data), str(tmp_path / "same"), s, ep, sharding,
                     resume=True, init=False, timeout=150)
@@ -477,6 +483,11 @@ def test_sharded_sft_equals_one_process(layout, layout_reference, base_checkpoin
     assert_records_close(one, records[3:], f"{layout} resumed in one process")
     for name, w in final_weights(tmp_path / "one").items():
         torch.testing.assert_close(w, weights[name], rtol=1e-4, atol=1e-5, msg=name)
+    (rest, rest_weights), _ = run_dist(sft_layout_rank, 2, str(base_checkpoint), str(data), str(tmp_path / "from_one"),
+                                       s, ep, sharding, resume=True, init=False, timeout=150)
+    assert_records_close(rest, want[3:], f"one process resumed under {layout}")
+    for name, w in want_weights.items():
+        torch.testing.assert_close(rest_weights[name], w, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def sft_layout_errors(checkpoint: str, odd_checkpoint: str, data: str, out: str, s: SFTSettings) -> list[str]:
