@@ -492,6 +492,8 @@ def test_sharded_sft_equals_one_process(layout, layout_reference, base_checkpoin
 
 def sft_layout_errors(checkpoint: str, odd_checkpoint: str, data: str, out: str, s: SFTSettings) -> list[str]:
     """One rank: the MoeforgeError of each layout 2 ranks cannot run (tests/dist.py runs it in each process)."""
+    import torch.distributed as dist
+
     cases = [(checkpoint, s, 3, "none"), (odd_checkpoint, s, 2, "none"),
              (checkpoint, dataclasses.replace(s, batch_size=3), 2, "full")]
     errors = []
@@ -499,8 +501,6 @@ def sft_layout_errors(checkpoint: str, odd_checkpoint: str, data: str, out: str,
         with pytest.raises(MoeforgeError) as e:
             train_sft(start, data, out, settings, device="cpu", progress=False, ep=ep, sharding=sharding)
         errors.append(str(e.value))
-    import torch.distributed as dist
-
     dist.barrier()  # (rank 0 holds the store: it leaves after the other rank has set up its last groups)
     return errors
 
@@ -515,6 +515,7 @@ def test_layouts_that_cannot_run_are_one_line(cli, expect_error, base_checkpoint
     run = ["--checkpoint", base_checkpoint, "--data", data, "--out", tmp_path / "o", "--steps", "1", "--no-progress"]
     expect_error(cli("sft", *run, "--ep", "2"), "sft", "--ep 2: ", "torchrun")
     expect_error(cli("sft", *run, "--sharding", "zero2"), "sft", "--sharding zero2: ", "torchrun")
+    assert not (tmp_path / "o").exists()
     assert cli("sft", *run, "--ep", "1", "--sharding", "none").rc == 0  # what one process is anyway
 
     cfg = load_config(None, None, [*POSTTRAIN_MODEL, "model.n_routed_experts=3", "model.n_group=1", "model.topk_group=1"])
