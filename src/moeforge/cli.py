@@ -23,6 +23,17 @@ def _add_device(p: argparse.ArgumentParser) -> None:
                    help="where to run (default: cuda when available, else cpu)")
 
 
+def _check_at_least_one(args, *flags: str) -> None:
+    for flag in flags:
+        if getattr(args, flag) < 1:
+            raise MoeforgeError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
+
+
+def _check_top_p(top_p: float) -> None:
+    if not 0 < top_p <= 1:
+        raise MoeforgeError(f"--top-p must be in (0, 1], got {top_p}")
+
+
 def _add_decode_precision(p: argparse.ArgumentParser, when: str = "") -> None:
     """--precision for a command that samples from a checkpoint (generate, score, sft-data --teacher)."""
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -306,8 +317,7 @@ def cmd_generate(args) -> int:
     from .train.checkpoint import load_trained_model
     from .train.step import autocast, resolve_precision
 
-    if not 0 < args.top_p <= 1:
-        raise MoeforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
+    _check_top_p(args.top_p)
     if args.max_new_tokens < 0:
         raise MoeforgeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     model, cfg = load_trained_model(args.checkpoint, args.device, ema=args.ema)
@@ -510,8 +520,7 @@ def cmd_sft_data(args) -> int:
     from .posttrain.tasks import get_task
 
     task = get_task(args.task)
-    if args.n < 1:
-        raise MoeforgeError(f"--n: must be at least 1, got {args.n}")
+    _check_at_least_one(args, "n")
     if args.teacher is not None:
         return _sft_data_from_teacher(args, task)
     if not hasattr(task, "demonstrations"):
@@ -526,9 +535,7 @@ def _sft_data_from_teacher(args, task) -> int:
     from .posttrain.distill import sample_teacher
     from .posttrain.sft import write_examples
 
-    for flag in ("samples", "keep", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            raise MoeforgeError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
+    _check_at_least_one(args, "samples", "keep", "max_new_tokens")
     if args.temperature <= 0:
         raise MoeforgeError(f"--temperature: must be positive for sampling, got {args.temperature}")
     result = sample_teacher(args.teacher, task, args.n, args.samples, args.max_new_tokens, args.temperature, args.seed,
@@ -556,16 +563,13 @@ def cmd_score(args) -> int:
     from .train.step import autocast, resolve_precision
 
     task = get_task(args.task)
-    for flag in ("n", "samples", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            raise MoeforgeError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
+    _check_at_least_one(args, "n", "samples", "max_new_tokens")
     if args.temperature < 0:
         raise MoeforgeError(f"--temperature: must not be negative, got {args.temperature:g}")
     if args.samples > 1 and args.temperature == 0:
         raise MoeforgeError(f"--samples {args.samples} with --temperature 0: greedy completions are all the same; "
                             f"give a temperature (DeepSeek-R1 used 0.6 with --top-p 0.95)")
-    if not 0 < args.top_p <= 1:
-        raise MoeforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
+    _check_top_p(args.top_p)
     if args.out is not None and Path(args.out).is_dir():
         raise MoeforgeError(f"--out '{args.out}' is a folder; give a file name such as {Path(args.out) / 'score.json'}")
     exclude = {prompt for _, prompt, _ in read_examples(args.exclude)} if args.exclude else set()

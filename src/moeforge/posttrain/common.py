@@ -24,7 +24,6 @@ MAY_CHANGE; metrics.jsonl is appended to, after dropping the records of steps pa
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -203,7 +202,7 @@ def _resume(out: Path, device: str | None, stage: str, settings, run: dict, pctx
 
 def _manifest_digest(path: Path) -> str:
     """The SHA-256 of a checkpoint's manifest.json: it names the checkpoint's contents."""
-    return hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+    return ckpt.file_sha256(path / "manifest.json")
 
 
 def build_adamw(model: torch.nn.Module, cfg: Config, **train) -> tuple[torch.optim.Optimizer, Config]:

@@ -32,7 +32,6 @@ Shape legend: B examples in a batch, S the longest example's length less one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -47,6 +46,7 @@ from ..data.tokenizer import Tokenizer, atomic_write_text
 from ..errors import MoeforgeError
 from ..model.mtp import IGNORE_INDEX
 from ..parallel.data import clip_coefficient, global_grad_norm, scale_gradients, sync_gradients
+from ..train.checkpoint import file_sha256
 from ..train.schedule import lr_at
 from ..train.step import autocast
 from .common import all_reduce_sum, build_adamw, checkpoint_due, init_data_parallel, open_run
@@ -224,7 +224,7 @@ not on a resume) and one per step it ran.
                                                   ParallelConfig(ep=ep, sharding=sharding))
     lead = rank == 0
     rows = read_examples(data)
-    digest = hashlib.sha256(Path(data).read_bytes()).hexdigest()  # a resume checks the file is the run's
+    digest = file_sha256(data)  # a resume checks the file is the run's
     run = open_run(checkpoint, out, device, "sft", s, {"data": str(Path(data).resolve()), "data_sha256": digest},
                    resume, ctx, s.precision)
     model, cfg, tok = run.model, run.cfg, run.tok

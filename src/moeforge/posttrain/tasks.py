@@ -16,7 +16,6 @@ where a response is a reasoning chain in a think block, then the answer: "<think
 from __future__ import annotations
 
 import ast
-import hashlib
 import importlib
 import random
 import re
@@ -184,7 +183,9 @@ class ProblemFile:
                 raise MoeforgeError(f"{where(path, number)}: the prompt is empty")
             if not normalise_answer(answer):
                 raise MoeforgeError(f"{where(path, number)}: the answer is empty")
-        return cls(str(path), tuple(values for _, values in rows), hashlib.sha256(path.read_bytes()).hexdigest())
+        from ..train.checkpoint import file_sha256  # (imported here: the task list stays light for --help)
+
+        return cls(str(path), tuple(values for _, values in rows), file_sha256(path))
 
     @property
     def name(self) -> str:

@@ -47,7 +47,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
     """The file's SHA-256, read in 16 MiB pieces (checkpoint files can be many GB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -104,7 +104,7 @@ def save_checkpoint(root: Path, step: int, cfg: Config, model_state: dict | None
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):  # the DCP files, fsynced here
         with open(f, "rb+") as fh:
             os.fsync(fh.fileno())
-        manifest["files"][f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        manifest["files"][f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
     blobs.update({"state.pt": _torch_bytes(state), "config.toml": cfg.to_toml().encode()})
     for name, data in blobs.items():
         _fsync_write(tmp / name, data)
@@ -164,7 +164,7 @@ def read_manifest_checked(path: Path) -> dict:
             raise MoeforgeError(f"checkpoint '{path}' is incomplete: {name} is missing")
         if f.stat().st_size != info["bytes"]:
             raise MoeforgeError(f"checkpoint '{path}' is corrupt: {name} has {f.stat().st_size} bytes, expected {info['bytes']}")
-        if _sha256(f) != info["sha256"]:
+        if file_sha256(f) != info["sha256"]:
             raise MoeforgeError(f"checkpoint '{path}' is corrupt: {name} fails its checksum")
     return manifest
 
