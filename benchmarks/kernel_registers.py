@@ -127,7 +127,9 @@ def variants() -> dict:
         "forward, 128 x 256, unfolded scales": ("forward", w256),
         "forward, default without turns": ("forward", {**WS_GROUPED_CONFIG, "TURN": 0}),
         "Wgrad, default (128 x 128, 4 stages, TMA store, pipelined)": ("wgrad", WS_WGRAD_CONFIG),
+        "Wgrad, default, adding into .grad (TMA reduce)": ("wgrad", {**WS_WGRAD_CONFIG, "ACCUMULATE": True}),
         "Wgrad, 128 x 128, stores from registers": ("wgrad", {**WS_WGRAD_CONFIG, "STORE_TMA": False}),
+        "Wgrad, the same, adding into .grad": ("wgrad", {**WS_WGRAD_CONFIG, "STORE_TMA": False, "ACCUMULATE": True}),
         "Wgrad, 128 x 256, 3 stages": ("wgrad", w256),
         "Wgrad, 128 x 128, 3 stages, not pipelined": ("wgrad", {**WS_WGRAD_CONFIG, "STAGES": 3, "PIPE": False}),
     }

@@ -578,3 +578,74 @@ def test_fp8_linear_input_quantised_once_for_consecutive_readers():
     del y
     gc.collect()
     assert gpu._last_input[0] is None
+
+
+def _grad_to_accumulate_in_a_backward(w, owner=None, how="backward"):
+    """What fp8.gpu.grad_to_accumulate returns for w inside the backward of a Function that takes w, run
+    as `how` says."""
+    from moeforge.fp8.gpu import grad_to_accumulate
+
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.w = w
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(grad_to_accumulate(ctx.w, owner))
+            return g, None
+
+    x = torch.randn(3, requires_grad=True)
+    out = Probe.apply(x, w).sum()
+    if how == "backward":
+        out.backward()
+    elif how == "backward, inputs=[x]":
+        out.backward(inputs=[x])
+    elif how == "autograd.grad":
+        torch.autograd.grad(out, [x])
+    elif how == "create_graph":
+        out.backward(create_graph=True)
+    return seen[0]
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_grad_to_accumulate_only_where_autograd_would_do_nothing_else():
+    """The experts' Wgrad adds into w.grad itself (and hands autograd no gradient) only for a leaf
+    Parameter with a plain contiguous FP32 .grad of its shape and no hooks, in a .backward() that
+    writes w.grad and builds no graph, and not inside an FSDP-sharded module; everywhere else the
+    gradient goes back to autograd (a zero-bubble pipeline's weight pass runs torch.autograd.grad)."""
+    from moeforge.fp8.gpu import grad_to_accumulate
+
+    def param(grad="fp32"):
+        w = torch.nn.Parameter(torch.randn(2, 4, 8, dtype=torch.bfloat16 if grad == "bf16" else torch.float32))
+        if grad in ("fp32", "bf16"):
+            w.grad = torch.randn_like(w)
+        elif grad == "strided":
+            w.grad = torch.randn(2, 8, 4).transpose(1, 2)
+        return w
+
+    probe = _grad_to_accumulate_in_a_backward
+    w = param()
+    assert probe(w) is w.grad
+    assert probe(w, owner=torch.nn.Linear(1, 1)) is w.grad
+    for how in ("backward, inputs=[x]", "autograd.grad", "create_graph"):
+        assert probe(param(), how=how) is None, how
+    with torch.no_grad():
+        assert grad_to_accumulate(param()) is None  # not inside a backward
+    assert probe(param(grad=None)) is None  # first micro-batch: autograd stores it
+    assert probe(param(grad="bf16")) is None
+    assert probe(param(grad="strided")) is None
+    frozen = param()
+    frozen.requires_grad_(False)
+    assert probe(frozen) is None
+    hooked = param()
+    hooked.register_post_accumulate_grad_hook(lambda p: None)
+    assert probe(hooked) is None
+    hooked = param()
+    hooked.register_hook(lambda g: g)
+    assert probe(hooked) is None
+    FSDPExperts = type("FSDPExperts", (torch.nn.Module,), {})  # the class name fully_shard gives a module
+    assert probe(param(), owner=FSDPExperts()) is None

@@ -367,6 +367,76 @@ def test_pipelined_wgrad_equals_the_unpipelined_one_to_the_bit(counts):
         assert torch.equal(kernels.grouped_wgrad(gt, xt, tiles, torch.float32, config=cfg), ref), extra
 
 
+@needs_sm90
+@pytest.mark.parametrize("config", ["default", "stores from registers", "triton's"])
+@pytest.mark.parametrize("rows", [448, 200])
+def test_grouped_wgrad_adds_into_a_gradient_to_the_bit(config, rows):
+    """into=: dW added into an existing FP32 gradient, by the warp-specialised kernel as it stores each
+    tile (a TMA reduce; loads, adds and stores where a TMA box cannot write the rows: 200 is no
+    multiple of 64), by the Triton kernel after: every element is the earlier value plus dW, rounded
+    once, as autograd's accumulation makes it (empty experts add zeros)."""
+    cfg = {"default": kernels.WS_WGRAD_CONFIG, "stores from registers": {**kernels.WS_WGRAD_CONFIG, "STORE_TMA": False},
+           "triton's": kernels.TRITON_WGRAD_CONFIG}[config]
+    counts = torch.tensor([130, 0, 7, 300, 41, 256])
+    offsets = counts.cumsum(0).to(torch.int32).to(DEV)
+    R, D, N = int(counts.sum()), 384, rows
+    tiles, offs = kernels.group_layout(offsets, kernels.BLOCK)
+    seg = (tiles, offs, -(-R // kernels.BLOCK) + len(counts))
+    _, gt = kernels.quant_operands(_data((R, N), torch.bfloat16, seed=14), rows=False, cols=True, segments=seg)
+    _, xt = kernels.quant_operands(_data((R, D), torch.bfloat16, seed=15), rows=False, cols=True, segments=seg)
+    dw = kernels.grouped_wgrad(gt, xt, tiles, torch.float32, config=cfg)
+    before = torch.randn(len(counts), N, D, device=DEV) * dw.abs().amax()
+    into = before.clone()
+    assert kernels.grouped_wgrad(gt, xt, tiles, torch.float32, config=cfg, into=into) is into
+    assert torch.equal(into, before + dw)
+    with pytest.raises(ValueError, match="contiguous FP32"):
+        kernels.grouped_wgrad(gt, xt, tiles, torch.float32, config=cfg, into=before[:, :, :D - 1])
+
+
+@needs_sm90
+@pytest.mark.parametrize("kernel", ["ws", "triton"])
+def test_fp8_experts_add_micro_batches_into_their_grad_to_the_bit(kernel, monkeypatch):
+    """Three micro-batches through the experts' two grouped GEMMs (gate and up as two parts, then w2).
+    With FP8Recipe.accumulate_wgrad the later micro-batches' Wgrads add into each weight's .grad
+    inside the kernel (autograd gets no gradient for them); every .grad equals autograd's accumulation
+    to the bit."""
+    if kernel == "triton":
+        monkeypatch.setattr(kernels, "WGRAD_CONFIG", kernels.TRITON_WGRAD_CONFIG)
+    torch.manual_seed(0)
+    counts = torch.tensor([300, 0, 7, 512])
+    offsets = counts.cumsum(0).to(torch.int32).to(DEV)
+    E, R, d, inter = len(counts), int(counts.sum()), 256, 384
+    weights = [torch.randn(E, inter, d, device=DEV) * 0.05, torch.randn(E, inter, d, device=DEV) * 0.05,
+               torch.randn(E, d, inter, device=DEV) * 0.05]
+    batches = [(torch.randn(R, d, device=DEV), torch.randn(R, d, device=DEV)) for _ in range(3)]
+    real, into_calls = kernels.grouped_wgrad, []
+
+    def counting(*args, **kw):
+        into_calls.append(kw.get("into") is not None)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kernels, "grouped_wgrad", counting)
+
+    def grads(accumulate: bool):
+        recipe = FP8Recipe(accumulate_wgrad=accumulate)
+        w1, w3, w2 = (torch.nn.Parameter(w.clone()) for w in weights)
+        for x, g in batches:
+            h = gpu.fp8_grouped(x.requires_grad_(), offsets, recipe, None, "w13", w1, w3)
+            y = gpu.fp8_grouped(torch.nn.functional.silu(h[:, :inter]) * h[:, inter:], offsets, recipe, None, "w2", w2)
+            y.backward(g)
+        return [w.grad for w in (w1, w3, w2)]
+
+    plain = grads(False)
+    assert not any(into_calls)
+    into_calls.clear()
+    fused = grads(True)
+    # the first micro-batch's three Wgrads go to autograd, the next six add into .grad (the Triton
+    # kernel's path calls grouped_wgrad once more for the product it adds)
+    assert into_calls[:3] == [False] * 3 and into_calls.count(True) == 6
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b)
+
+
 def test_default_grouped_gemm_kernels_spill_no_registers():
     """The experts' default warp-specialised GEMMs (forward/Dgrad and Wgrad), compiled for sm_90a as a
     launch specialises them (benchmarks/kernel_registers.py), spill no registers and keep their wgmmas
@@ -385,7 +455,8 @@ def test_default_grouped_gemm_kernels_spill_no_registers():
         ptx, _, maxnreg = regs.compile_variant(part, cfg, regs.launch_ints(part, cfg, 196608, 2048, 1408, 64))
         return regs.ptxas_report(ptx, maxnreg)
 
-    for part, cfg in (("forward", kernels.WS_GROUPED_CONFIG), ("wgrad", kernels.WS_WGRAD_CONFIG)):
+    for part, cfg in (("forward", kernels.WS_GROUPED_CONFIG), ("wgrad", kernels.WS_WGRAD_CONFIG),
+                      ("wgrad", {**kernels.WS_WGRAD_CONFIG, "ACCUMULATE": True})):
         r = report(part, cfg)
         assert r["registers"] > 0 and r["spill stores"] == 0 and r["spill loads"] == 0, (part, r)
         assert not r["wgmma serialized"], (part, r)

@@ -172,6 +172,7 @@ class TrainConfig:
     fp8_weight_prefetch: bool = True  # fp8, one GPU: quantise the weights right after the optimizer step
     # fp8: fp32 | bf16: the dtype of the norms in front of FP8 GEMMs (fp8.FP8Recipe; this one changes the rounding)
     fp8_norm_output: str = "fp32"
+    fp8_accumulate_wgrad: bool = True  # fp8, GPU: the experts' Wgrad adds into the micro-batches' .grad itself
     adam_moments: str = "fp32"  # fp32 | bf16: AdamW's two moments stored in BF16 (DeepSeek-V3's memory saver)
     cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph, replay it (train/graph.py)
     # data

@@ -37,6 +37,11 @@ Where the tiles' rows start on multiples
 of 128 (the Wgrad), the load warp also copies the K block's 1x128 scales with TMA (SCALE_TMA), so the
 math warpgroups keep no per-column scales or offsets in registers across the loop.
 
+With ACCUMULATE the kernel adds its result into C instead of overwriting it: the TMA store becomes a
+TMA reduce (`cp.reduce.async.bulk.tensor ... .add`, FP32 additions in the memory system, one rounding
+each, as `C += result` makes), the masked stores load, add and store. The experts' Wgrad uses it to add
+a micro-batch's weight gradient into the .grad of the micro-batches before (fp8.gpu.grad_to_accumulate).
+
 PROMOTE=False is a speed probe only: it accumulates across K blocks in the tensor core without any
 scales (wrong results), to measure what the promotion costs (docs/fp8.md).
 """
@@ -45,10 +50,12 @@ from __future__ import annotations
 
 import functools
 
+from triton._C.libtriton import ir as _ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton_launch import launch as launch_kernel
@@ -57,6 +64,14 @@ from .gluon_quant import _segment_of
 BLOCK_K = gl.constexpr(128)
 HALF_N = gl.constexpr(128)  # columns per wgmma (a 256-column tile runs two)
 WG_ROWS = gl.constexpr(64)  # rows of the tile per math warpgroup (wgmma's M is 64 per warpgroup)
+
+
+@builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """Asynchronously add the shared-memory tile src into global memory at coord (a TMA reduce; like
+    tma.async_copy_shared_to_global, completed for src's reuse by tma.store_wait)."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
 
 
 @gluon.jit
@@ -188,7 +203,8 @@ def _promote(acc, pv, sa, sone, sb_base, kb, sb_sk, sb_sn, n0, N, sb_bufs, s, h:
 
 
 @gluon.jit
-def _store_half(c_ptr, acc, r0, g64, offs_n, mask_m, mask_n, stride_cg, stride_cm, GROUP_K: gl.constexpr):
+def _store_half(c_ptr, acc, r0, g64, offs_n, mask_m, mask_n, stride_cg, stride_cm, GROUP_K: gl.constexpr,
+                ACCUMULATE: gl.constexpr):
     row_l: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     c_base = c_ptr + r0.to(gl.int64) * stride_cm
     if GROUP_K:
@@ -196,24 +212,27 @@ def _store_half(c_ptr, acc, r0, g64, offs_n, mask_m, mask_n, stride_cg, stride_c
     rows = gl.arange(0, WG_ROWS, layout=row_l)
     c_ptrs = c_base + gl.expand_dims(rows, 1) * stride_cm + gl.expand_dims(offs_n, 0)
     mask = gl.expand_dims(mask_m, 1) & gl.expand_dims(mask_n, 0)
-    gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    vals = acc.to(c_ptr.dtype.element_ty)
+    if ACCUMULATE:
+        vals += gl.load(c_ptrs, mask=mask)
+    gl.store(c_ptrs, vals, mask=mask)
 
 
 @gluon.jit
 def _store_tile(c_ptr, acc0, acc1, r0, g64, off_n, mask_m, N, stride_cg, stride_cm, GROUP_K: gl.constexpr,
-                NH: gl.constexpr):
+                NH: gl.constexpr, ACCUMULATE: gl.constexpr):
     """The warpgroup's rows of the tile, one or two 128-column halves, with masked stores."""
     col_l: gl.constexpr = gl.SliceLayout(0, acc0.type.layout)
     offs_n0 = off_n + gl.arange(0, HALF_N, layout=col_l)
-    _store_half(c_ptr, acc0, r0, g64, offs_n0, mask_m, offs_n0 < N, stride_cg, stride_cm, GROUP_K)
+    _store_half(c_ptr, acc0, r0, g64, offs_n0, mask_m, offs_n0 < N, stride_cg, stride_cm, GROUP_K, ACCUMULATE)
     if NH == 2:
         offs_n1 = offs_n0 + HALF_N
-        _store_half(c_ptr, acc1, r0, g64, offs_n1, mask_m, offs_n1 < N, stride_cg, stride_cm, GROUP_K)
+        _store_half(c_ptr, acc1, r0, g64, offs_n1, mask_m, offs_n1 < N, stride_cg, stride_cm, GROUP_K, ACCUMULATE)
 
 
 @gluon.jit
 def _store_rows_from_smem(c_ptr, c_bufs, buf, r0, row_end, g64, off_n, N, stride_cg, stride_cm,
-                          GROUP_K: gl.constexpr, NH: gl.constexpr):
+                          GROUP_K: gl.constexpr, NH: gl.constexpr, ACCUMULATE: gl.constexpr):
     """Rows [r0, row_end) of the warpgroup's C tile, staged in c_bufs[buf (+ 1)], with masked stores
     (8 consecutive columns per thread)."""
     lay: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
@@ -226,7 +245,10 @@ def _store_rows_from_smem(c_ptr, c_bufs, buf, r0, row_end, g64, off_n, N, stride
     for h in gl.static_range(NH):
         n = off_n + h * HALF_N + cols
         vals = c_bufs.index(buf + h).load(lay)
-        gl.store(base + gl.expand_dims(n, 0), vals, mask=mask_m & gl.expand_dims(n < N, 0))
+        mask = mask_m & gl.expand_dims(n < N, 0)
+        if ACCUMULATE:
+            vals += gl.load(base + gl.expand_dims(n, 0), mask=mask)
+        gl.store(base + gl.expand_dims(n, 0), vals, mask=mask)
 
 
 @gluon.jit
@@ -299,7 +321,8 @@ def _math_partition(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_pt
                     sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, c_desc, c_bufs, turn,
                     WG: gl.constexpr, B_BLOCK: gl.constexpr, FOLD: gl.constexpr, GROUP_M_ROWS: gl.constexpr,
                     GROUP_K: gl.constexpr, GROUP_M: gl.constexpr, G_P2: gl.constexpr, PROMOTE: gl.constexpr,
-                    SCALE_TMA: gl.constexpr, STORE_TMA: gl.constexpr, TURN: gl.constexpr, PIPE: gl.constexpr):
+                    SCALE_TMA: gl.constexpr, STORE_TMA: gl.constexpr, TURN: gl.constexpr, PIPE: gl.constexpr,
+                    ACCUMULATE: gl.constexpr):
     """The tile's rows [64 WG, 64 WG + 64), in one or two 128-column halves. With two halves (a 256-column
     tile) the halves' MMAs run one after the other: 2 x 64 accumulator registers plus one 64-register
     partial, where issuing both at once would need 256."""
@@ -403,14 +426,20 @@ def _math_partition(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_pt
                     if GROUP_K:
                         crow += g * (stride_cg // stride_cm)  # c viewed as [groups x M, N]
                     fence_async_shared()
-                    tma.async_copy_shared_to_global(c_desc, [crow, off_n], c_bufs.index(buf))
-                    if NH == 2:
-                        tma.async_copy_shared_to_global(c_desc, [crow, off_n + HALF_N], c_bufs.index(buf + 1))
+                    if ACCUMULATE:
+                        _tma_reduce_add(c_desc, [crow, off_n], c_bufs.index(buf))
+                        if NH == 2:
+                            _tma_reduce_add(c_desc, [crow, off_n + HALF_N], c_bufs.index(buf + 1))
+                    else:
+                        tma.async_copy_shared_to_global(c_desc, [crow, off_n], c_bufs.index(buf))
+                        if NH == 2:
+                            tma.async_copy_shared_to_global(c_desc, [crow, off_n + HALF_N], c_bufs.index(buf + 1))
                 else:
                     _store_rows_from_smem(c_ptr, c_bufs, buf, r0, row_end, g64, off_n, N, stride_cg, stride_cm,
-                                          GROUP_K, NH)
+                                          GROUP_K, NH, ACCUMULATE)
             else:
-                _store_tile(c_ptr, acc0, acc1, r0, g64, off_n, mask_m, N, stride_cg, stride_cm, GROUP_K, NH)
+                _store_tile(c_ptr, acc0, acc1, r0, g64, off_n, mask_m, N, stride_cg, stride_cm, GROUP_K, NH,
+                            ACCUMULATE)
     if STORE_TMA:
         tma.store_wait(0)
 
@@ -425,6 +454,7 @@ def _ws_gemm_kernel(
     GROUP_M: gl.constexpr, STAGES: gl.constexpr, FOLD: gl.constexpr, SCALE_TMA: gl.constexpr,
     MATH_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, num_warps: gl.constexpr, PROMOTE: gl.constexpr = True,
     STORE_TMA: gl.constexpr = False, TURN: gl.constexpr = 0, PIPE: gl.constexpr = False,
+    ACCUMULATE: gl.constexpr = False,
 ):
     """Persistent: program p runs tiles p, p + programs, ... (see _tile). sa_desc / sb_desc: TMA
     descriptors of the 1x128 scale tables, used with SCALE_TMA (see `launch`)."""
@@ -453,11 +483,13 @@ def _ws_gemm_kernel(
         (_math_partition, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr,
                            offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
                            sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, c_desc, c_bufs, turn, 0, B_BLOCK, FOLD,
-                           GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA, STORE_TMA, TURN, PIPE)),
+                           GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA, STORE_TMA, TURN, PIPE,
+                           ACCUMULATE)),
         (_math_partition, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, tiles_ptr,
                            offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles, stride_cg, stride_cm,
                            sa_sm, sa_sk, sb_sg, sb_sn, sb_sk, c_desc, c_bufs, turn, 1, B_BLOCK, FOLD,
-                           GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA, STORE_TMA, TURN, PIPE)),
+                           GROUP_M_ROWS, GROUP_K, GROUP_M, G_P2, PROMOTE, SCALE_TMA, STORE_TMA, TURN, PIPE,
+                           ACCUMULATE)),
         (_load_partition, (a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty,
                            tiles_ptr, offs_ptr, n_groups, M, N, KB, b_group_rows, tiles_mn, n_tiles,
                            GROUP_M, G_P2, GROUP_M_ROWS, GROUP_K, B_BLOCK, SCALE_TMA)),

@@ -173,6 +173,32 @@ def _segments(groups, rows: int) -> tuple:
     return tiles, groups.offsets, -(-rows // BLOCK) + tiles.numel()
 
 
+def grad_to_accumulate(w: torch.Tensor, owner=None) -> torch.Tensor | None:
+    """Called in a backward: w.grad, where a Wgrad kernel may add a micro-batch's gradient into it in
+    place and hand autograd no gradient for w. That is where autograd would do just that: w is a leaf
+    Parameter whose .grad exists as a plain contiguous FP32 tensor of w's shape, with no hooks that
+    autograd's own accumulation would run; this backward writes w.grad (a .backward() that includes
+    w, not torch.autograd.grad, which captures gradients instead, as the zero-bubble pipeline
+    schedules do for their weight pass) and builds no graph (no create_graph); and w's module (owner)
+    is not sharded by FSDP (whose gradient handling runs on its own hooks). Else None: the gradient
+    goes back to autograd."""
+    if not (isinstance(w, torch.nn.Parameter) and w.is_leaf and w.requires_grad) or torch.is_grad_enabled():
+        return None
+    try:
+        if not torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(w).node):
+            return None  # .backward(inputs=...) without w
+    except RuntimeError:  # torch.autograd.grad(), or not inside a backward at all
+        return None
+    g = w.grad
+    if (g is None or type(g) is not torch.Tensor or g.dtype != torch.float32 or g.shape != w.shape
+            or not g.is_contiguous() or g.device != w.device or w._backward_hooks
+            or getattr(w, "_post_accumulate_grad_hooks", None)):
+        return None
+    if owner is not None and type(owner).__name__.startswith("FSDP"):  # fully_shard's FSDP<Module> classes
+        return None
+    return g
+
+
 class FP8GroupedGPUFn(torch.autograd.Function):
     """Rows x[offsets[e-1]:offsets[e]] times the experts' weights in FP8 (see _FP8GroupedFn): ws are
     parts [E, out_i, in] stacked along out at quant.part_starts into one grouped GEMM. offsets: the
@@ -208,6 +234,7 @@ class FP8GroupedGPUFn(torch.autograd.Function):
             ctx.save_for_backward(x)
         ctx.parts = list(zip(part_starts([w.shape[1] for w in ws]), [w.shape[1] for w in ws], [w.dtype for w in ws]))
         ctx.wt, ctx.groups, ctx.recipe, ctx.x_dtype, ctx.spread = wt, groups, recipe, x.dtype, spread
+        ctx.ws, ctx.owner = (ws, owner) if recipe.accumulate_wgrad else ((None,) * len(ws), None)
         ctx.combine = ctx.y = None
         if combine is not None:
             order, inverse, k = combine
@@ -242,9 +269,13 @@ class FP8GroupedGPUFn(torch.autograd.Function):
             if xt is None:  # [in, tokens]
                 _, xt = quant_operands(ctx.saved_tensors[0], p2, rows=False, cols=True, segments=seg,
                                        index=spread[0] if spread is not None else None)
-            # one Wgrad per part, each written straight into its own [E, out_i, in] gradient
-            dws = [grouped_wgrad(gt.row_slice(r0, n), xt, seg[0], out_dtype=dt) for r0, n, dt in ctx.parts]
-        ctx.xt = ctx.wt = ctx.seg = ctx.groups = ctx.spread = ctx.combine = ctx.y = None
+            # one Wgrad per part, each written straight into its own [E, out_i, in] gradient, or added
+            # into the part's .grad from earlier micro-batches (then autograd gets None for it)
+            for i, ((r0, n, dt), w) in enumerate(zip(ctx.parts, ctx.ws)):
+                into = grad_to_accumulate(w, ctx.owner) if w is not None else None
+                dw = grouped_wgrad(gt.row_slice(r0, n), xt, seg[0], out_dtype=dt, into=into)
+                dws[i] = dw if into is None else None
+        ctx.xt = ctx.wt = ctx.seg = ctx.groups = ctx.spread = ctx.combine = ctx.y = ctx.ws = ctx.owner = None
         return (dx, d_gate, None, None, None, None, None, None, *dws)
 
 

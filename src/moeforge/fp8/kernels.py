@@ -807,15 +807,27 @@ def grouped_gemm(a: Operand, b: Operand, offsets: "torch.Tensor | Groups", out_d
 
 
 def grouped_wgrad(gt: Operand, xt: Operand, tiles: torch.Tensor, out_dtype: torch.dtype,
-                  config: dict | None = None) -> torch.Tensor:
-    """dW[g] = gt_hat[:, group g's tiles] @ xt_hat[:, group g's tiles]^T -> [G, gt.rows, xt.rows]."""
+                  config: dict | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+    """dW[g] = gt_hat[:, group g's tiles] @ xt_hat[:, group g's tiles]^T -> [G, gt.rows, xt.rows].
+
+    into: an FP32 [G, gt.rows, xt.rows] contiguous tensor (an earlier micro-batch's gradient) that dW
+    is added into and returned: the warp-specialised kernel adds each tile as it stores it (no dW
+    tensor in memory), the Triton kernel's dW is added after. Either way each element is
+    into + dW, rounded once."""
     cfg = dict(WGRAD_CONFIG if config is None else config)
     G = tiles.numel()
     M, N = gt.rows, xt.rows
-    out = torch.empty(G, M, N, dtype=out_dtype, device=gt.q.device)
+    if into is not None:
+        if into.shape != (G, M, N) or into.dtype != torch.float32 or not into.is_contiguous() or out_dtype != into.dtype:
+            raise ValueError(f"grouped_wgrad: into must be a contiguous FP32 [{G}, {M}, {N}] tensor and out_dtype "
+                             f"FP32, got {into.dtype} {tuple(into.shape)} and {out_dtype}")
+        if cfg.get("KERNEL") != "ws":
+            return into.add_(grouped_wgrad(gt, xt, tiles, out_dtype, config))
+    out = torch.empty(G, M, N, dtype=out_dtype, device=gt.q.device) if into is None else into
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), G)
     _run_gemm(grid, gt.q, xt.q, cfg, out, gt.s_store, xt.s_store, tiles, tiles, G,
               M, N, 0, 0, out.stride(0), out.stride(1),
               gt.s_store.stride(1), gt.s_store.stride(0), 0, xt.s_store.stride(1), xt.s_store.stride(0),
-              B_BLOCK=False, GROUP_M_ROWS=False, GROUP_K=True, G_P2=2)
+              B_BLOCK=False, GROUP_M_ROWS=False, GROUP_K=True, G_P2=2,
+              **({"ACCUMULATE": True} if into is not None else {}))
     return out

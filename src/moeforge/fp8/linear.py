@@ -41,6 +41,10 @@ class FP8Recipe:
     # FP32) or "bf16" (autocast's: half the bytes, 0.7% faster on the bench preset, and a larger loss
     # gap to BF16 on the tiny preset; docs/fp8.md)
     norm_output: str = "fp32"
+    # on the GPU, the routed experts' Wgrad kernel adds a micro-batch's weight gradient into the FP32
+    # .grad that earlier micro-batches left (gradient accumulation fused into the GEMM: no gradient
+    # tensor of its own, no separate addition); the same numbers as autograd's accumulation
+    accumulate_wgrad: bool = True
 
     def __post_init__(self):
         if self.norm_output not in ("fp32", "bf16"):

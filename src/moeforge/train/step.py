@@ -213,7 +213,8 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     """
     model = build_model(cfg.model, "meta")  # (callers check_memory first, for one process)
     if precision == "fp8":  # swaps module classes only: parameters and their names stay the same
-        convert_to_fp8(model, FP8Recipe(norm_output=cfg.train.fp8_norm_output))
+        convert_to_fp8(model, FP8Recipe(norm_output=cfg.train.fp8_norm_output,
+                                         accumulate_wgrad=cfg.train.fp8_accumulate_wgrad))
     t = cfg.train
     apply_recompute(model, t.recompute_parts)  # wraps block forwards / marks parts: no parameters touched
     set_loss_chunk(model, t.loss_chunk)
