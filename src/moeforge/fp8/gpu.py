@@ -184,17 +184,17 @@ def grad_to_accumulate(w: torch.Tensor, owner=None) -> torch.Tensor | None:
     goes back to autograd."""
     if not (isinstance(w, torch.nn.Parameter) and w.is_leaf and w.requires_grad) or torch.is_grad_enabled():
         return None
-    try:
-        if not torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(w).node):
-            return None  # .backward(inputs=...) without w
-    except RuntimeError:  # torch.autograd.grad(), or not inside a backward at all
-        return None
     g = w.grad
     if (g is None or type(g) is not torch.Tensor or g.dtype != torch.float32 or g.shape != w.shape
             or not g.is_contiguous() or g.device != w.device or w._backward_hooks
             or getattr(w, "_post_accumulate_grad_hooks", None)):
         return None
     if owner is not None and type(owner).__name__.startswith("FSDP"):  # fully_shard's FSDP<Module> classes
+        return None
+    try:
+        if not torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(w).node):
+            return None  # .backward(inputs=...) without w
+    except RuntimeError:  # torch.autograd.grad(), or not inside a backward at all
         return None
     return g
 
