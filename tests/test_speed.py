@@ -241,6 +241,16 @@ def test_bench_cli_reports_and_compares_with_transformers(cli, tmp_path):
     assert sum(v for k, v in split.items() if k != "total") == pytest.approx(split["total"], rel=0.05)
 
 
+def test_bench_header_names_the_micro_batches(cli):
+    """A step of several micro-batches (gradient accumulation) says so in the report's first line."""
+    r = cli("bench", *BENCH_TINY[:-1], "4", "--no-split", "train.micro_batch_size=2")
+    assert r.rc == 0, r.err
+    assert "bench: 4 x 32 tokens per step (2 micro-batches of 2)," in r.out
+    r = cli("bench", *BENCH_TINY, "--no-split")
+    assert r.rc == 0, r.err
+    assert "bench: 2 x 32 tokens per step, precision" in r.out
+
+
 def test_compile_is_refused_with_expert_parallelism():
     """Regional compilation with ep > 1 recompiles every step (the all-to-all splits each block and
     the token counts change): a one-line error, also for the bench preset, which compiles by default."""

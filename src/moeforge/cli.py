@@ -431,7 +431,9 @@ def _bench(args, cfg, pctx) -> int:
     layout = (f" | {pctx.world_size} ranks = dp {pctx.dp} x ep {pctx.ep}, sharding {pctx.sharding}"
               if pctx is not None else "")
     print_ = print if main_rank else (lambda *a, **k: None)  # rank 0 reports
-    print_(f"bench: {t.batch_size} x {t.seq_len} tokens per step, precision {resolve_precision(t.precision, device)}, "
+    n_micro = t.batch_size // t.micro_batch
+    accumulated = f" ({n_micro} micro-batches of {t.micro_batch})" if n_micro > 1 else ""
+    print_(f"bench: {t.batch_size} x {t.seq_len} tokens per step{accumulated}, precision {resolve_precision(t.precision, device)}, "
            f"compile {t.compile}{', cuda_graph True' if t.cuda_graph else ''}, recompute {t.recompute or 'none'}, "
            f"loss_chunk {t.loss_chunk}, device {device}{layout} | "
            f"{bench.describe_peak(device)}", flush=True)
