@@ -649,3 +649,15 @@ def test_grad_to_accumulate_only_where_autograd_would_do_nothing_else():
     assert probe(hooked) is None
     FSDPExperts = type("FSDPExperts", (torch.nn.Module,), {})  # the class name fully_shard gives a module
     assert probe(param(), owner=FSDPExperts()) is None
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_train_fp8_accumulate_wgrad_reaches_the_experts_recipe(value):
+    """train.fp8_accumulate_wgrad is the recipe's accumulate_wgrad in the model the trainer builds."""
+    from moeforge.config import load_config
+    from moeforge.train.step import build_train_model
+
+    cfg = load_config("tiny", overrides=[f"train.fp8_accumulate_wgrad={str(value).lower()}"])
+    model = build_train_model(cfg, torch.device("cpu"), "fp8", None)
+    experts = [m for m in model.modules() if isinstance(m, FP8Experts)]
+    assert experts and all(m.recipe.accumulate_wgrad is value for m in experts)
