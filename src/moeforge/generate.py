@@ -17,6 +17,7 @@ from .errors import MoeforgeError
 from .model.layers import compute_dtype
 from .model.transformer import Transformer
 
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """logits: [B, V] -> token ids [B]. temperature 0 is greedy; top_p keeps the smallest nucleus."""
     if temperature <= 0:

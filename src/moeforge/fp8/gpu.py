@@ -234,7 +234,7 @@ class FP8GroupedGPUFn(torch.autograd.Function):
             ctx.save_for_backward(x)
         ctx.parts = list(zip(part_starts([w.shape[1] for w in ws]), [w.shape[1] for w in ws], [w.dtype for w in ws]))
         ctx.wt, ctx.groups, ctx.recipe, ctx.x_dtype, ctx.spread = wt, groups, recipe, x.dtype, spread
-        ctx.ws, ctx.owner = (ws, owner) if recipe.accumulate_wgrad else ((None,) * len(ws), None)
+        ctx.ws, ctx.owner = ws, owner  # (recipe.accumulate_wgrad: grad_to_accumulate's weights)
         ctx.combine = ctx.y = None
         if combine is not None:
             order, inverse, k = combine
@@ -272,7 +272,7 @@ class FP8GroupedGPUFn(torch.autograd.Function):
             # one Wgrad per part, each written straight into its own [E, out_i, in] gradient, or added
             # into the part's .grad from earlier micro-batches (then autograd gets None for it)
             for i, ((r0, n, dt), w) in enumerate(zip(ctx.parts, ctx.ws)):
-                into = grad_to_accumulate(w, ctx.owner) if w is not None else None
+                into = grad_to_accumulate(w, ctx.owner) if ctx.recipe.accumulate_wgrad else None
                 dw = grouped_wgrad(gt.row_slice(r0, n), xt, seg[0], out_dtype=dt, into=into)
                 dws[i] = dw if into is None else None
         ctx.xt = ctx.wt = ctx.seg = ctx.groups = ctx.spread = ctx.combine = ctx.y = ctx.ws = ctx.owner = None
