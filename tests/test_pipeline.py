@@ -17,6 +17,8 @@ What the multi-process tests compare, and with what tolerance:
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 
 import pytest
@@ -75,6 +77,10 @@ def test_mtp_embedding_mode_follows_placement():
     assert mtp_mode(mc(4), pc(2)) == "forwarded"
     assert mtp_mode(mc(4), pc(2, "interleaved1f1b")) == "forwarded"
     assert mtp_mode(mc(4, mtp=0), pc(2)) == "none"
+    # FSDP inside the stages: every stage module is an FSDP root, and the embedding can have one only
+    for sharding in ("zero2", "full"):
+        assert mtp_mode(mc(4), dataclasses.replace(pc(2, "dualpipev"), sharding=sharding)) == "forwarded"
+    assert mtp_mode(mc(4), dataclasses.replace(pc(2, "dualpipev"), sharding="zero1")) == "shared"
 
 
 def one_line_error(fn, *fragments):

@@ -6,7 +6,9 @@
 - Every rank writes its stages' pieces with torch.distributed.checkpoint: one process reads them
   all back (model and AdamW moments, under the single model's names) with logits close to the
   single-process run's.
-- PP=2 x EP=2 (4 processes): the same comparison, each stage's experts split over 2 ranks.
+- PP=2 x EP=2 (4 processes): the same comparison, each stage's experts split over 2 ranks; and with
+  each stage's AdamW state partitioned (ZeRO-1) or its parameters sharded by FSDP2 (zero2, full)
+  over the stage's data ranks.
 - `torchrun -m moeforge train ... parallel.pp=2 parallel.schedule=dualpipev`: rank 0 writes the
   metrics, the final validation and a sample (from a single-device copy of the gathered model).
 """
@@ -86,6 +88,10 @@ LAYOUTS = {  # name: (processes, parallel overrides)
     "1f1b_ep2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.schedule=1f1b"]),
     # DeepSeek-V3's combination: pipeline stages whose AdamW state is partitioned over their data ranks
     "1f1b_dp2_zero1": (4, ["parallel.pp=2", "parallel.sharding=zero1", "parallel.schedule=1f1b"]),
+    # FSDP2 inside each stage: parameters, gradients and AdamW state sharded over the stage's data ranks
+    "1f1b_dp2_full": (4, ["parallel.pp=2", "parallel.sharding=full", "parallel.schedule=1f1b"]),
+    "dualpipev_ep2_zero2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.sharding=zero2",
+                                "parallel.schedule=dualpipev"]),
 }
 
 
@@ -122,7 +128,8 @@ def test_pipeline_trainer_matches_single_process(schedule, reference, data_dir, 
         logits = model(fixed_tokens(mcfg.model.vocab_size))
         ref_logits = ref_model(fixed_tokens(mcfg.model.vocab_size))
     torch.testing.assert_close(logits, ref_logits, rtol=1e-3, atol=1e-3)
-    if schedule == "1f1b_dp2_zero1":  # resume: each owner reads back its moments; the next step is one process's
+    if schedule in ("1f1b_dp2_zero1", "1f1b_dp2_full"):  # resume: each rank reads back its moments (ZeRO-1: the
+        # ones it owns; FSDP: its shards); the next step is one process's
         import shutil
 
         ref_out = tmp_path / "ref_copy"
@@ -201,7 +208,7 @@ def test_torchrun_cli_pp2_dualpipev(reference, data_dir, mf_cache_dir, tmp_path)
 
 
 def test_pipeline_layouts_the_trainer_refuses():
-    """pp with FSDP sharding, and too few micro-batches: clear errors."""
+    """Too few micro-batches and document masking with pp: clear errors; FSDP sharding is accepted."""
     from types import SimpleNamespace
 
     from moeforge.errors import MoeforgeError
@@ -214,6 +221,14 @@ def test_pipeline_layouts_the_trainer_refuses():
     with pytest.raises(MoeforgeError, match="fewer than the 4 pipeline stages"):
         check_pipeline_layout(cfg, SimpleNamespace(pp=2, dp=1, ep=1))
     cfg.train.micro_batch_size = 2
-    cfg.parallel.sharding = "zero2"
-    with pytest.raises(MoeforgeError, match="sharding"):
+    cfg.train.document_mask = True
+    with pytest.raises(MoeforgeError, match="document_mask"):
         check_pipeline_layout(cfg, SimpleNamespace(pp=2, dp=1, ep=1))
+    cfg.train.document_mask = False
+    cfg.parallel.sharding = "zero2"  # FSDP inside the stages: accepted
+    check_pipeline_layout(cfg, SimpleNamespace(pp=2, dp=2, ep=1))
+    cfg.parallel.sharding = "full"  # resharded after forward: not with dualpipev's split backward
+    with pytest.raises(MoeforgeError, match="sharding=full: not supported with parallel.schedule=dualpipev"):
+        check_pipeline_layout(cfg, SimpleNamespace(pp=2, dp=2, ep=1))
+    cfg.parallel.schedule = "1f1b"
+    check_pipeline_layout(cfg, SimpleNamespace(pp=2, dp=2, ep=1))

@@ -134,7 +134,8 @@ def test_plan_command(cli):
     (["--gpus", "3", "parallel.ep=2"], ["does not divide the world size 3"]),
     (["--tokens", "lots"], ["--tokens", "14.8T"]),
     (["--tokens", "1B", "--mfu", "2"], ["--mfu"]),
-    (["--gpus", "2", "parallel.pp=2", "parallel.sharding=full", "train.optimizer=adamw"], ["pp > 1"]),
+    (["--gpus", "2", "parallel.pp=2", "parallel.sharding=full", "parallel.schedule=dualpipev", "train.optimizer=adamw"],
+     ["sharding=full: not supported with parallel.schedule=dualpipev", "zero2"]),
     (["--gpu-memory", "0"], ["--gpu-memory"]),
 ])
 def test_plan_command_bad_input(cli, expect_error, argv, fragments):

@@ -156,27 +156,63 @@ def apply_fsdp(model: nn.Module, ctx, bf16: bool) -> nn.Module:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    from ..model.moe import MoE
-
     reshard = ctx.sharding == "full"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    dp_ep = ctx.dp_ep_mesh
+    sharded = _shard_units(model, [*model.layers, *model.mtp], ctx, reshard, mp)
+    sharded.append(fully_shard(model, mesh=ctx.dp_ep_mesh, reshard_after_forward=reshard, mp_policy=mp))
+    _sum_reductions_on_cpu(sharded, ctx)
+    # The trainer calls model.losses(...), not model(...): give it FSDP's pre/post-forward hooks.
+    register_fsdp_forward_method(model, "losses")
+    return model
+
+
+def apply_fsdp_stages(stage_modules: list[nn.Module], ctx) -> None:
+    """FSDP2 for the pipeline stages of this rank (parallel.sharding=zero2|full with pp > 1), over the
+    stage's data ranks as apply_fsdp does: each block and MTP module a unit (its routed experts one
+    of their own), and each StageModule the root of its stage, holding what is left (the embedding;
+    the final norm and the head). torch's pipeline schedules drive FSDP through the root: gradients
+    accumulate unsharded over the micro-batches and are reduce-scattered once, after the last one.
+
+    The root keeps its parameters gathered from its forward to the end of its backward (FSDP's own
+    choice for a root), which the head needs: the pipeline's loss calls it after the stage's
+    forward. Parameters stay FP32 (no BF16 all-gathers): the stages send the residual stream in its
+    own dtype, and autocast does the BF16 arithmetic as it does without FSDP.
+    Call after apply_expert_parallel and before to_empty."""
+    if ctx is None or ctx.sharding in ("none", "zero1"):
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    reshard, mp, sharded = ctx.sharding == "full", MixedPrecisionPolicy(), []
+    for stage in stage_modules:
+        units = [*stage.layers.values(), *(stage.mtp if getattr(stage, "mtp", None) is not None else ())]
+        sharded += _shard_units(stage, units, ctx, reshard, mp)
+        sharded.append(fully_shard(stage, mesh=ctx.dp_ep_mesh, reshard_after_forward=False, mp_policy=mp))
+    _sum_reductions_on_cpu(sharded, ctx)
+
+
+def _shard_units(root: nn.Module, units: list[nn.Module], ctx, reshard: bool, mp) -> list[nn.Module]:
+    """fully_shard the routed experts under `root` over dp, then each of `units` over dp x ep; returns
+    the FSDP modules whose reductions communicate."""
+    from torch.distributed.fsdp import fully_shard
+
+    from ..model.moe import MoE
+
     sharded = []
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+    for moe in (m for m in root.modules() if isinstance(m, MoE)):
         fully_shard(moe.experts, mesh=ctx.mesh["dp"], reshard_after_forward=reshard, mp_policy=mp)
         moe.experts.set_gradient_divide_factor(float(ctx.data_ranks))
         if ctx.dp > 1:  # (with one rank FSDP divides once without communicating; forcing SUM divides twice)
             sharded.append(moe.experts)
-    for block in [*model.layers, *model.mtp]:
-        sharded.append(fully_shard(block, mesh=dp_ep, reshard_after_forward=reshard, mp_policy=mp))
-    sharded.append(fully_shard(model, mesh=dp_ep, reshard_after_forward=reshard, mp_policy=mp))
+    for unit in units:
+        sharded.append(fully_shard(unit, mesh=ctx.dp_ep_mesh, reshard_after_forward=reshard, mp_policy=mp))
+    return sharded
+
+
+def _sum_reductions_on_cpu(sharded: list[nn.Module], ctx) -> None:
     if ctx.device.type == "cpu":
         # gloo has neither ReduceOp.AVG nor PREMUL_SUM: reduce-scatter with SUM, then divide.
         for module in sharded:
             module.set_force_sum_reduction_for_comms(True)
-    # The trainer calls model.losses(...), not model(...): give it FSDP's pre/post-forward hooks.
-    register_fsdp_forward_method(model, "losses")
-    return model
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

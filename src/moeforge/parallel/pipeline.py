@@ -147,9 +147,13 @@ def validate_micro_batches(pcfg: ParallelConfig, n_micro: int) -> None:
 
 
 def mtp_mode(cfg: ModelConfig, pcfg: ParallelConfig) -> str:
-    """'none' (no MTP), 'shared' (first and last stage on one rank) or 'forwarded' (see module doc)."""
+    """'none' (no MTP), 'shared' (first and last stage on one rank) or 'forwarded' (see module doc).
+    Under FSDP sharding (zero2, full) always 'forwarded': each stage module is the root of its own
+    FSDP tree, and one module (the embedding) cannot belong to two of them."""
     if cfg.num_nextn_predict_layers == 0:
         return "none"
+    if pcfg.sharding in ("zero2", "full"):
+        return "forwarded"
     return "shared" if stage_rank(0, pcfg) == stage_rank(num_stages(pcfg) - 1, pcfg) else "forwarded"
 
 

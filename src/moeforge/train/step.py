@@ -253,10 +253,14 @@ def shard_model(model: torch.nn.Module, pctx, device: torch.device, precision: s
 
 
 def check_pipeline_sharding(pcfg) -> None:
-    """Pipeline stages keep whole parameters: no FSDP sharding with parallel.pp > 1."""
-    if pcfg.pp > 1 and pcfg.sharding not in ("none", "zero1"):
-        raise MoeforgeError(f"parallel.sharding={pcfg.sharding}: not supported with parallel.pp > 1 "
-                            f"(none and zero1 are)")
+    """FSDP inside pipeline stages: parallel.sharding=full (parameters gathered again for backward)
+    only with the schedules that run each backward whole. zbv and dualpipev split a backward into
+    its input and weight gradients, and torch's stages (2.11-2.13) look up the weights for the second
+    part among the stage's parameters as they are then, resharded, not the gathered ones the forward
+    used: those micro-batches' weight gradients would be lost."""
+    if pcfg.pp > 1 and pcfg.sharding == "full" and pcfg.schedule in pipeline.V_SCHEDULES:
+        raise MoeforgeError(f"parallel.sharding=full: not supported with parallel.schedule={pcfg.schedule} "
+                            f"(split backward); use parallel.sharding=zero2, or schedule 1f1b or interleaved1f1b")
 
 
 def check_pipeline_layout(cfg: Config, pctx) -> None:
@@ -271,10 +275,12 @@ def check_pipeline_layout(cfg: Config, pctx) -> None:
 
 def split_train_pipeline(model, cfg: Config, pctx, precision: str, device: torch.device):
     """This rank's pipeline stages of the meta-device `model` (build_train_model), with memory and the
-    single-process initial weights for them alone, and the schedule factory (parallel/pipeline.py).
-    The rest of `model` stays on the meta device."""
+    single-process initial weights for them alone (sharded by FSDP2 inside each stage under
+    parallel.sharding=zero2|full), and the schedule factory (parallel/pipeline.py). The rest of
+    `model` stays on the meta device."""
     stages, factory = pipeline.split_pipeline(model, cfg.parallel, pctx, micro_batch=cfg.train.micro_batch // pctx.data_ranks,
                                               seq_len=cfg.train.seq_len, amp_dtype=amp_dtype(device, precision))
+    parallel.apply_fsdp_stages([st.submod for st in stages], pctx)  # (sharding=zero2|full; before to_empty)
     pipeline.stage_modules(stages).to_empty(device=device)  # the stages share the model's modules
     parallel.load_full_state_dict(model, initial_values(cfg.model, zero=cfg.train.zero_init_parts), pctx, owned=set(pipeline.stage_state_dict(stages)))
     for moe in pipeline.moe_layers(stages).values():
