@@ -6,6 +6,9 @@
   its gradient reaches the final hidden state only at those positions (never at a prompt position or
   the padding);
 - an example's loss is the same alone and padded in a batch with a longer one;
+- packing (--pack N): every example once, whole, in rows of N with its own document number; a packed
+  batch's loss and gradients equal the padded batch's within rounding (and differ without the
+  document mask); a packed run fine-tunes end to end through the command;
 - bad data and settings end as one-line errors naming the file and line, with nothing written;
 - the arithmetic generator is deterministic, and every worked step and answer it writes is right;
 - end to end: 40 steps on 180 generated examples lower the held-out response loss of a
@@ -34,7 +37,7 @@ from moeforge.errors import MoeforgeError
 from moeforge.model import build_model
 from moeforge.model.mtp import IGNORE_INDEX
 from moeforge.posttrain.settings import SFTSettings
-from moeforge.posttrain.sft import Example, collate, response_loss, train_sft, write_examples
+from moeforge.posttrain.sft import Example, collate, pack, response_loss, train_sft, write_examples
 from moeforge.posttrain.tasks import THINK_END, THINK_START, Arithmetic
 from moeforge.train import checkpoint as ckpt
 
@@ -103,6 +106,64 @@ def test_padding_does_not_change_an_example_loss(model):
     assert n == 13
 
 
+def test_pack_places_every_example_once():
+    I = IGNORE_INDEX
+    a = Example(1, [11, 12], [21, 0])  # 3 positions
+    b = Example(2, [13], [22, 23, 24, 25, 0])  # 5
+    c = Example(3, [14, 15, 16], [26, 0])  # 4
+    d = Example(4, [17], [0])  # 1
+    inputs, targets, doc_ids = pack([a, b, c, d], length=8, pad_id=0)
+    # longest first, first fit: b (5) then a (3) fill row 0; c (4) opens row 1, d (1) follows it
+    assert inputs.tolist() == [[13, 22, 23, 24, 25, 11, 12, 21], [14, 15, 16, 26, 17, 0, 0, 0]]
+    assert targets.tolist() == [[22, 23, 24, 25, 0, I, 21, 0], [I, I, 26, 0, 0, I, I, I]]
+    assert doc_ids.tolist() == [[0, 0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 2, 2, 2]]
+    # each example's stretch of its row is its collate row, without the padding
+    for e, (row, start) in zip([a, b, c, d], [(0, 5), (0, 0), (1, 0), (1, 4)]):
+        want_inputs, want_targets = collate([e], pad_id=0)
+        n = want_inputs.shape[1]
+        assert inputs[row, start:start + n].tolist() == want_inputs[0].tolist()
+        assert targets[row, start:start + n].tolist() == want_targets[0].tolist()
+    with pytest.raises(ValueError, match="5 positions does not fit a packed row of 4"):
+        pack([a, b], length=4, pad_id=0)
+
+
+def test_packed_batch_equals_the_padded_batch(model):
+    """The same examples padded (one row each) and packed (attention within each example): the same
+    loss over the same scored tokens and the same gradients, up to rounding (RoPE is relative, and
+    the packed positions are others); without the document mask the packed loss differs."""
+    from moeforge.posttrain.sft import batch_tensors
+
+    rng = random.Random(5)
+    examples = [Example(i, [rng.randrange(2, 500) for _ in range(rng.randrange(1, 9))],
+                        [rng.randrange(2, 500) for _ in range(rng.randrange(0, 12))] + [1]) for i in range(7)]
+
+    def loss_and_grads(inputs, targets, doc_ids):
+        model.zero_grad(set_to_none=True)
+        loss, n = response_loss(model, inputs, targets, doc_ids)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), n, grads
+
+    padded = loss_and_grads(*batch_tensors(examples, pad_id=1))
+    inputs, targets, doc_ids = batch_tensors(examples, pad_id=1, pack_length=24)
+    assert inputs.shape[0] < len(examples) and inputs.numel() < collate(examples, pad_id=1)[0].numel()
+    packed = loss_and_grads(inputs, targets, doc_ids)
+    assert packed[1] == padded[1]
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-6)
+    assert packed[2].keys() == padded[2].keys()
+    for k in padded[2]:
+        torch.testing.assert_close(packed[2][k], padded[2][k], rtol=1e-4, atol=1e-6, msg=k)
+    with torch.no_grad():  # per target: without the mask the later examples of a row see the earlier ones
+        from moeforge.model.attention import document_mask
+
+        masked = model(inputs, targets=targets, mask=document_mask(doc_ids))
+        unmasked = model(inputs, targets=targets)
+    later = doc_ids > 0
+    assert (masked - unmasked)[~later].abs().max() < 1e-5
+    assert (masked - unmasked)[later].abs().max() > 1e-3
+
+
 class TargetIdLoss(torch.nn.Module):
     """A stand-in model whose loss for a target is the target's token id, counting its forwards."""
 
@@ -156,6 +217,10 @@ GOOD = json.dumps({"prompt": "1+2=", "response": "3"})
     ([GOOD, json.dumps({"prompt": "x=", "response": " y" * 70})], [], ["line 2", "more than the model's context of 64"]),
     ([GOOD, json.dumps({"prompt": "12+7=", "response": "19, and then some more"})], ["--max-len", "8"], ["line 2", "--max-len 8"]),
     ([GOOD], ["--max-len", "100"], ["--max-len 100", "context of 64"]),
+    ([GOOD, GOOD], ["--pack", "65"], ["--pack 65", "context of 64"]),
+    ([GOOD, json.dumps({"prompt": "12+7=", "response": "19, and then some more"})], ["--pack", "6"],
+     ["line 2", "--pack 6 + 1"]),
+    ([GOOD, GOOD], ["--pack", "-1"], ["--pack"]),
     ([], [], ["holds no examples"]),
     (["", "   "], [], ["holds no examples"]),
     ([GOOD], [], ["holds 1 example", "at least 2"]),
@@ -266,6 +331,15 @@ def test_sft_command(cli, base_checkpoint, tmp_path):
     r = cli("sft", "--checkpoint", base_checkpoint, "--data", data, "--out", tmp_path / "o", "--steps", "2")
     assert r.rc == 2 and "already holds a run" in r.err  # no second run mixed into the first
     assert read_metrics(tmp_path / "o") == records
+    # packed: the same steps on the same batches, the losses the padded run's up to rounding
+    r = cli("sft", "--checkpoint", base_checkpoint, "--data", data, "--out", tmp_path / "p", "--steps", "2",
+            "--batch-size", "4", "--warmup", "0", "--schedule", "constant", "--no-progress", "--pack", "64")
+    assert r.rc == 0, r.err
+    packed = read_metrics(tmp_path / "p")
+    for a, b in zip(packed, records):
+        for key in ("val_loss", "loss", "grad_norm", "tokens"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4), key
 
 
 def final_weights(run) -> dict:
@@ -503,6 +577,26 @@ def sft_layout_errors(checkpoint: str, odd_checkpoint: str, data: str, out: str,
         errors.append(str(e.value))
     dist.barrier()  # (rank 0 holds the store: it leaves after the other rank has set up its last groups)
     return errors
+
+
+def test_packed_sft_under_expert_parallelism(layout_reference, base_checkpoint, tmp_path):
+    """--pack with the experts sliced over 2 ranks: each rank packs its own share of a batch (its own
+    number of rows) and the all-to-all carries whatever tokens they hold; the losses, held-out losses
+    and gradient norms equal the packed one-process run's within FP32 rounding, and those the padded
+    run's (layout_reference) within rounding too."""
+    from dist import run_dist
+
+    data, padded, _, _ = layout_reference
+    s = dataclasses.replace(LAYOUT_SETTINGS, pack=64, checkpoint_every=0)
+    one = train_sft(base_checkpoint, data, tmp_path / "one", s, device="cpu", progress=False)
+    (records, _), (records1, _) = run_dist(sft_layout_rank, 2, str(base_checkpoint), str(data), str(tmp_path / "ep2"),
+                                           s, 2, "none", init=False, timeout=150)
+    assert without_seconds(records) == without_seconds(records1)
+    assert_records_close(records, one, "packed, --ep 2")
+    for a, b in zip(one, padded):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4), ("packed against padded", key)
 
 
 def test_layouts_that_cannot_run_are_one_line(cli, expect_error, base_checkpoint, tmp_path):

@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=d.max_len,
                    help="the longest example allowed, prompt + response + end-of-text, in tokens; longer ones are "
                         "an error, not truncated (default: the model's context)")
+    p.add_argument("--pack", type=int, default=d.pack, metavar="N",
+                   help="pack each batch's examples into rows of N positions, attention within each example, instead "
+                        "of padding each to the longest of its batch (for examples of very different lengths; "
+                        "default 0: pad)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help=f"the last examples held out for the validation loss, at least one (default {d.val_fraction:g})")
     p.add_argument("--eval-every", type=int, default=d.eval_every,

@@ -94,10 +94,11 @@ class Transformer(nn.Module):
         return self.norm(h), balance, cos, sin
 
     def forward(self, tokens: torch.Tensor, caches: list[LatentCache] | None = None, start_pos: "int | torch.Tensor" = 0,
-                targets: torch.Tensor | None = None):
+                targets: torch.Tensor | None = None, mask=None):
         """tokens: [B, S] -> logits [B, S, V] (FP32). With caches: decode positions start_pos..
-        With targets [B, S] (evaluation): per-target losses [B, S] in FP32 instead, 0 at IGNORE_INDEX."""
-        h, _, _, _ = self.hidden(tokens, caches, start_pos)
+        With targets [B, S] (evaluation): per-target losses [B, S] in FP32 instead, 0 at IGNORE_INDEX.
+        mask: None (causal) or attention.document_mask(...) (packed documents; see hidden)."""
+        h, _, _, _ = self.hidden(tokens, caches, start_pos, mask)
         if targets is not None:
             return self.head.token_losses(h, targets)
         return self.head(h)

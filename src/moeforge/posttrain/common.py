@@ -188,8 +188,9 @@ def _resume(out: Path, device: str | None, stage: str, settings, run: dict, pctx
             what = _RUN_ENTRIES[key]
             raise MoeforgeError(f"--resume: the run in '{out}' was made with {what.format(str(saved))}, "
                                 f"not with {what.format(str(given))}")
+    defaults = dataclasses.asdict(type(settings)())  # (settings added since the run began: their defaults)
     for name, given in dataclasses.asdict(settings).items():
-        saved = state[stage].get(name)
+        saved = state[stage].get(name, defaults[name])
         if name not in MAY_CHANGE and saved != given:
             raise MoeforgeError(f"--resume: the run in '{out}' was made with --{name.replace('_', '-')} {saved}, "
                                 f"not {given} (a resumed run may change --steps and how often it evaluates and saves)")

@@ -70,6 +70,7 @@ class SFTSettings:
     schedule: str = "cosine"  # after the warm-up: "cosine" down to min_lr_ratio * lr at the last step, or "constant"
     min_lr_ratio: float = 0.1
     max_len: int = 0  # the longest example (prompt + response + end-of-text), in tokens; 0: the model's context
+    pack: int = 0  # > 0: pack each batch's examples into rows of this many positions, attention within each; 0: pad
     val_fraction: float = 0.05  # the last examples of the file, at least one, are held out for validation
     eval_every: int = 50  # held-out loss every N steps (and before the first and after the last); 0: only those two
     checkpoint_every: int = 0  # a checkpoint every N steps as well as the final one; 0: the final one only
@@ -80,7 +81,7 @@ class SFTSettings:
 
     def validate(self) -> None:
         _check_minimum(self, ("steps", "batch_size", "keep_checkpoints"), 1)
-        _check_minimum(self, ("warmup", "max_len", "eval_every", "checkpoint_every", "grad_clip"), 0)
+        _check_minimum(self, ("warmup", "max_len", "pack", "eval_every", "checkpoint_every", "grad_clip"), 0)
         if not self.lr > 0:
             raise MoeforgeError(f"--lr: must be positive, got {self.lr}")
         if self.schedule not in ("cosine", "constant"):

@@ -17,7 +17,11 @@ of the response it belongs to.
 Batches: batch_size examples drawn from the training examples shuffled anew each epoch, each padded
 on the right to the longest of its batch. A padded position has no target, and attention is causal,
 so no real position sees the padding that follows it: an example's losses are the same alone or in
-any batch (tested). Only the main model's next-token head is trained; the MTP modules and the
+any batch (tested). With pack = N (`--pack N`) a batch's examples are packed instead, one after
+another in rows of N positions (first fit, longest first), and attention stays within each example
+(attention.document_mask): for examples of very different lengths, far fewer padded positions. The
+loss is the same mean over the same scored tokens; RoPE is relative, so an example's losses differ
+from its padded row's only by rounding (tested). Only the main model's next-token head is trained; the MTP modules and the
 routing biases stay as the checkpoint has them.
 
 Optimisation: AdamW (posttrain/common.py), a linear warm-up, then constant or cosine (train/schedule.py),
@@ -53,7 +57,7 @@ from .common import all_reduce_sum, build_adamw, checkpoint_due, init_data_paral
 from .records import read_records, where
 from .settings import SFTSettings
 
-__all__ = ["SFTSettings", "Example", "read_examples", "tokenize_examples", "split_examples", "collate",
+__all__ = ["SFTSettings", "Example", "read_examples", "tokenize_examples", "split_examples", "collate", "pack",
            "response_loss", "heldout_loss", "BatchOrder", "write_examples", "train_sft"]
 
 
@@ -115,10 +119,63 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
     return inputs, targets
 
 
-def response_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+def positions(e: Example) -> int:
+    """The positions an example takes in a batch row: its tokens less the last (which is only a target)."""
+    return len(e.prompt) + len(e.response) - 1
+
+
+def pack(examples: list[Example], length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, targets, doc_ids) [R, length]: each example's collate row without its padding
+    (positions(e) of them), placed one after another in rows of `length` positions, first fit in
+    order of decreasing length (ties in batch order); the rest of a row is padding (pad_id, no
+    target). doc_ids numbers the examples of a row from 0 and gives the padding a number of its own,
+    for attention.document_mask."""
+    order = sorted(range(len(examples)), key=lambda i: -positions(examples[i]))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = positions(examples[i])
+        if n > length:
+            raise ValueError(f"an example of {n} positions does not fit a packed row of {length}")
+        r = next((r for r, f in enumerate(free) if f >= n), None)
+        if r is None:
+            rows.append([])
+            free.append(length)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= n
+    inputs = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    doc_ids = torch.empty((len(rows), length), dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for d, i in enumerate(members):
+            part_inputs, part_targets = collate([examples[i]], pad_id)
+            n = part_inputs.shape[1]
+            inputs[r, at:at + n], targets[r, at:at + n] = part_inputs[0], part_targets[0]
+            doc_ids[r, at:at + n] = d
+            at += n
+        doc_ids[r, at:] = len(members)  # the padding: a document of its own
+    return inputs, targets, doc_ids
+
+
+def batch_tensors(examples: list[Example], pad_id: int, pack_length: int = 0):
+    """(inputs, targets, doc_ids) of a batch: collate's padded rows and None (causal attention), or
+    with pack_length pack's rows and their document numbers."""
+    return pack(examples, pack_length, pad_id) if pack_length else (*collate(examples, pad_id), None)
+
+
+def response_loss(model, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, int]:
     """(mean cross-entropy over the scored targets, their number): one forward, logits computed only
-    where a target is scored (the model's per-target losses)."""
-    losses = model(inputs, targets=targets)  # [B, S], 0 at IGNORE_INDEX
+    where a target is scored (the model's per-target losses). doc_ids (packed rows, see pack):
+    attention stays within each document."""
+    if doc_ids is None:
+        losses = model(inputs, targets=targets)  # [B, S], 0 at IGNORE_INDEX
+    else:
+        from ..model.attention import document_mask
+
+        losses = model(inputs, targets=targets, mask=document_mask(doc_ids))
     n = int((targets != IGNORE_INDEX).sum())
     return losses.sum() / n, n
 
@@ -231,8 +288,12 @@ not on a resume) and one per step it ran.
     context = cfg.model.max_position_embeddings
     if s.max_len > context:
         raise MoeforgeError(f"--max-len {s.max_len} exceeds the model's context of {context} tokens")
-    limit = f"--max-len {s.max_len}" if s.max_len else f"the model's context of {context} tokens"
-    examples = tokenize_examples(rows, tok, s.max_len or context, data, limit)
+    if s.pack > context:
+        raise MoeforgeError(f"--pack {s.pack} exceeds the model's context of {context} tokens")
+    longest, limit = s.max_len or context, f"--max-len {s.max_len}" if s.max_len else f"the model's context of {context} tokens"
+    if s.pack and s.pack + 1 < longest:  # an example takes its length less one positions of a row
+        longest, limit = s.pack + 1, f"--pack {s.pack} + 1 (a packed row holds an example's tokens less the last)"
+    examples = tokenize_examples(rows, tok, longest, data, limit)
     train, val = split_examples(examples, s.val_fraction, data)
     optimizer, run_cfg = build_adamw(model, cfg, lr=s.lr, warmup_steps=s.warmup, steps=s.steps, schedule="cosine",
                                      min_lr_ratio=1.0 if s.schedule == "constant" else s.min_lr_ratio)
@@ -262,10 +323,12 @@ not on a resume) and one per step it ran.
             lr = lr_at(step - 1, run_cfg.train)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            inputs, targets = collate([train[i] for i in batches.next()[rank::ranks]], tok.eos_id)
+            inputs, targets, doc_ids = batch_tensors([train[i] for i in batches.next()[rank::ranks]], tok.eos_id,
+                                                     s.pack)
             model.train()
             with autocast(device, s.precision):
-                loss, local_n = response_loss(model, inputs.to(device), targets.to(device))
+                loss, local_n = response_loss(model, inputs.to(device), targets.to(device),
+                                              None if doc_ids is None else doc_ids.to(device))
             loss_sum, n = all_reduce_sum([float(loss.detach()) * local_n, local_n], ctx, device)
             loss_value = loss_sum / n  # the mean over every rank's scored tokens
             if not math.isfinite(loss_value):
