@@ -12,6 +12,9 @@
 - `moeforge grpo`: a run on the CLI, and bad settings as one-line errors;
 - --resume: a run stopped and resumed ends bit for bit as the uninterrupted run (one process, and
   2 data-parallel ranks), pi_ref stays the starting model; what would not continue the run is one line.
+- --ep 2 and --sharding full on 2 ranks: the replicas' completions and rewards exactly, their losses
+  and weights within rounding, with the ranks decoding and running their forwards in step; a resume
+  under the layout ends bit for bit.
 """
 
 from __future__ import annotations
@@ -346,3 +349,85 @@ def test_data_parallel_grpo_resumes(base_checkpoint, tmp_path):
     with pytest.raises(MoeforgeError, match="made with 2 data-parallel rank"):
         train_grpo(base_checkpoint, tmp_path / "part", LowercaseStart(), dataclasses.replace(s, steps=5), device="cpu",
                    progress=False, resume=True)
+
+
+class LowercaseStartVaried(LowercaseStart):
+    """LowercaseStart with prompts of 1 to 4 words: the ranks' shares of a step have different numbers
+    of prompt lengths, so different numbers of log-probability forwards of their own."""
+
+    def prompts(self, n, rng):
+        return [(" ".join(["x"] * rng.randint(1, 4)) + " = ", "") for _ in range(n)]
+
+
+def grpo_layout_rank(checkpoint: str, out: str, settings: GRPOSettings, ep: int, sharding: str,
+                     resume: bool = False) -> tuple[list[dict], dict]:
+    """One rank of `train_grpo --ep --sharding` (tests/dist.py runs it in each process): its records and
+    the run's final weights, gathered to the single-process tensors (the model open_run built, kept)."""
+    from moeforge.parallel import full_state_dict
+    from moeforge.posttrain import grpo
+
+    opened = []
+    real = grpo.open_run
+
+    def keep(*args, **kwargs):
+        opened.append(real(*args, **kwargs))
+        return opened[-1]
+
+    grpo.open_run = keep
+    records = train_grpo(checkpoint, out, LowercaseStartVaried(), settings, device="cpu", progress=False,
+                         resume=resume, ep=ep, sharding=sharding)
+    return records, full_state_dict(opened[0].model, opened[0].pctx)
+
+
+LAYOUT_SETTINGS = GRPOSettings(steps=3, prompts_per_step=8, group_size=3, max_new_tokens=6, lr=1e-3, beta=0.04,
+                               checkpoint_every=2, keep_checkpoints=3)
+
+
+@pytest.fixture(scope="module")
+def replicas_reference(base_checkpoint, tmp_path_factory):
+    """(records, final weights) of 2 data-parallel replicas, which the sliced and sharded runs match."""
+    from dist import run_dist
+
+    out = tmp_path_factory.mktemp("grpo_dp") / "dp"
+    (records, weights), _ = run_dist(grpo_layout_rank, 2, str(base_checkpoint), str(out), LAYOUT_SETTINGS, 1, "none",
+                                     init=False, timeout=150)
+    return records, weights
+
+
+@pytest.mark.parametrize("layout", ["ep2", "fsdp_full"])
+def test_sliced_and_sharded_grpo_equals_the_replicas(layout, replicas_reference, base_checkpoint, tmp_path):
+    """2 ranks with the routed experts sliced over them (--ep 2) or FSDP2 shards of everything
+    (--sharding full), the reference model held the same way: every forward is collective, so the
+    ranks decode in step and run as many log-probability forwards and backwards (their prompts have
+    different lengths: a rank with fewer lengths repeats one, uncounted). Each rank samples with the
+    generator a replica would, so the completions, rewards and token counts are the replicas' and
+    the losses, KL, gradient norms and final weights theirs within FP32 rounding. The checkpoints
+    load in one process with the final weights, and a resume from the step-2 checkpoint (the
+    reference read again in the run's layout) ends as the uninterrupted run to the bit."""
+    from dist import run_dist
+
+    ep, sharding = {"ep2": (2, "none"), "fsdp_full": (1, "full")}[layout]
+    want, want_weights = replicas_reference
+    s, out = LAYOUT_SETTINGS, tmp_path / "whole"
+    (records, weights), (records1, _) = run_dist(grpo_layout_rank, 2, str(base_checkpoint), str(out), s, ep, sharding,
+                                                 init=False, timeout=150)
+    assert without_seconds(records) == without_seconds(records1)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for a, b in zip(records, want):
+        for key in ("reward", "accuracy", "format", "completion_tokens"):
+            assert a[key] == b[key], (layout, key, a, b)
+        for key in ("loss", "kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (layout, key, a, b)
+    assert any(r["kl"] > 0 for r in records[1:])  # the reference is in play
+    for name, w in want_weights.items():  # (AdamW takes a step of up to lr for a gradient entry near zero
+        # whatever its rounding: a few entries may differ by a small part of lr = 1e-3)
+        torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=5e-5, msg=name)
+    saved, _ = ckpt.load_trained_model(out, "cpu")
+    assert all(torch.equal(v, weights[k]) for k, v in saved.state_dict().items())
+
+    shutil.copytree(out, tmp_path / "part")  # stopped after the step-2 checkpoint
+    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step_0000003")
+    (rest, rest_weights), _ = run_dist(grpo_layout_rank, 2, str(base_checkpoint), str(tmp_path / "part"), s, ep,
+                                       sharding, resume=True, init=False, timeout=150)
+    assert without_seconds(rest) == without_seconds(records[2:])
+    assert all(torch.equal(rest_weights[k], weights[k]) for k in weights)

@@ -56,7 +56,7 @@ def _add_post_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .posttrain.settings import SHARDINGS, GRPOSettings, SFTSettings
+    from .posttrain.settings import GRPOSettings, SFTSettings
     from .posttrain.tasks import TASK_HELP
 
     parser = argparse.ArgumentParser(prog="moeforge", description="Train, evaluate and convert DeepSeek-V3-class MoE models.")
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"block and then answers; DeepSeek-R1-Zero's) to the task's reward (default {d.format_weight:g})")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="a checkpoint every N steps besides the final one (default: the final one only)")
+    _add_layout_flags(p)
     _add_post_run_flags(p, d.seed, "seed for prompts and sampling")
 
     p = sub.add_parser("sft", help="supervised fine-tuning of a checkpoint on prompt/response pairs",
@@ -189,13 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"before and after only)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="a checkpoint every N steps besides the final one (default: the final one only)")
-    p.add_argument("--ep", type=int, default=1,
-                   help="under torchrun: slice the routed experts over groups of EP ranks (expert parallelism; "
-                        "default 1)")
-    p.add_argument("--sharding", choices=SHARDINGS, default="none",
-                   help="under torchrun: none (every rank holds its parameters whole), zero2 or full (FSDP2 shards "
-                        "of parameters, gradients and AdamW state; full also frees the gathered weights after each "
-                        "layer's forward) (default none)")
+    _add_layout_flags(p)
     _add_post_run_flags(p, d.seed, "seed for the order of the examples")
 
     p = sub.add_parser("sft-data", help="write SFT data: a task's worked examples, or a teacher's correct answers",
@@ -481,6 +476,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _add_layout_flags(p) -> None:
+    """--ep and --sharding: how the ranks of a post-training stage under torchrun hold the model."""
+    from .posttrain.settings import SHARDINGS
+
+    p.add_argument("--ep", type=int, default=1,
+                   help="under torchrun: slice the routed experts over groups of EP ranks (expert parallelism; "
+                        "default 1)")
+    p.add_argument("--sharding", choices=SHARDINGS, default="none",
+                   help="under torchrun: none (every rank holds its parameters whole), zero2 or full (FSDP2 shards "
+                        "of parameters, gradients and AdamW state; full also frees the gathered weights after each "
+                        "layer's forward) (default none)")
+
+
 def _settings(cls, args):
     """A post-training settings dataclass from the flags named like its fields (the rest keep their defaults)."""
     import dataclasses
@@ -501,7 +509,7 @@ def cmd_grpo(args) -> int:
 
     task = get_task(args.task)
     records = train_grpo(args.checkpoint, Path(args.out), task, _settings(GRPOSettings, args), device=args.device,
-                         progress=not args.no_progress, resume=args.resume)
+                         progress=not args.no_progress, resume=args.resume, ep=args.ep, sharding=args.sharding)
     first, last = records[0], records[-1]
     return _report_post_training(args, f"grpo: reward {first['reward']:.3f} at step {first['step']}, "
                                        f"{last['reward']:.3f} at step {last['step']}")

@@ -114,13 +114,18 @@ def check_length(model: Transformer, prompt_len: int, max_new: int) -> None:
 @torch.no_grad()
 def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, temperature: float, top_p: float,
                 generator: torch.Generator | None, stop_id: int | None,
-                mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                mode: str = "auto", lockstep=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Completions of prompts, one per row, decoded together: (tokens, mask) [R, N]. Prompts of
     different lengths are left-padded to the longest (each row's positions count from its first
     token, and no row sees another's padding: LatentCache.start). A row that emits stop_id keeps it
     and is masked after it; the masked places hold stop_id (0 without one). Decoding ends when every
     row has stopped: checked after every token on a CPU, every 8 tokens on a GPU (each check waits
-    for the GPU; the extra tokens are masked)."""
+    for the GPU; the extra tokens are masked).
+
+    lockstep: a process group whose ranks decode together, for a model whose forwards are collective
+    (experts sliced over the ranks, FSDP shards): every rank runs as many forwards as the longest
+    decoding among them (a rank whose rows have all stopped keeps stepping, its tokens masked), and
+    the steps run eagerly (no CUDA graph around the collectives)."""
     if not rows or not all(rows):
         raise MoeforgeError("a prompt is empty")
     length = max(map(len, rows))
@@ -129,7 +134,7 @@ def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, tempera
     model.eval()
     device = model.embed.weight.device
     R = len(rows)
-    decoder = Decoder(model, R, length + max_new, mode)
+    decoder = Decoder(model, R, length + max_new, "eager" if lockstep is not None else mode)
     padded = torch.tensor([[0] * (length - len(r)) + list(r) for r in rows], device=device)
     start = (None if all(len(r) == length for r in rows)
              else torch.tensor([length - len(r) for r in rows], device=device))
@@ -144,12 +149,23 @@ def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, tempera
         mask[:, t] = alive
         if stop_id is not None:
             alive = alive & (nxt != stop_id)
-            if (t + 1) % every == 0 and not bool(alive.any()):
+            if (t + 1) % every == 0 and not _any_alive(alive, lockstep):
                 break
         if t + 1 < max_new:
             logits = decoder.step(tokens[:, t])
     model.train(was_training)
     return tokens, mask
+
+
+def _any_alive(alive: torch.Tensor, group) -> bool:
+    """Whether a row is still decoding, here (group None) or on any rank of `group`."""
+    if group is None:
+        return bool(alive.any())
+    import torch.distributed as dist
+
+    count = alive.sum().reshape(1)
+    dist.all_reduce(count, group=group)  # (SUM: gloo has no MAX for every dtype)
+    return bool(count.item())
 
 
 @torch.no_grad()

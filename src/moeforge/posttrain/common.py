@@ -117,14 +117,17 @@ class PostRun:
         return ckpt.save_checkpoint(root, step, self.cfg, self.model.state_dict(),
                                     portable_optimizer_state(optimizer.state_dict()), state, keep)
 
-    def starting_model(self, device: str | None) -> torch.nn.Module:
+    def starting_model(self, device: str | None, precision: str = "fp32") -> torch.nn.Module:
         """The model the run started from, read again from its starting checkpoint, which must still
-        hold what it held then: the same manifest (which lists the SHA-256 of every file)."""
+        hold what it held then: the same manifest (which lists the SHA-256 of every file). A sliced or
+        sharded run's (self.sharded) in the run's layout (load_model)."""
         path = Path(self.run["start"])
         if not (path / "manifest.json").is_file():
             raise MoeforgeError(f"--resume: the run's starting checkpoint '{path}' is gone (the run needs that model)")
         if _manifest_digest(path) != self.run["start_manifest"]:
             raise MoeforgeError(f"--resume: the run's starting checkpoint '{path}' has changed since the run began")
+        if self.sharded:
+            return load_model(path, device, self.pctx, precision)[0]
         return ckpt.load_trained_model(path, device)[0]
 
 

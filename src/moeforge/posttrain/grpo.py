@@ -13,8 +13,9 @@ averaged over the tokens of each completion, then over all P x G completions (De
 (one optimizer step per sampled batch) rho is 1 in value and only its gradient acts; with more, the
 later steps are off-policy and the clip bounds them.
 
-The model is the single-device Transformer (one process, CPU or one GPU, or a data-parallel
-replica per rank under torchrun: train_grpo): sampling uses the MLA latent cache (generate.py's
+The model is the single-device Transformer (one process, CPU or one GPU; under torchrun a
+data-parallel replica per rank, or sliced and sharded over the ranks with --ep and --sharding as
+SFT's is: train_grpo): sampling uses the MLA latent cache (generate.py's
 sampler), the log-probabilities come from the model's per-target losses (head.token_losses: logits
 only where a completion token is scored). The groups of all prompts of a step are sampled as one
 batch, the shorter prompts left-padded (sample_groups). Checkpoints are the trainer's format, so
@@ -37,7 +38,8 @@ import torch
 from ..errors import MoeforgeError
 from ..generate import sample_rows
 from ..model.mtp import IGNORE_INDEX
-from ..parallel.data import sync_gradients
+from ..config import ParallelConfig
+from ..parallel.data import clip_coefficient, global_grad_norm, scale_gradients, sync_gradients
 from ..train.step import autocast
 from .common import all_gather_objects, all_reduce_sum, build_adamw, checkpoint_due, init_data_parallel, open_run
 from .settings import GRPOSettings
@@ -92,12 +94,13 @@ def sample_group(model, prompt: list[int], group: int, max_new: int, temperature
 @torch.no_grad()
 def sample_groups(model, prompts: list[list[int]], group: int, max_new: int, temperature: float,
                   generator: torch.Generator, stop_id: int | None,
-                  top_p: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  top_p: float = 1.0, lockstep=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """sample_group for each prompt, all decoded as one batch (generate.sample_rows left-pads the
     shorter prompts): one forward per token for all P x G rows. Returns (tokens [G, N], mask [G, N])
-    per prompt, in order. top_p < 1: nucleus sampling (GRPO samples the whole distribution)."""
+    per prompt, in order. top_p < 1: nucleus sampling (GRPO samples the whole distribution).
+    lockstep: the process group of a model whose forwards are collective (sample_rows)."""
     tokens, mask = sample_rows(model, [p for p in prompts for _ in range(group)], max_new, temperature, top_p,
-                               generator, stop_id)
+                               generator, stop_id, lockstep=lockstep)
     return [(tokens[i * group:(i + 1) * group], mask[i * group:(i + 1) * group]) for i in range(len(prompts))]
 
 
@@ -138,8 +141,22 @@ def by_prompt_length(batch: list) -> list[tuple[torch.Tensor, torch.Tensor, torc
     return out
 
 
+def in_step(parts: list, ctx) -> list[tuple[tuple, bool]]:
+    """by_prompt_length's parts, each with whether it counts, padded to as many as the rank with the
+    most has (over ctx's data ranks) with uncounted copies of the first: a model whose forwards (and
+    backwards) are collective needs every rank to run the same number (ctx None: the parts as they are)."""
+    most = len(parts)
+    if ctx is not None:
+        import torch.distributed as dist
+
+        n = torch.tensor([most], dtype=torch.float64, device=parts[0][1].device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=ctx.dp_ep_group)
+        most = int(n.item())
+    return [(part, True) for part in parts] + [(parts[0], False)] * (most - len(parts))
+
+
 def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, device: str | None = None,
-               progress: bool = True, resume: bool = False) -> list[dict]:
+               progress: bool = True, resume: bool = False, ep: int = 1, sharding: str = "none") -> list[dict]:
     """Post-train the model of `checkpoint` with GRPO on `task` (tasks.py) for s.steps steps; write
     OUT/metrics.jsonl (one record per step) and checkpoints (every s.checkpoint_every steps and at
     the end). Returns the records of the steps it ran.
@@ -157,17 +174,28 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
     groups of prompts rank::N of each step's prompts, and the gradients are averaged over the ranks
     (each rank's loss is the mean over as many completions), so the objective is the mean over all
     P x G completions; the metrics are over all of them; rank 0 writes the metrics and the checkpoints.
-    Each rank samples with its own generator (seed + rank)."""
+    Each rank samples with its own generator (seed + rank).
+
+    ep, sharding (`moeforge grpo --ep --sharding`): the model and the reference sliced and sharded
+    over the ranks as SFT's are (routed experts over groups of ep ranks, FSDP2 shards), for a model
+    that does not fit one device. Their forwards are collective, so the ranks decode in step (as
+    many tokens as the longest decoding among them) and run as many log-probability forwards and
+    backwards (a rank with fewer prompt lengths repeats one, uncounted); a step computes what the
+    data-parallel step does. Every rank writes its pieces of each checkpoint."""
     s.validate()
-    ctx, device, rank, ranks = init_data_parallel(device, s.prompts_per_step, "--prompts-per-step")
-    run = open_run(checkpoint, out, device, "grpo", s, {"task": task_name(task), "ranks": ranks}, resume)
+    ctx, device, rank, ranks = init_data_parallel(device, s.prompts_per_step, "--prompts-per-step",
+                                                  ParallelConfig(ep=ep, sharding=sharding))
+    run = open_run(checkpoint, out, device, "grpo", s, {"task": task_name(task), "ranks": ranks}, resume, ctx,
+                   s.precision)
     model, cfg, tok = run.model, run.cfg, run.tok
     if s.max_new_tokens >= cfg.model.max_position_embeddings:
         raise MoeforgeError(f"--max-new-tokens {s.max_new_tokens} leaves no room for a prompt in the model's context "
                             f"of {cfg.model.max_position_embeddings} tokens")
+    collective = ctx if run.sharded else None  # forwards that need every rank (in_step, lockstep)
     ref = None
     if s.beta > 0:
-        ref = (run.starting_model(device) if run.resumed else copy.deepcopy(model)).eval().requires_grad_(False)
+        ref = (run.starting_model(device, s.precision) if run.resumed or run.sharded
+               else copy.deepcopy(model)).eval().requires_grad_(False)
     optimizer, _ = build_adamw(model, cfg, lr=s.lr)
     run.restore(optimizer)
     torch.manual_seed(s.seed)
@@ -189,7 +217,7 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
             prompt_ids = [tok.encode(prompt) for prompt, _ in problems]
             with amp():
                 groups = sample_groups(model, prompt_ids, s.group_size, s.max_new_tokens, s.temperature, gen,
-                                       tok.eos_id)
+                                       tok.eos_id, lockstep=collective.dp_ep_group if collective else None)
             for ids, (_, answer), (tokens, mask) in zip(prompt_ids, problems, groups):
                 texts = completion_texts(tok, tokens, mask)
                 accuracy = torch.tensor([task.reward(text, answer) for text in texts])
@@ -197,31 +225,32 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
                 rewards = accuracy + s.format_weight * form
                 batch.append((ids, tokens, mask, group_advantages(rewards).to(tokens.device),
                               torch.stack([rewards, accuracy, form])))
-            parts = by_prompt_length(batch)  # one forward per prompt length, not per prompt
-            rows = sum(tokens.shape[0] for _, tokens, _, _ in parts)
+            parts = in_step(by_prompt_length(batch), collective)  # a forward per prompt length, not per prompt
+            rows = sum(tokens.shape[0] for (_, tokens, _, _), counts in parts if counts)
             with torch.no_grad(), amp():  # pi_old: with one update per batch, the first update's own logp
-                old = ([completion_logprobs(model, *part[:3]) for part in parts]
+                old = ([completion_logprobs(model, *part[:3]) for part, _ in parts]
                        if s.updates > 1 else [None] * len(parts))
-                refs = [completion_logprobs(ref, *part[:3]) if ref is not None else None for part in parts]
+                refs = [completion_logprobs(ref, *part[:3]) if ref is not None else None for part, _ in parts]
             model.train()
             for _ in range(s.updates):
                 optimizer.zero_grad(set_to_none=True)
                 stats = {"kl": 0.0, "clipped": 0.0}
                 loss_sum = 0.0
-                for (prompts, tokens, mask, adv), old_lp, ref_lp in zip(parts, old, refs):
+                for ((prompts, tokens, mask, adv), counts), old_lp, ref_lp in zip(parts, old, refs):
                     with amp():
                         logp = completion_logprobs(model, prompts, tokens, mask)
                     old_lp = logp.detach() if old_lp is None else old_lp
                     loss, st = grpo_loss(logp, old_lp, ref_lp, adv, mask, s.clip, s.beta)
-                    share = tokens.shape[0] / rows
+                    share = tokens.shape[0] / rows if counts else 0.0
                     (loss * share).backward()  # the mean over this rank's completions
                     loss_sum += float(loss.detach()) * share
                     for k in stats:
                         stats[k] += st[k] * share
                 sync_gradients(model, ctx)  # ... averaged over the ranks: over all P x G completions
-                params = [p for p in model.parameters() if p.grad is not None]
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip) if s.grad_clip > 0
-                                  else torch.nn.utils.get_total_norm([p.grad for p in params]))
+                grad_norm = global_grad_norm(model, ctx)  # the whole gradient's, under any layout
+                if s.grad_clip > 0:
+                    scale_gradients(model, clip_coefficient(grad_norm, s.grad_clip))
+                grad_norm = float(grad_norm)
                 optimizer.step()
             rewards, accuracy, form = torch.cat([r for *_, r in batch], dim=1).double()
             lengths = torch.cat([m.sum(dim=1) for _, _, m, _, _ in batch]).double()
@@ -236,10 +265,9 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
             records.append(rec)
             if sink is not None:
                 sink.write(rec)
-            if checkpoint_due(step, s):
+            if checkpoint_due(step, s):  # (every rank: a sliced or sharded model's ranks each write their pieces)
                 generators = all_gather_objects(gen.get_state(), ctx)  # every rank's, in rank order
-                if rank == 0:
-                    run.save(step, optimizer, s, s.keep_checkpoints, prompts=rng.getstate(), generators=generators)
+                run.save(step, optimizer, s, s.keep_checkpoints, prompts=rng.getstate(), generators=generators)
             if progress:
                 print(f"grpo step {step}/{s.steps} | reward {rec['reward']:.3f} | kl {rec['kl']:.4f} | "
                       f"loss {rec['loss']:+.4f} | {rec['completion_tokens']:.1f} tokens | {rec['seconds']:.1f} s",
