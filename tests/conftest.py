@@ -149,6 +149,26 @@ def interrupted_after(step: int):
         yield
 
 
+def with_full_weights(stage_module, run):
+    """(run(), the single-process state dict of the model that stage_module.open_run opened during
+    it, gathered from this rank's slices and shards): for a post-training rank under tests/dist.py."""
+    from moeforge.parallel import full_state_dict
+
+    opened = []
+    real = stage_module.open_run
+
+    def keep(*args, **kwargs):
+        opened.append(real(*args, **kwargs))
+        return opened[-1]
+
+    stage_module.open_run = keep
+    try:
+        result = run()
+    finally:
+        stage_module.open_run = real
+    return result, full_state_dict(opened[0].model, opened[0].pctx)
+
+
 def run_cli(argv: list) -> int:
     """moeforge.cli.main in-process; argparse's SystemExit (--help, usage errors) becomes its code."""
     from moeforge.cli import main

@@ -362,21 +362,12 @@ class LowercaseStartVaried(LowercaseStart):
 def grpo_layout_rank(checkpoint: str, out: str, settings: GRPOSettings, ep: int, sharding: str,
                      resume: bool = False) -> tuple[list[dict], dict]:
     """One rank of `train_grpo --ep --sharding` (tests/dist.py runs it in each process): its records and
-    the run's final weights, gathered to the single-process tensors (the model open_run built, kept)."""
-    from moeforge.parallel import full_state_dict
+    the run's final weights, gathered to the single-process tensors."""
+    from conftest import with_full_weights
     from moeforge.posttrain import grpo
 
-    opened = []
-    real = grpo.open_run
-
-    def keep(*args, **kwargs):
-        opened.append(real(*args, **kwargs))
-        return opened[-1]
-
-    grpo.open_run = keep
-    records = train_grpo(checkpoint, out, LowercaseStartVaried(), settings, device="cpu", progress=False,
-                         resume=resume, ep=ep, sharding=sharding)
-    return records, full_state_dict(opened[0].model, opened[0].pctx)
+    return with_full_weights(grpo, lambda: train_grpo(checkpoint, out, LowercaseStartVaried(), settings, device="cpu",
+                                                      progress=False, resume=resume, ep=ep, sharding=sharding))
 
 
 LAYOUT_SETTINGS = GRPOSettings(steps=3, prompts_per_step=8, group_size=3, max_new_tokens=6, lr=1e-3, beta=0.04,

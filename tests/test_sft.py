@@ -465,21 +465,12 @@ LAYOUT_SETTINGS = SFTSettings(steps=4, batch_size=4, lr=1e-3, warmup=1, val_frac
 def sft_layout_rank(checkpoint: str, data: str, out: str, settings: SFTSettings, ep: int, sharding: str,
                     resume: bool = False) -> tuple[list[dict], dict]:
     """One rank of `train_sft --ep --sharding` (tests/dist.py runs it in each process): its records and
-    the run's final weights, gathered to the single-process tensors (the model open_run built, kept)."""
-    from moeforge.parallel import full_state_dict
+    the run's final weights, gathered to the single-process tensors."""
+    from conftest import with_full_weights
     from moeforge.posttrain import sft
 
-    opened = []
-    real = sft.open_run
-
-    def keep(*args, **kwargs):
-        opened.append(real(*args, **kwargs))
-        return opened[-1]
-
-    sft.open_run = keep
-    records = train_sft(checkpoint, data, out, settings, device="cpu", progress=False, resume=resume, ep=ep,
-                        sharding=sharding)
-    return records, full_state_dict(opened[0].model, opened[0].pctx)
+    return with_full_weights(sft, lambda: train_sft(checkpoint, data, out, settings, device="cpu", progress=False,
+                                                    resume=resume, ep=ep, sharding=sharding))
 
 
 @pytest.fixture(scope="module")
