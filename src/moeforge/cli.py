@@ -41,17 +41,20 @@ def _add_decode_precision(p: argparse.ArgumentParser, when: str = "") -> None:
                         f"fp32 on CPU)")
 
 
-def _add_post_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str) -> None:
-    """The flags every post-training run takes: --resume, --seed, --no-progress, --precision and --device."""
-    from .posttrain.settings import PRECISIONS
+def _add_post_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str, fp8: bool = False) -> None:
+    """The flags every post-training run takes: --resume, --seed, --no-progress, --precision (fp8: with
+    the FP8 recipe too) and --device."""
+    from .posttrain.settings import PRECISIONS, SFT_PRECISIONS
 
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest checkpoint (the same --checkpoint and settings; "
                         "--steps may be raised)")
     p.add_argument("--seed", type=int, default=seed, help=seed_help)
     p.add_argument("--no-progress", action="store_true", help="no line per step")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="bf16: the forwards under BF16 autocast (weights, gradients and AdamW stay FP32; default fp32)")
+    p.add_argument("--precision", choices=SFT_PRECISIONS if fp8 else PRECISIONS, default="fp32",
+                   help="bf16: the forwards under BF16 autocast" + ("; fp8: the blocks' GEMMs in FP8 with DeepSeek-V3's "
+                                                                    "recipe (docs/fp8.md)" if fp8 else "")
+                        + " (weights, gradients and AdamW stay FP32; default fp32)")
     _add_device(p)
 
 
@@ -191,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="a checkpoint every N steps besides the final one (default: the final one only)")
     _add_layout_flags(p)
-    _add_post_run_flags(p, d.seed, "seed for the order of the examples")
+    _add_post_run_flags(p, d.seed, "seed for the order of the examples", fp8=True)
 
     p = sub.add_parser("sft-data", help="write SFT data: a task's worked examples, or a teacher's correct answers",
                        description="Write a JSONL file of prompt/response pairs for `moeforge sft` from a task of "

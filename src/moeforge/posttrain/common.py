@@ -165,14 +165,26 @@ def load_model(path: Path, device: str | None, pctx, precision: str = "fp32") ->
     resharded, so that no rank holds more of the model than its part (but a single-process
     checkpoint is read whole on each rank's host)."""
     if pctx is None:
-        return ckpt.load_trained_model(path, device)
+        model, cfg = ckpt.load_trained_model(path, device)
+        return _fp8(model, cfg, precision), cfg
     cfg = ckpt.load_checkpoint_config(path)
     experts = cfg.model.n_routed_experts
     if experts % pctx.ep:
         raise MoeforgeError(f"--ep {pctx.ep} does not divide the model's {experts} routed experts")
-    model = shard_model(build_model(cfg.model, "meta"), pctx, pctx.device, precision)
+    model = shard_model(_fp8(build_model(cfg.model, "meta"), cfg, precision), pctx, pctx.device, precision)
     ckpt.load_into(path, ckpt.load_checkpoint(path, ("model.pt",)), model, None, pctx)
     return model.eval(), cfg
+
+
+def _fp8(model: torch.nn.Module, cfg: Config, precision: str) -> torch.nn.Module:
+    """precision "fp8": the model's Linears and experts switched to FP8 (fp8.convert_to_fp8, with the
+    checkpoint's training settings for the recipe); the parameters stay the same, so do checkpoints."""
+    if precision != "fp8":
+        return model
+    from ..fp8 import FP8Recipe, convert_to_fp8
+
+    return convert_to_fp8(model, FP8Recipe(norm_output=cfg.train.fp8_norm_output,
+                                           accumulate_wgrad=cfg.train.fp8_accumulate_wgrad))
 
 
 def _resume(out: Path, device: str | None, stage: str, settings, run: dict, pctx, precision: str) -> PostRun:

@@ -11,12 +11,14 @@ __all__ = ["GRPOSettings", "SFTSettings"]
 
 
 PRECISIONS = ("fp32", "bf16")
+SFT_PRECISIONS = (*PRECISIONS, "fp8")  # SFT also trains with DeepSeek-V3's FP8 recipe (not GRPO, which samples)
 SHARDINGS = ("none", "zero2", "full")  # how `moeforge sft`'s ranks may hold the model (common.check_layout)
 
 
-def _check_precision(settings) -> None:
-    if settings.precision not in PRECISIONS:
-        raise MoeforgeError(f"--precision: expected {' or '.join(PRECISIONS)}, got {settings.precision!r}")
+def _check_precision(settings, allowed: tuple[str, ...] = PRECISIONS) -> None:
+    if settings.precision not in allowed:
+        raise MoeforgeError(f"--precision: expected {', '.join(allowed[:-1])} or {allowed[-1]}, "
+                            f"got {settings.precision!r}")
 
 
 def _check_minimum(settings, names: tuple[str, ...], minimum: float) -> None:
@@ -77,7 +79,9 @@ class SFTSettings:
     keep_checkpoints: int = 2
     seed: int = 0  # the order of the examples
     grad_clip: float = 1.0  # the global gradient norm's bound; 0: no clipping
-    precision: str = "fp32"  # "bf16": the forwards under BF16 autocast; weights and AdamW FP32
+    # "bf16": the forwards under BF16 autocast; "fp8": the blocks' GEMMs in FP8 (fp8/, DeepSeek-V3's recipe;
+    # on a GPU around BF16 autocast, on a CPU the exact emulation); weights and AdamW FP32 in every case
+    precision: str = "fp32"
 
     def validate(self) -> None:
         _check_minimum(self, ("steps", "batch_size", "keep_checkpoints"), 1)
@@ -88,6 +92,6 @@ class SFTSettings:
             raise MoeforgeError(f"--schedule: expected cosine or constant, got {self.schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise MoeforgeError(f"--min-lr-ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        _check_precision(self)
+        _check_precision(self, SFT_PRECISIONS)
         if not 0 < self.val_fraction < 1:
             raise MoeforgeError(f"--val-fraction: must be in (0, 1), got {self.val_fraction}")

@@ -25,7 +25,9 @@ from its padded row's only by rounding (tested). Only the main model's next-toke
 routing biases stay as the checkpoint has them.
 
 Optimisation: AdamW (posttrain/common.py), a linear warm-up, then constant or cosine (train/schedule.py),
-the gradient clipped to norm 1. FP32, or the forwards under BF16 autocast (precision "bf16"). One
+the gradient clipped to norm 1. FP32, the forwards under BF16 autocast (precision "bf16"), or the
+blocks' GEMMs in FP8 with DeepSeek-V3's recipe (precision "fp8": common.load_model switches the
+model to FP8 as it loads it; the parameters, and so the checkpoints, stay the same). One
 process (CPU or one GPU), or under torchrun data parallel, with expert parallelism (--ep) and FSDP
 sharding (--sharding) for a model that does not fit one device (train_sft). The run folder holds
 metrics.jsonl and checkpoints in the trainer's format (common.py), so `moeforge generate`, `eval`,
