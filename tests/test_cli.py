@@ -172,6 +172,17 @@ def test_convert_writes_hf_folder(cli, trained_run, tmp_path):
     weights = ckpt.load_checkpoint(trained_run.checkpoint(8), ("model.pt",))["model.pt"]
     assert torch.equal(tensors["model.embed_tokens.weight"], weights["embed.weight"])
     assert torch.equal(tensors["model.layers.1.mlp.experts.0.gate_proj.weight"], weights["layers.1.ffn.experts.w1"][0])
+    # the run's tokenizer comes along, as transformers reads it: the same ids, the same end-of-text
+    from transformers import AutoTokenizer
+
+    from moeforge.data import load_tokenizer
+
+    theirs, ours = AutoTokenizer.from_pretrained(dst), load_tokenizer(None)
+    text = "def f(x):\n    return x + 1  # ok"
+    assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert theirs.eos_token_id == ours.eos_id
+    r = cli("convert", "--checkpoint", trained_run.out, "--out", dst)  # an earlier export is replaced
+    assert r.rc == 0, r.err
 
 
 def test_info_in_process_with_overrides(cli):
@@ -418,6 +429,50 @@ def test_train_into_out_with_checkpoints_needs_resume(cli, expect_error, snapsho
     assert snapshot(run_copy) == before
 
 
+def test_resume_with_fewer_steps_than_done_is_refused(cli, expect_error, snapshot, run_copy):
+    """`train --resume --steps N` below the steps the run has done (8) is one line, and changes nothing
+    (it used to rewrite the checkpoint and record the lower count in the run's config)."""
+    before = snapshot(run_copy)
+    expect_error(cli("train", "--out", run_copy, "--resume", "--steps", 5, "--no-progress"), "train",
+                 "has done 8 steps already", "--steps above 8")
+    assert snapshot(run_copy) == before
+
+
+def test_train_never_overwrites_files_that_are_not_a_runs(cli, expect_error, snapshot, tmp_path, tiny_overrides,
+                                                          data_dir):
+    """A new run in a folder without checkpoints refuses a config.toml or metrics.jsonl that moeforge
+    did not write (the user's own files of those names), leaving them as they were."""
+    for name, text in (("config.toml", "my own notes\n"), ("metrics.jsonl", "my metrics\n")):
+        out = tmp_path / name.split(".")[0]
+        out.mkdir()
+        (out / name).write_text(text)
+        before = snapshot(out)
+        r = cli("train", "--out", out, "--steps", 1, *tiny_overrides, f"train.data={data_dir}")
+        expect_error(r, "train", f"holds a {name} that is not a moeforge run's")
+        assert snapshot(out) == before
+
+
+def test_output_paths_that_cannot_be_written(cli, expect_error, snapshot, trained_run, tmp_path):
+    """Results written after the work (score --out, bench --json) are checked first; a folder that
+    cannot be made (under a file) is one line, never a traceback."""
+    (tmp_path / "file").write_text("x")
+    before = snapshot(tmp_path)
+    expect_error(cli("score", "--checkpoint", trained_run.out, "--task", "arithmetic", "--n", "1", "--out",
+                     tmp_path / "nowhere" / "s.json"), "score", "does not exist")
+    expect_error(cli("bench", "--preset", "tiny", "--steps", "1", "--json", tmp_path / "nowhere" / "b.json"), "bench",
+                 "--json", "does not exist")
+    expect_error(cli("convert", "--checkpoint", trained_run.out, "--out", tmp_path / "file" / "hf"), "convert",
+                 str(tmp_path / "file"))
+    expect_error(cli("sft-data", "--n", "2", "--out", tmp_path / "file" / "d.jsonl"), "sft-data", "does not exist")
+    assert snapshot(tmp_path) == before
+
+
+def test_bare_moeforge_with_flags_is_train(cli, expect_error):
+    """`moeforge [flags]` is `moeforge train [flags]`, as `moeforge` alone is."""
+    expect_error(cli("--preset", "nope"), "train", "unknown preset 'nope'")
+    expect_error(cli("--bogus"), "train", "unrecognized arguments: --bogus")
+
+
 def test_resume_without_checkpoint(cli, expect_error, snapshot, tmp_path, tiny_overrides, data_dir):
     """--resume into a folder without checkpoints (missing, or holding only a crash leftover),
     from the run's own config and with --preset: the same error naming the folder; nothing
@@ -456,11 +511,23 @@ def test_missing_checkpoint(cli, expect_error, snapshot, tmp_path, argv, fragmen
     (("eval", "--batch-size", "0"), ["--batch-size", ">= 1"]),
     (("eval", "--max-batches", "0"), ["--max-batches", ">= 1"]),
     (("eval", "--text", "{tmp}"), ["'{tmp}'", "not a file"]),
+    (("eval", "--text", "{tmp}/one.txt"), ["{tmp}/one.txt", "too short to score"]),
+    (("eval", "--text", "{tmp}/latin1.txt"), ["{tmp}/latin1.txt", "not UTF-8", "byte 3"]),
+    (("eval", "--stride", "100000"), ["--stride 100000", "at most", "64"]),
+    (("generate", "--prompt", "def ", "--temperature", "nan"), ["--temperature", "finite"]),
+    (("generate", "--prompt", "def ", "--temperature", "-1"), ["--temperature", "not negative"]),
+    (("generate", "--prompt", "def ", "--seed", "-5"), ["--seed", "from 0 to 4294967295"]),
+    (("generate", "--prompt", "def ", "--seed", str(10**20)), ["--seed"]),
+    (("generate", "--prompt", "caf\udce9"), ["--prompt", "not valid UTF-8"]),
+    (("generate",), ["the following arguments are required: --prompt"]),
+    (("generate", "--prompt", "def ", "--bogus"), ["unrecognized arguments: --bogus"]),
 ])
 def test_bad_generate_and_eval_arguments(cli, expect_error, snapshot, trained_run, tmp_path, extra, fragments):
     """Out-of-range generate/eval arguments and bad --text files: error naming the argument; the
     run and tmp_path unchanged."""
     (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "one.txt").write_text("a")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
     before = snapshot(trained_run.out), snapshot(tmp_path)
     command, *rest = extra
     r = cli(command, "--checkpoint", trained_run.out, *(a.format(tmp=tmp_path) for a in rest))

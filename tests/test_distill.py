@@ -94,6 +94,12 @@ def test_sft_data_from_a_teacher_command(cli, expect_error, base_checkpoint, tmp
                             (["--max-new-tokens", "0"], "--max-new-tokens"), (["--temperature", "0"], "--temperature")):
         expect_error(cli("sft-data", "--teacher", base_checkpoint, "--out", out, *flags), "sft-data", fragment)
     expect_error(cli("sft-data", "--teacher", tmp_path / "nowhere", "--out", out), "sft-data", "nowhere")
+    expect_error(cli("sft-data", "--teacher", base_checkpoint, "--out", out, "--samples", "2", "--keep", "3"),
+                 "sft-data", "--keep 3", "--samples 2")
+    expect_error(cli("sft-data", "--out", out, "--samples", "3", "--temperature", "0.5"), "sft-data",
+                 "--samples, --temperature: only with --teacher")
+    expect_error(cli("sft-data", "--teacher", base_checkpoint, "--out", out, "--temperature", "nan"), "sft-data",
+                 "--temperature", "finite")
     assert not out.exists()
     # python_syntax has no worked examples, but a teacher's answers are fine for it
     r = cli("sft-data", "--task", "python_syntax", "--out", out)

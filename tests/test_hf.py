@@ -487,6 +487,17 @@ def test_save_refuses_to_overwrite_user_files(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
+def test_exported_files_get_the_umask_mode(tmp_path):
+    """Every file of an export is readable as the umask allows (safetensors alone wrote its own 0600)."""
+    old = os.umask(0o022)
+    try:
+        hf.save(our_model(), tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert any(name.endswith(".safetensors") for name in modes) and set(modes.values()) == {0o644}, modes
+
+
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     model = our_model()
     hf.save(model, tmp_path / "out")

@@ -232,7 +232,26 @@ def test_grpo_command(cli, base_checkpoint, tmp_path, expect_error):
                  "grpo", "context")
     expect_error(cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "h", "--format-weight", "-1"),
                  "grpo", "--format-weight")
+    for flag in ("--beta", "--format-weight", "--lr", "--temperature"):
+        expect_error(cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "h", flag, "nan"), "grpo", flag)
     assert not (tmp_path / "h").exists()
+    # a run that stops before its first checkpoint (here its task's prompt is too long for the model)
+    # leaves a folder that a new run may start in again; --resume there says so
+    (tmp_path / "long.jsonl").write_text('{"prompt": "' + "x " * 200 + '", "answer": "1"}\n')
+    expect_error(cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "s", "--task", tmp_path / "long.jsonl",
+                     "--steps", "1", "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "4"),
+                 "grpo", "exceeds the model's context")
+    expect_error(cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "s", "--resume"), "grpo",
+                 "no checkpoint", "without --resume")
+    r = cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "s", "--steps", "1", "--prompts-per-step", "1",
+            "--group-size", "2", "--max-new-tokens", "4", "--no-progress")
+    assert r.rc == 0, r.err
+    assert [rec["step"] for rec in read_metrics(tmp_path / "s")] == [1]
+    # a metrics.jsonl that is not a run's is not touched
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "metrics.jsonl").write_text("my own notes\n")
+    expect_error(cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "mine"), "grpo", "already holds a run")
+    assert (tmp_path / "mine" / "metrics.jsonl").read_text() == "my own notes\n"
 
 
 def final_weights(run) -> dict:

@@ -16,6 +16,36 @@ from .host_memory import keep_freed_host_memory
 
 
 EMA_HELP = "use the exponential moving average of the parameters saved with the checkpoint (train.ema_decay)"
+SEED_MAX = 2**32 - 1  # the random generators' range (numpy's, which the trainer seeds too)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's one-line errors: "moeforge <command>: error: ..." (no usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _seed(text: str) -> int:
+    """argparse type of --seed: an integer from 0 to SEED_MAX."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {SEED_MAX}, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    """argparse type of --temperature: a finite number, not negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not negative, got {text}")
+    return value
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -49,7 +79,7 @@ def _add_post_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str, f
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest checkpoint (the same --checkpoint and settings; "
                         "--steps may be raised)")
-    p.add_argument("--seed", type=int, default=seed, help=seed_help)
+    p.add_argument("--seed", type=_seed, default=seed, help=seed_help)
     p.add_argument("--no-progress", action="store_true", help="no line per step")
     p.add_argument("--precision", choices=SFT_PRECISIONS if fp8 else PRECISIONS, default="fp32",
                    help="bf16: the forwards under BF16 autocast" + ("; fp8: the blocks' GEMMs in FP8 with DeepSeek-V3's "
@@ -59,21 +89,22 @@ def _add_post_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str, f
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import preset_names
     from .posttrain.settings import GRPOSettings, SFTSettings
     from .posttrain.tasks import TASK_HELP
 
-    parser = argparse.ArgumentParser(prog="moeforge", description="Train, evaluate and convert DeepSeek-V3-class MoE models.")
+    parser = _Parser(prog="moeforge", description="Train, evaluate and convert DeepSeek-V3-class MoE models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model (default: the tiny preset on the embedded corpus)",
                        description="Train a model. Settings come from a preset and/or a TOML file, then key=value overrides.")
-    p.add_argument("--preset", help="a built-in preset: tiny (default), small, v2-lite, v3-671b")
+    p.add_argument("--preset", help=f"a built-in preset: {', '.join(n + ' (default)' if n == 'tiny' else n for n in preset_names())}")
     p.add_argument("--config", help="a TOML file with [model] and [train] sections (applied after --preset)")
     p.add_argument("--out", help="run folder for metrics and checkpoints (default: the preset's, e.g. runs/tiny)")
     p.add_argument("--steps", type=int, help="number of optimizer steps (train.steps)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     _add_device(p)
-    p.add_argument("--seed", type=int, help="random seed for initialisation and data order (train.seed)")
+    p.add_argument("--seed", type=_seed, help="random seed for initialisation and data order (train.seed)")
     p.add_argument("--data", help="a .txt/.jsonl/.parquet file or folder (default: the Python standard library sources)")
     p.add_argument("--tokenizer", help="a Hugging Face tokenizer.json (default: the byte-level BPE shipped with moeforge)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp8"],
@@ -85,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (step_N) or a run folder (its newest checkpoint)")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--temperature", type=_temperature, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     _add_decode_precision(p)
     p.add_argument("--ema", action="store_true", help=EMA_HELP)
     _add_device(p)
@@ -109,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a moeforge checkpoint folder or run folder to export")
     src.add_argument("--hf", help="a Hugging Face DeepSeek-V3 folder (config.json + safetensors) to dequantise")
-    p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    p.add_argument("--out", required=True, help="the folder to write: new, empty, or an earlier moeforge export "
+                                                "(replaced); never a run or checkpoint folder")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="dtype of the written weights (default bf16)")
     p.add_argument("--ema", action="store_true", help=EMA_HELP + "; with --checkpoint")
 
@@ -209,13 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of examples, or of prompts with --teacher (default 2000; under torchrun write -n: "
                         "torchrun reads --n as an abbreviation of its own options)")
     p.add_argument("--out", required=True, help="the JSONL file to write (replaced if it exists)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the problems and the sampling (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for the problems and the sampling (default 0)")
     p.add_argument("--teacher", help="a checkpoint or run folder to sample the responses from (rejection sampling)")
-    p.add_argument("--samples", type=int, default=4, help="with --teacher: completions per prompt (default 4)")
-    p.add_argument("--keep", type=int, default=1, help="with --teacher: distinct correct completions kept per prompt "
-                                                        "(default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="with --teacher: the longest completion (default 48)")
-    p.add_argument("--temperature", type=float, default=1.0, help="with --teacher: sampling temperature (default 1)")
+    p.add_argument("--samples", type=int, help="with --teacher: completions per prompt (default 4)")
+    p.add_argument("--keep", type=int, help="with --teacher: distinct correct completions kept per prompt, at most "
+                                            "--samples (default 1)")
+    p.add_argument("--max-new-tokens", type=int, help="with --teacher: the longest completion (default 48)")
+    p.add_argument("--temperature", type=_temperature, help="with --teacher: sampling temperature (default 1)")
     p.add_argument("--no-progress", action="store_true", help="with --teacher: no line per 32 prompts sampled")
     _add_decode_precision(p, "with --teacher: ")
     _add_device(p)
@@ -230,10 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="arithmetic", help=f"the task: {TASK_HELP} (default arithmetic)")
     p.add_argument("--n", type=int, default=200, help="number of problems (default 200)")
     p.add_argument("--samples", type=int, default=1, help="completions per problem (default 1)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default 0)")
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="sampling temperature; 0 is greedy (default 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="the longest completion (default 48)")
-    p.add_argument("--seed", type=int, default=1,
+    p.add_argument("--seed", type=_seed, default=1,
                    help="seed for the problems and the sampling (default 1; sft-data's default is 0)")
     p.add_argument("--exclude", metavar="FILE", help="an SFT data file (JSONL): problems whose prompt it holds are skipped")
     p.add_argument("--out", metavar="FILE", help="write the scores and every problem's completions and rewards as JSON")
@@ -256,6 +288,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price", type=float, metavar="USD", help="price of one GPU-hour: adds the cost")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides (model.*, train.*, parallel.*)")
     return parser
+
+
+def _check_output_file(path: str | None, flag: str) -> None:
+    """A file to be written after the work (results): checked before it, by creating and removing a
+    file next to it, so that a path that cannot be written fails before anything is computed."""
+    import tempfile
+
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise MoeforgeError(f"{flag} '{p}' is a folder; give a file name such as {p / 'results.json'}")
+    if not p.parent.is_dir():
+        raise MoeforgeError(f"{flag} '{p}': the folder '{p.parent}' does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise MoeforgeError(f"{flag} '{p}': cannot write in '{p.parent}' ({e.strerror})") from None
 
 
 def _check_out_folder(out: Path) -> None:
@@ -322,6 +373,10 @@ def cmd_generate(args) -> int:
     _check_top_p(args.top_p)
     if args.max_new_tokens < 0:
         raise MoeforgeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (Python keeps them as surrogates)
+        raise MoeforgeError("--prompt is not valid UTF-8 text") from None
     model, cfg = load_trained_model(args.checkpoint, args.device, ema=args.ema)
     tok = load_tokenizer(cfg.train.tokenizer or None)
     device = model.embed.weight.device
@@ -352,13 +407,22 @@ def cmd_eval(args) -> int:
             raise MoeforgeError(f"text file '{path}' does not exist")
         if not path.is_file():
             raise MoeforgeError(f"text file '{path}' is not a file")
-    model, cfg = load_trained_model(args.checkpoint, args.device, ema=args.ema)
-    tok = load_tokenizer(cfg.train.tokenizer or None)
-    if args.text:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise MoeforgeError(f"text file '{path}' is not UTF-8 text (byte {e.start})") from None
         if not text.strip():
             raise MoeforgeError(f"text file '{path}' is empty")
-        tokens = np.asarray(tok.encode(text) + [tok.eos_id], dtype=np.int64)
+    model, cfg = load_trained_model(args.checkpoint, args.device, ema=args.ema)
+    if args.stride is not None and args.stride > cfg.train.seq_len:
+        raise MoeforgeError(f"--stride {args.stride}: must be at most the model's training sequence length "
+                            f"({cfg.train.seq_len}: back-to-back windows)")
+    tok = load_tokenizer(cfg.train.tokenizer or None)
+    if args.text:
+        ids = tok.encode(text)
+        if len(ids) < 2:  # the first token is only context: nothing of the text would be scored
+            raise MoeforgeError(f"text file '{path}' is too short to score ({len(ids)} token)")
+        tokens = np.asarray(ids + [tok.eos_id], dtype=np.int64)
         what = str(path)
     else:
         data = prepare_data(cfg.train.data or None, tok, default_cache_dir())
@@ -368,7 +432,8 @@ def cmd_eval(args) -> int:
     res = evaluate(model, tokens, tok.token_bytes, cfg.train.seq_len, args.batch_size, device,
                    resolve_precision(cfg.train.precision, device), args.max_batches,
                    stride=cfg.train.eval_stride if args.stride is None else args.stride)
-    print(f"{what}: loss {res['loss']:.4f} | {res['bpb']:.4f} bits per byte (xz -9: {xz_bits_per_byte(text):.4f}) | "
+    xz = "xz -9" if args.max_batches is None else "xz -9 on the whole text"
+    print(f"{what}: loss {res['loss']:.4f} | {res['bpb']:.4f} bits per byte ({xz}: {xz_bits_per_byte(text):.4f}) | "
           f"{res['tokens']} tokens, {res['bytes']} bytes")
     return 0
 
@@ -383,8 +448,10 @@ def cmd_convert(args) -> int:
     if args.ema and not args.checkpoint:
         raise MoeforgeError("--ema applies to --checkpoint (a moeforge checkpoint), not to --hf")
     if args.checkpoint:
-        model, _ = load_trained_model(args.checkpoint, "cpu", ema=args.ema)
-        hf.save(model, args.out, dtype=dtype)
+        model, cfg = load_trained_model(args.checkpoint, "cpu", ema=args.ema)
+        from .data.tokenizer import DEFAULT_TOKENIZER_PATH
+
+        hf.save(model, args.out, dtype=dtype, tokenizer=cfg.train.tokenizer or DEFAULT_TOKENIZER_PATH)
     else:
         hf.convert(args.hf, args.out, dtype=dtype)
     print(f"wrote {args.out}")
@@ -397,6 +464,7 @@ def cmd_bench(args) -> int:
 
     if args.steps < 1 or args.warmup < 0:
         raise MoeforgeError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    _check_output_file(args.json, "--json")
     overrides = list(args.overrides)
     for flag, key in (("seq_len", "seq_len"), ("batch_size", "batch_size"), ("precision", "precision"),
                       ("device", "device")):
@@ -461,8 +529,11 @@ def _bench(args, cfg, pctx) -> int:
                    if ours.peak_mem_gib and theirs.peak_mem_gib else "")
             print_(f"moeforge / transformers: {ours.tokens_per_s / theirs.tokens_per_s:.2f}x tokens/s{mem}")
     if args.json and main_rank:
-        Path(args.json).write_text(json.dumps({"config": cfg.to_dict(), "results": [r.to_dict() for r in results],
-                                               "notes": notes}, indent=1))
+        from .data.tokenizer import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps({"config": cfg.to_dict(),
+                                                       "results": [r.to_dict() for r in results],
+                                                       "notes": notes}, indent=1))
     return 0
 
 
@@ -514,8 +585,8 @@ def cmd_grpo(args) -> int:
     records = train_grpo(args.checkpoint, Path(args.out), task, _settings(GRPOSettings, args), device=args.device,
                          progress=not args.no_progress, resume=args.resume, ep=args.ep, sharding=args.sharding)
     first, last = records[0], records[-1]
-    return _report_post_training(args, f"grpo: reward {first['reward']:.3f} at step {first['step']}, "
-                                       f"{last['reward']:.3f} at step {last['step']}")
+    later = f", {last['reward']:.3f} at step {last['step']}" if last is not first else ""
+    return _report_post_training(args, f"grpo: reward {first['reward']:.3f} at step {first['step']}{later}")
 
 
 def cmd_sft(args) -> int:
@@ -538,8 +609,16 @@ def cmd_sft_data(args) -> int:
 
     task = get_task(args.task)
     _check_at_least_one(args, "n")
+    if not Path(args.out).is_dir():  # (a folder: write_examples says so, naming a file to give)
+        _check_output_file(args.out, "--out")
+    teacher_flags = [f"--{k.replace('_', '-')}" for k in TEACHER_DEFAULTS if getattr(args, k) is not None]
     if args.teacher is not None:
+        for key, default in TEACHER_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, default)
         return _sft_data_from_teacher(args, task)
+    if teacher_flags:
+        raise MoeforgeError(f"{', '.join(teacher_flags)}: only with --teacher (sampling a checkpoint's answers)")
     if not hasattr(task, "demonstrations"):
         raise MoeforgeError(f"--task {args.task}: has no worked examples to write (arithmetic has; "
                             f"--teacher samples a checkpoint's answers instead)")
@@ -548,11 +627,16 @@ def cmd_sft_data(args) -> int:
     return 0
 
 
+TEACHER_DEFAULTS = {"samples": 4, "keep": 1, "max_new_tokens": 48, "temperature": 1.0}  # sft-data --teacher's
+
+
 def _sft_data_from_teacher(args, task) -> int:
     from .posttrain.distill import sample_teacher
     from .posttrain.sft import write_examples
 
     _check_at_least_one(args, "samples", "keep", "max_new_tokens")
+    if args.keep > args.samples:
+        raise MoeforgeError(f"--keep {args.keep}: more than the --samples {args.samples} sampled per prompt")
     if args.temperature <= 0:
         raise MoeforgeError(f"--temperature: must be positive for sampling, got {args.temperature}")
     result = sample_teacher(args.teacher, task, args.n, args.samples, args.max_new_tokens, args.temperature, args.seed,
@@ -587,8 +671,7 @@ def cmd_score(args) -> int:
         raise MoeforgeError(f"--samples {args.samples} with --temperature 0: greedy completions are all the same; "
                             f"give a temperature (DeepSeek-R1 used 0.6 with --top-p 0.95)")
     _check_top_p(args.top_p)
-    if args.out is not None and Path(args.out).is_dir():
-        raise MoeforgeError(f"--out '{args.out}' is a folder; give a file name such as {Path(args.out) / 'score.json'}")
+    _check_output_file(args.out, "--out")
     exclude = {prompt for _, prompt, _ in read_examples(args.exclude)} if args.exclude else set()
     model, cfg = load_trained_model(args.checkpoint, args.device)
     tok = load_tokenizer(cfg.train.tokenizer or None)
@@ -680,14 +763,16 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "con
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        argv = ["train"]  # `moeforge` alone trains the default
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")) or "=" in argv[0]:
+        argv = ["train", *argv]  # `moeforge [flags] [key=value ...]` is `moeforge train ...`
     args, extra = parser.parse_known_args(argv)
     # key=value settings may come before and after flags (argparse alone takes one run of them)
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = list(args.overrides) + extra
     elif extra:
-        parser.parse_args(argv)  # argparse's own one-line "unrecognized arguments" error, exit 2
+        print(f"moeforge {args.command or ''}: error: unrecognized arguments: {' '.join(extra)}".replace("  ", " "),
+              file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 2
@@ -703,6 +788,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path that cannot be read or written (the rest of such a failure is the OS's)
+        where = f" '{e.filename}'" if e.filename is not None else ""
+        print(f"moeforge {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except Exception as e:
         if not is_out_of_memory(e):
             raise

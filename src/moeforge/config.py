@@ -420,6 +420,7 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
         _check(t.batch_size_start <= t.batch_size and t.batch_size_start % t.micro_batch == 0,
                f"train.batch_size_start: must be a multiple of the micro batch ({t.micro_batch}) and <= batch_size")
     _check(t.lr > 0, f"train.lr: must be positive, got {t.lr}")
+    _check(0 <= t.seed < 2**32, f"train.seed: must be from 0 to {2**32 - 1} (the random generators' range), got {t.seed}")
     _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
     _check(t.schedule in ("wsd", "cosine"), f"train.schedule: expected wsd or cosine, got {t.schedule!r}")
     for name in ("decay_start", "bias_update_stop", "mtp_lambda_switch", "fim_rate"):

@@ -614,6 +614,9 @@ class _ShardWriter:
             return
         path = self._tmp_name(len(self.shards) + 1)
         save_file(self.pending, str(path), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; the folder's other files get the umask's mode
         _fsync(path)
         self.shards.append(sorted(self.pending))
         self.pending, self.pending_bytes = {}, 0
@@ -642,7 +645,7 @@ def _is_previous_export(folder: Path) -> bool:
     names = [p.name for p in folder.iterdir()]
     if CONFIG_NAME not in names:
         return False
-    if not all(n in (CONFIG_NAME, INDEX_NAME, SINGLE_NAME) or SHARD_RE.fullmatch(n) for n in names):
+    if not all(n in (CONFIG_NAME, INDEX_NAME, SINGLE_NAME, *TOKENIZER_NAMES) or SHARD_RE.fullmatch(n) for n in names):
         return False
     if not all((folder / n).is_file() and not (folder / n).is_symlink() for n in names):
         return False
@@ -724,9 +727,27 @@ def _fp8_eligible(name: str, t: torch.Tensor) -> bool:
     return t.dim() == 2 and name.endswith(".weight") and name.rsplit(".", 2)[-2] in FP8_PROJECTIONS
 
 
+TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json")  # an export's tokenizer (save's `tokenizer`)
+
+
+def _write_tokenizer(folder: Path, path: str | os.PathLike, context: int) -> None:
+    """The model's tokenizer beside its weights, as transformers' AutoTokenizer reads it: the
+    tokenizer.json as it is (moeforge's tokenizers are the `tokenizers` library's files) and a
+    tokenizer_config.json naming the fast tokenizer class and the end-of-text token."""
+    from .data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path)
+    shutil.copyfile(tok.path, folder / TOKENIZER_NAMES[0])
+    _write_json(folder / TOKENIZER_NAMES[1], {"tokenizer_class": "PreTrainedTokenizerFast",
+                                               "eos_token": tok.eos_token,
+                                               "model_max_length": context})
+
+
 def save(model: Transformer, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
-         dtype: torch.dtype | str | None = None, fp8: bool = False) -> None:
-    """Write `model` as a Hugging Face DeepSeek-V3 folder (config.json, safetensors shards, index).
+         dtype: torch.dtype | str | None = None, fp8: bool = False,
+         tokenizer: str | os.PathLike | None = None) -> None:
+    """Write `model` as a Hugging Face DeepSeek-V3 folder (config.json, safetensors shards, index;
+    with `tokenizer`, a tokenizer.json file, also tokenizer.json and tokenizer_config.json).
 
     Tensors are written in `dtype` (None: as they are), except the routing bias, which stays FP32
     as in the release. MTP modules go to model.layers.{L+k} with the release's copies of the
@@ -761,6 +782,8 @@ def save(model: Transformer, path: str | os.PathLike, max_shard_bytes: int = 5 *
         if fp8:
             config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
         _write_json(tmp / CONFIG_NAME, config)
+        if tokenizer is not None:
+            _write_tokenizer(tmp, tokenizer, cfg.max_position_embeddings)
 
     _write_atomically(path, write)
 

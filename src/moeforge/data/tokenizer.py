@@ -106,6 +106,7 @@ class Tokenizer:
                 f"tokenizer file '{self.path}' has no end-of-text token "
                 f"(tried {', '.join(_EOS_CANDIDATES)})"
             )
+        self.eos_token: str = eos
         self.eos_id: int = self._tok.token_to_id(eos)
         self.fim_ids: tuple[int, int, int] | None = None
         for names in _FIM_CANDIDATES:

@@ -72,6 +72,7 @@ class PostRun:
     resumed: dict | None = None  # on --resume: the newest checkpoint's state.pt and optimizer.pt
     resumed_from: Path | None = None  # on --resume: that checkpoint
     pctx: ParallelContext | None = None  # under torchrun, when the stage passed it: the model's layout
+    restart: bool = False  # a new run where an earlier one stopped before its first checkpoint
 
     @property
     def sharded(self) -> bool:
@@ -100,7 +101,8 @@ class PostRun:
         if not lead:
             return None
         self.out.mkdir(parents=True, exist_ok=True)
-        trim_metrics(self.out / "metrics.jsonl", self.step)
+        trim_metrics(self.out / "metrics.jsonl", -1 if self.restart else self.step)  # (restart: the earlier
+        # run's records go; they belong to no checkpoint)
         return MetricsSink(self.out, tensorboard=False)
 
     def save(self, step: int, optimizer: torch.optim.Optimizer, settings, keep: int, **progress) -> Path | None:
@@ -148,13 +150,26 @@ def open_run(checkpoint: str | Path, out: str | Path, device: str | None, stage:
     run = {"checkpoint": str(Path(checkpoint).expanduser().resolve()), **run}
     if resume:
         return _resume(out, device, stage, settings, run, pctx, precision)
-    if (out / "metrics.jsonl").exists():
+    restart = (out / "metrics.jsonl").exists()
+    if restart and (ckpt.list_checkpoints(out / "checkpoints") or not _run_metrics(out / "metrics.jsonl")):
         raise MoeforgeError(f"--out '{out}' already holds a run (metrics.jsonl); pass --resume to continue it "
                             f"or choose a new folder")
+    # (else an earlier run in `out` stopped before its first checkpoint: nothing to resume, start again)
     start = ckpt.resolve_checkpoint(checkpoint)
     model, cfg = load_model(start, device, pctx, precision)
     run.update(start=str(start.resolve()), start_manifest=_manifest_digest(start))
-    return PostRun(out, stage, model, cfg, load_tokenizer(cfg.train.tokenizer or None), run, pctx=pctx)
+    return PostRun(out, stage, model, cfg, load_tokenizer(cfg.train.tokenizer or None), run, pctx=pctx,
+                   restart=restart)
+
+
+def _run_metrics(path: Path) -> bool:
+    """Whether a metrics.jsonl holds a run's records (JSON objects with a step) and nothing else."""
+    import json
+
+    try:
+        return all("step" in json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except (ValueError, TypeError):
+        return False
 
 
 def load_model(path: Path, device: str | None, pctx, precision: str = "fp32") -> tuple[torch.nn.Module, Config]:
@@ -191,7 +206,8 @@ def _resume(out: Path, device: str | None, stage: str, settings, run: dict, pctx
     root = out / "checkpoints"
     found = ckpt.list_checkpoints(root)
     if not found:
-        raise MoeforgeError(f"--resume: no checkpoint under '{root}'")
+        raise MoeforgeError(f"--resume: no checkpoint under '{root}' (a run that stopped before its first "
+                            f"checkpoint starts again without --resume)")
     path = found[-1]
     parts = ckpt.load_checkpoint(path, ("optimizer.pt", "state.pt"))
     state = parts["state.pt"]

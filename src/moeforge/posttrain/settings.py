@@ -22,12 +22,13 @@ def _check_precision(settings, allowed: tuple[str, ...] = PRECISIONS) -> None:
 
 
 def _check_minimum(settings, names: tuple[str, ...], minimum: float) -> None:
-    """Each named setting is at least `minimum`, or a MoeforgeError naming its command-line flag."""
+    """Each named setting is a finite number of at least `minimum`, or a MoeforgeError naming its
+    command-line flag."""
     for name in names:
         value = getattr(settings, name)
-        if value < minimum:
+        if not (minimum <= value < float("inf")):  # (NaN fails both)
             need = "not be negative" if minimum == 0 else f"be at least {minimum}"
-            raise MoeforgeError(f"--{name.replace('_', '-')}: must {need}, got {value}")
+            raise MoeforgeError(f"--{name.replace('_', '-')}: must {need} (and finite), got {value}")
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,11 @@ class GRPOSettings:
         if self.group_size < 2:
             raise MoeforgeError(f"--group-size: GRPO compares completions within a group; need 2 or more, "
                                 f"got {self.group_size}")
-        if not self.temperature > 0:
-            raise MoeforgeError(f"--temperature: must be positive to sample a group, got {self.temperature}")
+        if not 0 < self.temperature < float("inf"):
+            raise MoeforgeError(f"--temperature: must be positive (and finite) to sample a group, got {self.temperature}")
         for name in ("lr", "clip"):
-            if not getattr(self, name) > 0:
-                raise MoeforgeError(f"--{name}: must be positive, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < float("inf"):
+                raise MoeforgeError(f"--{name}: must be positive (and finite), got {getattr(self, name)}")
         _check_minimum(self, ("beta", "grad_clip", "format_weight", "checkpoint_every"), 0)
         _check_precision(self)
 
@@ -86,8 +87,8 @@ class SFTSettings:
     def validate(self) -> None:
         _check_minimum(self, ("steps", "batch_size", "keep_checkpoints"), 1)
         _check_minimum(self, ("warmup", "max_len", "pack", "eval_every", "checkpoint_every", "grad_clip"), 0)
-        if not self.lr > 0:
-            raise MoeforgeError(f"--lr: must be positive, got {self.lr}")
+        if not 0 < self.lr < float("inf"):
+            raise MoeforgeError(f"--lr: must be positive (and finite), got {self.lr}")
         if self.schedule not in ("cosine", "constant"):
             raise MoeforgeError(f"--schedule: expected cosine or constant, got {self.schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:

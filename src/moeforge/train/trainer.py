@@ -8,6 +8,7 @@ OUT/checkpoints/step_N (atomic, last N kept); `resume` continues bit-identically
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
@@ -85,6 +86,28 @@ def xz_bits_per_byte(text: str) -> float:
     return 8 * len(lzma.compress(data, preset=9)) / max(1, len(data))
 
 
+def _check_not_foreign(out: Path) -> None:
+    """A new run may start in a folder that holds no checkpoint only if what the run would write there
+    (config.toml, metrics.jsonl) is absent or an earlier run's of moeforge that never saved one: a
+    user's own file of either name is never overwritten."""
+    from ..config import load_config
+
+    for name in ("config.toml", "metrics.jsonl"):
+        path = out / name
+        if not path.exists():
+            continue
+        try:
+            if name == "config.toml":
+                load_config(None, str(path), [])
+            else:
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    if line.strip() and "step" not in json.loads(line):
+                        raise ValueError("a record without a step")
+        except (MoeforgeError, ValueError, AttributeError, TypeError):
+            raise MoeforgeError(f"--out '{out}' holds a {name} that is not a moeforge run's; choose another --out "
+                                f"(nothing was written)") from None
+
+
 def validation_text(data_path: str | None) -> str:
     """The held-out documents, concatenated, as the evaluation reads them (without separators)."""
     from ..data.corpus import plan_split
@@ -126,8 +149,14 @@ class Trainer:
             diff = ckpt.config_differences(saved, cfg)
             if diff:
                 raise MoeforgeError(f"checkpoint '{resume_from}' was made with another model config ({diff[0]})")
+            done = int(ckpt.STEP_RE.match(resume_from.name).group(1))
+            if t.steps < done:  # (equal: nothing to train; the run is validated again, its checkpoint rewritten)
+                raise MoeforgeError(f"--resume: the run in '{self.out}' has done {done} steps already, more than "
+                                    f"--steps {t.steps}; pass --steps above {done} to continue it")
         elif existing:
             raise MoeforgeError(f"'{self.out}' already holds checkpoints; pass --resume to continue or choose another --out")
+        else:
+            _check_not_foreign(self.out)
 
         # None for one process; under torchrun the mesh (pp x dp x ep) and this rank's place in it.
         self.pctx = parallel.init_distributed(cfg.parallel, t.device)
