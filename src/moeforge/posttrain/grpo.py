@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import ParallelConfig
 from ..errors import MoeforgeError
 from ..generate import sample_rows
 from ..model.mtp import IGNORE_INDEX
-from ..config import ParallelConfig
 from ..parallel.data import clip_coefficient, global_grad_norm, scale_gradients, sync_gradients
 from ..train.step import autocast
 from .common import all_gather_objects, all_reduce_sum, build_adamw, checkpoint_due, init_data_parallel, open_run
