@@ -215,10 +215,14 @@ def pipeline_body(schedule: str, layout: str = "", n_micro: int = N_MICRO, steps
 
 @pytest.mark.parametrize("schedule, pp, amp", [("1f1b", 2, None), ("dualpipev", 2, None), ("interleaved1f1b", 2, None),
                                               ("1f1b", 1, None), ("dualpipev", 2, torch.bfloat16)])
-def test_stage_modules_chain_to_the_model(schedule, pp, amp, one_thread):
+@pytest.mark.parametrize("documents", [False, True], ids=["causal", "documents"])
+def test_stage_modules_chain_to_the_model(schedule, pp, amp, documents, one_thread):
     """In one process, the stage modules run one after the other compute Transformer.losses and the
-    trainer's objective bit for bit (also under BF16 autocast), and their state_dicts partition the
-    model's (the embedding is the one tensor two stages share, when the MTP embeddings are shared)."""
+    trainer's objective bit for bit (also under BF16 autocast, and with attention masked to the
+    documents of tokens that hold end-of-text tokens, train.document_mask: each stage builds the mask
+    from the tokens), and their state_dicts partition the model's (the embedding is the one tensor
+    two stages share, when the MTP embeddings are shared)."""
+    from moeforge.model.attention import document_ids, document_mask
     from moeforge.parallel.pipeline import PipelineLoss, StageModule
 
     cfg = make_config()
@@ -227,16 +231,22 @@ def test_stage_modules_chain_to_the_model(schedule, pp, amp, one_thread):
     layout, mode = stage_layout(cfg.model, pcfg), mtp_mode(cfg.model, pcfg)
     mods = [StageModule(model, s, len(layout), layout[s], mode, amp) for s in range(len(layout))]
     window = make_batches(1, 1)[0]
+    if documents:  # documents of 5 to 11 tokens
+        window = window.clone()
+        window[:, 5::11] = window[:, 11::7] = cfg.model.eos_token_id
     inputs, targets = window[:, :-1], window[:, 1:]
     carry = (inputs,)
     for m in mods:
-        carry = m(*carry, mtp_tokens=inputs)
+        carry = m(*carry, mtp_tokens=inputs, doc_tokens=inputs if documents else None)
     assert all(t.dtype == torch.float32 for t in carry)  # the static shapes split_pipeline declares
     loss_fn = PipelineLoss(model.head, cfg.model.num_nextn_predict_layers, amp)
     loss_fn.mtp_lambda, loss_fn.balance_alpha = LAM, ALPHA
     loss = loss_fn(carry, targets)
+    mask = document_mask(document_ids(inputs, cfg.model.eos_token_id)) if documents else None
     with torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext():
-        out = model.losses(inputs, targets)
+        out = model.losses(inputs, targets, mask=mask)
+        if documents:  # (the mask changes the function: the test would pass without it otherwise)
+            assert not torch.equal(out["main"], model.losses(inputs, targets)["main"])
     assert torch.equal(loss, out["main"] + out["mtp"].sum() * LAM + ALPHA * out["balance"])
     assert torch.equal(loss_fn.records[0], torch.cat([out["main"].reshape(1), out["mtp"], out["balance"].reshape(1)]))
     keys = [set(m.state_dict()) for m in mods]

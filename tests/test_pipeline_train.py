@@ -6,6 +6,7 @@
 - Every rank writes its stages' pieces with torch.distributed.checkpoint: one process reads them
   all back (model and AdamW moments, under the single model's names) with logits close to the
   single-process run's.
+- DualPipeV with attention masked to documents (train.document_mask): the single process's losses.
 - PP=2 x EP=2 (4 processes): the same comparison, each stage's experts split over 2 ranks; and with
   each stage's AdamW state partitioned (ZeRO-1) or its parameters sharded by FSDP2 (zero2, full)
   over the stage's data ranks.
@@ -161,6 +162,32 @@ def test_pipeline_trainer_with_muon_matches_single_process(data_dir, mf_env, tmp
                 assert a[key] == pytest.approx(b[key], rel=LOSS_RTOL), f"rank {rank} step {a['step']} {key}"
 
 
+def test_pipeline_trainer_with_document_masking_matches_single_process(data_dir, mf_env, tmp_path):
+    """train.document_mask on pipeline stages (pp=2, DualPipeV: each rank's two stages build the mask
+    from the micro-batch's tokens, which every rank reads): the losses and gradient norms are the
+    single process's with the same setting, and differ from the causal run's (the windows hold
+    documents' ends, so the setting is in play)."""
+    import json
+
+    short = tmp_path / "short"  # the corpus's paragraphs as documents of their own: ends in every window
+    short.mkdir()
+    for src in sorted(data_dir.iterdir()):
+        paragraphs = [p for p in src.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        (short / f"{src.stem}.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    docs = ["train.document_mask=true"]
+    causal = single_process(lambda: train_run(make_config(short, tmp_path / "causal"), None), mf_env)
+    ref = single_process(lambda: train_run(make_config(short, tmp_path / "ref", docs), None), mf_env)
+    assert ref["records"][0]["loss"] != pytest.approx(causal["records"][0]["loss"], rel=1e-6)
+    nproc, extra = LAYOUTS["dualpipev"]
+    results = run_dist(train_run, nproc, make_config(short, tmp_path / "run", [*docs, *extra]), str(mf_env),
+                       init=False)
+    for rank, res in enumerate(results):
+        assert [r["step"] for r in res["records"]] == [1, 2, 3]
+        for a, b in zip(res["records"], ref["records"]):
+            for key in ("loss", "mtp_loss", "grad_norm"):
+                assert a[key] == pytest.approx(b[key], rel=LOSS_RTOL), f"rank {rank} step {a['step']} {key}"
+
+
 def _check_distributed_checkpoint(path: Path, ref_path: Path) -> None:
     """Model and optimizer of a DCP checkpoint loaded into a single-process model and AdamW: the
     moments equal the single-process run's (exp_avg_sq within 1e-3: gradients summed in another order)."""
@@ -208,7 +235,8 @@ def test_torchrun_cli_pp2_dualpipev(reference, data_dir, mf_cache_dir, tmp_path)
 
 
 def test_pipeline_layouts_the_trainer_refuses():
-    """Too few micro-batches and document masking with pp: clear errors; FSDP sharding is accepted."""
+    """Too few micro-batches, and FSDP's full sharding with dualpipev: clear errors; zero2, full with 1f1b
+    and document masking are accepted."""
     from types import SimpleNamespace
 
     from moeforge.errors import MoeforgeError
@@ -221,9 +249,8 @@ def test_pipeline_layouts_the_trainer_refuses():
     with pytest.raises(MoeforgeError, match="fewer than the 4 pipeline stages"):
         check_pipeline_layout(cfg, SimpleNamespace(pp=2, dp=1, ep=1))
     cfg.train.micro_batch_size = 2
-    cfg.train.document_mask = True
-    with pytest.raises(MoeforgeError, match="document_mask"):
-        check_pipeline_layout(cfg, SimpleNamespace(pp=2, dp=1, ep=1))
+    cfg.train.document_mask = True  # every stage masks its attention to the documents: accepted
+    check_pipeline_layout(cfg, SimpleNamespace(pp=2, dp=1, ep=1))
     cfg.train.document_mask = False
     cfg.parallel.sharding = "zero2"  # FSDP inside the stages: accepted
     check_pipeline_layout(cfg, SimpleNamespace(pp=2, dp=2, ep=1))

@@ -222,11 +222,20 @@ class StageModule(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.amp_dtype)
 
-    def forward(self, *carry: torch.Tensor, mtp_tokens: torch.Tensor | None = None):
+    def forward(self, *carry: torch.Tensor, mtp_tokens: torch.Tensor | None = None,
+                doc_tokens: torch.Tensor | None = None):
+        """doc_tokens: the micro-batch's input tokens [B, S] under document masking (train.document_mask):
+        every stage builds the mask of the documents they hold (attention.document_mask); None: causal."""
         with self._autocast(carry[0].device):
-            return self._forward(*carry, mtp_tokens=mtp_tokens)
+            return self._forward(*carry, mtp_tokens=mtp_tokens, doc_tokens=doc_tokens)
 
-    def _forward(self, *carry: torch.Tensor, mtp_tokens: torch.Tensor | None = None):
+    def _forward(self, *carry: torch.Tensor, mtp_tokens: torch.Tensor | None = None,
+                 doc_tokens: torch.Tensor | None = None):
+        mask = None
+        if doc_tokens is not None:
+            from ..model.attention import document_ids, document_mask
+
+            mask = document_mask(document_ids(doc_tokens, self.cfg.eos_token_id))
         if self.is_first:
             (tokens,) = carry
             h = self.embed(tokens)  # [B, S] -> [B, S, D]
@@ -240,7 +249,7 @@ class StageModule(nn.Module):
         S = h.shape[1]
         cos, sin = self._rope(S, h.device)
         for layer in self.layers.values():
-            h, b = layer(h, cos, sin)
+            h, b = layer(h, cos, sin, mask=mask)
             balance = balance + b  # same summation order as Transformer.hidden
         if not self.is_last:
             # Pass forwarded embeddings on as copies, not as the received tensors: an output that is
@@ -257,7 +266,7 @@ class StageModule(nn.Module):
                 emb = self.embed(shift_tokens(mtp_tokens, k, 0))  # Emb(t_{i+k}), shared embedding
             else:
                 emb = emb_ahead[k - 1]
-            h, b = module(h, emb, cos, sin)
+            h, b = module(h, emb, cos, sin, mask)
             balance = balance + b
             outs.append(h)
         # Under autocast the norms return BF16; sent as the residual's dtype (exact), the head rounds back.
@@ -393,12 +402,13 @@ def split_pipeline(model: Transformer, pcfg: ParallelConfig, rank_ctx, *, micro_
 
 def pipeline_train_step(stages: list, schedule_factory: ScheduleFactory, inputs: torch.Tensor | None,
                         targets: torch.Tensor | None, *, n_micro: int, mtp_lambda: float,
-                        balance_alpha: float) -> dict[str, torch.Tensor]:
+                        balance_alpha: float, document_mask: bool = False) -> dict[str, torch.Tensor]:
     """Forward and backward of one optimizer step's n_micro micro-batches through the schedule.
 
     inputs, targets: [n_micro * micro_batch, S], micro-batch i = rows i*B..(i+1)*B (the trainer's
     order). Only the rank with the first stage needs `inputs` and only the rank with the last stage
-    needs `targets` (and `inputs` under shared MTP embeddings); others may pass None.
+    needs `targets` (and `inputs` under shared MTP embeddings); others may pass None. document_mask:
+    attention within the documents of the tokens (train.document_mask); every rank then needs `inputs`.
     Gradients accumulate into the stage parameters' .grad exactly as the trainer's n_micro
     `(loss / n_micro).backward()` calls do; the caller clips, steps and zeroes them.
     Returns, on every pipeline rank: main [] and balance [] (means over micro-batches), mtp [K]
@@ -407,12 +417,13 @@ def pipeline_train_step(stages: list, schedule_factory: ScheduleFactory, inputs:
     f = schedule_factory
     schedule = f(n_micro)
     rows = n_micro * f.micro_batch
-    for name, t, needed in (("inputs", inputs, f.has_first or (f.has_last and f.mode == "shared")),
-                            ("targets", targets, f.has_last)):
-        if needed:
+    for name, t, why in (("inputs", inputs, "runs the first stage" if f.has_first else
+                          "runs the last stage" if f.has_last and f.mode == "shared" else
+                          "masks attention to documents" if document_mask else None),
+                         ("targets", targets, "runs the last stage" if f.has_last else None)):
+        if why is not None:
             if t is None:
-                raise MoeforgeError(f"pipeline: this rank runs the {'first' if name == 'inputs' else 'last'} "
-                                    f"stage and needs {name}")
+                raise MoeforgeError(f"pipeline: this rank {why} and needs {name}")
             if tuple(t.shape) != (rows, f.seq_len):
                 raise MoeforgeError(f"pipeline: {name} must be [{rows}, {f.seq_len}] ({n_micro} micro-batches of "
                                     f"{f.micro_batch}), got {list(t.shape)}")
@@ -427,6 +438,8 @@ def pipeline_train_step(stages: list, schedule_factory: ScheduleFactory, inputs:
     # Shared MTP embeddings: the last stage looks up Emb(t_{i+k}) itself; every local stage gets the
     # keyword (the first stage ignores it).
     kwargs = {"mtp_tokens": inputs} if f.has_last and f.mode == "shared" else {}
+    if document_mask:  # every stage masks attention to the documents of its micro-batch's tokens
+        kwargs["doc_tokens"] = inputs
     schedule.step(*args, target=targets if f.has_last else None, return_outputs=False, **kwargs)
 
     K = loss.depth

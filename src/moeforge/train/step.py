@@ -266,8 +266,6 @@ def check_pipeline_sharding(pcfg) -> None:
 def check_pipeline_layout(cfg: Config, pctx) -> None:
     """What the trainer supports with parallel.pp > 1, checked before any model memory exists."""
     check_pipeline_sharding(cfg.parallel)
-    if cfg.train.document_mask:
-        raise MoeforgeError("train.document_mask: not supported with parallel.pp > 1 yet")
     t = cfg.train
     for n_micro in sorted({batch_size_at(step, t) // t.micro_batch for step in range(max(1, t.steps))}):
         pipeline.validate_micro_batches(cfg.parallel, n_micro)

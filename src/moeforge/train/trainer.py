@@ -327,7 +327,8 @@ class Trainer:
                             for _ in range(n_micro)]).to(self.device)
         with step_weight_cache(self.cfg, self.precision, n_micro):
             out = pipeline.pipeline_train_step(self.stages, self.pipe, window[:, :-1], window[:, 1:], n_micro=n_micro,
-                                               mtp_lambda=lam, balance_alpha=t.balance_alpha)
+                                               mtp_lambda=lam, balance_alpha=t.balance_alpha,
+                                               document_mask=t.document_mask)
         K = m.num_nextn_predict_layers
         mtp = out["mtp"].sum() * (lam / K) if K else out["main"] * 0
         return torch.stack([out["main"], mtp, out["balance"]]).float().to(self.device)
