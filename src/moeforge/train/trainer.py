@@ -543,7 +543,7 @@ def parallel_summary(cfg: Config, pctx) -> str:
     if pctx.pp > 1:
         layout = pipeline.stage_layout(m, p)
         return (f"parallel: {pctx.world_size} ranks = pp {pctx.pp} x dp {pctx.dp} x ep {pctx.ep} | schedule {p.schedule} | "
-                f"{len(layout)} stages of {','.join(str(len(s)) for s in layout)} layers")
+                f"sharding {p.sharding} | {len(layout)} stages of {','.join(str(len(s)) for s in layout)} layers")
     return (f"parallel: {pctx.world_size} ranks = pp {pctx.pp} x dp {pctx.dp} x ep {pctx.ep} | sharding {p.sharding} | "
             f"{cfg.train.micro_batch // pctx.data_ranks} sequences per rank per micro-batch | "
             f"a token reaches <= {reach} of {pctx.ep} ep ranks")
