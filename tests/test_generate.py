@@ -6,7 +6,8 @@ computes what the step with a Python position computes.
 - the Decoder's "static" mode (that step, run eagerly) samples what "eager" samples, and both what
   generate() returns; the modes' errors;
 - prompts of different lengths decoded in one left-padded batch give each prompt's logits alone
-  (its positions count from its first token, and no row sees padding), in both step forms.
+  (its positions count from its first token, and no row sees padding), in both step forms;
+- speculative decoding with the MTP module's drafts gives greedy decoding's tokens, drafts kept or not.
 The captured graph itself is tested against the static step on a GPU (tests/test_speed_gpu.py).
 """
 
@@ -111,3 +112,33 @@ def test_left_padded_prompts_decode_as_they_do_alone(mode):
     for p, row in zip(prompts, tokens):
         assert row.tolist() == generate(model, p, 5, temperature=0.0)
 
+
+
+def test_speculative_decoding_gives_greedy_decodings_tokens(monkeypatch):
+    """generate_speculative (the MTP module drafting the token after next, both checked in one
+    forward) returns greedy decoding's tokens: with the random MTP module's own drafts (nearly all
+    rejected), and with an oracle that drafts greedy decoding's next-but-one token (all accepted: two
+    tokens a forward); a stop token ends it as it ends greedy decoding. A model without MTP is refused."""
+    from moeforge import generate as gen
+    from moeforge.errors import MoeforgeError
+
+    model = _model(2)
+    for prompt in ([5, 9, 300, 41], [7], list(range(20, 40))):
+        want = generate(model, prompt, 12, temperature=0.0)
+        got, stats = gen.generate_speculative(model, prompt, 12)
+        assert got == want and stats["drafts"] == stats["forwards"] <= 11, (prompt, stats)
+        assert 12 - 1 == stats["forwards"] + stats["accepted"]  # the first token comes from the prefill
+
+        oracle = prompt + want + [0]  # the token at each slot, as greedy decoding has it
+        monkeypatch.setattr(gen, "_draft", lambda model, h1, slot: oracle[slot])
+        got, stats = gen.generate_speculative(model, prompt, 12)
+        monkeypatch.undo()
+        assert got == want and stats["accepted"] == stats["drafts"] == stats["forwards"] == 6, stats  # 1 + 2 x 6 >= 12
+    edge = list(range(100, 160))  # 60 tokens + 4 new: the model's whole context of 64, no slot to spare
+    assert gen.generate_speculative(model, edge, 4)[0] == generate(model, edge, 4, temperature=0.0)
+    stop = want[4]
+    assert gen.generate_speculative(model, prompt, 12, stop_id=stop)[0] == generate(model, prompt, 12, temperature=0.0,
+                                                                                     stop_id=stop)
+    no_mtp = build_model(load_config(None, None, [*MODEL, "model.num_nextn_predict_layers=0"]).model, "cpu")
+    with pytest.raises(MoeforgeError, match="MTP"):
+        gen.generate_speculative(no_mtp, [5], 4)

@@ -43,8 +43,10 @@ class MTPModule(nn.Module):
         self.block = block
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # shared_head.norm in the release
 
-    def forward(self, h_prev: torch.Tensor, emb_ahead: torch.Tensor, cos, sin, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """h_prev, emb_ahead: [B, S, D] -> (normalised h^k [B, S, D] for the head and the next depth, balance loss)."""
+    def forward(self, h_prev: torch.Tensor, emb_ahead: torch.Tensor, cos, sin, mask=None, cache=None,
+                start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """h_prev, emb_ahead: [B, S, D] -> (normalised h^k [B, S, D] for the head and the next depth, balance loss).
+        cache, start_pos: decoding with the block's own latent cache (generate.generate_speculative)."""
         h = self.eh_proj(torch.cat([self.enorm(emb_ahead), self.hnorm(h_prev)], dim=-1))  # [B, S, 2D] -> [B, S, D]
-        h, balance = self.block(h, cos, sin, mask=mask)
+        h, balance = self.block(h, cos, sin, cache, start_pos, mask=mask)
         return self.norm(h), balance
