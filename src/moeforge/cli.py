@@ -1,7 +1,8 @@
 """The `moeforge` command line: thin wrappers that parse, call the library and report errors.
 
-A MoeforgeError (bad input) ends as one line on stderr and exit status 2; anything else is a bug
-and keeps its traceback.
+A MoeforgeError (bad input), an argparse usage error and an OSError (a path that cannot be read or
+written) end as one line on stderr and exit status 2; running out of device memory as one line and
+exit status 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -396,7 +397,7 @@ def cmd_generate(args) -> int:
     if stats is not None:
         kept = f" ({100 * stats['accepted'] / stats['drafts']:.0f}%)" if stats["drafts"] else ""
         print(f"speculative: {stats['accepted']} of {stats['drafts']} drafts kept{kept}; {len(ids)} tokens in "
-              f"{stats['forwards'] + 1} forwards (the prompt's included)")
+              f"{stats['forwards'] + 1} forwards (the prefill's included)")
     return 0
 
 

@@ -36,7 +36,7 @@ from ..errors import MoeforgeError
 from ..model import build_model
 from ..train import checkpoint as ckpt
 from ..train.graph import portable_optimizer_state
-from ..train.metrics import MetricsSink, trim_metrics
+from ..train.metrics import MetricsSink, is_run_metrics, trim_metrics
 from ..train.step import build_optimizer, shard_model
 from .settings import SHARDINGS
 
@@ -151,7 +151,7 @@ def open_run(checkpoint: str | Path, out: str | Path, device: str | None, stage:
     if resume:
         return _resume(out, device, stage, settings, run, pctx, precision)
     restart = (out / "metrics.jsonl").exists()
-    if restart and (ckpt.list_checkpoints(out / "checkpoints") or not _run_metrics(out / "metrics.jsonl")):
+    if restart and (ckpt.list_checkpoints(out / "checkpoints") or not is_run_metrics(out / "metrics.jsonl")):
         raise MoeforgeError(f"--out '{out}' already holds a run (metrics.jsonl); pass --resume to continue it "
                             f"or choose a new folder")
     # (else an earlier run in `out` stopped before its first checkpoint: nothing to resume, start again)
@@ -160,16 +160,6 @@ def open_run(checkpoint: str | Path, out: str | Path, device: str | None, stage:
     run.update(start=str(start.resolve()), start_manifest=_manifest_digest(start))
     return PostRun(out, stage, model, cfg, load_tokenizer(cfg.train.tokenizer or None), run, pctx=pctx,
                    restart=restart)
-
-
-def _run_metrics(path: Path) -> bool:
-    """Whether a metrics.jsonl holds a run's records (JSON objects with a step) and nothing else."""
-    import json
-
-    try:
-        return all("step" in json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    except (ValueError, TypeError):
-        return False
 
 
 def load_model(path: Path, device: str | None, pctx, precision: str = "fp32") -> tuple[torch.nn.Module, Config]:

@@ -101,6 +101,15 @@ class MetricsSink:
             self.tb.close()
 
 
+def is_run_metrics(path: Path) -> bool:
+    """Whether a metrics.jsonl holds a run's records (JSON objects with a step) and nothing else: a
+    file of that name that moeforge did not write is never replaced or trimmed."""
+    try:
+        return all("step" in json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def trim_metrics(path: Path, last_step: int) -> None:
     """Keep the records of metrics.jsonl up to `last_step` (a resumed run's checkpoint: records a run
     wrote after its last checkpoint before it stopped are dropped, as the resumed run writes them
