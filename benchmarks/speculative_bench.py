@@ -1,8 +1,8 @@
 """Speculative decoding with the MTP module against plain greedy decoding, on a checkpoint with one.
 
-    python benchmarks/speculative_bench.py --checkpoint RUN [--new-tokens 128] [--device cpu|cuda]
+    python benchmarks/speculative_bench.py --checkpoint RUN [--new-tokens 128] [--prompts FILE] [--device cpu|cuda]
 
-For each of eight code prompts: greedy decoding (generate.generate, temperature 0) and
+For each of eight code prompts (or the first 16 prompts of an SFT data file, --prompts): greedy decoding (generate.generate, temperature 0) and
 generate.generate_speculative, the same number of new tokens, no stop token, each after a short
 warm-up. Prints whether the tokens are identical, the drafts kept, the tokens per main-model
 forward and both wall times (docs/model.md).
@@ -27,14 +27,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompts", help="a JSONL file of {\"prompt\": ...} objects (moeforge sft-data writes one)")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
+    prompts = PROMPTS
+    if args.prompts:
+        from moeforge.posttrain.sft import read_examples
+
+        prompts = [prompt for _, prompt, _ in read_examples(args.prompts)][:16]
     model, cfg = load_trained_model(args.checkpoint, args.device)
     tok = load_tokenizer(cfg.train.tokenizer or None)
     sync = torch.cuda.synchronize if model.embed.weight.is_cuda else (lambda: None)
     plain_s = spec_s = 0.0
     same = kept = drafts = tokens = forwards = 0
-    for prompt in PROMPTS:
+    for prompt in prompts:
         ids = tok.encode(prompt)
         generate(model, ids, 4, temperature=0.0)
         generate_speculative(model, ids, 4)
@@ -50,7 +56,7 @@ def main() -> None:
         same += got == want
         kept, drafts = kept + stats["accepted"], drafts + stats["drafts"]
         tokens, forwards = tokens + len(got), forwards + stats["forwards"] + 1
-    print(f"{len(PROMPTS)} prompts x {args.new_tokens} new tokens (greedy, no stop): identical {same}/{len(PROMPTS)}; "
+    print(f"{len(prompts)} prompts x {args.new_tokens} new tokens (greedy, no stop): identical {same}/{len(prompts)}; "
           f"drafts kept {kept}/{drafts} ({100 * kept / max(drafts, 1):.1f}%); {tokens} tokens in {forwards} forwards "
           f"({tokens / forwards:.2f} a forward); plain {plain_s:.2f} s, speculative {spec_s:.2f} s "
           f"({plain_s / spec_s:.2f}x)")

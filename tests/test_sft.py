@@ -155,6 +155,15 @@ def test_packed_batch_equals_the_padded_batch(model):
     assert packed[2].keys() == padded[2].keys()
     for k in padded[2]:
         torch.testing.assert_close(packed[2][k], padded[2][k], rtol=1e-4, atol=1e-6, msg=k)
+    # the MTP module's losses too: its targets stop at each packed example's end, as the padding stops them
+    from moeforge.posttrain.sft import response_losses
+
+    with torch.no_grad():
+        sums_padded, n_padded = response_losses(model, *batch_tensors(examples, pad_id=1), depth=1)
+        sums_packed, n_packed = response_losses(model, inputs, targets, doc_ids, depth=1)
+    # depth 1 scores position i's guess at token i + 2: every response token but after a 1-token prompt the first
+    assert n_packed == n_padded and n_padded[1] == sum(len(e.response) - (len(e.prompt) == 1) for e in examples)
+    torch.testing.assert_close(sums_packed, sums_padded, rtol=1e-5, atol=1e-4)
     with torch.no_grad():  # per target: without the mask the later examples of a row see the earlier ones
         from moeforge.model.attention import document_mask
 
@@ -317,6 +326,24 @@ def test_sft_learns_and_writes_a_checkpoint(base_checkpoint, tmp_path, one_threa
     r = cli("grpo", "--checkpoint", tmp_path / "sft", "--out", tmp_path / "rl", "--steps", "1",
             "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "8", "--no-progress")
     assert r.rc == 0, r.err
+
+
+def test_mtp_fine_tuning(base_checkpoint, tmp_path, one_thread):
+    """--mtp-weight W: the MTP module is fine-tuned on the response tokens too (its loss, logged as
+    mtp_loss, falls; its weights change, as they do not without it), and the main model's first step
+    is the run without it's plus the MTP term's gradient (the same loss at step 1)."""
+    data = write_examples(tmp_path / "arith.jsonl", Arithmetic().demonstrations(80, random.Random(0)))
+    s = SFTSettings(steps=10, batch_size=8, lr=3e-3, warmup=2, val_fraction=0.1, eval_every=0)
+    plain = train_sft(base_checkpoint, data, tmp_path / "plain", s, device="cpu", progress=False)
+    mtp = train_sft(base_checkpoint, data, tmp_path / "mtp", dataclasses.replace(s, mtp_weight=0.3), device="cpu",
+                    progress=False)
+    assert "mtp_loss" not in plain[1] and mtp[1]["loss"] == pytest.approx(plain[1]["loss"], rel=1e-6)
+    falls = [r["mtp_loss"] for r in mtp[1:]]
+    assert all(b < a for a, b in zip(falls, falls[1:])) and falls[-1] < 0.9 * falls[0], falls
+    base = final_weights(base_checkpoint)
+    for run, changed in (("plain", False), ("mtp", True)):
+        got = final_weights(tmp_path / run)
+        assert any(not torch.equal(got[k], base[k]) for k in base if k.startswith("mtp.")) == changed, run
 
 
 def test_sft_command(cli, base_checkpoint, tmp_path):
@@ -488,6 +515,25 @@ def test_data_parallel_sft_equals_one_process(base_checkpoint, tmp_path, one_thr
     with pytest.raises(DistError, match="--batch-size 7 does not split evenly over the 2"):
         run_dist(sft_rank, 2, str(base_checkpoint), str(data), str(tmp_path / "bad"),
                  dataclasses.replace(s, batch_size=7), init=False)
+
+
+def test_data_parallel_mtp_fine_tuning_equals_one_process(base_checkpoint, tmp_path, one_thread):
+    """--mtp-weight on 2 data-parallel ranks: each depth's loss is weighted by the global count of its
+    targets (the ranks' counts differ), so the losses, MTP losses and final weights are one process's
+    within FP32 summation order."""
+    from dist import run_dist
+
+    data = write_examples(tmp_path / "arith.jsonl", Arithmetic().demonstrations(60, random.Random(1)))
+    s = SFTSettings(steps=4, batch_size=8, lr=1e-3, warmup=1, val_fraction=0.2, eval_every=0, mtp_weight=0.3)
+    ranks = run_dist(sft_rank, 2, str(base_checkpoint), str(data), str(tmp_path / "dp"), s, init=False, timeout=150)
+    single = train_sft(base_checkpoint, data, tmp_path / "one", s, device="cpu", progress=False)
+    for got, want in zip(ranks[0], single):
+        for key in ("loss", "mtp_loss", "val_loss"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5), (key, got, want)
+    dp_weights, one_weights = final_weights(tmp_path / "dp"), final_weights(tmp_path / "one")
+    for name, w in one_weights.items():
+        torch.testing.assert_close(dp_weights[name], w, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # --ep and --sharding: the model sliced and sharded over the ranks, against one process

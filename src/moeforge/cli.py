@@ -222,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pack each batch's examples into rows of N positions, attention within each example, instead "
                         "of padding each to the longest of its batch (for examples of very different lengths; "
                         "default 0: pad)")
+    p.add_argument("--mtp-weight", type=float, default=d.mtp_weight, metavar="W",
+                   help="fine-tune the MTP modules too, their response-token losses weighted W / depth (as "
+                        "train.mtp_lambda; they then keep drafting for generate --speculative); default 0: MTP "
+                        "modules left as they are")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help=f"the last examples held out for the validation loss, at least one (default {d.val_fraction:g})")
     p.add_argument("--eval-every", type=int, default=d.eval_every,

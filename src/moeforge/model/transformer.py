@@ -94,13 +94,23 @@ class Transformer(nn.Module):
         return self.norm(h), balance, cos, sin
 
     def forward(self, tokens: torch.Tensor, caches: list[LatentCache] | None = None, start_pos: "int | torch.Tensor" = 0,
-                targets: torch.Tensor | None = None, mask=None):
+                targets: torch.Tensor | None = None, mask=None, mtp_targets: list[torch.Tensor] | None = None):
         """tokens: [B, S] -> logits [B, S, V] (FP32). With caches: decode positions start_pos..
         With targets [B, S] (evaluation): per-target losses [B, S] in FP32 instead, 0 at IGNORE_INDEX.
-        mask: None (causal) or attention.document_mask(...) (packed documents; see hidden)."""
-        h, _, _, _ = self.hidden(tokens, caches, start_pos, mask)
+        mask: None (causal) or attention.document_mask(...) (packed documents; see hidden).
+        mtp_targets (with targets): the MTP modules' targets, one [B, S] per depth k (usually
+        shift_tokens(targets, k, IGNORE_INDEX)); then per-target losses [1 + K, B, S], the main
+        model's first (supervised fine-tuning of the MTP modules, posttrain/sft.py)."""
+        h, _, cos, sin = self.hidden(tokens, caches, start_pos, mask)
         if targets is not None:
-            return self.head.token_losses(h, targets)
+            losses = self.head.token_losses(h, targets)
+            if mtp_targets is None:
+                return losses
+            out = [losses]
+            for k, (module, t) in enumerate(zip(self.mtp, mtp_targets, strict=True), start=1):
+                h, _ = module(h, self.embed(shift_tokens(tokens, k, 0)), cos, sin, mask)
+                out.append(self.head.token_losses(h, t))
+            return torch.stack(out)
         return self.head(h)
 
     # ---- training objective ----

@@ -74,6 +74,9 @@ class SFTSettings:
     min_lr_ratio: float = 0.1
     max_len: int = 0  # the longest example (prompt + response + end-of-text), in tokens; 0: the model's context
     pack: int = 0  # > 0: pack each batch's examples into rows of this many positions, attention within each; 0: pad
+    # > 0: the MTP modules are fine-tuned too, their response-token losses added with weight mtp_weight / depth
+    # (as train.mtp_lambda in pre-training), so that they keep drafting for the fine-tuned model; 0: left as they are
+    mtp_weight: float = 0.0
     val_fraction: float = 0.05  # the last examples of the file, at least one, are held out for validation
     eval_every: int = 50  # held-out loss every N steps (and before the first and after the last); 0: only those two
     checkpoint_every: int = 0  # a checkpoint every N steps as well as the final one; 0: the final one only
@@ -86,7 +89,7 @@ class SFTSettings:
 
     def validate(self) -> None:
         _check_minimum(self, ("steps", "batch_size", "keep_checkpoints"), 1)
-        _check_minimum(self, ("warmup", "max_len", "pack", "eval_every", "checkpoint_every", "grad_clip"), 0)
+        _check_minimum(self, ("warmup", "max_len", "pack", "mtp_weight", "eval_every", "checkpoint_every", "grad_clip"), 0)
         if not 0 < self.lr < float("inf"):
             raise MoeforgeError(f"--lr: must be positive (and finite), got {self.lr}")
         if self.schedule not in ("cosine", "constant"):

@@ -50,7 +50,7 @@ import torch
 from ..config import ParallelConfig
 from ..data.tokenizer import Tokenizer, atomic_write_text
 from ..errors import MoeforgeError
-from ..model.mtp import IGNORE_INDEX
+from ..model.mtp import IGNORE_INDEX, shift_tokens
 from ..parallel.data import clip_coefficient, global_grad_norm, scale_gradients, sync_gradients
 from ..train.checkpoint import file_sha256
 from ..train.schedule import lr_at
@@ -60,7 +60,7 @@ from .records import read_records, where
 from .settings import SFTSettings
 
 __all__ = ["SFTSettings", "Example", "read_examples", "tokenize_examples", "split_examples", "collate", "pack",
-           "response_loss", "heldout_loss", "BatchOrder", "write_examples", "train_sft"]
+           "response_loss", "response_losses", "mtp_targets", "heldout_loss", "BatchOrder", "write_examples", "train_sft"]
 
 
 @dataclass(frozen=True)
@@ -167,19 +167,42 @@ def batch_tensors(examples: list[Example], pad_id: int, pack_length: int = 0):
     return pack(examples, pack_length, pad_id) if pack_length else (*collate(examples, pad_id), None)
 
 
-def response_loss(model, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, int]:
-    """(mean cross-entropy over the scored targets, their number): one forward, logits computed only
-    where a target is scored (the model's per-target losses). doc_ids (packed rows, see pack):
+def mtp_targets(targets: torch.Tensor, depth: int, doc_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The MTP modules' targets of a batch, depth k = 1..depth: the target k positions on, where that is
+    still a scored target of the same example (doc_ids: packed rows), else IGNORE_INDEX."""
+    out = []
+    for k in range(1, depth + 1):
+        t = shift_tokens(targets, k, IGNORE_INDEX)
+        if doc_ids is not None:
+            t = t.masked_fill(shift_tokens(doc_ids, k, -1) != doc_ids, IGNORE_INDEX)
+        out.append(t)
+    return out
+
+
+def response_losses(model, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                    depth: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """(summed cross-entropy over the scored targets [1 + depth], their numbers): the main model's
+    first, then the first `depth` MTP modules' (targets: mtp_targets); one forward, logits computed
+    only where a target is scored (the model's per-target losses). doc_ids (packed rows, see pack):
     attention stays within each document."""
-    if doc_ids is None:
-        losses = model(inputs, targets=targets)  # [B, S], 0 at IGNORE_INDEX
-    else:
+    kwargs = {}
+    if doc_ids is not None:
         from ..model.attention import document_mask
 
-        losses = model(inputs, targets=targets, mask=document_mask(doc_ids))
-    n = int((targets != IGNORE_INDEX).sum())
-    return losses.sum() / n, n
+        kwargs["mask"] = document_mask(doc_ids)
+    ahead = mtp_targets(targets, depth, doc_ids)
+    if ahead:
+        kwargs["mtp_targets"] = ahead
+    per = model(inputs, targets=targets, **kwargs)  # [B, S] (or [1 + depth, B, S]), 0 at IGNORE_INDEX
+    per = per if ahead else per.unsqueeze(0)
+    return per.sum(dim=(1, 2)), [int((t != IGNORE_INDEX).sum()) for t in (targets, *ahead)]
+
+
+def response_loss(model, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy over the scored targets, their number): the main model's, response_losses."""
+    sums, counts = response_losses(model, inputs, targets, doc_ids)
+    return sums[0] / counts[0], counts[0]
 
 
 @torch.no_grad()
@@ -297,6 +320,9 @@ not on a resume) and one per step it ran.
         longest, limit = s.pack + 1, f"--pack {s.pack} + 1 (a packed row holds an example's tokens less the last)"
     examples = tokenize_examples(rows, tok, longest, data, limit)
     train, val = split_examples(examples, s.val_fraction, data)
+    depth = len(model.mtp) if s.mtp_weight > 0 else 0
+    if s.mtp_weight > 0 and not depth:
+        raise MoeforgeError(f"--mtp-weight {s.mtp_weight:g}: the model has no MTP modules to fine-tune")
     optimizer, run_cfg = build_adamw(model, cfg, lr=s.lr, warmup_steps=s.warmup, steps=s.steps, schedule="cosine",
                                      min_lr_ratio=1.0 if s.schedule == "constant" else s.min_lr_ratio)
     run.restore(optimizer)
@@ -329,24 +355,31 @@ not on a resume) and one per step it ran.
                                                      s.pack)
             model.train()
             with autocast(device, s.precision):
-                loss, local_n = response_loss(model, inputs.to(device), targets.to(device),
-                                              None if doc_ids is None else doc_ids.to(device))
-            loss_sum, n = all_reduce_sum([float(loss.detach()) * local_n, local_n], ctx, device)
-            loss_value = loss_sum / n  # the mean over every rank's scored tokens
+                sums, local_n = response_losses(model, inputs.to(device), targets.to(device),
+                                                None if doc_ids is None else doc_ids.to(device), depth)
+            totals = all_reduce_sum([*sums.detach().tolist(), *local_n], ctx, device)
+            loss_sums, n = totals[:depth + 1], totals[depth + 1:]  # over every rank: the sums and their counts
+            loss_value = loss_sums[0] / n[0]  # the mean over every rank's scored tokens
             if not math.isfinite(loss_value):
                 raise MoeforgeError(f"the loss became {loss_value} at step {step}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
-            # this rank's share of that mean (x ranks: sync_gradients, or FSDP's reduce-scatter,
-            # divides the sum of the ranks' gradients by their number)
-            (loss * (local_n * ranks / n)).backward()
+            # this rank's share of the means (/ ranks: sync_gradients, or FSDP's reduce-scatter, divides
+            # the sum of the ranks' gradients by their number); the MTP depths' weighted as in pre-training
+            objective = sums[0] / (n[0] / ranks)
+            for k in range(1, depth + 1):
+                if n[k]:
+                    objective = objective + sums[k] / (n[k] / ranks) * (s.mtp_weight / depth)
+            objective.backward()
             sync_gradients(model, ctx)  # (FSDP: reduce-scattered in the backward already)
             grad_norm = global_grad_norm(model, ctx)  # the one-process gradient's, under any layout
             if s.grad_clip > 0:
                 scale_gradients(model, clip_coefficient(grad_norm, s.grad_clip))
             optimizer.step()
-            tokens += int(n)
+            tokens += int(n[0])
             rec = {"step": step, "loss": loss_value, "tokens": tokens, "lr": lr, "grad_norm": float(grad_norm),
                    "seconds": time.perf_counter() - t0}
+            if depth:  # the MTP depths' mean losses, averaged
+                rec["mtp_loss"] = sum(loss_sums[k] / n[k] for k in range(1, depth + 1) if n[k]) / depth
             if step == s.steps or (s.eval_every and step % s.eval_every == 0):
                 rec["val_loss"] = heldout_loss(model, val, s.batch_size, tok.eos_id, s.precision, ctx)
             records.append(rec)
@@ -356,8 +389,9 @@ not on a resume) and one per step it ran.
                 run.save(step, optimizer, s, s.keep_checkpoints, tokens=tokens, batches=batches.state_dict())
             if progress:
                 val_text = f" | held-out {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-                print(f"sft step {step}/{s.steps} | loss {rec['loss']:.4f}{val_text} | lr {lr:.2e} | "
-                      f"gnorm {rec['grad_norm']:.2f} | {int(n)} tokens | {rec['seconds']:.2f} s", flush=True)
+                mtp_text = f" | mtp {rec['mtp_loss']:.4f}" if depth else ""
+                print(f"sft step {step}/{s.steps} | loss {rec['loss']:.4f}{mtp_text}{val_text} | lr {lr:.2e} | "
+                      f"gnorm {rec['grad_norm']:.2f} | {int(n[0])} tokens | {rec['seconds']:.2f} s", flush=True)
     finally:
         if sink is not None:
             sink.close()
