@@ -93,17 +93,17 @@ def test_generate_continues_the_prompt(cli, trained_run):
     assert r.out.startswith("def ") and len(r.out.rstrip("\n")) > len("def ")
 
 
-def test_generate_speculative(cli, expect_error, base_checkpoint):
+def test_generate_speculative(cli, base_checkpoint):
     """generate --speculative --temperature 0 prints greedy decoding's text, then how many of the MTP
-    module's drafts it kept; it needs --temperature 0 (and a model with an MTP module:
-    tests/test_generate.py)."""
-    args = ("generate", "--checkpoint", base_checkpoint, "--prompt", "x = ", "--max-new-tokens", 6, "--temperature", 0)
-    plain, fast = cli(*args), cli(*args, "--speculative")
+    module's drafts it kept; with a temperature it samples (the same seed, the same text)."""
+    args = ("generate", "--checkpoint", base_checkpoint, "--prompt", "x = ", "--max-new-tokens", 6)
+    plain, fast = cli(*args, "--temperature", 0), cli(*args, "--temperature", 0, "--speculative")
     assert plain.rc == fast.rc == 0, fast.err
     text, stats = fast.out.rstrip("\n").rsplit("\n", 1)
     assert text + "\n" == plain.out
     assert stats.startswith("speculative: ") and "drafts kept" in stats and "forwards" in stats
-    expect_error(cli(*args[:-2], "--speculative"), "generate", "--temperature 0")
+    sampled = cli(*args, "--speculative", "--seed", 3)
+    assert sampled.rc == 0 and sampled.out.startswith("x = ") and sampled.out == cli(*args, "--speculative", "--seed", 3).out
 
 
 def test_eval_checkpoint_reproduces_training_validation(cli, trained_run):

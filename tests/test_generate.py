@@ -130,7 +130,7 @@ def test_speculative_decoding_gives_greedy_decodings_tokens(monkeypatch):
         assert 12 - 1 == stats["forwards"] + stats["accepted"]  # the first token comes from the prefill
 
         oracle = prompt + want + [0]  # the token at each slot, as greedy decoding has it
-        monkeypatch.setattr(gen, "_draft", lambda model, h1, slot: oracle[slot])
+        monkeypatch.setattr(gen, "_draft", lambda model, h1, slot, *sampling: (oracle[slot], None))
         got, stats = gen.generate_speculative(model, prompt, 12)
         monkeypatch.undo()
         assert got == want and stats["accepted"] == stats["drafts"] == stats["forwards"] == 6, stats  # 1 + 2 x 6 >= 12
@@ -142,3 +142,38 @@ def test_speculative_decoding_gives_greedy_decodings_tokens(monkeypatch):
     no_mtp = build_model(load_config(None, None, [*MODEL, "model.num_nextn_predict_layers=0"]).model, "cpu")
     with pytest.raises(MoeforgeError, match="MTP"):
         gen.generate_speculative(no_mtp, [5], 4)
+
+
+def test_speculative_sampling_rule_gives_the_models_distribution():
+    """accept_draft: a draft drawn from q, kept with probability min(1, p/q) and else replaced from
+    max(0, p - q), gives tokens distributed as p (300,000 trials, each frequency within 5 standard
+    errors), keeps a share sum(min(p, q)) of the drafts, and keeps every draft when q is p."""
+    from moeforge.generate import accept_draft
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.07, 0.03])
+    q = torch.tensor([0.10, 0.05, 0.30, 0.30, 0.25, 0.00])  # token 5 never drafted: only the residual gives it
+    n = 300_000
+    drafts = torch.multinomial(q.expand(n, -1), 1, replacement=True, generator=g).squeeze(1)
+    tokens, kept = accept_draft(p.expand(n, -1), q.expand(n, -1), drafts, g)
+    freq = torch.bincount(tokens, minlength=6).double() / n
+    assert ((freq - p.double()).abs() <= 5 * (p.double() * (1 - p.double()) / n).sqrt()).all(), freq
+    assert kept.double().mean().item() == pytest.approx(torch.minimum(p, q).sum().item(), abs=5e-3)
+    same, kept_all = accept_draft(p.expand(1000, -1), p.expand(1000, -1), drafts[:1000], g)
+    assert kept_all.all() and torch.equal(same, drafts[:1000])
+
+
+def test_speculative_sampling_decodes():
+    """generate_speculative with temperature > 0: the same seed gives the same tokens, another seed
+    others; with a nucleus so small that it holds only the likeliest token (top_p 1e-6), sampling is
+    greedy decoding, and so is speculative sampling, token for token (the path's caches and
+    positions under the sampling rule)."""
+    from moeforge import generate as gen
+
+    model = _model(2)
+    prompt = [5, 9, 300, 41]
+    a = gen.generate_speculative(model, prompt, 12, temperature=1.0, seed=3)[0]
+    assert a == gen.generate_speculative(model, prompt, 12, temperature=1.0, seed=3)[0] and len(a) == 12
+    assert a != gen.generate_speculative(model, prompt, 12, temperature=1.0, seed=4)[0]
+    greedy = generate(model, prompt, 12, temperature=0.0)
+    assert gen.generate_speculative(model, prompt, 12, temperature=1.0, top_p=1e-6, seed=5)[0] == greedy

@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     p.add_argument("--speculative", action="store_true",
-                   help="greedy decoding (with --temperature 0) with the MTP module drafting the token after next, "
-                        "checked by the model in the same forward (DeepSeek-V3 5.4.3); prints how many drafts it kept")
+                   help="the MTP module drafts the token after next, checked by the model in the same forward "
+                        "(DeepSeek-V3 5.4.3): greedy decoding's tokens with --temperature 0, else speculative "
+                        "sampling (each token distributed as plain sampling's); prints how many drafts it kept")
     _add_decode_precision(p)
     p.add_argument("--ema", action="store_true", help=EMA_HELP)
     _add_device(p)
@@ -385,15 +386,14 @@ def cmd_generate(args) -> int:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (Python keeps them as surrogates)
         raise MoeforgeError("--prompt is not valid UTF-8 text") from None
-    if args.speculative and args.temperature != 0:
-        raise MoeforgeError("--speculative decodes greedily: pass --temperature 0")
     model, cfg = load_trained_model(args.checkpoint, args.device, ema=args.ema)
     tok = load_tokenizer(cfg.train.tokenizer or None)
     device = model.embed.weight.device
     stats = None
     with autocast(device, resolve_precision(args.precision, device)):
         if args.speculative:
-            ids, stats = generate_speculative(model, tok.encode(args.prompt), args.max_new_tokens, stop_id=tok.eos_id)
+            ids, stats = generate_speculative(model, tok.encode(args.prompt), args.max_new_tokens, stop_id=tok.eos_id,
+                                              temperature=args.temperature, top_p=args.top_p, seed=args.seed)
         else:
             ids = generate(model, tok.encode(args.prompt), args.max_new_tokens, args.temperature, args.top_p,
                            args.seed, stop_id=tok.eos_id)

@@ -19,17 +19,39 @@ from .model.layers import compute_dtype
 from .model.transformer import Transformer
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """logits: [B, V] -> token ids [B]. temperature 0 is greedy; top_p keeps the smallest nucleus."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """logits [B, V] -> the distribution sampling draws from [B, V] (temperature > 0): the softmax of
+    logits / temperature, cut to the smallest nucleus of mass top_p, and normalised again."""
     probs = (logits.float() / temperature).softmax(dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keep tokens until the mass reaches top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """logits: [B, V] -> token ids [B]. temperature 0 is greedy; top_p keeps the smallest nucleus."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
+
+
+def accept_draft(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling's rule (Leviathan et al. 2023; Chen et al. 2023): a draft drawn from q [B, V]
+    is kept with probability min(1, p[draft] / q[draft]), else replaced by a token drawn from
+    max(0, p - q) normalised; the token is then distributed as p [B, V] whatever q is (tested).
+    Returns (tokens [B], kept [B])."""
+    pd, qd = p.gather(1, draft[:, None]).squeeze(1), q.gather(1, draft[:, None]).squeeze(1)
+    u = torch.rand(draft.shape, generator=generator, device=p.device)
+    kept = u * qd < pd  # u < p/q without dividing by a q of 0
+    residual = (p - q).clamp_min(0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # (p == q: every draft is kept)
+    other = torch.multinomial(residual, 1, generator=generator).squeeze(1)
+    return torch.where(kept, draft, other), kept
 
 
 class Decoder:
@@ -158,19 +180,28 @@ def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, tempera
     return tokens, mask
 
 
-def _draft(model: Transformer, h1: torch.Tensor, slot: int) -> int:
-    """The MTP module's greedy guess for the token at `slot` from its last hidden state h1 [1, S, D]."""
-    return int(model.head(h1[:, -1:]).argmax(-1))
+def _draft(model: Transformer, h1: torch.Tensor, slot: int, temperature: float, top_p: float,
+           generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
+    """The MTP module's guess for the token at `slot` from its last hidden state h1 [1, S, D]: greedy
+    (temperature 0; None for its distribution), or drawn from its sampling distribution q [V]."""
+    logits = model.head(h1[:, -1:])[:, -1]  # [1, V]
+    if temperature <= 0:
+        return int(logits.argmax(-1)), None
+    q = sampling_probs(logits, temperature, top_p)
+    return int(torch.multinomial(q, 1, generator=generator)), q[0]
 
 
 @torch.no_grad()
-def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: int,
-                         stop_id: int | None = None) -> tuple[list[int], dict]:
-    """Greedy decoding with the first MTP module drafting the token after next (DeepSeek-V3 §5.4.3):
-    each step runs the main model on the newest token and the draft together; when the model's own
-    choice after the newest token is the draft, both are kept (with the model's choice after the
-    draft, two tokens for one forward), else only the model's choice. The tokens are greedy
-    decoding's (tested; up to argmax ties that two forwards of other shapes may round apart).
+def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: int, stop_id: int | None = None,
+                         temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> tuple[list[int], dict]:
+    """Decoding with the first MTP module drafting the token after next (DeepSeek-V3 §5.4.3): each step
+    runs the main model on the newest token and the draft together; when the model's own choice
+    after the newest token is the draft, both are kept (with the model's choice after the draft,
+    two tokens for one forward), else only the model's choice. Greedy (temperature 0): the tokens
+    are greedy decoding's (tested; up to argmax ties that two forwards of other shapes may round
+    apart). Sampling (temperature > 0, top_p): the draft is drawn from the MTP module's sampling
+    distribution and kept or replaced by accept_draft's rule, so every token is distributed as plain
+    sampling's (not the same tokens: the random draws differ; seed: the generator's seed).
 
     Returns (new tokens, through stop_id when emitted; {"forwards": main-model decoding forwards,
     "drafts": drafts checked, "accepted": drafts kept}). The MTP module decodes from a latent cache of
@@ -193,20 +224,31 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
     def ids(values: list[int]) -> torch.Tensor:
         return torch.tensor([values], device=device)
 
+    gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+
+    def pick(logits: torch.Tensor) -> int:  # [1, V] -> the model's token
+        return int(sample_next(logits, temperature, top_p, gen)[0])
+
     stats = {"forwards": 0, "drafts": 0, "accepted": 0}
     out: list[int] = []
     if max_new_tokens > 0:
         h, _, cos, sin = model.hidden(ids(prompt), caches, 0)
-        out.append(int(model.head(h[:, -1:]).argmax(-1)))
+        out.append(pick(model.head(h[:, -1:])[:, -1]))
         h1, _ = mtp(h, model.embed(ids(prompt[1:] + out)), cos, sin, cache=mtp_cache, start_pos=0)
         pos = n  # the slot of out[-1], the newest token, not yet run through the model
         while len(out) < max_new_tokens and out[-1] != stop_id:
-            draft = _draft(model, h1, pos + 1)
+            draft, q = _draft(model, h1, pos + 1, temperature, top_p, gen)
             h, _, cos, sin = model.hidden(ids([out[-1], draft]), caches, pos)
-            choice = model.head(h).argmax(-1)[0].tolist()  # the model's token after out[-1], after the draft
+            logits = model.head(h)[0]  # [2, V]: after out[-1], after the draft
             stats["forwards"] += 1
             stats["drafts"] += 1
-            new = [draft, choice[1]] if choice[0] == draft else [choice[0]]
+            if q is None:  # greedy
+                choice = logits.argmax(-1).tolist()
+                new = [draft, choice[1]] if choice[0] == draft else [choice[0]]
+            else:
+                token, kept = accept_draft(sampling_probs(logits[:1], temperature, top_p), q[None],
+                                           torch.tensor([draft], device=device), gen)
+                new = [draft, pick(logits[1:])] if bool(kept) else [int(token)]
             stats["accepted"] += len(new) - 1
             k = len(new)  # MTP positions pos..pos+k-1: the model's hidden state there, the token after it
             h1, _ = mtp(h[:, :k], model.embed(ids(new)), cos[:k], sin[:k], cache=mtp_cache, start_pos=pos)
