@@ -225,7 +225,7 @@ class StageModule(nn.Module):
     def forward(self, *carry: torch.Tensor, mtp_tokens: torch.Tensor | None = None,
                 doc_tokens: torch.Tensor | None = None):
         """doc_tokens: the micro-batch's input tokens [B, S] under document masking (train.document_mask):
-        every stage builds the mask of the documents they hold (attention.document_mask); None: causal."""
+        every stage builds the mask of the documents it holds (attention.document_mask); None: causal."""
         with self._autocast(carry[0].device):
             return self._forward(*carry, mtp_tokens=mtp_tokens, doc_tokens=doc_tokens)
 
