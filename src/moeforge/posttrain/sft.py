@@ -21,8 +21,10 @@ any batch (tested). With pack = N (`--pack N`) a batch's examples are packed ins
 another in rows of N positions (first fit, longest first), and attention stays within each example
 (attention.document_mask): for examples of very different lengths, far fewer padded positions. The
 loss is the same mean over the same scored tokens; RoPE is relative, so an example's losses differ
-from its padded row's only by rounding (tested). Only the main model's next-token head is trained; the MTP modules and the
-routing biases stay as the checkpoint has them.
+from its padded row's only by rounding (tested). The main model's next-token path is trained, and
+with mtp_weight (`--mtp-weight W`) the MTP modules too (each depth's response-token loss, a mean
+over its own targets across the ranks, weighted W / depth); the routing biases stay as the
+checkpoint has them.
 
 Optimisation: AdamW (posttrain/common.py), a linear warm-up, then constant or cosine (train/schedule.py),
 the gradient clipped to norm 1. FP32, the forwards under BF16 autocast (precision "bf16"), or the

@@ -89,22 +89,24 @@ def _check_not_foreign(out: Path) -> None:
     """A new run may start in a folder that holds no checkpoint only if what the run would write there
     (config.toml, metrics.jsonl) is absent or an earlier run's of moeforge that never saved one: a
     user's own file of either name is never overwritten."""
-    from ..config import load_config
     from .metrics import is_run_metrics
 
-    for name in ("config.toml", "metrics.jsonl"):
+    for name, ours in (("config.toml", _is_run_config), ("metrics.jsonl", is_run_metrics)):
         path = out / name
-        if not path.exists():
-            continue
-        ours = is_run_metrics(path) if name == "metrics.jsonl" else True
-        if name == "config.toml":
-            try:
-                load_config(None, str(path), [])
-            except MoeforgeError:
-                ours = False
-        if not ours:
+        if path.exists() and not ours(path):
             raise MoeforgeError(f"--out '{out}' holds a {name} that is not a moeforge run's; choose another --out "
                                 f"(nothing was written)")
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether a config.toml is a moeforge config (one a run wrote)."""
+    from ..config import load_config
+
+    try:
+        load_config(None, str(path), [])
+    except MoeforgeError:
+        return False
+    return True
 
 
 def validation_text(data_path: str | None) -> str:
