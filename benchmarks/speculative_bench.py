@@ -1,12 +1,14 @@
 """Speculative decoding with the MTP module against plain greedy decoding, on a checkpoint with one.
 
     python benchmarks/speculative_bench.py --checkpoint RUN [--new-tokens 128] [--prompts FILE] [--device cpu|cuda]
-        [--temperature T --top-p P]
+        [--temperature T --top-p P] [--precision auto|bf16|fp32] [--modes auto,eager]
 
 For each of eight code prompts (or the first 16 prompts of an SFT data file, --prompts): greedy decoding (generate.generate, temperature 0) and
 generate.generate_speculative, the same number of new tokens, no stop token, each after a short
 warm-up. Prints whether the tokens are identical, the drafts kept, the tokens per main-model
-forward and both wall times (docs/model.md). With --temperature > 0 both sample (speculative
+forward and the wall times, for each speculative step form in --modes (docs/model.md). Under
+--precision auto a GPU decodes in BF16 autocast, as `moeforge generate` does, where both plain and
+speculative greedy decoding replay CUDA graphs by default. With --temperature > 0 both sample (speculative
 sampling against plain sampling, the same seed): the tokens then differ, and only the speed and the
 drafts kept compare.
 """
@@ -21,6 +23,7 @@ import torch
 from moeforge.data import load_tokenizer
 from moeforge.generate import generate, generate_speculative
 from moeforge.train.checkpoint import load_trained_model
+from moeforge.train.step import autocast, resolve_precision
 
 PROMPTS = ["def ", "import os\n", "class Foo:\n    def __init__(self", "    return ", "for i in range(",
            "# Copyright", "    if not ", '"""Return the']
@@ -34,6 +37,10 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--precision", default="auto", help="bf16 (autocast), fp32, or auto (bf16 on a GPU), as generate's")
+    ap.add_argument("--modes", default="auto",
+                    help="the speculative step forms to time, comma-separated: auto, eager, static, graph "
+                         "(generate_speculative's mode; plain decoding always runs its own auto)")
     args = ap.parse_args()
     prompts = PROMPTS
     if args.prompts:
@@ -42,31 +49,43 @@ def main() -> None:
         prompts = [prompt for _, prompt, _ in read_examples(args.prompts)][:16]
     model, cfg = load_trained_model(args.checkpoint, args.device)
     tok = load_tokenizer(cfg.train.tokenizer or None)
-    sync = torch.cuda.synchronize if model.embed.weight.is_cuda else (lambda: None)
-    plain_s = spec_s = 0.0
-    same = kept = drafts = tokens = forwards = 0
-    for prompt in prompts:
-        ids = tok.encode(prompt)
-        t, p = args.temperature, args.top_p
-        generate(model, ids, 4, temperature=t, top_p=p)
-        generate_speculative(model, ids, 4, temperature=t, top_p=p)
+    device = model.embed.weight.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    modes = args.modes.split(",")
+    t, p = args.temperature, args.top_p
+
+    def timed(fn):
         sync()
         t0 = time.perf_counter()
-        want = generate(model, ids, args.new_tokens, temperature=t, top_p=p)
+        out = fn()
         sync()
-        t1 = time.perf_counter()
-        got, stats = generate_speculative(model, ids, args.new_tokens, temperature=t, top_p=p)
-        sync()
-        t2 = time.perf_counter()
-        plain_s, spec_s = plain_s + t1 - t0, spec_s + t2 - t1
-        same += got == want
-        kept, drafts = kept + stats["accepted"], drafts + stats["drafts"]
-        tokens, forwards = tokens + len(got), forwards + stats["forwards"] + 1
-    how = "greedy" if args.temperature <= 0 else f"temperature {args.temperature:g}, top-p {args.top_p:g}"
-    print(f"{len(prompts)} prompts x {args.new_tokens} new tokens ({how}, no stop): identical {same}/{len(prompts)}; "
-          f"drafts kept {kept}/{drafts} ({100 * kept / max(drafts, 1):.1f}%); {tokens} tokens in {forwards} forwards "
-          f"({tokens / forwards:.2f} a forward); plain {plain_s:.2f} s, speculative {spec_s:.2f} s "
-          f"({plain_s / spec_s:.2f}x)")
+        return out, time.perf_counter() - t0
+
+    plain_s = 0.0
+    spec = {m: dict(s=0.0, same=0, kept=0, drafts=0, tokens=0, forwards=0) for m in modes}
+    with autocast(device, resolve_precision(args.precision, device)):
+        for prompt in prompts:
+            ids = tok.encode(prompt)
+            generate(model, ids, 4, temperature=t, top_p=p)
+            want, took = timed(lambda: generate(model, ids, args.new_tokens, temperature=t, top_p=p))
+            plain_s += took
+            for m in modes:
+                generate_speculative(model, ids, 4, temperature=t, top_p=p, mode=m)
+                (got, stats), took = timed(lambda: generate_speculative(model, ids, args.new_tokens, temperature=t,
+                                                                          top_p=p, mode=m))
+                r = spec[m]
+                r["s"] += took
+                r["same"] += got == want
+                r["kept"], r["drafts"] = r["kept"] + stats["accepted"], r["drafts"] + stats["drafts"]
+                r["tokens"], r["forwards"] = r["tokens"] + len(got), r["forwards"] + stats["forwards"] + 1
+    how = "greedy" if t <= 0 else f"temperature {t:g}, top-p {p:g}"
+    print(f"{len(prompts)} prompts x {args.new_tokens} new tokens ({how}, no stop), {device.type}: "
+          f"plain decoding {plain_s:.2f} s ({len(prompts) * args.new_tokens / plain_s:.1f} tokens/s)")
+    for m, r in spec.items():
+        print(f"  speculative, mode {m}: identical {r['same']}/{len(prompts)}; drafts kept {r['kept']}/{r['drafts']} "
+              f"({100 * r['kept'] / max(r['drafts'], 1):.1f}%); {r['tokens']} tokens in {r['forwards']} forwards "
+              f"({r['tokens'] / r['forwards']:.2f} a forward); {r['s']:.2f} s ({r['tokens'] / r['s']:.1f} tokens/s, "
+              f"{plain_s / r['s']:.2f}x plain)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ computes what the step with a Python position computes.
   generate() returns; the modes' errors;
 - prompts of different lengths decoded in one left-padded batch give each prompt's logits alone
   (its positions count from its first token, and no row sees padding), in both step forms;
-- speculative decoding with the MTP module's drafts gives greedy decoding's tokens, drafts kept or not.
+- several new positions at a device position give the int position's logits;
+- speculative decoding with the MTP module's drafts gives greedy decoding's tokens, drafts kept or
+  not, in the Python loop and in the device-side step a CUDA graph captures (which also samples what
+  the loop samples from the same seed).
 The captured graph itself is tested against the static step on a GPU (tests/test_speed_gpu.py).
 """
 
@@ -57,6 +60,24 @@ def test_a_device_position_gives_the_same_logits_and_cache():
 
 
 @torch.no_grad()
+def test_several_positions_at_a_device_position():
+    """Three new positions at once at a device position (what speculative decoding's device-side step
+    runs: the whole cache attended, each new position's later slots masked, a stale value in a later
+    slot hidden) give the int position's logits and cache entries."""
+    model = _model()
+    prompt = torch.tensor([[5, 17, 300, 42], [9, 8, 7, 6]])
+    new = torch.tensor([[3, 11, 40], [1, 2, 3]])
+    logits = []
+    for pos in (4, torch.tensor(4)):
+        caches = model.new_caches(2, 12)
+        model(prompt, caches, 0)
+        caches[0].kv[:, 9] = 1.0  # a stale value past the new positions
+        logits.append(model(new, caches, pos))
+        assert torch.equal(caches[0].kv[:, 9], torch.ones_like(caches[0].kv[:, 9]))  # not written
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_static_decoding_samples_what_eager_decoding_samples():
     model = _model()
     rows = [[5, 17, 300, 42]] * 3 + [[9, 8, 7, 6]] * 2
@@ -79,9 +100,6 @@ def test_decoder_errors():
     with pytest.raises(ValueError, match="CUDA"):
         Decoder(model, 1, 8, "graph")
     assert Decoder(model, 1, 8).mode == "eager"  # auto on a CPU
-    cache = model.new_caches(1, 8)[0]
-    with pytest.raises(ValueError, match="one position at a time"):
-        cache.write(torch.zeros(1, 2, cache.kv.shape[-1]), torch.zeros(1, 2, cache.pe.shape[-1]), torch.tensor(0))
 
 
 @pytest.mark.parametrize("mode", ["eager", "static"])
@@ -114,34 +132,68 @@ def test_left_padded_prompts_decode_as_they_do_alone(mode):
 
 
 
-def test_speculative_decoding_gives_greedy_decodings_tokens(monkeypatch):
+def _oracle_drafts(monkeypatch, gen, mode: str, oracle: list[int], seen: dict) -> None:
+    """Replace the MTP module's greedy draft by oracle[slot], recording in seen[slot] the logits the
+    MTP module gave for that slot (the draft it would have made)."""
+    if mode == "eager":
+        def draft(model, h1, slot, *sampling):
+            seen[slot] = model.head(h1[:, -1:])[0, -1]
+            return oracle[slot], None
+        monkeypatch.setattr(gen, "_draft", draft)
+    else:
+        table = torch.tensor(oracle + [0] * 40)
+
+        def draft(model, h1, slot):
+            seen[int(slot)] = model.head(h1)[0, -1]
+            return table.index_select(0, slot.view(1))
+        monkeypatch.setattr(gen, "_device_draft", draft)
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_speculative_decoding_gives_greedy_decodings_tokens(monkeypatch, mode):
     """generate_speculative (the MTP module drafting the token after next, both checked in one
-    forward) returns greedy decoding's tokens: with the random MTP module's own drafts (nearly all
-    rejected), and with an oracle that drafts greedy decoding's next-but-one token (all accepted: two
-    tokens a forward); a stop token ends it as it ends greedy decoding. A model without MTP is refused."""
+    forward) returns greedy decoding's tokens, in both forms of its step (the Python loop, and the
+    step with its state on the device that a CUDA graph captures): with the random MTP module's own
+    drafts (nearly all rejected), with an oracle that drafts greedy decoding's next-but-one token
+    (all accepted: two tokens a forward), and with one that is wrong at every third slot (both
+    cases, one after the other); the MTP module sees the same inputs in both forms (its logits at
+    each slot equal the eager loop's); a stop token ends it as it ends greedy decoding; the
+    context's last slot is reached. A model without MTP is refused."""
     from moeforge import generate as gen
     from moeforge.errors import MoeforgeError
 
     model = _model(2)
     for prompt in ([5, 9, 300, 41], [7], list(range(20, 40))):
         want = generate(model, prompt, 12, temperature=0.0)
-        got, stats = gen.generate_speculative(model, prompt, 12)
+        got, stats = gen.generate_speculative(model, prompt, 12, mode=mode)
         assert got == want and stats["drafts"] == stats["forwards"] <= 11, (prompt, stats)
         assert 12 - 1 == stats["forwards"] + stats["accepted"]  # the first token comes from the prefill
 
         oracle = prompt + want + [0]  # the token at each slot, as greedy decoding has it
-        monkeypatch.setattr(gen, "_draft", lambda model, h1, slot, *sampling: (oracle[slot], None))
-        got, stats = gen.generate_speculative(model, prompt, 12)
+        _oracle_drafts(monkeypatch, gen, mode, oracle, {})
+        got, stats = gen.generate_speculative(model, prompt, 12, mode=mode)
         monkeypatch.undo()
         assert got == want and stats["accepted"] == stats["drafts"] == stats["forwards"] == 6, stats  # 1 + 2 x 6 >= 12
+
+        longer = generate(model, prompt, 20, temperature=0.0)
+        wrong = [t if slot % 3 else (t + 1) % model.cfg.vocab_size for slot, t in enumerate(prompt + longer + [0])]
+        seen = {m: {} for m in ("eager", mode)}
+        for m in seen:
+            _oracle_drafts(monkeypatch, gen, m, wrong, seen[m])
+            got, stats = gen.generate_speculative(model, prompt, 20, mode=m)
+            monkeypatch.undo()
+            assert got == longer
+            assert 0 < stats["accepted"] < stats["drafts"], stats
+        for slot, logits in seen["eager"].items():
+            torch.testing.assert_close(seen[mode][slot], logits, rtol=1e-4, atol=1e-4)
     edge = list(range(100, 160))  # 60 tokens + 4 new: the model's whole context of 64, no slot to spare
-    assert gen.generate_speculative(model, edge, 4)[0] == generate(model, edge, 4, temperature=0.0)
-    stop = want[4]
-    assert gen.generate_speculative(model, prompt, 12, stop_id=stop)[0] == generate(model, prompt, 12, temperature=0.0,
-                                                                                     stop_id=stop)
+    assert gen.generate_speculative(model, edge, 4, mode=mode)[0] == generate(model, edge, 4, temperature=0.0)
+    for stop in want[:5]:
+        assert gen.generate_speculative(model, prompt, 12, stop_id=stop, mode=mode)[0] == generate(
+            model, prompt, 12, temperature=0.0, stop_id=stop)
     no_mtp = build_model(load_config(None, None, [*MODEL, "model.num_nextn_predict_layers=0"]).model, "cpu")
     with pytest.raises(MoeforgeError, match="MTP"):
-        gen.generate_speculative(no_mtp, [5], 4)
+        gen.generate_speculative(no_mtp, [5], 4, mode=mode)
 
 
 def test_speculative_sampling_rule_gives_the_models_distribution():
@@ -167,7 +219,9 @@ def test_speculative_sampling_decodes():
     """generate_speculative with temperature > 0: the same seed gives the same tokens, another seed
     others; with a nucleus so small that it holds only the likeliest token (top_p 1e-6), sampling is
     greedy decoding, and so is speculative sampling, token for token (the path's caches and
-    positions under the sampling rule)."""
+    positions under the sampling rule). The device-side steps ("static", what a CUDA graph replays)
+    draw what the Python loop draws from the same seed: the same tokens and counts, drafts kept and
+    rejected, through a stop token."""
     from moeforge import generate as gen
 
     model = _model(2)
@@ -176,4 +230,17 @@ def test_speculative_sampling_decodes():
     assert a == gen.generate_speculative(model, prompt, 12, temperature=1.0, seed=3)[0] and len(a) == 12
     assert a != gen.generate_speculative(model, prompt, 12, temperature=1.0, seed=4)[0]
     greedy = generate(model, prompt, 12, temperature=0.0)
-    assert gen.generate_speculative(model, prompt, 12, temperature=1.0, top_p=1e-6, seed=5)[0] == greedy
+    for mode in ("eager", "static"):
+        assert gen.generate_speculative(model, prompt, 12, temperature=1.0, top_p=1e-6, seed=5, mode=mode)[0] == greedy
+    rejected = 0
+    for temperature, top_p, seed in ((1.0, 1.0, 3), (0.6, 0.95, 7), (2.0, 0.9, 11)):
+        runs = {m: gen.generate_speculative(model, prompt, 30, temperature=temperature, top_p=top_p, seed=seed, mode=m)
+                for m in ("eager", "static")}
+        assert runs["static"] == runs["eager"], runs
+        stats = runs["eager"][1]
+        rejected += stats["drafts"] - stats["accepted"]
+        stop = runs["eager"][0][9]
+        stopped = [gen.generate_speculative(model, prompt, 30, stop_id=stop, temperature=temperature, top_p=top_p,
+                                            seed=seed, mode=m)[0] for m in ("eager", "static")]
+        assert stopped[0] == stopped[1] == runs["eager"][0][:runs["eager"][0].index(stop) + 1]
+    assert rejected > 0  # both branches of the rule ran

@@ -540,8 +540,41 @@ def test_decoding_with_a_cuda_graph_matches_the_static_step(preset):
                 out = dec.step(got["static"][0][:, t]).clone()
             logits[mode] = out
             if mode == "graph":
-                assert dec._graph is not None
+                assert dec._graph.graph is not None
     assert torch.equal(got["auto"][0], got["static"][0]) and got["auto"][1].all()
     assert got["auto"][0].unique().numel() > 10  # sampled tokens, not one repeated
     assert torch.equal(logits["graph"], logits["static"])
     assert float((logits["eager"] - logits["static"]).abs().max()) <= 0.03 * float(logits["static"].abs().max())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_speculative_decoding_with_a_cuda_graph_matches_the_static_step(monkeypatch, preset):
+    """generate_speculative under BF16 autocast: "auto" captures the device-side step (the main
+    model on the newest token and the draft, the MTP module, the next draft) as a CUDA graph. Its
+    tokens and counts equal the same step's run eagerly ("static"), with the random MTP module's
+    drafts and with drafts from a table that is right at two slots of three (kept and rejected
+    drafts, one after the other), through a stop token too. Sampled (two graphs, the draws between
+    them eager), the same seed gives the same tokens and counts as "static"."""
+    from moeforge import generate as gen
+
+    cfg = load_config(preset, None, ["model.num_nextn_predict_layers=1"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, "cuda").eval()
+    prompt = [5, 17, 300, 42, 9, 8]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = {m: gen.generate_speculative(model, prompt, 40, mode=m) for m in ("static", "auto")}
+        assert plain["auto"] == plain["static"] and len(plain["auto"][0]) == 40
+        sampled = {m: gen.generate_speculative(model, prompt, 40, temperature=1.0, top_p=0.9, seed=3, mode=m)
+                   for m in ("static", "auto")}
+        assert sampled["auto"] == sampled["static"] and len(sampled["auto"][0]) == 40
+        assert 0 < sampled["auto"][1]["accepted"], sampled["auto"][1]
+        greedy = gen.generate(model, prompt, 60, temperature=0.0)
+        table = torch.tensor([t if slot % 3 else (t + 1) % cfg.model.vocab_size
+                              for slot, t in enumerate(prompt + greedy + [0] * 40)], device="cuda")
+        monkeypatch.setattr(gen, "_device_draft", lambda model, h1, slot: table.index_select(0, slot.view(1)))
+        drafted = {m: gen.generate_speculative(model, prompt, 40, mode=m) for m in ("static", "graph")}
+        stop = drafted["static"][0][25]
+        stopped = {m: gen.generate_speculative(model, prompt, 40, stop_id=stop, mode=m) for m in ("static", "graph")}
+    assert drafted["graph"] == drafted["static"], drafted
+    assert 0 < drafted["graph"][1]["accepted"] < drafted["graph"][1]["drafts"]
+    assert stopped["graph"] == stopped["static"] and stopped["graph"][0][-1] == stop

@@ -11,6 +11,8 @@ loop reads the row counts on the host). So the graph is used on CUDA when the st
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from .errors import MoeforgeError
@@ -54,6 +56,64 @@ def accept_draft(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor,
     return torch.where(kept, draft, other), kept
 
 
+class _Captured:
+    """A step whose inputs and outputs live in fixed device buffers, run as a CUDA graph: the first
+    call runs it eagerly on a side stream (kernels compile, workspaces are made; CUDA graphs require
+    the side stream), the second captures it (a capture records without running) and replays it,
+    every later call replays it. Returns the step's output, a buffer of the graph's own from the
+    second call on: read it before the next call.
+
+    Python's garbage collector is kept off during the capture: a collection inside a capture can free
+    an earlier decoder's graph or memory (decoders hold their captured steps in reference cycles), a
+    CUDA call that invalidates the capture; this failed a test that decoded after other decoding tests
+    in one process. (A gc.collect() before each capture instead cost about a tenth of a second per
+    decoding call.)"""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.graph = None
+        self.out = None
+        self.warm = False
+
+    def __call__(self):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        if not self.warm:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.fn()
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm = True
+            return out
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.fn()
+        finally:
+            if enabled:
+                gc.enable()
+        self.graph.replay()
+        return self.out
+
+
+def _resolve_mode(model: Transformer, mode: str, modes: tuple[str, ...]) -> str:
+    """"auto" -> "graph" on CUDA when the step computes in BF16 (the experts' grouped GEMM then never
+    waits on the host; module doc), else "eager"; other modes checked."""
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {modes}, got {mode!r}")
+    device = model.embed.weight.device
+    if mode == "auto":
+        probe = torch.empty(0, device=device, dtype=model.embed.weight.dtype)
+        mode = "graph" if device.type == "cuda" and compute_dtype(probe) == torch.bfloat16 else "eager"
+    if mode == "graph" and device.type != "cuda":
+        raise ValueError("a CUDA graph needs a CUDA device")
+    return mode
+
+
 class Decoder:
     """R rows of one prompt length decoded in lockstep from the latent cache: prefill() the prompts,
     then step() one token per row (module doc). mode: "eager" (the position a Python int; the
@@ -67,22 +127,13 @@ class Decoder:
     MODES = ("auto", "eager", "static", "graph")
 
     def __init__(self, model: Transformer, rows: int, max_len: int, mode: str = "auto"):
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         device = model.embed.weight.device
-        if mode == "auto":
-            probe = torch.empty(0, device=device, dtype=model.embed.weight.dtype)
-            mode = "graph" if device.type == "cuda" and compute_dtype(probe) == torch.bfloat16 else "eager"
-        if mode == "graph" and device.type != "cuda":
-            raise ValueError("a CUDA graph needs a CUDA device")
-        self.model, self.mode = model, mode
+        self.model, self.mode = model, _resolve_mode(model, mode, self.MODES)
         self.caches = model.new_caches(rows, max_len)
         self.position = 0  # the next position to decode
         self._pos = torch.zeros((), dtype=torch.long, device=device)  # the same, on the device (static, graph)
         self._tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self._graph = None
-        self._logits = None
-        self._warm = False
+        self._graph = _Captured(self._static_step) if self.mode == "graph" else None
 
     def prefill(self, tokens: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [R, L] (slots 0..L-1) -> the logits after the last one [R, V]. start [R]: prompts
@@ -101,25 +152,7 @@ class Decoder:
             return logits
         self._tokens.copy_(tokens.view(-1, 1))
         self._pos.fill_(self.position)
-        if self.mode == "static":
-            logits = self._static_step()
-        elif self._graph is not None:
-            self._graph.replay()
-            logits = self._logits
-        elif not self._warm:  # the first call: run once outside a capture (kernels compile, workspaces
-            # are made), on a side stream as CUDA graphs require
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                logits = self._static_step()
-            torch.cuda.current_stream().wait_stream(side)
-            self._warm = True
-        else:  # the second: capture; the capture records the step without running it, replay runs it
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._logits = self._static_step()
-            self._graph.replay()
-            logits = self._logits
+        logits = self._static_step() if self._graph is None else self._graph()
         self.position += 1
         return logits
 
@@ -191,9 +224,132 @@ def _draft(model: Transformer, h1: torch.Tensor, slot: int, temperature: float, 
     return int(torch.multinomial(q, 1, generator=generator)), q[0]
 
 
+def _device_draft(model: Transformer, h1: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """The greedy draft of the device-side steps: the MTP module's choice [1] for the token at `slot`
+    (a device tensor) from its hidden state h1 [1, 1, D]."""
+    return model.head(h1)[:, -1].argmax(-1)
+
+
+class _SpeculativeSteps:
+    """Speculative decoding with each step's state on the device, so that the step can be captured as
+    a CUDA graph and replayed without the host: the newest token, the draft, the position and the
+    number of tokens decoded are device tensors, and every step has the same shapes. A step runs the
+    main model on [newest token, draft] at the device position (LatentCache.write: "verify"), keeps
+    one or two tokens as generate_speculative does, writes both places of the output buffer (the
+    second is written over by the next step when the draft was not kept), runs the MTP module on both
+    positions (the second's cache slot likewise written over when unused) and takes the hidden state
+    of the last token kept ("advance"), and drafts from it. The host reads the buffer every CHECK
+    steps; the steps it ran past the end are discarded (the buffers and caches have room for them).
+
+    Greedy, the whole step is one graph. Sampling, verify and advance are two graphs and the random
+    draws run between them, eagerly, in the order generate_speculative's loop makes them (the same
+    seed gives the same tokens; tested), so no random number generator is captured. The replays
+    equal the same steps run eagerly, token for token (tests/test_speed_gpu.py)."""
+
+    CHECK = 8
+
+    def __init__(self, model: Transformer, prompt: list[int], max_new: int, graph: bool,
+                 temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None):
+        device, dtype = model.embed.weight.device, model.embed.weight.dtype
+        self.model, self.mtp, self.max_new = model, model.mtp[0], max_new
+        self.sampling, self.temperature, self.top_p, self.gen = temperature > 0, temperature, top_p, generator
+        room = len(prompt) + max_new + 2 * self.CHECK + 2
+        self.caches = model.new_caches(1, room)
+        self.mtp_cache = LatentCache.empty(model.cfg, 1, room, device, dtype)
+        self.out = torch.zeros(max_new + 2 * self.CHECK + 2, dtype=torch.long, device=device)
+        self.counts = torch.zeros(max_new + self.CHECK + 1, dtype=torch.long, device=device)  # after each step
+        self.steps = torch.zeros((), dtype=torch.long, device=device)
+        self.two = torch.arange(2, device=device)
+        tokens = torch.tensor([prompt], device=device)
+        h, _, cos, sin = model.hidden(tokens, self.caches, 0)
+        first = sample_next(model.head(h[:, -1:])[:, -1], temperature, top_p, generator)  # [1]
+        h1, _ = self.mtp(h, model.embed(torch.cat([tokens[:, 1:], first[None]], 1)), cos, sin,
+                         cache=self.mtp_cache, start_pos=0)
+        self.out[:1] = first
+        self.token = first.view(1, 1).clone()  # the newest token, not yet run through the model
+        self.pos = torch.tensor(len(prompt), device=device)  # its slot
+        self.count = torch.ones((), dtype=torch.long, device=device)  # tokens decoded
+        self.new = torch.zeros(2, dtype=torch.long, device=device)  # (sampling) the advance's inputs
+        self.kept = torch.zeros((), dtype=torch.bool, device=device)
+        if self.sampling:
+            self.draft, self.q = self._sampled_draft(model.head(h1[:, -1:])[:, -1])
+            advance = self._advance_to_draft_logits
+            self.verify = _Captured(self._verify) if graph else self._verify
+            self.advance = _Captured(advance) if graph else advance
+            self.run = self._sampled_step
+        else:
+            self.draft = _device_draft(model, h1[:, -1:], self.pos + 1)
+            self.run = _Captured(self._greedy_step) if graph else self._greedy_step
+
+    def _verify(self):
+        h, _, cos, sin = self.model.hidden(torch.cat([self.token, self.draft.view(1, 1)], 1), self.caches, self.pos)
+        self._h, self._cos, self._sin = h, cos, sin  # (under a graph: its buffers, read by the advance's graph)
+        return self.model.head(h)[0]  # [2, V]: after the newest token, after the draft
+
+    def _advance(self, new: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Record the step's tokens new [2] (the second one counts when kept), run the MTP module on
+        both positions and move on; returns the MTP hidden state of the last token kept [1, 1, D]."""
+        k = kept.long() + 1
+        self.out.index_copy_(0, self.count + self.two, new)
+        h1, _ = self.mtp(self._h, self.model.embed(new[None]), self._cos, self._sin, cache=self.mtp_cache,
+                         start_pos=self.pos)
+        last = (k - 1).view(1)
+        self.token.copy_(new.index_select(0, last).view(1, 1))
+        self.pos.add_(k)
+        self.count.add_(k)
+        self.counts.index_copy_(0, self.steps.view(1), self.count.view(1))
+        self.steps.add_(1)
+        return h1.index_select(1, last)
+
+    def _greedy_step(self) -> None:
+        choice = self._verify().argmax(-1)  # [2]
+        kept = choice[0] == self.draft[0]
+        h1 = self._advance(torch.stack([torch.where(kept, self.draft[0], choice[0]), choice[1]]), kept)
+        self.draft.copy_(_device_draft(self.model, h1, self.pos + 1))
+
+    def _advance_to_draft_logits(self) -> torch.Tensor:
+        return self.model.head(self._advance(self.new, self.kept))[:, -1]  # [1, V]
+
+    def _sampled_draft(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = sampling_probs(logits, self.temperature, self.top_p)
+        return torch.multinomial(q, 1, generator=self.gen).view(1), q
+
+    def _sampled_step(self) -> None:
+        logits = self.verify()
+        token, kept = accept_draft(sampling_probs(logits[:1], self.temperature, self.top_p), self.q, self.draft,
+                                   self.gen)
+        second = sample_next(logits[1:], self.temperature, self.top_p, self.gen)
+        self.new.copy_(torch.cat([token, second]))
+        self.kept.copy_(kept[0])
+        draft, q = self._sampled_draft(self.advance())
+        self.draft.copy_(draft)
+        self.q.copy_(q)
+
+    def decode(self, stop_id: int | None) -> tuple[list[int], dict]:
+        first = int(self.out[0])
+        if self.max_new <= 1 or first == stop_id:
+            return [first], {"forwards": 0, "drafts": 0, "accepted": 0}
+        done = 0
+        while True:
+            for _ in range(self.CHECK):
+                self.run()
+            done += self.CHECK
+            counts = self.counts[:done].tolist()
+            tokens = self.out[:counts[-1]].tolist()
+            end = self.max_new
+            if stop_id is not None and stop_id in tokens:
+                end = min(end, tokens.index(stop_id) + 1)
+            for i, count in enumerate(counts):
+                if count >= end:
+                    forwards = i + 1
+                    return tokens[:end], {"forwards": forwards, "drafts": forwards,
+                                          "accepted": count - 1 - forwards}
+
+
 @torch.no_grad()
 def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: int, stop_id: int | None = None,
-                         temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> tuple[list[int], dict]:
+                         temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                         mode: str = "auto") -> tuple[list[int], dict]:
     """Decoding with the first MTP module drafting the token after next (DeepSeek-V3 §5.4.3): each step
     runs the main model on the newest token and the draft together; when the model's own choice
     after the newest token is the draft, both are kept (with the model's choice after the draft,
@@ -206,7 +362,13 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
     Returns (new tokens, through stop_id when emitted; {"forwards": main-model decoding forwards,
     "drafts": drafts checked, "accepted": drafts kept}). The MTP module decodes from a latent cache of
     its own: its position i pairs the main model's hidden state at i with the embedding of token
-    i + 1, as in training, and predicts token i + 2."""
+    i + 1, as in training, and predicts token i + 2.
+
+    mode: "eager" (the steps above, the host reading each step's tokens), "static" (_SpeculativeSteps:
+    the step with its state on the device, run eagerly), "graph" (that step captured as CUDA graphs
+    and replayed), or "auto": "graph" where Decoder's auto picks it, else "eager". All give the same
+    tokens (sampling: from the same seed), up to rounding."""
+    mode = _resolve_mode(model, mode, ("auto", "eager", "static", "graph"))
     if not model.mtp:
         raise MoeforgeError("speculative decoding drafts with the MTP module, and this model has none "
                             "(model.num_nextn_predict_layers = 0)")
@@ -217,14 +379,18 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
     was_training = model.training
     model.eval()
     device, dtype, mtp = model.embed.weight.device, model.embed.weight.dtype, model.mtp[0]
+    gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    if mode != "eager" and max_new_tokens > 0:
+        steps = _SpeculativeSteps(model, prompt, max_new_tokens, mode == "graph", temperature, top_p, gen)
+        out, stats = steps.decode(stop_id)
+        model.train(was_training)
+        return out, stats
     n, slots = len(prompt), len(prompt) + max_new_tokens
     caches = model.new_caches(1, slots)
     mtp_cache = LatentCache.empty(model.cfg, 1, slots, device, dtype)
 
     def ids(values: list[int]) -> torch.Tensor:
         return torch.tensor([values], device=device)
-
-    gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
 
     def pick(logits: torch.Tensor) -> int:  # [1, V] -> the model's token
         return int(sample_next(logits, temperature, top_p, gen)[0])
@@ -248,7 +414,8 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
             else:
                 token, kept = accept_draft(sampling_probs(logits[:1], temperature, top_p), q[None],
                                            torch.tensor([draft], device=device), gen)
-                new = [draft, pick(logits[1:])] if bool(kept) else [int(token)]
+                second = pick(logits[1:])  # (drawn either way: the device-side steps draw in this order)
+                new = [draft, second] if bool(kept) else [int(token)]
             stats["accepted"] += len(new) - 1
             k = len(new)  # MTP positions pos..pos+k-1: the model's hidden state there, the token after it
             h1, _ = mtp(h[:, :k], model.embed(ids(new)), cos[:k], sin[:k], cache=mtp_cache, start_pos=pos)

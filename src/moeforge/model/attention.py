@@ -44,22 +44,19 @@ class LatentCache:
         [B or 1, S, T] of the slots each new position must not see (None: it sees all T).
 
         start_pos an int: T is start_pos + S (only the written slots), causal within the new ones.
-        start_pos a 0-dim integer tensor on the cache's device (one new position, S = 1): T is the
-        whole cache and the slots after start_pos are masked, so the shapes and addresses of a
-        decode step do not depend on the position and the step can be captured as a CUDA graph.
+        start_pos a 0-dim integer tensor on the cache's device: T is the whole cache and each new
+        position's later slots are masked, so the shapes and addresses of a decode step do not depend
+        on the position and the step can be captured as a CUDA graph.
         With `start` (left padding), a row's slots before its start are masked too, except each
         padding slot's own: a padding position then attends to itself alone, so its values stay
         finite (a row of nothing but masked scores would give NaN, and NaN times a zero weight is
         NaN in the real positions' sums)."""
         B, S = kv.shape[:2]
         if isinstance(start_pos, torch.Tensor):
-            if S != 1:
-                raise ValueError(f"a device position writes one position at a time, got {S}")
-            index = start_pos.view(1)
-            self.kv[:B].index_copy_(1, index, kv.to(self.kv.dtype))
-            self.pe[:B].index_copy_(1, index, pe.to(self.pe.dtype))
+            queries = start_pos.view(1) + torch.arange(S, device=self.kv.device)
+            self.kv[:B].index_copy_(1, queries, kv.to(self.kv.dtype))
+            self.pe[:B].index_copy_(1, queries, pe.to(self.pe.dtype))
             slots = torch.arange(self.kv.shape[1], device=self.kv.device)
-            queries = start_pos.view(1)
             kv_all, pe_all = self.kv[:B], self.pe[:B]
         else:
             end = start_pos + S

@@ -70,8 +70,8 @@ class Transformer(nn.Module):
                mask=None):
         """tokens: [B, S] -> (final normalised hidden [B, S, D], summed balance loss, cos, sin).
         mask: None (causal) or attention.document_mask(...) for packed documents. start_pos: an int,
-        or with caches and S = 1 a 0-dim tensor on the device (a decode step whose shapes do not
-        depend on the position: LatentCache.write). Caches with a `start` (left-padded rows) give each
+        or with caches a 0-dim tensor on the device (a decode step whose shapes do not depend on the
+        position: LatentCache.write). Caches with a `start` (left-padded rows) give each
         row positions of its own."""
         S = tokens.shape[1]
         first = caches[0].start if caches is not None else None  # left padding: [B] first real slots
@@ -82,7 +82,8 @@ class Transformer(nn.Module):
             cos, sin = cos[positions], sin[positions]
         elif isinstance(start_pos, torch.Tensor):
             cos, sin = self.rope(caches[0].kv.shape[1], tokens.device)
-            cos, sin = cos.index_select(0, start_pos.view(1)), sin.index_select(0, start_pos.view(1))
+            positions = start_pos.view(1) + torch.arange(S, device=tokens.device)
+            cos, sin = cos.index_select(0, positions), sin.index_select(0, positions)
         else:
             cos, sin = self.rope(start_pos + S, tokens.device)
             cos, sin = cos[start_pos:], sin[start_pos:]
