@@ -226,6 +226,7 @@ HELP_FLAGS = {
     "sft-data": ["--task", "--n", "--out", "--seed", "--teacher", "--samples", "--precision"],
     "score": ["--checkpoint", "--task", "--n", "--samples", "--temperature", "--top-p", "--max-new-tokens", "--seed",
               "--exclude", "--out", "--precision", "--device"],
+    "plot": ["RUN", "--out", "--metrics", "--smooth", "--x"],
 }
 
 

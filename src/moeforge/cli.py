@@ -296,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", type=float, metavar="GIB", help="memory per GPU in GiB: says whether the states fit")
     p.add_argument("--price", type=float, metavar="USD", help="price of one GPU-hour: adds the cost")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides (model.*, train.*, parallel.*)")
+
+    p = sub.add_parser("plot", help="plot runs' metrics (loss, validation, lr, gradient norm, reward, ...) to an image",
+                       description="Draw the curves of one or more runs' metrics.jsonl (train, sft or grpo) in one "
+                                   "figure, each run in its own colour, and print a line per run. Needs matplotlib.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (the --out of train, sft, grpo) or metrics.jsonl files")
+    p.add_argument("--out", metavar="FILE", help="the image: .png, .pdf or .svg (default: RUN/metrics.png for one run; "
+                                                  "required for several)")
+    p.add_argument("--metrics", metavar="A,B,...",
+                   help="the record keys to draw, comma-separated (default: those of loss, val_bpb, val_loss, mtp_loss, "
+                        "reward, accuracy, kl, lr, grad_norm, tokens_per_s, imbalance, completion_tokens the runs have)")
+    p.add_argument("--smooth", type=int, metavar="N",
+                   help="per-step series drawn with a trailing mean over N steps (default: about 2%% of the steps; 1: none)")
+    p.add_argument("--x", choices=("step", "tokens"), default="step", help="the horizontal axis (default step)")
     return parser
 
 
@@ -773,9 +786,24 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .plot import plot_runs, read_runs, summary
+
+    if args.out is None and len(args.runs) > 1:
+        raise MoeforgeError("several runs need --out FILE (.png, .pdf or .svg)")
+    runs = read_runs(args.runs)
+    out = Path(args.out) if args.out else runs[0].path.parent / "metrics.png"
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    panels = plot_runs(runs, out, metrics, args.smooth, args.x)
+    for run in runs:
+        print(summary(run, args.smooth))
+    print(f"wrote {out} ({', '.join(key for key, _ in panels)})")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert, "bench": cmd_bench,
             "info": cmd_info, "plan": cmd_plan, "grpo": cmd_grpo, "sft": cmd_sft, "sft-data": cmd_sft_data,
-            "score": cmd_score}
+            "score": cmd_score, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:
