@@ -198,6 +198,47 @@ def test_convert_writes_hf_folder(cli, trained_run, tmp_path):
     assert r.rc == 0, r.err
 
 
+def test_convert_imports_hf_folder_as_a_run(cli, trained_run, tmp_path, expect_error, snapshot):
+    """convert --hf DIR --out RUN --to run: a Hugging Face folder (here the export of the trained run)
+    becomes a run folder that --checkpoint reads: the same weights, routing biases included, bit for
+    bit; the folder's tokenizer copied and named by the config; `generate` gives the trained run's
+    greedy text. Refusals: a non-empty --out, --dtype, --to run without --hf, a tokenizer larger
+    than the model's vocabulary (nothing written)."""
+    from moeforge import hf
+    from moeforge.config import load_config
+    from moeforge.data.tokenizer import DEFAULT_TOKENIZER_PATH
+    from moeforge.model import build_model
+    from moeforge.train.checkpoint import load_trained_model
+
+    exported, run = tmp_path / "hf", tmp_path / "imported"
+    assert cli("convert", "--checkpoint", trained_run.out, "--out", exported, "--dtype", "fp32").rc == 0
+    r = cli("convert", "--hf", exported, "--out", run, "--to", "run")
+    assert r.rc == 0, r.err
+    assert f"--checkpoint {run}" in r.out
+    ours, cfg = load_trained_model(run, "cpu")
+    theirs, trained_cfg = load_trained_model(trained_run.out, "cpu")
+    assert cfg.model == trained_cfg.model and cfg.train.tokenizer == str(run / "tokenizer.json")
+    assert (run / "tokenizer.json").read_bytes() == (exported / "tokenizer.json").read_bytes()
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    texts = [cli("generate", "--checkpoint", c, "--prompt", "def f(", "--max-new-tokens", "12", "--temperature", "0").out
+             for c in (run, trained_run.out)]
+    assert texts[0] == texts[1] and texts[0].startswith("def f(")
+
+    before = snapshot(tmp_path)
+    expect_error(cli("convert", "--hf", exported, "--out", run, "--to", "run"), "convert", "not an empty folder")
+    expect_error(cli("convert", "--hf", exported, "--out", tmp_path / "r2", "--to", "run", "--dtype", "bf16"),
+                 "convert", "--dtype", "fp32")
+    expect_error(cli("convert", "--checkpoint", trained_run.out, "--out", tmp_path / "r3", "--to", "run"),
+                 "convert", "--to run imports a hugging face folder")
+    assert snapshot(tmp_path) == before
+    small = build_model(load_config("tiny", None, ["model.vocab_size=1000"]).model, "cpu")
+    hf.save(small, tmp_path / "small-hf", tokenizer=DEFAULT_TOKENIZER_PATH)
+    expect_error(cli("convert", "--hf", tmp_path / "small-hf", "--out", tmp_path / "r4", "--to", "run"), "convert",
+                 "tokenizer.json' has 8192 tokens, more than the model's vocab_size 1000")
+    assert not (tmp_path / "r4").exists()
+
+
 def test_info_in_process_with_overrides(cli):
     """info with overrides prints the four counts and FLOPs; compares: more layers -> more params."""
     def main_params(*overrides):
@@ -219,7 +260,7 @@ HELP_FLAGS = {
               "--precision", "--no-progress", "key=value"],
     "generate": ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--precision", "--device"],
     "eval": ["--checkpoint", "--text", "--batch-size", "--max-batches", "--device"],
-    "convert": ["--checkpoint", "--hf", "--out", "--dtype"],
+    "convert": ["--checkpoint", "--hf", "--out", "--to", "--dtype"],
     "info": ["--preset", "--config", "key=value"],
     "sft": ["--checkpoint", "--data", "--out", "--steps", "--batch-size", "--lr", "--warmup", "--schedule", "--max-len",
             "--val-fraction", "--eval-every", "--checkpoint-every", "--seed", "--device"],

@@ -139,15 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help=EMA_HELP)
     _add_device(p)
 
-    p = sub.add_parser("convert", help="export to / dequantise Hugging Face DeepSeek-V3 checkpoints",
+    p = sub.add_parser("convert", help="export to / import from / dequantise Hugging Face DeepSeek-V3 checkpoints",
                        description="Export a moeforge checkpoint as a Hugging Face DeepSeek-V3 folder (--checkpoint), "
-                                   "or rewrite a Hugging Face folder, dequantising FP8 weights (--hf).")
+                                   "rewrite a Hugging Face folder, dequantising FP8 weights (--hf), or import one as "
+                                   "a moeforge run folder that every --checkpoint reads (--hf ... --to run).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a moeforge checkpoint folder or run folder to export")
-    src.add_argument("--hf", help="a Hugging Face DeepSeek-V3 folder (config.json + safetensors) to dequantise")
+    src.add_argument("--hf", help="a Hugging Face DeepSeek-V3 folder (config.json + safetensors) to dequantise or import")
     p.add_argument("--out", required=True, help="the folder to write: new, empty, or an earlier moeforge export "
-                                                "(replaced); never a run or checkpoint folder")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="dtype of the written weights (default bf16)")
+                                                "(replaced); never a run or checkpoint folder (--to run: new or empty)")
+    p.add_argument("--to", choices=["hf", "run"], default="hf",
+                   help="with --hf: hf (default) writes a Hugging Face folder; run writes a moeforge run folder "
+                        "(FP32 weights, the folder's tokenizer) for generate, eval, sft, grpo, score")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="dtype of the written Hugging Face weights (default bf16)")
     p.add_argument("--ema", action="store_true", help=EMA_HELP + "; with --checkpoint")
 
     p = sub.add_parser("bench", help="measure training-step speed, MFU and memory (optionally against transformers)",
@@ -475,9 +479,18 @@ def cmd_convert(args) -> int:
     from . import hf
     from .train.checkpoint import load_trained_model
 
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     if args.ema and not args.checkpoint:
         raise MoeforgeError("--ema applies to --checkpoint (a moeforge checkpoint), not to --hf")
+    if args.to == "run":
+        if not args.hf:
+            raise MoeforgeError("--to run imports a Hugging Face folder: give it with --hf")
+        if args.dtype:
+            raise MoeforgeError("--dtype applies to Hugging Face output; a run's weights are FP32 (--to run)")
+        checkpoint = hf.import_run(args.hf, args.out)
+        print(f"wrote {args.out} (checkpoint {checkpoint.name}): pass --checkpoint {args.out} to generate, eval, "
+              f"sft, grpo or score")
+        return 0
     if args.checkpoint:
         model, cfg = load_trained_model(args.checkpoint, "cpu", ema=args.ema)
         from .data.tokenizer import DEFAULT_TOKENIZER_PATH

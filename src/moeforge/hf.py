@@ -788,6 +788,42 @@ def save(model: Transformer, path: str | os.PathLike, max_shard_bytes: int = 5 *
     _write_atomically(path, write)
 
 
+def import_run(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A moeforge run folder from a Hugging Face DeepSeek-V3 (or V2) folder, so that every command that
+    takes --checkpoint (generate, eval, sft, grpo, score, sft-data --teacher, convert) reads it:
+    OUT/checkpoints/step_0000000 holds the weights in FP32 (FP8 ones dequantised, as `load` reads
+    them) and a config whose model part comes from config.json; OUT/tokenizer.json is the folder's
+    tokenizer, which that config names (the default tokenizer when the folder has none and the
+    default fits the vocabulary). `out` must be new or empty; it is written under a temporary name
+    and renamed, so a failure leaves nothing. Returns the checkpoint folder."""
+    from .config import Config
+    from .data.tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer
+    from .train.checkpoint import save_checkpoint
+
+    src, out = Path(src), Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MoeforgeError(f"{out}: exists and is not an empty folder; refusing to write a run there")
+    model = load(src, "cpu", torch.float32)
+    cfg = Config(model=model.cfg)
+    cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_position_embeddings)
+    has_tokenizer = (src / "tokenizer.json").is_file()
+    tok = Tokenizer(src / "tokenizer.json" if has_tokenizer else DEFAULT_TOKENIZER_PATH)
+    if tok.vocab_size > cfg.model.vocab_size:
+        which = f"'{src / 'tokenizer.json'}'" if has_tokenizer else "moeforge's default tokenizer (the folder has none)"
+        raise MoeforgeError(f"{which} has {tok.vocab_size} tokens, more than the model's vocab_size "
+                            f"{cfg.model.vocab_size}")
+    if has_tokenizer:
+        cfg.train.tokenizer = str(out / "tokenizer.json")
+
+    def write(tmp: Path) -> None:
+        if has_tokenizer:
+            shutil.copyfile(src / "tokenizer.json", tmp / "tokenizer.json")
+        save_checkpoint(tmp / "checkpoints", 0, cfg, model.state_dict(), {}, {"step": 0, "tokens": 0}, 1)
+
+    _write_atomically(out, write)
+    return out / "checkpoints" / "step_0000000"
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | str = torch.bfloat16,
             max_shard_bytes: int = 5 * 2**30) -> None:
     """Dequantise a Hugging Face DeepSeek-V3 folder (e.g. the official FP8 release) into a clean one.
