@@ -203,7 +203,8 @@ def test_convert_imports_hf_folder_as_a_run(cli, trained_run, tmp_path, expect_e
     becomes a run folder that --checkpoint reads: the same weights, routing biases included, bit for
     bit; the folder's tokenizer copied and named by the config; `generate` gives the trained run's
     greedy text. Refusals: a non-empty --out, --dtype, --to run without --hf, a tokenizer larger
-    than the model's vocabulary (nothing written)."""
+    than the model's vocabulary (nothing written). `train --init` continues from the import with its
+    model and tokenizer."""
     from moeforge import hf
     from moeforge.config import load_config
     from moeforge.data.tokenizer import DEFAULT_TOKENIZER_PATH
@@ -224,6 +225,13 @@ def test_convert_imports_hf_folder_as_a_run(cli, trained_run, tmp_path, expect_e
     texts = [cli("generate", "--checkpoint", c, "--prompt", "def f(", "--max-new-tokens", "12", "--temperature", "0").out
              for c in (run, trained_run.out)]
     assert texts[0] == texts[1] and texts[0].startswith("def f(")
+    # continued pre-training from the import: its model and its tokenizer
+    cont = tmp_path / "continued"
+    r = cli("train", "--init", run, "--out", cont, "--steps", "1", "--data", trained_run.data, "--no-progress",
+            "train.seq_len=64", "train.batch_size=4", "train.eval_every=0", "train.sample_tokens=4")
+    assert r.rc == 0, r.err
+    cont_cfg = load_trained_model(cont, "cpu")[1]
+    assert cont_cfg.model == cfg.model and cont_cfg.train.tokenizer == str(run / "tokenizer.json")
 
     before = snapshot(tmp_path)
     expect_error(cli("convert", "--hf", exported, "--out", run, "--to", "run"), "convert", "not an empty folder")
@@ -256,7 +264,7 @@ def test_info_in_process_with_overrides(cli):
 
 
 HELP_FLAGS = {
-    "train": ["--preset", "--config", "--out", "--steps", "--resume", "--device", "--seed", "--data", "--tokenizer",
+    "train": ["--preset", "--config", "--out", "--steps", "--resume", "--init", "--device", "--seed", "--data", "--tokenizer",
               "--precision", "--no-progress", "key=value"],
     "generate": ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--precision", "--device"],
     "eval": ["--checkpoint", "--text", "--batch-size", "--max-batches", "--device"],

@@ -366,6 +366,34 @@ def test_torchrun_cli_ep2(reference, data_dir, mf_cache_dir, tmp_path):
 
 
 @pytest.mark.dist
+def test_torchrun_cli_init_from_a_checkpoint_ep2_zero2(reference, data_dir, mf_cache_dir, tmp_path):
+    """`train --init CHECKPOINT` under torchrun with expert parallelism and FSDP2: each rank loads its
+    slice and shard of the checkpoint's weights, so the run's losses are those of the same run in one
+    process (tests/test_init.py), and far from a run that starts from the initialisation."""
+    import json
+
+    from conftest import run_cli
+
+    args = ["--init", reference["out"], "--steps", 2, "--data", data_dir, "--no-progress", *TRAIN,
+            "train.checkpoint_every=0", "train.eval_every=0", "train.optimizer=adamw"]
+    one = tmp_path / "one"
+    assert single_process(lambda: run_cli(["train", "--out", one, *args]), mf_cache_dir) == 0
+    out = tmp_path / "ep2"
+    res = run_torchrun(["-m", "moeforge", "train", "--out", out, *args, "parallel.ep=2", "parallel.sharding=zero2"], 2,
+                       env={"MOEFORGE_CACHE": str(mf_cache_dir)}, cwd=tmp_path)
+    metrics = out / "metrics.jsonl"
+    assert res.returncode == 0 or (teardown_aborted(res) and metrics.is_file()), res.stderr[-3000:]
+
+    def losses(run):
+        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    got, want = losses(out), losses(one)
+    assert len(got) == len(want) == 2
+    assert got == pytest.approx(want, rel=LOSS_RTOL)
+    assert abs(want[0] - reference["records"][0]["loss"]) > 0.01  # not the initialisation's first step
+
+
+@pytest.mark.dist
 def test_torchrun_bench_ep2_zero1(mf_cache_dir, tmp_path):
     """`torchrun --nproc-per-node 2 -m moeforge bench ... parallel.ep=2 parallel.sharding=zero1`: the step
     runs expert parallel with ZeRO-1, rank 0 alone reports, tokens/s count both ranks."""

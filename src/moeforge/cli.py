@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder for metrics and checkpoints (default: the preset's, e.g. runs/tiny)")
     p.add_argument("--steps", type=int, help="number of optimizer steps (train.steps)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--init", metavar="CHECKPOINT",
+                   help="start a new run from this checkpoint's or run folder's weights (continued pre-training; "
+                        "train.init_from): its model config and tokenizer, unless --preset, --config or model.* "
+                        "settings are given, which must then match its model")
     _add_device(p)
     p.add_argument("--seed", type=_seed, help="random seed for initialisation and data order (train.seed)")
     p.add_argument("--data", help="a .txt/.jsonl/.parquet file or folder (default: the Python standard library sources)")
@@ -346,11 +350,31 @@ def _check_out_folder(out: Path) -> None:
         raise MoeforgeError(f"--out '{out}': '{p}' is not writable")
 
 
+def _start_from(cfg, args) -> None:
+    """train --init CHECKPOINT: the run starts from that checkpoint's weights (train.init_from). Its
+    model config and tokenizer become the run's, unless the command line chose a model (--preset,
+    --config, model.* settings: the trainer then checks that it is the checkpoint's)."""
+    from .config import validate
+    from .train import checkpoint as ckpt
+
+    start = ckpt.resolve_checkpoint(args.init)
+    saved = ckpt.load_checkpoint_config(start)
+    cfg.train.init_from = str(start.absolute())
+    if not (args.preset or args.config or any(o.startswith("model.") for o in args.overrides)):
+        cfg.model = saved.model
+    if not cfg.train.tokenizer:
+        cfg.train.tokenizer = saved.train.tokenizer
+    validate(cfg)
+
+
 def cmd_train(args) -> int:
     from .config import apply_overrides, load_config
     from .train import Trainer
     from .train import checkpoint as ckpt
 
+    if args.init and args.resume:
+        raise MoeforgeError("--init starts a new run from a checkpoint's weights and --resume continues a run in "
+                            "--out; give one of them")
     overrides = list(args.overrides)
     for flag, key in (("out", "out"), ("steps", "steps"), ("device", "device"), ("seed", "seed"),
                       ("data", "data"), ("tokenizer", "tokenizer"), ("precision", "precision")):
@@ -367,6 +391,8 @@ def cmd_train(args) -> int:
         cfg = apply_overrides(ckpt.load_checkpoint_config(found[-1]), overrides)
     else:
         cfg = load_config(preset, args.config, overrides)
+    if args.init:
+        _start_from(cfg, args)
     # The checkpoints keep these paths: absolute, so that eval / generate / --resume find the data
     # and the tokenizer from any working directory.
     for key in ("data", "tokenizer"):

@@ -175,6 +175,9 @@ class TrainConfig:
     fp8_accumulate_wgrad: bool = True  # fp8, GPU: the experts' Wgrad adds into the micro-batches' .grad itself
     adam_moments: str = "fp32"  # fp32 | bf16: AdamW's two moments stored in BF16 (DeepSeek-V3's memory saver)
     cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph, replay it (train/graph.py)
+    # a checkpoint or run folder whose weights (routing biases included) a new run starts from instead of
+    # the initialisation: continued pre-training (`moeforge train --init`); its model config must be this one
+    init_from: str = ""
     # data
     data: str = ""  # "" = the embedded default corpus
     tokenizer: str = ""  # "" = the default tokenizer shipped with moeforge

@@ -814,6 +814,7 @@ def import_run(src: str | os.PathLike, out: str | os.PathLike) -> Path:
                             f"{cfg.model.vocab_size}")
     if has_tokenizer:
         cfg.train.tokenizer = str(out / "tokenizer.json")
+    cfg.model.eos_token_id = tok.eos_id  # (as a run with this tokenizer sets it: `train --init` compares it)
 
     def write(tmp: Path) -> None:
         if has_tokenizer:

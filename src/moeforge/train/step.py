@@ -220,7 +220,12 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     set_loss_chunk(model, t.loss_chunk)
     if pctx is None:
         model = model.to_empty(device=device)
-        init_weights(model, zero=t.zero_init_parts)
+        if t.init_from:
+            parallel.load_full_state_dict(model, start_values(cfg), None)
+            for m in model.moe_layers():
+                m.tokens_per_expert.zero_()
+        else:
+            init_weights(model, zero=t.zero_init_parts)
         setattr(model, PREFETCH, wants_weight_prefetch(cfg, device, precision, pctx))
         return apply_compile(model) if t.compile else model
     if pctx.pp > 1:
@@ -233,8 +238,20 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
     # Weights: the single-process initialisation (same seed on every rank), drawn one full tensor at a
     # time on the CPU and sliced for this rank. Every rank still draws every value (time grows with the
     # whole model); large runs load a checkpoint instead (resume), which is sliced the same way.
-    parallel.load_full_state_dict(model, initial_values(cfg.model, zero=t.zero_init_parts), pctx)
+    parallel.load_full_state_dict(model, start_values(cfg), pctx)
     return apply_compile(model) if t.compile else model
+
+
+def start_values(cfg: Config):
+    """(name, tensor) for every weight and routing bias a new run starts from: the single-process
+    initialisation (model.initial_values), or with train.init_from that checkpoint's weights (read whole
+    on the CPU; the trainer has checked that its model config is this run's)."""
+    if not cfg.train.init_from:
+        return initial_values(cfg.model, zero=cfg.train.zero_init_parts)
+    from .checkpoint import load_trained_model
+
+    model, _ = load_trained_model(cfg.train.init_from, "cpu")
+    return iter(model.state_dict().items())
 
 
 def shard_model(model: torch.nn.Module, pctx, device: torch.device, precision: str) -> torch.nn.Module:
@@ -280,7 +297,7 @@ def split_train_pipeline(model, cfg: Config, pctx, precision: str, device: torch
                                               seq_len=cfg.train.seq_len, amp_dtype=amp_dtype(device, precision))
     parallel.apply_fsdp_stages([st.submod for st in stages], pctx)  # (sharding=zero2|full; before to_empty)
     pipeline.stage_modules(stages).to_empty(device=device)  # the stages share the model's modules
-    parallel.load_full_state_dict(model, initial_values(cfg.model, zero=cfg.train.zero_init_parts), pctx, owned=set(pipeline.stage_state_dict(stages)))
+    parallel.load_full_state_dict(model, start_values(cfg), pctx, owned=set(pipeline.stage_state_dict(stages)))
     for moe in pipeline.moe_layers(stages).values():
         moe.tokens_per_expert.zero_()
     return stages, factory

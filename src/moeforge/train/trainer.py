@@ -8,6 +8,7 @@ OUT/checkpoints/step_N (atomic, last N kept); `resume` continues bit-identically
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import sys
@@ -158,6 +159,14 @@ class Trainer:
             raise MoeforgeError(f"'{self.out}' already holds checkpoints; pass --resume to continue or choose another --out")
         else:
             _check_not_foreign(self.out)
+        build_cfg = cfg  # a resumed run's weights come from its own checkpoint, not from train.init_from
+        if t.init_from and resume_from is None:
+            start = ckpt.resolve_checkpoint(t.init_from)
+            diff = ckpt.config_differences(ckpt.load_checkpoint_config(start), cfg)
+            if diff:
+                raise MoeforgeError(f"train.init_from: checkpoint '{start}' has another model config ({diff[0]})")
+        elif t.init_from:
+            build_cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, init_from=""))
 
         # None for one process; under torchrun the mesh (pp x dp x ep) and this rank's place in it.
         self.pctx = parallel.init_distributed(cfg.parallel, t.device)
@@ -176,13 +185,13 @@ class Trainer:
         self.loader = PackedLoader(self.data.train, t.seq_len, t.seed, self.tokenizer.eos_id, t.fim_rate,
                                    self.tokenizer.fim_ids)
 
-        self.model = build_train_model(cfg, self.device, self.precision, self.pctx)
+        self.model = build_train_model(build_cfg, self.device, self.precision, self.pctx)
         # Pipeline parallelism: this rank's stages reference the model's own modules; the optimizer,
         # clipping and the routing-bias update see only them (the rest of self.model is unused here).
         self.stages = self.pipe = None
         self.updated = self.model  # what this rank's optimizer updates: the model, or its pipeline stages
         if self.pctx is not None and self.pctx.pp > 1:
-            self.stages, self.pipe = split_train_pipeline(self.model, cfg, self.pctx, self.precision, self.device)
+            self.stages, self.pipe = split_train_pipeline(self.model, build_cfg, self.pctx, self.precision, self.device)
             self.updated = pipeline.stage_modules(self.stages)
             self.moe_layer_names = list(pipeline.moe_layers(self.stages))
             self.moe_layers = list(pipeline.moe_layers(self.stages).values())
