@@ -34,8 +34,10 @@ def _train_records(n: int, offset: float = 0.0) -> list[dict]:
     for s in range(1, n + 1):
         out.append({"step": s, "loss": 10.0 / s + offset + (0.5 if s % 2 else -0.5), "lr": 1e-3 * min(1, s / 10),
                     "grad_norm": 1.0 + s % 3, "tokens": 512 * s})
-        if s % 25 == 0:
+        if s % 25 == 0 and s < n:  # validation on some batches during the run, on all at its end
             out.append({"step": s, "val_loss": 5.0 / s + offset, "val_bpb": 2.0 / s + offset, "tokens": 512 * s})
+    out.append({"step": n, "val_loss": 4.0 / n + offset, "val_bpb": 1.5 / n + offset, "tokens": 512 * n,
+                "val_whole": True})
     return out
 
 
@@ -63,8 +65,9 @@ def test_panel_lines(tmp_path):
     assert panel_lines(runs, "loss", window=1)[0].raw is None  # no mean: the values alone
 
     val = panel_lines(runs, "val_bpb", window=4)[0]  # sparse: drawn as logged, as points
-    assert val.sparse and val.raw is None and val.xs == [25, 50, 75, 100]
-    assert val.ys == pytest.approx([2.0 / s for s in (25, 50, 75, 100)])
+    assert val.sparse and val.raw is None and val.xs == [25, 50, 75]
+    assert val.ys == pytest.approx([2.0 / s for s in (25, 50, 75)])
+    assert val.whole == ([100], [pytest.approx(0.015)])  # the final one, on the whole split: a point apart
     lr = panel_lines(runs, "lr", window=4)[0]  # not a noisy series: never averaged
     assert lr.raw is None and lr.ys == pytest.approx([1e-3 * min(1, s / 10) for s in range(1, 101)])
     by_tokens = panel_lines(runs, "loss", x="tokens", window=1)[0]
@@ -72,17 +75,20 @@ def test_panel_lines(tmp_path):
 
     line = summary(a, 4)
     assert line.startswith("a: steps 1-100; loss ") and f"{trailing_mean(raw, 4)[-1]:.4g}" in line
-    assert "validation bits per byte 0.0200 at step 100 (best 0.0200)" in line
+    assert "validation bits per byte 0.0150 at step 100 (the whole held-out split)" in line
+    no_final = read_run(_write(tmp_path / "c", [r for r in _train_records(100) if not r.get("val_whole")]))
+    assert "validation bits per byte 0.0267 at step 75 (best 0.0267)" in summary(no_final)
+    assert panel_lines([no_final], "val_bpb")[0].whole is None
 
 
 def test_reading_skips_what_is_not_a_record(tmp_path):
     run = _write(tmp_path / "live", _train_records(10), tail='{"step": 11, "loss": 0.')  # a line being written
     (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().replace('{"step": 3,', '[1, 2]\n{"step": 3,', 1))
     r = read_run(run)
-    assert [x["step"] for x in r.records] == list(range(1, 11)) and r.skipped == 2
+    assert [x["step"] for x in r.records] == [*range(1, 11), 10] and r.skipped == 2
     assert "2 line(s) skipped" in summary(r)
     same = read_run(run / "metrics.jsonl")  # the file itself names the run too
-    assert same.label == "live" and len(same.records) == 10
+    assert same.label == "live" and len(same.records) == 11
     two = read_runs([str(_write(tmp_path / "x" / "run", _train_records(3))),
                      str(_write(tmp_path / "y" / "run", _train_records(3)))])
     assert [t.label for t in two] == [str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run")]
@@ -103,7 +109,8 @@ def test_plot_a_training_run(cli, run_copy):
     records = [json.loads(x) for x in (run_copy / "metrics.jsonl").read_text().splitlines()]
     last_val = [r["val_bpb"] for r in records if "val_bpb" in r][-1]
     steps = max(r["step"] for r in records)
-    assert f"run-copy: steps 1-{steps}" in result.out and f"validation bits per byte {last_val:.4f}" in result.out
+    assert f"run-copy: steps 1-{steps}" in result.out
+    assert f"validation bits per byte {last_val:.4f} at step {steps} (the whole held-out split)" in result.out
     assert f"wrote {image} (loss, val_bpb, val_loss, mtp_loss, lr, grad_norm, tokens_per_s, imbalance)" \
         in result.out
 

@@ -48,11 +48,15 @@ class Run:
     skipped: int = 0  # lines that were not JSON records (a line still being written)
     keys: set[str] = field(default_factory=set)
 
-    def series(self, key: str, x: str) -> tuple[list[float], list[float]]:
-        """(x values, values) of the records that have `key` (and `x`) as finite numbers."""
+    def series(self, key: str, x: str, whole: bool | None = None) -> tuple[list[float], list[float]]:
+        """(x values, values) of the records that have `key` (and `x`) as finite numbers. whole: only
+        the records of a validation on the whole held-out split (True: the trainer's last one, marked
+        "val_whole") or only the others (False); None: all."""
         xs, ys = [], []
         for r in self.records:
             v, at = r.get(key), r.get(x)
+            if whole is not None and bool(r.get("val_whole")) != whole:
+                continue
             if _number(v) and _number(at):
                 xs.append(float(at))
                 ys.append(float(v))
@@ -139,12 +143,16 @@ def auto_window(n: int) -> int:
 @dataclass
 class Line:
     """One run's curve in one panel: ys as drawn (a trailing mean where `raw` is kept), the raw values
-    drawn faintly behind it, and whether the points are sparse (validation records: drawn as points)."""
+    drawn faintly behind it, whether the points are sparse (validation records: drawn as points), and
+    the validation on the whole held-out split that ends a training run (a point of its own: the
+    ones during the run score `train.eval_batches` batches of it, so the two do not join into one
+    curve)."""
     label: str
     xs: list[float]
     ys: list[float]
     raw: list[float] | None
     sparse: bool
+    whole: tuple[list[float], list[float]] | None = None
 
 
 def panel_lines(runs: list[Run], key: str, x: str = "step", window: int | None = None) -> list[Line | None]:
@@ -153,13 +161,15 @@ def panel_lines(runs: list[Run], key: str, x: str = "step", window: int | None =
     half the records (validation) are sparse and drawn as they are."""
     lines = []
     for run in runs:
-        xs, ys = run.series(key, x)
-        if not ys:
+        whole = run.series(key, x, whole=True) if key.startswith("val_") else ([], [])
+        xs, ys = run.series(key, x, whole=False if whole[1] else None)
+        if not ys and not whole[1]:
             lines.append(None)
             continue
         sparse = key.startswith("val_") or len(ys) < 0.5 * len(run.records)
         w = 1 if sparse or key not in SMOOTHED else (window or auto_window(len(ys)))
-        lines.append(Line(run.label, xs, trailing_mean(ys, w), ys if w > 1 else None, sparse))
+        lines.append(Line(run.label, xs, trailing_mean(ys, w), ys if w > 1 else None, sparse,
+                          whole if whole[1] else None))
     return lines
 
 
@@ -174,6 +184,10 @@ def summary(run: Run, window: int | None = None) -> str:
             parts.append(f"{name} {trailing_mean(ys, w)[-1]:.4g}" + (f" (mean of the last {min(w, len(ys))})"
                                                                       if w > 1 else ""))
     for key, name in (("val_bpb", "validation bits per byte"), ("val_loss", "validation loss")):
+        xs, ys = run.series(key, "step", whole=True)
+        if ys:
+            parts.append(f"{name} {ys[-1]:.4f} at step {int(xs[-1])} (the whole held-out split)")
+            break
         xs, ys = run.series(key, "step")
         if ys:
             parts.append(f"{name} {ys[-1]:.4f} at step {int(xs[-1])} (best {min(ys):.4f})")
@@ -229,16 +243,21 @@ def plot_runs(runs: list[Run], out: str | Path, metrics: list[str] | None = None
             c = colours[i % len(colours)]
             if line.raw is not None:
                 ax.plot(line.xs, line.raw, color=c, alpha=0.25, linewidth=0.8)
-            ax.plot(line.xs, line.ys, color=c, linewidth=1.5, marker="o" if line.sparse else None, markersize=3,
-                    label=line.label)
-            lows.append(min(line.raw or line.ys))
-            highs.append(max(line.raw or line.ys))
+            if line.ys:
+                ax.plot(line.xs, line.ys, color=c, linewidth=1.5, marker="o" if line.sparse else None, markersize=3,
+                        label=line.label)
+            if line.whole is not None:
+                ax.plot(*line.whole, color=c, linestyle="none", marker="*", markersize=10,
+                        label=f"{line.label}: whole held-out split")
+            values = (line.raw or line.ys) + (line.whole[1] if line.whole else [])
+            lows.append(min(values))
+            highs.append(max(values))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("tokens" if x == "tokens" else "step")
         ax.grid(alpha=0.3)
         if lows and "loss" in key and min(lows) > 0 and max(highs) / min(lows) > 3:
             ax.set_yscale("log")  # the first steps' loss would flatten the rest of the curve
-        if len(runs) > 1 and lows:
+        if lows and (len(runs) > 1 or key.startswith("val_")):
             ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)

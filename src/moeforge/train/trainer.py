@@ -492,7 +492,8 @@ class Trainer:
             drop_prefetched()  # the FP8 weights quantised for a step that will not come (train.fp8_weight_prefetch)
             path = self.save()
             val = self.validate(None)
-            sink.write({"step": self.step, "val_loss": val["loss"], "val_bpb": val["bpb"], "tokens": self.tokens_seen})
+            sink.write({"step": self.step, "val_loss": val["loss"], "val_bpb": val["bpb"], "tokens": self.tokens_seen,
+                        "val_whole": True})
         finally:
             if bar is not None:
                 bar.close()
