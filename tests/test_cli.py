@@ -204,7 +204,7 @@ def test_convert_imports_hf_folder_as_a_run(cli, trained_run, tmp_path, expect_e
     bit; the folder's tokenizer copied and named by the config; `generate` gives the trained run's
     greedy text. Refusals: a non-empty --out, --dtype, --to run without --hf, a tokenizer larger
     than the model's vocabulary (nothing written). `train --init` continues from the import with its
-    model and tokenizer."""
+    model and tokenizer, and `sft` fine-tunes it with that tokenizer."""
     from moeforge import hf
     from moeforge.config import load_config
     from moeforge.data.tokenizer import DEFAULT_TOKENIZER_PATH
@@ -232,6 +232,13 @@ def test_convert_imports_hf_folder_as_a_run(cli, trained_run, tmp_path, expect_e
     assert r.rc == 0, r.err
     cont_cfg = load_trained_model(cont, "cpu")[1]
     assert cont_cfg.model == cfg.model and cont_cfg.train.tokenizer == str(run / "tokenizer.json")
+    # fine-tuning from the import keeps its tokenizer too
+    data = tmp_path / "arith.jsonl"
+    assert cli("sft-data", "--n", "8", "--out", data).rc == 0
+    r = cli("sft", "--checkpoint", run, "--data", data, "--out", tmp_path / "sft", "--steps", "1", "--batch-size",
+            "2", "--no-progress")
+    assert r.rc == 0, r.err
+    assert load_trained_model(tmp_path / "sft", "cpu")[1].train.tokenizer == str(run / "tokenizer.json")
 
     before = snapshot(tmp_path)
     expect_error(cli("convert", "--hf", exported, "--out", run, "--to", "run"), "convert", "not an empty folder")
