@@ -273,7 +273,8 @@ def test_info_in_process_with_overrides(cli):
 HELP_FLAGS = {
     "train": ["--preset", "--config", "--out", "--steps", "--resume", "--init", "--device", "--seed", "--data", "--tokenizer",
               "--precision", "--no-progress", "key=value"],
-    "generate": ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--precision", "--device"],
+    "generate": ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--precision", "--device",
+                 "--chat", "--speculative"],
     "eval": ["--checkpoint", "--text", "--batch-size", "--max-batches", "--device"],
     "convert": ["--checkpoint", "--hf", "--out", "--to", "--dtype"],
     "info": ["--preset", "--config", "key=value"],

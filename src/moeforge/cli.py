@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_temperature, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user turn of the tokenizer's chat template (DeepSeek-V3's with a DeepSeek "
+                        "tokenizer, else User:/Assistant: lines), as `sft` renders {\"messages\"} data; prints the answer")
     p.add_argument("--speculative", action="store_true",
                    help="the MTP module drafts the token after next, checked by the model in the same forward "
                         "(DeepSeek-V3 5.4.3): greedy decoding's tokens with --temperature 0, else speculative "
@@ -214,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tokens only, AdamW with warm-up, a held-out loss at intervals. See docs/posttrain.md.")
     p.add_argument("--checkpoint", required=True, help="the model to start from: a checkpoint or run folder")
     p.add_argument("--data", required=True,
-                   help='a JSONL file, one {"prompt": ..., "response": ...} per line (moeforge sft-data writes one)')
+                   help='a JSONL file, one {"prompt": ..., "response": ...} or {"messages": [{"role": ..., "content": '
+                        '...}, ...]} per line (moeforge sft-data writes the first kind)')
     p.add_argument("--out", required=True, help="run folder for metrics.jsonl and checkpoints")
     d = SFTSettings()
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
@@ -433,14 +437,20 @@ def cmd_generate(args) -> int:
     tok = load_tokenizer(cfg.train.tokenizer or None)
     device = model.embed.weight.device
     stats = None
+    if args.chat:
+        from .posttrain.chat import ChatTemplate
+
+        prompt = ChatTemplate(tok).prompt(args.prompt)
+    else:
+        prompt = tok.encode(args.prompt)
     with autocast(device, resolve_precision(args.precision, device)):
         if args.speculative:
-            ids, stats = generate_speculative(model, tok.encode(args.prompt), args.max_new_tokens, stop_id=tok.eos_id,
+            ids, stats = generate_speculative(model, prompt, args.max_new_tokens, stop_id=tok.eos_id,
                                               temperature=args.temperature, top_p=args.top_p, seed=args.seed)
         else:
-            ids = generate(model, tok.encode(args.prompt), args.max_new_tokens, args.temperature, args.top_p,
-                           args.seed, stop_id=tok.eos_id)
-    print(args.prompt + tok.decode(ids))
+            ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                           stop_id=tok.eos_id)
+    print(tok.decode(ids) if args.chat else args.prompt + tok.decode(ids))
     if stats is not None:
         kept = f" ({100 * stats['accepted'] / stats['drafts']:.0f}%)" if stats["drafts"] else ""
         print(f"speculative: {stats['accepted']} of {stats['drafts']} drafts kept{kept}; {len(ids)} tokens in "

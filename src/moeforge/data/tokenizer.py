@@ -115,6 +115,10 @@ class Tokenizer:
                 self.fim_ids = (ids[0], ids[1], ids[2])
                 break
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a token of the vocabulary given as written there (a special token too), or None."""
+        return self._tok.token_to_id(token)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import MoeforgeError
 
-__all__ = ["where", "read_records"]
+__all__ = ["where", "read_records", "read_objects", "string_values"]
 
 
 def where(path: Path, line: int | None = None) -> str:
@@ -19,6 +19,22 @@ def read_records(path: str | Path, keys: tuple[str, ...], what: str = "records")
     """(line number, the values of `keys`) of each record (a JSON object per non-blank line, each key a
     string; other keys are ignored); MoeforgeError naming the file and line of the first problem.
     what: the records' name in the error of an empty file."""
+    return [(number, string_values(path, number, obj, keys)) for number, obj in read_objects(path, keys, what)]
+
+
+def string_values(path: str | Path, number: int, obj: dict, keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The values of `keys` in a record, each a string; MoeforgeError naming the file and line otherwise."""
+    for key in keys:
+        if key not in obj:
+            raise MoeforgeError(f"{where(Path(path), number)}: no \"{key}\"")
+        if not isinstance(obj[key], str):
+            raise MoeforgeError(f"{where(Path(path), number)}: \"{key}\" must be a string, got {type(obj[key]).__name__}")
+    return tuple(obj[k] for k in keys)
+
+
+def read_objects(path: str | Path, keys: tuple[str, ...], what: str = "records") -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file, each a JSON object (keys: what the
+    records hold, for the errors); MoeforgeError naming the file and line of the first problem."""
     path = Path(path)
     if not path.exists():
         raise MoeforgeError(f"{where(path)} does not exist")
@@ -41,12 +57,7 @@ def read_records(path: str | Path, keys: tuple[str, ...], what: str = "records")
             raise MoeforgeError(f"{where(path, number)}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise MoeforgeError(f"{where(path, number)}: expected an object with {wanted}, got {type(obj).__name__}")
-        for key in keys:
-            if key not in obj:
-                raise MoeforgeError(f"{where(path, number)}: no \"{key}\"")
-            if not isinstance(obj[key], str):
-                raise MoeforgeError(f"{where(path, number)}: \"{key}\" must be a string, got {type(obj[key]).__name__}")
-        rows.append((number, tuple(obj[k] for k in keys)))
+        rows.append((number, obj))
     if not rows:
         raise MoeforgeError(f"{where(path)} holds no {what} (one JSON object per line with {wanted})")
     return rows

@@ -6,11 +6,14 @@ Data: a JSONL file, one {"prompt": str, "response": str} object per line (other 
 blank lines skipped). An example is tokenised as
     tokens(prompt) + tokens(response) + [end-of-text]
 the prompt and the response separately, so the prompt's tokens are the ones `generate` and GRPO
-feed the model. Nothing is truncated: an example longer than --max-len (default: the model's context)
+feed the model. A line may instead hold a conversation, {"messages": [{"role": ..., "content": ...},
+...]}, rendered by the tokenizer's chat template (posttrain/chat.py): every assistant turn is scored,
+the system and user turns are not; `generate --chat` prompts the fine-tuned model the same way. Nothing is truncated: an example longer than --max-len (default: the model's context)
 is an error naming its line. The last val_fraction of the examples (at least one) are held out.
 
 Loss: next-token cross-entropy on the targets that are response tokens or the end-of-text; the
-model's prediction of a prompt token is not scored (its target is IGNORE_INDEX). The loss of a batch
+model's prediction of a prompt token (or of a later user turn of a conversation) is not scored (its
+target is IGNORE_INDEX). The loss of a batch
 is the mean over all its scored tokens, so each response token weighs the same, whatever the length
 of the response it belongs to.
 
@@ -58,10 +61,11 @@ from ..train.checkpoint import file_sha256
 from ..train.schedule import lr_at
 from ..train.step import autocast
 from .common import all_reduce_sum, build_adamw, checkpoint_due, init_data_parallel, open_run
-from .records import read_records, where
+from .chat import ChatTemplate, check_messages
+from .records import read_objects, read_records, string_values, where
 from .settings import SFTSettings
 
-__all__ = ["SFTSettings", "Example", "read_examples", "tokenize_examples", "split_examples", "collate", "pack",
+__all__ = ["SFTSettings", "Example", "read_examples", "read_data", "tokenize_examples", "split_examples", "collate", "pack",
            "response_loss", "response_losses", "mtp_targets", "heldout_loss", "BatchOrder", "write_examples", "train_sft"]
 
 
@@ -72,6 +76,7 @@ class Example:
     line: int  # its line in the data file
     prompt: list[int]
     response: list[int]
+    unscored: tuple[tuple[int, int], ...] = ()  # spans [a, b) of the response that are context (user turns)
 
 
 def read_examples(path: str | Path) -> list[tuple[int, str, str]]:
@@ -81,21 +86,42 @@ def read_examples(path: str | Path) -> list[tuple[int, str, str]]:
             for number, (prompt, response) in read_records(path, ("prompt", "response"), "examples")]
 
 
-def tokenize_examples(rows: list[tuple[int, str, str]], tok: Tokenizer, max_len: int, path: str | Path,
+def read_data(path: str | Path) -> list[tuple]:
+    """SFT data: (line number, prompt, response) of each {"prompt", "response"} line, and (line number,
+    turns) of each {"messages"} line (chat.check_messages); MoeforgeError naming the file and line."""
+    rows = []
+    for number, obj in read_objects(path, ("prompt", "response"), "examples"):
+        if "messages" in obj:
+            rows.append((number, check_messages(obj["messages"], where(Path(path), number))))
+        else:
+            rows.append((number, *string_values(path, number, obj, ("prompt", "response"))))
+    return rows
+
+
+def tokenize_examples(rows: list[tuple], tok: Tokenizer, max_len: int, path: str | Path,
                       limit: str) -> list[Example]:
-    """Examples of read_examples' rows, each at most max_len tokens (limit: what sets max_len, for the error)."""
+    """Examples of read_examples' (or read_data's) rows, each at most max_len tokens (limit: what sets
+    max_len, for the error)."""
+    pairs = [r for r in rows if len(r) == 3]
+    prompts = iter(tok.encode_batch([p for _, p, _ in pairs]))
+    responses = iter(tok.encode_batch([r for _, _, r in pairs]))
+    template = ChatTemplate(tok) if len(pairs) < len(rows) else None
     examples = []
-    prompts = tok.encode_batch([p for _, p, _ in rows])
-    responses = tok.encode_batch([r for _, _, r in rows])
-    for (number, _, _), prompt, response in zip(rows, prompts, responses):
+    for row in rows:
+        number = row[0]
+        if len(row) == 3:
+            prompt, response, unscored = next(prompts), next(responses) + [tok.eos_id], ()
+        else:
+            prompt, response, unscored = template.render(row[1])
         if not prompt:  # the first response token is predicted from the prompt's last one
             raise MoeforgeError(f"{where(Path(path), number)}: the prompt is empty")
-        length = len(prompt) + len(response) + 1
+        length = len(prompt) + len(response)
         if length > max_len:
-            raise MoeforgeError(f"{where(Path(path), number)}: the example is {length} tokens (prompt "
-                                f"{len(prompt)}, response {len(response)}, end-of-text 1), more than {limit}; "
-                                f"examples are not truncated")
-        examples.append(Example(number, prompt, response + [tok.eos_id]))
+            parts = (f"prompt {len(prompt)}, response {len(response) - 1}, end-of-text 1" if len(row) == 3 else
+                     f"{template.name} chat template: first prompt {len(prompt)}, the rest {len(response)}")
+            raise MoeforgeError(f"{where(Path(path), number)}: the example is {length} tokens ({parts}), more than "
+                                f"{limit}; examples are not truncated")
+        examples.append(Example(number, prompt, response, unscored))
     return examples
 
 
@@ -120,6 +146,8 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
         inputs[i, :len(seq) - 1] = seq[:-1]
         # position t predicts token t + 1: the first response token is predicted at the prompt's last position
         targets[i, len(e.prompt) - 1:len(seq) - 1] = seq[len(e.prompt):]
+        for a, b in e.unscored:  # a conversation's later user turns: context, not targets
+            targets[i, len(e.prompt) - 1 + a:len(e.prompt) - 1 + b] = IGNORE_INDEX
     return inputs, targets
 
 
@@ -307,7 +335,7 @@ not on a resume) and one per step it ran.
     ctx, device, rank, ranks = init_data_parallel(device, s.batch_size, "--batch-size",
                                                   ParallelConfig(ep=ep, sharding=sharding))
     lead = rank == 0
-    rows = read_examples(data)
+    rows = read_data(data)
     digest = file_sha256(data)  # a resume checks the file is the run's
     run = open_run(checkpoint, out, device, "sft", s, {"data": str(Path(data).resolve()), "data_sha256": digest},
                    resume, ctx, s.precision)

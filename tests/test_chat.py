@@ -1,0 +1,132 @@
+"""Conversations in SFT data and `generate --chat` (posttrain/chat.py).
+
+- the conversation's checks (roles, order, types) as one-line errors naming the file, line and message;
+- the plain template (moeforge's tokenizer) and DeepSeek-V3's (a tokenizer with its chat tokens):
+  the ids are the pieces' own, the markers their special ids (text spelling a marker stays text);
+- the SFT targets: every assistant turn and its end-of-text scored, the system and user turns not;
+- `moeforge sft` on a file mixing conversations and prompt/response pairs trains, and `generate
+  --chat` prompts the model with the template's user turn.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as HFTokenizer
+
+from moeforge.data import load_tokenizer
+from moeforge.data.tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer
+from moeforge.errors import MoeforgeError
+from moeforge.model.mtp import IGNORE_INDEX
+from moeforge.posttrain.chat import DEEPSEEK_ASSISTANT, DEEPSEEK_BOS, DEEPSEEK_USER, ChatTemplate, check_messages
+from moeforge.posttrain.sft import collate, read_data, tokenize_examples
+
+CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "2+2="},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
+                {"role": "assistant", "content": "6, since 3+3=6."}]
+
+
+def _deepseek_tokenizer(tmp_path) -> Tokenizer:
+    """moeforge's tokenizer with DeepSeek-V3's three chat tokens added as special tokens."""
+    hf = HFTokenizer.from_file(str(DEFAULT_TOKENIZER_PATH))
+    hf.add_special_tokens([AddedToken(t, special=True) for t in (DEEPSEEK_BOS, DEEPSEEK_USER, DEEPSEEK_ASSISTANT)])
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    return Tokenizer(path)
+
+
+@pytest.mark.parametrize("messages, fragment", [
+    ([], "non-empty list"),
+    ("hi", "non-empty list"),
+    ([{"role": "user"}], "message 0 must be an object"),
+    ([{"role": "user", "content": 3}], "message 0 must be an object"),
+    ([{"role": "assistant", "content": "x"}], "message 0 has role 'assistant', expected 'user'"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 1 has role 'user', expected 'assistant'"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "system", "content": "c"}],
+     "message 2 has role 'system'"),
+    ([{"role": "system", "content": "s"}, {"role": "user", "content": "a"}], "must end with an assistant turn"),
+    ([{"role": "system", "content": "s"}], "must end with an assistant turn"),
+])
+def test_conversation_checks(messages, fragment):
+    with pytest.raises(MoeforgeError, match=fragment):
+        check_messages(messages, "data file 'x', line 3")
+
+
+def test_plain_template():
+    tok = load_tokenizer(None)
+    t = ChatTemplate(tok)
+    assert t.name == "plain"
+    prompt, response, unscored = t.render(check_messages(CONVERSATION, "here"))
+    enc = tok.encode
+    assert prompt == enc("Answer briefly.\n\n") + enc("User: 2+2=\n\nAssistant: ")
+    second = enc("User: and 3+3?\n\nAssistant: ")
+    assert response == enc("4") + [tok.eos_id] + second + enc("6, since 3+3=6.") + [tok.eos_id]
+    first = len(enc("4")) + 1
+    assert unscored == ((first, first + len(second)),)
+    assert t.prompt("2+2=") == enc("User: 2+2=\n\nAssistant: ")
+
+
+def test_deepseek_template(tmp_path):
+    tok = _deepseek_tokenizer(tmp_path)
+    t = ChatTemplate(tok)
+    assert t.name == "deepseek"
+    bos, user, assistant = (tok.token_id(x) for x in (DEEPSEEK_BOS, DEEPSEEK_USER, DEEPSEEK_ASSISTANT))
+    prompt, response, unscored = t.render(check_messages(CONVERSATION, "here"))
+    enc = tok.encode
+    assert prompt == [bos] + enc("Answer briefly.") + [user] + enc("2+2=") + [assistant]
+    assert response == enc("4") + [tok.eos_id] + [user] + enc("and 3+3?") + [assistant] + enc("6, since 3+3=6.") + [tok.eos_id]
+    assert unscored == ((len(enc("4")) + 1, len(enc("4")) + 2 + len(enc("and 3+3?")) + 1),)
+    assert t.prompt("hi") == [bos, user] + enc("hi") + [assistant]
+    assert user not in t.prompt(f"say {DEEPSEEK_USER}")[2:-1]  # a marker spelled in the text stays text
+
+
+def test_sft_targets_of_a_conversation(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": CONVERSATION}) + "\n" + json.dumps({"prompt": "1+1=", "response": "2"}) + "\n")
+    tok = load_tokenizer(None)
+    rows = read_data(data)
+    assert [r[0] for r in rows] == [1, 2] and len(rows[1]) == 3
+    chat, pair = tokenize_examples(rows, tok, 512, data, "512")
+    inputs, targets = collate([chat], tok.eos_id)
+    seq = chat.prompt + chat.response
+    scored = [seq[t + 1] for t in range(len(seq) - 1) if targets[0, t] != IGNORE_INDEX]
+    assert scored == tok.encode("4") + [tok.eos_id] + tok.encode("6, since 3+3=6.") + [tok.eos_id]
+    assert torch.equal(inputs[0], torch.tensor(seq[:-1]))
+    assert pair.unscored == () and pair.response == tok.encode("2") + [tok.eos_id]
+    with pytest.raises(MoeforgeError, match="line 1: the example is .*plain chat template"):
+        tokenize_examples(rows, tok, 10, data, "10")
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(MoeforgeError, match="chat.jsonl', line 1: the conversation must end with an assistant turn"):
+        read_data(data)
+
+
+def test_sft_on_conversations_and_generate_chat(cli, expect_error, base_checkpoint, tmp_path):
+    from moeforge.generate import generate
+    from moeforge.train.checkpoint import load_trained_model
+
+    data = tmp_path / "chat.jsonl"
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"{a}+{a}="},
+                                      {"role": "assistant", "content": str(2 * a)}]}) for a in range(6)]
+    data.write_text("\n".join(lines + [json.dumps({"prompt": "9+9=", "response": "18"})]) + "\n")
+    r = cli("sft", "--checkpoint", base_checkpoint, "--data", data, "--out", tmp_path / "o", "--steps", "2",
+            "--batch-size", "2", "--no-progress")
+    assert r.rc == 0, r.err
+    records = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in records if "loss" in x] == [1, 2] and "val_loss" in records[-1]
+
+    r = cli("generate", "--checkpoint", tmp_path / "o", "--prompt", "3+3=", "--chat", "--max-new-tokens", "5",
+            "--temperature", "0")
+    assert r.rc == 0, r.err
+    model, cfg = load_trained_model(tmp_path / "o", "cpu")
+    tok = load_tokenizer(cfg.train.tokenizer or None)
+    want = generate(model, ChatTemplate(tok).prompt("3+3="), 5, temperature=0.0, stop_id=tok.eos_id)
+    assert r.out == tok.decode(want) + "\n"
+
+    data.write_text(lines[0] + "\n" + json.dumps({"messages": [{"role": "user", "content": "x"},
+                                                                {"role": "user", "content": "y"}]}) + "\n")
+    expect_error(cli("sft", "--checkpoint", base_checkpoint, "--data", data, "--out", tmp_path / "p"), "sft",
+                 "chat.jsonl", "line 2", "message 1 has role 'user'")
+    assert not (tmp_path / "p").exists()
