@@ -244,3 +244,51 @@ def test_speculative_sampling_decodes():
                                             seed=seed, mode=m)[0] for m in ("eager", "static")]
         assert stopped[0] == stopped[1] == runs["eager"][0][:runs["eager"][0].index(stop) + 1]
     assert rejected > 0  # both branches of the rule ran
+
+
+@torch.no_grad()
+def test_speculative_rows_decode_as_plain_rows(monkeypatch):
+    """sample_rows(speculative=True): the device-side speculative step over several rows of different
+    prompt lengths (left-padded, each row at a slot of its own) gives plain decoding's greedy tokens
+    and masks, with the MTP module's own drafts and with a table of drafts that keeps and rejects
+    (each row wrong at every (r + 2)-th slot, so the rows move apart), through stop tokens that
+    end some rows before others; a one-token nucleus samples greedily; a model without MTP and
+    lockstep ranks are refused."""
+    from moeforge import generate as gen
+    from moeforge.errors import MoeforgeError
+
+    model = _model(2)
+    prompts = [[5, 17, 300, 42, 9, 9, 1], [9, 8], [77, 1, 2, 3], [4]]
+    L = max(map(len, prompts))
+    want, mask = sample_rows(model, prompts, 16, 0.0, 1.0, None, stop_id=None, mode="eager")
+    got = sample_rows(model, prompts, 16, 0.0, 1.0, None, stop_id=None, speculative=True)
+    assert torch.equal(got[0], want) and torch.equal(got[1], mask)
+
+    rows = [[0] * (L - len(p)) + p + want[r].tolist() + [0] * 8 for r, p in enumerate(prompts)]
+    table = torch.tensor([[t if slot % (r + 2) else (t + 1) % model.cfg.vocab_size for slot, t in enumerate(row)]
+                          for r, row in enumerate(rows)])
+    monkeypatch.setattr(gen, "_device_draft", lambda model, h1, slot: table.gather(1, slot[:, None]).squeeze(1))
+    steps = gen._SpeculativeRows(model, prompts, 16, False)
+    tokens, stats = steps.decode()
+    assert tokens == want.tolist()
+    assert all(0 < s["accepted"] < s["drafts"] for s in stats), stats
+    assert len({s["forwards"] for s in stats}) > 1  # the rows moved apart
+    for stop in (want[1, 3].item(), want[0, 10].item()):
+        plain = sample_rows(model, prompts, 16, 0.0, 1.0, None, stop_id=stop, mode="eager")
+        spec = sample_rows(model, prompts, 16, 0.0, 1.0, None, stop_id=stop, speculative=True)
+        assert torch.equal(spec[0], plain[0]) and torch.equal(spec[1], plain[1])
+        assert not plain[1].all()  # some row stopped early
+    monkeypatch.undo()
+
+    g = torch.Generator().manual_seed(0)
+    nucleus = sample_rows(model, prompts, 16, 1.0, 1e-6, g, stop_id=None, speculative=True)
+    assert torch.equal(nucleus[0], want)
+    runs = [sample_rows(model, prompts, 16, 1.0, 1.0, torch.Generator().manual_seed(s), stop_id=None, speculative=True)[0]
+            for s in (1, 1, 2)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+    no_mtp = build_model(load_config(None, None, [*MODEL, "model.num_nextn_predict_layers=0"]).model, "cpu")
+    with pytest.raises(MoeforgeError, match="MTP"):
+        sample_rows(no_mtp, prompts, 4, 0.0, 1.0, None, stop_id=None, speculative=True)
+    with pytest.raises(MoeforgeError, match="one process"):
+        sample_rows(model, prompts, 4, 0.0, 1.0, None, stop_id=None, lockstep=object(), speculative=True)

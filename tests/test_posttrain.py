@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import shutil
@@ -223,6 +224,12 @@ def test_grpo_command(cli, base_checkpoint, tmp_path, expect_error):
             "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--no-progress")
     assert r.rc == 0, r.err
     assert "reward" in r.out and (tmp_path / "g" / "checkpoints").is_dir()
+    # --speculative: the groups sampled with the MTP module drafting (generate.sample_rows' tests)
+    r = cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "spec", "--task", "python_syntax", "--steps", "1",
+            "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "6", "--no-progress", "--speculative")
+    assert r.rc == 0, r.err
+    record = json.loads((tmp_path / "spec" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 < record["completion_tokens"] <= 6
     expect_error(cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "h", "--group-size", "1"),
                  "grpo", "--group-size")
     expect_error(cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "h", "--task", "chess"),

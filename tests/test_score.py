@@ -81,6 +81,13 @@ def test_score_command(cli, expect_error, base_checkpoint, tmp_path):
     saved = json.loads(out.read_text())
     assert saved["score"]["problems"] == 5 and len(saved["problems"]) == 5
     assert saved["settings"]["temperature"] == 0.0
+    # --speculative (the MTP module drafting): greedy, the same completions and scores
+    spec_out = tmp_path / "spec.json"
+    r = cli("score", "--checkpoint", base_checkpoint, "--n", 5, "--max-new-tokens", 4, "--out", spec_out,
+            "--no-progress", "--speculative")
+    assert r.rc == 0, r.err
+    spec = json.loads(spec_out.read_text())
+    assert spec["problems"] == saved["problems"] and spec["score"] == saved["score"] and spec["settings"]["speculative"]
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"prompt": saved["problems"][0]["prompt"], "response": "x"}) + "\n")
     r = cli("score", "--checkpoint", base_checkpoint, "--n", 5, "--max-new-tokens", 4, "--exclude", data,

@@ -554,7 +554,8 @@ def test_speculative_decoding_with_a_cuda_graph_matches_the_static_step(monkeypa
     tokens and counts equal the same step's run eagerly ("static"), with the random MTP module's
     drafts and with drafts from a table that is right at two slots of three (kept and rejected
     drafts, one after the other), through a stop token too. Sampled (two graphs, the draws between
-    them eager), the same seed gives the same tokens and counts as "static"."""
+    them eager), the same seed gives the same tokens and counts as "static". The same for 12 rows of
+    four prompt lengths decoded together (sample_rows(speculative=True)), greedy and sampled."""
     from moeforge import generate as gen
 
     cfg = load_config(preset, None, ["model.num_nextn_predict_layers=1"])
@@ -575,6 +576,14 @@ def test_speculative_decoding_with_a_cuda_graph_matches_the_static_step(monkeypa
         drafted = {m: gen.generate_speculative(model, prompt, 40, mode=m) for m in ("static", "graph")}
         stop = drafted["static"][0][25]
         stopped = {m: gen.generate_speculative(model, prompt, 40, stop_id=stop, mode=m) for m in ("static", "graph")}
+        monkeypatch.undo()
+        rows = [prompt, prompt[:2], [7, 7, 7, 300], prompt[3:]] * 3  # left-padded rows, each at its own slot
+        batched = {m: gen.sample_rows(model, rows, 30, 0.0, 1.0, None, stop_id=stop, mode=m, speculative=True)
+                   for m in ("static", "auto")}
+        sampled_rows = {m: gen.sample_rows(model, rows, 30, 1.0, 0.9, torch.Generator(device="cuda").manual_seed(1),
+                                           stop_id=None, mode=m, speculative=True) for m in ("static", "auto")}
+    for runs in (batched, sampled_rows):
+        assert torch.equal(runs["auto"][0], runs["static"][0]) and torch.equal(runs["auto"][1], runs["static"][1])
     assert drafted["graph"] == drafted["static"], drafted
     assert 0 < drafted["graph"][1]["accepted"] < drafted["graph"][1]["drafts"]
     assert stopped["graph"] == stopped["static"] and stopped["graph"][0][-1] == stop

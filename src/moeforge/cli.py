@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"block and then answers; DeepSeek-R1-Zero's) to the task's reward (default {d.format_weight:g})")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="a checkpoint every N steps besides the final one (default: the final one only)")
+    p.add_argument("--speculative", action="store_true",
+                   help="sample the groups with the MTP module drafting each completion's token after next (the same "
+                        "distribution, fewer forwards); not with --ep or --sharding")
     _add_layout_flags(p)
     _add_post_run_flags(p, d.seed, "seed for prompts and sampling")
 
@@ -290,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed for the problems and the sampling (default 1; sft-data's default is 0)")
     p.add_argument("--exclude", metavar="FILE", help="an SFT data file (JSONL): problems whose prompt it holds are skipped")
     p.add_argument("--out", metavar="FILE", help="write the scores and every problem's completions and rewards as JSON")
+    p.add_argument("--speculative", action="store_true",
+                   help="decode with the MTP module drafting each completion's token after next (greedy: the same "
+                        "completions; sampled: the same distribution), replayed as CUDA graphs on a GPU")
     _add_decode_precision(p)
     p.add_argument("--no-progress", action="store_true", help="no line per 64 problems scored")
     _add_device(p)
@@ -764,11 +770,11 @@ def cmd_score(args) -> int:
     with autocast(device, resolve_precision(args.precision, device)):
         score, records = score_task(model.eval(), tok, task, args.n, args.samples, args.max_new_tokens,
                                     args.temperature, args.top_p, args.seed, exclude,
-                                    progress=None if args.no_progress else progress)
+                                    progress=None if args.no_progress else progress, speculative=args.speculative)
     seconds = time.perf_counter() - started
     if args.out is not None:
         settings = {k: getattr(args, k) for k in ("checkpoint", "task", "n", "samples", "temperature", "top_p",
-                                                  "max_new_tokens", "seed", "exclude")}
+                                                  "max_new_tokens", "seed", "exclude", "speculative")}
         atomic_write_text(Path(args.out), json.dumps({"settings": settings, "score": score.to_dict(),
                                                       "seconds": seconds, "problems": records}, indent=1) + "\n")
     print(f"{args.task}: {score.summary()}" + (f" (excluding {len(exclude)} prompts of {args.exclude})"

@@ -170,7 +170,7 @@ def check_length(model: Transformer, prompt_len: int, max_new: int) -> None:
 @torch.no_grad()
 def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, temperature: float, top_p: float,
                 generator: torch.Generator | None, stop_id: int | None,
-                mode: str = "auto", lockstep=None) -> tuple[torch.Tensor, torch.Tensor]:
+                mode: str = "auto", lockstep=None, speculative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Completions of prompts, one per row, decoded together: (tokens, mask) [R, N]. Prompts of
     different lengths are left-padded to the longest (each row's positions count from its first
     token, and no row sees another's padding: LatentCache.start). A row that emits stop_id keeps it
@@ -181,7 +181,11 @@ def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, tempera
     lockstep: a process group whose ranks decode together, for a model whose forwards are collective
     (experts sliced over the ranks, FSDP shards): every rank runs as many forwards as the longest
     decoding among them (a rank whose rows have all stopped keeps stepping, its tokens masked), and
-    the steps run eagerly (no CUDA graph around the collectives)."""
+    the steps run eagerly (no CUDA graph around the collectives).
+
+    speculative: the first MTP module drafts each row's token after next (_SpeculativeRows; one
+    process): greedy, the same tokens; sampled, tokens of the same distribution. "eager" then runs
+    the device-side step without a graph."""
     if not rows or not all(rows):
         raise MoeforgeError("a prompt is empty")
     length = max(map(len, rows))
@@ -190,6 +194,22 @@ def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, tempera
     model.eval()
     device = model.embed.weight.device
     R = len(rows)
+    if speculative and max_new > 0:
+        if not model.mtp:
+            raise MoeforgeError("speculative decoding drafts with the MTP module, and this model has none "
+                                "(model.num_nextn_predict_layers = 0)")
+        if lockstep is not None:
+            raise MoeforgeError("speculative decoding runs in one process, not over the ranks of a sliced or "
+                                "sharded model")
+        graph = _resolve_mode(model, mode, Decoder.MODES) == "graph"
+        new, _ = _SpeculativeRows(model, rows, max_new, graph, temperature, top_p, generator, stop_id).decode()
+        tokens = torch.full((R, max_new), stop_id if stop_id is not None else 0, dtype=torch.long, device=device)
+        mask = torch.zeros(R, max_new, dtype=torch.bool, device=device)
+        for r, row in enumerate(new):
+            tokens[r, :len(row)] = torch.tensor(row, device=device)
+            mask[r, :len(row)] = True
+        model.train(was_training)
+        return tokens, mask
     decoder = Decoder(model, R, length + max_new, "eager" if lockstep is not None else mode)
     padded = torch.tensor([[0] * (length - len(r)) + list(r) for r in rows], device=device)
     start = (None if all(len(r) == length for r in rows)
@@ -225,52 +245,63 @@ def _draft(model: Transformer, h1: torch.Tensor, slot: int, temperature: float, 
 
 
 def _device_draft(model: Transformer, h1: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """The greedy draft of the device-side steps: the MTP module's choice [1] for the token at `slot`
-    (a device tensor) from its hidden state h1 [1, 1, D]."""
+    """The greedy drafts of the device-side steps: the MTP module's choice [R] for the token at each
+    row's `slot` [R] (device tensors) from its hidden states h1 [R, 1, D]."""
     return model.head(h1)[:, -1].argmax(-1)
 
 
-class _SpeculativeSteps:
-    """Speculative decoding with each step's state on the device, so that the step can be captured as
-    a CUDA graph and replayed without the host: the newest token, the draft, the position and the
+class _SpeculativeRows:
+    """Speculative decoding of R rows with each step's state on the device, so that the step can be
+    captured as a CUDA graph and replayed without the host: each row's newest token, draft, slot and
     number of tokens decoded are device tensors, and every step has the same shapes. A step runs the
-    main model on [newest token, draft] at the device position (LatentCache.write: "verify"), keeps
-    one or two tokens as generate_speculative does, writes both places of the output buffer (the
-    second is written over by the next step when the draft was not kept), runs the MTP module on both
-    positions (the second's cache slot likewise written over when unused) and takes the hidden state
-    of the last token kept ("advance"), and drafts from it. The host reads the buffer every CHECK
-    steps; the steps it ran past the end are discarded (the buffers and caches have room for them).
+    main model on [newest token, draft] of every row at the row's own slot (LatentCache.write:
+    "verify"), keeps one or two tokens per row as generate_speculative does, writes both into the
+    row's output buffer (the second is written over by the next step when the draft was not kept),
+    runs the MTP module on both positions (the second's cache slot likewise written over when unused)
+    and takes the hidden state of each row's last kept token ("advance"), and drafts from it. Prompts
+    of different lengths are left-padded (LatentCache.start), in the MTP module's cache too.
+
+    A row is done once it has max_new tokens or has emitted stop_id; from then on it stays where it
+    is (its steps write only past its end) while the other rows go on. The host looks every CHECK
+    steps whether all rows are done; the buffers and caches have room for a row's steps past its end.
 
     Greedy, the whole step is one graph. Sampling, verify and advance are two graphs and the random
-    draws run between them, eagerly, in the order generate_speculative's loop makes them (the same
-    seed gives the same tokens; tested), so no random number generator is captured. The replays
-    equal the same steps run eagerly, token for token (tests/test_speed_gpu.py)."""
+    draws run between them, eagerly, in the order generate_speculative's loop makes them (one row
+    draws what the loop draws from the same seed; tested), so no random number generator is
+    captured. The replays equal the same steps run eagerly, token for token (tests/test_speed_gpu.py)."""
 
     CHECK = 8
 
-    def __init__(self, model: Transformer, prompt: list[int], max_new: int, graph: bool,
-                 temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None):
+    def __init__(self, model: Transformer, rows: list[list[int]], max_new: int, graph: bool,
+                 temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 stop_id: int | None = None):
         device, dtype = model.embed.weight.device, model.embed.weight.dtype
         self.model, self.mtp, self.max_new = model, model.mtp[0], max_new
         self.sampling, self.temperature, self.top_p, self.gen = temperature > 0, temperature, top_p, generator
-        room = len(prompt) + max_new + 2 * self.CHECK + 2
-        self.caches = model.new_caches(1, room)
-        self.mtp_cache = LatentCache.empty(model.cfg, 1, room, device, dtype)
-        self.out = torch.zeros(max_new + 2 * self.CHECK + 2, dtype=torch.long, device=device)
-        self.counts = torch.zeros(max_new + self.CHECK + 1, dtype=torch.long, device=device)  # after each step
-        self.steps = torch.zeros((), dtype=torch.long, device=device)
-        self.two = torch.arange(2, device=device)
-        tokens = torch.tensor([prompt], device=device)
+        R, L = len(rows), max(map(len, rows))
+        room = L + max_new + 3
+        self.caches = model.new_caches(R, room)
+        self.mtp_cache = LatentCache.empty(model.cfg, R, room, device, dtype)
+        tokens = torch.tensor([[0] * (L - len(r)) + list(r) for r in rows], device=device)
+        start = None if all(len(r) == L for r in rows) else torch.tensor([L - len(r) for r in rows], device=device)
+        for cache in (*self.caches, self.mtp_cache):
+            cache.start = start
         h, _, cos, sin = model.hidden(tokens, self.caches, 0)
-        first = sample_next(model.head(h[:, -1:])[:, -1], temperature, top_p, generator)  # [1]
-        h1, _ = self.mtp(h, model.embed(torch.cat([tokens[:, 1:], first[None]], 1)), cos, sin,
+        first = sample_next(model.head(h[:, -1:])[:, -1], temperature, top_p, generator)  # [R]
+        h1, _ = self.mtp(h, model.embed(torch.cat([tokens[:, 1:], first[:, None]], 1)), cos, sin,
                          cache=self.mtp_cache, start_pos=0)
-        self.out[:1] = first
-        self.token = first.view(1, 1).clone()  # the newest token, not yet run through the model
-        self.pos = torch.tensor(len(prompt), device=device)  # its slot
-        self.count = torch.ones((), dtype=torch.long, device=device)  # tokens decoded
-        self.new = torch.zeros(2, dtype=torch.long, device=device)  # (sampling) the advance's inputs
-        self.kept = torch.zeros((), dtype=torch.bool, device=device)
+        self.out = torch.zeros(R, max_new + 3, dtype=torch.long, device=device)
+        self.out[:, 0] = first
+        self.token = first[:, None].clone()  # each row's newest token, not yet run through the model
+        self.pos = torch.full((R,), L, dtype=torch.long, device=device)  # its slot
+        self.count = torch.ones(R, dtype=torch.long, device=device)  # tokens decoded
+        self.forwards = torch.zeros(R, dtype=torch.long, device=device)  # steps while the row was not done
+        self.accepted = torch.zeros(R, dtype=torch.long, device=device)  # drafts kept
+        self.stop = torch.tensor(-1 if stop_id is None else stop_id, device=device)
+        self.done = (first == self.stop) | (max_new <= 1)
+        self.two = torch.arange(2, device=device)
+        self.new = torch.zeros(R, 2, dtype=torch.long, device=device)  # (sampling) the advance's inputs
+        self.kept = torch.zeros(R, dtype=torch.bool, device=device)
         if self.sampling:
             self.draft, self.q = self._sampled_draft(model.head(h1[:, -1:])[:, -1])
             advance = self._advance_to_draft_logits
@@ -281,69 +312,63 @@ class _SpeculativeSteps:
             self.draft = _device_draft(model, h1[:, -1:], self.pos + 1)
             self.run = _Captured(self._greedy_step) if graph else self._greedy_step
 
-    def _verify(self):
-        h, _, cos, sin = self.model.hidden(torch.cat([self.token, self.draft.view(1, 1)], 1), self.caches, self.pos)
+    def _verify(self) -> torch.Tensor:
+        h, _, cos, sin = self.model.hidden(torch.cat([self.token, self.draft[:, None]], 1), self.caches, self.pos)
         self._h, self._cos, self._sin = h, cos, sin  # (under a graph: its buffers, read by the advance's graph)
-        return self.model.head(h)[0]  # [2, V]: after the newest token, after the draft
+        return self.model.head(h)  # [R, 2, V]: after the newest token, after the draft
 
     def _advance(self, new: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """Record the step's tokens new [2] (the second one counts when kept), run the MTP module on
-        both positions and move on; returns the MTP hidden state of the last token kept [1, 1, D]."""
+        """Record the step's tokens new [R, 2] (the second counts where kept), run the MTP module on
+        both positions and move on; returns the MTP hidden state of each row's last kept token [R, 1, D]."""
+        live = ~self.done
         k = kept.long() + 1
-        self.out.index_copy_(0, self.count + self.two, new)
-        h1, _ = self.mtp(self._h, self.model.embed(new[None]), self._cos, self._sin, cache=self.mtp_cache,
+        stops = (new == self.stop) & (self.two < k[:, None])
+        k = torch.where(stops[:, 0], 1, k)  # a stop ends the row where it stands
+        k = torch.where(live, k, 0)
+        self.out.scatter_(1, self.count[:, None] + self.two, new)
+        h1, _ = self.mtp(self._h, self.model.embed(new), self._cos, self._sin, cache=self.mtp_cache,
                          start_pos=self.pos)
-        last = (k - 1).view(1)
-        self.token.copy_(new.index_select(0, last).view(1, 1))
+        last = (k - 1).clamp(min=0)
+        self.token.copy_(new.gather(1, last[:, None]))
+        self.forwards.add_(live.long())
+        self.accepted.add_((live & kept).long())
         self.pos.add_(k)
         self.count.add_(k)
-        self.counts.index_copy_(0, self.steps.view(1), self.count.view(1))
-        self.steps.add_(1)
-        return h1.index_select(1, last)
+        self.done.logical_or_(stops.any(1) | (self.count >= self.max_new))
+        return h1.gather(1, last[:, None, None].expand(-1, 1, h1.shape[-1]))
 
     def _greedy_step(self) -> None:
-        choice = self._verify().argmax(-1)  # [2]
-        kept = choice[0] == self.draft[0]
-        h1 = self._advance(torch.stack([torch.where(kept, self.draft[0], choice[0]), choice[1]]), kept)
+        choice = self._verify().argmax(-1)  # [R, 2]
+        kept = choice[:, 0] == self.draft
+        h1 = self._advance(torch.stack([torch.where(kept, self.draft, choice[:, 0]), choice[:, 1]], 1), kept)
         self.draft.copy_(_device_draft(self.model, h1, self.pos + 1))
 
     def _advance_to_draft_logits(self) -> torch.Tensor:
-        return self.model.head(self._advance(self.new, self.kept))[:, -1]  # [1, V]
+        return self.model.head(self._advance(self.new, self.kept))[:, -1]  # [R, V]
 
     def _sampled_draft(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = sampling_probs(logits, self.temperature, self.top_p)
-        return torch.multinomial(q, 1, generator=self.gen).view(1), q
+        return torch.multinomial(q, 1, generator=self.gen).view(-1), q
 
     def _sampled_step(self) -> None:
         logits = self.verify()
-        token, kept = accept_draft(sampling_probs(logits[:1], self.temperature, self.top_p), self.q, self.draft,
+        token, kept = accept_draft(sampling_probs(logits[:, 0], self.temperature, self.top_p), self.q, self.draft,
                                    self.gen)
-        second = sample_next(logits[1:], self.temperature, self.top_p, self.gen)
-        self.new.copy_(torch.cat([token, second]))
-        self.kept.copy_(kept[0])
+        second = sample_next(logits[:, 1], self.temperature, self.top_p, self.gen)
+        self.new.copy_(torch.stack([token, second], 1))
+        self.kept.copy_(kept)
         draft, q = self._sampled_draft(self.advance())
         self.draft.copy_(draft)
         self.q.copy_(q)
 
-    def decode(self, stop_id: int | None) -> tuple[list[int], dict]:
-        first = int(self.out[0])
-        if self.max_new <= 1 or first == stop_id:
-            return [first], {"forwards": 0, "drafts": 0, "accepted": 0}
-        done = 0
-        while True:
+    def decode(self) -> tuple[list[list[int]], list[dict]]:
+        """Each row's new tokens (through its stop token) and its counts."""
+        while not bool(self.done.all()):
             for _ in range(self.CHECK):
                 self.run()
-            done += self.CHECK
-            counts = self.counts[:done].tolist()
-            tokens = self.out[:counts[-1]].tolist()
-            end = self.max_new
-            if stop_id is not None and stop_id in tokens:
-                end = min(end, tokens.index(stop_id) + 1)
-            for i, count in enumerate(counts):
-                if count >= end:
-                    forwards = i + 1
-                    return tokens[:end], {"forwards": forwards, "drafts": forwards,
-                                          "accepted": count - 1 - forwards}
+        counts, forwards, accepted = self.count.tolist(), self.forwards.tolist(), self.accepted.tolist()
+        out = [row[:min(n, self.max_new)] for row, n in zip(self.out.tolist(), counts)]
+        return out, [{"forwards": f, "drafts": f, "accepted": a} for f, a in zip(forwards, accepted)]
 
 
 @torch.no_grad()
@@ -364,7 +389,7 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
     its own: its position i pairs the main model's hidden state at i with the embedding of token
     i + 1, as in training, and predicts token i + 2.
 
-    mode: "eager" (the steps above, the host reading each step's tokens), "static" (_SpeculativeSteps:
+    mode: "eager" (the steps above, the host reading each step's tokens), "static" (_SpeculativeRows:
     the step with its state on the device, run eagerly), "graph" (that step captured as CUDA graphs
     and replayed), or "auto": "graph" where Decoder's auto picks it, else "eager". All give the same
     tokens (sampling: from the same seed), up to rounding."""
@@ -381,10 +406,10 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
     device, dtype, mtp = model.embed.weight.device, model.embed.weight.dtype, model.mtp[0]
     gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     if mode != "eager" and max_new_tokens > 0:
-        steps = _SpeculativeSteps(model, prompt, max_new_tokens, mode == "graph", temperature, top_p, gen)
-        out, stats = steps.decode(stop_id)
+        rows = _SpeculativeRows(model, [prompt], max_new_tokens, mode == "graph", temperature, top_p, gen, stop_id)
+        out, stats = rows.decode()
         model.train(was_training)
-        return out, stats
+        return out[0], stats[0]
     n, slots = len(prompt), len(prompt) + max_new_tokens
     caches = model.new_caches(1, slots)
     mtp_cache = LatentCache.empty(model.cfg, 1, slots, device, dtype)

@@ -44,18 +44,23 @@ class LatentCache:
         [B or 1, S, T] of the slots each new position must not see (None: it sees all T).
 
         start_pos an int: T is start_pos + S (only the written slots), causal within the new ones.
-        start_pos a 0-dim integer tensor on the cache's device: T is the whole cache and each new
-        position's later slots are masked, so the shapes and addresses of a decode step do not depend
-        on the position and the step can be captured as a CUDA graph.
+        start_pos an integer tensor on the cache's device, 0-dim (every row's) or [B] (a slot of each
+        row's own: speculative decoding's rows move on by one or two tokens): T is the whole cache and
+        each new position's later slots are masked, so the shapes and addresses of a decode step do
+        not depend on the position and the step can be captured as a CUDA graph.
         With `start` (left padding), a row's slots before its start are masked too, except each
         padding slot's own: a padding position then attends to itself alone, so its values stay
         finite (a row of nothing but masked scores would give NaN, and NaN times a zero weight is
         NaN in the real positions' sums)."""
         B, S = kv.shape[:2]
         if isinstance(start_pos, torch.Tensor):
-            queries = start_pos.view(1) + torch.arange(S, device=self.kv.device)
-            self.kv[:B].index_copy_(1, queries, kv.to(self.kv.dtype))
-            self.pe[:B].index_copy_(1, queries, pe.to(self.pe.dtype))
+            queries = start_pos.view(-1, 1) + torch.arange(S, device=self.kv.device)  # [1 or B, S]
+            if queries.shape[0] == 1:
+                self.kv[:B].index_copy_(1, queries[0], kv.to(self.kv.dtype))
+                self.pe[:B].index_copy_(1, queries[0], pe.to(self.pe.dtype))
+            else:
+                self.kv[:B].scatter_(1, queries[:, :, None].expand(kv.shape), kv.to(self.kv.dtype))
+                self.pe[:B].scatter_(1, queries[:, :, None].expand(pe.shape), pe.to(self.pe.dtype))
             slots = torch.arange(self.kv.shape[1], device=self.kv.device)
             kv_all, pe_all = self.kv[:B], self.pe[:B]
         else:
@@ -66,11 +71,11 @@ class LatentCache:
             if S == 1 and self.start is None:
                 return kv_all, pe_all, None
             slots = torch.arange(end, device=kv.device)
-            queries = torch.arange(start_pos, end, device=kv.device)
-        hidden = (slots[None, :] > queries[:, None]).unsqueeze(0)  # [1, S, T]: causal
+            queries = torch.arange(start_pos, end, device=kv.device)[None]
+        hidden = slots[None, None, :] > queries[:, :, None]  # [1 or B, S, T]: causal
         if self.start is not None:
             padding = slots[None, None, :] < self.start[:B, None, None]  # [B, 1, T]
-            hidden = hidden | (padding & (slots[None, :] != queries[:, None]).unsqueeze(0))
+            hidden = hidden | (padding & (slots[None, None, :] != queries[:, :, None]))
         return kv_all, pe_all, hidden
 
 

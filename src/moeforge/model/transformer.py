@@ -70,15 +70,18 @@ class Transformer(nn.Module):
                mask=None):
         """tokens: [B, S] -> (final normalised hidden [B, S, D], summed balance loss, cos, sin).
         mask: None (causal) or attention.document_mask(...) for packed documents. start_pos: an int,
-        or with caches a 0-dim tensor on the device (a decode step whose shapes do not depend on the
-        position: LatentCache.write). Caches with a `start` (left-padded rows) give each
-        row positions of its own."""
-        S = tokens.shape[1]
+        or with caches a tensor on the device, 0-dim or [B] (a slot of each row's own): a decode step
+        whose shapes do not depend on the position (LatentCache.write). Caches with a `start`
+        (left-padded rows) give each row positions of its own."""
+        B, S = tokens.shape
         first = caches[0].start if caches is not None else None  # left padding: [B] first real slots
-        if first is not None:  # each row's positions count from its first real slot: cos, sin [B, S, R/2]
+        per_row = isinstance(start_pos, torch.Tensor) and start_pos.dim() == 1
+        if first is not None or per_row:  # positions of each row's own: cos, sin [B, S, R/2]
             cos, sin = self.rope(caches[0].kv.shape[1], tokens.device)
-            slots = start_pos + torch.arange(S, device=tokens.device)
-            positions = (slots[None, :] - first[:, None]).clamp(min=0)  # (padding slots: any position)
+            at = start_pos.view(-1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
+            slots = at + torch.arange(S, device=tokens.device)  # [S], [1, S] or [B, S]
+            positions = slots if first is None else (slots - first[:, None]).clamp(min=0)  # (padding: any)
+            positions = positions.expand(B, S)
             cos, sin = cos[positions], sin[positions]
         elif isinstance(start_pos, torch.Tensor):
             cos, sin = self.rope(caches[0].kv.shape[1], tokens.device)

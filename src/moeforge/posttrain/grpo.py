@@ -94,13 +94,14 @@ def sample_group(model, prompt: list[int], group: int, max_new: int, temperature
 @torch.no_grad()
 def sample_groups(model, prompts: list[list[int]], group: int, max_new: int, temperature: float,
                   generator: torch.Generator, stop_id: int | None,
-                  top_p: float = 1.0, lockstep=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  top_p: float = 1.0, lockstep=None, speculative: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """sample_group for each prompt, all decoded as one batch (generate.sample_rows left-pads the
     shorter prompts): one forward per token for all P x G rows. Returns (tokens [G, N], mask [G, N])
     per prompt, in order. top_p < 1: nucleus sampling (GRPO samples the whole distribution).
-    lockstep: the process group of a model whose forwards are collective (sample_rows)."""
+    lockstep: the process group of a model whose forwards are collective (sample_rows). speculative:
+    the MTP module drafts each row's token after next (sample_rows; the same distribution)."""
     tokens, mask = sample_rows(model, [p for p in prompts for _ in range(group)], max_new, temperature, top_p,
-                               generator, stop_id, lockstep=lockstep)
+                               generator, stop_id, lockstep=lockstep, speculative=speculative)
     return [(tokens[i * group:(i + 1) * group], mask[i * group:(i + 1) * group]) for i in range(len(prompts))]
 
 
@@ -192,6 +193,11 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
         raise MoeforgeError(f"--max-new-tokens {s.max_new_tokens} leaves no room for a prompt in the model's context "
                             f"of {cfg.model.max_position_embeddings} tokens")
     collective = ctx if run.sharded else None  # forwards that need every rank (in_step, lockstep)
+    if s.speculative and collective is not None:
+        raise MoeforgeError("--speculative samples in one process; with --ep or --sharding the ranks decode in step "
+                            "(use data parallelism, or leave --speculative out)")
+    if s.speculative and not model.mtp:
+        raise MoeforgeError("--speculative drafts with the MTP module, and this model has none")
     ref = None
     if s.beta > 0:
         ref = (run.starting_model(device, s.precision) if run.resumed or run.sharded
@@ -217,7 +223,8 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
             prompt_ids = [tok.encode(prompt) for prompt, _ in problems]
             with amp():
                 groups = sample_groups(model, prompt_ids, s.group_size, s.max_new_tokens, s.temperature, gen,
-                                       tok.eos_id, lockstep=collective.dp_ep_group if collective else None)
+                                       tok.eos_id, lockstep=collective.dp_ep_group if collective else None,
+                                       speculative=s.speculative)
             for ids, (_, answer), (tokens, mask) in zip(prompt_ids, problems, groups):
                 texts = completion_texts(tok, tokens, mask)
                 accuracy = torch.tensor([task.reward(text, answer) for text in texts])

@@ -88,10 +88,13 @@ def aggregate(task, answers: list[str], texts: list[list[str]], stopped: list[li
 
 @torch.no_grad()
 def score_task(model, tok, task, n: int, samples: int, max_new: int, temperature: float, top_p: float, seed: int,
-               exclude: set[str] = frozenset(), chunk: int = 64, progress=None) -> tuple[TaskScore, list[dict]]:
+               exclude: set[str] = frozenset(), chunk: int = 64, progress=None,
+               speculative: bool = False) -> tuple[TaskScore, list[dict]]:
     """Score `model` on the first n problems of task.prompts(..., random.Random(seed)) whose prompt is
     not in `exclude`, with `samples` completions each (module doc). Returns the scores and a record per
-    problem (with its prompt). progress: None, or called as progress(problems done) after each chunk."""
+    problem (with its prompt). progress: None, or called as progress(problems done) after each chunk.
+    speculative: decode with the MTP module drafting (generate.sample_rows): greedy, the same
+    completions; sampled, the same distribution."""
     rng = random.Random(seed)
     problems = [p for p in task.prompts(n, rng) if p[0] not in exclude]
     drawn = n
@@ -110,7 +113,7 @@ def score_task(model, tok, task, n: int, samples: int, max_new: int, temperature
     for start in range(0, n, chunk):
         part = problems[start:start + chunk]
         groups = sample_groups(model, [tok.encode(p) for p, _ in part], samples, max_new, temperature, gen,
-                               tok.eos_id, top_p)
+                               tok.eos_id, top_p, speculative=speculative)
         for tokens, mask in groups:
             texts.append(completion_texts(tok, tokens, mask))
             stopped.append(((tokens == tok.eos_id) & mask).any(dim=1).tolist())

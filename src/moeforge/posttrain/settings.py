@@ -43,6 +43,9 @@ class GRPOSettings:
     clip: float = 0.2  # epsilon of the ratio's clip
     updates: int = 1  # optimizer steps per sampled batch
     format_weight: float = 0.0  # reward = the task's + format_weight x tasks.format_reward (R1-Zero's format reward)
+    # sample the groups with the MTP module drafting each row's token after next (generate.sample_rows):
+    # the same distribution, fewer main-model forwards; one process or data parallel (not --ep/--sharding)
+    speculative: bool = False
     precision: str = "fp32"  # "bf16": the forwards (sampling included) under BF16 autocast; weights and AdamW FP32
     grad_clip: float = 1.0
     seed: int = 0
