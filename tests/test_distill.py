@@ -90,6 +90,10 @@ def test_sft_data_from_a_teacher_command(cli, expect_error, base_checkpoint, tmp
             "--max-new-tokens", "4", "--out", out)
     expect_error(r, "sft-data", "no completion was accepted", "0 of 6 samples", "nothing written")
     assert not out.exists()
+    r = cli("sft-data", "--teacher", base_checkpoint, "--task", "arithmetic", "--n", "3", "--samples", "2",
+            "--max-new-tokens", "4", "--out", out, "--speculative")  # sampled with the MTP module drafting
+    expect_error(r, "sft-data", "no completion was accepted", "0 of 6 samples", "nothing written")
+    expect_error(cli("sft-data", "--out", out, "--speculative"), "sft-data", "--speculative: only with --teacher")
     for flags, fragment in ((["--samples", "0"], "--samples"), (["--keep", "0"], "--keep"),
                             (["--max-new-tokens", "0"], "--max-new-tokens"), (["--temperature", "0"], "--temperature")):
         expect_error(cli("sft-data", "--teacher", base_checkpoint, "--out", out, *flags), "sft-data", fragment)
@@ -172,9 +176,9 @@ def sft_data_rank(argv: list[str]) -> tuple[int, str, list[list[int]], list[str]
     written: list[str] = []
     sample_groups, write_examples = distill.sample_groups, sft.write_examples
 
-    def recording_sample(model, prompts, *args):
+    def recording_sample(model, prompts, *args, **kwargs):
         sampled.extend(prompts)
-        return sample_groups(model, prompts, *args)
+        return sample_groups(model, prompts, *args, **kwargs)
 
     def recording_write(path, pairs):
         written.append(str(path))

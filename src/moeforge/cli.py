@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="with --teacher: completions per prompt (default 4)")
     p.add_argument("--keep", type=int, help="with --teacher: distinct correct completions kept per prompt, at most "
                                             "--samples (default 1)")
+    p.add_argument("--speculative", action="store_true",
+                   help="with --teacher: sample with the teacher's MTP module drafting (the same distribution)")
     p.add_argument("--max-new-tokens", type=int, help="with --teacher: the longest completion (default 48)")
     p.add_argument("--temperature", type=_temperature, help="with --teacher: sampling temperature (default 1)")
     p.add_argument("--no-progress", action="store_true", help="with --teacher: no line per 32 prompts sampled")
@@ -698,6 +700,7 @@ def cmd_sft_data(args) -> int:
     if not Path(args.out).is_dir():  # (a folder: write_examples says so, naming a file to give)
         _check_output_file(args.out, "--out")
     teacher_flags = [f"--{k.replace('_', '-')}" for k in TEACHER_DEFAULTS if getattr(args, k) is not None]
+    teacher_flags += ["--speculative"] if args.speculative else []
     if args.teacher is not None:
         for key, default in TEACHER_DEFAULTS.items():
             if getattr(args, key) is None:
@@ -726,7 +729,8 @@ def _sft_data_from_teacher(args, task) -> int:
     if args.temperature <= 0:
         raise MoeforgeError(f"--temperature: must be positive for sampling, got {args.temperature}")
     result = sample_teacher(args.teacher, task, args.n, args.samples, args.max_new_tokens, args.temperature, args.seed,
-                            args.keep, args.device, progress=not args.no_progress, precision=args.precision)
+                            args.keep, args.device, progress=not args.no_progress, precision=args.precision,
+                            speculative=args.speculative)
     if result is None:  # under torchrun, a rank other than 0: rank 0 writes
         return 0
     pairs, stats = result

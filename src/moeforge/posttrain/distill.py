@@ -75,7 +75,7 @@ def _chunk_generator(seed: int, index: int, device) -> torch.Generator:
 @torch.no_grad()
 def rejection_sample(model, tok, task, n: int, samples: int, max_new: int, temperature: float, seed: int,
                      keep: int = 1, progress=None, chunk: int = CHUNK, rank: int = 0,
-                     ranks: int = 1) -> tuple[list[tuple[str, str]], RejectionStats]:
+                     ranks: int = 1, speculative: bool = False) -> tuple[list[tuple[str, str]], RejectionStats]:
     """(prompt, response) pairs of the teacher `model` on n prompts of `task`, and the counts (module doc).
     rank, ranks: the pairs and counts of this rank's share of the n prompts only (prompt_share; every
     rank draws the same n prompts, and checks them all, so that a prompt too long for the context
@@ -91,7 +91,7 @@ def rejection_sample(model, tok, task, n: int, samples: int, max_new: int, tempe
     for start in range(share.start, share.stop, chunk):
         stop = min(start + chunk, share.stop)
         groups = sample_groups(model, ids[start:stop], samples, max_new, temperature,
-                               _chunk_generator(seed, start // chunk, device), tok.eos_id)
+                               _chunk_generator(seed, start // chunk, device), tok.eos_id, speculative=speculative)
         for (prompt, answer), (tokens, mask) in zip(problems[start:stop], groups):
             chosen, ended, right = _accepted(tok, task, answer, tokens, mask, keep)
             stopped, correct = stopped + ended, correct + right
@@ -135,9 +135,9 @@ def gather(pairs: list[tuple[str, str]], stats: RejectionStats,
 
 def sample_teacher(teacher: str | Path, task, n: int, samples: int, max_new: int, temperature: float, seed: int,
                    keep: int = 1, device: str | None = None, progress: bool = True,
-                   precision: str = "fp32") -> tuple[list[tuple[str, str]], RejectionStats] | None:
+                   precision: str = "fp32", speculative: bool = False) -> tuple[list[tuple[str, str]], RejectionStats] | None:
     """rejection_sample of the checkpoint (or run folder) `teacher`: (pairs, counts), with a line per
-    chunk sampled when `progress`. precision "bf16" (or "auto" on a GPU): the teacher runs under BF16
+    chunk sampled when `progress`; speculative: sampled with its MTP module drafting (sample_rows). precision "bf16" (or "auto" on a GPU): the teacher runs under BF16
     autocast, where a GPU replays each decoding step as a CUDA graph (generate.Decoder).
 
     Under torchrun, data parallel: every rank loads the whole teacher on its own device, samples its
@@ -162,7 +162,8 @@ def sample_teacher(teacher: str | Path, task, n: int, samples: int, max_new: int
         with autocast(where_to, resolve_precision(precision, where_to)):
             pairs, stats = rejection_sample(model.eval(), load_tokenizer(cfg.train.tokenizer or None), task, n,
                                             samples, max_new, temperature, seed, keep,
-                                            report if progress and rank == 0 else None, rank=rank, ranks=ranks)
+                                            report if progress and rank == 0 else None, rank=rank, ranks=ranks,
+                                            speculative=speculative)
         return gather(pairs, stats, ctx)
     finally:
         if ctx is not None:
