@@ -130,3 +130,48 @@ def test_sft_on_conversations_and_generate_chat(cli, expect_error, base_checkpoi
     expect_error(cli("sft", "--checkpoint", base_checkpoint, "--data", data, "--out", tmp_path / "p"), "sft",
                  "chat.jsonl", "line 2", "message 1 has role 'user'")
     assert not (tmp_path / "p").exists()
+
+
+def test_history_prompt_is_the_rendered_conversation(tmp_path):
+    """The prompt of a conversation's next answer (what `moeforge chat` feeds the model) is the
+    rendered conversation up to that answer, in both templates."""
+    for tok in (load_tokenizer(None), _deepseek_tokenizer(tmp_path)):
+        t = ChatTemplate(tok)
+        prompt, response, _ = t.render(check_messages(CONVERSATION, "here"))
+        whole = prompt + response
+        last = tok.encode(CONVERSATION[-1]["content"]) + [tok.eos_id]
+        assert t.history_prompt("Answer briefly.", [("2+2=", "4")], "and 3+3?") == whole[:len(whole) - len(last)]
+
+
+def test_chat_command(cli, base_checkpoint, monkeypatch, expect_error):
+    """`moeforge chat`: each stdin line a user turn, answered with the conversation so far as context
+    (the answers equal generate's on the history prompts); /reset forgets it; an empty line ends; a
+    message that cannot fit the context is skipped with a note, the oldest exchanges make room."""
+    import io
+
+    from moeforge.generate import generate
+    from moeforge.train.checkpoint import load_trained_model
+
+    model, cfg = load_trained_model(base_checkpoint, "cpu")
+    tok = load_tokenizer(cfg.train.tokenizer or None)
+    t = ChatTemplate(tok)
+
+    def answer(history, user):
+        ids = generate(model, t.history_prompt("", history, user), 6, temperature=0.0, stop_id=tok.eos_id)
+        return tok.decode([i for i in ids if i != tok.eos_id])
+
+    a1 = answer([], "3+3=")
+    a2 = answer([("3+3=", a1)], "4+4=")
+    fresh = answer([], "4+4=")
+    monkeypatch.setattr("sys.stdin", io.StringIO("3+3=\n4+4=\n/reset\n4+4=\n\nnot read\n"))
+    r = cli("chat", "--checkpoint", base_checkpoint, "--max-new-tokens", "6", "--temperature", "0")
+    assert r.rc == 0, r.err
+    assert r.out == f"{a1}\n{a2}\n(a new conversation)\n{fresh}\n"
+
+    long = " ".join(["word"] * 80)  # more than the context of 64 with any answer
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"3+3=\n{long}\n4+4=\n"))
+    r = cli("chat", "--checkpoint", base_checkpoint, "--max-new-tokens", "30", "--temperature", "0")
+    assert r.rc == 0, r.err
+    assert "exceed the model's context of 64 tokens" in r.err and "oldest exchange left the context" in r.err
+    assert len(r.out.splitlines()) >= 2  # the first and last messages were answered
+    expect_error(cli("chat", "--checkpoint", base_checkpoint, "--max-new-tokens", "0"), "chat", "--max-new-tokens")

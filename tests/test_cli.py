@@ -284,6 +284,8 @@ HELP_FLAGS = {
     "score": ["--checkpoint", "--task", "--n", "--samples", "--temperature", "--top-p", "--max-new-tokens", "--seed",
               "--exclude", "--out", "--precision", "--device"],
     "plot": ["RUN", "--out", "--metrics", "--smooth", "--x"],
+    "chat": ["--checkpoint", "--system", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--speculative",
+             "--precision", "--device"],
 }
 
 

@@ -135,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help=EMA_HELP)
     _add_device(p)
 
+    p = sub.add_parser("chat", help="talk with a checkpoint in its chat template, one line per turn",
+                       description="A conversation with a checkpoint: each line read from stdin is a user turn, "
+                                   "answered in the tokenizer's chat template (as `sft` renders {\"messages\"} data) "
+                                   "with the conversation so far as context. An empty line or end of input ends it; "
+                                   "/reset starts a new conversation.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (step_N) or a run folder (its newest checkpoint)")
+    p.add_argument("--system", default="", help="a system message at the start of the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens (default 256)")
+    p.add_argument("--temperature", type=_temperature, default=0.6, help="sampling temperature; 0 is greedy (default 0.6)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed of the first answer, the next ones count on (default 0)")
+    p.add_argument("--speculative", action="store_true", help="the MTP module drafts the token after next (see generate)")
+    _add_decode_precision(p)
+    p.add_argument("--ema", action="store_true", help=EMA_HELP)
+    _add_device(p)
+
     p = sub.add_parser("eval", help="loss and bits per byte of a checkpoint", description="Report loss and bits per byte on the validation split or a text file.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (step_N) or a run folder (its newest checkpoint)")
     p.add_argument("--text", help="a UTF-8 text file to evaluate (default: the run's validation split)")
@@ -464,6 +480,57 @@ def cmd_generate(args) -> int:
         print(f"speculative: {stats['accepted']} of {stats['drafts']} drafts kept{kept}; {len(ids)} tokens in "
               f"{stats['forwards'] + 1} forwards (the prefill's included)")
     return 0
+
+
+def cmd_chat(args) -> int:
+    from .data import load_tokenizer
+    from .generate import generate, generate_speculative
+    from .posttrain.chat import ChatTemplate
+    from .train.checkpoint import load_trained_model
+    from .train.step import autocast, resolve_precision
+
+    _check_top_p(args.top_p)
+    if args.max_new_tokens < 1:
+        raise MoeforgeError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model, cfg = load_trained_model(args.checkpoint, args.device, ema=args.ema)
+    tok = load_tokenizer(cfg.train.tokenizer or None)
+    template = ChatTemplate(tok)
+    device = model.embed.weight.device
+    context = cfg.model.max_position_embeddings
+    interactive = sys.stdin.isatty()
+    exchanges: list[tuple[str, str]] = []
+    seed = args.seed
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        user = line.rstrip("\n")
+        if not line or not user.strip():
+            return 0
+        if user.strip() == "/reset":
+            exchanges = []
+            print("(a new conversation)", flush=True)
+            continue
+        prompt = template.history_prompt(args.system, exchanges, user)
+        while len(prompt) + args.max_new_tokens > context and exchanges:  # the oldest exchanges make room
+            exchanges = exchanges[1:]
+            prompt = template.history_prompt(args.system, exchanges, user)
+            print("(the oldest exchange left the context)", file=sys.stderr, flush=True)
+        if len(prompt) + args.max_new_tokens > context:
+            print(f"(this message and --max-new-tokens {args.max_new_tokens} exceed the model's context of {context} "
+                  f"tokens: say it shorter)", file=sys.stderr, flush=True)
+            continue
+        with autocast(device, resolve_precision(args.precision, device)):
+            if args.speculative:
+                ids, _ = generate_speculative(model, prompt, args.max_new_tokens, stop_id=tok.eos_id,
+                                              temperature=args.temperature, top_p=args.top_p, seed=seed)
+            else:
+                ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, seed,
+                               stop_id=tok.eos_id)
+        seed += 1
+        answer = tok.decode([i for i in ids if i != tok.eos_id])
+        print(answer, flush=True)
+        exchanges.append((user, answer))
 
 
 def cmd_eval(args) -> int:
@@ -860,7 +927,7 @@ def cmd_plot(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert, "bench": cmd_bench,
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "convert": cmd_convert, "bench": cmd_bench,
             "info": cmd_info, "plan": cmd_plan, "grpo": cmd_grpo, "sft": cmd_sft, "sft-data": cmd_sft_data,
             "score": cmd_score, "plot": cmd_plot}
 
