@@ -652,25 +652,27 @@ def sft_layout_errors(checkpoint: str, odd_checkpoint: str, data: str, out: str,
     return errors
 
 
-@pytest.mark.parametrize("variant", ["pack", "fp8"])
+@pytest.mark.parametrize("variant", ["pack", "fp8", "pack_fsdp"])
 def test_packed_or_fp8_sft_under_expert_parallelism(variant, layout_reference, base_checkpoint, tmp_path):
     """With the experts sliced over 2 ranks: --pack (each rank packs its own share of a batch, its own
     number of rows, and the all-to-all carries whatever tokens they hold), or --precision fp8 (the
-    FP8 experts' emulated GEMMs on each rank's slice): the losses, held-out losses and gradient norms
+    FP8 experts' emulated GEMMs on each rank's slice); and --pack under FSDP2 (--sharding full, each
+    rank's own rows through the sharded model): the losses, held-out losses and gradient norms
     equal the same one-process run's within FP32 rounding (FP8: within 0.1%, the Wgrads' tiles
     along the tokens hold other tokens). The packed run's equal the padded run's (layout_reference)
     within rounding too."""
     from dist import run_dist
 
     data, padded, _, _ = layout_reference
-    change = {"pack": {"pack": 64}, "fp8": {"precision": "fp8"}}[variant]
+    change = {"pack": {"pack": 64}, "fp8": {"precision": "fp8"}, "pack_fsdp": {"pack": 64}}[variant]
+    ep, sharding = (1, "full") if variant == "pack_fsdp" else (2, "none")
     s = dataclasses.replace(LAYOUT_SETTINGS, checkpoint_every=0, **change)
     one = train_sft(base_checkpoint, data, tmp_path / "one", s, device="cpu", progress=False)
     (records, _), (records1, _) = run_dist(sft_layout_rank, 2, str(base_checkpoint), str(data), str(tmp_path / "ep2"),
-                                           s, 2, "none", init=False, timeout=150)
+                                           s, ep, sharding, init=False, timeout=150)
     assert without_seconds(records) == without_seconds(records1)
-    if variant == "pack":
-        assert_records_close(records, one, "packed, --ep 2")
+    if variant.startswith("pack"):
+        assert_records_close(records, one, f"packed, {variant}")
     else:  # every Wgrad quantises 1x128 tiles along the tokens, and each rank tiles its own (an expert's
         # arrive in another order through the all-to-all): other tiles, other FP8 rounding of the gradients
         assert [(r["step"], r["tokens"]) for r in records] == [(r["step"], r["tokens"]) for r in one]
@@ -678,7 +680,7 @@ def test_packed_or_fp8_sft_under_expert_parallelism(variant, layout_reference, b
             for key in ("loss", "val_loss", "grad_norm"):
                 if key in b:
                     assert a[key] == pytest.approx(b[key], rel=1e-3), ("fp8, --ep 2", key, a, b)
-    if variant == "pack":
+    if variant.startswith("pack"):
         for a, b in zip(one, padded):
             for key in ("loss", "val_loss", "grad_norm"):
                 if key in b:
