@@ -226,7 +226,8 @@ def test_grpo_command(cli, base_checkpoint, tmp_path, expect_error):
     assert "reward" in r.out and (tmp_path / "g" / "checkpoints").is_dir()
     # --speculative: the groups sampled with the MTP module drafting (generate.sample_rows' tests)
     r = cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "spec", "--task", "python_syntax", "--steps", "1",
-            "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "6", "--no-progress", "--speculative")
+            "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "6", "--no-progress", "--speculative",
+            "--chat")  # (and the prompts as user turns of the chat template)
     assert r.rc == 0, r.err
     record = json.loads((tmp_path / "spec" / "metrics.jsonl").read_text().splitlines()[0])
     assert 0 < record["completion_tokens"] <= 6

@@ -88,6 +88,23 @@ def test_score_command(cli, expect_error, base_checkpoint, tmp_path):
     assert r.rc == 0, r.err
     spec = json.loads(spec_out.read_text())
     assert spec["problems"] == saved["problems"] and spec["score"] == saved["score"] and spec["settings"]["speculative"]
+    # --chat: each prompt a user turn of the chat template; the completions are generate's on that prompt
+    from moeforge.data import load_tokenizer
+    from moeforge.generate import generate
+    from moeforge.posttrain.chat import ChatTemplate
+    from moeforge.train.checkpoint import load_trained_model
+
+    chat_out = tmp_path / "chat.json"
+    r = cli("score", "--checkpoint", base_checkpoint, "--n", 2, "--max-new-tokens", 4, "--out", chat_out,
+            "--no-progress", "--chat")
+    assert r.rc == 0, r.err
+    chat = json.loads(chat_out.read_text())
+    model, cfg = load_trained_model(base_checkpoint, "cpu")
+    tok = load_tokenizer(cfg.train.tokenizer or None)
+    for problem in chat["problems"]:
+        ids = generate(model, ChatTemplate(tok).prompt(problem["prompt"]), 4, temperature=0.0, stop_id=tok.eos_id)
+        assert problem["completions"] == [tok.decode([i for i in ids if i != tok.eos_id])]
+    assert chat["settings"]["chat"] and chat["problems"][0]["completions"] != saved["problems"][0]["completions"]
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"prompt": saved["problems"][0]["prompt"], "response": "x"}) + "\n")
     r = cli("score", "--checkpoint", base_checkpoint, "--n", 5, "--max-new-tokens", 4, "--exclude", data,

@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", action="store_true",
                    help="sample the groups with the MTP module drafting each completion's token after next (the same "
                         "distribution, fewer forwards); not with --ep or --sharding")
+    p.add_argument("--chat", action="store_true",
+                   help="each task prompt as a user turn of the tokenizer's chat template (for a model fine-tuned on "
+                        "{\"messages\"} data; see generate --chat)")
     _add_layout_flags(p)
     _add_post_run_flags(p, d.seed, "seed for prompts and sampling")
 
@@ -314,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", action="store_true",
                    help="decode with the MTP module drafting each completion's token after next (greedy: the same "
                         "completions; sampled: the same distribution), replayed as CUDA graphs on a GPU")
+    p.add_argument("--chat", action="store_true",
+                   help="each task prompt as a user turn of the tokenizer's chat template (for a model fine-tuned on "
+                        "{\"messages\"} data; see generate --chat)")
     _add_decode_precision(p)
     p.add_argument("--no-progress", action="store_true", help="no line per 64 problems scored")
     _add_device(p)
@@ -841,11 +847,12 @@ def cmd_score(args) -> int:
     with autocast(device, resolve_precision(args.precision, device)):
         score, records = score_task(model.eval(), tok, task, args.n, args.samples, args.max_new_tokens,
                                     args.temperature, args.top_p, args.seed, exclude,
-                                    progress=None if args.no_progress else progress, speculative=args.speculative)
+                                    progress=None if args.no_progress else progress, speculative=args.speculative,
+                                    chat=args.chat)
     seconds = time.perf_counter() - started
     if args.out is not None:
         settings = {k: getattr(args, k) for k in ("checkpoint", "task", "n", "samples", "temperature", "top_p",
-                                                  "max_new_tokens", "seed", "exclude", "speculative")}
+                                                  "max_new_tokens", "seed", "exclude", "speculative", "chat")}
         atomic_write_text(Path(args.out), json.dumps({"settings": settings, "score": score.to_dict(),
                                                       "seconds": seconds, "problems": records}, indent=1) + "\n")
     print(f"{args.task}: {score.summary()}" + (f" (excluding {len(exclude)} prompts of {args.exclude})"

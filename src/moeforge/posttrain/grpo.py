@@ -41,6 +41,7 @@ from ..generate import sample_rows
 from ..model.mtp import IGNORE_INDEX
 from ..parallel.data import clip_coefficient, global_grad_norm, scale_gradients, sync_gradients
 from ..train.step import autocast
+from .chat import ChatTemplate
 from .common import all_gather_objects, all_reduce_sum, build_adamw, checkpoint_due, init_data_parallel, open_run
 from .settings import GRPOSettings
 from .tasks import format_reward, task_name
@@ -198,6 +199,7 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
                             "(use data parallelism, or leave --speculative out)")
     if s.speculative and not model.mtp:
         raise MoeforgeError("--speculative drafts with the MTP module, and this model has none")
+    encode = ChatTemplate(tok).prompt if s.chat else tok.encode
     ref = None
     if s.beta > 0:
         ref = (run.starting_model(device, s.precision) if run.resumed or run.sharded
@@ -220,7 +222,7 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
             t0 = time.perf_counter()
             batch = []  # (prompt ids, tokens, mask, advantages, [reward, task reward, format reward] x G)
             problems = task.prompts(s.prompts_per_step, rng)[rank::ranks]  # the same prompts on every rank
-            prompt_ids = [tok.encode(prompt) for prompt, _ in problems]
+            prompt_ids = [encode(prompt) for prompt, _ in problems]
             with amp():
                 groups = sample_groups(model, prompt_ids, s.group_size, s.max_new_tokens, s.temperature, gen,
                                        tok.eos_id, lockstep=collective.dp_ep_group if collective else None,

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import MoeforgeError
+from .chat import ChatTemplate
 from .grpo import completion_texts, sample_groups
 from .tasks import format_reward
 
@@ -89,12 +90,13 @@ def aggregate(task, answers: list[str], texts: list[list[str]], stopped: list[li
 @torch.no_grad()
 def score_task(model, tok, task, n: int, samples: int, max_new: int, temperature: float, top_p: float, seed: int,
                exclude: set[str] = frozenset(), chunk: int = 64, progress=None,
-               speculative: bool = False) -> tuple[TaskScore, list[dict]]:
+               speculative: bool = False, chat: bool = False) -> tuple[TaskScore, list[dict]]:
     """Score `model` on the first n problems of task.prompts(..., random.Random(seed)) whose prompt is
     not in `exclude`, with `samples` completions each (module doc). Returns the scores and a record per
     problem (with its prompt). progress: None, or called as progress(problems done) after each chunk.
     speculative: decode with the MTP module drafting (generate.sample_rows): greedy, the same
-    completions; sampled, the same distribution."""
+    completions; sampled, the same distribution. chat: each prompt as a user turn of the tokenizer's
+    chat template (posttrain/chat.py), for a model fine-tuned on conversations."""
     rng = random.Random(seed)
     problems = [p for p in task.prompts(n, rng) if p[0] not in exclude]
     drawn = n
@@ -112,7 +114,8 @@ def score_task(model, tok, task, n: int, samples: int, max_new: int, temperature
     texts, stopped, lengths = [], [], []
     for start in range(0, n, chunk):
         part = problems[start:start + chunk]
-        groups = sample_groups(model, [tok.encode(p) for p, _ in part], samples, max_new, temperature, gen,
+        encode = ChatTemplate(tok).prompt if chat else tok.encode
+        groups = sample_groups(model, [encode(p) for p, _ in part], samples, max_new, temperature, gen,
                                tok.eos_id, top_p, speculative=speculative)
         for tokens, mask in groups:
             texts.append(completion_texts(tok, tokens, mask))

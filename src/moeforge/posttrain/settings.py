@@ -46,6 +46,7 @@ class GRPOSettings:
     # sample the groups with the MTP module drafting each row's token after next (generate.sample_rows):
     # the same distribution, fewer main-model forwards; one process or data parallel (not --ep/--sharding)
     speculative: bool = False
+    chat: bool = False  # each task prompt as a user turn of the tokenizer's chat template (posttrain/chat.py)
     precision: str = "fp32"  # "bf16": the forwards (sampling included) under BF16 autocast; weights and AdamW FP32
     grad_clip: float = 1.0
     seed: int = 0
