@@ -222,3 +222,32 @@ def test_data_parallel_sft_data_writes_the_one_process_file(stopping_teacher, tm
         "sft-data: 32/64 prompts sampled (rank 0's share of 90)", "sft-data: 64/64 prompts sampled (rank 0's share of 90)"]
     # each rank sampled its share, and only it
     assert [len(r[2]) for r in ranks] == [64, 26] and ranks[0][2] + ranks[1][2] == sampled
+
+
+def test_chat_teacher_writes_conversations(teacher, tmp_path, monkeypatch):
+    """rejection_sample(chat=True) asks the teacher each prompt as a user turn of the chat template,
+    and write_examples(chat=True) writes the kept pairs as one-exchange conversations, which SFT
+    reads back as the same prompt (the template's user turn) and response."""
+    from moeforge.posttrain import distill
+    from moeforge.posttrain.chat import ChatTemplate
+    from moeforge.posttrain.sft import read_data, tokenize_examples, write_examples
+
+    model, tok = teacher
+    asked = []
+    sample_groups = distill.sample_groups
+
+    def recording(model, prompts, *args, **kwargs):
+        asked.extend(prompts)
+        return sample_groups(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(distill, "sample_groups", recording)
+    task = EvenLength()
+    pairs, _ = rejection_sample(StopBias(model, tok.eos_id, 6.0), tok, task, 6, 4, 8, 1.0, seed=2, chat=True)
+    prompts = [p for p, _ in task.prompts(6, __import__("random").Random(2))]
+    assert asked == [ChatTemplate(tok).prompt(p) for p in prompts] and pairs
+    path = write_examples(tmp_path / "chat.jsonl", pairs, chat=True)
+    first = json.loads(path.read_text().splitlines()[0])
+    assert first == {"messages": [{"role": "user", "content": pairs[0][0]}, {"role": "assistant", "content": pairs[0][1]}]}
+    examples = tokenize_examples(read_data(path), tok, 64, path, "64")
+    assert examples[0].prompt == ChatTemplate(tok).prompt(pairs[0][0])
+    assert examples[0].response == tok.encode(pairs[0][1]) + [tok.eos_id]

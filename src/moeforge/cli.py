@@ -291,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "--samples (default 1)")
     p.add_argument("--speculative", action="store_true",
                    help="with --teacher: sample with the teacher's MTP module drafting (the same distribution)")
+    p.add_argument("--chat", action="store_true",
+                   help="with --teacher: ask the teacher in its chat template and write conversations "
+                        "({\"messages\"} lines, which sft renders in the same template)")
     p.add_argument("--max-new-tokens", type=int, help="with --teacher: the longest completion (default 48)")
     p.add_argument("--temperature", type=_temperature, help="with --teacher: sampling temperature (default 1)")
     p.add_argument("--no-progress", action="store_true", help="with --teacher: no line per 32 prompts sampled")
@@ -773,7 +776,7 @@ def cmd_sft_data(args) -> int:
     if not Path(args.out).is_dir():  # (a folder: write_examples says so, naming a file to give)
         _check_output_file(args.out, "--out")
     teacher_flags = [f"--{k.replace('_', '-')}" for k in TEACHER_DEFAULTS if getattr(args, k) is not None]
-    teacher_flags += ["--speculative"] if args.speculative else []
+    teacher_flags += [flag for flag in ("--speculative", "--chat") if getattr(args, flag[2:])]
     if args.teacher is not None:
         for key, default in TEACHER_DEFAULTS.items():
             if getattr(args, key) is None:
@@ -803,13 +806,13 @@ def _sft_data_from_teacher(args, task) -> int:
         raise MoeforgeError(f"--temperature: must be positive for sampling, got {args.temperature}")
     result = sample_teacher(args.teacher, task, args.n, args.samples, args.max_new_tokens, args.temperature, args.seed,
                             args.keep, args.device, progress=not args.no_progress, precision=args.precision,
-                            speculative=args.speculative)
+                            speculative=args.speculative, chat=args.chat)
     if result is None:  # under torchrun, a rank other than 0: rank 0 writes
         return 0
     pairs, stats = result
     if not pairs:
         raise MoeforgeError(f"--teacher {args.teacher}: no completion was accepted ({stats.summary()}); nothing written")
-    path = write_examples(args.out, pairs)
+    path = write_examples(args.out, pairs, chat=args.chat)
     print(f"wrote {path}: {stats.summary()}")
     return 0
 

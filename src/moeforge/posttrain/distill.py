@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..generate import check_length
+from .chat import ChatTemplate
 from .grpo import completion_texts, sample_groups
 
 __all__ = ["CHUNK", "RejectionStats", "prompt_share", "rejection_sample", "gather", "sample_teacher"]
@@ -75,14 +76,16 @@ def _chunk_generator(seed: int, index: int, device) -> torch.Generator:
 @torch.no_grad()
 def rejection_sample(model, tok, task, n: int, samples: int, max_new: int, temperature: float, seed: int,
                      keep: int = 1, progress=None, chunk: int = CHUNK, rank: int = 0,
-                     ranks: int = 1, speculative: bool = False) -> tuple[list[tuple[str, str]], RejectionStats]:
+                     ranks: int = 1, speculative: bool = False,
+                     chat: bool = False) -> tuple[list[tuple[str, str]], RejectionStats]:
     """(prompt, response) pairs of the teacher `model` on n prompts of `task`, and the counts (module doc).
     rank, ranks: the pairs and counts of this rank's share of the n prompts only (prompt_share; every
     rank draws the same n prompts, and checks them all, so that a prompt too long for the context
     fails every rank before any samples). The prompts are sampled `chunk` at a time (module doc);
     progress: None, or called as progress(prompts of the share done, pairs kept) after each chunk."""
     problems = task.prompts(n, random.Random(seed))
-    ids = [tok.encode(prompt) for prompt, _ in problems]
+    encode = ChatTemplate(tok).prompt if chat else tok.encode  # chat: the prompts as user turns
+    ids = [encode(prompt) for prompt, _ in problems]
     check_length(model, max(map(len, ids), default=0), max_new)
     share = prompt_share(n, rank, ranks, chunk)
     device = model.embed.weight.device
@@ -135,7 +138,8 @@ def gather(pairs: list[tuple[str, str]], stats: RejectionStats,
 
 def sample_teacher(teacher: str | Path, task, n: int, samples: int, max_new: int, temperature: float, seed: int,
                    keep: int = 1, device: str | None = None, progress: bool = True,
-                   precision: str = "fp32", speculative: bool = False) -> tuple[list[tuple[str, str]], RejectionStats] | None:
+                   precision: str = "fp32", speculative: bool = False,
+                   chat: bool = False) -> tuple[list[tuple[str, str]], RejectionStats] | None:
     """rejection_sample of the checkpoint (or run folder) `teacher`: (pairs, counts), with a line per
     chunk sampled when `progress`; speculative: sampled with its MTP module drafting (sample_rows). precision "bf16" (or "auto" on a GPU): the teacher runs under BF16
     autocast, where a GPU replays each decoding step as a CUDA graph (generate.Decoder).
@@ -163,7 +167,7 @@ def sample_teacher(teacher: str | Path, task, n: int, samples: int, max_new: int
             pairs, stats = rejection_sample(model.eval(), load_tokenizer(cfg.train.tokenizer or None), task, n,
                                             samples, max_new, temperature, seed, keep,
                                             report if progress and rank == 0 else None, rank=rank, ranks=ranks,
-                                            speculative=speculative)
+                                            speculative=speculative, chat=chat)
         return gather(pairs, stats, ctx)
     finally:
         if ctx is not None:

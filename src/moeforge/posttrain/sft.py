@@ -296,12 +296,20 @@ class BatchOrder:
         self.pending = list(state["pending"])
 
 
-def write_examples(path: str | Path, pairs: list[tuple[str, str]]) -> Path:
-    """The JSONL file train_sft reads, written whole or not at all (a temporary file, then a rename)."""
+def write_examples(path: str | Path, pairs: list[tuple[str, str]], chat: bool = False) -> Path:
+    """The JSONL file train_sft reads, written whole or not at all (a temporary file, then a rename):
+    {"prompt", "response"} lines, or with chat one-exchange conversations ({"messages"}: the prompt
+    the user's turn, the response the assistant's)."""
     path = Path(path)
     if path.is_dir():
         raise MoeforgeError(f"--out '{path}' is a folder; give a file name such as {path / 'sft.jsonl'}")
-    atomic_write_text(path, "".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+
+    def line(p: str, r: str) -> dict:
+        if chat:
+            return {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
+        return {"prompt": p, "response": r}
+
+    atomic_write_text(path, "".join(json.dumps(line(p, r)) + "\n" for p, r in pairs))
     return path
 
 
