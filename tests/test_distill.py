@@ -180,9 +180,9 @@ def sft_data_rank(argv: list[str]) -> tuple[int, str, list[list[int]], list[str]
         sampled.extend(prompts)
         return sample_groups(model, prompts, *args, **kwargs)
 
-    def recording_write(path, pairs):
+    def recording_write(path, pairs, **kwargs):
         written.append(str(path))
-        return write_examples(path, pairs)
+        return write_examples(path, pairs, **kwargs)
 
     printed = io.StringIO()
     distill.sample_groups, sft.write_examples = recording_sample, recording_write
