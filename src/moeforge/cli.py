@@ -72,6 +72,14 @@ def _add_decode_precision(p: argparse.ArgumentParser, when: str = "") -> None:
                         f"fp32 on CPU)")
 
 
+def _add_task_prompt_flags(p: argparse.ArgumentParser, speculative_help: str) -> None:
+    """--speculative and --chat for a command that decodes a task's prompts (grpo, score)."""
+    p.add_argument("--speculative", action="store_true", help=speculative_help)
+    p.add_argument("--chat", action="store_true",
+                   help="each task prompt as a user turn of the tokenizer's chat template (for a model fine-tuned on "
+                        "{\"messages\"} data; see generate --chat)")
+
+
 def _add_post_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str, fp8: bool = False) -> None:
     """The flags every post-training run takes: --resume, --seed, --no-progress, --precision (fp8: with
     the FP8 recipe too) and --device."""
@@ -224,12 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"block and then answers; DeepSeek-R1-Zero's) to the task's reward (default {d.format_weight:g})")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="a checkpoint every N steps besides the final one (default: the final one only)")
-    p.add_argument("--speculative", action="store_true",
-                   help="sample the groups with the MTP module drafting each completion's token after next (the same "
-                        "distribution, fewer forwards); not with --ep or --sharding")
-    p.add_argument("--chat", action="store_true",
-                   help="each task prompt as a user turn of the tokenizer's chat template (for a model fine-tuned on "
-                        "{\"messages\"} data; see generate --chat)")
+    _add_task_prompt_flags(p, "sample the groups with the MTP module drafting each completion's token after next "
+                              "(the same distribution, fewer forwards); not with --ep or --sharding")
     _add_layout_flags(p)
     _add_post_run_flags(p, d.seed, "seed for prompts and sampling")
 
@@ -317,12 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed for the problems and the sampling (default 1; sft-data's default is 0)")
     p.add_argument("--exclude", metavar="FILE", help="an SFT data file (JSONL): problems whose prompt it holds are skipped")
     p.add_argument("--out", metavar="FILE", help="write the scores and every problem's completions and rewards as JSON")
-    p.add_argument("--speculative", action="store_true",
-                   help="decode with the MTP module drafting each completion's token after next (greedy: the same "
-                        "completions; sampled: the same distribution), replayed as CUDA graphs on a GPU")
-    p.add_argument("--chat", action="store_true",
-                   help="each task prompt as a user turn of the tokenizer's chat template (for a model fine-tuned on "
-                        "{\"messages\"} data; see generate --chat)")
+    _add_task_prompt_flags(p, "decode with the MTP module drafting each completion's token after next (greedy: the "
+                              "same completions; sampled: the same distribution), replayed as CUDA graphs on a GPU")
     _add_decode_precision(p)
     p.add_argument("--no-progress", action="store_true", help="no line per 64 problems scored")
     _add_device(p)
