@@ -225,6 +225,12 @@ def test_convert_imports_hf_folder_as_a_run(cli, trained_run, tmp_path, expect_e
     texts = [cli("generate", "--checkpoint", c, "--prompt", "def f(", "--max-new-tokens", "12", "--temperature", "0").out
              for c in (run, trained_run.out)]
     assert texts[0] == texts[1] and texts[0].startswith("def f(")
+    # info and plan read the imported config: the same counts as the trained run's
+    counts = [cli("info", "--checkpoint", c).out for c in (run, trained_run.out)]
+    assert counts[0] == counts[1] and "total parameters" in counts[0]
+    planned = cli("plan", "--checkpoint", run, "--gpus", "2", "parallel.ep=2")
+    assert planned.rc == 0 and "pp 1 x dp 1 x ep 2" in planned.out, planned.err
+    expect_error(cli("info", "--checkpoint", run, "--preset", "tiny"), "info", "leave out --preset")
     # continued pre-training from the import: its model and its tokenizer
     cont = tmp_path / "continued"
     r = cli("train", "--init", run, "--out", cont, "--steps", "1", "--data", trained_run.data, "--no-progress",
@@ -277,7 +283,7 @@ HELP_FLAGS = {
                  "--chat", "--speculative"],
     "eval": ["--checkpoint", "--text", "--batch-size", "--max-batches", "--device"],
     "convert": ["--checkpoint", "--hf", "--out", "--to", "--dtype"],
-    "info": ["--preset", "--config", "key=value"],
+    "info": ["--preset", "--config", "--checkpoint", "key=value"],
     "sft": ["--checkpoint", "--data", "--out", "--steps", "--batch-size", "--lr", "--warmup", "--schedule", "--max-len",
             "--val-fraction", "--eval-every", "--checkpoint-every", "--seed", "--device"],
     "sft-data": ["--task", "--n", "--out", "--seed", "--teacher", "--samples", "--precision"],

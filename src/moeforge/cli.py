@@ -72,6 +72,25 @@ def _add_decode_precision(p: argparse.ArgumentParser, when: str = "") -> None:
                         f"fp32 on CPU)")
 
 
+def _add_checkpoint_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="the config of a checkpoint or run folder (an imported Hugging Face model's "
+                                        "too) instead of --preset/--config; key=value settings apply on top")
+
+
+def _command_config(args):
+    """The config of `info` and `plan`: a checkpoint's (--checkpoint), else --preset / --config (default
+    tiny), with the key=value settings on top."""
+    from .config import apply_overrides, load_config
+
+    if args.checkpoint:
+        if args.preset or args.config:
+            raise MoeforgeError("--checkpoint gives the config: leave out --preset and --config")
+        from .train import checkpoint as ckpt
+
+        return apply_overrides(ckpt.load_checkpoint_config(ckpt.resolve_checkpoint(args.checkpoint)), args.overrides)
+    return load_config(args.preset or (None if args.config else "tiny"), args.config, args.overrides)
+
+
 def _add_task_prompt_flags(p: argparse.ArgumentParser, speculative_help: str) -> None:
     """--speculative and --chat for a command that decodes a task's prompts (grpo, score)."""
     p.add_argument("--speculative", action="store_true", help=speculative_help)
@@ -205,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameter counts and FLOPs of a preset or config", description="Print parameter counts and training FLOPs per token of a config (built on the meta device, no memory).")
     p.add_argument("--preset", help="a built-in preset (default tiny)")
     p.add_argument("--config", help="a TOML file")
+    _add_checkpoint_config(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
 
     p = sub.add_parser("grpo", help="post-train a checkpoint with GRPO on a task with verifiable rewards",
@@ -333,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "at an assumed MFU. Built on the meta device, no memory. See docs/plan.md.")
     p.add_argument("--preset", help="a built-in preset (default tiny)")
     p.add_argument("--config", help="a TOML file")
+    _add_checkpoint_config(p)
     p.add_argument("--gpus", type=int, help="number of GPUs (default: parallel.pp x parallel.ep x parallel.dp, dp 0 as 1)")
     p.add_argument("--tokens", help="training tokens, e.g. 14.8T or 300B: adds time and cost")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
@@ -702,11 +723,10 @@ def _bench(args, cfg, pctx) -> int:
 
 
 def cmd_info(args) -> int:
-    from .config import load_config
     from .model import build_model, count_parameters
     from .train.metrics import flops_per_token
 
-    cfg = load_config(args.preset or (None if args.config else "tiny"), args.config, args.overrides)
+    cfg = _command_config(args)
     counts = count_parameters(build_model(cfg.model, "meta"))
     for k, v in counts.items():
         print(f"{k:>8} parameters: {v / 1e9:10.4f} B")
@@ -864,10 +884,9 @@ def cmd_score(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .config import load_config
     from .plan import compute_plan, format_count, model_state_memory, parse_count
 
-    cfg = load_config(args.preset or (None if args.config else "tiny"), args.config, args.overrides)
+    cfg = _command_config(args)
     p, t = cfg.parallel, cfg.train
     gpus = args.gpus if args.gpus is not None else p.pp * p.ep * max(1, p.dp)
     if gpus < 1:
