@@ -61,12 +61,15 @@ def test_plain_template():
     assert t.name == "plain"
     prompt, response, unscored = t.render(check_messages(CONVERSATION, "here"))
     enc = tok.encode
-    assert prompt == enc("Answer briefly.\n\n") + enc("User: 2+2=\n\nAssistant: ")
-    second = enc("User: and 3+3?\n\nAssistant: ")
+    assert prompt == enc("Answer briefly.\n") + enc("User: 2+2=\nAssistant:\n")
+    second = enc("User: and 3+3?\nAssistant:\n")
     assert response == enc("4") + [tok.eos_id] + second + enc("6, since 3+3=6.") + [tok.eos_id]
     first = len(enc("4")) + 1
     assert unscored == ((first, first + len(second)),)
-    assert t.prompt("2+2=") == enc("User: 2+2=\n\nAssistant: ")
+    assert t.prompt("2+2=") == enc("User: 2+2=\nAssistant:\n")
+    # the pieces give the ids of the whole text at once (they meet where the pre-tokeniser splits)
+    text = "Answer briefly.\nUser: 2+2=\nAssistant:\n4"
+    assert prompt + response[:len(enc("4"))] == enc(text)
 
 
 def test_deepseek_template(tmp_path):
@@ -175,3 +178,31 @@ def test_chat_command(cli, base_checkpoint, monkeypatch, expect_error):
     assert "exceed the model's context of 64 tokens" in r.err and "oldest exchange left the context" in r.err
     assert len(r.out.splitlines()) >= 2  # the first and last messages were answered
     expect_error(cli("chat", "--checkpoint", base_checkpoint, "--max-new-tokens", "0"), "chat", "--max-new-tokens")
+
+
+@pytest.mark.parametrize("kind", ["plain", "deepseek"])
+def test_exported_chat_template_gives_the_same_ids(kind, tmp_path):
+    """The tokenizer_config.json an export writes (hf.py) holds the chat template in Jinja, and
+    transformers' apply_chat_template on it gives the ids moeforge renders: a whole conversation
+    (what SFT trains on) and one that ends with a user turn (what generate --chat and chat ask)."""
+    from transformers import AutoTokenizer
+
+    from moeforge.hf import _write_tokenizer
+
+    path = DEFAULT_TOKENIZER_PATH if kind == "plain" else _deepseek_tokenizer(tmp_path).path
+    tok = Tokenizer(path)
+    out = tmp_path / "export"
+    out.mkdir()
+    _write_tokenizer(out, path, 64)
+    theirs = AutoTokenizer.from_pretrained(out)
+
+    def ids(messages):
+        got = theirs.apply_chat_template(messages, tokenize=True)
+        return list(got["input_ids"] if hasattr(got, "keys") else got)
+
+    t = ChatTemplate(tok)
+    assert t.name == kind
+    prompt, response, _ = t.render(check_messages(CONVERSATION, "here"))
+    assert ids(CONVERSATION) == prompt + response
+    assert ids(CONVERSATION[:-1]) == t.history_prompt("Answer briefly.", [("2+2=", "4")], "and 3+3?")
+    assert ids(CONVERSATION[1:2]) == t.prompt("2+2=")

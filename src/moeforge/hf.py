@@ -732,15 +732,23 @@ TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json")  # an export's tok
 
 def _write_tokenizer(folder: Path, path: str | os.PathLike, context: int) -> None:
     """The model's tokenizer beside its weights, as transformers' AutoTokenizer reads it: the
-    tokenizer.json as it is (moeforge's tokenizers are the `tokenizers` library's files) and a
-    tokenizer_config.json naming the fast tokenizer class and the end-of-text token."""
+    tokenizer.json as it is (moeforge's tokenizers are the `tokenizers` library's files) and the
+    tokenizer_config.json beside it (an imported model's own, with its chat template), or one naming
+    the fast tokenizer class, the end-of-text token and moeforge's chat template for this tokenizer
+    (posttrain/chat.py), with which apply_chat_template gives the ids moeforge's SFT trains on."""
     from .data.tokenizer import load_tokenizer
+    from .posttrain.chat import CHAT_TEMPLATES, ChatTemplate
 
     tok = load_tokenizer(path)
     shutil.copyfile(tok.path, folder / TOKENIZER_NAMES[0])
+    own = Path(tok.path).parent / TOKENIZER_NAMES[1]
+    if own.is_file():
+        shutil.copyfile(own, folder / TOKENIZER_NAMES[1])
+        return
     _write_json(folder / TOKENIZER_NAMES[1], {"tokenizer_class": "PreTrainedTokenizerFast",
                                                "eos_token": tok.eos_token,
-                                               "model_max_length": context})
+                                               "model_max_length": context,
+                                               "chat_template": CHAT_TEMPLATES[ChatTemplate(tok).name]})
 
 
 def save(model: Transformer, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
@@ -818,7 +826,9 @@ def import_run(src: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     def write(tmp: Path) -> None:
         if has_tokenizer:
-            shutil.copyfile(src / "tokenizer.json", tmp / "tokenizer.json")
+            for name in TOKENIZER_NAMES:  # (the tokenizer_config.json too: an export carries it on)
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp / name)
         save_checkpoint(tmp / "checkpoints", 0, cfg, model.state_dict(), {}, {"step": 0, "tokens": 0}, 1)
 
     _write_atomically(out, write)

@@ -9,8 +9,11 @@ an assistant turn. The template depends on the tokenizer:
       <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜><｜User｜>...
   the markers inserted as their own token ids (text never turns into special tokens);
 - "plain" otherwise (moeforge's own tokenizer has no chat tokens):
-      {system}\\n\\nUser: {user}\\n\\nAssistant: {assistant}<end-of-text>User: ...
-  each piece tokenised on its own.
+      {system}\\nUser: {user}\\nAssistant:\\n{assistant}<end-of-text>User: ...
+  each piece tokenised on its own. The pieces meet at a single newline (or at the end-of-text), where
+  a byte-level BPE's pre-tokeniser splits anyway, so they give the ids of the whole text tokenised
+  at once: what transformers' apply_chat_template gives with the template an export writes
+  (CHAT_TEMPLATES; tested).
 
 Every assistant turn ends with the end-of-text token, so a fine-tuned model stops after its answer.
 As an SFT example (posttrain/sft.py) the prompt is everything before the first assistant turn and
@@ -24,6 +27,17 @@ from ..data.tokenizer import Tokenizer
 from ..errors import MoeforgeError
 
 DEEPSEEK_BOS, DEEPSEEK_USER, DEEPSEEK_ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+
+# The templates in Jinja, as transformers' tokenizer_config.json holds them ("chat_template"; hf.py writes
+# the tokenizer's into an export): a conversation that ends with a user turn ends ready for the answer.
+CHAT_TEMPLATES = {
+    "plain": ("{% for m in messages %}{% if m['role'] == 'system' %}{% if m['content'] %}{{ m['content'] }}\n{% endif %}"
+              "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\nAssistant:\n"
+              "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"),
+    "deepseek": ("{{ '" + DEEPSEEK_BOS + "' }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+                 "{% elif m['role'] == 'user' %}{{ '" + DEEPSEEK_USER + "' }}{{ m['content'] }}{{ '" + DEEPSEEK_ASSISTANT + "' }}"
+                 "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"),
+}
 
 
 def check_messages(messages, place: str) -> list[tuple[str, str]]:
@@ -60,13 +74,13 @@ class ChatTemplate:
     def _system(self, content: str) -> list[int]:
         if self.name == "deepseek":
             return [self.bos] + self.tok.encode(content)
-        return self.tok.encode(content + "\n\n") if content else []
+        return self.tok.encode(content + "\n") if content else []
 
     def _user(self, content: str) -> list[int]:
         """A user turn, up to where the assistant's answer begins."""
         if self.name == "deepseek":
             return [self.user_id] + self.tok.encode(content) + [self.assistant_id]
-        return self.tok.encode(f"User: {content}\n\nAssistant: ")
+        return self.tok.encode(f"User: {content}\nAssistant:\n")
 
     def prompt(self, text: str, system: str = "") -> list[int]:
         """One user turn (after an optional system message), ready for the assistant's answer."""
