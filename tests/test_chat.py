@@ -106,6 +106,15 @@ def test_sft_targets_of_a_conversation(tmp_path):
         read_data(data)
 
 
+def test_sft_data_writes_conversations(cli, tmp_path):
+    """sft-data --chat: the task's worked examples as one-exchange conversations, the same pairs."""
+    plain, chat = tmp_path / "plain.jsonl", tmp_path / "chat.jsonl"
+    assert cli("sft-data", "--n", "5", "--out", plain).rc == 0 and cli("sft-data", "--n", "5", "--out", chat, "--chat").rc == 0
+    pairs = [(r[1], r[2]) for r in read_data(plain)]
+    turns = [r[1] for r in read_data(chat)]
+    assert turns == [[("user", p), ("assistant", a)] for p, a in pairs]
+
+
 def test_sft_on_conversations_and_generate_chat(cli, expect_error, base_checkpoint, tmp_path):
     from moeforge.generate import generate
     from moeforge.train.checkpoint import load_trained_model

@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", action="store_true",
                    help="with --teacher: sample with the teacher's MTP module drafting (the same distribution)")
     p.add_argument("--chat", action="store_true",
-                   help="with --teacher: ask the teacher in its chat template and write conversations "
-                        "({\"messages\"} lines, which sft renders in the same template)")
+                   help="write one-exchange conversations ({\"messages\"} lines, which sft renders in the "
+                        "tokenizer's chat template); with --teacher, ask the teacher in that template too")
     p.add_argument("--max-new-tokens", type=int, help="with --teacher: the longest completion (default 48)")
     p.add_argument("--temperature", type=_temperature, help="with --teacher: sampling temperature (default 1)")
     p.add_argument("--no-progress", action="store_true", help="with --teacher: no line per 32 prompts sampled")
@@ -796,7 +796,7 @@ def cmd_sft_data(args) -> int:
     if not Path(args.out).is_dir():  # (a folder: write_examples says so, naming a file to give)
         _check_output_file(args.out, "--out")
     teacher_flags = [f"--{k.replace('_', '-')}" for k in TEACHER_DEFAULTS if getattr(args, k) is not None]
-    teacher_flags += [flag for flag in ("--speculative", "--chat") if getattr(args, flag[2:])]
+    teacher_flags += ["--speculative"] if args.speculative else []
     if args.teacher is not None:
         for key, default in TEACHER_DEFAULTS.items():
             if getattr(args, key) is None:
@@ -807,7 +807,7 @@ def cmd_sft_data(args) -> int:
     if not hasattr(task, "demonstrations"):
         raise MoeforgeError(f"--task {args.task}: has no worked examples to write (arithmetic has; "
                             f"--teacher samples a checkpoint's answers instead)")
-    path = write_examples(args.out, task.demonstrations(args.n, random.Random(args.seed)))
+    path = write_examples(args.out, task.demonstrations(args.n, random.Random(args.seed)), chat=args.chat)
     print(f"wrote {args.n} {args.task} examples to {path}")
     return 0
 
