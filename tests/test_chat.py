@@ -113,6 +113,17 @@ def test_sft_data_writes_conversations(cli, tmp_path):
     pairs = [(r[1], r[2]) for r in read_data(plain)]
     turns = [r[1] for r in read_data(chat)]
     assert turns == [[("user", p), ("assistant", a)] for p, a in pairs]
+    multi = tmp_path / "multi.jsonl"  # --turns 3: 2 conversations of 3 of the same problems (6 drawn)
+    r = cli("sft-data", "--n", "2", "--out", multi, "--chat", "--turns", "3")
+    assert r.rc == 0 and "2 arithmetic conversations of 3 exchanges" in r.out
+    six = tmp_path / "six.jsonl"
+    assert cli("sft-data", "--n", "6", "--out", six).rc == 0
+    pairs = [(r[1], r[2]) for r in read_data(six)]
+    assert [r[1] for r in read_data(multi)] == [[t for p, a in pairs[i:i + 3] for t in (("user", p), ("assistant", a))]
+                                               for i in (0, 3)]
+    for flags, fragment in ((["--turns", "2"], "only with --chat"), (["--chat", "--turns", "0"], "--turns 0")):
+        r = cli("sft-data", "--n", "2", "--out", tmp_path / "bad.jsonl", *flags)
+        assert r.rc == 2 and fragment in r.err and not (tmp_path / "bad.jsonl").exists()
 
 
 def test_sft_on_conversations_and_generate_chat(cli, expect_error, base_checkpoint, tmp_path):

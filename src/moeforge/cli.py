@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="write one-exchange conversations ({\"messages\"} lines, which sft renders in the "
                         "tokenizer's chat template); with --teacher, ask the teacher in that template too")
+    p.add_argument("--turns", type=int, default=1,
+                   help="with --chat, worked examples only: exchanges per conversation (--n conversations of "
+                        "--turns problems each; default 1)")
     p.add_argument("--max-new-tokens", type=int, help="with --teacher: the longest completion (default 48)")
     p.add_argument("--temperature", type=_temperature, help="with --teacher: sampling temperature (default 1)")
     p.add_argument("--no-progress", action="store_true", help="with --teacher: no line per 32 prompts sampled")
@@ -797,6 +800,8 @@ def cmd_sft_data(args) -> int:
         _check_output_file(args.out, "--out")
     teacher_flags = [f"--{k.replace('_', '-')}" for k in TEACHER_DEFAULTS if getattr(args, k) is not None]
     teacher_flags += ["--speculative"] if args.speculative else []
+    if args.teacher is not None and args.turns != 1:
+        raise MoeforgeError("--turns: only for the worked examples (a teacher's answers are one exchange each)")
     if args.teacher is not None:
         for key, default in TEACHER_DEFAULTS.items():
             if getattr(args, key) is None:
@@ -807,8 +812,12 @@ def cmd_sft_data(args) -> int:
     if not hasattr(task, "demonstrations"):
         raise MoeforgeError(f"--task {args.task}: has no worked examples to write (arithmetic has; "
                             f"--teacher samples a checkpoint's answers instead)")
-    path = write_examples(args.out, task.demonstrations(args.n, random.Random(args.seed)), chat=args.chat)
-    print(f"wrote {args.n} {args.task} examples to {path}")
+    if args.turns < 1 or (args.turns > 1 and not args.chat):
+        raise MoeforgeError(f"--turns {args.turns}: must be >= 1, and above 1 only with --chat (conversations)")
+    pairs = task.demonstrations(args.n * args.turns, random.Random(args.seed))
+    path = write_examples(args.out, pairs, chat=args.chat, turns=args.turns)
+    what = f"conversations of {args.turns} exchanges" if args.turns > 1 else "examples"
+    print(f"wrote {args.n} {args.task} {what} to {path}")
     return 0
 
 

@@ -296,20 +296,20 @@ class BatchOrder:
         self.pending = list(state["pending"])
 
 
-def write_examples(path: str | Path, pairs: list[tuple[str, str]], chat: bool = False) -> Path:
+def write_examples(path: str | Path, pairs: list[tuple[str, str]], chat: bool = False, turns: int = 1) -> Path:
     """The JSONL file train_sft reads, written whole or not at all (a temporary file, then a rename):
-    {"prompt", "response"} lines, or with chat one-exchange conversations ({"messages"}: the prompt
-    the user's turn, the response the assistant's)."""
+    {"prompt", "response"} lines, or with chat conversations ({"messages"}) of `turns` consecutive
+    pairs each, a prompt the user's turn and its response the assistant's."""
     path = Path(path)
     if path.is_dir():
         raise MoeforgeError(f"--out '{path}' is a folder; give a file name such as {path / 'sft.jsonl'}")
-
-    def line(p: str, r: str) -> dict:
-        if chat:
-            return {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
-        return {"prompt": p, "response": r}
-
-    atomic_write_text(path, "".join(json.dumps(line(p, r)) + "\n" for p, r in pairs))
+    if not chat:
+        lines = [{"prompt": p, "response": r} for p, r in pairs]
+    else:
+        lines = [{"messages": [m for p, r in pairs[i:i + turns]
+                               for m in ({"role": "user", "content": p}, {"role": "assistant", "content": r})]}
+                 for i in range(0, len(pairs), turns)]
+    atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in lines))
     return path
 
 
