@@ -164,11 +164,13 @@ def test_history_prompt_is_the_rendered_conversation(tmp_path):
         whole = prompt + response
         last = tok.encode(CONVERSATION[-1]["content"]) + [tok.eos_id]
         assert t.history_prompt("Answer briefly.", [("2+2=", "4")], "and 3+3?") == whole[:len(whole) - len(last)]
+        assert t.history_prompt("Answer briefly.", [("2+2=", tok.encode("4"))], "and 3+3?") == whole[:len(whole) - len(last)]
 
 
 def test_chat_command(cli, base_checkpoint, monkeypatch, expect_error):
     """`moeforge chat`: each stdin line a user turn, answered with the conversation so far as context
-    (the answers equal generate's on the history prompts); /reset forgets it; an empty line ends; a
+    (the answers equal generate's on the history prompts, the earlier answers as the ids the model
+    generated); /reset forgets it; an empty line ends; a
     message that cannot fit the context is skipped with a note, the oldest exchanges make room."""
     import io
 
@@ -179,9 +181,9 @@ def test_chat_command(cli, base_checkpoint, monkeypatch, expect_error):
     tok = load_tokenizer(cfg.train.tokenizer or None)
     t = ChatTemplate(tok)
 
-    def answer(history, user):
+    def answer(history, user):  # the answer's ids, without the end-of-text (the history keeps them)
         ids = generate(model, t.history_prompt("", history, user), 6, temperature=0.0, stop_id=tok.eos_id)
-        return tok.decode([i for i in ids if i != tok.eos_id])
+        return [i for i in ids if i != tok.eos_id]
 
     a1 = answer([], "3+3=")
     a2 = answer([("3+3=", a1)], "4+4=")
@@ -189,7 +191,7 @@ def test_chat_command(cli, base_checkpoint, monkeypatch, expect_error):
     monkeypatch.setattr("sys.stdin", io.StringIO("3+3=\n4+4=\n/reset\n4+4=\n\nnot read\n"))
     r = cli("chat", "--checkpoint", base_checkpoint, "--max-new-tokens", "6", "--temperature", "0")
     assert r.rc == 0, r.err
-    assert r.out == f"{a1}\n{a2}\n(a new conversation)\n{fresh}\n"
+    assert r.out == f"{tok.decode(a1)}\n{tok.decode(a2)}\n(a new conversation)\n{tok.decode(fresh)}\n"
 
     long = " ".join(["word"] * 80)  # more than the context of 64 with any answer
     monkeypatch.setattr("sys.stdin", io.StringIO(f"3+3=\n{long}\n4+4=\n"))

@@ -561,8 +561,8 @@ def cmd_chat(args) -> int:
                 ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, seed,
                                stop_id=tok.eos_id)
         seed += 1
-        answer = tok.decode([i for i in ids if i != tok.eos_id])
-        print(answer, flush=True)
+        answer = [i for i in ids if i != tok.eos_id]  # (kept as the model's ids: the next turn's context)
+        print(tok.decode(answer), flush=True)
         exchanges.append((user, answer))
 
 

@@ -86,13 +86,15 @@ class ChatTemplate:
         """One user turn (after an optional system message), ready for the assistant's answer."""
         return self._system(system) + self._user(text)
 
-    def history_prompt(self, system: str, exchanges: list[tuple[str, str]], user: str) -> list[int]:
+    def history_prompt(self, system: str, exchanges: list[tuple[str, "str | list[int]"]], user: str) -> list[int]:
         """A conversation so far (an optional system message, then (user, assistant) exchanges) and a
         new user turn, ready for the assistant's answer: the ids `render` gives the same conversation
-        up to that answer (tested)."""
+        up to that answer (tested). An answer given as ids (what the model generated, without its
+        end-of-text) is used as it is, not encoded again."""
         ids = self._system(system)
         for question, answer in exchanges:
-            ids += self._user(question) + self.tok.encode(answer) + [self.tok.eos_id]
+            answer_ids = self.tok.encode(answer) if isinstance(answer, str) else list(answer)
+            ids += self._user(question) + answer_ids + [self.tok.eos_id]
         return ids + self._user(user)
 
     def render(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int], tuple[tuple[int, int], ...]]:
