@@ -479,9 +479,7 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     from .data import load_tokenizer
-    from .generate import generate, generate_speculative
     from .train.checkpoint import load_trained_model
-    from .train.step import autocast, resolve_precision
 
     _check_top_p(args.top_p)
     if args.max_new_tokens < 0:
@@ -492,21 +490,13 @@ def cmd_generate(args) -> int:
         raise MoeforgeError("--prompt is not valid UTF-8 text") from None
     model, cfg = load_trained_model(args.checkpoint, args.device, ema=args.ema)
     tok = load_tokenizer(cfg.train.tokenizer or None)
-    device = model.embed.weight.device
-    stats = None
     if args.chat:
         from .posttrain.chat import ChatTemplate
 
         prompt = ChatTemplate(tok).prompt(args.prompt)
     else:
         prompt = tok.encode(args.prompt)
-    with autocast(device, resolve_precision(args.precision, device)):
-        if args.speculative:
-            ids, stats = generate_speculative(model, prompt, args.max_new_tokens, stop_id=tok.eos_id,
-                                              temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-        else:
-            ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                           stop_id=tok.eos_id)
+    ids, stats = _complete(model, prompt, args, tok.eos_id, args.seed)
     print(tok.decode(ids) if args.chat else args.prompt + tok.decode(ids))
     if stats is not None:
         kept = f" ({100 * stats['accepted'] / stats['drafts']:.0f}%)" if stats["drafts"] else ""
@@ -515,12 +505,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _complete(model, prompt: list[int], args, stop_id: int, seed: int):
+    """The new ids after `prompt` under generate's and chat's flags (precision, --speculative,
+    sampling), and the speculative counts (None without --speculative)."""
+    from .generate import generate, generate_speculative
+    from .train.step import autocast, resolve_precision
+
+    device = model.embed.weight.device
+    with autocast(device, resolve_precision(args.precision, device)):
+        if args.speculative:
+            return generate_speculative(model, prompt, args.max_new_tokens, stop_id=stop_id,
+                                        temperature=args.temperature, top_p=args.top_p, seed=seed)
+        return generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, seed, stop_id=stop_id), None
+
+
 def cmd_chat(args) -> int:
     from .data import load_tokenizer
-    from .generate import generate, generate_speculative
     from .posttrain.chat import ChatTemplate
     from .train.checkpoint import load_trained_model
-    from .train.step import autocast, resolve_precision
 
     _check_top_p(args.top_p)
     if args.max_new_tokens < 1:
@@ -528,10 +530,9 @@ def cmd_chat(args) -> int:
     model, cfg = load_trained_model(args.checkpoint, args.device, ema=args.ema)
     tok = load_tokenizer(cfg.train.tokenizer or None)
     template = ChatTemplate(tok)
-    device = model.embed.weight.device
     context = cfg.model.max_position_embeddings
     interactive = sys.stdin.isatty()
-    exchanges: list[tuple[str, str]] = []
+    exchanges: list[tuple[str, list[int]]] = []
     seed = args.seed
     while True:
         if interactive:
@@ -553,13 +554,7 @@ def cmd_chat(args) -> int:
             print(f"(this message and --max-new-tokens {args.max_new_tokens} exceed the model's context of {context} "
                   f"tokens: say it shorter)", file=sys.stderr, flush=True)
             continue
-        with autocast(device, resolve_precision(args.precision, device)):
-            if args.speculative:
-                ids, _ = generate_speculative(model, prompt, args.max_new_tokens, stop_id=tok.eos_id,
-                                              temperature=args.temperature, top_p=args.top_p, seed=seed)
-            else:
-                ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, seed,
-                               stop_id=tok.eos_id)
+        ids, _ = _complete(model, prompt, args, tok.eos_id, seed)
         seed += 1
         answer = [i for i in ids if i != tok.eos_id]  # (kept as the model's ids: the next turn's context)
         print(tok.decode(answer), flush=True)
