@@ -106,6 +106,20 @@ def test_generate_speculative(cli, base_checkpoint):
     assert sampled.rc == 0 and sampled.out.startswith("x = ") and sampled.out == cli(*args, "--speculative", "--seed", 3).out
 
 
+def test_compile_decoding_with_speculative_is_refused(cli, base_checkpoint, expect_error, tmp_path):
+    """--compile-decoding compiles the plain decoding step; speculative decoding has none, so the two
+    together end with one line before anything is loaded or written."""
+    both = ("--compile-decoding", "--speculative")
+    expect_error(cli("generate", "--checkpoint", base_checkpoint, "--prompt", "x", *both), "generate", "choose one")
+    expect_error(cli("score", "--checkpoint", base_checkpoint, "--task", "arithmetic", *both), "score", "choose one")
+    expect_error(cli("grpo", "--checkpoint", base_checkpoint, "--out", tmp_path / "g", *both), "grpo", "choose one")
+    assert not (tmp_path / "g").exists()
+    out = tmp_path / "d.jsonl"
+    expect_error(cli("sft-data", "--teacher", base_checkpoint, "--out", out, *both), "sft-data", "choose one")
+    expect_error(cli("sft-data", "--out", out, "--compile-decoding"), "sft-data", "--compile-decoding: only with --teacher")
+    assert not out.exists()
+
+
 def test_eval_checkpoint_reproduces_training_validation(cli, trained_run):
     """eval on the run folder prints `validation split: loss L | B bits per byte | ...`; compares
     L and B with the final validation record the trainer wrote to metrics.jsonl (same data, same
@@ -280,18 +294,18 @@ HELP_FLAGS = {
     "train": ["--preset", "--config", "--out", "--steps", "--resume", "--init", "--device", "--seed", "--data", "--tokenizer",
               "--precision", "--no-progress", "key=value"],
     "generate": ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--precision", "--device",
-                 "--chat", "--speculative"],
+                 "--chat", "--speculative", "--compile-decoding"],
     "eval": ["--checkpoint", "--text", "--batch-size", "--max-batches", "--device"],
     "convert": ["--checkpoint", "--hf", "--out", "--to", "--dtype"],
     "info": ["--preset", "--config", "--checkpoint", "key=value"],
     "sft": ["--checkpoint", "--data", "--out", "--steps", "--batch-size", "--lr", "--warmup", "--schedule", "--max-len",
             "--val-fraction", "--eval-every", "--checkpoint-every", "--seed", "--device"],
-    "sft-data": ["--task", "--n", "--out", "--seed", "--teacher", "--samples", "--precision"],
+    "sft-data": ["--task", "--n", "--out", "--seed", "--teacher", "--samples", "--precision", "--compile-decoding"],
     "score": ["--checkpoint", "--task", "--n", "--samples", "--temperature", "--top-p", "--max-new-tokens", "--seed",
-              "--exclude", "--out", "--precision", "--device"],
+              "--exclude", "--out", "--precision", "--compile-decoding", "--device"],
     "plot": ["RUN", "--out", "--metrics", "--smooth", "--x"],
     "chat": ["--checkpoint", "--system", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--speculative",
-             "--precision", "--device"],
+             "--compile-decoding", "--precision", "--device"],
 }
 
 

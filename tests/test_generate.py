@@ -21,6 +21,7 @@ import torch
 
 from conftest import POSTTRAIN_MODEL as MODEL
 from moeforge.config import load_config
+from moeforge.errors import MoeforgeError
 from moeforge.generate import Decoder, generate, sample_rows
 from moeforge.model import build_model
 
@@ -160,7 +161,6 @@ def test_speculative_decoding_gives_greedy_decodings_tokens(monkeypatch, mode):
     each slot equal the eager loop's); a stop token ends it as it ends greedy decoding; the
     context's last slot is reached. A model without MTP is refused."""
     from moeforge import generate as gen
-    from moeforge.errors import MoeforgeError
 
     model = _model(2)
     for prompt in ([5, 9, 300, 41], [7], list(range(20, 40))):
@@ -255,7 +255,6 @@ def test_speculative_rows_decode_as_plain_rows(monkeypatch):
     end some rows before others; a one-token nucleus samples greedily; a model without MTP and
     lockstep ranks are refused."""
     from moeforge import generate as gen
-    from moeforge.errors import MoeforgeError
 
     model = _model(2)
     prompts = [[5, 17, 300, 42, 9, 9, 1], [9, 8], [77, 1, 2, 3], [4]]
@@ -292,3 +291,73 @@ def test_speculative_rows_decode_as_plain_rows(monkeypatch):
         sample_rows(no_mtp, prompts, 4, 0.0, 1.0, None, stop_id=None, speculative=True)
     with pytest.raises(MoeforgeError, match="one process"):
         sample_rows(model, prompts, 4, 0.0, 1.0, None, stop_id=None, lockstep=object(), speculative=True)
+
+
+@torch.no_grad()
+def test_a_reused_decoder_decodes_as_a_new_one(monkeypatch):
+    """sample_rows keeps the decoder of a device-side step ("static" here; "graph" and "compiled" on a
+    GPU) for the next call of the same shape: other prompts of other lengths (left-padded or not)
+    decode as with a new decoder, also after the weights changed in place (an optimizer step); new
+    storage, other rows or another context size give a new decoder."""
+    from moeforge import generate as gen
+
+    torch.manual_seed(1)
+    model = build_model(load_config(None, None, [*MODEL, "model.max_position_embeddings=96"]).model, "cpu").eval()
+    gen.release_decoder()
+
+    def decode(prompts, new=6, mode="static"):
+        return sample_rows(model, prompts, new, 0.0, 1.0, None, stop_id=None, mode=mode)[0]
+
+    def kept():
+        return gen._kept[0][1] if gen._kept else None
+
+    first = [[5, 17, 300, 42, 9, 9, 1], [9, 8], [77, 1, 2, 3], [4]]
+    second = [[3, 3, 3], [8, 1, 2], [300, 301, 302], [6, 5, 4]]  # one length: no padding
+    assert torch.equal(decode(first), decode(first, mode="eager"))
+    decoder = kept()
+    assert decoder is not None and decoder.max_len == 64  # 7 + 6 slots, rounded up
+    assert torch.equal(decode(second), decode(second, mode="eager")) and kept() is decoder
+    assert torch.equal(decode(first, new=20), decode(first, new=20, mode="eager")) and kept() is decoder
+    before = decode(second)
+    for p in model.parameters():  # in place, as an optimizer step
+        p.add_(torch.randn_like(p) * 0.5 * p.std().clamp(min=0.02))
+    after = decode(second)
+    assert kept() is decoder and not torch.equal(after, before)
+    assert torch.equal(after, decode(second, mode="eager"))
+    decode(second[:3])  # other rows
+    assert kept() is not decoder
+    decoder = kept()
+    model.head.weight.data = model.head.weight.data.clone()  # new storage: the old addresses are stale
+    decode(second[:3])
+    assert kept() is not decoder
+    decoder = kept()
+    decode(second[:3], new=70)  # 73 slots -> 128, at most the context: 96
+    assert kept() is not decoder and kept().max_len == 96
+    gen.release_decoder()
+    assert kept() is None
+    # an eager decoder is never kept
+    decode(second, mode="eager")
+    assert kept() is None
+
+
+@torch.no_grad()
+def test_compiled_decoding_matches_the_static_step(monkeypatch):
+    """The "compiled" mode runs the static step through torch.compile (on a GPU in BF16 also captured
+    as a CUDA graph: tests/test_speed_gpu.py). Traced here with the aot_eager backend, which runs the
+    same operators, so the greedy tokens equal the static step's. Speculative decoding refuses it."""
+    from moeforge import generate as gen
+
+    model = _model()
+    gen.release_decoder()
+    monkeypatch.setattr(gen, "_compiled_decode_step", torch.compile(gen._decode_step, backend="aot_eager"))
+    prompts = [[5, 17, 300, 42, 9, 9, 1], [9, 8], [77, 1, 2, 3], [4]]
+    for temperature in (0.0, 1.0):
+        got = {}
+        for mode in ("static", "compiled"):
+            g = torch.Generator().manual_seed(0)
+            got[mode] = sample_rows(model, prompts, 8, temperature, 1.0, g, stop_id=None, mode=mode)[0]
+            assert gen._kept[0][1].mode == mode
+        assert torch.equal(got["compiled"], got["static"])
+    with pytest.raises(MoeforgeError, match="compiled step"):
+        sample_rows(model, prompts, 4, 0.0, 1.0, None, stop_id=None, mode="compiled", speculative=True)
+    gen.release_decoder()

@@ -547,6 +547,79 @@ def test_decoding_with_a_cuda_graph_matches_the_static_step(preset):
     assert float((logits["eager"] - logits["static"]).abs().max()) <= 0.03 * float(logits["static"].abs().max())
 
 
+def _perturb_in_place(model) -> None:
+    """Change every weight in place (same storage), as an optimizer step does."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5 * p.std().clamp(min=0.02))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_a_reused_decoding_graph_reads_the_weights_of_the_moment(preset):
+    """sample_rows keeps its captured decoder for the next call (generate.reused_decoder). Its graph
+    casts the weights at every replay (autocast's cache is off during the capture), so after the
+    weights change in place the kept graph decodes what a new static decoder decodes with the new
+    weights: the same greedy tokens, for other prompts than the first call's."""
+    from moeforge import generate as gen
+    from moeforge.generate import sample_rows
+
+    cfg = load_config(preset, None, [])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, "cuda").eval()
+    first = [[5, 17, 300, 42]] * 6 + [[9, 8]] * 6
+    second = [[7, 7, 1]] * 4 + [[3, 300, 5, 9, 11]] * 8
+    gen.release_decoder()
+
+    def decode(rows, mode):
+        return sample_rows(model, rows, 24, 0.0, 1.0, None, stop_id=None, mode=mode)[0]
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        decode(first, "graph")
+        decoder = gen._kept[0][1]
+        assert decoder._graph.graph is not None
+        before = decode(second, "graph")
+        _perturb_in_place(model)
+        after = decode(second, "graph")
+        assert gen._kept[0][1] is decoder
+        gen.release_decoder()
+        want = decode(second, "static")
+    gen.release_decoder()
+    assert torch.equal(after, want) and not torch.equal(after, before)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_compiled_decoding_matches_the_static_step_and_follows_the_weights(preset):
+    """Decoder "compiled": the static step through torch.compile (Inductor), captured as a CUDA graph
+    under BF16 autocast. Fed the same tokens, its logits agree with the static step's to BF16
+    rounding (Inductor fuses and reorders); decoding again after the weights changed in place, it
+    agrees with a static decoder of the new weights, not with its own first logits."""
+    from moeforge.generate import Decoder
+
+    cfg = load_config(preset, None, [])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, "cuda").eval()
+    prompt = torch.tensor([[0, 0, 9, 8], [5, 17, 300, 42]] * 4, device="cuda")
+    start = torch.tensor([2, 0] * 4, device="cuda")
+    feed = torch.randint(0, cfg.model.vocab_size, (8, 10), device="cuda")
+    compiled = Decoder(model, 8, 32, "compiled")
+
+    def last_logits(dec):
+        dec.prefill(prompt, start)
+        for t in range(10):
+            out = dec.step(feed[:, t])
+        return out.clone()
+
+    def close(a, b):
+        return float((a - b).abs().max()) <= 0.03 * float(b.abs().max())
+
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        c1, s1 = last_logits(compiled), last_logits(Decoder(model, 8, 32, "static"))
+        assert compiled._graph.graph is not None
+        _perturb_in_place(model)
+        c2, s2 = last_logits(compiled), last_logits(Decoder(model, 8, 32, "static"))
+    assert close(c1, s1) and close(c2, s2) and not close(c2, c1)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_speculative_decoding_with_a_cuda_graph_matches_the_static_step(monkeypatch, preset):
     """generate_speculative under BF16 autocast: "auto" captures the device-side step (the main

@@ -91,9 +91,27 @@ def _command_config(args):
     return load_config(args.preset or (None if args.config else "tiny"), args.config, args.overrides)
 
 
+def _add_compile_decoding(p: argparse.ArgumentParser, when: str = "") -> None:
+    p.add_argument("--compile-decoding", action="store_true",
+                   help=f"{when}run the decoding step through torch.compile (on a GPU in BF16 still replayed as a CUDA "
+                        "graph): about twice the tokens/s, after a compilation of tens of seconds that the run pays "
+                        "once; not with --speculative (docs/model.md)")
+
+
+def _decode_mode(args) -> str:
+    """generate.Decoder's mode for --compile-decoding."""
+    if not getattr(args, "compile_decoding", False):
+        return "auto"
+    if args.speculative:
+        raise MoeforgeError("--compile-decoding and --speculative: speculative decoding has no compiled step; "
+                            "choose one")
+    return "compiled"
+
+
 def _add_task_prompt_flags(p: argparse.ArgumentParser, speculative_help: str) -> None:
-    """--speculative and --chat for a command that decodes a task's prompts (grpo, score)."""
+    """--speculative, --compile-decoding and --chat for a command that decodes a task's prompts (grpo, score)."""
     p.add_argument("--speculative", action="store_true", help=speculative_help)
+    _add_compile_decoding(p)
     p.add_argument("--chat", action="store_true",
                    help="each task prompt as a user turn of the tokenizer's chat template (for a model fine-tuned on "
                         "{\"messages\"} data; see generate --chat)")
@@ -158,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the MTP module drafts the token after next, checked by the model in the same forward "
                         "(DeepSeek-V3 5.4.3): greedy decoding's tokens with --temperature 0, else speculative "
                         "sampling (each token distributed as plain sampling's); prints how many drafts it kept")
+    _add_compile_decoding(p)
     _add_decode_precision(p)
     p.add_argument("--ema", action="store_true", help=EMA_HELP)
     _add_device(p)
@@ -174,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--seed", type=_seed, default=0, help="sampling seed of the first answer, the next ones count on (default 0)")
     p.add_argument("--speculative", action="store_true", help="the MTP module drafts the token after next (see generate)")
+    _add_compile_decoding(p)
     _add_decode_precision(p)
     p.add_argument("--ema", action="store_true", help=EMA_HELP)
     _add_device(p)
@@ -315,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "--samples (default 1)")
     p.add_argument("--speculative", action="store_true",
                    help="with --teacher: sample with the teacher's MTP module drafting (the same distribution)")
+    _add_compile_decoding(p, "with --teacher: ")
     p.add_argument("--chat", action="store_true",
                    help="write one-exchange conversations ({\"messages\"} lines, which sft renders in the "
                         "tokenizer's chat template); with --teacher, ask the teacher in that template too")
@@ -482,6 +503,7 @@ def cmd_generate(args) -> int:
     from .train.checkpoint import load_trained_model
 
     _check_top_p(args.top_p)
+    _decode_mode(args)
     if args.max_new_tokens < 0:
         raise MoeforgeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     try:
@@ -512,11 +534,13 @@ def _complete(model, prompt: list[int], args, stop_id: int, seed: int):
     from .train.step import autocast, resolve_precision
 
     device = model.embed.weight.device
+    mode = _decode_mode(args)
     with autocast(device, resolve_precision(args.precision, device)):
         if args.speculative:
             return generate_speculative(model, prompt, args.max_new_tokens, stop_id=stop_id,
                                         temperature=args.temperature, top_p=args.top_p, seed=seed)
-        return generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, seed, stop_id=stop_id), None
+        return generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, seed, stop_id=stop_id,
+                        mode=mode), None
 
 
 def cmd_chat(args) -> int:
@@ -525,6 +549,7 @@ def cmd_chat(args) -> int:
     from .train.checkpoint import load_trained_model
 
     _check_top_p(args.top_p)
+    _decode_mode(args)
     if args.max_new_tokens < 1:
         raise MoeforgeError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, cfg = load_trained_model(args.checkpoint, args.device, ema=args.ema)
@@ -795,6 +820,7 @@ def cmd_sft_data(args) -> int:
         _check_output_file(args.out, "--out")
     teacher_flags = [f"--{k.replace('_', '-')}" for k in TEACHER_DEFAULTS if getattr(args, k) is not None]
     teacher_flags += ["--speculative"] if args.speculative else []
+    teacher_flags += ["--compile-decoding"] if args.compile_decoding else []
     if args.teacher is not None and args.turns != 1:
         raise MoeforgeError("--turns: only for the worked examples (a teacher's answers are one exchange each)")
     if args.teacher is not None:
@@ -824,13 +850,14 @@ def _sft_data_from_teacher(args, task) -> int:
     from .posttrain.sft import write_examples
 
     _check_at_least_one(args, "samples", "keep", "max_new_tokens")
+    _decode_mode(args)
     if args.keep > args.samples:
         raise MoeforgeError(f"--keep {args.keep}: more than the --samples {args.samples} sampled per prompt")
     if args.temperature <= 0:
         raise MoeforgeError(f"--temperature: must be positive for sampling, got {args.temperature}")
     result = sample_teacher(args.teacher, task, args.n, args.samples, args.max_new_tokens, args.temperature, args.seed,
                             args.keep, args.device, progress=not args.no_progress, precision=args.precision,
-                            speculative=args.speculative, chat=args.chat)
+                            speculative=args.speculative, chat=args.chat, mode=_decode_mode(args))
     if result is None:  # under torchrun, a rank other than 0: rank 0 writes
         return 0
     pairs, stats = result
@@ -861,6 +888,7 @@ def cmd_score(args) -> int:
         raise MoeforgeError(f"--samples {args.samples} with --temperature 0: greedy completions are all the same; "
                             f"give a temperature (DeepSeek-R1 used 0.6 with --top-p 0.95)")
     _check_top_p(args.top_p)
+    _decode_mode(args)
     _check_output_file(args.out, "--out")
     exclude = {prompt for _, prompt, _ in read_examples(args.exclude)} if args.exclude else set()
     model, cfg = load_trained_model(args.checkpoint, args.device)
@@ -875,7 +903,7 @@ def cmd_score(args) -> int:
         score, records = score_task(model.eval(), tok, task, args.n, args.samples, args.max_new_tokens,
                                     args.temperature, args.top_p, args.seed, exclude,
                                     progress=None if args.no_progress else progress, speculative=args.speculative,
-                                    chat=args.chat)
+                                    chat=args.chat, mode=_decode_mode(args))
     seconds = time.perf_counter() - started
     if args.out is not None:
         settings = {k: getattr(args, k) for k in ("checkpoint", "task", "n", "samples", "temperature", "top_p",

@@ -7,11 +7,19 @@ waits on the host: the position is a device tensor (LatentCache.write) and the r
 torch's grouped GEMM, which it has on CUDA for BF16 only (in FP32 the experts' per-expert reference
 loop reads the row counts on the host). So the graph is used on CUDA when the step computes in BF16
 (under BF16 autocast, or with BF16 weights); otherwise the step runs eagerly.
+
+A decoder with the step on the device ("static", "graph", "compiled") is kept for the next call of the
+same shape (reused_decoder): decoding the next batch of a GRPO run, the next problems of `score` or the
+next turn of `chat` then pays no new capture (or compilation). "compiled" also runs the step through
+torch.compile (Inductor fuses its small kernels: about half the time a token of the plain graph on
+a GPU, after a compilation of tens of seconds; docs/model.md).
 """
 
 from __future__ import annotations
 
+import functools
 import gc
+import itertools
 
 import torch
 
@@ -67,10 +75,15 @@ class _Captured:
     an earlier decoder's graph or memory (decoders hold their captured steps in reference cycles), a
     CUDA call that invalidates the capture; this failed a test that decoded after other decoding tests
     in one process. (A gc.collect() before each capture instead cost about a tenth of a second per
-    decoding call.)"""
+    decoding call.)
 
-    def __init__(self, fn):
-        self.fn = fn
+    cast_cache=False runs the warm-up and the capture with autocast's cache of cast weights off, so
+    the graph casts the weights itself at every replay and stays right when they change in place
+    between calls (an optimizer step). With the cache on, the graph reads the copies cast in the
+    warm-up, which autocast frees when its context ends: right only within one call."""
+
+    def __init__(self, fn, cast_cache: bool = True):
+        self.fn = fn if cast_cache else functools.partial(_without_cast_cache, fn)
         self.graph = None
         self.out = None
         self.warm = False
@@ -100,18 +113,45 @@ class _Captured:
         return self.out
 
 
+def _without_cast_cache(fn):
+    """fn() under the autocast that is on, with autocast's cache of cast weights off (_Captured)."""
+    if not torch.is_autocast_enabled("cuda"):
+        return fn()
+    with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False):
+        return fn()
+
+
+def _graph_ready(model: Transformer) -> bool:
+    """Whether the decoding step can be captured: on CUDA, computing in BF16 (module doc)."""
+    weight = model.embed.weight
+    probe = torch.empty(0, device=weight.device, dtype=weight.dtype)
+    return weight.device.type == "cuda" and compute_dtype(probe) == torch.bfloat16
+
+
 def _resolve_mode(model: Transformer, mode: str, modes: tuple[str, ...]) -> str:
     """"auto" -> "graph" on CUDA when the step computes in BF16 (the experts' grouped GEMM then never
     waits on the host; module doc), else "eager"; other modes checked."""
     if mode not in modes:
         raise ValueError(f"mode must be one of {modes}, got {mode!r}")
-    device = model.embed.weight.device
     if mode == "auto":
-        probe = torch.empty(0, device=device, dtype=model.embed.weight.dtype)
-        mode = "graph" if device.type == "cuda" and compute_dtype(probe) == torch.bfloat16 else "eager"
-    if mode == "graph" and device.type != "cuda":
+        mode = "graph" if _graph_ready(model) else "eager"
+    if mode == "graph" and model.embed.weight.device.type != "cuda":
         raise ValueError("a CUDA graph needs a CUDA device")
     return mode
+
+
+def _decode_step(model: Transformer, tokens: torch.Tensor, caches: list[LatentCache], pos: torch.Tensor) -> torch.Tensor:
+    return model(tokens, caches, pos)[:, -1]
+
+
+_compiled_decode_step = None  # torch.compile(_decode_step), made on first use (Decoder "compiled")
+
+
+def _compiled_step():
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(_decode_step)
+    return _compiled_decode_step
 
 
 class Decoder:
@@ -120,24 +160,41 @@ class Decoder:
     attention reads only the positions written), "static" (the position a device tensor; the
     attention reads the whole cache, masked: the graph's step, run eagerly), "graph" (the static step
     captured as a CUDA graph at its second call, after a first call that warms it up, and replayed
-    from then on), or "auto": "graph" on CUDA when the step computes in BF16, else "eager".
+    from then on), "compiled" (the static step through torch.compile, and on CUDA in BF16 captured
+    as "graph" captures it), or "auto": "graph" on CUDA when the step computes in BF16, else "eager".
+
+    A decoder of the last three modes may decode again: prefill() starts over, with other prompts of
+    any length up to max_len (reused_decoder). Its graph casts the weights at every replay, so it
+    reads their values of the moment (an optimizer step between calls changes them in place).
 
     step()'s logits are a buffer of the decoder's own under "graph": read them before the next step."""
 
-    MODES = ("auto", "eager", "static", "graph")
+    MODES = ("auto", "eager", "static", "graph", "compiled")
 
     def __init__(self, model: Transformer, rows: int, max_len: int, mode: str = "auto"):
         device = model.embed.weight.device
         self.model, self.mode = model, _resolve_mode(model, mode, self.MODES)
+        self.rows, self.max_len = rows, max_len
         self.caches = model.new_caches(rows, max_len)
         self.position = 0  # the next position to decode
         self._pos = torch.zeros((), dtype=torch.long, device=device)  # the same, on the device (static, graph)
         self._tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self._graph = _Captured(self._static_step) if self.mode == "graph" else None
+        self._start = torch.zeros(rows, dtype=torch.long, device=device)  # each row's first slot (not eager)
+        fn = functools.partial(_compiled_step() if self.mode == "compiled" else _decode_step,
+                               model, self._tokens, self.caches, self._pos)
+        captured = self.mode == "graph" or (self.mode == "compiled" and _graph_ready(model))
+        self._fn = _Captured(fn, cast_cache=False) if captured else fn
+        self._graph = self._fn if captured else None
 
     def prefill(self, tokens: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [R, L] (slots 0..L-1) -> the logits after the last one [R, V]. start [R]: prompts
-        shorter than L, left-padded; row r's prompt fills slots start[r]..L-1 (LatentCache.start)."""
+        shorter than L, left-padded; row r's prompt fills slots start[r]..L-1 (LatentCache.start).
+        Starts the decoding over: the caches' slots from L on are hidden until written."""
+        if tokens.shape[0] != self.rows or not 0 < tokens.shape[1] <= self.max_len:
+            raise ValueError(f"a prefill of {tuple(tokens.shape)} does not fit {self.rows} rows of {self.max_len} slots")
+        if self.mode != "eager":  # one start buffer for the step's whole life (the graph reads it)
+            self._start.copy_(start) if start is not None else self._start.zero_()
+            start = self._start
         for cache in self.caches:
             cache.start = start
         logits = self.model(tokens, self.caches, 0)[:, -1]
@@ -152,12 +209,47 @@ class Decoder:
             return logits
         self._tokens.copy_(tokens.view(-1, 1))
         self._pos.fill_(self.position)
-        logits = self._static_step() if self._graph is None else self._graph()
+        logits = self._fn()
         self.position += 1
         return logits
 
-    def _static_step(self) -> torch.Tensor:
-        return self.model(self._tokens, self.caches, self._pos)[:, -1]
+
+_kept: list[tuple[tuple, Decoder]] = []  # the one decoder reused_decoder keeps between calls, with its key
+
+
+def _has_fp8(model: Transformer) -> bool:
+    from .fp8.linear import FP8Experts, FP8FeedForward, FP8Linear
+
+    return any(isinstance(m, (FP8Linear, FP8Experts, FP8FeedForward)) for m in model.modules())
+
+
+def reused_decoder(model: Transformer, rows: int, max_len: int, mode: str = "auto") -> Decoder:
+    """A Decoder for `rows` rows of up to max_len slots. For the modes whose step lives on the device
+    ("static", "graph", "compiled"; "auto" where it means "graph") the decoder of the previous call is
+    returned again when it fits: the same model, rows and autocast settings, the same storage of every
+    parameter and buffer (the graph reads them by address), and max_len rounded up to a multiple of
+    64 slots (at most the model's context). Then no step is warmed up or captured again: about 60 ms a
+    call for the `small` preset on a GPU (docs/model.md). One decoder is kept (release_decoder() drops
+    it); a model with FP8 layers gets a new one each call (their cached FP8 weights are read on the
+    host, which a replay skips)."""
+    mode = _resolve_mode(model, mode, Decoder.MODES)
+    if mode == "eager" or _has_fp8(model):
+        return Decoder(model, rows, max_len, mode)
+    max_len = min(-(-max_len // 64) * 64, max(max_len, model.cfg.max_position_embeddings))
+    device = model.embed.weight.device.type
+    key = (id(model), rows, max_len, mode, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
+           tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
+    if _kept and _kept[0][0] == key:
+        return _kept[0][1]
+    release_decoder()  # (its memory back before the new one's)
+    decoder = Decoder(model, rows, max_len, mode)
+    _kept.append((key, decoder))
+    return decoder
+
+
+def release_decoder() -> None:
+    """Drop the decoder reused_decoder keeps (its caches and captured graph)."""
+    _kept.clear()
 
 
 def check_length(model: Transformer, prompt_len: int, max_new: int) -> None:
@@ -183,9 +275,12 @@ def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, tempera
     decoding among them (a rank whose rows have all stopped keeps stepping, its tokens masked), and
     the steps run eagerly (no CUDA graph around the collectives).
 
+    mode: Decoder's; the decoder of a mode with the step on the device is kept for the next call
+    (reused_decoder).
+
     speculative: the first MTP module drafts each row's token after next (_SpeculativeRows; one
     process): greedy, the same tokens; sampled, tokens of the same distribution. "eager" then runs
-    the device-side step without a graph."""
+    the device-side step without a graph; "compiled" is refused."""
     if not rows or not all(rows):
         raise MoeforgeError("a prompt is empty")
     length = max(map(len, rows))
@@ -201,7 +296,10 @@ def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, tempera
         if lockstep is not None:
             raise MoeforgeError("speculative decoding runs in one process, not over the ranks of a sliced or "
                                 "sharded model")
-        graph = _resolve_mode(model, mode, Decoder.MODES) == "graph"
+        if mode == "compiled":
+            raise MoeforgeError("speculative decoding has no compiled step: leave out --compile-decoding or "
+                                "--speculative")
+        graph = _resolve_mode(model, mode, ("auto", "eager", "static", "graph")) == "graph"
         new, _ = _SpeculativeRows(model, rows, max_new, graph, temperature, top_p, generator, stop_id).decode()
         tokens = torch.full((R, max_new), stop_id if stop_id is not None else 0, dtype=torch.long, device=device)
         mask = torch.zeros(R, max_new, dtype=torch.bool, device=device)
@@ -210,7 +308,7 @@ def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, tempera
             mask[r, :len(row)] = True
         model.train(was_training)
         return tokens, mask
-    decoder = Decoder(model, R, length + max_new, "eager" if lockstep is not None else mode)
+    decoder = reused_decoder(model, R, length + max_new, "eager" if lockstep is not None else mode)
     padded = torch.tensor([[0] * (length - len(r)) + list(r) for r in rows], device=device)
     start = (None if all(len(r) == length for r in rows)
              else torch.tensor([length - len(r) for r in rows], device=device))

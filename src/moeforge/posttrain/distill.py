@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..generate import check_length
+from ..generate import check_length, release_decoder
 from .chat import ChatTemplate
 from .grpo import completion_texts, sample_groups
 
@@ -77,12 +77,13 @@ def _chunk_generator(seed: int, index: int, device) -> torch.Generator:
 def rejection_sample(model, tok, task, n: int, samples: int, max_new: int, temperature: float, seed: int,
                      keep: int = 1, progress=None, chunk: int = CHUNK, rank: int = 0,
                      ranks: int = 1, speculative: bool = False,
-                     chat: bool = False) -> tuple[list[tuple[str, str]], RejectionStats]:
+                     chat: bool = False, mode: str = "auto") -> tuple[list[tuple[str, str]], RejectionStats]:
     """(prompt, response) pairs of the teacher `model` on n prompts of `task`, and the counts (module doc).
     rank, ranks: the pairs and counts of this rank's share of the n prompts only (prompt_share; every
     rank draws the same n prompts, and checks them all, so that a prompt too long for the context
     fails every rank before any samples). The prompts are sampled `chunk` at a time (module doc);
-    progress: None, or called as progress(prompts of the share done, pairs kept) after each chunk."""
+    progress: None, or called as progress(prompts of the share done, pairs kept) after each chunk.
+    mode: generate.Decoder's ("compiled": the step through torch.compile)."""
     problems = task.prompts(n, random.Random(seed))
     encode = ChatTemplate(tok).prompt if chat else tok.encode  # chat: the prompts as user turns
     ids = [encode(prompt) for prompt, _ in problems]
@@ -94,7 +95,8 @@ def rejection_sample(model, tok, task, n: int, samples: int, max_new: int, tempe
     for start in range(share.start, share.stop, chunk):
         stop = min(start + chunk, share.stop)
         groups = sample_groups(model, ids[start:stop], samples, max_new, temperature,
-                               _chunk_generator(seed, start // chunk, device), tok.eos_id, speculative=speculative)
+                               _chunk_generator(seed, start // chunk, device), tok.eos_id, speculative=speculative,
+                               mode=mode)
         for (prompt, answer), (tokens, mask) in zip(problems[start:stop], groups):
             chosen, ended, right = _accepted(tok, task, answer, tokens, mask, keep)
             stopped, correct = stopped + ended, correct + right
@@ -102,6 +104,7 @@ def rejection_sample(model, tok, task, n: int, samples: int, max_new: int, tempe
             prompts_kept += bool(chosen)
         if progress is not None:
             progress(stop - share.start, len(pairs))
+    release_decoder()  # (kept from chunk to chunk: generate.reused_decoder)
     return pairs, RejectionStats(len(share), len(share) * samples, stopped, correct, len(pairs), prompts_kept)
 
 
@@ -139,10 +142,10 @@ def gather(pairs: list[tuple[str, str]], stats: RejectionStats,
 def sample_teacher(teacher: str | Path, task, n: int, samples: int, max_new: int, temperature: float, seed: int,
                    keep: int = 1, device: str | None = None, progress: bool = True,
                    precision: str = "fp32", speculative: bool = False,
-                   chat: bool = False) -> tuple[list[tuple[str, str]], RejectionStats] | None:
+                   chat: bool = False, mode: str = "auto") -> tuple[list[tuple[str, str]], RejectionStats] | None:
     """rejection_sample of the checkpoint (or run folder) `teacher`: (pairs, counts), with a line per
     chunk sampled when `progress`; speculative: sampled with its MTP module drafting (sample_rows). precision "bf16" (or "auto" on a GPU): the teacher runs under BF16
-    autocast, where a GPU replays each decoding step as a CUDA graph (generate.Decoder).
+    autocast, where a GPU replays each decoding step as a CUDA graph (generate.Decoder; mode: its mode).
 
     Under torchrun, data parallel: every rank loads the whole teacher on its own device, samples its
     share of the prompts (prompt_share), and rank 0 gathers the pairs and sums the counts; rank 0
@@ -167,7 +170,7 @@ def sample_teacher(teacher: str | Path, task, n: int, samples: int, max_new: int
             pairs, stats = rejection_sample(model.eval(), load_tokenizer(cfg.train.tokenizer or None), task, n,
                                             samples, max_new, temperature, seed, keep,
                                             report if progress and rank == 0 else None, rank=rank, ranks=ranks,
-                                            speculative=speculative, chat=chat)
+                                            speculative=speculative, chat=chat, mode=mode)
         return gather(pairs, stats, ctx)
     finally:
         if ctx is not None:

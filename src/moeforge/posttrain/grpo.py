@@ -37,7 +37,7 @@ import torch
 
 from ..config import ParallelConfig
 from ..errors import MoeforgeError
-from ..generate import sample_rows
+from ..generate import release_decoder, sample_rows
 from ..model.mtp import IGNORE_INDEX
 from ..parallel.data import clip_coefficient, global_grad_norm, scale_gradients, sync_gradients
 from ..train.step import autocast
@@ -95,14 +95,16 @@ def sample_group(model, prompt: list[int], group: int, max_new: int, temperature
 @torch.no_grad()
 def sample_groups(model, prompts: list[list[int]], group: int, max_new: int, temperature: float,
                   generator: torch.Generator, stop_id: int | None,
-                  top_p: float = 1.0, lockstep=None, speculative: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  top_p: float = 1.0, lockstep=None, speculative: bool = False,
+                  mode: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """sample_group for each prompt, all decoded as one batch (generate.sample_rows left-pads the
     shorter prompts): one forward per token for all P x G rows. Returns (tokens [G, N], mask [G, N])
     per prompt, in order. top_p < 1: nucleus sampling (GRPO samples the whole distribution).
     lockstep: the process group of a model whose forwards are collective (sample_rows). speculative:
-    the MTP module drafts each row's token after next (sample_rows; the same distribution)."""
+    the MTP module drafts each row's token after next (sample_rows; the same distribution). mode:
+    generate.Decoder's ("compiled": the step through torch.compile)."""
     tokens, mask = sample_rows(model, [p for p in prompts for _ in range(group)], max_new, temperature, top_p,
-                               generator, stop_id, lockstep=lockstep, speculative=speculative)
+                               generator, stop_id, mode, lockstep=lockstep, speculative=speculative)
     return [(tokens[i * group:(i + 1) * group], mask[i * group:(i + 1) * group]) for i in range(len(prompts))]
 
 
@@ -226,7 +228,7 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
             with amp():
                 groups = sample_groups(model, prompt_ids, s.group_size, s.max_new_tokens, s.temperature, gen,
                                        tok.eos_id, lockstep=collective.dp_ep_group if collective else None,
-                                       speculative=s.speculative)
+                                       speculative=s.speculative, mode="compiled" if s.compile_decoding else "auto")
             for ids, (_, answer), (tokens, mask) in zip(prompt_ids, problems, groups):
                 texts = completion_texts(tok, tokens, mask)
                 accuracy = torch.tensor([task.reward(text, answer) for text in texts])
@@ -282,6 +284,7 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
                       f"loss {rec['loss']:+.4f} | {rec['completion_tokens']:.1f} tokens | {rec['seconds']:.1f} s",
                       flush=True)
     finally:
+        release_decoder()  # (the decoder kept from step to step: generate.reused_decoder)
         if sink is not None:
             sink.close()
     return records

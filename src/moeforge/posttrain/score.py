@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import MoeforgeError
+from ..generate import release_decoder
 from .chat import ChatTemplate
 from .grpo import completion_texts, sample_groups
 from .tasks import format_reward
@@ -90,13 +91,14 @@ def aggregate(task, answers: list[str], texts: list[list[str]], stopped: list[li
 @torch.no_grad()
 def score_task(model, tok, task, n: int, samples: int, max_new: int, temperature: float, top_p: float, seed: int,
                exclude: set[str] = frozenset(), chunk: int = 64, progress=None,
-               speculative: bool = False, chat: bool = False) -> tuple[TaskScore, list[dict]]:
+               speculative: bool = False, chat: bool = False, mode: str = "auto") -> tuple[TaskScore, list[dict]]:
     """Score `model` on the first n problems of task.prompts(..., random.Random(seed)) whose prompt is
     not in `exclude`, with `samples` completions each (module doc). Returns the scores and a record per
     problem (with its prompt). progress: None, or called as progress(problems done) after each chunk.
     speculative: decode with the MTP module drafting (generate.sample_rows): greedy, the same
     completions; sampled, the same distribution. chat: each prompt as a user turn of the tokenizer's
-    chat template (posttrain/chat.py), for a model fine-tuned on conversations."""
+    chat template (posttrain/chat.py), for a model fine-tuned on conversations. mode: generate.Decoder's
+    ("compiled": the step through torch.compile; the decoder is kept from chunk to chunk)."""
     rng = random.Random(seed)
     problems = [p for p in task.prompts(n, rng) if p[0] not in exclude]
     drawn = n
@@ -116,13 +118,14 @@ def score_task(model, tok, task, n: int, samples: int, max_new: int, temperature
         part = problems[start:start + chunk]
         encode = ChatTemplate(tok).prompt if chat else tok.encode
         groups = sample_groups(model, [encode(p) for p, _ in part], samples, max_new, temperature, gen,
-                               tok.eos_id, top_p, speculative=speculative)
+                               tok.eos_id, top_p, speculative=speculative, mode=mode)
         for tokens, mask in groups:
             texts.append(completion_texts(tok, tokens, mask))
             stopped.append(((tokens == tok.eos_id) & mask).any(dim=1).tolist())
             lengths.append(mask.sum(dim=1).tolist())
         if progress is not None:
             progress(start + len(part))
+    release_decoder()  # (kept from chunk to chunk: generate.reused_decoder)
     score, records = aggregate(task, [a for _, a in problems], texts, stopped, lengths)
     for (prompt, _), rec in zip(problems, records):
         rec["prompt"] = prompt
