@@ -361,3 +361,41 @@ def test_compiled_decoding_matches_the_static_step(monkeypatch):
     with pytest.raises(MoeforgeError, match="compiled step"):
         sample_rows(model, prompts, 4, 0.0, 1.0, None, stop_id=None, mode="compiled", speculative=True)
     gen.release_decoder()
+
+
+@torch.no_grad()
+def test_generate_streams_the_ids_it_returns():
+    """generate(stream=f) calls f with each new id as it is decoded: the ids it returns, in order,
+    through the stop token; sample_rows(on_token=...) sees each position's tokens and mask."""
+    model = _model()
+    seen = []
+    ids = generate(model, [5, 17, 300], 12, temperature=1.0, seed=3, stream=seen.append)
+    assert seen == ids and len(ids) == 12
+    stop = ids[4]
+    seen = []
+    stopped = generate(model, [5, 17, 300], 12, temperature=1.0, seed=3, stop_id=stop, stream=seen.append)
+    assert seen == stopped == ids[:ids.index(stop) + 1]
+    steps = []
+    tokens, mask = sample_rows(model, [[5, 17], [9]], 6, 0.0, 1.0, None, stop_id=None,
+                               on_token=lambda t, m: steps.append((t.clone(), m.clone())))
+    assert torch.equal(torch.stack([t for t, _ in steps], 1), tokens) and torch.equal(torch.stack([m for _, m in steps], 1), mask)
+
+
+def test_text_stream_prints_what_decoding_the_whole_prints(capsys):
+    """cli._TextStream (generate's and chat's output as it is decoded): with ids that split a
+    character's UTF-8 bytes (byte-level BPE), what it prints equals the whole text decoded at once;
+    an incomplete last character prints as U+FFFD, as the whole decode gives it; skipped ids (chat's
+    end of text) are left out."""
+    from moeforge.cli import _TextStream
+    from moeforge.data import load_tokenizer
+
+    tok = load_tokenizer(None)
+    for text in ("x = ünïcødé → 東京 🙂 done", "plain ascii text\n  indented"):
+        ids = tok.encode(text)
+        assert any("\ufffd" in tok.decode(ids[:k]) for k in range(1, len(ids))) or text.isascii()
+        for cut in (ids, ids[:-1]):  # the whole, and one that may end inside a character
+            shown = _TextStream(tok, skip=(tok.eos_id,))
+            for i in [*cut[:3], tok.eos_id, *cut[3:]]:
+                shown(i)
+            shown.close()
+            assert capsys.readouterr().out == tok.decode(cut) + "\n"

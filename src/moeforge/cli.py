@@ -518,8 +518,15 @@ def cmd_generate(args) -> int:
         prompt = ChatTemplate(tok).prompt(args.prompt)
     else:
         prompt = tok.encode(args.prompt)
-    ids, stats = _complete(model, prompt, args, tok.eos_id, args.seed)
-    print(tok.decode(ids) if args.chat else args.prompt + tok.decode(ids))
+    if args.speculative:  # (printed once decoded)
+        ids, stats = _complete(model, prompt, args, tok.eos_id, args.seed)
+        print(tok.decode(ids) if args.chat else args.prompt + tok.decode(ids))
+    else:  # printed as it is decoded
+        if not args.chat:
+            print(args.prompt, end="", flush=True)
+        shown = _TextStream(tok)
+        ids, stats = _complete(model, prompt, args, tok.eos_id, args.seed, shown)
+        shown.close()
     if stats is not None:
         kept = f" ({100 * stats['accepted'] / stats['drafts']:.0f}%)" if stats["drafts"] else ""
         print(f"speculative: {stats['accepted']} of {stats['drafts']} drafts kept{kept}; {len(ids)} tokens in "
@@ -527,9 +534,42 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _complete(model, prompt: list[int], args, stop_id: int, seed: int):
+class _TextStream:
+    """Prints a completion as its ids arrive (generate.generate's stream): the text of the ids so far
+    less what is on the screen, held back while it ends in an incomplete UTF-8 character (decoded as
+    U+FFFD). Byte-level BPE decodes a prefix of ids to a prefix of the text, so the lines printed are
+    those of decoding the whole completion at once. skip: ids left out of the text (chat's end of
+    text)."""
+
+    def __init__(self, tok, skip: tuple[int, ...] = ()):
+        self.tok, self.skip, self.ids, self.shown = tok, set(skip), [], ""
+
+    def __call__(self, token: int) -> None:
+        if token not in self.skip:
+            self.ids.append(token)
+            text = self.tok.decode(self.ids)
+            if not text.endswith("\ufffd"):
+                self._show(text)
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def close(self) -> None:
+        """The rest of the text (also an incomplete last character, as U+FFFD) and the line's end."""
+        text = self.tok.decode(self.ids)
+        if not text.startswith(self.shown):  # (a tokenizer whose prefixes decode otherwise: the whole again)
+            print()
+            self.shown = ""
+        self._show(text)
+        print(flush=True)
+
+
+def _complete(model, prompt: list[int], args, stop_id: int, seed: int, stream=None):
     """The new ids after `prompt` under generate's and chat's flags (precision, --speculative,
-    sampling), and the speculative counts (None without --speculative)."""
+    sampling), and the speculative counts (None without --speculative). stream: generate's (not with
+    --speculative)."""
     from .generate import generate, generate_speculative
     from .train.step import autocast, resolve_precision
 
@@ -540,7 +580,7 @@ def _complete(model, prompt: list[int], args, stop_id: int, seed: int):
             return generate_speculative(model, prompt, args.max_new_tokens, stop_id=stop_id,
                                         temperature=args.temperature, top_p=args.top_p, seed=seed)
         return generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, seed, stop_id=stop_id,
-                        mode=mode), None
+                        mode=mode, stream=stream), None
 
 
 def cmd_chat(args) -> int:
@@ -579,10 +619,14 @@ def cmd_chat(args) -> int:
             print(f"(this message and --max-new-tokens {args.max_new_tokens} exceed the model's context of {context} "
                   f"tokens: say it shorter)", file=sys.stderr, flush=True)
             continue
-        ids, _ = _complete(model, prompt, args, tok.eos_id, seed)
+        shown = None if args.speculative else _TextStream(tok, skip=(tok.eos_id,))  # printed as decoded
+        ids, _ = _complete(model, prompt, args, tok.eos_id, seed, shown)
         seed += 1
         answer = [i for i in ids if i != tok.eos_id]  # (kept as the model's ids: the next turn's context)
-        print(tok.decode(answer), flush=True)
+        if shown is None:
+            print(tok.decode(answer), flush=True)
+        else:
+            shown.close()
         exchanges.append((user, answer))
 
 

@@ -262,7 +262,8 @@ def check_length(model: Transformer, prompt_len: int, max_new: int) -> None:
 @torch.no_grad()
 def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, temperature: float, top_p: float,
                 generator: torch.Generator | None, stop_id: int | None,
-                mode: str = "auto", lockstep=None, speculative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                mode: str = "auto", lockstep=None, speculative: bool = False,
+                on_token=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Completions of prompts, one per row, decoded together: (tokens, mask) [R, N]. Prompts of
     different lengths are left-padded to the longest (each row's positions count from its first
     token, and no row sees another's padding: LatentCache.start). A row that emits stop_id keeps it
@@ -277,6 +278,10 @@ def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, tempera
 
     mode: Decoder's; the decoder of a mode with the step on the device is kept for the next call
     (reused_decoder).
+
+    on_token: None, or called after each position t is decoded with its tokens and mask [R] (device
+    tensors; the forward for t + 1 already queued), e.g. to print a completion as it is decoded.
+    Not with speculative decoding.
 
     speculative: the first MTP module drafts each row's token after next (_SpeculativeRows; one
     process): greedy, the same tokens; sampled, tokens of the same distribution. "eager" then runs
@@ -296,6 +301,8 @@ def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, tempera
         if lockstep is not None:
             raise MoeforgeError("speculative decoding runs in one process, not over the ranks of a sliced or "
                                 "sharded model")
+        if on_token is not None:
+            raise ValueError("on_token: not with speculative decoding")
         if mode == "compiled":
             raise MoeforgeError("speculative decoding has no compiled step: leave out --compile-decoding or "
                                 "--speculative")
@@ -321,12 +328,16 @@ def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, tempera
         nxt = sample_next(logits, temperature, top_p, generator)
         tokens[:, t] = torch.where(alive, nxt, tokens[:, t])
         mask[:, t] = alive
+        done = False
         if stop_id is not None:
             alive = alive & (nxt != stop_id)
-            if (t + 1) % every == 0 and not _any_alive(alive, lockstep):
-                break
-        if t + 1 < max_new:
+            done = (t + 1) % every == 0 and not _any_alive(alive, lockstep)
+        if t + 1 < max_new and not done:
             logits = decoder.step(tokens[:, t])
+        if on_token is not None:  # (after the next step is queued: the GPU computes it meanwhile)
+            on_token(tokens[:, t], mask[:, t])
+        if done:
+            break
     model.train(was_training)
     return tokens, mask
 
@@ -565,11 +576,20 @@ def _any_alive(alive: torch.Tensor, group) -> bool:
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
-             top_p: float = 0.95, seed: int = 0, stop_id: int | None = None, mode: str = "auto") -> list[int]:
+             top_p: float = 0.95, seed: int = 0, stop_id: int | None = None, mode: str = "auto",
+             stream=None) -> list[int]:
     """Prefill the prompt once, then decode one token at a time from the cache (Decoder). Returns the
-    new tokens, through stop_id when it is emitted."""
+    new tokens, through stop_id when it is emitted. stream: None, or called with each new token id as
+    it is decoded (the same ids, in order)."""
     if not prompt:
         raise MoeforgeError("the prompt is empty")
     gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
-    tokens, mask = sample_rows(model, [prompt], max_new_tokens, temperature, top_p, gen, stop_id, mode)
+
+    def each(tokens: torch.Tensor, alive: torch.Tensor) -> None:
+        token, kept = torch.stack([tokens[0], alive[0].long()]).tolist()  # (one wait for the device)
+        if kept:
+            stream(token)
+
+    tokens, mask = sample_rows(model, [prompt], max_new_tokens, temperature, top_p, gen, stop_id, mode,
+                               on_token=each if stream is not None else None)
     return tokens[0][mask[0]].tolist()
