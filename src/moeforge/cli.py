@@ -894,14 +894,14 @@ def _sft_data_from_teacher(args, task) -> int:
     from .posttrain.sft import write_examples
 
     _check_at_least_one(args, "samples", "keep", "max_new_tokens")
-    _decode_mode(args)
+    mode = _decode_mode(args)
     if args.keep > args.samples:
         raise MoeforgeError(f"--keep {args.keep}: more than the --samples {args.samples} sampled per prompt")
     if args.temperature <= 0:
         raise MoeforgeError(f"--temperature: must be positive for sampling, got {args.temperature}")
     result = sample_teacher(args.teacher, task, args.n, args.samples, args.max_new_tokens, args.temperature, args.seed,
                             args.keep, args.device, progress=not args.no_progress, precision=args.precision,
-                            speculative=args.speculative, chat=args.chat, mode=_decode_mode(args))
+                            speculative=args.speculative, chat=args.chat, mode=mode)
     if result is None:  # under torchrun, a rank other than 0: rank 0 writes
         return 0
     pairs, stats = result
@@ -932,7 +932,7 @@ def cmd_score(args) -> int:
         raise MoeforgeError(f"--samples {args.samples} with --temperature 0: greedy completions are all the same; "
                             f"give a temperature (DeepSeek-R1 used 0.6 with --top-p 0.95)")
     _check_top_p(args.top_p)
-    _decode_mode(args)
+    mode = _decode_mode(args)
     _check_output_file(args.out, "--out")
     exclude = {prompt for _, prompt, _ in read_examples(args.exclude)} if args.exclude else set()
     model, cfg = load_trained_model(args.checkpoint, args.device)
@@ -947,7 +947,7 @@ def cmd_score(args) -> int:
         score, records = score_task(model.eval(), tok, task, args.n, args.samples, args.max_new_tokens,
                                     args.temperature, args.top_p, args.seed, exclude,
                                     progress=None if args.no_progress else progress, speculative=args.speculative,
-                                    chat=args.chat, mode=_decode_mode(args))
+                                    chat=args.chat, mode=mode)
     seconds = time.perf_counter() - started
     if args.out is not None:
         settings = {k: getattr(args, k) for k in ("checkpoint", "task", "n", "samples", "temperature", "top_p",

@@ -140,6 +140,9 @@ def _resolve_mode(model: Transformer, mode: str, modes: tuple[str, ...]) -> str:
     return mode
 
 
+SPECULATIVE_MODES = ("auto", "eager", "static", "graph")  # (no compiled step: sample_rows, generate_speculative)
+
+
 def _decode_step(model: Transformer, tokens: torch.Tensor, caches: list[LatentCache], pos: torch.Tensor) -> torch.Tensor:
     return model(tokens, caches, pos)[:, -1]
 
@@ -184,7 +187,11 @@ class Decoder:
                                model, self._tokens, self.caches, self._pos)
         captured = self.mode == "graph" or (self.mode == "compiled" and _graph_ready(model))
         self._fn = _Captured(fn, cast_cache=False) if captured else fn
-        self._graph = self._fn if captured else None
+
+    @property
+    def _graph(self) -> "_Captured | None":
+        """The captured step ("graph"; "compiled" on CUDA in BF16), else None."""
+        return self._fn if isinstance(self._fn, _Captured) else None
 
     def prefill(self, tokens: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [R, L] (slots 0..L-1) -> the logits after the last one [R, V]. start [R]: prompts
@@ -306,7 +313,7 @@ def sample_rows(model: Transformer, rows: list[list[int]], max_new: int, tempera
         if mode == "compiled":
             raise MoeforgeError("speculative decoding has no compiled step: leave out --compile-decoding or "
                                 "--speculative")
-        graph = _resolve_mode(model, mode, ("auto", "eager", "static", "graph")) == "graph"
+        graph = _resolve_mode(model, mode, SPECULATIVE_MODES) == "graph"
         new, _ = _SpeculativeRows(model, rows, max_new, graph, temperature, top_p, generator, stop_id).decode()
         tokens = torch.full((R, max_new), stop_id if stop_id is not None else 0, dtype=torch.long, device=device)
         mask = torch.zeros(R, max_new, dtype=torch.bool, device=device)
@@ -502,7 +509,7 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
     the step with its state on the device, run eagerly), "graph" (that step captured as CUDA graphs
     and replayed), or "auto": "graph" where Decoder's auto picks it, else "eager". All give the same
     tokens (sampling: from the same seed), up to rounding."""
-    mode = _resolve_mode(model, mode, ("auto", "eager", "static", "graph"))
+    mode = _resolve_mode(model, mode, SPECULATIVE_MODES)
     if not model.mtp:
         raise MoeforgeError("speculative decoding drafts with the MTP module, and this model has none "
                             "(model.num_nextn_predict_layers = 0)")
