@@ -72,6 +72,21 @@ def test_plain_template():
     assert prompt + response[:len(enc("4"))] == enc(text)
 
 
+@pytest.mark.parametrize("system", ["Answer briefly.\n", "Answer briefly.\n\n", "  ", "Be brief: "])
+def test_plain_template_prompt_is_its_whole_text(system):
+    """A system message that ends in whitespace meets the template's newline as the whole text
+    tokenised at once does (the pre-tokeniser joins a newline run), in every way a prompt is built."""
+    tok = load_tokenizer(None)
+    t = ChatTemplate(tok)
+    whole = tok.encode(f"{system}\nUser: 2+2=\nAssistant:\n")
+    assert t.prompt("2+2=", system) == whole
+    assert t.history_prompt(system, [], "2+2=") == whole
+    prompt, response, _ = t.render([("system", system), ("user", "2+2="), ("assistant", "4")])
+    assert prompt == whole and response == tok.encode("4") + [tok.eos_id]
+    after = t.history_prompt(system, [("2+2=", "4")], "3+3=")
+    assert after == whole + tok.encode("4") + [tok.eos_id] + tok.encode("User: 3+3=\nAssistant:\n")
+
+
 def test_deepseek_template(tmp_path):
     tok = _deepseek_tokenizer(tmp_path)
     t = ChatTemplate(tok)
@@ -228,3 +243,7 @@ def test_exported_chat_template_gives_the_same_ids(kind, tmp_path):
     assert ids(CONVERSATION) == prompt + response
     assert ids(CONVERSATION[:-1]) == t.history_prompt("Answer briefly.", [("2+2=", "4")], "and 3+3?")
     assert ids(CONVERSATION[1:2]) == t.prompt("2+2=")
+    spaced = [{"role": "system", "content": "Answer briefly.\n\n"}, *CONVERSATION[1:]]
+    prompt, response, _ = t.render(check_messages(spaced, "here"))
+    assert ids(spaced) == prompt + response
+    assert ids(spaced[:2]) == t.prompt("2+2=", "Answer briefly.\n\n")

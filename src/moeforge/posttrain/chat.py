@@ -10,10 +10,14 @@ an assistant turn. The template depends on the tokenizer:
   the markers inserted as their own token ids (text never turns into special tokens);
 - "plain" otherwise (moeforge's own tokenizer has no chat tokens):
       {system}\\nUser: {user}\\nAssistant:\\n{assistant}<end-of-text>User: ...
-  each piece tokenised on its own. The pieces meet at a single newline (or at the end-of-text), where
-  a byte-level BPE's pre-tokeniser splits anyway, so they give the ids of the whole text tokenised
-  at once: what transformers' apply_chat_template gives with the template an export writes
-  (CHAT_TEMPLATES; tested).
+  the system message and the first user turn tokenised as one text, every later piece on its own.
+  The pieces meet at a newline before a non-space character (or at the end-of-text), where a
+  byte-level BPE's pre-tokeniser splits anyway, so a prompt's ids are those of its whole text: what
+  transformers' apply_chat_template gives with the template an export writes (CHAT_TEMPLATES;
+  tested, a system message ending in newlines included). An assistant turn that begins with two or
+  more whitespace characters is the exception: the whole text would join its first whitespace to
+  the newline before it, while the ids here keep the prompt's as `generate --chat` gives them, so
+  that the answer is what the model learns to continue that prompt with.
 
 Every assistant turn ends with the end-of-text token, so a fine-tuned model stops after its answer.
 As an SFT example (posttrain/sft.py) the prompt is everything before the first assistant turn and
@@ -71,31 +75,29 @@ class ChatTemplate:
         self.name = "deepseek" if all(i is not None for i in ids) else "plain"
         self.bos, self.user_id, self.assistant_id = ids
 
-    def _system(self, content: str) -> list[int]:
-        if self.name == "deepseek":
-            return [self.bos] + self.tok.encode(content)
-        return self.tok.encode(content + "\n") if content else []
-
     def _user(self, content: str) -> list[int]:
-        """A user turn, up to where the assistant's answer begins."""
+        """A later user turn, up to where the assistant's answer begins."""
         if self.name == "deepseek":
             return [self.user_id] + self.tok.encode(content) + [self.assistant_id]
         return self.tok.encode(f"User: {content}\nAssistant:\n")
 
     def prompt(self, text: str, system: str = "") -> list[int]:
         """One user turn (after an optional system message), ready for the assistant's answer."""
-        return self._system(system) + self._user(text)
+        if self.name == "deepseek":
+            return [self.bos] + self.tok.encode(system) + self._user(text)
+        # one text: a system message ending in a newline joins the template's newline after it
+        return self.tok.encode((f"{system}\n" if system else "") + f"User: {text}\nAssistant:\n")
 
     def history_prompt(self, system: str, exchanges: list[tuple[str, "str | list[int]"]], user: str) -> list[int]:
         """A conversation so far (an optional system message, then (user, assistant) exchanges) and a
         new user turn, ready for the assistant's answer: the ids `render` gives the same conversation
         up to that answer (tested). An answer given as ids (what the model generated, without its
         end-of-text) is used as it is, not encoded again."""
-        ids = self._system(system)
+        ids: list[int] = []
         for question, answer in exchanges:
             answer_ids = self.tok.encode(answer) if isinstance(answer, str) else list(answer)
-            ids += self._user(question) + answer_ids + [self.tok.eos_id]
-        return ids + self._user(user)
+            ids += (self.prompt(question, system) if not ids else self._user(question)) + answer_ids + [self.tok.eos_id]
+        return ids + (self.prompt(user, system) if not ids else self._user(user))
 
     def render(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int], tuple[tuple[int, int], ...]]:
         """(prompt, response, unscored spans [a, b) of the response) of a checked conversation."""
