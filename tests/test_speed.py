@@ -159,6 +159,33 @@ def test_compiled_blocks_match_eager(one_thread):
         assert torch.equal(a, b)
 
 
+def test_compiled_blocks_decode_with_their_own_forward(one_thread):
+    """With compiled blocks, a forward with a latent cache (decoding: each position would be another
+    compilation) runs the block's own forward; the training form runs the compiled one. Greedy
+    decoding of a model with compiled blocks gives the uncompiled model's tokens."""
+    from moeforge.generate import generate
+    from moeforge.train.speed import _compiled_unless_decoding
+
+    calls = []
+    forward = _compiled_unless_decoding(lambda *a: calls.append(("eager", a[3])), lambda *a: calls.append(("compiled", a[3])))
+    forward("x", "cos", "sin")
+    forward("x", "cos", "sin", "cache", 5)
+    assert calls == [("compiled", None), ("eager", "cache")]
+
+    from moeforge.config import load_config
+
+    cfg = load_config("tiny", None, ["model.num_nextn_predict_layers=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, "cpu").eval()
+    reference = generate(model, [5, 6, 7], 6, temperature=0.0)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        apply_compile(model, backend="eager")
+        with torch.no_grad():
+            model(torch.tensor([[5, 6, 7, 8]]))  # the compiled form, once
+        assert generate(model, [5, 6, 7], 6, temperature=0.0) == reference
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_compiled_model_compiles_each_piece_a_few_times(fp8, one_thread):
     """torch.compile of the model, FP32 and FP8 (the CPU paths, aot_eager backend): the FP8 GEMMs and
@@ -605,6 +632,61 @@ def test_cuda_graph_refuses_what_a_captured_step_cannot_run(cli, expect_error, t
     check_graph_bench(ok, cuda, None, 3)
     with pytest.raises(MoeforgeError, match="--warmup must be at least 3"):  # the capture would be timed
         check_graph_bench(ok, cuda, None, 2)
+
+
+def test_auto_speed_switches(cli, expect_error, tmp_path, monkeypatch):
+    """train.compile and train.cuda_graph "auto": parsed from TOML and overrides, written back as
+    "auto"; on a CUDA device they resolve to on where the switch applies and to off (not refused)
+    where it does not; on a CPU to off, and a run trains eagerly with them."""
+    import dataclasses
+
+    from moeforge import triton_launch
+    from moeforge.config import config_from_dict, load_config
+    from moeforge.errors import MoeforgeError
+    from moeforge.train.speed import AUTO_MAX_MICRO_BATCHES, compile_on, graph_on
+
+    cfg = load_config("tiny", None, ["train.compile=auto", "train.cuda_graph=AUTO", "train.optimizer=adamw"])
+    assert cfg.train.compile == "auto" and cfg.train.cuda_graph == "auto"
+    assert 'compile = "auto"' in cfg.to_toml() and config_from_dict(cfg.to_dict()).train.cuda_graph == "auto"
+    assert load_config("tiny", None, ["train.compile=on"]).train.compile is True
+    with pytest.raises(MoeforgeError, match="train.compile: cannot parse 'maybe' as true, false or auto"):
+        load_config("tiny", None, ["train.compile=maybe"])
+    bad = cfg.to_dict()
+    bad["train"]["cuda_graph"] = "yes"
+    with pytest.raises(MoeforgeError, match='train.cuda_graph: expected true, false or "auto"'):
+        config_from_dict(bad)
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # (device objects: nothing runs on them)
+    monkeypatch.setattr(triton_launch, "AVAILABLE", True)
+    assert not compile_on(cfg, cpu) and not graph_on(cfg, cpu)
+    assert compile_on(cfg, cuda) and graph_on(cfg, cuda)
+
+    def with_(*overrides):
+        return load_config("tiny", None, ["train.compile=auto", "train.cuda_graph=auto", "train.optimizer=adamw",
+                                          *overrides])
+
+    # compile: not with selective recomputation (allowed with "auto", refused with true) or ep > 1
+    assert not compile_on(with_("train.recompute=norm"), cuda) and compile_on(with_("train.recompute=full"), cuda)
+    assert not compile_on(with_("parallel.ep=2"), cuda)
+    with pytest.raises(MoeforgeError, match="train.compile"):
+        load_config("tiny", None, ["train.compile=true", "train.recompute=norm"])
+    monkeypatch.setattr(triton_launch, "AVAILABLE", False)
+    assert not compile_on(cfg, cuda)
+    # the captured step: off where train.cuda_graph=true is refused, with document masks, many micro-batches
+    for extra in (["train.ema_decay=0.9"], ["train.optimizer=muon"], ["parallel.pp=2"], ["train.document_mask=true"],
+                  ["train.micro_batch_size=1", f"train.batch_size={AUTO_MAX_MICRO_BATCHES + 1}"]):
+        assert not graph_on(with_(*extra), cuda), extra
+    assert not graph_on(cfg, cuda, pctx=object())
+    assert graph_on(with_("train.micro_batch_size=1", f"train.batch_size={AUTO_MAX_MICRO_BATCHES}"), cuda)
+    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False, cuda_graph=False))
+    assert not compile_on(off, cuda) and not graph_on(off, cuda)
+
+    out = tmp_path / "run"
+    r = cli("train", "--preset", "tiny", "--steps", 2, "--out", out, "train.compile=auto", "train.cuda_graph=auto",
+            "train.device=cpu", "train.eval_every=0", "train.sample_tokens=0", "--no-progress")
+    assert r.rc == 0, r.err
+    saved = (out / "config.toml").read_text()
+    assert 'compile = "auto"' in saved and 'cuda_graph = "auto"' in saved
 
 
 def test_checkpointed_optimizer_state_does_not_depend_on_cuda_graph():

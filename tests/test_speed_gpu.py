@@ -5,6 +5,8 @@ Each test compares a fast path with its reference on the GPU and says why its to
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -296,6 +298,22 @@ def test_training_with_cuda_graph(tmp_path):
         assert all(isinstance(g["lr"], float) for g in state["param_groups"])
     assert len(losses[1]) == 5
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-6)
+
+
+def test_auto_switches_compile_and_capture_on_a_gpu(tmp_path):
+    """train.compile and train.cuda_graph "auto" (the `small` preset's): on a GPU the blocks are
+    compiled and the step captured; a run trains, evaluates and samples (decoding with the blocks'
+    own forward)."""
+    from moeforge.train.trainer import Trainer
+
+    cfg = load_config("tiny", None, ["train.optimizer=adamw", "train.steps=4", "train.eval_every=4",
+                                     "train.eval_batches=2", "train.sample_tokens=8", f"train.out={tmp_path}",
+                                     "train.compile=auto", "train.cuda_graph=auto"])
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.graphed is not None
+    assert all(hasattr(b.forward, "__wrapped__") for b in trainer.model.layers)  # apply_compile's wrapper
+    result = trainer.train()
+    assert math.isfinite(result.val_loss) and result.sample.startswith("def ")
 
 
 def test_fp8_weight_prefetch_moves_the_weight_quantisation_out_of_the_forward(monkeypatch):

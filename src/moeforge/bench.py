@@ -30,6 +30,7 @@ sync per MoE layer), which the sync check then reports.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import statistics
 import time
@@ -49,6 +50,7 @@ from .train.ema import CPUEMA
 from .train.graph import GRAPH_WARMUP, GraphedStep, check_graph_step, one_process_step
 from .train.metrics import PEAK_BF16, Clock, flops_per_token, peak_flops
 from .train.schedule import lr_at
+from .train.speed import compile_on, graph_on
 from .train.step import (autocast, build_optimizer, build_train_model, check_memory, forward_backward,
                          optimizer_update, resolve_device, resolve_precision)
 
@@ -196,6 +198,12 @@ def check_graph_bench(cfg: Config, device: torch.device, pctx, warmup: int) -> N
                             f"({GRAPH_WARMUP} eager steps, then the capture), got {warmup}")
 
 
+def captures_step(cfg: Config, device: torch.device, pctx, warmup: int) -> bool:
+    """Whether the benchmark captures the step: graph_on, and for train.cuda_graph="auto" only with
+    enough warm-up steps to leave the capture out of the timed ones."""
+    return graph_on(cfg, device, pctx) and (cfg.train.cuda_graph is True or warmup > GRAPH_WARMUP)
+
+
 def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pctx=None) -> BenchResult:
     """pctx: the ParallelContext of a torchrun launch (None: one process)."""
     t = cfg.train
@@ -203,8 +211,11 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
         raise MoeforgeError("bench under torchrun: expert / data parallelism only (parallel.pp=1, no train.ema_decay)")
     device = pctx.device if pctx is not None else resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
-    if t.cuda_graph:
+    if t.cuda_graph is True:
         check_graph_bench(cfg, device, pctx, warmup)
+    graph = captures_step(cfg, device, pctx, warmup)
+    t = dataclasses.replace(t, cuda_graph=graph)  # ("auto" decided: the FP8 weight prefetch follows it)
+    cfg = dataclasses.replace(cfg, train=t)
     torch.manual_seed(t.seed)
     if pctx is None:
         check_memory(device, cfg)
@@ -218,7 +229,7 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
     windows = _random_windows(cfg, n_micro, device, pctx)
     step = [0]
     graphed = None
-    if t.cuda_graph:  # the whole step captured once and replayed (train/graph.py)
+    if graph:  # the whole step captured once and replayed (train/graph.py)
         graphed = GraphedStep(one_process_step(model, optimizer, moe_layers, cfg, device, precision),
                               optimizer, cfg, device)
 
@@ -252,7 +263,7 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
         res.resident_gib, res.planned_resident_gib = resident, (mine.weights + mine.optimizer) / 2**30
     res.host_syncs = _check_host_syncs(run_step, device)
     if split and graphed is None:  # (a replayed graph runs no hooks)
-        res.split_ms = _split(model, run_step, device, compiled=t.compile)
+        res.split_ms = _split(model, run_step, device, compiled=compile_on(cfg, device))
     if ema is not None:
         ema.close()
     return res

@@ -737,6 +737,7 @@ def _bench(args, cfg, pctx) -> int:
     import json
 
     from . import bench, parallel
+    from .train.speed import compile_on
     from .train.step import resolve_device, resolve_precision
 
     t = cfg.train
@@ -746,7 +747,7 @@ def _bench(args, cfg, pctx) -> int:
         raise MoeforgeError("--vs hf: transformers has no FP8 training path to compare with; use --precision bf16")
     if args.vs == "hf" and pctx is not None:
         raise MoeforgeError("--vs hf: runs in one process (not under torchrun)")
-    if t.cuda_graph:  # (before anything is printed or built)
+    if t.cuda_graph is True:  # (before anything is printed or built)
         bench.check_graph_bench(cfg, device, pctx, args.warmup)
     if pctx is not None:
         parallel.check_batch_sizes(t.micro_batch, pctx)
@@ -756,7 +757,8 @@ def _bench(args, cfg, pctx) -> int:
     n_micro = t.batch_size // t.micro_batch
     accumulated = f" ({n_micro} micro-batches of {t.micro_batch})" if n_micro > 1 else ""
     print_(f"bench: {t.batch_size} x {t.seq_len} tokens per step{accumulated}, precision {resolve_precision(t.precision, device)}, "
-           f"compile {t.compile}{', cuda_graph True' if t.cuda_graph else ''}, recompute {t.recompute or 'none'}, "
+           f"compile {compile_on(cfg, device)}{', cuda_graph True' if bench.captures_step(cfg, device, pctx, args.warmup) else ''}, "
+           f"recompute {t.recompute or 'none'}, "
            f"loss_chunk {t.loss_chunk}, device {device}{layout} | "
            f"{bench.describe_peak(device)}", flush=True)
     results = [bench.bench_moeforge(cfg, args.steps, args.warmup, split=not args.no_split, pctx=pctx)]

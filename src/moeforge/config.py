@@ -162,7 +162,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1234
     # speed and memory (train/speed.py, model/head.py); none of them changes the function computed
-    compile: bool = False  # torch.compile each decoder block (regional compilation)
+    # torch.compile each decoder block (regional compilation); "auto": on a CUDA device where it applies
+    # (train/speed.py compile_on)
+    compile: bool | str = False
     recompute: str = ""  # parts recomputed in backward: comma list of norm, mla_up, swiglu; or full
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (logits never in full)
     ema_decay: float = 0.0  # >0: keep an EMA of the parameters in CPU memory, updated off the step
@@ -174,7 +176,9 @@ class TrainConfig:
     fp8_norm_output: str = "fp32"
     fp8_accumulate_wgrad: bool = True  # fp8, GPU: the experts' Wgrad adds into the micro-batches' .grad itself
     adam_moments: str = "fp32"  # fp32 | bf16: AdamW's two moments stored in BF16 (DeepSeek-V3's memory saver)
-    cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph, replay it (train/graph.py)
+    # capture the whole optimizer step as one CUDA graph, replay it (train/graph.py); "auto": where a
+    # captured step can run (one process, CUDA, AdamW, ...: graph.graph_on), else eager steps
+    cuda_graph: bool | str = False
     # a checkpoint or run folder whose weights (routing biases included) a new run starts from instead of
     # the initialisation: continued pre-training (`moeforge train --init`); its model config must be this one
     init_from: str = ""
@@ -282,8 +286,10 @@ def _coerce(name: str, text: str, typ: Any) -> Any:
             return int(text)
         if t in ("float", "<class 'float'>"):
             return float(text)
-        if t in ("bool", "<class 'bool'>"):
+        if t in ("bool", "<class 'bool'>", "bool | str"):
             low = text.lower()
+            if t == "bool | str" and low == "auto":
+                return "auto"
             if low in ("1", "true", "yes", "on"):
                 return True
             if low in ("0", "false", "no", "off"):
@@ -293,7 +299,8 @@ def _coerce(name: str, text: str, typ: Any) -> Any:
             return None if text.lower() in ("none", "null", "") else json.loads(text)
         return text
     except (ValueError, json.JSONDecodeError):
-        raise MoeforgeError(f"{name}: cannot parse '{text}' as {t.replace('<class ', '').rstrip('>')}") from None
+        what = "true, false or auto" if t == "bool | str" else t.replace('<class ', '').rstrip('>')
+        raise MoeforgeError(f"{name}: cannot parse '{text}' as {what}") from None
 
 
 def _apply(section_obj: Any, section: str, values: dict, from_text: bool = False) -> None:
@@ -359,8 +366,10 @@ def _check_types(obj: Any, section: str) -> None:
             "float": isinstance(v, (int, float)) and not isinstance(v, bool),
             "bool": isinstance(v, bool),
             "str": isinstance(v, str),
+            "bool | str": isinstance(v, bool) or v == "auto",  # a switch: true, false or "auto"
         }.get(t, v is None or isinstance(v, dict))
-        _check(ok, f"{section}.{f.name}: expected {t.split(' ')[0]}, got {v!r}")
+        expected = "true, false or \"auto\"" if t == "bool | str" else t.split(' ')[0]
+        _check(ok, f"{section}.{f.name}: expected {expected}, got {v!r}")
         if t == "float":
             _check(math.isfinite(v), f"{section}.{f.name}: must be finite, got {v!r}")
 
@@ -441,7 +450,7 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
     bad = [p for p in parts if p not in RECOMPUTE_PARTS]
     _check(not bad, f"train.recompute: unknown part {bad[0]!r} (choose from {', '.join(RECOMPUTE_PARTS)})" if bad else "")
     _check("full" not in parts or len(parts) == 1, "train.recompute: 'full' already recomputes every part; give it alone")
-    _check(not t.compile or parts in ([], ["full"]),
+    _check(t.compile is not True or parts in ([], ["full"]),
            "train.compile: can be combined with train.recompute=full only (selective parts run eagerly)")
     _check(t.loss_chunk >= 0, f"train.loss_chunk: must be >= 0, got {t.loss_chunk}")
     _check(0 <= t.ema_decay < 1, f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
@@ -474,7 +483,7 @@ def validate(cfg: Config) -> None:
     validate_model(cfg.model)
     validate_train(cfg.train, cfg.model)
     validate_parallel(cfg.parallel, cfg.model)
-    _check(not cfg.train.compile or cfg.parallel.ep == 1,
+    _check(cfg.train.compile is not True or cfg.parallel.ep == 1,
            "train.compile: not with parallel.ep > 1 (the expert all-to-all splits each block, and the pieces "
            "recompile as the token counts change every step); set train.compile=false")
     _check(cfg.train.optimizer == "adamw" or cfg.parallel.sharding in ("none", "zero1"),

@@ -17,7 +17,6 @@ then run the reference emulation on CUDA as well.
 
 from __future__ import annotations
 
-import functools
 import os
 import weakref
 
@@ -32,16 +31,20 @@ ENABLED = os.environ.get("MOEFORGE_FP8_GPU", "1") != "0"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+_DEVICE_OK: dict[int, bool] = {}
+
+
 @torch.compiler.assume_constant_result  # traced under torch.compile: a constant, not a call into the cache
-@functools.lru_cache(maxsize=None)
 def _device_ok(index: int) -> bool:
-    if torch.cuda.get_device_capability(index)[0] != 9:  # blockwise _scaled_mm is SM90-only
-        return False
-    try:
-        from . import kernels  # noqa: F401  (needs Triton)
-    except ImportError:
-        return False
-    return True
+    if index not in _DEVICE_OK:  # (a dict, not functools.lru_cache, which Dynamo warns about and traces through)
+        ok = torch.cuda.get_device_capability(index)[0] == 9  # blockwise _scaled_mm is SM90-only
+        if ok:
+            try:
+                from . import kernels  # noqa: F401  (needs Triton)
+            except ImportError:
+                ok = False
+        _DEVICE_OK[index] = ok
+    return _DEVICE_OK[index]
 
 
 def available(*tensors: torch.Tensor) -> bool:

@@ -27,25 +27,13 @@ import torch
 from ..config import Config
 from ..errors import MoeforgeError
 from .schedule import bias_update_speed_at, mtp_lambda_at
+from .speed import graph_refusal
 from .step import forward_backward, optimizer_update
 
 
 def check_graph_step(cfg: Config, device: torch.device, pctx=None) -> None:
-    """Refuse the settings a captured step cannot run (one clear line each)."""
-    t = cfg.train
-    why = None
-    if device.type != "cuda":
-        why = f"needs a CUDA device (train.device resolved to {device.type})"
-    elif pctx is not None:
-        why = "one process only (the collectives of a distributed step are not captured)"
-    elif cfg.parallel.pp > 1:
-        why = "not with pipeline parallelism (parallel.pp > 1)"
-    elif t.ema_decay > 0:
-        why = "not with train.ema_decay (the EMA copies to host memory between steps)"
-    elif t.optimizer != "adamw":
-        why = "with train.optimizer=adamw only"
-    elif t.batch_size_start:
-        why = "not with a batch-size ramp (train.batch_size_start): the captured step has a fixed shape"
+    """Refuse, for train.cuda_graph=true, the settings a captured step cannot run (one clear line each)."""
+    why = graph_refusal(cfg, device, pctx)
     if why:
         raise MoeforgeError(f"train.cuda_graph: {why}; set train.cuda_graph=false")
 

@@ -12,16 +12,21 @@ recomputed from the kept tensors around them:
   full    the whole decoder block (only its input is kept; the classic activation checkpoint).
 The parts run as torch's selective activation checkpointing over each block: ops inside a listed
 part are recomputed, every other op's output is kept as without recomputation.
+
+`compile_on` and `graph_on` decide train.compile and train.cuda_graph for a run: true and false as
+set, "auto" by the device and the settings (on a GPU where the switch applies, else off).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ..config import Config
 from ..model.attention import MLA
 from ..model.head import OutputHead
 from ..model.layers import FeedForward, RMSNorm
@@ -101,14 +106,78 @@ def _wrap_forward(block: Block, context_fn) -> None:
     block.forward = checkpointed
 
 
+def _compiled_unless_decoding(eager, compiled):
+    @functools.wraps(eager)
+    def forward(x, cos, sin, cache=None, start_pos=0, mask=None):
+        return (eager if cache is not None else compiled)(x, cos, sin, cache, start_pos, mask)
+
+    return forward
+
+
+def compile_on(cfg: Config, device: torch.device) -> bool:
+    """Whether this run compiles its blocks: train.compile as set, or for "auto" on a CUDA device with
+    Triton (Inductor's GPU code), where compilation applies: train.recompute none or full and
+    parallel.ep 1 (the settings validate_train refuses with train.compile=true). On a CPU "auto" runs
+    eagerly: Inductor's first compilation there takes longer than a short run."""
+    t = cfg.train
+    if t.compile != "auto":
+        return bool(t.compile)
+    from ..triton_launch import AVAILABLE
+
+    return (device.type == "cuda" and AVAILABLE and t.recompute_parts in ([], ["full"])
+            and cfg.parallel.ep == 1)
+
+
+def graph_refusal(cfg: Config, device: torch.device, pctx=None) -> str | None:
+    """Why a captured step cannot run these settings (None: it can)."""
+    t = cfg.train
+    why = None
+    if device.type != "cuda":
+        why = f"needs a CUDA device (train.device resolved to {device.type})"
+    elif pctx is not None:
+        why = "one process only (the collectives of a distributed step are not captured)"
+    elif cfg.parallel.pp > 1:
+        why = "not with pipeline parallelism (parallel.pp > 1)"
+    elif t.ema_decay > 0:
+        why = "not with train.ema_decay (the EMA copies to host memory between steps)"
+    elif t.optimizer != "adamw":
+        why = "with train.optimizer=adamw only"
+    elif t.batch_size_start:
+        why = "not with a batch-size ramp (train.batch_size_start): the captured step has a fixed shape"
+    return why
+
+
+AUTO_MAX_MICRO_BATCHES = 16  # "auto" captures steps of at most this many micro-batches
+
+
+def graph_on(cfg: Config, device: torch.device, pctx=None) -> bool:
+    """Whether this run captures its step: train.cuda_graph as set (true: check_graph_step refuses
+    what cannot run), or for "auto" where graph_refusal finds nothing, without train.document_mask
+    (its FlexAttention block mask is built in the step) and with at most AUTO_MAX_MICRO_BATCHES
+    micro-batches a step (a step of many micro-batches is not paced by the host; each one would add
+    its kernels to the graph)."""
+    t = cfg.train
+    if t.cuda_graph != "auto":
+        return bool(t.cuda_graph)
+    return (graph_refusal(cfg, device, pctx) is None and not t.document_mask
+            and t.batch_size // t.micro_batch <= AUTO_MAX_MICRO_BATCHES)
+
+
 def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """Regional compilation: torch.compile each decoder block's forward (the blocks share one compiled
     graph: same code and shapes). The embedding, the head and the loss stay eager. Selective
     recomputation marks its parts with module hooks, which compilation does not see: the config
     allows compile only with recompute=full (validate_train). The chunked loss (train.loss_chunk)
-    compiles its per-chunk softmax gradient too."""
+    compiles its per-chunk softmax gradient too. Decoding with a latent cache (a trained model's
+    sample, generate) runs the blocks' own forward: compiled, each new position and prompt length would
+    be another compilation (generate.py has its own compiled decoding step)."""
+    # Inductor's advice that does not apply here: the FP32 matmuls it sees (the router's) are FP32 on
+    # purpose, and a split softmax reduction is its own choice
+    warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores for float32 matrix multiplication")
+    warnings.filterwarnings("ignore", message="\\s*Online softmax is disabled on the fly")
     for block in blocks(model):
-        block.forward = torch.compile(block.forward, dynamic=False, backend=backend)
+        block.forward = _compiled_unless_decoding(block.forward, torch.compile(block.forward, dynamic=False,
+                                                                               backend=backend))
     for head in model.modules():
         if isinstance(head, OutputHead):
             head.fused_loss = backend

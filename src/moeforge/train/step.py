@@ -26,7 +26,7 @@ from .adamw import AdamWBF16Moments
 from .muon import Muon
 from .balance import update_routing_bias
 from .schedule import batch_size_at, bias_update_speed_at, lr_at
-from .speed import apply_compile, apply_recompute
+from .speed import apply_compile, apply_recompute, compile_on, graph_on
 
 
 def resolve_device(name: str) -> torch.device:
@@ -172,7 +172,7 @@ def wants_weight_prefetch(cfg: Config, device: torch.device, precision: str, pct
     prefetch into buffers its forward never reads)."""
     t = cfg.train
     return (t.fp8_weight_prefetch and precision == "fp8" and device.type == "cuda" and pctx is None
-            and not t.cuda_graph)
+            and not graph_on(cfg, device, pctx))
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -227,19 +227,19 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
         else:
             init_weights(model, zero=t.zero_init_parts)
         setattr(model, PREFETCH, wants_weight_prefetch(cfg, device, precision, pctx))
-        return apply_compile(model) if t.compile else model
+        return apply_compile(model) if compile_on(cfg, device) else model
     if pctx.pp > 1:
         check_pipeline_layout(cfg, pctx)
         # Pipeline: the model stays on the meta device (with this rank's ep slice of the experts);
         # split_train_pipeline gives memory and weights to this rank's stages only.
         parallel.apply_expert_parallel(model, pctx)
-        return apply_compile(model) if t.compile else model
+        return apply_compile(model) if compile_on(cfg, device) else model
     model = shard_model(model, pctx, device, precision)
     # Weights: the single-process initialisation (same seed on every rank), drawn one full tensor at a
     # time on the CPU and sliced for this rank. Every rank still draws every value (time grows with the
     # whole model); large runs load a checkpoint instead (resume), which is sliced the same way.
     parallel.load_full_state_dict(model, start_values(cfg), pctx)
-    return apply_compile(model) if t.compile else model
+    return apply_compile(model) if compile_on(cfg, device) else model
 
 
 def start_values(cfg: Config):

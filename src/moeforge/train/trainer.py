@@ -33,6 +33,7 @@ from .ema import CPUEMA
 from .graph import GraphedStep, check_graph_step, one_process_step, portable_optimizer_state
 from .metrics import Clock, MetricsSink, flops_per_token, peak_flops, trim_metrics
 from .schedule import batch_size_at, lr_at, mtp_lambda_at
+from .speed import graph_on
 from .step import (autocast, build_optimizer, build_train_model, check_memory, forward_backward,
                    optimizer_update, resolve_device, resolve_precision, split_train_pipeline, step_weight_cache)
 
@@ -177,7 +178,7 @@ class Trainer:
         if self.pctx is None:  # before the data is prepared: a model that cannot fit fails at once
             check_memory(self.device, cfg)
         self.progress = progress and self.is_main
-        if t.cuda_graph:
+        if t.cuda_graph is True:
             check_graph_step(cfg, self.device, self.pctx)
         seed_everything(t.seed)
 
@@ -212,7 +213,7 @@ class Trainer:
             if self.is_main:  # replicated parameters: rank 0 alone keeps (and saves) the average
                 self.ema = CPUEMA(self.model, t.ema_decay, t.ema_every)
         self.graphed = None
-        if t.cuda_graph:  # one process (check_graph_step): the model is what the optimizer updates
+        if graph_on(cfg, self.device, self.pctx):  # one process: the model is what the optimizer updates
             self.graphed = GraphedStep(one_process_step(self.model, self.optimizer, self.moe_layers, cfg, self.device,
                                                         self.precision), self.optimizer, cfg, self.device)
         self.step, self.tokens_seen = 0, 0
