@@ -683,8 +683,10 @@ def test_auto_speed_switches(cli, expect_error, tmp_path, monkeypatch):
 
     out = tmp_path / "run"
     r = cli("train", "--preset", "tiny", "--steps", 2, "--out", out, "train.compile=auto", "train.cuda_graph=auto",
-            "train.device=cpu", "train.eval_every=0", "train.sample_tokens=0", "--no-progress")
+            "train.device=cpu", "train.eval_every=0", "train.sample_tokens=0", "--no-progress", "--precision", "fp8")
     assert r.rc == 0, r.err
+    start = r.out.splitlines()[0]  # the start line says what the run decided
+    assert "| precision fp8 | FP8 GEMMs emulated exactly | data:" in start, start
     saved = (out / "config.toml").read_text()
     assert 'compile = "auto"' in saved and 'cuda_graph = "auto"' in saved
 

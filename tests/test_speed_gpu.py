@@ -300,7 +300,7 @@ def test_training_with_cuda_graph(tmp_path):
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-6)
 
 
-def test_auto_switches_compile_and_capture_on_a_gpu(tmp_path):
+def test_auto_switches_compile_and_capture_on_a_gpu(tmp_path, capsys):
     """train.compile and train.cuda_graph "auto" (the `small` preset's): on a GPU the blocks are
     compiled and the step captured; a run trains, evaluates and samples (decoding with the blocks'
     own forward)."""
@@ -314,6 +314,7 @@ def test_auto_switches_compile_and_capture_on_a_gpu(tmp_path):
     assert all(hasattr(b.forward, "__wrapped__") for b in trainer.model.layers)  # apply_compile's wrapper
     result = trainer.train()
     assert math.isfinite(result.val_loss) and result.sample.startswith("def ")
+    assert "| compiled blocks | each step replayed as one CUDA graph |" in capsys.readouterr().out
 
 
 def test_fp8_weight_prefetch_moves_the_weight_quantisation_out_of_the_forward(monkeypatch):

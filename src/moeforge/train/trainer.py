@@ -33,7 +33,7 @@ from .ema import CPUEMA
 from .graph import GraphedStep, check_graph_step, one_process_step, portable_optimizer_state
 from .metrics import Clock, MetricsSink, flops_per_token, peak_flops, trim_metrics
 from .schedule import batch_size_at, lr_at, mtp_lambda_at
-from .speed import graph_on
+from .speed import compile_on, graph_on
 from .step import (autocast, build_optimizer, build_train_model, check_memory, forward_backward,
                    optimizer_update, resolve_device, resolve_precision, split_train_pipeline, step_weight_cache)
 
@@ -228,6 +228,26 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.clock = Clock(self.device)  # times each step on the device's timeline (tokens/s)
         self.peak = peak_flops(self.device)
+
+    def _speed_summary(self) -> str:
+        """What the start line says of the speed switches as this run decided them (train.compile and
+        train.cuda_graph "auto" included) and of the FP8 GEMMs: kernels or the exact emulation."""
+        parts = []
+        if self.precision == "fp8":
+            from ..fp8 import gpu
+
+            if gpu.available(torch.empty(0, device=self.device)):
+                parts.append("FP8 GEMMs on the GPU kernels")
+            elif self.device.type != "cuda":
+                parts.append("FP8 GEMMs emulated exactly")
+            else:
+                parts.append("FP8 GEMMs emulated exactly (" + ("MOEFORGE_FP8_GPU=0" if not gpu.ENABLED else
+                                                               "the FP8 kernels need an SM90 GPU and Triton") + ")")
+        if compile_on(self.cfg, self.device):
+            parts.append("compiled blocks")
+        if self.graphed is not None:
+            parts.append("each step replayed as one CUDA graph")
+        return "".join(f" | {p}" for p in parts)
 
     # ---- checkpoints ----
     def _state(self) -> dict:
@@ -439,8 +459,8 @@ class Trainer:
             log = lambda msg: None  # noqa: E731
         n_params = count_parameters(build_model(self.cfg.model, "meta"))  # the whole model, not this rank's part
         log(f"model: {n_params['total'] / 1e6:.2f}M parameters ({n_params['active'] / 1e6:.2f}M active, "
-            f"MTP {n_params['mtp'] / 1e6:.2f}M) | device {self.device} | precision {self.precision} | "
-            f"data: {self.data.description}")
+            f"MTP {n_params['mtp'] / 1e6:.2f}M) | device {self.device} | precision {self.precision}"
+            f"{self._speed_summary()} | data: {self.data.description}")
         if summary := parallel_summary(self.cfg, self.pctx):
             log(summary)
 
