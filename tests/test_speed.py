@@ -667,7 +667,7 @@ def test_auto_speed_switches(cli, expect_error, tmp_path, monkeypatch):
 
     # compile: not with selective recomputation (allowed with "auto", refused with true) or ep > 1
     assert not compile_on(with_("train.recompute=norm"), cuda) and compile_on(with_("train.recompute=full"), cuda)
-    assert not compile_on(with_("parallel.ep=2"), cuda)
+    assert not compile_on(with_("parallel.ep=2"), cuda) and not compile_on(cfg, cuda, pctx=object())
     with pytest.raises(MoeforgeError, match="train.compile"):
         load_config("tiny", None, ["train.compile=true", "train.recompute=norm"])
     monkeypatch.setattr(triton_launch, "AVAILABLE", False)

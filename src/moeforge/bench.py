@@ -263,7 +263,7 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
         res.resident_gib, res.planned_resident_gib = resident, (mine.weights + mine.optimizer) / 2**30
     res.host_syncs = _check_host_syncs(run_step, device)
     if split and graphed is None:  # (a replayed graph runs no hooks)
-        res.split_ms = _split(model, run_step, device, compiled=compile_on(cfg, device))
+        res.split_ms = _split(model, run_step, device, compiled=compile_on(cfg, device, pctx))
     if ema is not None:
         ema.close()
     return res

@@ -757,7 +757,7 @@ def _bench(args, cfg, pctx) -> int:
     n_micro = t.batch_size // t.micro_batch
     accumulated = f" ({n_micro} micro-batches of {t.micro_batch})" if n_micro > 1 else ""
     print_(f"bench: {t.batch_size} x {t.seq_len} tokens per step{accumulated}, precision {resolve_precision(t.precision, device)}, "
-           f"compile {compile_on(cfg, device)}{', cuda_graph True' if bench.captures_step(cfg, device, pctx, args.warmup) else ''}, "
+           f"compile {compile_on(cfg, device, pctx)}{', cuda_graph True' if bench.captures_step(cfg, device, pctx, args.warmup) else ''}, "
            f"recompute {t.recompute or 'none'}, "
            f"loss_chunk {t.loss_chunk}, device {device}{layout} | "
            f"{bench.describe_peak(device)}", flush=True)

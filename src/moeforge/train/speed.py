@@ -114,17 +114,18 @@ def _compiled_unless_decoding(eager, compiled):
     return forward
 
 
-def compile_on(cfg: Config, device: torch.device) -> bool:
-    """Whether this run compiles its blocks: train.compile as set, or for "auto" on a CUDA device with
-    Triton (Inductor's GPU code), where compilation applies: train.recompute none or full and
-    parallel.ep 1 (the settings validate_train refuses with train.compile=true). On a CPU "auto" runs
-    eagerly: Inductor's first compilation there takes longer than a short run."""
+def compile_on(cfg: Config, device: torch.device, pctx=None) -> bool:
+    """Whether this run compiles its blocks: train.compile as set, or for "auto" in one process on a
+    CUDA device with Triton (Inductor's GPU code), where compilation applies: train.recompute none or
+    full and parallel.ep 1 (the settings validate_train refuses with train.compile=true). On a CPU
+    "auto" runs eagerly (Inductor's first compilation there takes longer than a short run), and under
+    torchrun too (compiled blocks have been measured on one GPU only; set true to compile there)."""
     t = cfg.train
     if t.compile != "auto":
         return bool(t.compile)
     from ..triton_launch import AVAILABLE
 
-    return (device.type == "cuda" and AVAILABLE and t.recompute_parts in ([], ["full"])
+    return (device.type == "cuda" and AVAILABLE and pctx is None and t.recompute_parts in ([], ["full"])
             and cfg.parallel.ep == 1)
 
 

@@ -227,19 +227,19 @@ def build_train_model(cfg: Config, device: torch.device, precision: str, pctx) -
         else:
             init_weights(model, zero=t.zero_init_parts)
         setattr(model, PREFETCH, wants_weight_prefetch(cfg, device, precision, pctx))
-        return apply_compile(model) if compile_on(cfg, device) else model
+        return apply_compile(model) if compile_on(cfg, device, pctx) else model
     if pctx.pp > 1:
         check_pipeline_layout(cfg, pctx)
         # Pipeline: the model stays on the meta device (with this rank's ep slice of the experts);
         # split_train_pipeline gives memory and weights to this rank's stages only.
         parallel.apply_expert_parallel(model, pctx)
-        return apply_compile(model) if compile_on(cfg, device) else model
+        return apply_compile(model) if compile_on(cfg, device, pctx) else model
     model = shard_model(model, pctx, device, precision)
     # Weights: the single-process initialisation (same seed on every rank), drawn one full tensor at a
     # time on the CPU and sliced for this rank. Every rank still draws every value (time grows with the
     # whole model); large runs load a checkpoint instead (resume), which is sliced the same way.
     parallel.load_full_state_dict(model, start_values(cfg), pctx)
-    return apply_compile(model) if compile_on(cfg, device) else model
+    return apply_compile(model) if compile_on(cfg, device, pctx) else model
 
 
 def start_values(cfg: Config):

@@ -243,7 +243,7 @@ class Trainer:
             else:
                 parts.append("FP8 GEMMs emulated exactly (" + ("MOEFORGE_FP8_GPU=0" if not gpu.ENABLED else
                                                                "the FP8 kernels need an SM90 GPU and Triton") + ")")
-        if compile_on(self.cfg, self.device):
+        if compile_on(self.cfg, self.device, self.pctx):
             parts.append("compiled blocks")
         if self.graphed is not None:
             parts.append("each step replayed as one CUDA graph")
