@@ -180,6 +180,83 @@ def test_grad_accumulation_keep_checkpoints_and_crash_leftovers(cli, trained_run
             **{f"partial/{k}": v for k, v in snapshot(partial).items()}} == leftovers
 
 
+def test_background_checkpoints_hold_the_step_they_were_taken_at(cli, trained_run, tmp_path):
+    """train.async_checkpoint (the default for one process): every checkpoint is written while the
+    next step trains, and holds what a synchronous save of that step holds, file for file (the
+    weights and optimizer state bit for bit: a save that read the live tensors would hold a later step)."""
+    runs = {}
+    for mode in ("true", "false"):
+        out = tmp_path / f"async_{mode}"
+        r = cli("train", "--out", out, "--steps", 4, *trained_run.train_args, "train.checkpoint_every=1",
+                "train.keep_checkpoints=10", f"train.async_checkpoint={mode}")
+        assert r.rc == 0, r.err
+        runs[mode] = ckpt.list_checkpoints(out / "checkpoints")
+    assert [p.name for p in runs["true"]] == [p.name for p in runs["false"]] == [f"step_000000{i}" for i in (1, 2, 3, 4)]
+    for a, b in zip(runs["true"], runs["false"]):
+        pa, pb = ckpt.load_checkpoint(a), ckpt.load_checkpoint(b)
+        assert_same_state(pa["model.pt"], pb["model.pt"], a.name)
+        oa, ob = pa["optimizer.pt"], pb["optimizer.pt"]
+        assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+        for k in oa["state"]:
+            assert_same_state(oa["state"][k], ob["state"][k], f"{a.name} optimizer {k}")
+        assert pa["state.pt"]["step"] == pb["state.pt"]["step"] and pa["state.pt"]["loader"] == pb["state.pt"]["loader"]
+
+
+def test_a_failed_background_checkpoint_is_reported(cli, expect_error, trained_run, tmp_path, monkeypatch):
+    """A background save that fails (here: the disk full at step 2) stops the run at its next save
+    with one line naming the step and the cause; no folder of that step looks complete, and the
+    checkpoint before it is intact."""
+    real = ckpt.save_checkpoint
+
+    def disk_full_at_2(root, step, *args, **kwargs):
+        if step == 2:
+            raise OSError(28, "No space left on device")
+        return real(root, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", disk_full_at_2)
+    out = tmp_path / "full"
+    r = cli("train", "--out", out, "--steps", 4, *trained_run.train_args, "train.checkpoint_every=1",
+            "train.keep_checkpoints=10")
+    expect_error(r, "train", "the checkpoint of step 2 could not be written", "No space left on device")
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step_0000001"]
+    ckpt.read_manifest_checked(out / "checkpoints" / "step_0000001")
+
+
+def test_background_saves_run_one_at_a_time():
+    """BackgroundSaves: a save runs in another thread; the next start waits for it; wait() returns
+    once it is done and raises MoeforgeError for one that failed (report=False drops that error)."""
+    import threading
+
+    from moeforge.train.checkpoint import BackgroundSaves, cpu_snapshot
+
+    saves, release, order = BackgroundSaves(), threading.Event(), []
+
+    def slow(name):
+        release.wait(5)
+        order.append((name, threading.current_thread() is not threading.main_thread()))
+
+    saves.start(1, slow, "first")
+    assert order == []
+    release.set()
+    saves.start(2, lambda name: order.append((name, True)), "second")  # waits for the first
+    saves.wait()
+    assert order == [("first", True), ("second", True)]
+    saves.start(3, lambda: 1 / 0)
+    with pytest.raises(MoeforgeError, match="checkpoint of step 3 could not be written: division by zero"):
+        saves.wait()
+    saves.wait()  # reported once
+    saves.start(4, lambda: 1 / 0)
+    saves.wait(report=False)
+    saves.wait()
+
+    live = {"w": torch.ones(3), "nested": [torch.zeros(2), 5], "lr": 0.1}
+    snap = cpu_snapshot(live)
+    live["w"].add_(1)
+    live["nested"][0].add_(1)
+    assert torch.equal(snap["w"], torch.ones(3)) and torch.equal(snap["nested"][0], torch.zeros(2))
+    assert snap["nested"][1] == 5 and snap["lr"] == 0.1
+
+
 def test_list_checkpoints_orders_by_step_and_needs_a_manifest(tmp_path):
     """Compares list_checkpoints on a hand-made folder with the complete step folders, by step
     number (not by name), ignoring temp/old folders, manifest-less folders and stray files."""

@@ -194,6 +194,7 @@ class TrainConfig:
     eval_stride: int = 0  # 0 < N < seq_len: overlapping evaluation windows every N tokens (more context per target)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    async_checkpoint: bool = True  # one process: checkpoints written by a background thread (train/checkpoint.py)
     sample_tokens: int = 64
 
     @property

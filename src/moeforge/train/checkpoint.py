@@ -6,6 +6,11 @@ the other files). A distributed run writes dcp/ instead of model.pt and optimize
 torch.distributed.checkpoint files of all ranks (parallel/dcp.py), loadable under any layout. It is written under a temporary name, every file fsynced, then renamed: a crash
 mid-write leaves only a `.tmp-*` folder, never a folder that looks complete. The manifest lets a
 load detect truncation or corruption before torch.load sees the bytes.
+
+A single-process run writes its checkpoints in the background (`train.async_checkpoint`): the
+weights and optimizer state are copied to CPU memory of their own (`cpu_snapshot`), and a thread
+serialises, hashes, fsyncs and renames them (`BackgroundSaves`) while the next steps train. One such
+save is in flight at a time; a failed one is reported at the next save or at the end of the run.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -86,12 +92,16 @@ def prepare_staging(root: Path, step: int) -> Path:
     return tmp
 
 
+def checkpoint_path(root: Path, step: int) -> Path:
+    return root / f"step_{step:07d}"
+
+
 def save_checkpoint(root: Path, step: int, cfg: Config, model_state: dict | None, optim_state: dict | None,
                     state: dict, keep: int, staged: Path | None = None) -> Path:
     """Write the checkpoint of `step` and keep the newest `keep`. staged: a staging folder that
     already holds the model and optimizer as DCP files (then model_state and optim_state are None)."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
+    final = checkpoint_path(root, step)
     if staged is None:
         tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
         if tmp.exists():
@@ -126,6 +136,56 @@ def save_checkpoint(root: Path, step: int, cfg: Config, model_state: dict | None
     return final
 
 
+def cpu_snapshot(obj):
+    """A copy of a (nested) state dict whose tensors are CPU tensors of their own: what a background
+    save writes while the training goes on updating the originals in place. A CUDA tensor's copy
+    waits for the work queued before it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_snapshot(v) for v in obj)
+    return obj  # numbers, strings, None: not changed in place
+
+
+class BackgroundSaves:
+    """Checkpoints written by a thread, one at a time: `start` waits for the save before it, `wait`
+    for the last one; either raises MoeforgeError, naming the step, for a save that failed (the
+    checkpoint is then missing, never half-written: save_checkpoint renames a complete folder only).
+    The thread is not a daemon, so an interpreter that exits lets the save finish first."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._step: int | None = None
+        self._error: BaseException | None = None
+
+    def start(self, step: int, save, *args) -> None:
+        self.wait()
+
+        def run():
+            try:
+                save(*args)
+            except BaseException as e:  # noqa: BLE001 - reported to the training thread by wait()
+                self._error = e
+
+        self._step = step
+        self._thread = threading.Thread(target=run, name=f"moeforge-checkpoint-{step}")
+        self._thread.start()
+
+    def wait(self, report: bool = True) -> None:
+        """report False: on a path that is already raising, the save's own failure is dropped."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            if not report:
+                return
+            raise MoeforgeError(f"the checkpoint of step {self._step} could not be written: "
+                                f"{str(e).strip() or type(e).__name__}") from e
+
+
 def save_distributed(root: Path, step: int, cfg: Config, model, optimizer, pctx, state: dict | None, keep: int,
                      owned: set[str] | None = None) -> Path:
     """The checkpoint of `step` of a model that lives on many ranks (collective: every rank calls it).
@@ -142,7 +202,7 @@ def save_distributed(root: Path, step: int, cfg: Config, model, optimizer, pctx,
     staged = staging_dir(root, step)
     dcp.save(staged / "dcp", model, optimizer, pctx, owned)
     pctx.barrier()
-    final = root / f"step_{step:07d}"
+    final = checkpoint_path(root, step)
     if pctx.is_main:
         final = save_checkpoint(root, step, cfg, None, None, state, keep, staged=staged)
     pctx.barrier()

@@ -212,6 +212,8 @@ class Trainer:
                                     "(not expert or pipeline parallelism, zero2 or full)")
             if self.is_main:  # replicated parameters: rank 0 alone keeps (and saves) the average
                 self.ema = CPUEMA(self.model, t.ema_decay, t.ema_every)
+        # one process: checkpoints written in the background (distributed runs write theirs with DCP)
+        self.saves = ckpt.BackgroundSaves() if t.async_checkpoint and self.pctx is None else None
         self.graphed = None
         if graph_on(cfg, self.device, self.pctx):  # one process: the model is what the optimizer updates
             self.graphed = GraphedStep(one_process_step(self.model, self.optimizer, self.moe_layers, cfg, self.device,
@@ -268,8 +270,18 @@ class Trainer:
         if self.pctx is not None:
             return ckpt.save_distributed(self.ckpt_root, self.step, self.cfg, self.model, self.optimizer, self.pctx,
                                          self._state() if self.is_main else None, keep, self._owned_names())
-        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.cfg, self.model.state_dict(),
-                                    portable_optimizer_state(self.optimizer.state_dict()), self._state(), keep)
+        states = (self.model.state_dict(), portable_optimizer_state(self.optimizer.state_dict()))
+        if self.saves is None:
+            return ckpt.save_checkpoint(self.ckpt_root, self.step, self.cfg, *states, self._state(), keep)
+        # train.async_checkpoint: the states as they are now, written while the next steps train
+        self.saves.start(self.step, ckpt.save_checkpoint, self.ckpt_root, self.step, self.cfg,
+                         *ckpt.cpu_snapshot(states), self._state(), keep)
+        return ckpt.checkpoint_path(self.ckpt_root, self.step)
+
+    def wait_for_checkpoints(self, report: bool = True) -> None:
+        """Return once every checkpoint started is on disk (report: raise MoeforgeError for one that failed)."""
+        if self.saves is not None:
+            self.saves.wait(report)
 
     def _owned_names(self) -> set[str] | None:
         """Pipeline: the state-dict names of this rank's stages (None: the whole model is this rank's)."""
@@ -515,10 +527,14 @@ class Trainer:
             val = self.validate(None)
             sink.write({"step": self.step, "val_loss": val["loss"], "val_bpb": val["bpb"], "tokens": self.tokens_seen,
                         "val_whole": True})
+        except BaseException:
+            self.wait_for_checkpoints(report=False)  # a save in flight completes; the run's error is the one to report
+            raise
         finally:
             if bar is not None:
                 bar.close()
             sink.close()
+        self.wait_for_checkpoints()  # (the final one was written while the whole split was evaluated)
         sample = self.sample()
         return TrainResult(self.step, val["loss"], val["bpb"], sample, path)
 
@@ -556,12 +572,15 @@ class Trainer:
         return prompt + self.tokenizer.decode(ids)
 
     def close(self) -> None:
-        """Leave the process group (torchrun runs); nothing to do for one process."""
-        if self.ema is not None:
-            self.ema.close()
-        if self.pctx is not None:
-            self.pctx.destroy()
-            self.pctx = None
+        """Wait for a checkpoint still being written; leave the process group (torchrun runs)."""
+        try:
+            self.wait_for_checkpoints()
+        finally:
+            if self.ema is not None:
+                self.ema.close()
+            if self.pctx is not None:
+                self.pctx.destroy()
+                self.pctx = None
 
 
 def parallel_summary(cfg: Config, pctx) -> str:
