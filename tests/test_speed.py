@@ -677,6 +677,14 @@ def test_auto_speed_switches(cli, expect_error, tmp_path, monkeypatch):
                   ["train.micro_batch_size=1", f"train.batch_size={AUTO_MAX_MICRO_BATCHES + 1}"]):
         assert not graph_on(with_(*extra), cuda), extra
     assert not graph_on(cfg, cuda, pctx=object())
+    from moeforge.fp8 import gpu as fp8_gpu
+
+    fp8, real = with_("train.precision=fp8"), fp8_gpu.kernels_on
+    monkeypatch.setattr(fp8_gpu, "kernels_on", lambda device: False)  # another GPU: the FP8 emulation, not captured
+    assert not graph_on(fp8, cuda) and graph_on(with_(), cuda)
+    monkeypatch.setattr(fp8_gpu, "kernels_on", lambda device: True)
+    assert graph_on(fp8, cuda)
+    monkeypatch.setattr(fp8_gpu, "kernels_on", real)
     assert graph_on(with_("train.micro_batch_size=1", f"train.batch_size={AUTO_MAX_MICRO_BATCHES}"), cuda)
     off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False, cuda_graph=False))
     assert not compile_on(off, cuda) and not graph_on(off, cuda)

@@ -47,14 +47,21 @@ def _device_ok(index: int) -> bool:
     return _DEVICE_OK[index]
 
 
+def kernels_on(device: torch.device) -> bool:
+    """True when the GPU kernels run on this device (CUDA SM90, Triton present, not switched off)."""
+    if not ENABLED or device.type != "cuda":
+        return False
+    return _device_ok(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def available(*tensors: torch.Tensor) -> bool:
-    """True when the GPU kernels can run these tensors (CUDA SM90, Triton present, float dtypes)."""
-    if not ENABLED or not tensors:
+    """True when the GPU kernels can run these tensors (kernels_on their device, float dtypes)."""
+    if not tensors:
         return False
     dev = tensors[0].device
-    if dev.type != "cuda" or any(t.device != dev or t.dtype not in _DTYPES for t in tensors):
+    if any(t.device != dev or t.dtype not in _DTYPES for t in tensors):
         return False
-    return _device_ok(dev.index if dev.index is not None else torch.cuda.current_device())
+    return kernels_on(dev)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -156,12 +156,19 @@ def graph_on(cfg: Config, device: torch.device, pctx=None) -> bool:
     what cannot run), or for "auto" where graph_refusal finds nothing, without train.document_mask
     (its FlexAttention block mask is built in the step) and with at most AUTO_MAX_MICRO_BATCHES
     micro-batches a step (a step of many micro-batches is not paced by the host; each one would add
-    its kernels to the graph)."""
+    its kernels to the graph), and not for FP8 where the FP8 kernels cannot run (the exact emulation
+    on another GPU was never captured)."""
     t = cfg.train
     if t.cuda_graph != "auto":
         return bool(t.cuda_graph)
-    return (graph_refusal(cfg, device, pctx) is None and not t.document_mask
-            and t.batch_size // t.micro_batch <= AUTO_MAX_MICRO_BATCHES)
+    if graph_refusal(cfg, device, pctx) is not None or t.document_mask:
+        return False
+    if t.precision == "fp8":
+        from ..fp8 import gpu
+
+        if not gpu.kernels_on(device):
+            return False
+    return t.batch_size // t.micro_batch <= AUTO_MAX_MICRO_BATCHES
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:

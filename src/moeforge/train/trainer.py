@@ -238,7 +238,7 @@ class Trainer:
         if self.precision == "fp8":
             from ..fp8 import gpu
 
-            if gpu.available(torch.empty(0, device=self.device)):
+            if gpu.kernels_on(self.device):
                 parts.append("FP8 GEMMs on the GPU kernels")
             elif self.device.type != "cuda":
                 parts.append("FP8 GEMMs emulated exactly")
