@@ -62,10 +62,12 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _torch_bytes(obj) -> bytes:
+def _torch_bytes(obj) -> memoryview:
+    """torch.save's bytes, as a view of its buffer (getvalue would copy them: another model's worth
+    of host memory for a large checkpoint)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return buf.getvalue()
+    return buf.getbuffer()
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -107,18 +109,20 @@ def save_checkpoint(root: Path, step: int, cfg: Config, model_state: dict | None
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        blobs = {"model.pt": _torch_bytes(model_state), "optimizer.pt": _torch_bytes(optim_state)}
+        pieces = {"model.pt": model_state, "optimizer.pt": optim_state}
     else:
-        tmp, blobs = staged, {}
+        tmp, pieces = staged, {}
     manifest = {"step": step, "files": {}}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):  # the DCP files, fsynced here
         with open(f, "rb+") as fh:
             os.fsync(fh.fileno())
         manifest["files"][f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
-    blobs.update({"state.pt": _torch_bytes(state), "config.toml": cfg.to_toml().encode()})
-    for name, data in blobs.items():
+    pieces.update({"state.pt": state, "config.toml": cfg.to_toml().encode()})
+    for name, obj in pieces.items():  # serialised one at a time: one file's bytes in memory at once
+        data = obj if isinstance(obj, bytes) else _torch_bytes(obj)
         _fsync_write(tmp / name, data)
         manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        del data
     for d in [p for p in tmp.rglob("*") if p.is_dir()]:
         _fsync_dir(d)
     _fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
