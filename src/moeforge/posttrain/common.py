@@ -24,7 +24,7 @@ MAY_CHANGE; metrics.jsonl is appended to, after dropping the records of steps pa
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,6 +73,8 @@ class PostRun:
     resumed_from: Path | None = None  # on --resume: that checkpoint
     pctx: ParallelContext | None = None  # under torchrun, when the stage passed it: the model's layout
     restart: bool = False  # a new run where an earlier one stopped before its first checkpoint
+    # one process: checkpoints written in the background (train/checkpoint.py BackgroundSaves)
+    saves: ckpt.BackgroundSaves | None = field(default=None, repr=False)
 
     @property
     def sharded(self) -> bool:
@@ -116,8 +118,19 @@ class PostRun:
             return ckpt.save_distributed(root, step, self.cfg, self.model, optimizer, self.pctx, state, keep)
         if self.pctx is not None and not self.pctx.is_main:
             return None
-        return ckpt.save_checkpoint(root, step, self.cfg, self.model.state_dict(),
-                                    portable_optimizer_state(optimizer.state_dict()), state, keep)
+        states = (self.model.state_dict(), portable_optimizer_state(optimizer.state_dict()))
+        if self.pctx is not None:  # data parallel: rank 0 writes while the others wait at the next step
+            return ckpt.save_checkpoint(root, step, self.cfg, *states, state, keep)
+        if self.saves is None:
+            self.saves = ckpt.BackgroundSaves()
+        self.saves.start(step, ckpt.save_checkpoint, root, step, self.cfg, *ckpt.cpu_snapshot((*states, state)), keep)
+        return ckpt.checkpoint_path(root, step)
+
+    def wait_for_checkpoints(self, report: bool = True) -> None:
+        """Return once every checkpoint started is on disk (report: raise MoeforgeError for one that
+        failed; False on a path that is raising already)."""
+        if self.saves is not None:
+            self.saves.wait(report)
 
     def starting_model(self, device: str | None, precision: str = "fp32") -> torch.nn.Module:
         """The model the run started from, read again from its starting checkpoint, which must still

@@ -283,8 +283,12 @@ def train_grpo(checkpoint: str | Path, out: str | Path, task, s: GRPOSettings, d
                 print(f"grpo step {step}/{s.steps} | reward {rec['reward']:.3f} | kl {rec['kl']:.4f} | "
                       f"loss {rec['loss']:+.4f} | {rec['completion_tokens']:.1f} tokens | {rec['seconds']:.1f} s",
                       flush=True)
+    except BaseException:
+        run.wait_for_checkpoints(report=False)  # a save in flight completes; the run's error is the one to report
+        raise
     finally:
         release_decoder()  # (the decoder kept from step to step: generate.reused_decoder)
         if sink is not None:
             sink.close()
+    run.wait_for_checkpoints()  # (the last checkpoint is written in the background)
     return records

@@ -430,7 +430,11 @@ not on a resume) and one per step it ran.
                 mtp_text = f" | mtp {rec['mtp_loss']:.4f}" if depth else ""
                 print(f"sft step {step}/{s.steps} | loss {rec['loss']:.4f}{mtp_text}{val_text} | lr {lr:.2e} | "
                       f"gnorm {rec['grad_norm']:.2f} | {int(n[0])} tokens | {rec['seconds']:.2f} s", flush=True)
+    except BaseException:
+        run.wait_for_checkpoints(report=False)  # a save in flight completes; the run's error is the one to report
+        raise
     finally:
         if sink is not None:
             sink.close()
+    run.wait_for_checkpoints()  # (the last checkpoint is written in the background)
     return records
