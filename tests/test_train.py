@@ -231,14 +231,17 @@ def test_background_saves_run_one_at_a_time():
 
     saves, release, order = BackgroundSaves(), threading.Event(), []
 
+    def record(name):  # (name, whether it ran outside the calling thread)
+        order.append((name, threading.current_thread() is not threading.main_thread()))
+
     def slow(name):
         release.wait(5)
-        order.append((name, threading.current_thread() is not threading.main_thread()))
+        record(name)
 
     saves.start(1, slow, "first")
     assert order == []
     release.set()
-    saves.start(2, lambda name: order.append((name, True)), "second")  # waits for the first
+    saves.start(2, record, "second")  # waits for the first
     saves.wait()
     assert order == [("first", True), ("second", True)]
     saves.start(3, lambda: 1 / 0)
