@@ -222,6 +222,34 @@ def test_a_failed_background_checkpoint_is_reported(cli, expect_error, trained_r
     ckpt.read_manifest_checked(out / "checkpoints" / "step_0000001")
 
 
+def test_a_background_save_that_would_not_fit_in_host_memory_is_written_in_step(tmp_path, monkeypatch):
+    """save_in_background: with the snapshots and the largest file's bytes over HOST_MEMORY_SHARE of
+    the host's available memory, the checkpoint is written before it returns (after the save in
+    flight), by the calling thread; with room, by the background thread."""
+    import threading
+
+    from moeforge.config import load_config
+    from moeforge.train.checkpoint import BackgroundSaves, save_in_background
+
+    cfg = load_config("tiny", None, [])
+    model, optim, state = {"w": torch.ones(1000)}, {"m": torch.zeros(1000)}, {"step": 1}  # 4,000 bytes each
+    writers = []
+    real = ckpt.save_checkpoint
+
+    def recording(root, step, *args, **kwargs):
+        writers.append((step, threading.current_thread() is threading.main_thread()))
+        return real(root, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", recording)
+    saves, root = BackgroundSaves(), tmp_path / "checkpoints"
+    save_in_background(saves, root, 1, cfg, model, optim, state, 5, free=10**9)
+    path = save_in_background(saves, root, 2, cfg, model, optim, state, 5, free=9_000)  # needs 8,000 + 4,000 > 0.8 x 9,000
+    assert (path / "manifest.json").is_file()  # on disk when it returns
+    saves.wait()
+    assert writers == [(1, False), (2, True)]
+    assert torch.equal(ckpt.load_checkpoint(path, ("model.pt",))["model.pt"]["w"], model["w"])
+
+
 def test_background_saves_run_one_at_a_time():
     """BackgroundSaves: a save runs in another thread; the next start waits for it; wait() returns
     once it is done and raises MoeforgeError for one that failed (report=False drops that error)."""

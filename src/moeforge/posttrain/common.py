@@ -37,7 +37,7 @@ from ..model import build_model
 from ..train import checkpoint as ckpt
 from ..train.graph import portable_optimizer_state
 from ..train.metrics import MetricsSink, is_run_metrics, trim_metrics
-from ..train.step import build_optimizer, shard_model
+from ..train.step import available_memory, build_optimizer, shard_model
 from .settings import SHARDINGS
 
 if TYPE_CHECKING:
@@ -123,8 +123,8 @@ class PostRun:
             return ckpt.save_checkpoint(root, step, self.cfg, *states, state, keep)
         if self.saves is None:
             self.saves = ckpt.BackgroundSaves()
-        self.saves.start(step, ckpt.save_checkpoint, root, step, self.cfg, *ckpt.cpu_snapshot((*states, state)), keep)
-        return ckpt.checkpoint_path(root, step)
+        return ckpt.save_in_background(self.saves, root, step, self.cfg, *states, state, keep,
+                                       available_memory(torch.device("cpu")))
 
     def wait_for_checkpoints(self, report: bool = True) -> None:
         """Return once every checkpoint started is on disk (report: raise MoeforgeError for one that

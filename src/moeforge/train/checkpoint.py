@@ -153,6 +153,35 @@ def cpu_snapshot(obj):
     return obj  # numbers, strings, None: not changed in place
 
 
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+HOST_MEMORY_SHARE = 0.8  # of the host's available memory that a background save may take
+
+
+def save_in_background(saves: "BackgroundSaves", root: Path, step: int, cfg: Config, model_state: dict,
+                       optim_state: dict, state: dict, keep: int, free: int | None) -> Path:
+    """save_checkpoint's checkpoint of `step`, written by `saves` from CPU snapshots of the states.
+    When the snapshots and the largest file's serialised bytes would take more than HOST_MEMORY_SHARE
+    of `free` (the host's available bytes; None: unknown), it is written here instead, after the
+    save in flight: a model too large for a second copy in host memory is saved as before, not lost
+    to the host running out of memory."""
+    pieces = (model_state, optim_state, state)
+    sizes = [_tensor_bytes(p) for p in pieces]
+    if free is not None and sum(sizes) + max(sizes) > HOST_MEMORY_SHARE * free:
+        saves.wait()
+        return save_checkpoint(root, step, cfg, model_state, optim_state, state, keep)
+    saves.start(step, save_checkpoint, root, step, cfg, *cpu_snapshot(pieces), keep)
+    return checkpoint_path(root, step)
+
+
 class BackgroundSaves:
     """Checkpoints written by a thread, one at a time: `start` waits for the save before it, `wait`
     for the last one; either raises MoeforgeError, naming the step, for a save that failed (the

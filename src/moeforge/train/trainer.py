@@ -34,7 +34,7 @@ from .graph import GraphedStep, check_graph_step, one_process_step, portable_opt
 from .metrics import Clock, MetricsSink, flops_per_token, peak_flops, trim_metrics
 from .schedule import batch_size_at, lr_at, mtp_lambda_at
 from .speed import compile_on, graph_on
-from .step import (autocast, build_optimizer, build_train_model, check_memory, forward_backward,
+from .step import (autocast, available_memory, build_optimizer, build_train_model, check_memory, forward_backward,
                    optimizer_update, resolve_device, resolve_precision, split_train_pipeline, step_weight_cache)
 
 LN2 = math.log(2)
@@ -270,13 +270,12 @@ class Trainer:
         if self.pctx is not None:
             return ckpt.save_distributed(self.ckpt_root, self.step, self.cfg, self.model, self.optimizer, self.pctx,
                                          self._state() if self.is_main else None, keep, self._owned_names())
-        states = (self.model.state_dict(), portable_optimizer_state(self.optimizer.state_dict()))
+        states = (self.model.state_dict(), portable_optimizer_state(self.optimizer.state_dict()), self._state())
         if self.saves is None:
-            return ckpt.save_checkpoint(self.ckpt_root, self.step, self.cfg, *states, self._state(), keep)
+            return ckpt.save_checkpoint(self.ckpt_root, self.step, self.cfg, *states, keep)
         # train.async_checkpoint: the states as they are now, written while the next steps train
-        self.saves.start(self.step, ckpt.save_checkpoint, self.ckpt_root, self.step, self.cfg,
-                         *ckpt.cpu_snapshot(states), self._state(), keep)
-        return ckpt.checkpoint_path(self.ckpt_root, self.step)
+        return ckpt.save_in_background(self.saves, self.ckpt_root, self.step, self.cfg, *states, keep,
+                                       available_memory(torch.device("cpu")))
 
     def wait_for_checkpoints(self, report: bool = True) -> None:
         """Return once every checkpoint started is on disk (report: raise MoeforgeError for one that failed)."""
