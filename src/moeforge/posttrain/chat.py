@@ -94,10 +94,11 @@ class ChatTemplate:
         up to that answer (tested). An answer given as ids (what the model generated, without its
         end-of-text) is used as it is, not encoded again."""
         ids: list[int] = []
-        for question, answer in exchanges:
-            answer_ids = self.tok.encode(answer) if isinstance(answer, str) else list(answer)
-            ids += (self.prompt(question, system) if not ids else self._user(question)) + answer_ids + [self.tok.eos_id]
-        return ids + (self.prompt(user, system) if not ids else self._user(user))
+        for i, (question, answer) in enumerate([*exchanges, (user, None)]):
+            ids += self.prompt(question, system) if i == 0 else self._user(question)  # (the first after the system)
+            if answer is not None:
+                ids += (self.tok.encode(answer) if isinstance(answer, str) else list(answer)) + [self.tok.eos_id]
+        return ids
 
     def render(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int], tuple[tuple[int, int], ...]]:
         """(prompt, response, unscored spans [a, b) of the response) of a checked conversation."""

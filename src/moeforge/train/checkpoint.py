@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from ..config import Config, config_from_dict, tomllib
 from ..errors import MoeforgeError
@@ -143,24 +144,12 @@ def save_checkpoint(root: Path, step: int, cfg: Config, model_state: dict | None
 def cpu_snapshot(obj):
     """A copy of a (nested) state dict whose tensors are CPU tensors of their own: what a background
     save writes while the training goes on updating the originals in place. A CUDA tensor's copy
-    waits for the work queued before it."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: cpu_snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_snapshot(v) for v in obj)
-    return obj  # numbers, strings, None: not changed in place
+    waits for the work queued before it. Numbers, strings and None are kept as they are."""
+    return tree_map_only(torch.Tensor, lambda t: t.detach().to("cpu", copy=True), obj)
 
 
 def _tensor_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
+    return sum(t.numel() * t.element_size() for t in tree_leaves(obj) if isinstance(t, torch.Tensor))
 
 
 HOST_MEMORY_SHARE = 0.8  # of the host's available memory that a background save may take
