@@ -20,7 +20,7 @@ import torch
 
 from moeforge.gpu_state import GPUMonitor, describe, summarize
 
-SECTIONS = ("env", "probe", "accuracy", "quant", "qtiles", "gemm", "linear", "diag", "grouped", "tiles", "moe")
+SECTIONS = ("env", "probe", "accuracy", "quant", "qtiles", "gemm", "linear", "diag", "grouped", "tiles", "moe", "pad")
 LINEAR_SHAPES = [(4096, 7168, 2048), (4096, 2048, 7168), (4096, 7168, 18432)]  # tokens, in, out
 RESULTS: dict = {}
 
@@ -549,6 +549,83 @@ def s_tiles(args):
     return out
 
 
+# (preset, GEMM, reduction, output): the FP8 GEMMs of the `small` and `bench` presets whose reduction
+# dimension is not a multiple of 512 (Fprop: the Linear's input width; Dgrad: its output width)
+PAD_LINEARS = [
+    ("small", "wq_a fprop", 768, 384), ("small", "wkv_a fprop", 768, 288),
+    ("small", "wo fprop", 768, 768), ("small", "dense w13 fprop", 768, 4096),
+    ("small", "wq_b fprop", 384, 1152), ("small", "wkv_b fprop", 256, 1536),
+    ("small", "shared w2 fprop", 256, 768), ("small", "wq_a dgrad", 384, 768),
+    ("small", "wkv_a dgrad", 288, 768), ("small", "wo / w2 dgrad", 768, 768),
+    ("small", "wq_b dgrad", 1152, 384), ("small", "wkv_b dgrad", 1536, 256),
+    ("bench", "wkv_a dgrad", 576, 2048), ("bench", "shared w2 fprop", 2816, 2048),
+    ("bench", "shared w13 dgrad", 5632, 2048),
+]
+# (preset, GEMM, experts, rows, reduction, output): the routed experts' grouped GEMMs of the same kind
+PAD_EXPERTS = [
+    ("small", "w13 fprop", 16, 131072, 768, 512), ("small", "w2 fprop", 16, 131072, 256, 768),
+    ("small", "w2 dgrad", 16, 131072, 768, 256),
+    ("bench", "w2 fprop", 64, 196608, 1408, 2048), ("bench", "w13 dgrad", 64, 196608, 2816, 2048),
+]
+
+
+@section("pad")
+def s_pad(args):
+    """GEMMs over a reduction dimension that is not a multiple of 512: cuBLAS on operands zero-padded
+    to 512 (the only padding it runs right) against the grouped kernel on operands padded to whole
+    128-blocks (one group for a Linear, fp8.kernels.linear_pad), and the experts' grouped GEMM both
+    ways; BF16 torch.mm / grouped_mm for scale. TFLOP/s count the unpadded FLOPs."""
+    from moeforge.fp8.kernels import (GROUPED_RED_PAD, RED_PAD, fp8_gemm, grouped_gemm, quant_block_operand,
+                                      quant_operands)
+
+    out = {}
+
+    def rec(key, fn, flops):
+        try:
+            ms = bench(fn)
+            out[key] = {"ms": ms, "TFLOP/s": flops / ms / 1e9}
+            print(f"   {key:64s} {ms:7.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+        except Exception as e:
+            out[key] = f"error: {e}"[:300]
+            print(f"   {key:64s} failed: {type(e).__name__}: {e}"[:300], flush=True)
+
+    T = 32768
+    for preset, name, K, N in PAD_LINEARS:
+        torch.manual_seed(0)
+        x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda") * 0.02
+        ops = {}
+        for pad, backend in ((RED_PAD, "cublas"), (GROUPED_RED_PAD, "grouped")):
+            xa, _ = quant_operands(x, red_pad=pad)
+            wa, _ = quant_block_operand(w, red_pad=pad)
+            ops[backend] = (xa, wa)
+        key = f"{preset} {name}, {T} x {K} -> {N}"
+        y = {b: fp8_gemm(*ops[b], out_dtype=torch.float32, backend=b) for b in ops}
+        err = float((y["grouped"] - y["cublas"]).norm() / y["cublas"].norm())
+        print(f"   {key}: grouped vs cublas relative difference {err:.1e}", flush=True)
+        out[f"{key}, rel diff"] = err
+        wb = w.to(torch.bfloat16)
+        rec(f"{key}, bf16 mm", lambda: x @ wb.T, 2 * T * K * N)
+        for b in ops:
+            rec(f"{key}, fp8 {b} (pad {RED_PAD if b == 'cublas' else GROUPED_RED_PAD})",
+                lambda b=b: fp8_gemm(*ops[b], out_dtype=torch.bfloat16, backend=b), 2 * T * K * N)
+    for preset, name, E, R, K, N in PAD_EXPERTS:
+        torch.manual_seed(0)
+        counts = torch.multinomial(torch.ones(E), R, replacement=True).bincount(minlength=E)
+        offsets = counts.cumsum(0).to(torch.int32).cuda()
+        x = torch.randn(R, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(E, N, K, device="cuda") * 0.02
+        key = f"{preset} experts {name}, {E} x {R} rows, {K} -> {N}"
+        wb = w.to(torch.bfloat16)
+        rec(f"{key}, bf16 grouped_mm", lambda: torch._grouped_mm(x, wb.transpose(1, 2), offs=offsets), 2 * R * K * N)
+        for pad in (RED_PAD, GROUPED_RED_PAD):
+            xa, _ = quant_operands(x, red_pad=pad)
+            wa, _ = quant_block_operand(w, red_pad=pad)
+            rec(f"{key}, fp8 pad {pad}", lambda xa=xa, wa=wa: grouped_gemm(xa, wa, offsets, torch.bfloat16),
+                2 * R * K * N)
+    return out
+
+
 def moe_layer_step(precision: str, tokens: int, device: str, overrides=()):
     """One MoE layer of the bench preset (64 routed experts of 1408, top 6, 2 shared, hidden 2048),
     forward + backward on `tokens` tokens under BF16 autocast, its Linears and experts in FP8 when
@@ -646,7 +723,7 @@ def main(argv=None) -> int:
         kernels.set_grouped_kernel(args.grouped)
     runners = {"env": s_env, "probe": s_probe, "accuracy": s_accuracy, "quant": s_quant, "gemm": s_gemm,
                "linear": s_linear, "diag": s_diag, "grouped": s_grouped, "tiles": s_tiles, "moe": s_moe,
-               "qtiles": s_qtiles}
+               "qtiles": s_qtiles, "pad": s_pad}
     for name in args.sections.split(","):
         runners[name](args)
         if args.json:

@@ -546,35 +546,38 @@ def test_fp8_linear_input_quantised_once_for_consecutive_readers():
     """gpu.quantised_input (the GPU path's input quantisation, here with a recording stand-in for the
     Triton quantiser): two Linears reading the same tensor one after the other (attention's wq and
     wkv_a) share one quantisation, through different view objects; anything that could change the
-    codes quantises again (an in-place write, another view, other scale rounding, x^T codes asked
-    for that were not made); and nothing is held once the input is freed."""
+    codes quantises again (an in-place write, another view, other scale rounding or padding, x^T codes
+    asked for that were not made); and nothing is held once the input is freed."""
     import gc
 
     from moeforge.fp8 import gpu
 
     calls = []
 
-    def quant(x2, p2, rows=True, cols=False):
-        calls.append((x2.data_ptr(), p2, cols))
+    def quant(x2, p2, rows=True, cols=False, red_pad=512, red_pad_t=512):
+        calls.append((x2.data_ptr(), p2, cols, red_pad, red_pad_t))
         return torch.empty(1), (torch.empty(1) if cols else None)
 
     x = torch.randn(2, 3, 256)
-    first = gpu.quantised_input(x.reshape(-1, 256), False, True, quant)
-    again = gpu.quantised_input(x.reshape(-1, 256), False, True, quant)
+    pads = (512, 512)
+    first = gpu.quantised_input(x.reshape(-1, 256), False, True, quant, pads)
+    again = gpu.quantised_input(x.reshape(-1, 256), False, True, quant, pads)
     assert len(calls) == 1 and again[0] is first[0] and again[1] is first[1]
-    rows_only = gpu.quantised_input(x.reshape(-1, 256), False, False, quant)
+    rows_only = gpu.quantised_input(x.reshape(-1, 256), False, False, quant, pads)
     assert len(calls) == 1 and rows_only[0] is first[0] and rows_only[1] is None
-    gpu.quantised_input(x.reshape(-1, 256), True, True, quant)  # power-of-two scales: other codes
+    gpu.quantised_input(x.reshape(-1, 256), True, True, quant, pads)  # power-of-two scales: other codes
     assert len(calls) == 2
+    gpu.quantised_input(x.reshape(-1, 256), True, True, quant, (128, 512))  # other padding
+    assert len(calls) == 3 and calls[-1][3:] == (128, 512)
     x.add_(1.0)  # written in place since
-    gpu.quantised_input(x.reshape(-1, 256), True, True, quant)
-    assert len(calls) == 3
-    gpu.quantised_input(x[:1].reshape(-1, 256), True, True, quant)  # another view of the same memory
+    gpu.quantised_input(x.reshape(-1, 256), True, True, quant, pads)
     assert len(calls) == 4
+    gpu.quantised_input(x[:1].reshape(-1, 256), True, True, quant, pads)  # another view of the same memory
+    assert len(calls) == 5
     y = torch.randn(6, 256)
-    gpu.quantised_input(y, False, False, quant)
-    gpu.quantised_input(y, False, True, quant)  # x^T codes were not made
-    assert len(calls) == 6 and calls[-1][2]
+    gpu.quantised_input(y, False, False, quant, pads)
+    gpu.quantised_input(y, False, True, quant, pads)  # x^T codes were not made
+    assert len(calls) == 7 and calls[-1][2]
     del y
     gc.collect()
     assert gpu._last_input[0] is None

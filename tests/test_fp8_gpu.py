@@ -128,16 +128,18 @@ def test_transpose_codes_is_a_byte_transpose(shape):
         assert qt.is_contiguous() and torch.equal(qt.view(torch.uint8), q.view(torch.uint8).transpose(1, 2))
 
 
-def test_padding_is_zero_and_scales_finite():
+@pytest.mark.parametrize("pad", [512, 128])
+def test_padding_is_zero_and_scales_finite(pad):
     """The GEMM reads the padded operands: the padding must hold zeros and finite scales."""
     x = _data((150, 260), torch.bfloat16)
-    a, b = kernels.quant_operands(x, rows=True, cols=True)
+    a, b = kernels.quant_operands(x, rows=True, cols=True, red_pad=pad)
     for op in (a, b):
         full = op.q.float()
-        assert full.shape[1] % 512 == 0 and full.shape[0] % 16 == 0
+        assert full.shape[1] == -(-op.k // pad) * pad and full.shape[0] % 16 == 0
         assert torch.all(full[op.rows:] == 0) and torch.all(full[:, op.k:] == 0)
         assert torch.isfinite(op.s_store).all() and (op.s_store > 0).all()
-    w, wt = kernels.quant_block_operand(_data((200, 72)), transpose=True)
+    w, wt = kernels.quant_block_operand(_data((200, 72)), transpose=True, red_pad=pad)
+    assert w.q.shape == (-(-200 // pad) * pad, pad) and wt.q.shape == w.q.shape[::-1]
     assert torch.all(w.q.float()[200:] == 0) and torch.all(wt.q.float()[:, 200:] == 0)
 
 
@@ -229,20 +231,29 @@ def _emulated(a: "kernels.Operand", b: "kernels.Operand"):
 
 
 @needs_sm90
-@pytest.mark.parametrize("backend", ["cublas", "triton"])
+@pytest.mark.parametrize("backend", ["cublas", "triton", "grouped"])
 @pytest.mark.parametrize("b_kind", ["block", "row"])
-@pytest.mark.parametrize("mkn", [(150, 260, 140), (256, 384, 256), (512, 2048, 768)])
+@pytest.mark.parametrize("mkn", [(150, 260, 140), (256, 384, 256), (512, 2048, 768), (300, 768, 288)])
 def test_fp8_gemm_matches_fp32_emulation(backend, b_kind, mkn):
+    """Each GEMM backend against the FP32 product of the dequantised operands; "grouped" (the grouped
+    kernel as one group) on operands padded to whole 128-blocks only, which fp8_gemm also picks by
+    itself for them."""
     M, K, N = mkn
-    a, _ = kernels.quant_operands(_data((M, K), torch.bfloat16, seed=6))
+    pad = kernels.GROUPED_RED_PAD if backend == "grouped" else kernels.RED_PAD
+    a, _ = kernels.quant_operands(_data((M, K), torch.bfloat16, seed=6), red_pad=pad)
     if b_kind == "block":
-        b, _ = kernels.quant_block_operand(_data((N, K), torch.float32, seed=7))
+        b, _ = kernels.quant_block_operand(_data((N, K), torch.float32, seed=7), red_pad=pad)
     else:
-        b, _ = kernels.quant_operands(_data((N, K), torch.bfloat16, seed=7))
+        b, _ = kernels.quant_operands(_data((N, K), torch.bfloat16, seed=7), red_pad=pad)
     out = kernels.fp8_gemm(a, b, out_dtype=torch.float32, backend=backend)
     ref, mag = _emulated(a, b)
     assert out.shape == (M, N) and torch.isfinite(out).all()
     assert torch.all((out - ref).abs() <= GEMM_TOL * mag + 1e-30)
+    if backend == "grouped" and K % kernels.RED_PAD:
+        assert a.q.shape[1] == -(-K // 128) * 128
+        assert torch.equal(kernels.fp8_gemm(a, b, out_dtype=torch.float32), out)  # the default for them
+        with pytest.raises(ValueError, match="padded to 512"):  # cuBLAS computed 3 K blocks wrongly
+            kernels.fp8_gemm(a, b, out_dtype=torch.float32, backend="cublas")
 
 
 GROUPED_CONFIGS = {
@@ -484,10 +495,14 @@ def test_dispatch_wire_format_bit_exact(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("recipe", [FP8Recipe(), FP8Recipe(save_fp8_inputs=False), FP8Recipe(pow2_scales=True)])
 @pytest.mark.parametrize("tkn", [(150, 260, 140), (512, 1024, 768)])
-def test_fp8_linear_gpu_matches_reference(dtype, recipe, tkn):
+@pytest.mark.parametrize("unaligned", ["auto", "grouped", "cublas"])
+def test_fp8_linear_gpu_matches_reference(dtype, recipe, tkn, unaligned, monkeypatch):
     """Fprop, Dgrad and Wgrad of the GPU path against the reference emulation on the same GPU tensors:
     FP8 bytes and scales are identical, so the results differ only by the GEMMs' accumulation
-    (GEMM_TOL x sum |a||b|) and, in BF16, by one ulp of the output."""
+    (GEMM_TOL x sum |a||b|) and, in BF16, by one ulp of the output. Reduction dimensions that are not
+    multiples of 512 (all three GEMMs at the first shape, Dgrad's at the second) run on the grouped
+    kernel or padded to 512 on cuBLAS (kernels.LINEAR_UNALIGNED)."""
+    monkeypatch.setitem(kernels.LINEAR_UNALIGNED, "name", unaligned)
     T, K, N = tkn
     torch.manual_seed(0)
     w = (torch.randn(N, K, device=DEV) * 0.05).to(dtype)
@@ -517,6 +532,22 @@ def test_fp8_linear_gpu_matches_reference(dtype, recipe, tkn):
     for out, ref, mag in ((y.reshape(-1, N), y_r.reshape(-1, N), mag_y), (dx.reshape(-1, K), dx_r.reshape(-1, K), mag_dx),
                           (dw, dw_r, mag_dw)):
         assert torch.all((out - ref).abs() <= GEMM_TOL * mag + rnd * ref.abs() + 1e-30)
+
+
+def test_linear_pad_follows_the_padding_cublas_would_need(monkeypatch):
+    """kernels.linear_pad: 512 for reduction sizes cuBLAS runs unpadded; otherwise 128 (the grouped
+    kernel) where padding to 512 would add a quarter or more, 512 (cuBLAS) where it adds less, in
+    "auto"; "grouped" and "cublas" force one side."""
+    expect = {1024: 512, 7168: 512, 768: 128, 384: 128, 288: 128, 256: 128, 576: 128, 1152: 128, 1408: 512,
+              2816: 512, 5632: 512, 260: 128, 1300: 512}
+    if kernels.WS_GROUPED_CONFIG is not None:
+        assert kernels.LINEAR_UNALIGNED["name"] == "auto"  # the default where Gluon runs
+    monkeypatch.setitem(kernels.LINEAR_UNALIGNED, "name", "auto")
+    assert {k: kernels.linear_pad(k) for k in expect} == expect
+    monkeypatch.setitem(kernels.LINEAR_UNALIGNED, "name", "grouped")
+    assert {k: kernels.linear_pad(k) for k in (1024, 1408, 768)} == {1024: 512, 1408: 128, 768: 128}
+    monkeypatch.setitem(kernels.LINEAR_UNALIGNED, "name", "cublas")
+    assert {kernels.linear_pad(k) for k in expect} == {512}
 
 
 @needs_sm90

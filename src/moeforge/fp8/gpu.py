@@ -77,19 +77,19 @@ def _forget_input(ref) -> None:
         _last_input[0] = None
 
 
-def quantised_input(x2: torch.Tensor, p2: bool, cols: bool, quant_operands) -> tuple:
-    """quant_operands(x2, p2, rows=True, cols=cols), shared by FP8 Linears that read the same input one
-    after the other (attention's wq and wkv_a both read the normed block input): the previous call's
-    codes are returned again when x2 is a view of the same tensor with the same offset, shape and
-    strides, unchanged since (its version counter), with the same scale rounding, and x^T's codes
-    are there if cols asks for them. The result is held until the next FP8 Linear's input replaces
+def quantised_input(x2: torch.Tensor, p2: bool, cols: bool, quant_operands, pads: tuple[int, int]) -> tuple:
+    """quant_operands(x2, p2, rows=True, cols=cols, red_pad=pads[0], red_pad_t=pads[1]), shared by FP8
+    Linears that read the same input one after the other (attention's wq and wkv_a both read the
+    normed block input): the previous call's codes are returned again when x2 is a view of the same
+    tensor with the same offset, shape and strides, unchanged since (its version counter), with the
+    same scale rounding and padding, and x^T's codes are there if cols asks for them. The result is held until the next FP8 Linear's input replaces
     it, or until that tensor is freed, so an input nobody reads again costs no memory."""
     base = x2 if x2._base is None else x2._base
-    key = (x2.data_ptr(), tuple(x2.shape), x2.stride(), x2._version, p2)
+    key = (x2.data_ptr(), tuple(x2.shape), x2.stride(), x2._version, p2, pads)
     hit = _last_input[0]
     if hit is not None and hit[0]() is base and hit[1] == key and (hit[2][1] is not None or not cols):
         return hit[2] if cols else (hit[2][0], None)
-    out = quant_operands(x2, p2, rows=True, cols=cols)
+    out = quant_operands(x2, p2, rows=True, cols=cols, red_pad=pads[0], red_pad_t=pads[1])
     _last_input[0] = (weakref.ref(base, _forget_input), key, out)
     return out
 
@@ -98,13 +98,17 @@ def fp8_linear_forward(x2: torch.Tensor, ws: tuple, recipe, out_dtype: torch.dty
                        need_dw: bool = True, owner=None, name: str = "weight"):
     """x2 [T, K], weights ws: parts [N_i, K] stacked along N at quant.part_starts -> (y [T, N] in
     out_dtype, saved state for fp8_linear_backward). owner, name: the key of
-    fp8.weight_cache (owner None: no caching)."""
-    from .kernels import fp8_gemm, quant_block_operand, quant_operands
+    fp8.weight_cache (owner None: no caching). Each reduction dimension (K; N for Dgrad; the tokens T
+    for Wgrad) is padded as kernels.linear_pad says, which also picks its GEMM's kernel."""
+    from .kernels import fp8_gemm, linear_pad, quant_block_operand, quant_operands
 
     p2 = recipe.pow2_scales
     save_fp8 = need_dw and recipe.save_fp8_inputs
-    xa, xt = quantised_input(x2, p2, save_fp8, quant_operands)  # xt: x^T's Wgrad operand, kept for backward
-    wa, wt = cached(owner, (name, need_dx, p2), lambda: quant_block_operand(ws, p2, transpose=need_dx),
+    (T, K), N = x2.shape, part_starts([w.shape[0] for w in ws])[-1] + ws[-1].shape[0]
+    pads = (linear_pad(K), linear_pad(T))
+    xa, xt = quantised_input(x2, p2, save_fp8, quant_operands, pads)  # xt: x^T's Wgrad operand, kept for backward
+    wa, wt = cached(owner, (name, need_dx, p2, pads[0], linear_pad(N)),
+                    lambda: quant_block_operand(ws, p2, transpose=need_dx, red_pad=pads[0], out_pad=linear_pad(N)),
                     ws if need_dx or need_dw else ())
     y = fp8_gemm(xa, wa, out_dtype=out_dtype)
     saved = {
@@ -121,17 +125,18 @@ def fp8_linear_forward(x2: torch.Tensor, ws: tuple, recipe, out_dtype: torch.dty
 def fp8_linear_backward(grad2: torch.Tensor, saved: dict, need_dx: bool = True, need_dw: bool = True):
     """grad2 [T, N] -> (dx [T, K] in the input's dtype or None, [dW_i [N_i, K] in the weights' dtypes]
     or Nones)."""
-    from .kernels import fp8_gemm, quant_operands
+    from .kernels import fp8_gemm, linear_pad, quant_operands
 
     p2 = saved["recipe"].pow2_scales
     g = grad2 if grad2.stride(-1) == 1 else grad2.contiguous()
-    ga, gt = quant_operands(g, p2, rows=need_dx, cols=need_dw)
+    pads = (linear_pad(g.shape[1]), linear_pad(g.shape[0]))  # as the forward's (N for Dgrad, T for Wgrad)
+    ga, gt = quant_operands(g, p2, rows=need_dx, cols=need_dw, red_pad=pads[0], red_pad_t=pads[1])
     dx = fp8_gemm(ga, saved["wt"], out_dtype=saved["x_dtype"]) if need_dx else None
     dws = [None] * len(saved["parts"])
     if need_dw:
         xt = saved["xt"]
         if xt is None:
-            _, xt = quant_operands(saved["x"], p2, rows=False, cols=True)
+            _, xt = quant_operands(saved["x"], p2, rows=False, cols=True, red_pad_t=pads[1])
         dtypes = {dt for _, _, dt in saved["parts"]}
         dw = fp8_gemm(gt, xt, out_dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)  # [N, K]
         dws = [dw[r0:r0 + n].to(dt) for r0, n, dt in saved["parts"]]  # each part's rows
@@ -225,6 +230,7 @@ class FP8GroupedGPUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, offsets, recipe, owner, name, spread, combine, *ws):
         from ..model.moe_triton import spread_sum
+        from .kernels import GROUPED_RED_PAD as pad
         from .kernels import grouped_gemm, quant_block_operand, quant_operands
 
         groups = Groups.of(offsets)
@@ -236,9 +242,9 @@ class FP8GroupedGPUFn(torch.autograd.Function):
         ctx.seg = _segments(groups, rows)
         save_fp8 = recipe.save_fp8_inputs and any(ctx.needs_input_grad[8:])
         xa, ctx.xt = quant_operands(x, p2, rows=True, cols=save_fp8, segments=ctx.seg if save_fp8 else None,
-                                    index=index)
-        wa, wt = cached(owner, (name, p2), lambda: quant_block_operand(ws, p2, transpose=True),  # [out, in]
-                        ws if any(ctx.needs_input_grad) else ())
+                                    index=index, red_pad=pad)
+        wa, wt = cached(owner, (name, p2), lambda: quant_block_operand(ws, p2, transpose=True, red_pad=pad),
+                        ws if any(ctx.needs_input_grad) else ())  # [out, in] and [in, out]
         y = grouped_gemm(xa, wa, groups, out_dtype=x.dtype)
         if not recipe.save_fp8_inputs:
             ctx.save_for_backward(x)
@@ -257,6 +263,7 @@ class FP8GroupedGPUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         from ..model.moe_triton import row_dots, spread_sum
+        from .kernels import GROUPED_RED_PAD as pad
         from .kernels import grouped_gemm, grouped_wgrad, quant_operands
 
         p2 = ctx.recipe.pow2_scales
@@ -265,7 +272,7 @@ class FP8GroupedGPUFn(torch.autograd.Function):
         need_w = any(ctx.needs_input_grad[8:])  # not with frozen expert weights
         g_index, g_scale = (combine[0], combine[1]) if combine is not None else (None, None)
         ga, gt = quant_operands(g, p2, rows=True, cols=need_w, segments=seg if need_w else None,
-                                index=g_index, scale=g_scale)  # gt: [out, tokens]
+                                index=g_index, scale=g_scale, red_pad=pad)  # gt: [out, tokens]
         dx = d_gate = None
         if ctx.needs_input_grad[0]:
             dx = grouped_gemm(ga, ctx.wt, ctx.groups, out_dtype=ctx.x_dtype)
@@ -278,7 +285,7 @@ class FP8GroupedGPUFn(torch.autograd.Function):
             xt = ctx.xt
             if xt is None:  # [in, tokens]
                 _, xt = quant_operands(ctx.saved_tensors[0], p2, rows=False, cols=True, segments=seg,
-                                       index=spread[0] if spread is not None else None)
+                                       index=spread[0] if spread is not None else None, red_pad=pad)
             # one Wgrad per part, each written straight into its own [E, out_i, in] gradient, or added
             # into the part's .grad from earlier micro-batches (then autograd gets None for it)
             for i, ((r0, n, dt), w) in enumerate(zip(ctx.parts, ctx.ws)):

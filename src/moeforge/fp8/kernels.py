@@ -26,10 +26,13 @@ bit for about half of all amax values, so on CUDA the kernels do the same (`_ref
 probes the reference once); `scale_mode="div"` gives the true division (the CPU reference's).
 
 Internally every quantised operand is laid out ready for the GEMM ("Operand"): the reduction
-dimension padded with zeros to a multiple of 512 (4 scale blocks; measured with torch 2.11 + CUDA 13
-on an H200: 1x128 x 128x128 with 3 K blocks gives silently WRONG results, and torch rejects the
-leading dimension 4 that cuBLAS documents), the other dimensions to a multiple of 16 (torch rejects
-N % 16 != 0; M = 150 gave CUBLAS_STATUS_NOT_SUPPORTED); 1x128 scales stored column-major
+dimension padded with zeros to a multiple of 512 for cuBLAS (4 scale blocks; measured with torch
+2.11 + CUDA 13 on an H200: 1x128 x 128x128 with 3 K blocks gives silently WRONG results, and torch
+rejects the leading dimension 4 that cuBLAS documents), or to a multiple of 128 only for the grouped
+kernels (`red_pad`: the routed experts' operands always, an FP8 Linear's where its reduction
+dimension is not a multiple of 512, `linear_pad`; fp8_gemm then runs it on the grouped kernel as one
+group), the other dimensions to a multiple of 16 (torch rejects N % 16 != 0; M = 150 gave
+CUBLAS_STATUS_NOT_SUPPORTED); 1x128 scales stored column-major
 (`s_store` [K/128, rows]: the "outer-dim-major" layout torch._scaled_mm wants), 128x128 scales
 row-major [rows/128, K/128]. Padding is written by the quantiser itself (zeros), so it costs no
 extra pass; results are sliced back.
@@ -61,7 +64,11 @@ from ..triton_launch import launch as _launch
 from .groups import Groups, group_layout  # noqa: F401  (re-exported: the grouped GEMMs' row groups)
 from .quant import AMAX_FLOOR, FP8, FP8_MAX, part_starts
 
-RED_PAD = 512  # reduction dimension: a multiple of 4 blocks of 128
+RED_PAD = 512  # reduction dimension: a multiple of 4 blocks of 128 (what cuBLAS's blockwise GEMM needs)
+# the grouped GEMMs (ours, Gluon or Triton) loop over whole 128-wide K blocks and need no more: their
+# operands pad the reduction dimension to a multiple of 128 only, which at widths that are not
+# multiples of 512 (768, 256, 1408) saves the padding's FLOPs and bytes (docs/fp8.md)
+GROUPED_RED_PAD = 128
 ROW_PAD = 16  # the other GEMM dimensions: 16 elements (16 bytes of FP8)
 BLOCK = 128
 
@@ -246,8 +253,9 @@ def _transpose_codes_kernel(src_ptr, dst_ptr, stride_sb, stride_sr, stride_db, s
 class Operand:
     """A quantised GEMM operand: rows x k valid, stored padded, k is the reduction dimension.
 
-    kind "row":   1x128 tiles along k;  q [ru(rows,16), ru(k,512)], s_store [ru(k,512)/128, ru(rows,16)]
-    kind "block": 128x128 blocks;       q [ru(rows,512), ru(k,512)], s_store [ru(rows,512)/128, ru(k,512)/128]
+    kind "row":   1x128 tiles along k;  q [ru(rows,16), ru(k,P)], s_store [ru(k,P)/128, ru(rows,16)]
+    kind "block": 128x128 blocks;       q [ru(rows,P), ru(k,P)], s_store [ru(rows,P)/128, ru(k,P)/128]
+    (P: the padding, RED_PAD = 512 for cuBLAS or GROUPED_RED_PAD = 128 for the grouped kernels)
     kind "segrow": 1x128 tiles along k, k grouped (Wgrad of experts): q [ru(rows,16), tiles*128],
                    s_store [tiles, ru(rows,16)], each group's tiles start on a tile boundary.
     """
@@ -318,6 +326,11 @@ except (ImportError, AttributeError):  # a Triton without Gluon (or without its 
 QUANT_COLS_KERNEL = {"name": "gluon" if _gluon_quant is not None else "triton"}
 
 
+def _check_pad(red_pad: int) -> None:
+    if red_pad not in (GROUPED_RED_PAD, RED_PAD):
+        raise ValueError(f"red_pad must be {GROUPED_RED_PAD} or {RED_PAD}, got {red_pad!r}")
+
+
 def _check_2d(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 2:
         raise ValueError(f"expected a 2-D tensor, got shape {tuple(x.shape)}")
@@ -326,8 +339,8 @@ def _check_2d(x: torch.Tensor) -> torch.Tensor:
 
 def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = True, cols: bool = False,
                    segments: tuple | None = None, index: torch.Tensor | None = None,
-                   scale: torch.Tensor | None = None,
-                   scale_mode: str | None = None) -> tuple[Operand | None, Operand | None]:
+                   scale: torch.Tensor | None = None, scale_mode: str | None = None,
+                   red_pad: int = RED_PAD, red_pad_t: int | None = None) -> tuple[Operand | None, Operand | None]:
     """x [R, C] -> (1x128 tiles along C: Operand rows=R, k=C; 1x128 tiles along R of x^T: Operand rows=C, k=R).
 
     segments (cols only): (tiles_cum int32 [G], offs_cum int32 [G], max_tiles) with groups of rows
@@ -336,7 +349,13 @@ def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = T
     same bytes as quantising x.index_select(0, index), which is never built.
     scale ([R], with index): quantise x[index] * scale[:, None] (each product rounded to x's dtype),
     the same bytes as quantising that product built by PyTorch in x's dtype.
+    red_pad, red_pad_t: the reduction dimension of the rows output (C), and of x^T's (R, without
+    segments; default red_pad), is zero-padded to a multiple of it (RED_PAD for cuBLAS,
+    GROUPED_RED_PAD for the grouped GEMMs).
     """
+    red_pad_t = red_pad if red_pad_t is None else red_pad_t
+    _check_pad(red_pad)
+    _check_pad(red_pad_t)
     x = _check_2d(x)
     R, C = x.shape
     if index is not None:
@@ -353,7 +372,7 @@ def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = T
         raise ValueError("segments apply to the transposed (cols) output")
     p2 = bool(pow2_scales)
     if rows:  # 1x128 tiles along C: [BR rows, 128 columns] per program
-        q_rows, q_cols = _ru(R, ROW_PAD), _ru(C, RED_PAD)
+        q_rows, q_cols = _ru(R, ROW_PAD), _ru(C, red_pad)
         q = torch.empty(q_rows, q_cols, dtype=FP8, device=dev)
         s = torch.empty(q_cols // BLOCK, q_rows, dtype=torch.float32, device=dev)
         br, nw = QUANT_ROWS_CONFIG["BR"], QUANT_ROWS_CONFIG["num_warps"]
@@ -365,7 +384,7 @@ def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = T
     if cols:  # 1x128 tiles along R, written transposed: [128 rows, BC columns] per program
         qt_rows = _ru(C, ROW_PAD)
         if segments is None:
-            qt_cols = _ru(R, RED_PAD)
+            qt_cols = _ru(R, red_pad_t)
             n_tiles = qt_cols // BLOCK
             seg_t = seg_o = x
             n_seg = 1
@@ -396,11 +415,17 @@ def quant_operands(x: torch.Tensor, pow2_scales: bool = False, *, rows: bool = T
 
 
 def quant_block_operand(w, pow2_scales: bool = False, *, transpose: bool = False,
-                        scale_mode: str | None = None) -> tuple[Operand, Operand | None]:
+                        scale_mode: str | None = None, red_pad: int = RED_PAD,
+                        out_pad: int | None = None) -> tuple[Operand, Operand | None]:
     """w [..., N, K] (one leading batch dim at most) in 128x128 blocks -> Operand (and that of w^T).
 
     w may be a list of parts [E, N_i, K] (the gate and up weights of the experts): they are quantised
-    into one operand, stacked along N at quant.part_starts (each part's blocks are its own)."""
+    into one operand, stacked along N at quant.part_starts (each part's blocks are its own).
+    red_pad, out_pad: K, and N (W^T's reduction dimension; default red_pad), are zero-padded to a
+    multiple of them."""
+    out_pad = red_pad if out_pad is None else out_pad
+    _check_pad(red_pad)
+    _check_pad(out_pad)
     parts = list(w) if isinstance(w, (list, tuple)) else [w]
     dims = {p.dim() for p in parts}
     if not dims <= {2, 3} or len(dims) != 1 or len({(*p.shape[:-2], p.shape[-1]) for p in parts}) != 1:
@@ -410,7 +435,7 @@ def quant_block_operand(w, pow2_scales: bool = False, *, transpose: bool = False
     E, _, K = parts[0].shape
     starts = part_starts([p.shape[1] for p in parts], BLOCK)
     N = starts[-1] + parts[-1].shape[1]
-    Np, Kp = _ru(N, RED_PAD), _ru(K, RED_PAD)
+    Np, Kp = _ru(N, out_pad), _ru(K, red_pad)
     dev = parts[0].device
     rcp = _rcp_flag(parts[0], scale_mode)
     q = torch.empty(E, Np, Kp, dtype=FP8, device=dev)
@@ -749,18 +774,64 @@ def fp8_gemm(a: Operand, b: Operand, out_dtype: torch.dtype = torch.bfloat16, ba
     """dequant(a) [M, K] @ dequant(b)^T [K, N] -> [M, N] in out_dtype, FP32 accumulation per 128 block of K.
 
     a: 1x128 tiles along K; b: 128x128 blocks or 1x128 tiles along K. backend: "cublas"
-    (torch._scaled_mm) or "triton"; default: fp8.kernels.set_gemm_backend's choice ("cublas").
+    (torch._scaled_mm), "triton" or "grouped" (the grouped GEMMs' kernel with one group); default:
+    fp8.kernels.set_gemm_backend's choice ("cublas") for operands padded to RED_PAD, "grouped" for
+    operands padded to GROUPED_RED_PAD only (cuBLAS cannot run those, linear_pad).
     """
     if a.kind != "row" or b.kind not in ("row", "block"):
         raise ValueError("fp8_gemm: a must be 1x128-tiled, b 1x128-tiled or 128x128-blocked")
     if a.q.shape[1] != b.q.shape[1] or a.k != b.k:
         raise ValueError(f"fp8_gemm: reduction sizes differ ({a.k} vs {b.k})")
-    backend = backend or _BACKEND["name"]
+    backend = backend or ("grouped" if a.q.shape[1] % RED_PAD else _BACKEND["name"])
     if backend == "cublas":
+        if a.q.shape[1] % RED_PAD:  # (3 K blocks gave silently wrong results: module docstring)
+            raise ValueError(f"fp8_gemm: cuBLAS needs the reduction dimension padded to {RED_PAD}, "
+                             f"got {a.q.shape[1]}")
         return _scaled_mm_gemm(a, b, out_dtype)
     if backend == "triton":
         return _triton_gemm(a, b, out_dtype, config)
+    if backend == "grouped":
+        return _one_group_gemm(a, b, out_dtype, config)
     raise ValueError(f"unknown backend {backend!r}")
+
+
+# The FP8 Linears' GEMMs over a reduction dimension k that is not a multiple of RED_PAD: "auto" (the
+# grouped GEMMs' kernel, operands padded to GROUPED_RED_PAD only, where padding k to RED_PAD would add
+# at least a quarter to it, e.g. 768, 384, 576; cuBLAS elsewhere, e.g. 1408, 2816), "grouped" (always)
+# or "cublas" (never). From `fp8_bench.py --sections pad` (H200, docs/fp8.md): at k = 2816 and 5632
+# cuBLAS on 9% of padding ran 8-15% faster than the grouped kernel, at k = 576 and 768 the grouped
+# kernel 8-10% faster than cuBLAS on 78% and 33%.
+LINEAR_UNALIGNED = {"name": "auto" if WS_GROUPED_CONFIG is not None else "cublas"}
+UNALIGNED_WASTE = 1.25
+
+
+def linear_pad(k: int) -> int:
+    """The padding of an FP8 Linear's reduction dimension of size k (the operands' quantisers and the
+    weight's take it): RED_PAD, or GROUPED_RED_PAD where LINEAR_UNALIGNED runs that GEMM on the grouped
+    kernel (fp8_gemm then picks it by the operands' padding)."""
+    mode = LINEAR_UNALIGNED["name"]
+    if k % RED_PAD == 0 or mode == "cublas":
+        return RED_PAD
+    if mode == "grouped" or _ru(k, RED_PAD) >= UNALIGNED_WASTE * _ru(k, GROUPED_RED_PAD):
+        return GROUPED_RED_PAD
+    return RED_PAD
+
+
+def _one_group_gemm(a: Operand, b: Operand, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """fp8_gemm on the grouped kernels, as one group: a GEMM whose operands need not be padded beyond
+    whole 128-wide K blocks. b 128x128-blocked: grouped_gemm over a's rows; b 1x128-tiled (a Wgrad,
+    K the tokens): grouped_wgrad. 128-column tiles where 256-column ones would compute more padding."""
+    dev = a.q.device
+    if b.kind == "block":
+        cfg = dict(GROUPED_CONFIG if config is None else config)
+        if config is None and b.rows % 256 and _cdiv(b.rows, 128) < 2 * _cdiv(b.rows, 256):
+            cfg["BLOCK_N"] = 128
+        groups = Groups(torch.full((1,), a.rows, dtype=torch.int32, device=dev))
+        groups._tiles[cfg["BLOCK_M"]] = torch.full((1,), _cdiv(a.rows, cfg["BLOCK_M"]), dtype=torch.int32, device=dev)
+        one = Operand(b.q.unsqueeze(0), b.s_store.unsqueeze(0), b.rows, b.k, "block")
+        return grouped_gemm(a, one, groups, out_dtype, cfg)
+    tiles = torch.full((1,), a.q.shape[1] // BLOCK, dtype=torch.int32, device=dev)
+    return grouped_wgrad(a, b, tiles, out_dtype, config)[0]
 
 
 def set_gemm_backend(name: str) -> None:
