@@ -348,18 +348,36 @@ def test_resume_of_a_finished_run_changes_nothing(cli, run_copy):
     assert len([x for x in records if "loss" in x]) == n_train and "val_loss" in records[-1]
 
 
-def test_bf16_fim_and_batch_ramp(cli, trained_run, tmp_path):
+def test_bf16_fim_and_batch_ramp(cli, trained_run, tmp_path, monkeypatch):
     """Options no other test trains with: --precision bf16 (CPU autocast), fill-in-the-middle
     (train.fim_rate=0.5) and a batch ramp from 2 to 4 sequences in micro-batches of 2. Compares
-    the records' batch_size and tokens with the ramp (2 then 4; 128 then 384 tokens); losses finite."""
+    the records' batch_size and tokens with the ramp (2 then 4; 128 then 384 tokens); losses finite.
+    With the threshold of passes over the data lowered to 0, the start says how often the run reads it."""
+    from moeforge.train import trainer
+
+    monkeypatch.setattr(trainer, "MAX_PASSES", 0)
     out = tmp_path / "bf16"
     r = cli("train", "--out", out, "--steps", 2, "--precision", "bf16", *trained_run.train_args,
             "train.fim_rate=0.5", "train.batch_size_start=2", "train.batch_ramp_steps=1", "train.micro_batch_size=2")
     assert r.rc == 0, r.err
+    assert len([line for line in r.out.splitlines() if line.startswith("note: 2 steps of ")]) == 1
     records = [x for x in read_metrics(out) if "loss" in x]
     assert [(x["batch_size"], x["tokens"]) for x in records] == [(2, 128), (4, 384)]
     assert all(math.isfinite(x["loss"]) and math.isfinite(x["grad_norm"]) for x in records)
     assert ckpt.load_checkpoint_config(ckpt.resolve_checkpoint(out)).train.precision == "bf16"
+
+
+def test_passes_note_names_the_passes_over_the_data():
+    """The start of a run that would read its training tokens more than MAX_PASSES times says so: the
+    `small` preset's former 5,000 steps of 32 x 1024 tokens on the default corpus's 2,826,612 tokens
+    (58 passes); its 900 steps now (10 passes) print nothing."""
+    from moeforge.train.trainer import MAX_PASSES, passes_note
+
+    note = passes_note(5000, 32 * 1024, 2_826_612)
+    assert note.startswith("note: 5,000 steps of 32,768 tokens read the 2,826,612 training tokens 58 times;")
+    assert "--steps" in note and "--data" in note and "\n" not in note
+    assert passes_note(900, 32 * 1024, 2_826_612) is None
+    assert passes_note(MAX_PASSES, 100, 100) is None and passes_note(MAX_PASSES + 1, 100, 100) is not None
 
 
 # ---------------------------------------------------------------------------------------------
