@@ -54,6 +54,8 @@ LAYOUTS = {  # name: (processes, parallel overrides)
     "ep2_no_overlap": (2, ["parallel.ep=2", "parallel.overlap_dispatch=false"]),
     "ep4": (4, ["parallel.ep=4"]),
     "fsdp_full_ep2": (2, ["parallel.ep=2", "parallel.sharding=full"]),
+    # checkpoints written by DCP's thread from CPU copies while the steps go on
+    "fsdp_full_ep2_async_checkpoint": (2, ["parallel.ep=2", "parallel.sharding=full", "train.async_checkpoint=true"]),
     "fsdp_zero2_ep2xdp2": (4, ["parallel.ep=2", "parallel.sharding=zero2"]),
     "zero1_ep2xdp2": (4, ["parallel.ep=2", "parallel.sharding=zero1"]),
 }
@@ -162,6 +164,9 @@ def test_layout_matches_single_process(layout, reference, data_dir, mf_env, tmp_
     _check_checkpoint_loads_in_one_process(out, results[0])
     if layout == "ep2":
         _check_hf_export(out, tmp_path)
+        _check_resume_in_one_process(out, reference)
+    if layout == "fsdp_full_ep2_async_checkpoint":  # the step-2 pieces are step 2's, written in the background
+        assert not list((out / "checkpoints").glob(".tmp-*"))
         _check_resume_in_one_process(out, reference)
     if layout == "fsdp_zero2_ep2xdp2":
         _check_resume_under(out, reference, data_dir, mf_env, ["parallel.ep=4"])

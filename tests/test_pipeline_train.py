@@ -86,6 +86,8 @@ def reference(tmp_path_factory, data_dir, mf_cache_dir):
 LAYOUTS = {  # name: (processes, parallel overrides)
     "1f1b": (2, ["parallel.pp=2", "parallel.schedule=1f1b"]),
     "dualpipev": (2, ["parallel.pp=2", "parallel.schedule=dualpipev"]),
+    # each rank's stage pieces written by DCP's thread, from CPU copies, while the run goes on
+    "dualpipev_async_checkpoint": (2, ["parallel.pp=2", "parallel.schedule=dualpipev", "train.async_checkpoint=true"]),
     "1f1b_ep2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.schedule=1f1b"]),
     # DeepSeek-V3's combination: pipeline stages whose AdamW state is partitioned over their data ranks
     "1f1b_dp2_zero1": (4, ["parallel.pp=2", "parallel.sharding=zero1", "parallel.schedule=1f1b"]),

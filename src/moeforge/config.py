@@ -194,7 +194,10 @@ class TrainConfig:
     eval_stride: int = 0  # 0 < N < seq_len: overlapping evaluation windows every N tokens (more context per target)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    async_checkpoint: bool = True  # one process: checkpoints written by a background thread (train/checkpoint.py)
+    # checkpoints written in the background (train/checkpoint.py): "auto" in one process (a thread
+    # writes a CPU copy), in step under torchrun; true: under torchrun too (DCP's asynchronous save);
+    # false: always in step
+    async_checkpoint: bool | str = "auto"
     sample_tokens: int = 64
 
     @property

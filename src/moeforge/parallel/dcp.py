@@ -95,6 +95,21 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, 
         dcp.save(state, checkpoint_id=str(path))
 
 
+def async_save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx, group,
+               owned: set[str] | None = None):
+    """save() in the background (collective: every rank calls it): this rank's pieces are copied to
+    CPU memory before it returns, so training may go on changing the originals; DCP then writes them
+    from a thread of its own, coordinating the ranks over `group` (ParallelContext.checkpoint_group).
+    Returns a future whose result() returns once every rank's pieces and the checkpoint's metadata
+    are written (or raises what failed on any rank)."""
+    state, _ = _views(model, optimizer, ctx, create_moments=None, owned=owned)
+    response = dcp.async_save(state, checkpoint_id=str(path), process_group=group)
+    staging = getattr(response, "staging_completion", None)  # (torch versions that stage asynchronously)
+    if staging is not None:
+        staging.result()
+    return getattr(response, "upload_completion", response)
+
+
 @torch.no_grad()
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx,
          owned: set[str] | None = None, weights: bool = True) -> None:

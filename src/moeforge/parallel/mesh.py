@@ -16,7 +16,7 @@ the trainer runs exactly as without this module.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,7 @@ class ParallelContext:
     sharding: str = "none"  # parallel.sharding: none | zero2 | full
     dispatch_fp8: bool = False
     overlap_dispatch: bool = True
+    _checkpoint_group: dist.ProcessGroup | None = field(default=None, repr=False)
 
     # ---- coordinates ----
     @property
@@ -90,6 +91,15 @@ class ParallelContext:
     @property
     def dp_ep_group(self) -> dist.ProcessGroup:
         return self.dp_ep_mesh.get_group()
+
+    def checkpoint_group(self) -> dist.ProcessGroup:
+        """A gloo group of all ranks for checkpoints written in the background: DCP's asynchronous save
+        talks over it from its own thread, apart from the training's collectives (a group must not
+        carry two threads' collectives at once). Created at the first call, which every rank makes
+        at the same point (their first background save)."""
+        if self._checkpoint_group is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        return self._checkpoint_group
 
     # ---- reductions the trainer needs ----
     def all_reduce_sum_dp_ep(self, t: torch.Tensor) -> torch.Tensor:

@@ -209,26 +209,46 @@ class BackgroundSaves:
 
 
 def save_distributed(root: Path, step: int, cfg: Config, model, optimizer, pctx, state: dict | None, keep: int,
-                     owned: set[str] | None = None) -> Path:
+                     owned: set[str] | None = None, saves: "BackgroundSaves | None" = None) -> Path:
     """The checkpoint of `step` of a model that lives on many ranks (collective: every rank calls it).
     Every rank writes its own pieces with torch.distributed.checkpoint into the staging folder
     (parallel/dcp.py: loadable under any layout, or in one process), then rank 0 completes the
     checkpoint with `state` (rank 0's; the others may pass None) and the config. owned: the
     state-dict names of this rank's pipeline stages (None: the whole model is this rank's).
-    Returns once the checkpoint exists for every rank."""
+
+    saves None: returns once the checkpoint exists for every rank. saves given (train.async_checkpoint
+    true): every rank's pieces are copied to CPU memory here and written by DCP's thread while the
+    training goes on, and `saves` (each rank's own) waits for them; rank 0's then completes the
+    checkpoint. A save waits for the one before it on every rank first, so at most one is in flight."""
     from ..parallel import dcp
 
+    if saves is not None:
+        saves.wait()
     if pctx.is_main:
         prepare_staging(root, step)
     pctx.barrier()
     staged = staging_dir(root, step)
+    final = checkpoint_path(root, step)
+    if saves is not None:
+        written = dcp.async_save(staged / "dcp", model, optimizer, pctx, pctx.checkpoint_group(), owned)
+        saves.start(step, _complete_distributed, written, root, step, cfg,
+                    cpu_snapshot(state) if pctx.is_main else None, keep, staged, pctx.is_main)
+        return final
     dcp.save(staged / "dcp", model, optimizer, pctx, owned)
     pctx.barrier()
-    final = checkpoint_path(root, step)
     if pctx.is_main:
         final = save_checkpoint(root, step, cfg, None, None, state, keep, staged=staged)
     pctx.barrier()
     return final
+
+
+def _complete_distributed(written, root: Path, step: int, cfg: Config, state: dict | None, keep: int, staged: Path,
+                          is_main: bool) -> None:
+    """A background distributed save's last part: wait until every rank's pieces are written (DCP's
+    future, which raises what failed on any rank), then rank 0 completes the checkpoint."""
+    written.result()
+    if is_main:
+        save_checkpoint(root, step, cfg, None, None, state, keep, staged=staged)
 
 
 def read_manifest_checked(path: Path) -> dict:

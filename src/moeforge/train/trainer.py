@@ -227,8 +227,9 @@ class Trainer:
                                     "(not expert or pipeline parallelism, zero2 or full)")
             if self.is_main:  # replicated parameters: rank 0 alone keeps (and saves) the average
                 self.ema = CPUEMA(self.model, t.ema_decay, t.ema_every)
-        # one process: checkpoints written in the background (distributed runs write theirs with DCP)
-        self.saves = ckpt.BackgroundSaves() if t.async_checkpoint and self.pctx is None else None
+        # checkpoints written in the background: in one process unless false, under torchrun if true
+        self.saves = ckpt.BackgroundSaves() if (t.async_checkpoint is True or (
+            t.async_checkpoint == "auto" and self.pctx is None)) else None
         self.graphed = None
         if graph_on(cfg, self.device, self.pctx):  # one process: the model is what the optimizer updates
             self.graphed = GraphedStep(one_process_step(self.model, self.optimizer, self.moe_layers, cfg, self.device,
@@ -280,11 +281,13 @@ class Trainer:
     def save(self) -> Path:
         """One process: model.pt and optimizer.pt. Under torchrun every rank writes its own pieces
         with torch.distributed.checkpoint (dcp/), which loads under any other layout or in one
-        process; a pipeline rank writes its stages' pieces. Rank 0 completes the checkpoint."""
+        process; a pipeline rank writes its stages' pieces. Rank 0 completes the checkpoint. Written
+        in the background where self.saves is set (train.async_checkpoint)."""
         keep = self.cfg.train.keep_checkpoints
         if self.pctx is not None:
             return ckpt.save_distributed(self.ckpt_root, self.step, self.cfg, self.model, self.optimizer, self.pctx,
-                                         self._state() if self.is_main else None, keep, self._owned_names())
+                                         self._state() if self.is_main else None, keep, self._owned_names(),
+                                         saves=self.saves)
         states = (self.model.state_dict(), portable_optimizer_state(self.optimizer.state_dict()), self._state())
         if self.saves is None:
             return ckpt.save_checkpoint(self.ckpt_root, self.step, self.cfg, *states, keep)
