@@ -110,8 +110,9 @@ class PostRun:
     def save(self, step: int, optimizer: torch.optim.Optimizer, settings, keep: int, **progress) -> Path | None:
         """OUT/checkpoints/step_N in the trainer's format (atomic, the newest `keep` kept), with the
         starting checkpoint's config and, in state.pt, all a resume needs (module doc; `progress`:
-        rank 0's). A sharded model (self.sharded): every rank calls it and writes its own pieces.
-        Otherwise rank 0 writes model.pt and optimizer.pt; another rank's call writes nothing (None)."""
+        rank 0's). A sharded model (self.sharded): every rank calls it and writes its own pieces, in
+        step. Otherwise rank 0 writes model.pt and optimizer.pt from CPU copies in a background thread
+        (save_in_background; one process or data parallel); another rank's call writes nothing (None)."""
         state = {"step": step, self.stage: dataclasses.asdict(settings), "run": self.run, "progress": progress}
         root = self.out / "checkpoints"
         if self.sharded:
@@ -119,8 +120,6 @@ class PostRun:
         if self.pctx is not None and not self.pctx.is_main:
             return None
         states = (self.model.state_dict(), portable_optimizer_state(optimizer.state_dict()))
-        if self.pctx is not None:  # data parallel: rank 0 writes while the others wait at the next step
-            return ckpt.save_checkpoint(root, step, self.cfg, *states, state, keep)
         if self.saves is None:
             self.saves = ckpt.BackgroundSaves()
         return ckpt.save_in_background(self.saves, root, step, self.cfg, *states, state, keep,
