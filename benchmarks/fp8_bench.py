@@ -31,6 +31,18 @@ def bench(fn, warmup=25, rep=100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def record(out: dict, key: str, fn, flops: float, width: int = 52) -> None:
+    """Time fn (bench) and keep its ms and TFLOP/s under out[key], printing one line; a failure is
+    kept and printed instead, and the section goes on."""
+    try:
+        ms = bench(fn)
+        out[key] = {"ms": ms, "TFLOP/s": flops / ms / 1e9}
+        print(f"   {key:{width}s} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+    except Exception as e:
+        out[key] = f"error: {e}"[:300]
+        print(f"   {key:{width}s} error: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
 def section(name):
     def deco(f):
         def run(args):
@@ -246,13 +258,7 @@ def s_gemm(args):
     out = {}
 
     def rec(name, fn):
-        try:
-            ms = bench(fn)
-            out[name] = {"ms": ms, "TFLOP/s": flops / ms / 1e9}
-            print(f"   {name:52s} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
-        except Exception as e:
-            out[name] = f"error: {e}"[:300]
-            print(f"   {name:52s} error {str(e)[:200]}", flush=True)
+        record(out, name, fn, flops)
 
     rec("bf16 torch.mm", lambda: a_bf @ b_bf.T)
     rec("fp8 _scaled_mm 1x128 x 128x128 (cuBLAS)", lambda: kernels.fp8_gemm(a, bw, backend="cublas"))
@@ -581,13 +587,7 @@ def s_pad(args):
     out = {}
 
     def rec(key, fn, flops):
-        try:
-            ms = bench(fn)
-            out[key] = {"ms": ms, "TFLOP/s": flops / ms / 1e9}
-            print(f"   {key:64s} {ms:7.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
-        except Exception as e:
-            out[key] = f"error: {e}"[:300]
-            print(f"   {key:64s} failed: {type(e).__name__}: {e}"[:300], flush=True)
+        record(out, key, fn, flops, width=64)
 
     T = 32768
     for preset, name, K, N in PAD_LINEARS:
