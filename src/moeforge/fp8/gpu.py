@@ -82,8 +82,9 @@ def quantised_input(x2: torch.Tensor, p2: bool, cols: bool, quant_operands, pads
     Linears that read the same input one after the other (attention's wq and wkv_a both read the
     normed block input): the previous call's codes are returned again when x2 is a view of the same
     tensor with the same offset, shape and strides, unchanged since (its version counter), with the
-    same scale rounding and padding, and x^T's codes are there if cols asks for them. The result is held until the next FP8 Linear's input replaces
-    it, or until that tensor is freed, so an input nobody reads again costs no memory."""
+    same scale rounding and padding, and x^T's codes are there if cols asks for them. The result is
+    held until the next FP8 Linear's input replaces it, or until that tensor is freed, so an input
+    nobody reads again costs no memory."""
     base = x2 if x2._base is None else x2._base
     key = (x2.data_ptr(), tuple(x2.shape), x2.stride(), x2._version, p2, pads)
     hit = _last_input[0]

@@ -826,8 +826,7 @@ def _one_group_gemm(a: Operand, b: Operand, out_dtype: torch.dtype, config: dict
         cfg = dict(GROUPED_CONFIG if config is None else config)
         if config is None and b.rows % 256 and _cdiv(b.rows, 128) < 2 * _cdiv(b.rows, 256):
             cfg["BLOCK_N"] = 128
-        groups = Groups(torch.full((1,), a.rows, dtype=torch.int32, device=dev))
-        groups._tiles[cfg["BLOCK_M"]] = torch.full((1,), _cdiv(a.rows, cfg["BLOCK_M"]), dtype=torch.int32, device=dev)
+        groups = Groups.from_counts(torch.full((1,), a.rows, dtype=torch.int32, device=dev))
         one = Operand(b.q.unsqueeze(0), b.s_store.unsqueeze(0), b.rows, b.k, "block")
         return grouped_gemm(a, one, groups, out_dtype, cfg)
     tiles = torch.full((1,), a.q.shape[1] // BLOCK, dtype=torch.int32, device=dev)
