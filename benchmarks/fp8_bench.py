@@ -31,13 +31,13 @@ def bench(fn, warmup=25, rep=100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def record(out: dict, key: str, fn, flops: float, width: int = 52) -> None:
-    """Time fn (bench) and keep its ms and TFLOP/s under out[key], printing one line; a failure is
-    kept and printed instead, and the section goes on."""
+def record(out: dict, key: str, fn, flops: float, width: int = 52, ms_key: str = "ms") -> None:
+    """Time fn (bench) and keep its time (under ms_key) and TFLOP/s under out[key], printing one
+    line; a failure is kept and printed instead, and the section goes on."""
     try:
         ms = bench(fn)
-        out[key] = {"ms": ms, "TFLOP/s": flops / ms / 1e9}
-        print(f"   {key:{width}s} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+        out[key] = {ms_key: ms, "TFLOP/s": flops / ms / 1e9}
+        print(f"   {key:{width}s} {ms:8.3f} {ms_key}  {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
     except Exception as e:
         out[key] = f"error: {e}"[:300]
         print(f"   {key:{width}s} error: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -469,13 +469,7 @@ def s_grouped(args):
         wbf.grad = None
 
     for name, fn in (("bf16 grouped_mm", bf16_step), ("fp8 grouped (Triton)", fp8_step)):
-        try:
-            ms = bench(fn)
-            out[name] = {"fwd+bwd ms": ms, "TFLOP/s": flops / ms / 1e9}
-            print(f"   {name:28s} fwd+bwd {ms:7.3f} ms  {flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
-        except Exception as e:
-            out[name] = f"error: {e}"[:300]
-            traceback.print_exc()
+        record(out, name, fn, flops, width=28, ms_key="fwd+bwd ms")
     return out
 
 
