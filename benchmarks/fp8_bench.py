@@ -392,7 +392,7 @@ def s_diag(args):
     step (Python, autograd, launches), and the GPU-only time of the whole step (CUDA-graph replay)."""
     from torch import nn
 
-    from moeforge.fp8 import FP8Linear, kernels
+    from moeforge.fp8 import FP8Linear, kernels, weight_cache
 
     out = {}
     for T, K, N in LINEAR_SHAPES:
@@ -432,6 +432,11 @@ def s_diag(args):
             row[f"{name} step: host ms/step"] = host
             row[f"{name} step: wall ms/step"] = wall
             row[f"{name} step: CUDA-graph replay ms"] = graph_ms
+            if name == "fp8":  # W quantised once per optimizer step (gradient accumulation, prefetch)
+                with weight_cache():
+                    host, wall, graph_ms = _host_and_graph(step)
+                row["fp8, W once per step: host ms/step"] = host
+                row["fp8, W once per step: CUDA-graph replay ms"] = graph_ms
         key = f"{T}x{K}->{N}"
         out[key] = row
         for k, v in row.items():
