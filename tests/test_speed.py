@@ -602,8 +602,8 @@ def test_profile_step_gradient_fanout():
 
 def test_cuda_graph_refuses_what_a_captured_step_cannot_run(cli, expect_error, tmp_path):
     """train.cuda_graph: without a CUDA device a clear one-line error before anything is written;
-    each setting the captured step cannot hold (several processes, pipeline stages, the CPU EMA,
-    Muon, a batch ramp) refused by name."""
+    each setting the captured step cannot hold (several processes, pipeline stages, Muon) refused by
+    name; the CPU EMA and a batch ramp are captured (tests/test_speed_gpu.py)."""
     from moeforge.config import load_config
     from moeforge.errors import MoeforgeError
     from moeforge.train.graph import check_graph_step
@@ -619,9 +619,9 @@ def test_cuda_graph_refuses_what_a_captured_step_cannot_run(cli, expect_error, t
     cuda = torch.device("cuda")  # (a device object: nothing runs on it)
     ok = load_config("tiny", None, ["train.optimizer=adamw"])
     check_graph_step(ok, cuda)
-    for extra, fragment in ((["train.ema_decay=0.9"], "ema_decay"), (["train.optimizer=muon"], "adamw only"),
-                            (["train.micro_batch_size=2", "train.batch_size_start=2", "train.batch_ramp_steps=10"], "batch-size ramp"),
-                            (["parallel.pp=2"], "pipeline")):
+    check_graph_step(load_config("tiny", None, ["train.optimizer=adamw", "train.ema_decay=0.9", "train.micro_batch_size=2",
+                                                "train.batch_size_start=2", "train.batch_ramp_steps=10"]), cuda)
+    for extra, fragment in ((["train.optimizer=muon"], "adamw only"), (["parallel.pp=2"], "pipeline")):
         cfg = load_config("tiny", None, ["train.optimizer=adamw", *extra])
         with pytest.raises(MoeforgeError, match=fragment):
             check_graph_step(cfg, cuda)
@@ -673,10 +673,11 @@ def test_auto_speed_switches(cli, expect_error, tmp_path, monkeypatch):
     monkeypatch.setattr(triton_launch, "AVAILABLE", False)
     assert not compile_on(cfg, cuda)
     # the captured step: off where train.cuda_graph=true is refused, with document masks, many micro-batches
-    for extra in (["train.ema_decay=0.9"], ["train.optimizer=muon"], ["parallel.pp=2"], ["train.document_mask=true"],
+    for extra in (["train.optimizer=muon"], ["parallel.pp=2"], ["train.document_mask=true"],
                   ["train.micro_batch_size=1", f"train.batch_size={AUTO_MAX_MICRO_BATCHES + 1}"]):
         assert not graph_on(with_(*extra), cuda), extra
     assert not graph_on(cfg, cuda, pctx=object())
+    assert graph_on(with_("train.ema_decay=0.9", "train.micro_batch_size=2", "train.batch_size_start=2"), cuda)
     from moeforge.fp8 import gpu as fp8_gpu
 
     fp8, real = with_("train.precision=fp8"), fp8_gpu.kernels_on
@@ -718,61 +719,135 @@ def test_checkpointed_optimizer_state_does_not_depend_on_cuda_graph():
     assert isinstance(fresh.param_groups[0]["lr"], float)
 
 
-def test_graphed_step_captures_once_and_again_when_a_frozen_number_changes(monkeypatch):
-    """GraphedStep's bookkeeping, with CUDA's graph capture replaced by a recorder (the real capture
-    is tested on the GPU): two eager calls, a capture on the third, then replays that see each
-    step's tokens through the input buffers and the lr through the device scalar; a new capture when
-    the MTP weight's schedule switches; the caller gets copies of the graph's outputs."""
-    import contextlib
+class _GraphRecorder:
+    """Stands in for CUDA's graph capture in GraphedStep's bookkeeping tests (the real capture is
+    tested on the GPU): a "graph" keeps the work its stages handed it while capturing, and replay
+    runs that work again."""
 
+    def __init__(self, monkeypatch):
+        import contextlib
+
+        self.capturing, self.graph, self.pools = False, None, []
+        recorder = self
+
+        class Graph:  # torch.cuda.CUDAGraph
+            def __init__(self):
+                self.works = []
+
+            def replay(self):
+                for work in self.works:
+                    work()
+
+            def pool(self):
+                return id(self)
+
+        @contextlib.contextmanager
+        def capture(g, pool=None, capture_error_mode=None):
+            recorder.capturing, recorder.graph = True, g
+            recorder.pools.append(pool)
+            yield
+            recorder.capturing = False
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", capture)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def stages(self, calls: list):
+        """(grads, update) as one_process_step's: grads records the step's first token, update returns
+        (that token, the lr). A captured stage's outputs are its graph's own buffers."""
+        summed, out = torch.zeros(()), torch.zeros(2)
+
+        def grads(windows, lam, gamma, lr):
+            def work():
+                calls.append(("run", lam, float(lr), [int(w[0, 0]) for w in windows]))
+                summed.copy_(windows[0][0, 0].float())
+            return self._stage(calls, ("capture grads", lam), work, summed)
+
+        def update(sums, lam, gamma, lr):
+            def work():
+                calls.append(("update",))
+                out.copy_(torch.stack([sums, lr]))
+            return (self._stage(calls, ("capture update", lam), work, out),)
+
+        return grads, update, out
+
+    def _stage(self, calls, event, work, buf):
+        if self.capturing:
+            calls.append(event)
+            self.graph.works.append(work)
+            return buf
+        work()
+        return buf.clone()  # an eager stage's outputs are new tensors
+
+
+def test_graphed_step_captures_once_and_again_when_a_frozen_number_changes(monkeypatch):
+    """GraphedStep's bookkeeping: two eager calls, a capture on the third (both stages in one graph),
+    then replays that see each step's tokens through the input buffers and the lr through the device
+    scalar; a new capture when the MTP weight's schedule switches; the caller gets copies of the
+    graph's outputs."""
     from moeforge.config import load_config
     from moeforge.train import graph as graph_mod
 
-    state = {"capturing": False, "graph": None}
-
-    class Recorder:  # stands in for torch.cuda.CUDAGraph: replay re-runs what was captured
-        def replay(self):
-            self.work()
-
-    @contextlib.contextmanager
-    def capture(g, capture_error_mode=None):
-        state["capturing"], state["graph"] = True, g
-        yield
-        state["capturing"] = False
-
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", Recorder)
-    monkeypatch.setattr(torch.cuda, "graph", capture)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-
+    rec = _GraphRecorder(monkeypatch)
     calls = []
-    out = torch.zeros(2)
-
-    def step_fn(windows, lam, gamma, lr):
-        def work():
-            calls.append(("run", lam, float(lr), [int(w[0, 0]) for w in windows]))
-            out.copy_(torch.stack([windows[0][0, 0].float(), lr]))
-        if state["capturing"]:  # a captured step's outputs are the graph's own buffers
-            calls.append(("capture", lam))
-            state["graph"].work = work
-            return (out,)
-        work()
-        return (out.clone(),)  # an eager step's are new tensors
-
+    grads, update, out = rec.stages(calls)
     cfg = load_config("tiny", None, ["train.optimizer=adamw", "train.steps=10", "train.mtp_lambda_switch=0.5"])
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
-    step = graph_mod.GraphedStep(step_fn, opt, cfg, torch.device("cpu"))
+    step = graph_mod.GraphedStep((grads, update), opt, cfg, torch.device("cpu"))
     results = []
     for i in range(8):
         windows = [torch.full((1, 3), 10 * i + j) for j in range(2)]
         results.append(step(windows, i, 0.1 * (i + 1))[0])
     lam0, lam1 = cfg.train.mtp_lambda, cfg.train.mtp_lambda_late
-    kinds = [c[0] for c in calls]
-    assert kinds == ["run", "run", "capture", "run", "run", "run", "capture", "run", "run", "run"]
-    assert [c[1] for c in calls if c[0] == "capture"] == [lam0, lam1]  # step 5 switches the weight
+    kinds = [c[0] for c in calls if c[0] != "update"]
+    assert kinds == ["run", "run", "capture grads", "capture update", "run", "run", "run",
+                     "capture grads", "capture update", "run", "run", "run"]
+    assert [c[1] for c in calls if c[0] == "capture grads"] == [lam0, lam1]  # step 5 switches the weight
+    assert rec.pools == [None, None] and len(step.graphs) == 1  # one graph a capture
     runs = [c for c in calls if c[0] == "run"]
     assert [r[3][0] for r in runs] == [10 * i for i in range(8)]  # each step's own tokens
     assert [r[2] for r in runs] == pytest.approx([0.1 * (i + 1) for i in range(8)])
     assert [float(r[0]) for r in results] == [10.0 * i for i in range(8)]  # copies, not the live buffer
     assert all(r is not out for r in results[2:])
     assert all(g["capturable"] for g in opt.param_groups)
+
+
+def test_graphed_step_with_the_ema_and_a_changing_number_of_micro_batches(monkeypatch):
+    """With the CPU EMA the step is two graphs sharing a pool, and the EMA's wait comes between their
+    replays, its update after them, with the step number the eager step gives it; a new number of
+    micro-batches (a batch ramp) frees the graphs and runs one step eagerly, then captures again."""
+    from moeforge.config import load_config
+    from moeforge.train import graph as graph_mod
+
+    rec = _GraphRecorder(monkeypatch)
+    calls = []
+    grads, update, _ = rec.stages(calls)
+
+    class EMA:  # records the hooks as CPUEMA's are called
+        def before_optimizer_step(self):
+            calls.append(("wait",))
+
+        def update(self, step):
+            calls.append(("ema", step))
+
+    cfg = load_config("tiny", None, ["train.optimizer=adamw", "train.steps=10"])
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    step = graph_mod.GraphedStep((grads, update), opt, cfg, torch.device("cpu"))
+    counts, results = [2, 2, 2, 2, 3, 3, 3], []
+    ema = EMA()
+    for i, n in enumerate(counts):
+        del calls[:]
+        results.append(step([torch.full((1, 3), 10 * i + j) for j in range(n)], i, 0.1, ema)[0])
+        kinds = [c[0] for c in calls]
+        step_run = ["run", "wait", "update", "ema"]
+        if i in (2, 5):  # captured (grads, then update in the first graph's pool), then replayed
+            assert kinds == ["capture grads", "capture update", *step_run], (i, kinds)
+            assert rec.pools[-2:] == [None, id(step.graphs[0])] and len(step.graphs) == 2
+        else:  # eager (warm-up; the first step of 3 micro-batches) or replayed
+            assert kinds == step_run, (i, kinds)
+        run = next(c for c in calls if c[0] == "run")
+        assert calls[-1] == ("ema", i + 1) and run[3] == [10 * i + j for j in range(n)]
+        if i == 4:
+            assert step.graphs == [] and step.key is None
+    assert [float(r[0]) for r in results] == [10.0 * i for i in range(len(counts))]

@@ -236,7 +236,7 @@ def test_cuda_graph_step_matches_the_eager_step(extra):
     from the same weights on the same data for 6 steps with a changing lr. Each step's losses (new
     data every step, so a stale replay would show) and the final weights agree to FP32 rounding of
     the lr arithmetic (the captured optimizer reads the lr from a device scalar): 1e-4 relative."""
-    from moeforge.train.graph import GraphedStep
+    from moeforge.train.graph import GraphedStep, one_process_step
     from moeforge.train.schedule import lr_at
 
     cfg = load_config("tiny", None, ["train.optimizer=adamw", "train.batch_size=4", "train.micro_batch_size=2",
@@ -256,14 +256,9 @@ def test_cuda_graph_step_matches_the_eager_step(extra):
         moe = model.moe_layers()
         losses = []
         if graphed:
-            def step_fn(ws, lam, gamma, lr):
-                sums = forward_backward(model, iter(ws), 2, lam, cfg, device, precision)
-                grad_norm, _, ratio = optimizer_update(model, optimizer, moe, cfg, 0, None, lr=lr, gamma=gamma)
-                return sums, grad_norm, ratio
-
-            step = GraphedStep(step_fn, optimizer, cfg, device)
+            step = GraphedStep(one_process_step(model, optimizer, moe, cfg, device, precision), optimizer, cfg, device)
             losses = [step(data[i], i, lr_at(i, cfg.train))[0] for i in range(6)]
-            assert step.graph is not None and step.calls == 6
+            assert step.graph is not None and len(step.graphs) == 1 and step.calls == 6
         else:
             for i in range(6):
                 losses.append(forward_backward(model, iter(data[i]), 2, cfg.train.mtp_lambda, cfg, device, precision))
@@ -276,28 +271,95 @@ def test_cuda_graph_step_matches_the_eager_step(extra):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-7)
 
 
-def test_training_with_cuda_graph(tmp_path):
-    """`moeforge train` with train.cuda_graph on the tiny preset: the logged losses of 5 steps (2 eager,
-    3 replayed) follow the eager run's (1e-4 relative), and the checkpoint's optimizer state holds
-    the lr as a number."""
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_cuda_graph_step_with_the_cpu_ema_and_a_changing_number_of_micro_batches(precision):
+    """The captured step with the CPU parameter EMA (two graphs sharing a pool, the optimizer's wait
+    for the EMA's copy between them) while the number of micro-batches changes (1, 2, then 3, as a
+    batch ramp does: one eager step for each new number, then a capture): 9 steps against eager ones
+    on the same data; the losses, the weights and the EMA agree to the captured lr's FP32 rounding
+    (1e-4 relative), and every replay computed its own step."""
+    from moeforge.train.ema import CPUEMA
+    from moeforge.train.graph import GraphedStep, one_process_step
+    from moeforge.train.schedule import lr_at
+
+    cfg = load_config("tiny", None, ["train.optimizer=adamw", "train.micro_batch_size=2", "train.seq_len=128",
+                                     "train.loss_chunk=100", "train.warmup_steps=3", "train.cuda_graph=true",
+                                     f"train.precision={precision}"])
+    device = torch.device("cuda")
+    counts = [1, 1, 1, 1, 2, 2, 2, 3, 3]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    data = [[torch.randint(0, cfg.model.vocab_size, (2, 129), device=device, generator=gen) for _ in range(n)]
+            for n in counts]
+    init, runs = None, []
+    for graphed in (False, True):
+        model = build_train_model(cfg, device, precision, None)
+        if init is None:
+            init = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(init)
+        optimizer = build_optimizer(model, cfg)
+        moe = model.moe_layers()
+        ema = CPUEMA(model, 0.8)
+        losses = []
+        if graphed:
+            step = GraphedStep(one_process_step(model, optimizer, moe, cfg, device, precision), optimizer, cfg, device)
+            for i, ws in enumerate(data):
+                losses.append(step(ws, i, lr_at(i, cfg.train), ema)[0])
+                if i in (3, 6, 8):  # replayed (captured at steps 2, 5 and 8)
+                    assert len(step.graphs) == 2 and step.key[2] == tuple(tuple(w.shape) for w in ws)
+                if i in (4, 7):  # the first step of a new number ran eagerly, the old graphs freed
+                    assert step.graphs == []
+        else:
+            for i, ws in enumerate(data):
+                losses.append(forward_backward(model, iter(ws), len(ws), cfg.train.mtp_lambda, cfg, device, precision))
+                optimizer_update(model, optimizer, moe, cfg, i, None, ema)
+        runs.append((torch.stack(losses), [p.detach().clone() for p in model.parameters()], ema.state_dict()))
+        ema.close()
+    (loss_e, w_e, ema_e), (loss_g, w_g, ema_g) = runs
+    assert len(set(loss_g[:, 0].tolist())) == len(counts)
+    torch.testing.assert_close(loss_g, loss_e, rtol=1e-4, atol=1e-6)
+    for a, b in zip(w_g, w_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-7)
+    assert ema_g.keys() == ema_e.keys()
+    for name in ema_e:
+        a, b = ema_g[name], ema_e[name]
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-7)
+    moved = sum(float((ema_e[n] - init[n].float().cpu()).abs().sum()) for n in ema_e if n in init)
+    assert moved > 0  # the average followed the weights
+
+
+@pytest.mark.parametrize("extra", [[], ["train.ema_decay=0.9", "train.micro_batch_size=2", "train.batch_size_start=2",
+                                        "train.batch_ramp_steps=8"]])
+def test_training_with_cuda_graph(tmp_path, extra):
+    """`moeforge train` with train.cuda_graph on the tiny preset: the logged losses of the steps (2
+    eager, then replayed; with the batch ramp from 1 to 3 micro-batches one eager step for each new
+    number) follow the eager run's (1e-4 relative), the checkpoint's optimizer state holds the lr as a
+    number, and the checkpointed CPU EMA is the eager run's."""
     import json
 
     from moeforge.train import checkpoint as ckpt
     from moeforge.train.trainer import Trainer
 
-    losses = []
+    steps = 8 if extra else 5
+    losses, emas = [], []
     for graph in (False, True):
         out = tmp_path / f"graph_{graph}"
-        cfg = load_config("tiny", None, ["train.optimizer=adamw", "train.steps=5", "train.log_every=1",
-                                         "train.checkpoint_every=5", "train.eval_every=0", f"train.out={out}",
-                                         f"train.cuda_graph={str(graph).lower()}"])
-        Trainer(cfg, progress=False).train()
+        cfg = load_config("tiny", None, ["train.optimizer=adamw", f"train.steps={steps}", "train.log_every=1",
+                                         f"train.checkpoint_every={steps}", "train.eval_every=0", f"train.out={out}",
+                                         f"train.cuda_graph={str(graph).lower()}", *extra])
+        trainer = Trainer(cfg, progress=False)
+        assert (trainer.graphed is not None) == graph
+        trainer.train()
         recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         losses.append([r["loss"] for r in recs if "loss" in r and "step" in r])
-        state = ckpt.load_checkpoint(ckpt.resolve_checkpoint(out), ("optimizer.pt",))["optimizer.pt"]
-        assert all(isinstance(g["lr"], float) for g in state["param_groups"])
-    assert len(losses[1]) == 5
+        parts = ckpt.load_checkpoint(ckpt.resolve_checkpoint(out), ("optimizer.pt", "state.pt"))
+        assert all(isinstance(g["lr"], float) for g in parts["optimizer.pt"]["param_groups"])
+        emas.append(parts["state.pt"].get("ema"))
+    assert len(losses[1]) == steps
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-6)
+    if extra:
+        assert [r["batch_size"] for r in recs if "batch_size" in r] == [2, 2, 2, 4, 4, 4, 6, 6]
+        for name, b in emas[0].items():
+            torch.testing.assert_close(emas[1][name], b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-7)
 
 
 def test_auto_switches_compile_and_capture_on_a_gpu(tmp_path, capsys):

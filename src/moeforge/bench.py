@@ -236,7 +236,7 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
     def run_step(timer_clock=None):
         marks = {}
         if graphed is not None:
-            sums = graphed(windows, step[0], lr_at(step[0], t))[0]
+            sums = graphed(windows, step[0], lr_at(step[0], t), ema)[0]
             step[0] += 1
             return sums, marks
         sums = forward_backward(model, iter(windows), n_micro, t.mtp_lambda, cfg, device, precision)

@@ -139,12 +139,8 @@ def graph_refusal(cfg: Config, device: torch.device, pctx=None) -> str | None:
         why = "one process only (the collectives of a distributed step are not captured)"
     elif cfg.parallel.pp > 1:
         why = "not with pipeline parallelism (parallel.pp > 1)"
-    elif t.ema_decay > 0:
-        why = "not with train.ema_decay (the EMA copies to host memory between steps)"
     elif t.optimizer != "adamw":
         why = "with train.optimizer=adamw only"
-    elif t.batch_size_start:
-        why = "not with a batch-size ramp (train.batch_size_start): the captured step has a fixed shape"
     return why
 
 

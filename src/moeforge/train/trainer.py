@@ -411,7 +411,7 @@ class Trainer:
         if self.graphed is not None:  # one process: the captured step (train/graph.py)
             lr = lr_at(self.step, t)
             sums, grad_norm, ratio = self.graphed([self.loader.next_batch(t.micro_batch) for _ in range(n_micro)],
-                                                  self.step, lr)
+                                                  self.step, lr, self.ema)
         else:
             if self.stages is not None:
                 sums = self._pipeline_step(n_micro, lam)
