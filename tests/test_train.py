@@ -380,6 +380,20 @@ def test_passes_note_names_the_passes_over_the_data():
     assert passes_note(MAX_PASSES, 100, 100) is None and passes_note(MAX_PASSES + 1, 100, 100) is not None
 
 
+def test_fp8_width_note_names_the_measured_ratios():
+    """An FP8 run on the GPU kernels at a hidden size below FP8_MIN_WIDTH (the `small` preset's 768)
+    is told at its start that BF16 is likely faster there; at the `bench` preset's 2048 and wider,
+    nothing."""
+    from moeforge.config import load_config
+    from moeforge.train.trainer import FP8_MIN_WIDTH, fp8_width_note
+
+    note = fp8_width_note(load_config("small", None, []).model.hidden_size)
+    assert note.startswith("note: at hidden size 768 FP8 is likely slower than BF16")
+    assert "--precision bf16" in note and "docs/fp8.md" in note and "\n" not in note
+    assert fp8_width_note(load_config("bench", None, []).model.hidden_size) is None
+    assert fp8_width_note(FP8_MIN_WIDTH - 128) is not None and fp8_width_note(7168) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. metrics.jsonl and the run folder
 # ---------------------------------------------------------------------------------------------

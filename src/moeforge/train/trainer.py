@@ -55,6 +55,19 @@ def passes_note(steps: int, tokens_per_step: int, train_tokens: int) -> str | No
             f"fewer steps (--steps) or more data (--data)")
 
 
+FP8_MIN_WIDTH = 2048  # the narrowest hidden size at which an FP8 step was measured faster than BF16
+
+
+def fp8_width_note(hidden: int) -> str | None:
+    """A one-line note for an FP8 run on the GPU kernels whose hidden size is below FP8_MIN_WIDTH,
+    where quantising the activations costs more than the FP8 GEMMs save, else None."""
+    if hidden >= FP8_MIN_WIDTH:
+        return None
+    return (f"note: at hidden size {hidden:,} FP8 is likely slower than BF16 (measured: 0.83-0.85x BF16's "
+            f"tokens/s at 768, the `small` preset, 1.08-1.14x at {FP8_MIN_WIDTH:,}, the `bench` preset; "
+            f"docs/fp8.md); --precision bf16 for speed")
+
+
 @torch.no_grad()
 def evaluate(model, tokens, token_bytes: torch.Tensor, seq_len: int, batch_size: int, device, precision,
              max_batches: int | None = None, shard: tuple[int, int] | None = None, reduce=None,
@@ -492,6 +505,11 @@ class Trainer:
             f"{self._speed_summary()} | data: {self.data.description}")
         if note := passes_note(total, t.batch_size * t.seq_len, int(self.data.train_meta["num_tokens"])):
             log(note)
+        if self.precision == "fp8" and (note := fp8_width_note(self.cfg.model.hidden_size)):
+            from ..fp8 import gpu
+
+            if gpu.kernels_on(self.device):  # (the CPU's emulation is slow at any width: the start line says so)
+                log(note)
         if summary := parallel_summary(self.cfg, self.pctx):
             log(summary)
 
