@@ -268,6 +268,23 @@ def test_bench_cli_reports_and_compares_with_transformers(cli, tmp_path):
     assert sum(v for k, v in split.items() if k != "total") == pytest.approx(split["total"], rel=0.05)
 
 
+def test_bench_vs_another_precision(cli, tmp_path):
+    """--vs PRECISION: the same steps again in that precision, after the first model is freed, each
+    result named by its precision, then the ratio of tokens/s; the JSON holds both."""
+    import json
+
+    out = tmp_path / "bench.json"
+    r = cli("bench", *BENCH_TINY, "--no-split", "--precision", "fp8", "--vs", "fp32", "--json", out)
+    assert r.rc == 0, r.err
+    assert "moeforge fp8:" in r.out and "bench: the same steps with precision fp32" in r.out
+    assert "moeforge fp32:" in r.out and "fp8 / fp32: " in r.out
+    first, second = json.loads(out.read_text())["results"]
+    assert (first["name"], second["name"]) == ("moeforge fp8", "moeforge fp32")
+    ratio = float(r.out.split("fp8 / fp32: ")[1].split("x")[0])
+    assert ratio == pytest.approx(first["tokens_per_s"] / second["tokens_per_s"], abs=0.01)
+    assert r.out.count("host syncs inside a step") == 2
+
+
 def test_bench_header_names_the_micro_batches(cli):
     """A step of several micro-batches (gradient accumulation) says so in the report's first line."""
     r = cli("bench", *BENCH_TINY[:-1], "4", "--no-split", "train.micro_batch_size=2")
@@ -323,6 +340,7 @@ def test_bench_vs_hf_reports_when_transformers_runs_out_of_memory(monkeypatch, c
 @pytest.mark.parametrize("args, fragments", [
     (["--steps", "0"], ["--steps"]),
     (["--vs", "hf", "--precision", "fp8"], ["transformers", "fp8"]),
+    (["--vs", "fp32", "--precision", "fp32"], ["--vs fp32", "already"]),
     (["train.recompute=attention"], ["train.recompute", "attention"]),
     (["train.compile=true", "train.recompute=norm"], ["train.compile"]),
 ])

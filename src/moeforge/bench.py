@@ -204,7 +204,8 @@ def captures_step(cfg: Config, device: torch.device, pctx, warmup: int) -> bool:
     return graph_on(cfg, device, pctx) and (cfg.train.cuda_graph is True or warmup > GRAPH_WARMUP)
 
 
-def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pctx=None) -> BenchResult:
+def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pctx=None,
+                   name: str = "moeforge") -> BenchResult:
     """pctx: the ParallelContext of a torchrun launch (None: one process)."""
     t = cfg.train
     if pctx is not None and (pctx.pp > 1 or t.ema_decay > 0):
@@ -254,7 +255,7 @@ def bench_moeforge(cfg: Config, steps: int, warmup: int, split: bool = True, pct
         dt_t = torch.tensor([dt], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(dt_t, op=torch.distributed.ReduceOp.MAX)
         dt = float(dt_t)
-    res = _result("moeforge", cfg, dt, steps, peak, device, pctx.world_size if pctx is not None else 1)
+    res = _result(name, cfg, dt, steps, peak, device, pctx.world_size if pctx is not None else 1)
     res.step_ms_spread, res.gpu_state = spread, gpu
     if device.type == "cuda":
         from .plan import model_state_memory
@@ -372,7 +373,7 @@ def format_result(r: BenchResult) -> str:
     if r.resident_gib is not None and r.planned_resident_gib is not None:
         lines.append(f"  allocated between steps: {r.resident_gib:.2f} GiB (moeforge plan: weights + optimizer state "
                      f"{r.planned_resident_gib:.2f} GiB)")
-    if r.name == "moeforge":
+    if r.name.startswith("moeforge"):
         lines.append(f"  host syncs inside a step: {r.host_syncs}")
     if r.split_ms:
         total = r.split_ms["total"]

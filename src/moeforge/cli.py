@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp8"], help="numerics (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first, for compilation and autotuning (default 3)")
-    p.add_argument("--vs", choices=["hf"], help="also measure transformers' DeepseekV3ForCausalLM on the same settings")
+    p.add_argument("--vs", choices=["hf", "fp32", "bf16", "fp8"],
+                   help="also measure transformers' DeepseekV3ForCausalLM on the same settings (hf), or the same "
+                        "steps in another precision (e.g. --precision fp8 --vs bf16), and print the ratio")
     p.add_argument("--no-split", action="store_true", help="skip the extra step that times each part")
     p.add_argument("--json", help="also write the results to this JSON file")
     _add_device(p)
@@ -734,21 +736,34 @@ def cmd_bench(args) -> int:
 
 
 def _bench(args, cfg, pctx) -> int:
+    import dataclasses
     import json
 
+    import torch
+
     from . import bench, parallel
+    from .config import validate
     from .train.speed import compile_on
     from .train.step import resolve_device, resolve_precision
 
     t = cfg.train
     device = pctx.device if pctx is not None else resolve_device(t.device)
     main_rank = pctx is None or pctx.is_main
-    if args.vs == "hf" and resolve_precision(t.precision, device) == "fp8":
+    precision = resolve_precision(t.precision, device)
+    if args.vs == "hf" and precision == "fp8":
         raise MoeforgeError("--vs hf: transformers has no FP8 training path to compare with; use --precision bf16")
     if args.vs == "hf" and pctx is not None:
         raise MoeforgeError("--vs hf: runs in one process (not under torchrun)")
+    other = None  # --vs PRECISION: the same settings in that precision
+    if args.vs not in (None, "hf"):
+        if args.vs == precision:
+            raise MoeforgeError(f"--vs {args.vs}: the run's precision is {precision} already; "
+                                f"choose another (--precision)")
+        other = dataclasses.replace(cfg, train=dataclasses.replace(t, precision=args.vs))
+        validate(other)
     if t.cuda_graph is True:  # (before anything is printed or built)
-        bench.check_graph_bench(cfg, device, pctx, args.warmup)
+        for c in (cfg, other or cfg):
+            bench.check_graph_bench(c, device, pctx, args.warmup)
     if pctx is not None:
         parallel.check_batch_sizes(t.micro_batch, pctx)
     layout = (f" | {pctx.world_size} ranks = dp {pctx.dp} x ep {pctx.ep}, sharding {pctx.sharding}"
@@ -756,14 +771,27 @@ def _bench(args, cfg, pctx) -> int:
     print_ = print if main_rank else (lambda *a, **k: None)  # rank 0 reports
     n_micro = t.batch_size // t.micro_batch
     accumulated = f" ({n_micro} micro-batches of {t.micro_batch})" if n_micro > 1 else ""
-    print_(f"bench: {t.batch_size} x {t.seq_len} tokens per step{accumulated}, precision {resolve_precision(t.precision, device)}, "
+    print_(f"bench: {t.batch_size} x {t.seq_len} tokens per step{accumulated}, precision {precision}, "
            f"compile {compile_on(cfg, device, pctx)}{', cuda_graph True' if bench.captures_step(cfg, device, pctx, args.warmup) else ''}, "
            f"recompute {t.recompute or 'none'}, "
            f"loss_chunk {t.loss_chunk}, device {device}{layout} | "
            f"{bench.describe_peak(device)}", flush=True)
-    results = [bench.bench_moeforge(cfg, args.steps, args.warmup, split=not args.no_split, pctx=pctx)]
+    results = [bench.bench_moeforge(cfg, args.steps, args.warmup, split=not args.no_split, pctx=pctx,
+                                    name=f"moeforge {precision}" if other is not None else "moeforge")]
     notes: list[str] = []
     print_(bench.format_result(results[0]), flush=True)
+    if other is not None:
+        bench.free_memory(device)
+        torch._dynamo.reset()  # (the first model's compiled blocks: the second compiles its own)
+        print_(f"bench: the same steps with precision {args.vs}", flush=True)
+        results.append(bench.bench_moeforge(other, args.steps, args.warmup, split=not args.no_split, pctx=pctx,
+                                            name=f"moeforge {args.vs}"))
+        print_(bench.format_result(results[1]), flush=True)
+        first, second = results
+        mem = (f", peak memory {first.peak_mem_gib / second.peak_mem_gib:.2f}x"
+               if first.peak_mem_gib and second.peak_mem_gib else "")
+        print_(f"{precision} / {args.vs}: {first.tokens_per_s / second.tokens_per_s:.2f}x tokens/s{mem} "
+               f"(one run each, one after the other)")
     if args.vs == "hf":
         bench.free_memory(device)
         if cfg.model.num_nextn_predict_layers:
