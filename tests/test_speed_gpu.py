@@ -228,6 +228,23 @@ def test_chunked_loss_weight_gradient_accumulates_in_fp32():
     assert (grad_w.double() - ref).norm() <= 1e-4 * ref.norm()
 
 
+def _random_micro_batches(cfg, counts: list[int], device: str = "cuda") -> list[list[torch.Tensor]]:
+    """For each step, counts[i] micro-batches of 2 random windows of 128 tokens (+1 target)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [[torch.randint(0, cfg.model.vocab_size, (2, 129), device=device, generator=gen) for _ in range(n)]
+            for n in counts]
+
+
+def _training_start(cfg, device, precision: str, init: dict | None):
+    """(model, optimizer, MoE layers, init): a training model loaded with the state dict `init` (None:
+    its own initialisation, returned as init for the next run to start from)."""
+    model = build_train_model(cfg, device, precision, None)
+    if init is None:
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(init)
+    return model, build_optimizer(model, cfg), model.moe_layers(), init
+
+
 @pytest.mark.parametrize("extra", [["train.precision=bf16"],
                                    ["train.precision=bf16", "train.adam_moments=bf16", "train.compile=true"],
                                    ["train.precision=fp8"]])
@@ -243,17 +260,10 @@ def test_cuda_graph_step_matches_the_eager_step(extra):
                                      "train.seq_len=128", "train.loss_chunk=100", "train.warmup_steps=3",
                                      "train.cuda_graph=true", *extra])
     device, precision = torch.device("cuda"), cfg.train.precision
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    data = [[torch.randint(0, cfg.model.vocab_size, (2, 129), device=device, generator=gen) for _ in range(2)]
-            for _ in range(6)]
+    data = _random_micro_batches(cfg, [2] * 6)
     init, runs = None, []
     for graphed in (False, True):
-        model = build_train_model(cfg, device, precision, None)
-        if init is None:
-            init = {k: v.clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(init)
-        optimizer = build_optimizer(model, cfg)
-        moe = model.moe_layers()
+        model, optimizer, moe, init = _training_start(cfg, device, precision, init)
         losses = []
         if graphed:
             step = GraphedStep(one_process_step(model, optimizer, moe, cfg, device, precision), optimizer, cfg, device)
@@ -287,17 +297,10 @@ def test_cuda_graph_step_with_the_cpu_ema_and_a_changing_number_of_micro_batches
                                      f"train.precision={precision}"])
     device = torch.device("cuda")
     counts = [1, 1, 1, 1, 2, 2, 2, 3, 3]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    data = [[torch.randint(0, cfg.model.vocab_size, (2, 129), device=device, generator=gen) for _ in range(n)]
-            for n in counts]
+    data = _random_micro_batches(cfg, counts)
     init, runs = None, []
     for graphed in (False, True):
-        model = build_train_model(cfg, device, precision, None)
-        if init is None:
-            init = {k: v.clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(init)
-        optimizer = build_optimizer(model, cfg)
-        moe = model.moe_layers()
+        model, optimizer, moe, init = _training_start(cfg, device, precision, init)
         ema = CPUEMA(model, 0.8)
         losses = []
         if graphed:
