@@ -17,7 +17,7 @@ from dist import DIST_MODEL
 from moeforge.config import load_config
 from moeforge.errors import MoeforgeError
 from moeforge.model import build_model, count_parameters
-from moeforge.plan import compute_plan, model_state_memory, parse_count
+from moeforge.plan import activation_memory, compute_plan, model_state_memory, parse_count, rank_activations
 from moeforge.train.step import build_optimizer
 
 MODEL = [*DIST_MODEL, "train.seq_len=32"]
@@ -140,6 +140,100 @@ def test_plan_command(cli):
 ])
 def test_plan_command_bad_input(cli, expect_error, argv, fragments):
     expect_error(cli("plan", *argv), "plan", *fragments)
+
+
+def _real_saved_bytes(cfg, sequences: int, bf16: bool) -> dict[str, int]:
+    """The same count as plan.activation_memory's, on real CPU tensors: the storages one training
+    forward saves for backward (each once, parameters left out) per decoder layer, MTP and the rest."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model, "cpu")
+    part, parts = ["rest"], {"rest": 0, "mtp": 0}
+    for name, m in [(f"layer {i}", m) for i, m in enumerate(model.layers)] + [("mtp", m) for m in model.mtp]:
+        parts[name] = 0
+        m.register_forward_pre_hook(lambda m, a, _n=name: part.__setitem__(0, _n))
+        m.register_forward_hook(lambda m, a, o: part.__setitem__(0, "rest"))
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    keep = []
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            keep.append(t)
+            parts[part[0]] += st.nbytes()
+        return t
+
+    tokens = torch.randint(0, cfg.model.vocab_size, (sequences, cfg.train.seq_len + 1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16,
+                                                                                     enabled=bf16):
+        model.losses(tokens[:, :-1], tokens[:, 1:])
+    return parts
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_activation_count_equals_a_real_forward(precision):
+    """The activations counted on fake tensors are what a real CPU forward saves for its backward, per
+    decoder layer, for the MTP module and the rest (the embedding, head and loss): equal in BF16
+    autocast; in FP32 within the grouped GEMMs' row offsets (a few int32 per expert GEMM), which the
+    FP32 count's stand-in GEMM does not save."""
+    cfg = load_config(None, None, [*MODEL, f"train.precision={precision}", "train.loss_chunk=0"])
+    count = activation_memory(cfg, 3)
+    real = _real_saved_bytes(cfg, 3, precision == "bf16")
+    counted = {**{f"layer {i}": b for i, b in enumerate(count.layers)}, "mtp": count.mtp, "rest": count.rest}
+    assert counted.keys() == real.keys() and count.counted_as == precision
+    for name, b in real.items():
+        assert b > 0
+        if precision == "bf16":
+            assert counted[name] == b, name
+        else:
+            assert 0 <= b - counted[name] <= 4 * 3 * cfg.model.n_routed_experts, name
+    assert count.total == sum(counted.values())
+
+
+def test_activation_count_per_rank():
+    """One micro-batch's activations per pipeline rank: 1F1B over 3 stages gives each rank its layer,
+    the first the embedding, head and loss, the last the MTP module; expert parallelism keeps E/ep of
+    the experts' weight copies (BF16 casts the grouped GEMMs save); full recomputation keeps each
+    block's input (FP32) and rebuilds the largest block in its backward; selective recomputation is
+    not counted; the loss in chunks saves less than the whole logits."""
+    cfg = load_config(None, None, [*MODEL, "train.precision=bf16"])
+    count = activation_memory(cfg, 2)
+    (one,) = rank_activations(cfg, count)
+    assert one == count.total
+    dense, *moe = count.layer_expert_copies
+    E, D, I = cfg.model.n_routed_experts, cfg.model.hidden_size, cfg.model.moe_intermediate_size
+    assert dense == 0 and moe == [3 * E * D * I * 2] * len(moe) and count.mtp_expert_copies == 3 * E * D * I * 2
+    copies = sum(count.layer_expert_copies) + count.mtp_expert_copies
+    assert rank_activations(cfg, count, ep=2) == [count.total - copies // 2]
+    piped = load_config(None, None, [*MODEL, "train.precision=bf16", "parallel.pp=3", "parallel.schedule=1f1b"])
+    assert rank_activations(piped, count) == [count.layers[0] + count.rest, count.layers[1],
+                                              count.layers[2] + count.mtp]
+    full = activation_memory(load_config(None, None, [*MODEL, "train.precision=bf16", "train.recompute=full"]), 2)
+    assert full.layers == (2 * cfg.train.seq_len * D * 4,) * cfg.model.num_hidden_layers
+    assert full.recomputed == max(count.layers) and full.rest == count.rest
+    with pytest.raises(MoeforgeError, match="selective recomputation"):
+        activation_memory(load_config(None, None, [*MODEL, "train.recompute=norm"]), 2)
+    plain = activation_memory(load_config(None, None, [*MODEL, "train.precision=bf16", "train.loss_chunk=0"]), 2)
+    chunked = activation_memory(load_config(None, None, [*MODEL, "train.precision=bf16", "train.loss_chunk=16"]), 2)
+    assert chunked.rest < plain.rest and chunked.layers == plain.layers
+
+
+def test_plan_command_counts_activations(cli):
+    """`moeforge plan` adds one micro-batch's activations per pipeline rank and the largest rank's
+    total with its model states: the bench preset's eager step does not fit 80 GiB (measured: 80.7
+    GiB, docs/plan.md); DeepSeek-V3's layout counts one sequence per GPU and 4 of 256 experts' copies."""
+    r = cli("plan", "--preset", "bench", "--gpu-memory", "80")
+    assert r.rc == 0, r.err
+    assert "activations of one micro-batch (8 x 4096 tokens per GPU; train.micro_batch_size 8)" in r.out
+    total = float(re.search(r"largest with one micro-batch: ([\d.]+) GiB \(pipeline rank 0\): does NOT fit in 80", r.out).group(1))
+    assert 75 < total < 95
+    r = cli("plan", "--preset", "v3-671b", "--gpus", "2048", "--gpu-memory", "80", "parallel.pp=16", "parallel.ep=64",
+            "parallel.schedule=dualpipev", "parallel.sharding=zero1", "train.micro_batch_size=128")
+    assert r.rc == 0, r.err
+    assert "over dp x ep = 128 ranks: 1 per GPU" in r.out and "weight copies for 4 of 256 experts" in r.out
+    assert re.search(r"^\s+2-15\s+[\d.]+\s+[\d.]+$", r.out, re.M) and "several micro-batches in flight" in r.out
+    r = cli("plan", "--preset", "tiny", "train.recompute=norm")
+    assert r.rc == 0 and "not counted with selective recomputation" in r.out
 
 
 def test_bench_reports_the_resident_memory_next_to_the_plan():

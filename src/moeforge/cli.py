@@ -375,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="memory per GPU and compute time/cost of a training run",
                        description="Plan a run: the model-state memory (FP32 weights and gradients, optimizer state) of "
-                                   "every GPU under the parallel.* layout, and, with --tokens, GPU-hours, days and cost "
-                                   "at an assumed MFU. Built on the meta device, no memory. See docs/plan.md.")
+                                   "every GPU under the parallel.* layout, one micro-batch's activations per GPU (counted on "
+                                   "fake tensors), and, with --tokens, GPU-hours, days and cost at an assumed MFU. "
+                                   "Built on the meta device, no memory. See docs/plan.md.")
     p.add_argument("--preset", help="a built-in preset (default tiny)")
     p.add_argument("--config", help="a TOML file")
     _add_checkpoint_config(p)
@@ -990,7 +991,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .plan import compute_plan, format_count, model_state_memory, parse_count
+    from .plan import activation_memory, compute_plan, format_count, model_state_memory, parse_count, rank_activations
 
     cfg = _command_config(args)
     p, t = cfg.parallel, cfg.train
@@ -1022,13 +1023,8 @@ def cmd_plan(args) -> int:
                      f"{r.optimizer / gib:.2f}", f"{r.total / gib:.2f}"))
     print(f"  {'pipeline rank':>13}  {'parameters':>11}  {'weights GiB':>11}  {'grads GiB':>9}  {'optimizer GiB':>13}  "
           f"{'total GiB':>9}")
-    start = 0
-    for i in range(1, p.pp + 1):  # consecutive equal rows as one range
-        if i == p.pp or rows[i] != rows[start]:
-            name = str(start) if i - 1 == start else f"{start}-{i - 1}"
-            params, w, g, o, tot = rows[start]
-            print(f"  {name:>13}  {params:>11}  {w:>11}  {g:>9}  {o:>13}  {tot:>9}")
-            start = i
+    for name, (params, w, g, o, tot) in _rank_ranges(rows):
+        print(f"  {name:>13}  {params:>11}  {w:>11}  {g:>9}  {o:>13}  {tot:>9}")
     largest = max(ranks, key=lambda r: r.total)
     line = f"largest: {largest.total / gib:.2f} GiB (pipeline rank {largest.pp_rank})"
     if args.gpu_memory is not None:
@@ -1036,6 +1032,7 @@ def cmd_plan(args) -> int:
         line += (f": fits in {args.gpu_memory:g} GiB, {left:.2f} GiB left for activations and buffers" if left > 0
                  else f": does NOT fit in {args.gpu_memory:g} GiB (short by {-left:.2f} GiB)")
     print(line)
+    _plan_activations(cfg, ranks, dp, args.gpu_memory, activation_memory, rank_activations)
     if compute is not None:
         c = compute
         print(f"compute: {c.flops_per_token / 1e9:.2f} GFLOP per token (seq_len {t.seq_len}) x {format_count(c.tokens)} tokens "
@@ -1045,6 +1042,56 @@ def cmd_plan(args) -> int:
         print(f"at {100 * c.mfu:.1f}% MFU of {args.peak_tflops:g} TFLOP/s: {c.tokens_per_gpu_second:,.0f} tokens/s per "
               f"GPU, {hours} GPU-hours, {c.days:,.3g} days on {n_gpus}{cost}")
     return 0
+
+
+def _rank_ranges(rows: list) -> list[tuple[str, object]]:
+    """Per pipeline rank rows -> (rank or "first-last", row), consecutive equal rows as one range."""
+    out, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[start]:
+            out.append((str(start) if i - 1 == start else f"{start}-{i - 1}", rows[start]))
+            start = i
+    return out
+
+
+def _plan_activations(cfg, ranks, dp: int, gpu_memory, activation_memory, rank_activations) -> None:
+    """`moeforge plan`'s activation lines: one micro-batch's, per pipeline rank, and the largest rank's
+    model states with them (plan.activation_memory)."""
+    p, t = cfg.parallel, cfg.train
+    data_ranks = dp * p.ep
+    per_gpu = -(-t.micro_batch // data_ranks)
+    split = (f"train.micro_batch_size {t.micro_batch} over dp x ep = {data_ranks} ranks: {per_gpu} per GPU"
+             + ("" if t.micro_batch % data_ranks == 0 else ", rounded up: training needs it divisible")
+             if data_ranks > 1 else f"train.micro_batch_size {t.micro_batch}")
+    try:
+        count = activation_memory(cfg, per_gpu)
+    except MoeforgeError as e:
+        print(f"{e}")
+        return
+    gib = 2 ** 30
+    how = "BF16 autocast" if count.counted_as == "bf16" else "FP32"
+    extra = (" (FP8: counted as BF16, FP8-saved Linear inputs take less)" if t.precision == "fp8" else "")
+    print(f"activations of one micro-batch ({per_gpu} x {t.seq_len} tokens per GPU; {split}), saved for backward "
+          f"in an eager step in {how}{extra}, counted on fake tensors"
+          + (", each block keeping its input (recompute full)" if count.recompute_full else "")
+          + (f", the routed experts' weight copies for {cfg.model.n_routed_experts // p.ep} of "
+             f"{cfg.model.n_routed_experts} experts and balanced routing" if p.ep > 1 else "") + ":")
+    per_rank = rank_activations(cfg, count, p.ep)
+    states = [max(r.total for r in ranks if r.pp_rank == i) for i in range(p.pp)]
+    print(f"  {'pipeline rank':>13}  {'activations GiB':>15}  {'with model states GiB':>21}")
+    rows = [(f"{a / gib:.2f}", f"{(a + st) / gib:.2f}") for a, st in zip(per_rank, states)]
+    for name, (a, total) in _rank_ranges(rows):
+        print(f"  {name:>13}  {a:>15}  {total:>21}")
+    worst = max(range(p.pp), key=lambda i: per_rank[i] + states[i])
+    line = f"largest with one micro-batch: {(per_rank[worst] + states[worst]) / gib:.2f} GiB (pipeline rank {worst})"
+    if gpu_memory is not None:
+        left = gpu_memory - (per_rank[worst] + states[worst]) / gib
+        line += (f": fits in {gpu_memory:g} GiB, {left:.2f} GiB left" if left > 0
+                 else f": does NOT fit in {gpu_memory:g} GiB (short by {-left:.2f} GiB)")
+    if p.pp > 1:
+        line += (f"; a pipeline schedule keeps several micro-batches in flight on each rank"
+                 f" ({p.schedule}{': up to pp - rank' if p.schedule == '1f1b' else ''})")
+    print(line)
 
 
 def cmd_plot(args) -> int:

@@ -14,9 +14,16 @@ training cuts it:
   FSDP2 stores each shard padded to the full ceil(rows / ranks) rows, so a rank with a short shard
   holds up to that padding more; the first rank, whose shards are full, is exact.
 Optimizer state per element: AdamW 8 bytes (two FP32 moments) or 4 (train.adam_moments=bf16);
-Muon 4 (its momentum) for the matrices it updates, AdamW's 8 for the rest. Not counted:
-activations (they depend on micro-batch, recomputation and schedule; `moeforge bench` measures
-them on one GPU), FP8 weight copies, communication buffers and the CUDA context.
+Muon 4 (its momentum) for the matrices it updates, AdamW's 8 for the rest. Not counted here: FP8
+weight copies, communication buffers and the CUDA context.
+
+Activations (activation_memory): the bytes one micro-batch's forward keeps for its backward,
+counted by running the model's training forward (`losses`) on fake tensors (no memory, no
+arithmetic) and adding up the storages autograd saves, each once, parameters left out, per decoder
+layer, MTP module and the rest (embedding, head and loss). That is exact for an eager step on a CPU
+(tests compare it with real tensors); on a GPU it is an estimate (its attention and loss kernels
+are other ones), above what a compiled step or an FP8 one (FP8-saved Linear inputs) keeps;
+docs/plan.md compares it with a measured peak.
 
 Compute: training FLOPs per token (train/metrics.py: 6 x activated matmul parameters + causal
 attention, MTP included) x tokens, run at an assumed MFU of a datasheet peak, gives GPU-hours,
@@ -27,6 +34,7 @@ BF16 peak (docs/plan.md).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -44,7 +52,8 @@ from .parallel.zero1 import assign_owners
 from .train.metrics import flops_per_token
 from .train.step import check_pipeline_sharding, optimizer_groups
 
-__all__ = ["RankMemory", "model_state_memory", "ComputePlan", "compute_plan", "format_count", "parse_count"]
+__all__ = ["RankMemory", "model_state_memory", "ActivationCount", "activation_memory", "rank_activations",
+           "ComputePlan", "compute_plan", "format_count", "parse_count"]
 
 WEIGHT_BYTES = GRAD_BYTES = 4  # FP32 master weights and gradients
 
@@ -136,6 +145,156 @@ def model_state_memory(cfg: Config, world_size: int) -> list[RankMemory]:
                             opt += local * opt_bytes[n]
                 ranks.append(RankMemory(pp_rank, dp_rank, ep_rank, held, held * WEIGHT_BYTES, held * GRAD_BYTES, opt))
     return ranks
+
+
+@dataclass(frozen=True)
+class ActivationCount:
+    """What one micro-batch's forward saves for backward, in bytes (activation_memory). Each part's
+    bytes include `*_expert_copies`: the routed experts' weights cast to the compute dtype (the
+    grouped GEMMs keep them for backward), which under expert parallelism a rank holds for its E/ep
+    experts only (rank_activations)."""
+
+    sequences: int
+    seq_len: int
+    counted_as: str  # "fp32" or "bf16" (BF16 autocast)
+    layers: tuple[int, ...]  # per decoder layer, in order
+    layer_expert_copies: tuple[int, ...]
+    mtp: int  # the MTP modules (their projections, norms and blocks)
+    mtp_expert_copies: int
+    rest: int  # the embedding, the head and the loss (the MTP heads' included)
+    recompute_full: bool  # layers: each block's input only (train.recompute=full)
+    recomputed: int  # with recompute_full: the largest block's activations, rebuilt in its backward
+
+    @property
+    def total(self) -> int:
+        return sum(self.layers) + self.mtp + self.rest
+
+
+class _Losses(nn.Module):
+    """model.losses as a module's forward (for torch.func.functional_call)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, targets):
+        return self.model.losses(inputs, targets)
+
+
+@contextlib.contextmanager
+def _fp32_grouped_mm(precision: str):
+    """For an FP32 count: the experts' grouped GEMM as a matmul of the same rows (x @ w[0]: it saves x
+    as torch's grouped GEMM does, the weight being a parameter), since the grouped GEMM's shape
+    function takes BF16 only, though its CPU kernel runs FP32."""
+    if precision != "fp32":
+        yield
+        return
+    from .model import moe
+
+    real = moe.grouped_mm
+    moe.grouped_mm = lambda x, w, offsets: x @ w[0]
+    try:
+        yield
+    finally:
+        moe.grouped_mm = real
+
+
+def _saved_bytes(cfg: Config, sequences: int, precision: str) -> tuple[dict[str, list[int]], int]:
+    """({part: [bytes saved for backward, of which the experts' weight copies]}, bytes of each block's
+    input) of one forward of `sequences` windows on fake CPU tensors; parts "layer i", "mtp", "rest"."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .model.head import set_loss_chunk
+    from .model.moe import Experts
+
+    model = build_model(cfg.model, "meta")
+    set_loss_chunk(model, cfg.train.loss_chunk)
+    part = ["rest"]
+    named = [(f"layer {i}", m) for i, m in enumerate(model.layers)] + [("mtp", m) for m in model.mtp]
+    for name, module in named:
+        module.register_forward_pre_hook(lambda m, a, _n=name: part.__setitem__(0, _n))
+        module.register_forward_hook(lambda m, a, o: part.__setitem__(0, "rest"))
+    parts = {name: [0, 0] for name, _ in named} | {"mtp": [0, 0], "rest": [0, 0]}
+    seen: set = set()
+    copies: set = set()  # storages of the experts' weights cast for their GEMMs
+    for m in model.modules():
+        if isinstance(m, Experts):
+            def dense_weights(dtype, _real=m.dense_weights):
+                ws = _real(dtype)
+                copies.update(id(w.untyped_storage()) for w in ws)
+                return ws
+            m.dense_weights = dense_weights  # (this model is built for the count only)
+    with FakeTensorMode():
+        state = {f"model.{n}": torch.empty(p.shape, dtype=p.dtype, requires_grad=p.requires_grad)
+                 for n, p in model.named_parameters()}
+        state.update({f"model.{n}": torch.zeros(b.shape, dtype=b.dtype) for n, b in model.named_buffers()})
+        params = {id(t.untyped_storage()) for t in state.values() if t.requires_grad}
+        keep = list(state.values())  # (storages stay alive: their ids are not reused)
+
+        def pack(t: torch.Tensor):
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key not in seen and key not in params:
+                seen.add(key)
+                keep.append(storage)
+                parts[part[0]][0] += storage.nbytes()
+                if key in copies:
+                    parts[part[0]][1] += storage.nbytes()
+            return t
+
+        tokens = torch.zeros(sequences, cfg.train.seq_len + 1, dtype=torch.long)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _fp32_grouped_mm(precision), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            torch.func.functional_call(_Losses(model), state, (tokens[:, :-1], tokens[:, 1:]))
+    residual = sequences * cfg.train.seq_len * cfg.model.hidden_size * 4  # the FP32 residual stream
+    return parts, residual
+
+
+def activation_memory(cfg: Config, sequences: int) -> ActivationCount:
+    """The bytes one micro-batch of `sequences` windows of train.seq_len tokens keeps for its
+    backward on one GPU (module doc), in the run's precision: FP32, or BF16 autocast for bf16, auto
+    (a GPU's default) and fp8 (counted as BF16: FP8-saved Linear inputs take less). With
+    train.recompute=full each block keeps only its input, and its backward rebuilds its activations
+    (`recomputed`, the largest block's). Raises MoeforgeError for selective recomputation, whose
+    saved tensors this count does not see."""
+    t = cfg.train
+    parts = t.recompute_parts
+    if parts and parts != ["full"]:
+        raise MoeforgeError(f"activations: not counted with selective recomputation (train.recompute={t.recompute}); "
+                            f"`moeforge bench` measures them on a GPU")
+    if sequences < 1:
+        raise MoeforgeError(f"activations: need at least one sequence per micro-batch, got {sequences}")
+    counted_as = "fp32" if t.precision == "fp32" else "bf16"
+    saved, residual = _saved_bytes(cfg, sequences, counted_as)
+    layers = [saved[f"layer {i}"] for i in range(cfg.model.num_hidden_layers)]
+    full = parts == ["full"]
+    return ActivationCount(sequences, t.seq_len, counted_as,
+                           tuple(residual if full else b for b, _ in layers),
+                           tuple(0 if full else c for _, c in layers), saved["mtp"][0], saved["mtp"][1],
+                           saved["rest"][0], full, max((b for b, _ in layers), default=0) if full else 0)
+
+
+def rank_activations(cfg: Config, count: ActivationCount, ep: int = 1) -> list[int]:
+    """Per pipeline rank, the bytes of one micro-batch's activations on its stages: its layers
+    (parallel.pp > 1: stage_layout's), with the embedding, head and loss on the first stage's rank
+    and the MTP modules on the last stage's; the experts' weight copies for E/ep experts; plus, with
+    recomputation, the largest block rebuilt in its backward. Under expert parallelism a rank's
+    experts are counted as receiving as many rows as its own tokens send (balanced routing)."""
+    pcfg = cfg.parallel
+    local = lambda b, c: b - c + c // ep  # noqa: E731
+    layers = [local(b, c) for b, c in zip(count.layers, count.layer_expert_copies)]
+    mtp = local(count.mtp, count.mtp_expert_copies)
+    if pcfg.pp == 1:
+        return [sum(layers) + mtp + count.rest + count.recomputed]
+    layout, n = stage_layout(cfg.model, pcfg), num_stages(pcfg)
+    out = []
+    for r in range(pcfg.pp):
+        stages = rank_stages(r, pcfg)
+        held = sum(layers[i] for s in stages for i in layout[s])
+        held += count.rest if 0 in stages else 0
+        held += mtp if n - 1 in stages else 0
+        out.append(held + count.recomputed)
+    return out
 
 
 @dataclass(frozen=True)
