@@ -213,6 +213,15 @@ def test_activation_count_per_rank():
     assert full.recomputed == max(count.layers) and full.rest == count.rest
     with pytest.raises(MoeforgeError, match="selective recomputation"):
         activation_memory(load_config(None, None, [*MODEL, "train.recompute=norm"]), 2)
+    recast = activation_memory(load_config(None, None, [*MODEL, "train.precision=bf16",
+                                                        "train.recompute=expert_casts"]), 2)
+    assert recast.layers == tuple(b - c for b, c in zip(count.layers, count.layer_expert_copies))
+    assert recast.mtp == count.mtp - count.mtp_expert_copies and recast.rest == count.rest
+    for extra, fragment in ((["train.recompute=expert_casts,swiglu"], "do not combine"),
+                            (["train.recompute=expert_casts,full"], "give it alone"),
+                            (["train.recompute=expert_casts", "parallel.sharding=full"], "sharding=full")):
+        with pytest.raises(MoeforgeError, match=fragment):
+            load_config(None, None, [*MODEL, *extra])
     plain = activation_memory(load_config(None, None, [*MODEL, "train.precision=bf16", "train.loss_chunk=0"]), 2)
     chunked = activation_memory(load_config(None, None, [*MODEL, "train.precision=bf16", "train.loss_chunk=16"]), 2)
     assert chunked.rest < plain.rest and chunked.layers == plain.layers

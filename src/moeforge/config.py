@@ -165,7 +165,7 @@ class TrainConfig:
     # torch.compile each decoder block (regional compilation); "auto": on a CUDA device where it applies
     # (train/speed.py compile_on)
     compile: bool | str = False
-    recompute: str = ""  # parts recomputed in backward: comma list of norm, mla_up, swiglu; or full
+    recompute: str = ""  # parts recomputed in backward: comma list of norm, mla_up, swiglu, expert_casts; or full
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (logits never in full)
     ema_decay: float = 0.0  # >0: keep an EMA of the parameters in CPU memory, updated off the step
     ema_every: int = 1  # update the EMA every this many steps (with decay ** ema_every)
@@ -215,7 +215,7 @@ class TrainConfig:
         return _comma_list(self.recompute)
 
 
-RECOMPUTE_PARTS = ("norm", "mla_up", "swiglu", "full")
+RECOMPUTE_PARTS = ("norm", "mla_up", "swiglu", "expert_casts", "full")
 ZERO_INIT_PARTS = ("proj", "head")  # model/transformer.py zero_initialised
 
 
@@ -454,6 +454,9 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
     bad = [p for p in parts if p not in RECOMPUTE_PARTS]
     _check(not bad, f"train.recompute: unknown part {bad[0]!r} (choose from {', '.join(RECOMPUTE_PARTS)})" if bad else "")
     _check("full" not in parts or len(parts) == 1, "train.recompute: 'full' already recomputes every part; give it alone")
+    _check(not {"expert_casts", "swiglu"} <= set(parts),
+           "train.recompute: expert_casts and swiglu do not combine (the routed experts' SwiGLU would be kept); "
+           "choose one")
     _check(t.compile is not True or parts in ([], ["full"]),
            "train.compile: can be combined with train.recompute=full only (selective parts run eagerly)")
     _check(t.loss_chunk >= 0, f"train.loss_chunk: must be >= 0, got {t.loss_chunk}")
@@ -496,6 +499,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.train.adam_moments == "fp32" or cfg.parallel.sharding in ("none", "zero1"),
            f"train.adam_moments=bf16: not supported with parallel.sharding={cfg.parallel.sharding} "
            f"(none and zero1 are)")
+    _check("expert_casts" not in cfg.train.recompute_parts or cfg.parallel.sharding in ("none", "zero1"),
+           f"train.recompute=expert_casts: not with parallel.sharding={cfg.parallel.sharding} (its cast in the "
+           f"backward is not tested against FSDP's resharding; none and zero1 keep whole weights)")
 
 
 # --------------------------------------------------------------------------------------

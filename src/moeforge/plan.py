@@ -215,21 +215,25 @@ def _saved_bytes(cfg: Config, sequences: int, precision: str) -> tuple[dict[str,
         module.register_forward_pre_hook(lambda m, a, _n=name: part.__setitem__(0, _n))
         module.register_forward_hook(lambda m, a, o: part.__setitem__(0, "rest"))
     parts = {name: [0, 0] for name, _ in named} | {"mtp": [0, 0], "rest": [0, 0]}
+    # storages by id, each id with its storage object held in `keep` (an id is unique while it lives)
     seen: set = set()
-    copies: set = set()  # storages of the experts' weights cast for their GEMMs
+    copies: set = set()  # the experts' weights cast for their GEMMs
+    keep: list = []
     for m in model.modules():
         if isinstance(m, Experts):
             def dense_weights(dtype, _real=m.dense_weights):
                 ws = _real(dtype)
-                copies.update(id(w.untyped_storage()) for w in ws)
+                for w in ws:
+                    keep.append(w.untyped_storage())
+                    copies.add(id(keep[-1]))
                 return ws
             m.dense_weights = dense_weights  # (this model is built for the count only)
     with FakeTensorMode():
         state = {f"model.{n}": torch.empty(p.shape, dtype=p.dtype, requires_grad=p.requires_grad)
                  for n, p in model.named_parameters()}
         state.update({f"model.{n}": torch.zeros(b.shape, dtype=b.dtype) for n, b in model.named_buffers()})
-        params = {id(t.untyped_storage()) for t in state.values() if t.requires_grad}
-        keep = list(state.values())  # (storages stay alive: their ids are not reused)
+        keep.extend(t.untyped_storage() for t in state.values())
+        params = {id(st) for st, t in zip(keep[-len(state):], state.values()) if t.requires_grad}
 
         def pack(t: torch.Tensor):
             storage = t.untyped_storage()
@@ -255,17 +259,21 @@ def activation_memory(cfg: Config, sequences: int) -> ActivationCount:
     backward on one GPU (module doc), in the run's precision: FP32, or BF16 autocast for bf16, auto
     (a GPU's default) and fp8 (counted as BF16: FP8-saved Linear inputs take less). With
     train.recompute=full each block keeps only its input, and its backward rebuilds its activations
-    (`recomputed`, the largest block's). Raises MoeforgeError for selective recomputation, whose
-    saved tensors this count does not see."""
+    (`recomputed`, the largest block's); with expert_casts the experts' weight copies are not kept.
+    Raises MoeforgeError for the other parts of selective recomputation, whose saved tensors this
+    count does not see."""
     t = cfg.train
     parts = t.recompute_parts
-    if parts and parts != ["full"]:
+    if [p for p in parts if p not in ("full", "expert_casts")]:
         raise MoeforgeError(f"activations: not counted with selective recomputation (train.recompute={t.recompute}); "
                             f"`moeforge bench` measures them on a GPU")
     if sequences < 1:
         raise MoeforgeError(f"activations: need at least one sequence per micro-batch, got {sequences}")
     counted_as = "fp32" if t.precision == "fp32" else "bf16"
     saved, residual = _saved_bytes(cfg, sequences, counted_as)
+    if "expert_casts" in parts:  # counted with the copies (recast_in_backward's hooks would hide the
+        # experts' other saved tensors from this count), then taken out
+        saved = {name: [b - c, 0] for name, (b, c) in saved.items()}
     layers = [saved[f"layer {i}"] for i in range(cfg.model.num_hidden_layers)]
     full = parts == ["full"]
     return ActivationCount(sequences, t.seq_len, counted_as,

@@ -12,6 +12,7 @@ G groups, I expert intermediate size, N = T*K routed token copies.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -106,8 +107,43 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
     return torch.cat(out) if out else x.new_zeros(0, w.shape[-1])
 
 
+@contextlib.contextmanager
+def recast_in_backward(params, casts):
+    """Inside: autograd saves, instead of each tensor of `casts` (params[i] cast to another dtype; or
+    a view of one), the parameter and the view's geometry, and casts it again in the backward: a
+    layer's weight copies in the compute dtype no longer live from its forward to its backward. The
+    cast is deterministic, so the backward sees the same values. Nothing changes where no cast was
+    made (same dtype), without autograd, or under torch.compile (which decides what it saves itself)."""
+    pairs = [(p, c) for p, c in zip(params, casts) if c.dtype != p.dtype]
+    if not pairs or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        yield
+        return
+    # keyed by the storage objects' ids, the objects held here: an id is unique while its object lives
+    by_storage = {id(st): (st, p, c.dtype) for p, c in pairs for st in (c.untyped_storage(),)}
+
+    def pack(t: torch.Tensor):
+        hit = by_storage.get(id(t.untyped_storage()))
+        if hit is None:
+            return t
+        return (hit[1], hit[2], t.size(), t.stride(), t.storage_offset())
+
+    def unpack(saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        p, dtype, size, stride, offset = saved
+        return p.detach().to(dtype).as_strided(size, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
 class Experts(nn.Module):
-    """E routed SwiGLU experts stored as stacked weights (paper names w1 gate, w3 up, w2 down)."""
+    """E routed SwiGLU experts stored as stacked weights (paper names w1 gate, w3 up, w2 down).
+
+    recast_weights (train.recompute=expert_casts): the weights cast to the compute dtype are cast
+    again in the backward instead of being kept from the forward (recast_in_backward)."""
+
+    recast_weights: bool = False
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
@@ -127,9 +163,11 @@ class Experts(nn.Module):
         dtype = compute_dtype(x)
         x = x.to(dtype)
         offsets = counts.cumsum(0).to(torch.int32)
-        w1, w3, w2 = (w.transpose(1, 2) for w in self.dense_weights(dtype))
-        h = F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets)  # [N, I]
-        return grouped_mm(h, w2, offsets)  # [N, D]
+        casts = self.dense_weights(dtype)
+        w1, w3, w2 = (w.transpose(1, 2) for w in casts)
+        with recast_in_backward((self.w1, self.w3, self.w2), casts) if self.recast_weights else contextlib.nullcontext():
+            h = F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets)  # [N, I]
+            return grouped_mm(h, w2, offsets)  # [N, D]
 
     def forward_combined(self, rows: "SpreadRows", counts: torch.Tensor, weights: torch.Tensor, dispatcher,
                          ctx, n_tokens: int) -> torch.Tensor:

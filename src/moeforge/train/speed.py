@@ -9,9 +9,12 @@ recomputed from the kept tensors around them:
   norm    every RMSNorm (attention, FFN, q/kv latent, MTP norms);
   mla_up  MLA's up-projections wq_b and wkv_b;
   swiglu  the SwiGLU activation silu(w1 x) * w3 x of dense FFNs, shared and routed experts;
+  expert_casts  the routed experts' weights cast to the compute dtype (BF16 under autocast), which
+          their grouped GEMMs would otherwise keep from forward to backward: a copy of every
+          expert's weights per MoE layer and micro-batch (moe.recast_in_backward);
   full    the whole decoder block (only its input is kept; the classic activation checkpoint).
-The parts run as torch's selective activation checkpointing over each block: ops inside a listed
-part are recomputed, every other op's output is kept as without recomputation.
+The first three run as torch's selective activation checkpointing over each block: ops inside a
+listed part are recomputed, every other op's output is kept as without recomputation.
 
 `compile_on` and `graph_on` decide train.compile and train.cuda_graph for a run: true and false as
 set, "auto" by the device and the settings (on a GPU where the switch applies, else off).
@@ -43,6 +46,11 @@ def blocks(model: nn.Module) -> list[Block]:
 
 def apply_recompute(model: nn.Module, parts: list[str]) -> nn.Module:
     """Recompute the listed parts in backward (see the module docstring). Call before apply_compile."""
+    if "expert_casts" in parts:
+        for m in model.modules():
+            if isinstance(m, Experts):
+                m.recast_weights = True
+        parts = [p for p in parts if p != "expert_casts"]
     if not parts:
         return model
     if parts == ["full"]:
