@@ -991,7 +991,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .plan import activation_memory, compute_plan, format_count, model_state_memory, parse_count, rank_activations
+    from .plan import compute_plan, format_count, model_state_memory, parse_count
 
     cfg = _command_config(args)
     p, t = cfg.parallel, cfg.train
@@ -1032,7 +1032,7 @@ def cmd_plan(args) -> int:
         line += (f": fits in {args.gpu_memory:g} GiB, {left:.2f} GiB left for activations and buffers" if left > 0
                  else f": does NOT fit in {args.gpu_memory:g} GiB (short by {-left:.2f} GiB)")
     print(line)
-    _plan_activations(cfg, ranks, dp, args.gpu_memory, activation_memory, rank_activations)
+    _plan_activations(cfg, ranks, dp, args.gpu_memory)
     if compute is not None:
         c = compute
         print(f"compute: {c.flops_per_token / 1e9:.2f} GFLOP per token (seq_len {t.seq_len}) x {format_count(c.tokens)} tokens "
@@ -1054,9 +1054,12 @@ def _rank_ranges(rows: list) -> list[tuple[str, object]]:
     return out
 
 
-def _plan_activations(cfg, ranks, dp: int, gpu_memory, activation_memory, rank_activations) -> None:
-    """`moeforge plan`'s activation lines: one micro-batch's, per pipeline rank, and the largest rank's
-    model states with them (plan.activation_memory)."""
+def _plan_activations(cfg, ranks, dp: int, gpu_memory) -> None:
+    """`moeforge plan`'s activation lines: one micro-batch's per pipeline rank, under a pipeline those
+    alive at the schedule's peak, and the largest rank's total with its model states
+    (plan.activation_memory, plan.in_flight_peaks)."""
+    from .plan import activation_memory, in_flight_peaks, rank_activations, stage_activations
+
     p, t = cfg.parallel, cfg.train
     data_ranks = dp * p.ep
     per_gpu = -(-t.micro_batch // data_ranks)
@@ -1078,19 +1081,31 @@ def _plan_activations(cfg, ranks, dp: int, gpu_memory, activation_memory, rank_a
              f"{cfg.model.n_routed_experts} experts and balanced routing" if p.ep > 1 else "") + ":")
     per_rank = rank_activations(cfg, count, p.ep)
     states = [max(r.total for r in ranks if r.pp_rank == i) for i in range(p.pp)]
-    print(f"  {'pipeline rank':>13}  {'activations GiB':>15}  {'with model states GiB':>21}")
-    rows = [(f"{a / gib:.2f}", f"{(a + st) / gib:.2f}") for a, st in zip(per_rank, states)]
-    for name, (a, total) in _rank_ranges(rows):
-        print(f"  {name:>13}  {a:>15}  {total:>21}")
-    worst = max(range(p.pp), key=lambda i: per_rank[i] + states[i])
-    line = f"largest with one micro-batch: {(per_rank[worst] + states[worst]) / gib:.2f} GiB (pipeline rank {worst})"
+    n_micro = t.batch_size // t.micro_batch
+    peaks = in_flight_peaks(cfg, stage_activations(cfg, count, p.ep), n_micro) if p.pp > 1 else None
+    if peaks is not None:  # the schedule's peak: several micro-batches alive on each rank
+        print(f"  {'pipeline rank':>13}  {'one micro-batch GiB':>19}  {'at the schedule peak GiB':>24}  "
+              f"{'with model states GiB':>21}")
+        held = [b + count.recomputed(p.ep) for b, _ in peaks]
+        rows = [(f"{a / gib:.2f}", f"{h / gib:.2f} ({k})", f"{(h + st) / gib:.2f}")
+                for a, (_, k), h, st in zip(per_rank, peaks, held, states)]
+        for name, (a, h, total) in _rank_ranges(rows):
+            print(f"  {name:>13}  {a:>19}  {h:>24}  {total:>21}")
+        what = (f"at the {p.schedule} schedule's peak over {n_micro} micro-batches (in brackets: micro-batch "
+                f"stages alive then; each counted until its last backward pass)")
+    else:
+        print(f"  {'pipeline rank':>13}  {'activations GiB':>15}  {'with model states GiB':>21}")
+        held = per_rank
+        rows = [(f"{a / gib:.2f}", f"{(a + st) / gib:.2f}") for a, st in zip(per_rank, states)]
+        for name, (a, total) in _rank_ranges(rows):
+            print(f"  {name:>13}  {a:>15}  {total:>21}")
+        what = "with one micro-batch" if p.pp == 1 else "with one micro-batch (the schedule's order not modelled)"
+    worst = max(range(p.pp), key=lambda i: held[i] + states[i])
+    line = f"largest {what}: {(held[worst] + states[worst]) / gib:.2f} GiB (pipeline rank {worst})"
     if gpu_memory is not None:
-        left = gpu_memory - (per_rank[worst] + states[worst]) / gib
+        left = gpu_memory - (held[worst] + states[worst]) / gib
         line += (f": fits in {gpu_memory:g} GiB, {left:.2f} GiB left" if left > 0
                  else f": does NOT fit in {gpu_memory:g} GiB (short by {-left:.2f} GiB)")
-    if p.pp > 1:
-        line += (f"; a pipeline schedule keeps several micro-batches in flight on each rank"
-                 f" ({p.schedule}{': up to pp - rank' if p.schedule == '1f1b' else ''})")
     print(line)
 
 

@@ -20,10 +20,11 @@ weight copies, communication buffers and the CUDA context.
 Activations (activation_memory): the bytes one micro-batch's forward keeps for its backward,
 counted by running the model's training forward (`losses`) on fake tensors (no memory, no
 arithmetic) and adding up the storages autograd saves, each once, parameters left out, per decoder
-layer, MTP module and the rest (embedding, head and loss). That is exact for an eager step on a CPU
+layer, MTP module, output head with its loss, and the rest (the embedding). That is exact for an eager step on a CPU
 (tests compare it with real tensors); on a GPU it is an estimate (its attention and loss kernels
 are other ones), above what a compiled step or an FP8 one (FP8-saved Linear inputs) keeps;
-docs/plan.md compares it with a measured peak.
+docs/plan.md compares it with a measured peak. Under a pipeline, in_flight_peaks replays the
+schedule's action order to find how many micro-batches' stages a rank holds at once.
 
 Compute: training FLOPs per token (train/metrics.py: 6 x activated matmul parameters + causal
 attention, MTP included) x tokens, run at an assumed MFU of a datasheet peak, gives GPU-hours,
@@ -47,12 +48,13 @@ from .errors import MoeforgeError
 from .model import build_model
 from .parallel.expert import expert_names
 from .parallel.mesh import resolve_layout
-from .parallel.pipeline import StageModule, mtp_mode, num_stages, rank_stages, stage_layout
+from .parallel.pipeline import StageModule, mtp_mode, num_stages, rank_stages, stage_layout, stage_rank
 from .parallel.zero1 import assign_owners
 from .train.metrics import flops_per_token
 from .train.step import check_pipeline_sharding, optimizer_groups
 
-__all__ = ["RankMemory", "model_state_memory", "ActivationCount", "activation_memory", "rank_activations",
+__all__ = ["RankMemory", "model_state_memory", "ActivationCount", "activation_memory", "stage_activations",
+           "rank_activations", "in_flight_peaks",
            "ComputePlan", "compute_plan", "format_count", "parse_count"]
 
 WEIGHT_BYTES = GRAD_BYTES = 4  # FP32 master weights and gradients
@@ -157,17 +159,34 @@ class ActivationCount:
     sequences: int
     seq_len: int
     counted_as: str  # "fp32" or "bf16" (BF16 autocast)
-    layers: tuple[int, ...]  # per decoder layer, in order
+    layers: tuple[int, ...]  # per decoder layer, in order: what its forward saves (without recomputation)
     layer_expert_copies: tuple[int, ...]
     mtp: int  # the MTP modules (their projections, norms and blocks)
     mtp_expert_copies: int
-    rest: int  # the embedding, the head and the loss (the MTP heads' included)
-    recompute_full: bool  # layers: each block's input only (train.recompute=full)
-    recomputed: int  # with recompute_full: the largest block's activations, rebuilt in its backward
+    head: int  # the output head and the loss (the MTP depths' included)
+    rest: int  # the embedding and whatever runs outside the layers, MTP modules and head
+    # train.recompute=full: each block keeps only its input (block_input bytes) and its backward
+    # rebuilds what `layers` counts, one block at a time
+    recompute_full: bool
+    block_input: int
+
+    def kept(self, ep: int = 1) -> list[int]:
+        """Per decoder layer, the bytes kept from forward to backward, the experts' weight copies for
+        E/ep experts."""
+        if self.recompute_full:
+            return [self.block_input] * len(self.layers)
+        return [b - c + c // ep for b, c in zip(self.layers, self.layer_expert_copies)]
+
+    def recomputed(self, ep: int = 1) -> int:
+        """With recompute_full, the largest block's activations, rebuilt in its backward; else 0."""
+        if not self.recompute_full:
+            return 0
+        return max((b - c + c // ep for b, c in zip(self.layers, self.layer_expert_copies)), default=0)
 
     @property
     def total(self) -> int:
-        return sum(self.layers) + self.mtp + self.rest
+        """One process: every layer's kept bytes, the MTP modules, head, loss and embedding."""
+        return sum(self.kept()) + self.mtp + self.head + self.rest
 
 
 class _Losses(nn.Module):
@@ -201,7 +220,8 @@ def _fp32_grouped_mm(precision: str):
 
 def _saved_bytes(cfg: Config, sequences: int, precision: str) -> tuple[dict[str, list[int]], int]:
     """({part: [bytes saved for backward, of which the experts' weight copies]}, bytes of each block's
-    input) of one forward of `sequences` windows on fake CPU tensors; parts "layer i", "mtp", "rest"."""
+    input) of one forward of `sequences` windows on fake CPU tensors; parts "layer i", "mtp", "head",
+    "rest"."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .model.head import set_loss_chunk
@@ -210,11 +230,12 @@ def _saved_bytes(cfg: Config, sequences: int, precision: str) -> tuple[dict[str,
     model = build_model(cfg.model, "meta")
     set_loss_chunk(model, cfg.train.loss_chunk)
     part = ["rest"]
-    named = [(f"layer {i}", m) for i, m in enumerate(model.layers)] + [("mtp", m) for m in model.mtp]
+    named = ([(f"layer {i}", m) for i, m in enumerate(model.layers)] + [("mtp", m) for m in model.mtp]
+             + [("head", model.head)])
     for name, module in named:
         module.register_forward_pre_hook(lambda m, a, _n=name: part.__setitem__(0, _n))
         module.register_forward_hook(lambda m, a, o: part.__setitem__(0, "rest"))
-    parts = {name: [0, 0] for name, _ in named} | {"mtp": [0, 0], "rest": [0, 0]}
+    parts = {name: [0, 0] for name, _ in named} | {"mtp": [0, 0], "head": [0, 0], "rest": [0, 0]}
     # storages by id, each id with its storage object held in `keep` (an id is unique while it lives)
     seen: set = set()
     copies: set = set()  # the experts' weights cast for their GEMMs
@@ -259,7 +280,7 @@ def activation_memory(cfg: Config, sequences: int) -> ActivationCount:
     backward on one GPU (module doc), in the run's precision: FP32, or BF16 autocast for bf16, auto
     (a GPU's default) and fp8 (counted as BF16: FP8-saved Linear inputs take less). With
     train.recompute=full each block keeps only its input, and its backward rebuilds its activations
-    (`recomputed`, the largest block's); with expert_casts the experts' weight copies are not kept.
+    (ActivationCount.recomputed); with expert_casts the experts' weight copies are not kept.
     Raises MoeforgeError for the other parts of selective recomputation, whose saved tensors this
     count does not see."""
     t = cfg.train
@@ -276,33 +297,96 @@ def activation_memory(cfg: Config, sequences: int) -> ActivationCount:
         saved = {name: [b - c, 0] for name, (b, c) in saved.items()}
     layers = [saved[f"layer {i}"] for i in range(cfg.model.num_hidden_layers)]
     full = parts == ["full"]
-    return ActivationCount(sequences, t.seq_len, counted_as,
-                           tuple(residual if full else b for b, _ in layers),
-                           tuple(0 if full else c for _, c in layers), saved["mtp"][0], saved["mtp"][1],
-                           saved["rest"][0], full, max((b for b, _ in layers), default=0) if full else 0)
+    return ActivationCount(sequences, t.seq_len, counted_as, tuple(b for b, _ in layers), tuple(c for _, c in layers),
+                           saved["mtp"][0], saved["mtp"][1], saved["head"][0], saved["rest"][0], full, residual)
+
+
+def stage_activations(cfg: Config, count: ActivationCount, ep: int = 1) -> list[int]:
+    """Per pipeline stage (stage_layout's; one stage for pp 1), the bytes one micro-batch leaves on it:
+    its layers, the embedding on the first stage, the MTP modules, the head and the loss on the last,
+    the experts' weight copies for E/ep experts. Under expert parallelism a rank's experts are
+    counted as receiving as many rows as its own tokens send (balanced routing)."""
+    layers = count.kept(ep)
+    mtp = count.mtp - count.mtp_expert_copies + count.mtp_expert_copies // ep
+    layout = stage_layout(cfg.model, cfg.parallel) if cfg.parallel.pp > 1 else [list(range(len(layers)))]
+    out = [sum(layers[i] for i in stage) for stage in layout]
+    out[0] += count.rest
+    out[-1] += mtp + count.head
+    return out
 
 
 def rank_activations(cfg: Config, count: ActivationCount, ep: int = 1) -> list[int]:
-    """Per pipeline rank, the bytes of one micro-batch's activations on its stages: its layers
-    (parallel.pp > 1: stage_layout's), with the embedding, head and loss on the first stage's rank
-    and the MTP modules on the last stage's; the experts' weight copies for E/ep experts; plus, with
-    recomputation, the largest block rebuilt in its backward. Under expert parallelism a rank's
-    experts are counted as receiving as many rows as its own tokens send (balanced routing)."""
+    """Per pipeline rank, the bytes of one micro-batch's activations on its stages (stage_activations),
+    plus, with recomputation, the largest block rebuilt in its backward."""
+    per_stage, extra = stage_activations(cfg, count, ep), count.recomputed(ep)
+    if cfg.parallel.pp == 1:
+        return [per_stage[0] + extra]
+    return [sum(per_stage[s] for s in rank_stages(r, cfg.parallel)) + extra for r in range(cfg.parallel.pp)]
+
+
+def _schedule_order(pcfg, n_micro: int) -> dict[int, list]:
+    """torch's action order of the schedule on every pipeline rank ({rank: [action or None]}), built
+    from stand-in stages (no process group, no model): what the runtime would execute."""
+    from torch.distributed.pipelining import (ScheduleDualPipeV, ScheduleInterleaved1F1B,
+                                              ScheduleZBVZeroBubble)
+    from torch.distributed.pipelining.stage import _PipelineStageBase
+
+    class _Stage(_PipelineStageBase):  # what the schedules read of a stage to plan their order
+        def __init__(self, index: int):
+            self.stage_index, self.num_stages = index, num_stages(pcfg)
+            self.group_size, self.group_rank = pcfg.pp, stage_rank(index, pcfg)
+            self.submod, self.has_backward, self.dw_builder = nn.Identity(), True, None
+
+        is_first = property(lambda self: self.stage_index == 0)
+        is_last = property(lambda self: self.stage_index == self.num_stages - 1)
+
+        def _create_grad_recv_info(self, *args, **kwargs):
+            pass
+
+        _prepare_forward_infra = _prepare_backward_infra = _create_grad_recv_info
+
+    cls = {"interleaved1f1b": ScheduleInterleaved1F1B, "zbv": ScheduleZBVZeroBubble,
+           "dualpipev": ScheduleDualPipeV}[pcfg.schedule]
+    schedule = cls([_Stage(s) for s in rank_stages(0, pcfg)], n_micro, loss_fn=lambda *a: None, scale_grads=False)
+    return schedule.pipeline_order
+
+
+def in_flight_peaks(cfg: Config, per_stage: list[int], n_micro: int) -> list[tuple[int, int]] | None:
+    """Per pipeline rank, (the most activation bytes alive at once, micro-batch stages alive then) when
+    its schedule runs n_micro micro-batches, one micro-batch on stage s leaving per_stage[s] bytes
+    from its forward to its last backward action (its full backward, or with a split backward its
+    weight pass: an upper bound, as the input pass frees part). 1F1B: rank r holds up to
+    min(n_micro, pp - r) micro-batches. The other schedules from torch's own action order
+    (_schedule_order) for at most 4 x pp micro-batches: their peak comes in the warm-up, within the
+    first 2 x pp (pp 4, 8, 16: the same peak for 2, 4, 6 and 8 x pp), and the order of thousands
+    takes torch minutes to build. None where that order cannot be built."""
     pcfg = cfg.parallel
-    local = lambda b, c: b - c + c // ep  # noqa: E731
-    layers = [local(b, c) for b, c in zip(count.layers, count.layer_expert_copies)]
-    mtp = local(count.mtp, count.mtp_expert_copies)
     if pcfg.pp == 1:
-        return [sum(layers) + mtp + count.rest + count.recomputed]
-    layout, n = stage_layout(cfg.model, pcfg), num_stages(pcfg)
-    out = []
+        return [(per_stage[0], 1)]
+    if pcfg.schedule == "1f1b":
+        return [(per_stage[r] * min(n_micro, pcfg.pp - r), min(n_micro, pcfg.pp - r)) for r in range(pcfg.pp)]
+    try:
+        order = _schedule_order(pcfg, min(n_micro, 4 * pcfg.pp))
+    except Exception:  # noqa: BLE001 - a torch whose schedules plan differently: not modelled
+        return None
+    from torch.distributed.pipelining.schedules import _ComputationType as Kind
+
+    frees = {Kind.FULL_BACKWARD, Kind.BACKWARD_WEIGHT}
+    peaks = []
     for r in range(pcfg.pp):
-        stages = rank_stages(r, pcfg)
-        held = sum(layers[i] for s in stages for i in layout[s])
-        held += count.rest if 0 in stages else 0
-        held += mtp if n - 1 in stages else 0
-        out.append(held + count.recomputed)
-    return out
+        alive: set = set()
+        peak = (0, 0)
+        for action in order[r]:
+            for a in (action.sub_actions or (action,)) if action is not None else ():
+                key = (a.stage_index, a.microbatch_index)
+                if a.computation_type == Kind.FORWARD:
+                    alive.add(key)
+                    held = sum(per_stage[s] for s, _ in alive)
+                    peak = max(peak, (held, len(alive)))
+                elif a.computation_type in frees:
+                    alive.discard(key)
+        peaks.append(peak)
+    return peaks
 
 
 @dataclass(frozen=True)
