@@ -763,7 +763,7 @@ def _bench(args, cfg, pctx) -> int:
         other = dataclasses.replace(cfg, train=dataclasses.replace(t, precision=args.vs))
         validate(other)
     if t.cuda_graph is True:  # (before anything is printed or built)
-        for c in (cfg, other or cfg):
+        for c in [cfg] + ([other] if other is not None else []):
             bench.check_graph_bench(c, device, pctx, args.warmup)
     if pctx is not None:
         parallel.check_batch_sizes(t.micro_batch, pctx)

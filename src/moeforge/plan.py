@@ -170,23 +170,28 @@ class ActivationCount:
     recompute_full: bool
     block_input: int
 
+    def forwards(self, ep: int = 1) -> list[int]:
+        """Per decoder layer, what its forward saves, the experts' weight copies for E/ep experts."""
+        return [_local(b, c, ep) for b, c in zip(self.layers, self.layer_expert_copies)]
+
     def kept(self, ep: int = 1) -> list[int]:
-        """Per decoder layer, the bytes kept from forward to backward, the experts' weight copies for
-        E/ep experts."""
-        if self.recompute_full:
-            return [self.block_input] * len(self.layers)
-        return [b - c + c // ep for b, c in zip(self.layers, self.layer_expert_copies)]
+        """Per decoder layer, the bytes kept from forward to backward (forwards, or with
+        recompute_full each block's input)."""
+        return [self.block_input] * len(self.layers) if self.recompute_full else self.forwards(ep)
 
     def recomputed(self, ep: int = 1) -> int:
         """With recompute_full, the largest block's activations, rebuilt in its backward; else 0."""
-        if not self.recompute_full:
-            return 0
-        return max((b - c + c // ep for b, c in zip(self.layers, self.layer_expert_copies)), default=0)
+        return max(self.forwards(ep), default=0) if self.recompute_full else 0
 
     @property
     def total(self) -> int:
         """One process: every layer's kept bytes, the MTP modules, head, loss and embedding."""
         return sum(self.kept()) + self.mtp + self.head + self.rest
+
+
+def _local(saved: int, copies: int, ep: int) -> int:
+    """Bytes saved with the experts' weight copies (`copies` of them) held for E/ep experts."""
+    return saved - copies + copies // ep
 
 
 class _Losses(nn.Module):
@@ -218,10 +223,9 @@ def _fp32_grouped_mm(precision: str):
         moe.grouped_mm = real
 
 
-def _saved_bytes(cfg: Config, sequences: int, precision: str) -> tuple[dict[str, list[int]], int]:
-    """({part: [bytes saved for backward, of which the experts' weight copies]}, bytes of each block's
-    input) of one forward of `sequences` windows on fake CPU tensors; parts "layer i", "mtp", "head",
-    "rest"."""
+def _saved_bytes(cfg: Config, sequences: int, precision: str) -> dict[str, list[int]]:
+    """{part: [bytes saved for backward, of which the experts' weight copies]} of one forward of
+    `sequences` windows on fake CPU tensors; parts "layer i", "mtp", "head", "rest"."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .model.head import set_loss_chunk
@@ -271,8 +275,7 @@ def _saved_bytes(cfg: Config, sequences: int, precision: str) -> tuple[dict[str,
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _fp32_grouped_mm(precision), \
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             torch.func.functional_call(_Losses(model), state, (tokens[:, :-1], tokens[:, 1:]))
-    residual = sequences * cfg.train.seq_len * cfg.model.hidden_size * 4  # the FP32 residual stream
-    return parts, residual
+    return parts
 
 
 def activation_memory(cfg: Config, sequences: int) -> ActivationCount:
@@ -291,7 +294,8 @@ def activation_memory(cfg: Config, sequences: int) -> ActivationCount:
     if sequences < 1:
         raise MoeforgeError(f"activations: need at least one sequence per micro-batch, got {sequences}")
     counted_as = "fp32" if t.precision == "fp32" else "bf16"
-    saved, residual = _saved_bytes(cfg, sequences, counted_as)
+    saved = _saved_bytes(cfg, sequences, counted_as)
+    residual = sequences * t.seq_len * cfg.model.hidden_size * 4  # a block's input: the FP32 residual stream
     if "expert_casts" in parts:  # counted with the copies (recast_in_backward's hooks would hide the
         # experts' other saved tensors from this count), then taken out
         saved = {name: [b - c, 0] for name, (b, c) in saved.items()}
@@ -307,7 +311,7 @@ def stage_activations(cfg: Config, count: ActivationCount, ep: int = 1) -> list[
     the experts' weight copies for E/ep experts. Under expert parallelism a rank's experts are
     counted as receiving as many rows as its own tokens send (balanced routing)."""
     layers = count.kept(ep)
-    mtp = count.mtp - count.mtp_expert_copies + count.mtp_expert_copies // ep
+    mtp = _local(count.mtp, count.mtp_expert_copies, ep)
     layout = stage_layout(cfg.model, cfg.parallel) if cfg.parallel.pp > 1 else [list(range(len(layers)))]
     out = [sum(layers[i] for i in stage) for stage in layout]
     out[0] += count.rest
